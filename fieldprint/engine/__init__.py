@@ -1,0 +1,1 @@
+"""Engine: verify -> promote -> cache -> generate, and the asynchronous committer."""

@@ -1,0 +1,1 @@
+"""Supervisor: the provenance path (Merkle transparency log, signed checkpoints, receipts)."""

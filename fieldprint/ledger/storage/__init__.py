@@ -1,0 +1,1 @@
+"""Ledger storage backends behind one small interface."""

@@ -1,0 +1,1 @@
+"""Pacemaker and promotion: typed states, taint, overrides, vector index."""

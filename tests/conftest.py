@@ -1,0 +1,25 @@
+import os
+
+import pytest
+
+# Kernel tests run on CPU through Triton's interpreter when no GPU is present; the variable must be
+# set before triton is first imported, which is why it lives here and not in a fixture.
+try:
+    import torch
+
+    _has_cuda = torch.cuda.is_available()
+except ImportError:  # pragma: no cover - torch is a hard dependency
+    _has_cuda = False
+if not _has_cuda:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+SHARED_TESTDATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "testdata")
+
+
+@pytest.fixture(scope="session")
+def testdata_dir() -> str:
+    """The published vectors (transparency-dev/merkle, Go signed note) beside the checkout."""
+    path = os.environ.get("FIELDPRINT_TESTDATA", SHARED_TESTDATA)
+    if not os.path.isdir(path):
+        pytest.fail(f"published test vectors not found at {path}; set FIELDPRINT_TESTDATA")
+    return path
