@@ -1,0 +1,294 @@
+"""Deterministic Quantization Protocol (DQP v1): canonical INT8 codes of K/V state and their digests.
+
+A K/V state of one layer has the canonical layout [T, H_kv, D] (tokens, kv heads, head dim),
+row-major. Every element is mapped to an int8 code with a power-of-two scale taken from a
+calibrated profile (docs/formats.md, "DQP v1"):
+
+    code = clamp(round_half_to_even(x / 2**e), -127, 127)        dequantized value = code * 2**e
+
+Division by a power of two is exact in float32 (the result stays a normal number for every
+exponent the profile allows), so the only rounding is the final round-half-to-even, which every
+IEEE machine does identically: the CPU reference here and the Triton kernel in
+fieldprint/kernels/quant.py give the same codes for the same inputs. Digests are BLAKE3 over a
+canonical header plus per-block digests (blocks of `block_size` tokens, the paged-cache block),
+so an audit can say which block differs.
+
+This module is the CPU reference and the byte format; the profile lives in fieldprint/dqp_profile.py.
+"""
+
+from __future__ import annotations
+
+import struct
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import blake3
+import numpy as np
+import torch
+
+from fieldprint.dqp_profile import (
+    DQP_VERSION,
+    EXP_MAX,
+    EXP_MIN,
+    KINDS,
+    DQPProfile,
+    exponent_for_bound,
+)
+from fieldprint.errors import DQPError
+from fieldprint.ledger.entry import tag_digest
+
+__all__ = [
+    "DQP_VERSION",
+    "DQPProfile",
+    "QuantizedState",
+    "AuditThresholds",
+    "AuditReport",
+    "quantize",
+    "quantize_codes",
+    "dequantize",
+    "check_finite",
+    "inverse_scales",
+    "state_header",
+    "block_digests",
+    "state_digest",
+    "stack_digest",
+    "differing_blocks",
+    "audit",
+    "exponent_for_bound",
+]
+
+SOURCE_DTYPES = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
+DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+_NAME_TO_DTYPE = {name: dt for dt, name in DTYPE_NAMES.items()}
+HEADER_MAGIC = b"FPDQP"
+_HEADER = struct.Struct("<5sBBBIIIII")  # magic, version, dtype, kind, layer, block, T, H, D
+_STACK_MAGIC = b"FPDQP-stack"
+
+
+def check_finite(x: torch.Tensor, what: str = "tensor") -> None:
+    """Raise DQPError naming the first NaN or Inf in `x`; nothing is quantized from such a tensor."""
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        count = int(bad.sum())
+        first = tuple(int(i) for i in torch.nonzero(bad)[0])
+        raise DQPError(
+            f"{what} holds {count} NaN/Inf value(s), the first at index {first}; "
+            "a non-finite state has no canonical codes: fix the computation that produced it"
+        )
+
+
+def _check_state(x: torch.Tensor, exponents: np.ndarray) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise DQPError(f"a K/V state must be a [T, H_kv, D] tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    if x.dtype not in SOURCE_DTYPES:
+        raise DQPError(f"DQP quantizes bfloat16, float16 or float32 states, got {x.dtype}")
+    if tuple(exponents.shape) != tuple(x.shape[1:]):
+        raise DQPError(f"scale exponents of shape {tuple(exponents.shape)} do not fit a state of shape {tuple(x.shape)}")
+
+
+def inverse_scales(exponents: np.ndarray) -> np.ndarray:
+    """Exact float32 2**-e for integer exponents (what the kernels multiply by)."""
+    e = np.asarray(exponents, dtype=np.int32)
+    if e.size and (e.min() < EXP_MIN or e.max() > EXP_MAX):
+        raise DQPError(f"scale exponents must lie in [{EXP_MIN}, {EXP_MAX}], got [{e.min()}, {e.max()}]")
+    return np.ldexp(np.float32(1.0), -e).astype(np.float32)
+
+
+def quantize_codes(x: torch.Tensor, exponents: np.ndarray) -> torch.Tensor:
+    """CPU reference: int8 codes [T, H, D] of `x` under per-(head, channel) exponents [H, D]."""
+    exponents = np.asarray(exponents)
+    _check_state(x, exponents)
+    xf = x.detach().to("cpu", torch.float32)
+    check_finite(xf, "K/V state")
+    inv = torch.from_numpy(inverse_scales(exponents))
+    # x * 2**-e is exact; clamping before rounding keeps every value inside int8 and then
+    # torch.round rounds half to even, the IEEE default that the GPU kernel reproduces.
+    y = torch.clamp(xf * inv, -127.0, 127.0)
+    return torch.round(y).to(torch.int8).contiguous()
+
+
+def dequantize(codes: torch.Tensor, exponents: np.ndarray) -> torch.Tensor:
+    """Exact float32 values code * 2**e of int8 codes [T, H, D]."""
+    if codes.dtype != torch.int8 or codes.dim() != 3:
+        raise DQPError(f"codes must be an int8 [T, H, D] tensor, got {codes.dtype} {tuple(codes.shape)}")
+    scale = torch.from_numpy(np.ldexp(np.float32(1.0), np.asarray(exponents, dtype=np.int32)).astype(np.float32))
+    return codes.to(torch.float32) * scale.to(codes.device)
+
+
+def state_header(
+    source_dtype: str, layer: int, kind: str, block_size: int, shape: tuple[int, int, int], exponents: np.ndarray
+) -> bytes:
+    """Canonical DQP v1 header bytes: version, source dtype, layer, K|V, block size, shape, exponents."""
+    if source_dtype not in _NAME_TO_DTYPE:
+        raise DQPError(f"source dtype {source_dtype!r} is not one of {sorted(_NAME_TO_DTYPE)}")
+    if kind not in KINDS:
+        raise DQPError(f"kind must be one of {KINDS}, got {kind!r}")
+    t, h, d = shape
+    e = np.asarray(exponents, dtype=np.int32)
+    assert e.shape == (h, d), (e.shape, shape)
+    dtype_code = SOURCE_DTYPES[_NAME_TO_DTYPE[source_dtype]]
+    fixed = _HEADER.pack(HEADER_MAGIC, DQP_VERSION, dtype_code, KINDS.index(kind), layer, block_size, t, h, d)
+    return fixed + e.astype(np.int8).tobytes()
+
+
+def _code_bytes(codes: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(codes, torch.Tensor):
+        if codes.device.type != "cpu":
+            raise DQPError("codes must be on the host to be digested; copy them first")
+        codes = codes.numpy()
+    if codes.dtype != np.int8 or codes.ndim != 3:
+        raise DQPError(f"codes must be int8 [T, H, D], got {codes.dtype} with shape {codes.shape}")
+    return np.ascontiguousarray(codes)
+
+
+def block_digests(codes: torch.Tensor | np.ndarray, block_size: int, executor: Executor | None = None) -> list[bytes]:
+    """BLAKE3 of each run of `block_size` tokens of the codes (the last block may be partial)."""
+    arr = _code_bytes(codes)
+    if block_size < 1:
+        raise DQPError(f"block size must be >= 1, got {block_size}")
+    t = arr.shape[0]
+    stride = arr.shape[1] * arr.shape[2] * block_size
+    view = memoryview(arr.reshape(-1).view(np.uint8))
+    starts = range(0, t * arr.shape[1] * arr.shape[2], stride)
+
+    def one(lo: int) -> bytes:
+        return blake3.blake3(view[lo : lo + stride]).digest()
+
+    if executor is None or len(starts) < 64:
+        return [one(lo) for lo in starts]
+    # blake3 releases the GIL while hashing, so blocks spread over threads hash in parallel.
+    return list(executor.map(one, starts, chunksize=max(1, len(starts) // 16)))
+
+
+def state_digest(header: bytes, blocks: list[bytes]) -> str:
+    """Tagged digest of one state: BLAKE3(header || u32 block count || block digests)."""
+    h = blake3.blake3(header)
+    h.update(struct.pack("<I", len(blocks)))
+    for b in blocks:
+        h.update(b)
+    return tag_digest("blake3", h.digest())
+
+
+def stack_digest(parts: list[tuple[int, str, str]]) -> str:
+    """Tagged digest of a K/V stack from its (layer, kind, state digest) parts, order-independent."""
+    if not parts:
+        raise DQPError("a K/V stack needs at least one (layer, kind) state")
+    seen = set()
+    h = blake3.blake3(_STACK_MAGIC)
+    h.update(struct.pack("<BI", DQP_VERSION, len(parts)))
+    for layer, kind, digest in sorted(parts, key=lambda p: (p[0], KINDS.index(p[1]))):
+        if (layer, kind) in seen:
+            raise DQPError(f"layer {layer} {kind} appears twice in one stack")
+        seen.add((layer, kind))
+        algorithm, raw = digest.split(":", 1)
+        assert algorithm == "blake3", digest
+        h.update(struct.pack("<IB", layer, KINDS.index(kind)) + bytes.fromhex(raw))
+    return tag_digest("blake3", h.digest())
+
+
+@dataclass(slots=True)
+class QuantizedState:
+    """Canonical INT8 codes of one (layer, K|V) state plus everything needed to re-derive its digest."""
+
+    codes: torch.Tensor  # int8 [T, H, D], host, contiguous
+    exponents: np.ndarray  # int [H, D]: scale = 2**e per (head, channel)
+    source_dtype: str
+    layer: int
+    kind: str
+    block_size: int
+    blocks: list[bytes] = field(default_factory=list)  # per-block BLAKE3, filled by digest()
+
+    def header(self) -> bytes:
+        """Canonical header bytes of this state."""
+        return state_header(self.source_dtype, self.layer, self.kind, self.block_size, tuple(self.codes.shape), self.exponents)
+
+    def digest(self, executor: Executor | None = None) -> str:
+        """Tagged BLAKE3 digest of header + codes; also records the per-block digests."""
+        self.blocks = block_digests(self.codes, self.block_size, executor)
+        return state_digest(self.header(), self.blocks)
+
+    def dequantize(self) -> torch.Tensor:
+        """Exact float32 values the codes stand for."""
+        return dequantize(self.codes, self.exponents)
+
+
+def quantize(x: torch.Tensor, profile: DQPProfile, layer: int, kind: str) -> QuantizedState:
+    """Quantize one [T, H, D] K or V state of `layer` with `profile` (CPU reference path)."""
+    exponents = profile.exponents(layer, kind)
+    codes = quantize_codes(x, exponents)
+    return QuantizedState(codes, exponents, DTYPE_NAMES[x.dtype], layer, kind, profile.block_size)
+
+
+def differing_blocks(a: list[bytes], b: list[bytes]) -> list[int]:
+    """Indices of blocks whose digests differ (a length mismatch makes the extra blocks differ)."""
+    n = max(len(a), len(b))
+    return [i for i in range(n) if i >= len(a) or i >= len(b) or a[i] != b[i]]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditThresholds:
+    """When a recomputed state still counts as the committed one (docs/reproducibility.md says why)."""
+
+    max_code_distance: int = 2  # no code may move further than this
+    max_block_fraction: float = 0.05  # at most this share of one block's codes may differ
+    max_fraction: float = 0.01  # at most this share of all codes may differ
+
+
+@dataclass(slots=True)
+class AuditReport:
+    """Outcome of comparing recomputed codes against committed ones, block by block."""
+
+    total: int
+    differing: int
+    fraction: float
+    max_distance: int
+    block_fractions: list[float]
+    block_max_distance: list[int]
+    blocks_over: list[int]  # blocks failing a per-block threshold
+    thresholds: AuditThresholds
+    passed: bool
+
+    def summary(self) -> str:
+        """One line for logs and receipts."""
+        verdict = "pass" if self.passed else "FAIL"
+        return (
+            f"{verdict}: {self.differing}/{self.total} codes differ ({self.fraction:.4%}), "
+            f"max distance {self.max_distance}, blocks over threshold {self.blocks_over}"
+        )
+
+
+def audit(
+    recomputed: torch.Tensor,
+    committed: QuantizedState,
+    profile: DQPProfile,
+    thresholds: AuditThresholds = AuditThresholds(),
+) -> AuditReport:
+    """Quantize a recomputed float state with `profile` and compare its codes with committed ones."""
+    expected = profile.exponents(committed.layer, committed.kind)
+    if not np.array_equal(expected, committed.exponents) or committed.block_size != profile.block_size:
+        raise DQPError(
+            f"committed layer {committed.layer} {committed.kind} was not made with this profile "
+            "(scale exponents or block size differ): audit with the profile named in its ledger entry"
+        )
+    if tuple(recomputed.shape) != tuple(committed.codes.shape):
+        raise DQPError(f"recomputed state has shape {tuple(recomputed.shape)}, committed {tuple(committed.codes.shape)}")
+    mine = quantize_codes(recomputed, expected).to(torch.int16)
+    dist = (mine - committed.codes.to(torch.int16)).abs()
+    t, h, d = dist.shape
+    bs = profile.block_size
+    nblocks = (t + bs - 1) // bs
+    fractions, maxima, over = [], [], []
+    for i in range(nblocks):
+        blk = dist[i * bs : (i + 1) * bs]
+        frac = float((blk != 0).sum()) / blk.numel()
+        mx = int(blk.max()) if blk.numel() else 0
+        fractions.append(frac)
+        maxima.append(mx)
+        if frac > thresholds.max_block_fraction or mx > thresholds.max_code_distance:
+            over.append(i)
+    differing = int((dist != 0).sum())
+    total = dist.numel()
+    fraction = differing / total if total else 0.0
+    max_distance = int(dist.max()) if total else 0
+    passed = not over and fraction <= thresholds.max_fraction
+    return AuditReport(total, differing, fraction, max_distance, fractions, maxima, over, thresholds, passed)

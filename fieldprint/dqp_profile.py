@@ -1,0 +1,201 @@
+"""DQP profiles: the static, calibrated, hashed range bounds that fix every scale exponent.
+
+A profile says, for every layer and for K and V, which power-of-two scale each (head, channel)
+uses. It is calibrated once from sample states (max |x| times a documented headroom), encoded
+canonically (the leaf-entry JSON rules: sorted keys, no whitespace, integers only) and hashed
+with BLAKE3; that tagged digest is what a StateEntry's `profile` field holds, so a verifier
+knows exactly which scales produced the committed codes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import blake3
+import numpy as np
+import torch
+
+from fieldprint.errors import DQPError
+from fieldprint.ledger.entry import check_label, tag_digest
+
+DQP_VERSION = 1
+PROFILE_FORMAT = 1
+KINDS = ("K", "V")
+GRANULARITIES = ("channel", "head")  # K per channel or per head; V is always per head
+# Exponent range: |x| * 2**-e stays a normal float32 for every finite bf16/fp16/fp32 input that
+# is not already below the smallest code step, so the scaling is exact (docs/formats.md).
+EXP_MIN, EXP_MAX = -64, 63
+DEFAULT_HEADROOM_PCT = 125
+MAX_PROFILE_BYTES = 16 << 20
+
+
+def exponent_for_bound(bound: np.ndarray | float) -> np.ndarray:
+    """Smallest integer e with 127 * 2**e >= bound, clamped to [EXP_MIN, EXP_MAX] (0 -> EXP_MIN)."""
+    b = np.asarray(bound, dtype=np.float64)
+    if not np.all(np.isfinite(b)) or np.any(b < 0):
+        raise DQPError("range bounds must be finite and non-negative")
+    with np.errstate(divide="ignore"):
+        e = np.ceil(np.log2(np.where(b > 0, b, 1.0) / 127.0))
+    e = np.clip(e, EXP_MIN - 1, EXP_MAX + 1)
+    # log2 may be off by one ulp; settle the exact smallest e with float64 products (exact here).
+    e = np.where(127.0 * np.ldexp(1.0, e.astype(np.int64)) < b, e + 1, e)
+    e = np.where(127.0 * np.ldexp(1.0, (e - 1).astype(np.int64)) >= b, e - 1, e)
+    e = np.where(b > 0, e, EXP_MIN)
+    return np.clip(e, EXP_MIN, EXP_MAX).astype(np.int32)
+
+
+@dataclass(slots=True)
+class DQPProfile:
+    """Per-layer K/V scale exponents, calibrated from sample data, versioned and hashed."""
+
+    name: str
+    revision: int  # bumped on every recalibration of the same model
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    k_granularity: str  # "channel" or "head"
+    block_size: int  # tokens per digest block: the paged-cache block
+    headroom_pct: int  # bound = calibrated max |x| * headroom_pct / 100
+    samples: int  # tokens seen in calibration (provenance, not used in quantization)
+    k_exp: np.ndarray  # int32 [L, H, D] (channel) or [L, H] (head)
+    v_exp: np.ndarray  # int32 [L, H]
+
+    def __post_init__(self) -> None:
+        check_label(self.name, "profile name")
+        for what, value, lo in (
+            ("revision", self.revision, 0), ("num_layers", self.num_layers, 1), ("num_kv_heads", self.num_kv_heads, 1),
+            ("head_dim", self.head_dim, 1), ("block_size", self.block_size, 1), ("headroom_pct", self.headroom_pct, 100),
+            ("samples", self.samples, 0),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+                raise DQPError(f"profile {what} must be an integer >= {lo}, got {value!r}")
+        if self.k_granularity not in GRANULARITIES:
+            raise DQPError(f"k_granularity must be one of {GRANULARITIES}, got {self.k_granularity!r}")
+        l, h, d = self.num_layers, self.num_kv_heads, self.head_dim
+        k_shape = (l, h, d) if self.k_granularity == "channel" else (l, h)
+        self.k_exp = self._check_exp(self.k_exp, k_shape, "k_exp")
+        self.v_exp = self._check_exp(self.v_exp, (l, h), "v_exp")
+
+    @staticmethod
+    def _check_exp(e: object, shape: tuple[int, ...], what: str) -> np.ndarray:
+        arr = np.asarray(e)
+        if arr.shape != shape or not np.issubdtype(arr.dtype, np.integer):
+            raise DQPError(f"profile {what} must be integers of shape {shape}, got {arr.dtype} {arr.shape}")
+        if arr.size and (arr.min() < EXP_MIN or arr.max() > EXP_MAX):
+            raise DQPError(f"profile {what} exponents must lie in [{EXP_MIN}, {EXP_MAX}]")
+        arr = arr.astype(np.int32)
+        arr.setflags(write=False)
+        return arr
+
+    def exponents(self, layer: int, kind: str) -> np.ndarray:
+        """Scale exponents [H, D] for one layer's K or V (per-head values repeated along D)."""
+        if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise DQPError(f"layer {layer!r} is outside this profile's {self.num_layers} layers")
+        if kind not in KINDS:
+            raise DQPError(f"kind must be 'K' or 'V', got {kind!r}")
+        e = self.k_exp[layer] if kind == "K" else self.v_exp[layer]
+        if e.ndim == 1:
+            e = np.repeat(e[:, None], self.head_dim, axis=1)
+        return np.ascontiguousarray(e, dtype=np.int32)
+
+    def scales(self, layer: int, kind: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """float32 [H, D] scales 2**e, the form the attention kernel dequantizes anchors with."""
+        e = self.exponents(layer, kind)
+        return torch.from_numpy(np.ldexp(np.float32(1.0), e).astype(np.float32)).to(device)
+
+    def encode(self) -> bytes:
+        """Canonical bytes: sorted-key JSON, no whitespace, integers only."""
+        record = {
+            "dqp": DQP_VERSION,
+            "format": PROFILE_FORMAT,
+            "name": self.name,
+            "revision": self.revision,
+            "layers": self.num_layers,
+            "kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "k_granularity": self.k_granularity,
+            "block_size": self.block_size,
+            "headroom_pct": self.headroom_pct,
+            "samples": self.samples,
+            "k_exp": self.k_exp.tolist(),
+            "v_exp": self.v_exp.tolist(),
+        }
+        return json.dumps(record, sort_keys=True, separators=(",", ":")).encode("ascii")
+
+    @property
+    def digest(self) -> str:
+        """Tagged BLAKE3 of the canonical encoding: the value of StateEntry.profile."""
+        return tag_digest("blake3", blake3.blake3(self.encode()).digest())
+
+    @classmethod
+    def decode(cls, data: bytes) -> DQPProfile:
+        """Parse a profile, refusing anything that is not the canonical encoding of a known format."""
+        if not isinstance(data, (bytes, bytearray)) or len(data) > MAX_PROFILE_BYTES:
+            raise DQPError(f"a profile is at most {MAX_PROFILE_BYTES} bytes of canonical JSON")
+        try:
+            r = json.loads(bytes(data).decode("ascii"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DQPError(f"profile is not ASCII JSON: {e}") from None
+        keys = {"dqp", "format", "name", "revision", "layers", "kv_heads", "head_dim", "k_granularity",
+                "block_size", "headroom_pct", "samples", "k_exp", "v_exp"}
+        if not isinstance(r, dict) or set(r) != keys:
+            raise DQPError(f"profile fields must be exactly {sorted(keys)}")
+        if r["dqp"] != DQP_VERSION or r["format"] != PROFILE_FORMAT:
+            raise DQPError(f"profile is DQP v{r['dqp']} format {r['format']}; this code reads v{DQP_VERSION} format {PROFILE_FORMAT}")
+        try:
+            k_exp, v_exp = np.array(r["k_exp"], dtype=np.int64), np.array(r["v_exp"], dtype=np.int64)
+        except (ValueError, TypeError, OverflowError):
+            raise DQPError("profile exponents must be nested lists of integers") from None
+        profile = cls(r["name"], r["revision"], r["layers"], r["kv_heads"], r["head_dim"], r["k_granularity"],
+                      r["block_size"], r["headroom_pct"], r["samples"], k_exp, v_exp)
+        if profile.encode() != bytes(data):
+            raise DQPError("profile is not in canonical form (key order, whitespace or number format differs)")
+        return profile
+
+    @classmethod
+    def calibrate(
+        cls,
+        samples: Iterable[Mapping[tuple[int, str], torch.Tensor]],
+        *,
+        name: str,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        k_granularity: str = "channel",
+        block_size: int = 16,
+        headroom_pct: int = DEFAULT_HEADROOM_PCT,
+        revision: int = 1,
+    ) -> DQPProfile:
+        """Calibrate from sample states {(layer, 'K'|'V'): [T, H, D]}: bound = max |x| * headroom."""
+        if k_granularity not in GRANULARITIES:
+            raise DQPError(f"k_granularity must be one of {GRANULARITIES}, got {k_granularity!r}")
+        kmax = np.zeros((num_layers, num_kv_heads, head_dim), np.float64)
+        vmax = np.zeros((num_layers, num_kv_heads, head_dim), np.float64)
+        seen_k, seen_v, tokens = set(), set(), 0
+        for sample in samples:
+            for (layer, kind), x in sample.items():
+                if kind not in KINDS or not isinstance(layer, int) or not 0 <= layer < num_layers:
+                    raise DQPError(f"calibration sample key {(layer, kind)!r} is not (layer in [0, {num_layers}), 'K'|'V')")
+                if x.dim() != 3 or tuple(x.shape[1:]) != (num_kv_heads, head_dim):
+                    raise DQPError(f"calibration sample {(layer, kind)} has shape {tuple(x.shape)}, expected [T, {num_kv_heads}, {head_dim}]")
+                xf = x.detach().to("cpu", torch.float32)
+                if not bool(torch.isfinite(xf).all()):
+                    raise DQPError(f"calibration sample {(layer, kind)} holds NaN/Inf; calibrate on finite states")
+                m = xf.abs().amax(dim=0).double().numpy() if xf.shape[0] else np.zeros((num_kv_heads, head_dim))
+                target = kmax if kind == "K" else vmax
+                np.maximum(target[layer], m, out=target[layer])
+                (seen_k if kind == "K" else seen_v).add(layer)
+                if kind == "K" and layer == 0:
+                    tokens += int(x.shape[0])
+        missing = [(l, k) for l in range(num_layers) for k, seen in (("K", seen_k), ("V", seen_v)) if l not in seen]
+        if missing:
+            raise DQPError(f"calibration saw no samples for {missing[:4]}{'...' if len(missing) > 4 else ''}; every layer needs K and V")
+        scale = headroom_pct / 100.0
+        if k_granularity == "head":
+            kmax = kmax.max(axis=2)
+        k_exp = exponent_for_bound(kmax * scale)
+        v_exp = exponent_for_bound(vmax.max(axis=2) * scale)  # V per head: one scale per head
+        return cls(name, revision, num_layers, num_kv_heads, head_dim, k_granularity, block_size,
+                   headroom_pct, tokens, k_exp, v_exp)

@@ -1,0 +1,104 @@
+"""DQP v1 on the GPU: one Triton pass from a [T, H, D] bf16/fp16/fp32 state to int8 codes.
+
+Same arithmetic as the CPU reference (fieldprint/dqp.py): x * 2**-e (exact), clamp to
+[-127, 127], round half to even, int8. Rounding uses the float32 magic-number trick
+(y + 1.5 * 2**23) - 1.5 * 2**23, which rounds to nearest-even in IEEE float32 addition on the
+GPU and in Triton's interpreter alike, so no device math library is involved. The kernel never
+synchronizes: a NaN/Inf count is accumulated into a device counter that the caller checks when
+it next touches the host (the committer does so on its background thread).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fieldprint.dqp import DTYPE_NAMES, SOURCE_DTYPES, QuantizedState, inverse_scales
+from fieldprint.dqp_profile import DQPProfile
+from fieldprint.errors import DQPError
+
+_ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: adding it leaves the rounded integer in the low mantissa bits
+_F32_MAX = 3.4028234663852886e38
+
+
+@triton.jit
+def _dqp_quant_kernel(
+    x_ptr, inv_ptr, out_ptr, bad_ptr,
+    T, C, D, stride_t, stride_h, stride_d,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    rmask = rows < T
+    cmask = cols < C
+    mask = rmask[:, None] & cmask[None, :]
+    h = cols // D
+    d = cols % D
+    src = rows.to(tl.int64)[:, None] * stride_t + (h.to(tl.int64) * stride_h + d.to(tl.int64) * stride_d)[None, :]
+    x = tl.load(x_ptr + src, mask=mask, other=0.0).to(tl.float32)
+    inv = tl.load(inv_ptr + cols, mask=cmask, other=1.0)
+    # Ordered comparison: false for NaN, and |Inf| exceeds the largest finite float32.
+    finite = tl.abs(x) <= _F32_MAX
+    nbad = tl.sum(tl.where(mask & (finite == 0), 1, 0), axis=1)
+    tl.atomic_add(bad_ptr, tl.sum(nbad, axis=0))
+    y = x * inv[None, :]
+    y = tl.minimum(tl.maximum(y, -127.0), 127.0)
+    y = (y + _ROUND_MAGIC) - _ROUND_MAGIC
+    dst = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    tl.store(out_ptr + dst, y.to(tl.int8), mask=mask)
+
+
+def quantize_async(
+    x: torch.Tensor,
+    inv_scales: torch.Tensor,
+    out: torch.Tensor | None = None,
+    bad: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the quantizer on the current stream: (codes int8 [T, H, D], NaN/Inf counter int32 [1]).
+
+    `inv_scales` is float32 [H, D] (2**-e) on x's device; `x` may be any strided [T, H, D] view
+    (a slice of a paged cache). Nothing waits: check `bad` once the stream has run.
+    """
+    if x.dim() != 3 or x.dtype not in SOURCE_DTYPES:
+        raise DQPError(f"quantize wants a bfloat16/float16/float32 [T, H, D] tensor, got {x.dtype} {tuple(x.shape)}")
+    t, h, d = x.shape
+    if inv_scales.shape != (h, d) or inv_scales.dtype != torch.float32 or inv_scales.device != x.device:
+        raise DQPError(f"inverse scales must be float32 [{h}, {d}] on {x.device}, got {inv_scales.dtype} {tuple(inv_scales.shape)} on {inv_scales.device}")
+    if out is None:
+        out = torch.empty((t, h, d), dtype=torch.int8, device=x.device)
+    assert out.shape == (t, h, d) and out.dtype == torch.int8 and out.is_contiguous()
+    if bad is None:
+        bad = torch.zeros(1, dtype=torch.int32, device=x.device)
+    c = h * d
+    if t == 0 or c == 0:
+        return out, bad
+    block_c = min(triton.next_power_of_2(c), 1024)
+    block_t = max(1, min(triton.next_power_of_2(t), 4096 // block_c))
+    grid = (triton.cdiv(t, block_t), triton.cdiv(c, block_c))
+    _dqp_quant_kernel[grid](
+        x, inv_scales.contiguous(), out, bad, t, c, d, x.stride(0), x.stride(1), x.stride(2),
+        BLOCK_T=block_t, BLOCK_C=block_c, num_warps=4,
+    )
+    return out, bad
+
+
+def device_inverse_scales(profile: DQPProfile, layer: int, kind: str, device: torch.device | str) -> torch.Tensor:
+    """float32 [H, D] tensor of 2**-e for one layer's K or V, on `device`."""
+    return torch.from_numpy(inverse_scales(profile.exponents(layer, kind))).to(device)
+
+
+def quantize(x: torch.Tensor, profile: DQPProfile, layer: int, kind: str) -> QuantizedState:
+    """Quantize with the kernel and wait: codes on the host, DQPError on NaN/Inf (tests, tools)."""
+    inv = device_inverse_scales(profile, layer, kind, x.device)
+    codes, bad = quantize_async(x, inv)
+    nbad = int(bad.item())
+    if nbad:
+        raise DQPError(f"K/V state of layer {layer} {kind} holds {nbad} NaN/Inf value(s); nothing was quantized")
+    host = codes.cpu().contiguous()
+    return QuantizedState(host, profile.exponents(layer, kind), DTYPE_NAMES[x.dtype], layer, kind, profile.block_size)
+
+
+__all__ = ["quantize", "quantize_async", "device_inverse_scales"]
