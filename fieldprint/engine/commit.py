@@ -1,0 +1,321 @@
+"""Asynchronous committer: DQP codes and ledger entries for K/V state, off the forward pass.
+
+On a GPU, submit() only enqueues work: the quantizer runs on a side CUDA stream (after an event
+that orders it behind the forward pass's writes), its codes are copied non-blocking into pinned
+host memory, and a background thread waits for that copy, digests the codes with BLAKE3 and
+adds a StateEntry to the transparency log. The forward thread never synchronizes; it can only
+block on back-pressure, when `max_pending` commits are already queued. On a CPU the same
+background thread quantizes with the reference path. Every failure is kept and raised to the
+caller by flush() as a CommitError: nothing fails silently, and a state that fails (NaN/Inf,
+log refusal) is never half-committed.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from fieldprint.dqp import DTYPE_NAMES, QuantizedState, check_finite, quantize_codes, stack_digest
+from fieldprint.dqp_profile import KINDS, DQPProfile
+from fieldprint.errors import CommitError, DQPError, FieldprintError
+from fieldprint.ledger.entry import StateEntry
+
+StateKey = tuple[int, str]  # (layer, "K" | "V")
+
+
+@dataclass(slots=True)
+class CommitReceipt:
+    """What one commit wrote: the log index, the stack digest and every per-state digest."""
+
+    session: str
+    index: int  # leaf index in the transparency log
+    entry: bytes  # the canonical StateEntry bytes that were logged
+    digest: str  # stack digest over all (layer, kind) states
+    profile: str  # profile digest the codes were made with
+    states: dict[StateKey, str]  # per-(layer, kind) DQP digest
+    blocks: dict[StateKey, list[bytes]]  # per-(layer, kind) block digests, for audits
+
+
+@dataclass(slots=True)
+class CommitTicket:
+    """Handle returned by submit(): the future receipt and when the inputs may be overwritten."""
+
+    future: Future
+    codes: dict[StateKey, torch.Tensor]  # device codes (GPU path), valid once quantization ran
+    _event: object = None  # torch.cuda.Event on GPU, threading.Event on CPU
+
+    def wait_quantized(self) -> None:
+        """Order the caller after the quantizer's reads of the inputs (GPU: a stream wait, no host sync)."""
+        if isinstance(self._event, threading.Event):
+            self._event.wait()
+        elif self._event is not None:
+            torch.cuda.current_stream().wait_event(self._event)
+
+
+@dataclass(slots=True)
+class _Job:
+    session: str
+    state_type: str
+    parents: tuple[str, ...]
+    taint: tuple[str, ...]
+    time_ns: int
+    state_id: str | None
+    keys: list[StateKey]
+    shapes: list[tuple[int, int, int]]
+    dtypes: list[str]
+    future: Future
+    inputs: list[torch.Tensor] = field(default_factory=list)  # CPU path: the states themselves
+    host_codes: list[torch.Tensor] = field(default_factory=list)  # GPU path: pinned copies
+    host_bad: torch.Tensor | None = None
+    copied: object = None  # torch.cuda.Event recorded after the copies
+    quantized: threading.Event | None = None
+
+
+class Committer:
+    """Commits K/V stacks (one StateEntry per submit) to a transparency log in the background."""
+
+    def __init__(
+        self,
+        log: object,
+        profile: DQPProfile,
+        *,
+        max_pending: int = 4,
+        digest_threads: int = 2,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if max_pending < 1:
+            raise CommitError(f"max_pending must be >= 1, got {max_pending}")
+        self.log = log
+        self.profile = profile
+        self.device = torch.device(device) if device is not None else None
+        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_pending)
+        self._lock = threading.Lock()
+        self._failures: list[tuple[str, BaseException]] = []
+        self._outstanding: set[Future] = set()
+        self._receipts: list[CommitReceipt] = []
+        self._inv: dict[tuple[StateKey, torch.device], torch.Tensor] = {}
+        self._side: torch.cuda.Stream | None = None
+        self._digest_pool = ThreadPoolExecutor(digest_threads, thread_name_prefix="dqp-digest") if digest_threads > 1 else None
+        self._closed = False
+        self._worker = threading.Thread(target=self._run, name="fieldprint-committer", daemon=True)
+        self._worker.start()
+
+    # -- forward-thread side ---------------------------------------------------------------
+    def submit(
+        self,
+        states: Mapping[StateKey, torch.Tensor],
+        *,
+        session: str,
+        state_type: str = "observation",
+        parents: tuple[str, ...] = (),
+        taint: tuple[str, ...] = (),
+        state_id: str | None = None,
+        time_ns: int | None = None,
+        timeout: float | None = None,
+    ) -> CommitTicket:
+        """Queue one K/V stack {(layer, 'K'|'V'): [T, H, D]} for commit; never waits on the GPU.
+
+        The inputs must not be written in place until ticket.wait_quantized() (GPU: a stream
+        wait). Blocks only when `max_pending` commits are queued; after `timeout` seconds of
+        that it raises CommitError instead.
+        """
+        if self._closed:
+            raise CommitError("committer is closed; open a new one")
+        if not states:
+            raise CommitError("submit() needs at least one (layer, kind) state")
+        keys = sorted(states, key=lambda k: (k[0], KINDS.index(k[1])) if k[1] in KINDS else (k[0], 9))
+        for layer, kind in keys:
+            self.profile.exponents(layer, kind)  # raises DQPError for a key the profile lacks
+            x = states[(layer, kind)]
+            if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.dtype not in DTYPE_NAMES:
+                raise CommitError(f"state {(layer, kind)} must be a bf16/fp16/fp32 [T, H, D] tensor")
+            if tuple(x.shape[1:]) != (self.profile.num_kv_heads, self.profile.head_dim):
+                raise CommitError(f"state {(layer, kind)} has shape {tuple(x.shape)}, profile wants [T, {self.profile.num_kv_heads}, {self.profile.head_dim}]")
+        job = _Job(
+            session, state_type, tuple(parents), tuple(taint), time_ns if time_ns is not None else time.time_ns(),
+            state_id, keys, [tuple(states[k].shape) for k in keys], [DTYPE_NAMES[states[k].dtype] for k in keys], Future(),
+        )
+        devices = {states[k].device for k in keys}
+        if len(devices) != 1:
+            raise CommitError(f"all states of one submit must live on one device, got {sorted(map(str, devices))}")
+        (dev,) = devices
+        ticket = CommitTicket(job.future, {})
+        if dev.type == "cuda":
+            self._launch_gpu(job, states, dev, ticket)
+        else:
+            job.inputs = [states[k] for k in keys]
+            job.quantized = threading.Event()
+            ticket._event = job.quantized
+        with self._lock:
+            self._outstanding.add(job.future)
+        job.future.add_done_callback(self._forget)
+        try:
+            self._queue.put(job, timeout=timeout)
+        except queue.Full:
+            with self._lock:
+                self._outstanding.discard(job.future)
+            raise CommitError(f"committer still has {self._queue.maxsize} commits queued after {timeout}s; "
+                              "flush() or raise max_pending") from None
+        return ticket
+
+    def _forget(self, f: Future) -> None:
+        with self._lock:
+            self._outstanding.discard(f)
+
+    def _inverse_scales(self, key: StateKey, dev: torch.device) -> torch.Tensor:
+        inv = self._inv.get((key, dev))
+        if inv is None:
+            from fieldprint.kernels.quant import device_inverse_scales
+
+            inv = self._inv[(key, dev)] = device_inverse_scales(self.profile, key[0], key[1], dev)
+        return inv
+
+    def _launch_gpu(self, job: _Job, states: Mapping[StateKey, torch.Tensor], dev: torch.device, ticket: CommitTicket) -> None:
+        from fieldprint.kernels.quant import quantize_async
+
+        if self._side is None:
+            self._side = torch.cuda.Stream(device=dev)
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(dev))
+        bad = torch.zeros(len(job.keys), dtype=torch.int32, device=dev)
+        with torch.cuda.stream(self._side):
+            self._side.wait_event(ready)
+            for i, key in enumerate(job.keys):
+                x = states[key]
+                x.record_stream(self._side)  # the allocator must not hand x's memory out before we read it
+                codes, _ = quantize_async(x, self._inverse_scales(key, dev), bad=bad[i : i + 1])
+                host = torch.empty(codes.shape, dtype=torch.int8, pin_memory=True)
+                host.copy_(codes, non_blocking=True)
+                ticket.codes[key] = codes
+                job.host_codes.append(host)
+            job.host_bad = torch.empty(len(job.keys), dtype=torch.int32, pin_memory=True)
+            job.host_bad.copy_(bad, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self._side)
+        job.copied = copied
+        ticket._event = copied
+
+    # -- background side ---------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is None:
+                    return
+                self._commit(job)
+            except BaseException as e:  # kept and raised on flush: never silent
+                self._fail(job, e)
+            finally:
+                self._queue.task_done()
+
+    def _fail(self, job: _Job, e: BaseException) -> None:
+        err = e if isinstance(e, CommitError) else CommitError(f"commit of session {job.session!r} failed: {e}")
+        if err is not e:
+            err.__cause__ = e
+        with self._lock:
+            self._failures.append((job.session, e))
+        if job.quantized is not None:
+            job.quantized.set()
+        if not job.future.done():
+            job.future.set_exception(err)
+
+    def _codes(self, job: _Job) -> list[torch.Tensor]:
+        if job.copied is not None:
+            job.copied.synchronize()  # waits on this thread only; the forward stream runs on
+            bad = job.host_bad.tolist()
+            for (layer, kind), n in zip(job.keys, bad):
+                if n:
+                    raise DQPError(f"layer {layer} {kind} of session {job.session!r} holds {n} NaN/Inf value(s); nothing was committed")
+            return job.host_codes
+        try:
+            out = []
+            for (layer, kind), x in zip(job.keys, job.inputs):
+                check_finite(x, f"layer {layer} {kind} of session {job.session!r}")
+                out.append(quantize_codes(x, self.profile.exponents(layer, kind)))
+            return out
+        finally:
+            job.inputs = []
+            job.quantized.set()
+
+    def _commit(self, job: _Job) -> None:
+        codes = self._codes(job)
+        parts, digests, blocks = [], {}, {}
+        for (layer, kind), c, dtype in zip(job.keys, codes, job.dtypes):
+            qs = QuantizedState(c, self.profile.exponents(layer, kind), dtype, layer, kind, self.profile.block_size)
+            d = qs.digest(self._digest_pool)
+            digests[(layer, kind)], blocks[(layer, kind)] = d, qs.blocks
+            parts.append((layer, kind, d))
+        job.host_codes = []
+        stack = stack_digest(parts)
+        entry = StateEntry(
+            state_id=job.state_id or stack, state_type=job.state_type, digest=stack, profile=self.profile.digest,
+            parents=job.parents, taint=job.taint, session=job.session, time_ns=job.time_ns,
+        ).encode()
+        added = self.log.add(entry)
+
+        def done(f: Future) -> None:
+            try:
+                index = f.result()
+            except BaseException as e:
+                self._fail(job, e)
+                return
+            receipt = CommitReceipt(job.session, index, entry, stack, self.profile.digest, digests, blocks)
+            with self._lock:
+                self._receipts.append(receipt)
+            job.future.set_result(receipt)
+
+        added.add_done_callback(done)
+
+    # -- caller side -------------------------------------------------------------------------
+    def flush(self, timeout: float | None = None) -> list[CommitReceipt]:
+        """Wait for every queued commit; return their receipts or raise CommitError with all failures."""
+        self._queue.join()
+        with self._lock:
+            pending = list(self._outstanding)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for f in pending:
+            try:
+                f.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except FieldprintError:
+                pass  # recorded in _failures by _fail
+            except TimeoutError:
+                raise CommitError(f"flush timed out after {timeout}s with commits still pending") from None
+        with self._lock:
+            self._outstanding -= set(pending)
+            failures, self._failures = self._failures, []
+            receipts, self._receipts = self._receipts, []
+        if failures:
+            lines = "; ".join(f"session {s!r}: {type(e).__name__}: {e}" for s, e in failures)
+            err = CommitError(f"{len(failures)} commit(s) failed and were not logged: {lines}")
+            err.failures = failures
+            err.receipts = sorted(receipts, key=lambda r: r.index)  # the commits that did succeed
+            raise err from failures[0][1]
+        return sorted(receipts, key=lambda r: r.index)
+
+    def close(self) -> None:
+        """Flush, then stop the background thread (raises CommitError if anything failed)."""
+        if self._closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            self._queue.put(None)
+            self._worker.join()
+            if self._digest_pool is not None:
+                self._digest_pool.shutdown()
+
+    def __enter__(self) -> Committer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["Committer", "CommitReceipt", "CommitTicket"]

@@ -1,0 +1,86 @@
+"""The Triton quantizer (interpreter on CPU) gives exactly the CPU reference's codes."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fieldprint.dqp import DQPProfile, inverse_scales, quantize_codes
+from fieldprint.dqp import quantize as quantize_ref
+from fieldprint.errors import DQPError
+from fieldprint.kernels.quant import device_inverse_scales, quantize, quantize_async
+
+H, D = 4, 32
+
+
+def _profile(layers: int = 2) -> DQPProfile:
+    g = torch.Generator().manual_seed(0)
+    sample = {(l, k): torch.randn(64, H, D, generator=g) * 4 for l in range(layers) for k in "KV"}
+    return DQPProfile.calibrate([sample], name="kern", num_layers=layers, num_kv_heads=H, head_dim=D, block_size=8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("t", [1, 7, 64, 200])
+def test_kernel_matches_reference(dtype, t):
+    p = _profile()
+    x = (torch.randn(t, H, D) * 6).to(dtype)
+    for kind in "KV":
+        ref = quantize_ref(x, p, 1, kind)
+        got = quantize(x, p, 1, kind)
+        assert torch.equal(got.codes, ref.codes)
+        assert got.digest() == ref.digest()
+
+
+def test_exact_ties_round_half_to_even_like_the_reference():
+    e = np.random.default_rng(1).integers(-6, 3, size=(H, D)).astype(np.int32)
+    halves = torch.arange(-130, 130, dtype=torch.float32) + 0.5  # every x.5 in range, and beyond it
+    x = (halves[:, None, None] * torch.from_numpy(np.ldexp(np.float32(1), e))).contiguous()
+    codes, bad = quantize_async(x, torch.from_numpy(inverse_scales(e)))
+    ref = quantize_codes(x, e)
+    assert int(bad) == 0 and torch.equal(codes, ref)
+    assert ref[:, 0, 0].tolist()[128:133] == [-2, 0, 0, 2, 2]  # -1.5, -0.5, 0.5, 1.5, 2.5
+    assert ref.abs().max() == 127
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 40), st.integers(-8, 8), st.integers(0, 2**31 - 1))
+def test_random_states_and_exponents(t, shift, seed):
+    g = torch.Generator().manual_seed(seed)
+    e = (torch.randint(-5, 3, (H, D), generator=g) + shift).numpy().astype(np.int32)
+    x = (torch.randn(t, H, D, generator=g) * 2.0 ** float(shift + 4)).to(torch.bfloat16)
+    codes, _ = quantize_async(x, torch.from_numpy(inverse_scales(e)))
+    assert torch.equal(codes, quantize_codes(x, e))
+
+
+def test_strided_views_of_a_cache_quantize_like_contiguous_copies():
+    p = _profile()
+    cache = torch.randn(3, H, 50, D).to(torch.float16)  # [B, H, T, D]: a transposed view per sequence
+    view = cache[1, :, 5:45].permute(1, 0, 2)  # [T, H, D] with non-unit strides
+    got, _ = quantize_async(view, device_inverse_scales(p, 0, "K", "cpu"))
+    assert torch.equal(got, quantize_codes(view.contiguous(), p.exponents(0, "K")))
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_non_finite_values_are_counted_and_raise(bad_value):
+    p = _profile()
+    x = torch.randn(33, H, D)
+    x[0, 0, 0] = bad_value
+    x[32, 3, 31] = bad_value
+    _, bad = quantize_async(x, device_inverse_scales(p, 0, "V", "cpu"))
+    assert int(bad) == 2
+    with pytest.raises(DQPError, match="2 NaN/Inf"):
+        quantize(x, p, 0, "V")
+
+
+def test_bad_kernel_inputs():
+    p = _profile()
+    inv = device_inverse_scales(p, 0, "K", "cpu")
+    with pytest.raises(DQPError):
+        quantize_async(torch.randn(4, H * D), inv)
+    with pytest.raises(DQPError):
+        quantize_async(torch.randn(4, H, D).double(), inv)
+    with pytest.raises(DQPError):
+        quantize_async(torch.randn(4, H, D), inv.double())
+    codes, bad = quantize_async(torch.randn(0, H, D), inv)
+    assert codes.shape == (0, H, D) and int(bad) == 0
