@@ -1,0 +1,424 @@
+"""The transparency log: add() -> future index, batched sequencing, signed checkpoints, proofs, audit.
+
+One sequencer thread owns every write. Producers enqueue entries; the sequencer takes a batch (up to
+`batch_size` entries, waiting at most `batch_wait_ms` after the first one for more), hashes it into
+the tree, and writes leaves and every tree node the batch completes in ONE storage transaction.
+Futures resolve only after that commit returns, so a resolved index is durable and already
+integrated: sequencing and integration are the same step, and no entry is ever sequenced but not
+yet in the tree. Proofs read O(log n) stored complete-subtree nodes.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from fieldprint.errors import EntryError, LogError, NoteError
+from fieldprint.ledger import merkle
+from fieldprint.ledger.entry import MAX_ENTRY_BYTES
+from fieldprint.ledger.merkle import EMPTY_ROOT, append_leaf, border_ids, border_root, leaf_hash
+from fieldprint.ledger.note import Checkpoint, Signer, sign_note
+from fieldprint.ledger.storage.base import LogStorage
+
+DEFAULT_BATCH_SIZE = 1024
+DEFAULT_BATCH_WAIT_MS = 1.0
+DEFAULT_CHECKPOINT_INTERVAL_S = 1.0
+BULK_CHUNK = 1 << 16  # entries per transaction on the bulk path
+_STOP = object()
+
+
+def check_entry(entry: object) -> bytes:
+    """Return `entry` if it is bytes of at most MAX_ENTRY_BYTES, else raise EntryError."""
+    if not isinstance(entry, bytes):
+        raise EntryError(
+            f"a log entry must be bytes, got {type(entry).__name__}; encode it first (e.g. fieldprint.ledger.entry.encode_entry)"
+        )
+    if len(entry) > MAX_ENTRY_BYTES:
+        raise EntryError(
+            f"a log entry is at most {MAX_ENTRY_BYTES} bytes, got {len(entry)}; log a digest of large content instead"
+        )
+    return entry
+
+
+def wait_all(futures: Iterable[Future]) -> list[int]:
+    """Wait for every future and return their indices (raises the first failure)."""
+    return [f.result() for f in futures]
+
+
+@dataclass(slots=True)
+class AuditReport:
+    """What an audit checked and every problem it found; `ok` when there are none."""
+
+    size: int
+    leaves_checked: int = 0
+    nodes_checked: int = 0
+    checkpoints_checked: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when the audit found no problem."""
+        return not self.problems
+
+
+@dataclass(slots=True)
+class _Command:
+    kind: str  # "checkpoint" | "flush" | "extend"
+    future: Future
+    payload: Sequence[bytes] = ()
+
+
+class TransparencyLog:
+    """An RFC 9162 transparency log over a LogStorage, signing C2SP checkpoints."""
+
+    def __init__(
+        self,
+        storage: LogStorage,
+        signer_key: str,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
+        checkpoint_interval_s: float | None = DEFAULT_CHECKPOINT_INTERVAL_S,
+    ) -> None:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise LogError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not batch_wait_ms >= 0:
+            raise LogError(f"batch_wait_ms must be >= 0, got {batch_wait_ms!r}")
+        if checkpoint_interval_s is not None and not checkpoint_interval_s > 0:
+            raise LogError(f"checkpoint_interval_s must be > 0 or None, got {checkpoint_interval_s!r}")
+        signer = Signer.parse(signer_key)  # NoteError on a malformed key, before touching storage
+        self._storage, self._signer_key = storage, signer_key
+        self.origin, self._verifier_key = signer.name, signer.verifier_key()
+        stored = storage.get_meta("verifier_key")
+        if stored is None:
+            storage.set_meta("origin", self.origin)
+            storage.set_meta("verifier_key", self._verifier_key)
+        elif stored != self._verifier_key:
+            raise LogError(f"this log was created with verifier key {stored}; open it with the matching signer key")
+        self._size = storage.size()
+        self._border = storage.nodes(border_ids(self._size))  # recovery: the right border of the tree
+        self._batch_size, self._batch_wait = batch_size, batch_wait_ms / 1000.0
+        self._interval = checkpoint_interval_s
+        latest = storage.latest_checkpoint()
+        self._last_cp_size, self._last_cp_time = (latest[0] if latest else -1), time.monotonic()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="fieldprint-sequencer", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike,
+        signer_key: str,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
+        checkpoint_interval_s: float | None = DEFAULT_CHECKPOINT_INTERVAL_S,
+        durability: str = "full",
+    ) -> "TransparencyLog":
+        """Open (or create) the SQLite log at `path`; its origin is the signer key's name."""
+        from fieldprint.ledger.storage.sqlite import SQLiteStorage
+
+        Signer.parse(signer_key)
+        storage = SQLiteStorage(path, durability=durability)
+        try:
+            return cls(storage, signer_key, batch_size=batch_size, batch_wait_ms=batch_wait_ms,
+                       checkpoint_interval_s=checkpoint_interval_s)
+        except BaseException:
+            storage.close()
+            raise
+
+    # --- writing ---------------------------------------------------------------------------------
+
+    def add(self, entry: bytes) -> Future:
+        """Queue an entry; the future resolves to its leaf index once durably sequenced and integrated."""
+        check_entry(entry)
+        self._check_open()
+        fut: Future = Future()
+        self._queue.put((entry, fut))
+        return fut
+
+    def extend(self, entries: Sequence[bytes]) -> range:
+        """Bulk path: integrate many entries in large transactions and return their index range."""
+        entries = [check_entry(e) for e in entries]
+        return self._command("extend", entries)
+
+    def flush(self) -> None:
+        """Wait until every entry added before this call is durably integrated."""
+        self._command("flush")
+
+    def checkpoint(self) -> Checkpoint:
+        """Sign, store and return a checkpoint of the current integrated tree."""
+        return self._command("checkpoint")
+
+    def _command(self, kind: str, payload: Sequence[bytes] = ()):
+        self._check_open()
+        fut: Future = Future()
+        self._queue.put(_Command(kind, fut, payload))
+        return fut.result()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LogError("the log is closed; open it again to add entries")
+        if self._failure is not None:
+            raise LogError(f"the log's sequencer stopped after an error: {self._failure!r}; reopen the log")
+
+    # --- the sequencer thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while self._step():
+                pass
+        except BaseException as exc:  # keep the reason; fail everything still queued
+            self._failure = exc
+            self._drain_failed(LogError(f"the log's sequencer stopped after an error: {exc!r}; reopen the log"))
+
+    def _step(self) -> bool:
+        timeout = None
+        if self._interval is not None:
+            timeout = max(0.0, self._last_cp_time + self._interval - time.monotonic())
+        try:
+            item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            self._periodic_checkpoint()
+            return True
+        batch: list[tuple[bytes, Future]] = []
+        commands: list[_Command] = []
+        running = self._collect(item, batch, commands)
+        if running and batch and len(batch) < self._batch_size and self._batch_wait > 0:
+            # Linger once for the whole batch (a sleep, not a blocking get per item: waking the
+            # sequencer for every single arrival costs a thread switch per entry).
+            time.sleep(self._batch_wait)
+            running = self._collect(None, batch, commands)
+        if batch:
+            self._integrate_batch(batch)
+        for cmd in commands:
+            self._run_command(cmd)
+        self._periodic_checkpoint()
+        return running
+
+    def _collect(self, item: object, batch: list, commands: list) -> bool:
+        """Move queued items into batch/commands up to batch_size; False once the stop marker is seen."""
+        while True:
+            if item is _STOP:
+                return False
+            if item is not None:
+                (commands.append if isinstance(item, _Command) else batch.append)(item)
+                if len(batch) >= self._batch_size:
+                    return True
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _integrate_batch(self, batch: list[tuple[bytes, Future]]) -> None:
+        live = [(e, f) for e, f in batch if f.set_running_or_notify_cancel()]
+        if not live:
+            return
+        try:
+            start = self._integrate([e for e, _ in live])
+        except Exception as exc:
+            for _, f in live:
+                f.set_exception(exc)
+            return
+        for i, (_, f) in enumerate(live):
+            f.set_result(start + i)
+
+    def _integrate(self, entries: Sequence[bytes]) -> int:
+        """Hash entries into a copy of the border and commit leaves + completed nodes at once."""
+        start, border, emitted = self._size, list(self._border), []
+        for i, e in enumerate(entries):
+            append_leaf(border, start + i, leaf_hash(e), emitted)
+        self._storage.append(start, entries, emitted)
+        self._border, self._size = border, start + len(entries)  # only after the commit returned
+        return start
+
+    def _run_command(self, cmd: _Command) -> None:
+        if not cmd.future.set_running_or_notify_cancel():
+            return
+        try:
+            if cmd.kind == "checkpoint":
+                result = self._make_checkpoint()
+            elif cmd.kind == "extend":
+                start = self._size
+                for lo in range(0, len(cmd.payload), BULK_CHUNK):
+                    self._integrate(cmd.payload[lo : lo + BULK_CHUNK])
+                result = range(start, self._size)
+            else:
+                result = None
+        except Exception as exc:
+            cmd.future.set_exception(exc)
+        else:
+            cmd.future.set_result(result)
+
+    def _make_checkpoint(self) -> Checkpoint:
+        size, root = self._size, border_root(self._border)
+        note = sign_note(Checkpoint.body(self.origin, size, root), self._signer_key)
+        self._storage.add_checkpoint(size, note)
+        self._last_cp_size, self._last_cp_time = size, time.monotonic()
+        return Checkpoint(self.origin, size, root, note)
+
+    def _periodic_checkpoint(self) -> None:
+        if self._interval is None or time.monotonic() - self._last_cp_time < self._interval:
+            return
+        if self._size != self._last_cp_size:
+            self._make_checkpoint()
+        self._last_cp_time = time.monotonic()
+
+    def _drain_failed(self, err: LogError) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            fut = item.future if isinstance(item, _Command) else item[1] if isinstance(item, tuple) else None
+            if fut is not None and fut.set_running_or_notify_cancel():
+                fut.set_exception(err)
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """Number of durably integrated entries."""
+        return self._size
+
+    @property
+    def verifier_key(self) -> str:
+        """The verifier key text that checks this log's checkpoints."""
+        return self._verifier_key
+
+    def latest_checkpoint(self) -> Checkpoint | None:
+        """The stored checkpoint of largest size (signature re-verified), or None."""
+        row = self._storage.latest_checkpoint()
+        return None if row is None else Checkpoint.open(row[1], [self._verifier_key])
+
+    def checkpoints(self) -> list[Checkpoint]:
+        """Every stored checkpoint, by increasing size (signatures re-verified)."""
+        return [Checkpoint.open(note, [self._verifier_key]) for _, note in self._storage.checkpoints()]
+
+    def entry(self, index: int) -> bytes:
+        """The entry stored at `index`."""
+        self._check_index(index, self._size, "index")
+        data = self._storage.entry(index)
+        if data is None:
+            raise LogError(f"entry {index} is missing from storage although the log has size {self._size}; run audit()")
+        return data
+
+    def root_hash(self, size: int | None = None) -> bytes:
+        """Root hash of the tree of the first `size` entries (default: the whole log)."""
+        size = self._size if size is None else size
+        self._check_index(size, self._size + 1, "size")
+        return merkle.subtree_root(size, self._storage.nodes) if size else EMPTY_ROOT
+
+    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        """Inclusion proof of entry `index` in the tree of `size` entries (0 <= index < size <= log size)."""
+        self._check_index(size, self._size + 1, "size")
+        self._check_index(index, size, "index")
+        return merkle.inclusion_proof(index, size, self._storage.nodes)
+
+    def consistency_proof(self, size1: int, size2: int) -> list[bytes]:
+        """Consistency proof from size1 to size2 (0 <= size1 <= size2 <= log size; empty from 0)."""
+        self._check_index(size2, self._size + 1, "size2")
+        self._check_index(size1, size2 + 1, "size1")
+        return merkle.consistency_proof(size1, size2, self._storage.nodes)
+
+    @staticmethod
+    def _check_index(value: object, bound: int, what: str) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < bound:
+            raise LogError(f"{what} must be an integer in [0, {bound}), got {value!r}")
+
+    # --- audit -----------------------------------------------------------------------------------
+
+    def audit(self) -> AuditReport:
+        """Re-verify the whole stored log from its entries: every leaf, node and checkpoint."""
+        size = self._size
+        report = AuditReport(size)
+        problems = report.problems
+        stored = self._storage.size()
+        if stored != size:
+            problems.append(f"storage holds {stored} leaves but the log has integrated {size}")
+        cps = self._storage.checkpoints()
+        want = {s for s, _ in cps if 0 < s <= size}
+        roots = {0: EMPTY_ROOT}
+        pending: dict[int, list[tuple[int, bytes]]] = defaultdict(list)
+
+        def check(level: int) -> None:
+            rows = pending.pop(level, [])
+            if not rows:
+                return
+            have = self._storage.node_range(level, rows[0][0], rows[-1][0] + 1)
+            report.nodes_checked += len(rows)
+            for idx, h in rows:
+                got = have.get(idx)
+                if got is None:
+                    problems.append(f"node (level {level}, index {idx}) is missing")
+                elif got != h:
+                    what = f"leaf {idx}: stored leaf hash (node level 0)" if level == 0 else f"node (level {level}, index {idx})"
+                    problems.append(f"{what} does not match the hash recomputed from the entries")
+
+        border: list[bytes] = []
+        emitted: list[tuple[int, int, bytes]] = []
+        expected = 0
+        for idx, data in self._storage.entries(0, size):
+            if idx != expected:
+                problems.append(f"leaves {expected}..{idx - 1} are missing; the tree above them cannot be recomputed")
+                break
+            append_leaf(border, idx, leaf_hash(data), emitted)
+            for level, i, h in emitted:
+                pending[level].append((i, h))
+                if len(pending[level]) >= 4096:
+                    check(level)
+            emitted.clear()
+            expected += 1
+            if expected in want:
+                roots[expected] = border_root(border)
+        else:
+            if expected != size:
+                problems.append(f"leaves {expected}..{size - 1} are missing")
+        report.leaves_checked = expected
+        for level in list(pending):
+            check(level)
+        for level, count in self._storage.node_count().items():
+            if count != (size >> level):
+                problems.append(f"level {level} stores {count} nodes, a tree of size {size} has {size >> level}")
+        for s, note in cps:
+            report.checkpoints_checked += 1
+            try:
+                cp = Checkpoint.open(note, [self._verifier_key])
+            except NoteError as exc:
+                problems.append(f"checkpoint stored for size {s} does not verify: {exc}")
+                continue
+            if cp.origin != self.origin or cp.size != s:
+                problems.append(f"checkpoint stored for size {s} says origin {cp.origin!r} size {cp.size}")
+            elif s > size:
+                problems.append(f"checkpoint for size {s} is beyond the log's size {size}")
+            elif s in roots and cp.root_hash != roots[s]:
+                problems.append(f"checkpoint for size {s} has root {cp.root_hash.hex()}, the entries give {roots[s].hex()}")
+        return report
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Integrate everything queued, stop the sequencer and close storage."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        self._thread.join()
+        # An add() that raced close() may have queued behind the stop marker: fail it, never hang it.
+        self._drain_failed(LogError("the log was closed before this entry was sequenced; nothing was written"))
+        self._storage.close()
+
+    def __enter__(self) -> "TransparencyLog":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

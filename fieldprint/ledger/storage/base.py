@@ -1,0 +1,70 @@
+"""The storage interface a transparency log needs: append-only leaves, complete tree nodes, checkpoints.
+
+One writer (the log's sequencer thread) calls `append` and `add_checkpoint`; any thread may read.
+`append` is one atomic, durable transaction: when it returns, the leaves, the nodes they complete
+and nothing else are stored; when it raises, nothing is. A backend (SQLite embedded, PostgreSQL at
+scale) implements exactly this and passes the same tests.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+
+NodeRow = tuple[int, int, bytes]  # (level, index, hash)
+
+
+class LogStorage(ABC):
+    """Durable storage for one transparency log."""
+
+    @abstractmethod
+    def get_meta(self, key: str) -> str | None:
+        """A metadata value (origin, verifier key), or None when unset."""
+
+    @abstractmethod
+    def set_meta(self, key: str, value: str) -> None:
+        """Durably set a metadata value."""
+
+    @abstractmethod
+    def size(self) -> int:
+        """Number of stored leaves (the integrated tree size)."""
+
+    @abstractmethod
+    def append(self, start: int, entries: Sequence[bytes], nodes: Sequence[NodeRow]) -> None:
+        """Store entries at indices start.. and the complete nodes they close, in one transaction."""
+
+    @abstractmethod
+    def add_checkpoint(self, size: int, note: str) -> None:
+        """Durably store a signed checkpoint note for tree size `size`."""
+
+    @abstractmethod
+    def entry(self, index: int) -> bytes | None:
+        """The entry at `index`, or None when absent."""
+
+    @abstractmethod
+    def entries(self, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+        """(index, entry) for start <= index < end, in index order."""
+
+    @abstractmethod
+    def nodes(self, ids: Sequence[tuple[int, int]]) -> list[bytes]:
+        """Hashes of the complete nodes (level, index) in the order asked; raises LogError if absent."""
+
+    @abstractmethod
+    def node_range(self, level: int, start: int, end: int) -> dict[int, bytes]:
+        """{index: hash} of the stored nodes at `level` with start <= index < end."""
+
+    @abstractmethod
+    def node_count(self) -> dict[int, int]:
+        """{level: number of stored nodes} (lets an audit spot nodes that should not exist)."""
+
+    @abstractmethod
+    def checkpoints(self) -> list[tuple[int, str]]:
+        """Every stored (size, note), by increasing size."""
+
+    @abstractmethod
+    def latest_checkpoint(self) -> tuple[int, str] | None:
+        """The stored (size, note) of largest size, or None."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections; further calls fail."""

@@ -1,0 +1,238 @@
+"""The transparency log over SQLite: sequencing, proofs against checkpoints, reopen, bad input, tamper."""
+
+import os
+import sqlite3
+import threading
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fieldprint.errors import EntryError, LogError, NoteError
+from fieldprint.ledger.entry import MAX_ENTRY_BYTES
+from fieldprint.ledger.log import TransparencyLog, wait_all
+from fieldprint.ledger.merkle import EMPTY_ROOT, leaf_hash, root_hash, verify_consistency, verify_inclusion
+from fieldprint.ledger.note import Checkpoint, generate_key
+
+KEYS = generate_key("test.fieldprint/log")
+
+
+@pytest.fixture
+def db(tmp_path):
+    return str(tmp_path / "ledger.sqlite")
+
+
+def _open(db, **kw):
+    return TransparencyLog.open(db, KEYS[0], **kw)
+
+
+def test_add_sequences_and_proves(db):
+    entries = [b"entry %d" % i for i in range(300)]
+    with _open(db, batch_size=16) as log:
+        assert log.size == 0 and log.checkpoint().root_hash == EMPTY_ROOT
+        assert sorted(wait_all([log.add(e) for e in entries])) == list(range(300))
+        assert [log.entry(i) for i in range(300)] == entries  # one producer: arrival order is index order
+        cp = log.checkpoint()
+        assert Checkpoint.open(cp.note, [log.verifier_key]) == cp
+        assert (cp.origin, cp.size) == ("test.fieldprint/log", 300)
+        assert cp.root_hash == root_hash([leaf_hash(e) for e in entries])
+        for i in (0, 1, 17, 255, 256, 299):
+            verify_inclusion(leaf_hash(log.entry(i)), i, 300, log.inclusion_proof(i, 300), cp.root_hash)
+        for m in (1, 2, 7, 64, 100, 299, 300):
+            verify_consistency(m, 300, log.consistency_proof(m, 300), log.root_hash(m), cp.root_hash)
+        assert log.consistency_proof(0, 300) == []
+        assert log.audit().ok
+
+
+def test_reopen_keeps_tree_and_checkpoints(db):
+    with _open(db) as log:
+        wait_all([log.add(b"a%d" % i) for i in range(37)])
+        cp1 = log.checkpoint()
+    with _open(db) as log:
+        assert log.size == 37 and log.latest_checkpoint() == cp1
+        wait_all([log.add(b"b%d" % i) for i in range(29)])
+        cp2 = log.checkpoint()
+        verify_consistency(37, 66, log.consistency_proof(37, 66), cp1.root_hash, cp2.root_hash)
+        assert [c.size for c in log.checkpoints()] == [37, 66]
+        assert log.audit().ok
+
+
+def test_concurrent_producers_each_index_once(db):
+    with _open(db, batch_size=64, batch_wait_ms=0.5) as log:
+        results: dict[bytes, int] = {}
+
+        def produce(k):
+            fs = [(b"p%d-%d" % (k, i), log.add(b"p%d-%d" % (k, i))) for i in range(200)]
+            results.update((e, f.result()) for e, f in fs)
+
+        threads = [threading.Thread(target=produce, args=(k,)) for k in range(8)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert sorted(results.values()) == list(range(1600))
+        assert all(log.entry(i) == e for e, i in results.items())
+
+
+def test_periodic_checkpoint(db):
+    with _open(db, checkpoint_interval_s=0.05) as log:
+        log.add(b"x").result()
+        deadline = time.monotonic() + 5
+        while (log.latest_checkpoint() is None or log.latest_checkpoint().size != 1) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert log.latest_checkpoint().size == 1
+
+
+def test_extend_bulk_path(db):
+    with _open(db) as log:
+        log.add(b"first").result()
+        assert log.extend([b"bulk%d" % i for i in range(1000)]) == range(1, 1001)
+        assert log.entry(1000) == b"bulk999" and log.audit().ok
+        assert log.checkpoint().root_hash == root_hash([leaf_hash(b"first")] + [leaf_hash(b"bulk%d" % i) for i in range(1000)])
+
+
+@pytest.mark.parametrize("bad", ["text", bytearray(b"x"), memoryview(b"x"), None, 7, [b"x"]])
+def test_non_bytes_rejected_nothing_written(db, bad):
+    with _open(db) as log:
+        with pytest.raises(EntryError, match="must be bytes"):
+            log.add(bad)
+        with pytest.raises(EntryError):
+            log.extend([b"ok", bad])
+        log.flush()
+        assert log.size == 0 and log._storage.size() == 0
+
+
+def test_oversize_rejected_nothing_written(db):
+    with _open(db) as log:
+        log.add(b"y" * MAX_ENTRY_BYTES).result()  # the limit itself is accepted
+        with pytest.raises(EntryError, match="at most 65536 bytes"):
+            log.add(b"y" * (MAX_ENTRY_BYTES + 1))
+        log.flush()
+        assert log.size == 1 and log._storage.size() == 1
+
+
+def test_malformed_keys_and_bad_options(db, tmp_path):
+    for key in ["", "PRIVATE+KEY+x", KEYS[1], "PRIVATE+KEY+a+00000000+AQ=="]:
+        with pytest.raises(NoteError):
+            TransparencyLog.open(db, key)
+    assert not os.path.exists(db)  # a bad key is refused before the file is created
+    with pytest.raises(LogError, match="batch_size"):
+        _open(db, batch_size=0)
+    with pytest.raises(LogError, match="durability"):
+        _open(db, durability="none")
+    with pytest.raises(LogError, match="does not exist"):
+        TransparencyLog.open(str(tmp_path / "missing" / "x.sqlite"), KEYS[0])
+
+
+def test_wrong_key_on_reopen_and_closed_log(db):
+    with _open(db) as log:
+        log.add(b"x").result()
+    other, _ = generate_key("test.fieldprint/log")
+    with pytest.raises(LogError, match="created with verifier key"):
+        TransparencyLog.open(db, other)
+    log = _open(db)
+    log.close()
+    with pytest.raises(LogError, match="closed"):
+        log.add(b"z")
+
+
+def test_out_of_range_requests(db):
+    with _open(db) as log:
+        wait_all([log.add(b"%d" % i) for i in range(5)])
+        for call in [
+            lambda: log.entry(5),
+            lambda: log.entry(-1),
+            lambda: log.inclusion_proof(5, 5),
+            lambda: log.inclusion_proof(0, 6),
+            lambda: log.consistency_proof(3, 6),
+            lambda: log.consistency_proof(4, 3),
+            lambda: log.root_hash(6),
+            lambda: log.entry("1"),
+        ]:
+            with pytest.raises(LogError):
+                call()
+
+
+def _tamper(db, sql, params):
+    conn = sqlite3.connect(db)
+    conn.execute(sql, params)
+    conn.commit()
+    conn.close()
+
+
+def _flip(blob, pos):
+    b = bytearray(blob)
+    b[pos % len(b)] ^= 0x01
+    return bytes(b)
+
+
+@pytest.fixture
+def filled(db):
+    with _open(db, checkpoint_interval_s=None) as log:
+        for part in range(3):
+            wait_all([log.add(b"entry %d-%d" % (part, i)) for i in range(21)])
+            log.checkpoint()
+        assert log.audit().ok
+    return db
+
+
+@pytest.mark.parametrize("index,pos", [(0, 0), (20, 3), (62, 7)])
+def test_tampered_leaf_is_reported(filled, index, pos):
+    with _open(filled) as log:
+        data = log.entry(index)
+    _tamper(filled, "UPDATE leaves SET data = ? WHERE idx = ?", (_flip(data, pos), index))
+    with _open(filled) as log:
+        report = log.audit()
+        assert not report.ok and any(f"leaf {index}:" in p for p in report.problems)
+
+
+@pytest.mark.parametrize("level,index,pos", [(0, 5, 0), (1, 10, 31), (3, 2, 12), (5, 0, 1)])
+def test_tampered_node_is_reported(filled, level, index, pos):
+    conn = sqlite3.connect(filled)
+    (h,) = conn.execute("SELECT hash FROM nodes WHERE level=? AND idx=?", (level, index)).fetchone()
+    conn.close()
+    _tamper(filled, "UPDATE nodes SET hash = ? WHERE level = ? AND idx = ?", (_flip(h, pos), level, index))
+    with _open(filled) as log:
+        report = log.audit()
+        want = f"leaf {index}:" if level == 0 else f"node (level {level}, index {index})"
+        assert not report.ok and any(want in p for p in report.problems)
+
+
+@pytest.mark.parametrize("size,pos", [(21, 0), (42, 20), (63, -5), (63, -40)])
+def test_tampered_checkpoint_is_reported(filled, size, pos):
+    conn = sqlite3.connect(filled)
+    (note,) = conn.execute("SELECT note FROM checkpoints WHERE size=?", (size,)).fetchone()
+    conn.close()
+    raw = bytearray(note.encode())
+    raw[pos] ^= 0x01
+    _tamper(filled, "UPDATE checkpoints SET note = ? WHERE size = ?", (raw.decode("utf-8", "replace"), size))
+    with _open(filled) as log:
+        report = log.audit()
+        assert not report.ok and any(f"size {size}" in p for p in report.problems)
+
+
+def test_deleted_rows_are_reported(filled):
+    _tamper(filled, "DELETE FROM nodes WHERE level = 2 AND idx = 3", ())
+    _tamper(filled, "INSERT INTO nodes (level, idx, hash) VALUES (9, 0, ?)", (bytes(32),))
+    with _open(filled) as log:
+        problems = log.audit().problems
+        assert any("node (level 2, index 3) is missing" in p for p in problems)
+        assert any("level 9 stores 1 nodes" in p for p in problems)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    entries=st.lists(st.binary(max_size=40), min_size=1, max_size=120),
+    batch_size=st.integers(1, 50),
+    data=st.data(),
+)
+def test_property_log_matches_reference(tmp_path_factory, entries, batch_size, data):
+    db = str(tmp_path_factory.mktemp("prop") / "l.sqlite")
+    with TransparencyLog.open(db, KEYS[0], batch_size=batch_size, batch_wait_ms=0, durability="normal") as log:
+        wait_all([log.add(e) for e in entries])
+        n = len(entries)
+        cp = log.checkpoint()
+        assert cp.root_hash == root_hash([leaf_hash(e) for e in entries])
+        i = data.draw(st.integers(0, n - 1))
+        verify_inclusion(leaf_hash(entries[i]), i, n, log.inclusion_proof(i, n), cp.root_hash)
+        m = data.draw(st.integers(0, n))
+        verify_consistency(m, n, log.consistency_proof(m, n), root_hash([leaf_hash(e) for e in entries[:m]]), cp.root_hash)
