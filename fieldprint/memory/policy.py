@@ -214,9 +214,12 @@ class PromotionGate:
         self.store, self.log, self.config, self.clock = store, log, config, clock
 
     def checkpoint(self) -> Checkpoint:
-        """The log's latest checkpoint, its signature verified against the configured log keys."""
+        """A checkpoint covering the whole log, its signature verified against the configured log keys."""
         try:
-            return Checkpoint.open(self.log.checkpoint().note, list(self.config.log_keys))
+            latest = self.log.latest_checkpoint()
+            if latest is None or latest.size < self.log.size:
+                latest = self.log.checkpoint()  # the stored one is stale: have the log sign a fresh one
+            return Checkpoint.open(latest.note, list(self.config.log_keys))
         except NoteError as e:
             raise PolicyError(f"the log's checkpoint is not signed by a configured log key: {e}") from None
 
@@ -236,8 +239,6 @@ class PromotionGate:
         return None
 
     def _verify_state(self, state: State, cp: Checkpoint | None, cp_error: str | None) -> Check:
-        if state.compute_id() != state.state_id:
-            return Check("ledger", False, "the stored fields no longer hash to the state id: the stored state was altered")
         if state.leaf_index is None:
             return Check("ledger", False, "the state has no leaf index: it was never committed to the ledger")
         if cp is None:
@@ -247,9 +248,12 @@ class PromotionGate:
         except EntryError as e:
             return Check("ledger", False, f"the stored state does not form a valid ledger entry: {e}")
         why = self._included(entry, state.leaf_index, cp)
-        if why is None:
-            return Check("ledger", True, f"leaf {state.leaf_index} included in the checkpoint of size {cp.size} signed by the log key")
-        return Check("ledger", False, self._diagnose(state, entry, why))
+        if why is not None:
+            return Check("ledger", False, self._diagnose(state, entry, why))
+        # The id also covers what the entry does not carry (creator, trusted sources).
+        if state.compute_id() != state.state_id:
+            return Check("ledger", False, "the stored fields no longer hash to the state id: the stored state was altered")
+        return Check("ledger", True, f"leaf {state.leaf_index} included in the checkpoint of size {cp.size} signed by the log key")
 
     def _diagnose(self, state: State, entry: bytes, why: str) -> str:
         # Say what differs between the stored state and the ledger, when the ledger can tell us.

@@ -125,7 +125,7 @@ class LanceVectorStore:
             pa.field("promotable", pa.bool_(), nullable=False),
             pa.field("vector", pa.list_(pa.float32(), dim), nullable=False),
         ])
-        if self.TABLE in self._db.table_names():
+        if self.TABLE in self._db.list_tables().tables:
             self._table = self._db.open_table(self.TABLE)
             found = self._table.schema.field("vector").type.list_size
             if found != dim:
@@ -211,8 +211,10 @@ class LanceVectorStore:
         if n < 256:
             raise StateError(f"an ANN index needs at least 256 rows to train, the store has {n}; search exactly instead")
         parts = num_partitions or max(1, int(round(n ** 0.5)))
-        self._table.create_index(metric="cosine", num_partitions=parts, num_sub_vectors=num_sub_vectors or self.dim // 8,
-                                 index_type="IVF_PQ", vector_column_name="vector", replace=True)
+        from lancedb.index import IvfPq
+
+        config = IvfPq(distance_type="cosine", num_partitions=parts, num_sub_vectors=num_sub_vectors or self.dim // 8)
+        self._table.create_index("vector", config=config, replace=True)
         self._indexed = True
 
     def __len__(self) -> int:

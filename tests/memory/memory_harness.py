@@ -1,0 +1,61 @@
+"""Real components wired together for memory tests: SQLite log and state store, LanceDB, the gate."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from fieldprint.ledger.log import TransparencyLog
+from fieldprint.ledger.note import generate_key
+from fieldprint.memory.embed import HashingEmbedderForTests
+from fieldprint.memory.policy import GateConfig, PromotionGate
+from fieldprint.memory.store import Pacemaker, StateStore
+from fieldprint.memory.vectors import LanceVectorStore
+
+LOG_SIGNER, LOG_VERIFIER = generate_key("log.fieldprint.test")
+OPS_SIGNER, OPS_VERIFIER = generate_key("ops.fieldprint.test")
+# Same key name as the configured override key, different key: what a forger would try first.
+ROGUE_SIGNER, ROGUE_VERIFIER = generate_key("ops.fieldprint.test")
+T0 = 1_800_000_000 * 10**9
+
+
+class Clock:
+    """A settable clock (Unix ns) so expiry is tested without sleeping."""
+
+    def __init__(self, now: int = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+
+@dataclass
+class Memory:
+    log: TransparencyLog
+    store: StateStore
+    vectors: LanceVectorStore
+    gate: PromotionGate
+    pm: Pacemaker
+    clock: Clock
+
+    def snapshot(self) -> tuple:
+        """Everything a failed operation must leave unchanged."""
+        self.log.flush()
+        return (self.log.size, len(self.store), self.store.record_count(), len(self.vectors), self.vectors.version())
+
+    def close(self) -> None:
+        self.log.close()
+        self.store.close()
+
+
+def make_memory(root: str, clock: Clock | None = None, override_keys: list[str] | None = None) -> Memory:
+    """Open a fresh log, state store and vector store under `root` and wire the Pacemaker."""
+    clock = clock or Clock()
+    log = TransparencyLog.open(os.path.join(root, "log.db"), LOG_SIGNER, batch_wait_ms=0, checkpoint_interval_s=None,
+                               durability="normal")
+    store = StateStore(os.path.join(root, "states.db"))
+    vectors = LanceVectorStore(os.path.join(root, "vectors"))
+    keys = [OPS_VERIFIER] if override_keys is None else override_keys
+    gate = PromotionGate(store, log, GateConfig(log_keys=[LOG_VERIFIER], override_keys=keys), clock=clock)
+    pm = Pacemaker(store, log, vectors, HashingEmbedderForTests(), gate)
+    return Memory(log, store, vectors, gate, pm, clock)
