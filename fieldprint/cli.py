@@ -1,0 +1,246 @@
+"""The `fieldprint` command.
+
+`build_parser()` returns the top-level parser; each command group registers itself on its
+subparsers with one `add_*_commands(subparsers)` function and sets `func` on its leaf parsers, so a
+new group (e.g. `demo`) is one function and one line in build_parser().
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from fieldprint.errors import FieldprintError, LogError, ProofError
+
+DEFAULT_DATA_DIR = "./fieldprint-data"
+LEDGER_DB, SIGNER_KEY_FILE, VERIFIER_KEY_FILE = "ledger.sqlite", "ledger.key", "ledger.pub"
+DEFAULT_ORIGIN = "fieldprint.local/ledger"
+BUNDLE_FORMAT = "fieldprint-inclusion-v1"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full `fieldprint` argument parser."""
+    parser = argparse.ArgumentParser(prog="fieldprint", description="Verifiable, memory-anchored inference for LLM agents.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_ledger_commands(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: parse arguments, run the command, turn FieldprintErrors into exit status 1."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        (getattr(args, "group_parser", None) or parser).print_help()
+        return 2
+    try:
+        return func(args) or 0
+    except FieldprintError as exc:
+        print(f"fieldprint: error: {exc}", file=sys.stderr)
+        return 1
+
+
+# --- ledger ----------------------------------------------------------------------------------------
+
+
+def add_ledger_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register `fieldprint ledger init|add|checkpoint|prove|verify|audit`."""
+    ledger = subparsers.add_parser("ledger", help="the transparency log: init, add, checkpoint, prove, verify, audit")
+    ledger.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help=f"folder with the log and its keys (default {DEFAULT_DATA_DIR})")
+    ledger.set_defaults(group_parser=ledger)
+    sub = ledger.add_subparsers(dest="ledger_command", metavar="SUBCOMMAND")
+
+    p = sub.add_parser("init", help="create the data folder, a signing key and an empty log")
+    p.add_argument("--origin", default=DEFAULT_ORIGIN, help=f"the log's origin line and key name (default {DEFAULT_ORIGIN})")
+    p.set_defaults(func=ledger_init)
+
+    p = sub.add_parser("add", help="add entries: each FILE is one entry (- or none: standard input)")
+    p.add_argument("files", nargs="*", metavar="FILE")
+    p.add_argument("--lines", action="store_true", help="add every line of the input as its own entry")
+    p.set_defaults(func=ledger_add)
+
+    p = sub.add_parser("checkpoint", help="sign and print a checkpoint of the current tree")
+    p.set_defaults(func=ledger_checkpoint)
+
+    p = sub.add_parser("prove", help="print an inclusion proof bundle (JSON) for an entry")
+    p.add_argument("index", type=int)
+    p.add_argument("-o", "--output", help="write the bundle to this file instead of standard output")
+    p.set_defaults(func=ledger_prove)
+
+    p = sub.add_parser("verify", help="check a proof bundle offline against a verifier key")
+    p.add_argument("bundle", help="bundle file (- for standard input)")
+    p.add_argument("--key", help="verifier key text 'name+keyid+base64' (default: the data folder's ledger.pub)")
+    p.set_defaults(func=ledger_verify)
+
+    p = sub.add_parser("audit", help="re-verify every leaf, node and checkpoint of the stored log")
+    p.set_defaults(func=ledger_audit)
+
+
+def _paths(args: argparse.Namespace) -> tuple[str, str, str]:
+    d = args.data_dir
+    return os.path.join(d, LEDGER_DB), os.path.join(d, SIGNER_KEY_FILE), os.path.join(d, VERIFIER_KEY_FILE)
+
+
+def _open_log(args: argparse.Namespace):
+    from fieldprint.ledger.log import TransparencyLog
+
+    db, key_file, _ = _paths(args)
+    if not os.path.exists(key_file) or not os.path.exists(db):
+        raise LogError(f"no ledger in {args.data_dir}; run `fieldprint ledger --data-dir {args.data_dir} init` first")
+    with open(key_file) as f:
+        signer = f.read().strip()
+    return TransparencyLog.open(db, signer, checkpoint_interval_s=None)
+
+
+def ledger_init(args: argparse.Namespace) -> int:
+    """Create the data folder, an Ed25519 signing key (mode 0600) and an empty log with a checkpoint."""
+    from fieldprint.ledger.log import TransparencyLog
+    from fieldprint.ledger.note import generate_key
+
+    db, key_file, pub_file = _paths(args)
+    if os.path.exists(key_file) or os.path.exists(db):
+        raise LogError(f"{args.data_dir} already holds a ledger; use another --data-dir or remove it")
+    signer, verifier = generate_key(args.origin)  # NoteError on a bad origin, before any file exists
+    os.makedirs(args.data_dir, mode=0o700, exist_ok=True)
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(signer + "\n")
+    with open(pub_file, "w") as f:
+        f.write(verifier + "\n")
+    with TransparencyLog.open(db, signer, checkpoint_interval_s=None) as log:
+        log.checkpoint()
+    print(f"initialized ledger {args.origin} in {args.data_dir}")
+    print(f"verifier key: {verifier}")
+    return 0
+
+
+def _read_inputs(files: list[str]) -> list[bytes]:
+    out = []
+    for name in files or ["-"]:
+        if name == "-":
+            out.append(sys.stdin.buffer.read())
+        else:
+            try:
+                with open(name, "rb") as f:
+                    out.append(f.read())
+            except OSError as exc:
+                raise LogError(f"cannot read entry file {name}: {exc.strerror}") from None
+    return out
+
+
+def ledger_add(args: argparse.Namespace) -> int:
+    """Add entries and print one 'index<TAB>leaf hash' line per entry once they are durable."""
+    from fieldprint.ledger.log import check_entry
+    from fieldprint.ledger.merkle import leaf_hash
+
+    with _open_log(args) as log:
+        blobs = _read_inputs(args.files)
+        entries = [line for blob in blobs for line in blob.splitlines()] if args.lines else blobs
+        for e in entries:
+            check_entry(e)  # refuse the whole command before anything is written
+        futures = [log.add(e) for e in entries]
+        for e, fut in zip(entries, futures):
+            print(f"{fut.result()}\t{leaf_hash(e).hex()}")
+    return 0
+
+
+def ledger_checkpoint(args: argparse.Namespace) -> int:
+    """Sign a checkpoint of the current tree and print the signed note."""
+    with _open_log(args) as log:
+        sys.stdout.write(log.checkpoint().note)
+    return 0
+
+
+def ledger_prove(args: argparse.Namespace) -> int:
+    """Print an inclusion proof bundle for entry `index` against the latest covering checkpoint."""
+    from fieldprint.ledger.merkle import leaf_hash
+
+    with _open_log(args) as log:
+        if not 0 <= args.index < log.size:
+            raise LogError(f"entry {args.index} does not exist; the log has {log.size} entries")
+        cp = log.latest_checkpoint()
+        if cp is None or cp.size <= args.index:
+            cp = log.checkpoint()
+        entry = log.entry(args.index)
+        bundle = {
+            "format": BUNDLE_FORMAT,
+            "index": args.index,
+            "size": cp.size,
+            "leaf_hash": base64.b64encode(leaf_hash(entry)).decode(),
+            "entry": base64.b64encode(entry).decode(),
+            "proof": [base64.b64encode(h).decode() for h in log.inclusion_proof(args.index, cp.size)],
+            "checkpoint": cp.note,
+        }
+    text = json.dumps(bundle, indent=2) + "\n"
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def verify_bundle(bundle: dict, verifier_key: str):
+    """Check an inclusion proof bundle offline; returns the checkpoint, raises FieldprintError."""
+    from fieldprint.ledger.merkle import leaf_hash, verify_inclusion
+    from fieldprint.ledger.note import Checkpoint
+
+    try:
+        if bundle.get("format") != BUNDLE_FORMAT:
+            raise ProofError(f"bundle format is {bundle.get('format')!r}, expected {BUNDLE_FORMAT!r}")
+        index, size = bundle["index"], bundle["size"]
+        lh = base64.b64decode(bundle["leaf_hash"], validate=True)
+        proof = [base64.b64decode(p, validate=True) for p in bundle["proof"]]
+        note = bundle["checkpoint"]
+        entry = base64.b64decode(bundle["entry"], validate=True) if "entry" in bundle else None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ProofError(f"malformed proof bundle ({exc!r}); produce one with `fieldprint ledger prove`") from None
+    cp = Checkpoint.open(note, [verifier_key])
+    if cp.size != size:
+        raise ProofError(f"bundle claims size {size} but its checkpoint is for size {cp.size}")
+    if entry is not None and leaf_hash(entry) != lh:
+        raise ProofError("the bundle's entry does not hash to its leaf hash")
+    verify_inclusion(lh, index, size, proof, cp.root_hash)
+    return cp
+
+
+def ledger_verify(args: argparse.Namespace) -> int:
+    """Verify a proof bundle offline; exit 0 and say what was proven, or exit 1 with the reason."""
+    key = args.key
+    if key is None:
+        pub_file = _paths(args)[2]
+        if not os.path.exists(pub_file):
+            raise LogError(f"no verifier key given and {pub_file} does not exist; pass --key 'name+keyid+base64'")
+        with open(pub_file) as f:
+            key = f.read().strip()
+    try:
+        text = sys.stdin.read() if args.bundle == "-" else open(args.bundle).read()
+        bundle = json.loads(text)
+    except OSError as exc:
+        raise ProofError(f"cannot read bundle {args.bundle}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise ProofError(f"bundle {args.bundle} is not JSON: {exc}") from None
+    if not isinstance(bundle, dict):
+        raise ProofError("a proof bundle is a JSON object")
+    cp = verify_bundle(bundle, key)
+    print(f"OK: entry {bundle['index']} is included in {cp.origin} at size {cp.size} (root {cp.root_hash.hex()})")
+    return 0
+
+
+def ledger_audit(args: argparse.Namespace) -> int:
+    """Re-verify the whole stored log; exit 1 and list the problems if any."""
+    with _open_log(args) as log:
+        report = log.audit()
+    print(
+        f"audited {report.leaves_checked} leaves, {report.nodes_checked} nodes, "
+        f"{report.checkpoints_checked} checkpoints of a log of size {report.size}: "
+        + ("OK" if report.ok else f"{len(report.problems)} problems")
+    )
+    for p in report.problems:
+        print(f"  {p}")
+    return 0 if report.ok else 1
