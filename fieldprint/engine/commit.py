@@ -19,9 +19,10 @@ from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from fieldprint.dqp import DTYPE_NAMES, QuantizedState, check_finite, quantize_codes, stack_digest
+from fieldprint.dqp import DTYPE_NAMES, QuantizedState, check_finite, inverse_scales, quantize_codes, stack_digest
 from fieldprint.dqp_profile import KINDS, DQPProfile
 from fieldprint.errors import CommitError, DQPError, FieldprintError
 from fieldprint.ledger.entry import StateEntry
@@ -66,15 +67,18 @@ class _Job:
     taint: tuple[str, ...]
     time_ns: int
     state_id: str | None
-    keys: list[StateKey]
-    shapes: list[tuple[int, int, int]]
-    dtypes: list[str]
+    groups: list[list[StateKey]]  # keys of each stacked tensor, in stack order
+    dtypes: list[str]  # source dtype of each group
     future: Future
-    inputs: list[torch.Tensor] = field(default_factory=list)  # CPU path: the states themselves
-    host_codes: list[torch.Tensor] = field(default_factory=list)  # GPU path: pinned copies
+    inputs: list[torch.Tensor] = field(default_factory=list)  # CPU path: [N, T, H, D] states
+    host_codes: list[torch.Tensor] = field(default_factory=list)  # GPU path: pinned [N, T, H, D] codes
     host_bad: torch.Tensor | None = None
     copied: object = None  # torch.cuda.Event recorded after the copies
     quantized: threading.Event | None = None
+
+
+def _sort_key(key: StateKey) -> tuple[int, int]:
+    return key[0], KINDS.index(key[1]) if key[1] in KINDS else len(KINDS)
 
 
 class Committer:
@@ -87,19 +91,17 @@ class Committer:
         *,
         max_pending: int = 4,
         digest_threads: int = 2,
-        device: torch.device | str | None = None,
     ) -> None:
         if max_pending < 1:
             raise CommitError(f"max_pending must be >= 1, got {max_pending}")
         self.log = log
         self.profile = profile
-        self.device = torch.device(device) if device is not None else None
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_pending)
         self._lock = threading.Lock()
         self._failures: list[tuple[str, BaseException]] = []
         self._outstanding: set[Future] = set()
         self._receipts: list[CommitReceipt] = []
-        self._inv: dict[tuple[StateKey, torch.device], torch.Tensor] = {}
+        self._inv: dict[tuple[tuple[StateKey, ...], torch.device], torch.Tensor] = {}
         self._side: torch.cuda.Stream | None = None
         self._digest_pool = ThreadPoolExecutor(digest_threads, thread_name_prefix="dqp-digest") if digest_threads > 1 else None
         self._closed = False
@@ -107,11 +109,34 @@ class Committer:
         self._worker.start()
 
     # -- forward-thread side ---------------------------------------------------------------
-    def submit(
+    def submit(self, states: Mapping[StateKey, torch.Tensor], *, session: str, **meta: object) -> CommitTicket:
+        """Queue one K/V stack {(layer, 'K'|'V'): [T, H, D]} for commit as one StateEntry.
+
+        Never waits on the GPU. The inputs must not be written in place until
+        ticket.wait_quantized(). Keyword arguments: state_type, parents, taint, state_id,
+        time_ns, timeout (seconds to wait for queue room before raising CommitError).
+        """
+        if not states:
+            raise CommitError("submit() needs at least one (layer, kind) state")
+        keys = sorted(states, key=_sort_key)
+        return self._submit([([k], states[k]) for k in keys], session, **meta)
+
+    def submit_stack(
+        self, k: torch.Tensor, v: torch.Tensor, *, session: str, layers: list[int] | None = None, **meta: object
+    ) -> CommitTicket:
+        """Queue a whole sequence's K/V, each [L, T, H, D] (strided views are fine): two launches in all."""
+        if k.dim() != 4 or v.dim() != 4 or k.shape != v.shape:
+            raise CommitError(f"submit_stack wants K and V of one shape [L, T, H, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+        layers = list(range(k.shape[0])) if layers is None else list(layers)
+        if len(layers) != k.shape[0] or len(set(layers)) != len(layers):
+            raise CommitError(f"layers {layers} must name each of the {k.shape[0]} stacked layers once")
+        return self._submit([([(l, "K") for l in layers], k), ([(l, "V") for l in layers], v)], session, **meta)
+
+    def _submit(
         self,
-        states: Mapping[StateKey, torch.Tensor],
-        *,
+        groups: list[tuple[list[StateKey], torch.Tensor]],
         session: str,
+        *,
         state_type: str = "observation",
         parents: tuple[str, ...] = (),
         taint: tuple[str, ...] = (),
@@ -119,37 +144,27 @@ class Committer:
         time_ns: int | None = None,
         timeout: float | None = None,
     ) -> CommitTicket:
-        """Queue one K/V stack {(layer, 'K'|'V'): [T, H, D]} for commit; never waits on the GPU.
-
-        The inputs must not be written in place until ticket.wait_quantized() (GPU: a stream
-        wait). Blocks only when `max_pending` commits are queued; after `timeout` seconds of
-        that it raises CommitError instead.
-        """
         if self._closed:
             raise CommitError("committer is closed; open a new one")
-        if not states:
-            raise CommitError("submit() needs at least one (layer, kind) state")
-        keys = sorted(states, key=lambda k: (k[0], KINDS.index(k[1])) if k[1] in KINDS else (k[0], 9))
-        for layer, kind in keys:
-            self.profile.exponents(layer, kind)  # raises DQPError for a key the profile lacks
-            x = states[(layer, kind)]
-            if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.dtype not in DTYPE_NAMES:
-                raise CommitError(f"state {(layer, kind)} must be a bf16/fp16/fp32 [T, H, D] tensor")
-            if tuple(x.shape[1:]) != (self.profile.num_kv_heads, self.profile.head_dim):
-                raise CommitError(f"state {(layer, kind)} has shape {tuple(x.shape)}, profile wants [T, {self.profile.num_kv_heads}, {self.profile.head_dim}]")
-        job = _Job(
-            session, state_type, tuple(parents), tuple(taint), time_ns if time_ns is not None else time.time_ns(),
-            state_id, keys, [tuple(states[k].shape) for k in keys], [DTYPE_NAMES[states[k].dtype] for k in keys], Future(),
-        )
-        devices = {states[k].device for k in keys}
+        shape = (self.profile.num_kv_heads, self.profile.head_dim)
+        for keys, x in groups:
+            for layer, kind in keys:
+                self.profile.exponents(layer, kind)  # raises DQPError for a key the profile lacks
+            if not isinstance(x, torch.Tensor) or x.dtype not in DTYPE_NAMES or x.dim() not in (3, 4) or tuple(x.shape[-2:]) != shape:
+                raise CommitError(f"state {keys[0]} must be a bf16/fp16/fp32 [T, {shape[0]}, {shape[1]}] tensor, "
+                                  f"got {getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+        groups = [(keys, x if x.dim() == 4 else x.unsqueeze(0)) for keys, x in groups]
+        devices = {x.device for _, x in groups}
         if len(devices) != 1:
             raise CommitError(f"all states of one submit must live on one device, got {sorted(map(str, devices))}")
         (dev,) = devices
+        job = _Job(session, state_type, tuple(parents), tuple(taint), time.time_ns() if time_ns is None else time_ns,
+                   state_id, [keys for keys, _ in groups], [DTYPE_NAMES[x.dtype] for _, x in groups], Future())
         ticket = CommitTicket(job.future, {})
         if dev.type == "cuda":
-            self._launch_gpu(job, states, dev, ticket)
+            self._launch_gpu(job, groups, dev, ticket)
         else:
-            job.inputs = [states[k] for k in keys]
+            job.inputs = [x for _, x in groups]
             job.quantized = threading.Event()
             ticket._event = job.quantized
         with self._lock:
@@ -158,8 +173,7 @@ class Committer:
         try:
             self._queue.put(job, timeout=timeout)
         except queue.Full:
-            with self._lock:
-                self._outstanding.discard(job.future)
+            job.future.set_exception(CommitError("not queued: committer was full"))
             raise CommitError(f"committer still has {self._queue.maxsize} commits queued after {timeout}s; "
                               "flush() or raise max_pending") from None
         return ticket
@@ -168,33 +182,34 @@ class Committer:
         with self._lock:
             self._outstanding.discard(f)
 
-    def _inverse_scales(self, key: StateKey, dev: torch.device) -> torch.Tensor:
-        inv = self._inv.get((key, dev))
+    def _inverse_scales(self, keys: list[StateKey], dev: torch.device) -> torch.Tensor:
+        inv = self._inv.get((tuple(keys), dev))
         if inv is None:
-            from fieldprint.kernels.quant import device_inverse_scales
-
-            inv = self._inv[(key, dev)] = device_inverse_scales(self.profile, key[0], key[1], dev)
+            e = np.stack([self.profile.exponents(layer, kind) for layer, kind in keys])
+            inv = self._inv[(tuple(keys), dev)] = torch.from_numpy(inverse_scales(e)).to(dev)
         return inv
 
-    def _launch_gpu(self, job: _Job, states: Mapping[StateKey, torch.Tensor], dev: torch.device, ticket: CommitTicket) -> None:
+    def _launch_gpu(self, job: _Job, groups: list, dev: torch.device, ticket: CommitTicket) -> None:
         from fieldprint.kernels.quant import quantize_async
 
         if self._side is None:
             self._side = torch.cuda.Stream(device=dev)
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(dev))
-        bad = torch.zeros(len(job.keys), dtype=torch.int32, device=dev)
+        bad = torch.zeros(sum(len(keys) for keys, _ in groups), dtype=torch.int32, device=dev)
+        offset = 0
         with torch.cuda.stream(self._side):
             self._side.wait_event(ready)
-            for i, key in enumerate(job.keys):
-                x = states[key]
+            for keys, x in groups:
                 x.record_stream(self._side)  # the allocator must not hand x's memory out before we read it
-                codes, _ = quantize_async(x, self._inverse_scales(key, dev), bad=bad[i : i + 1])
+                codes, _ = quantize_async(x, self._inverse_scales(keys, dev), bad=bad[offset : offset + len(keys)])
+                offset += len(keys)
                 host = torch.empty(codes.shape, dtype=torch.int8, pin_memory=True)
                 host.copy_(codes, non_blocking=True)
-                ticket.codes[key] = codes
+                for i, key in enumerate(keys):
+                    ticket.codes[key] = codes[i]
                 job.host_codes.append(host)
-            job.host_bad = torch.empty(len(job.keys), dtype=torch.int32, pin_memory=True)
+            job.host_bad = torch.empty(bad.shape, dtype=torch.int32, pin_memory=True)
             job.host_bad.copy_(bad, non_blocking=True)
             copied = torch.cuda.Event()
             copied.record(self._side)
@@ -228,16 +243,17 @@ class Committer:
     def _codes(self, job: _Job) -> list[torch.Tensor]:
         if job.copied is not None:
             job.copied.synchronize()  # waits on this thread only; the forward stream runs on
-            bad = job.host_bad.tolist()
-            for (layer, kind), n in zip(job.keys, bad):
+            flat = [key for keys in job.groups for key in keys]
+            for (layer, kind), n in zip(flat, job.host_bad.tolist()):
                 if n:
                     raise DQPError(f"layer {layer} {kind} of session {job.session!r} holds {n} NaN/Inf value(s); nothing was committed")
             return job.host_codes
         try:
             out = []
-            for (layer, kind), x in zip(job.keys, job.inputs):
-                check_finite(x, f"layer {layer} {kind} of session {job.session!r}")
-                out.append(quantize_codes(x, self.profile.exponents(layer, kind)))
+            for keys, x in zip(job.groups, job.inputs):
+                for i, (layer, kind) in enumerate(keys):
+                    check_finite(x[i], f"layer {layer} {kind} of session {job.session!r}")
+                out.append(torch.stack([quantize_codes(x[i], self.profile.exponents(l, k)) for i, (l, k) in enumerate(keys)]))
             return out
         finally:
             job.inputs = []
@@ -246,13 +262,14 @@ class Committer:
     def _commit(self, job: _Job) -> None:
         codes = self._codes(job)
         parts, digests, blocks = [], {}, {}
-        for (layer, kind), c, dtype in zip(job.keys, codes, job.dtypes):
-            qs = QuantizedState(c, self.profile.exponents(layer, kind), dtype, layer, kind, self.profile.block_size)
-            d = qs.digest(self._digest_pool)
-            digests[(layer, kind)], blocks[(layer, kind)] = d, qs.blocks
-            parts.append((layer, kind, d))
+        for keys, group, dtype in zip(job.groups, codes, job.dtypes):
+            for i, (layer, kind) in enumerate(keys):
+                qs = QuantizedState(group[i], self.profile.exponents(layer, kind), dtype, layer, kind, self.profile.block_size)
+                d = qs.digest(self._digest_pool)
+                digests[(layer, kind)], blocks[(layer, kind)] = d, qs.blocks
+                parts.append((layer, kind, d))
         job.host_codes = []
-        stack = stack_digest(parts)
+        stack = stack_digest(parts)  # raises DQPError if one (layer, kind) came twice
         entry = StateEntry(
             state_id=job.state_id or stack, state_type=job.state_type, digest=stack, profile=self.profile.digest,
             parents=job.parents, taint=job.taint, session=job.session, time_ns=job.time_ns,

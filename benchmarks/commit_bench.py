@@ -1,0 +1,230 @@
+"""Does hashing K/V state slow decoding? A Llama-3-8B-shaped decode loop under five commit regimes.
+
+(a) no hashing; (b) synchronous per layer: after every layer, copy that layer's K/V state to the
+host and SHA-256 it (the original v2.5 design; "full" = the layer's whole K/V so far, "new" =
+only this token's rows); (c) synchronous per token: the same once per decode step, for all
+layers; (d) asynchronous per-session commit: fieldprint.engine.commit.Committer (side stream,
+pinned copies, BLAKE3 + log append on a background thread) at the end of each session.
+Random weights, real shapes. Prints a table, writes benchmarks/results/commit_bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from fieldprint.dqp import DQPProfile  # noqa: E402
+from fieldprint.engine.commit import Committer  # noqa: E402
+
+LLAMA3_8B = dict(hidden=4096, heads=32, kv_heads=8, head_dim=128, ffn=14336, layers=32, vocab=128256)
+
+
+class DecodeStack:
+    """A Llama-family decode step over a static [L, B, H_kv, T_max, D] cache, eager PyTorch."""
+
+    def __init__(self, cfg: dict, batch: int, max_len: int, device: str, dtype: torch.dtype) -> None:
+        self.cfg, self.batch, self.device, self.dtype = cfg, batch, device, dtype
+        h, d, hk, f, L = cfg["hidden"], cfg["head_dim"], cfg["kv_heads"], cfg["ffn"], cfg["layers"]
+        g = torch.Generator(device=device).manual_seed(0)
+
+        def w(*shape: int) -> torch.Tensor:
+            return (torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * 0.02).to(dtype)
+
+        self.wqkv = [w(h, (cfg["heads"] + 2 * hk) * d) for _ in range(L)]
+        self.wo = [w(cfg["heads"] * d, h) for _ in range(L)]
+        self.wgu = [w(h, 2 * f) for _ in range(L)]
+        self.wd = [w(f, h) for _ in range(L)]
+        self.norm = torch.ones(h, device=device, dtype=dtype)
+        self.lm_head = w(h, cfg["vocab"])
+        self.k = torch.randn(L, batch, hk, max_len, d, generator=g, device=device, dtype=torch.float32).to(dtype)
+        self.v = torch.randn(L, batch, hk, max_len, d, generator=g, device=device, dtype=torch.float32).to(dtype)
+        inv = 1.0 / (500000.0 ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
+        ang = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), inv)
+        self.cos, self.sin = ang.cos().to(dtype), ang.sin().to(dtype)
+
+    def _rope(self, x: torch.Tensor, pos: int) -> torch.Tensor:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        c, s = self.cos[pos], self.sin[pos]
+        return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+
+    def layer(self, l: int, x: torch.Tensor, pos: int) -> torch.Tensor:
+        cfg, b = self.cfg, self.batch
+        nh, hk, d = cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
+        hn = F.rms_norm(x, (cfg["hidden"],), self.norm)
+        q, k, v = (hn @ self.wqkv[l]).split((nh * d, hk * d, hk * d), dim=-1)
+        q = self._rope(q.view(b, nh, d), pos)
+        self.k[l, :, :, pos] = self._rope(k.view(b, hk, d), pos)
+        self.v[l, :, :, pos] = v.view(b, hk, d)
+        att = F.scaled_dot_product_attention(
+            q.unsqueeze(2), self.k[l, :, :, : pos + 1], self.v[l, :, :, : pos + 1], enable_gqa=True
+        )
+        x = x + att.reshape(b, nh * d) @ self.wo[l]
+        hn = F.rms_norm(x, (cfg["hidden"],), self.norm)
+        gate, up = (hn @ self.wgu[l]).chunk(2, dim=-1)
+        return x + (F.silu(gate) * up) @ self.wd[l]
+
+    def step(self, x: torch.Tensor, pos: int, after_layer=None) -> torch.Tensor:
+        for l in range(self.cfg["layers"]):
+            x = self.layer(l, x, pos)
+            if after_layer is not None:
+                after_layer(l, pos)
+        logits = F.rms_norm(x, (self.cfg["hidden"],), self.norm) @ self.lm_head
+        return logits.argmax(-1)
+
+
+def sha256_host(t: torch.Tensor) -> bytes:
+    """Synchronous device-to-host copy and SHA-256, the strawman."""
+    return hashlib.sha256(t.contiguous().cpu().numpy().tobytes()).digest()
+
+
+def run_session(m: DecodeStack, prompt: int, steps: int, hook=None, per_token=None) -> None:
+    x = torch.randn(m.batch, m.cfg["hidden"], device=m.device, dtype=m.dtype) * 0.1
+    for i in range(steps):
+        pos = prompt + i
+        m.step(x, pos, hook)
+        if per_token is not None:
+            per_token(pos)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=128, help="decode steps per session")
+    ap.add_argument("--sessions", type=int, default=3)
+    ap.add_argument("--sync-steps", type=int, default=4, help="decode steps timed for the slow synchronous regimes")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--small", action="store_true", help="tiny dims for a CPU smoke run")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "commit_bench.json"))
+    a = ap.parse_args()
+    cuda = torch.cuda.is_available()
+    dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    cfg = dict(LLAMA3_8B, layers=a.layers)
+    if a.small:
+        cfg = dict(hidden=256, heads=4, kv_heads=2, head_dim=64, ffn=512, layers=a.layers, vocab=1000)
+    max_len = a.prompt + a.steps + 1
+    m = DecodeStack(cfg, a.batch, max_len, dev, dtype)
+    L, B, hk, d = cfg["layers"], a.batch, cfg["kv_heads"], cfg["head_dim"]
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    def timed(fn, steps: int) -> float:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return B * steps / (time.perf_counter() - t0)
+
+    # DQP profile from a calibration pass over the random cache (the same ranges the commits see).
+    prof = DQPProfile.calibrate(
+        [{(l, kind): (m.k if kind == "K" else m.v)[l, 0, :, : a.prompt].transpose(0, 1) for l in range(L) for kind in "KV"}],
+        name="llama-3-8b-bench", num_layers=L, num_kv_heads=hk, head_dim=d, block_size=16,
+    )
+
+    from fieldprint.ledger.log import TransparencyLog
+    from fieldprint.ledger.note import generate_key
+
+    tmp = tempfile.mkdtemp()
+    signer, _ = generate_key("bench.example/fieldprint-log")
+    log = TransparencyLog.open(os.path.join(tmp, "log.sqlite"), signer, batch_size=64, batch_wait_ms=5)
+    committer = Committer(log, prof, max_pending=2 * B, digest_threads=4)
+
+    def commit_session(session: int) -> None:
+        t = a.prompt + a.steps
+        for b in range(B):  # one ledger entry per sequence of the batch
+            committer.submit_stack(m.k[:, b, :, :t].transpose(1, 2), m.v[:, b, :, :t].transpose(1, 2),
+                                   session=f"bench-{session}-{b}")
+
+    def regime_a() -> None:
+        for s in range(a.sessions):
+            run_session(m, a.prompt, a.steps)
+
+    counter = [0]
+
+    def regime_d() -> None:
+        for s in range(a.sessions):
+            run_session(m, a.prompt, a.steps)
+            counter[0] += 1
+            commit_session(counter[0])
+
+    def hook_full(l: int, pos: int) -> None:
+        sha256_host(torch.stack((m.k[l, :, :, : pos + 1], m.v[l, :, :, : pos + 1])))
+
+    def hook_new(l: int, pos: int) -> None:
+        sha256_host(torch.stack((m.k[l, :, :, pos], m.v[l, :, :, pos])))
+
+    def token_full(pos: int) -> None:
+        sha256_host(torch.stack((m.k[:, :, :, : pos + 1], m.v[:, :, :, : pos + 1])))
+
+    def token_new(pos: int) -> None:
+        sha256_host(torch.stack((m.k[:, :, :, pos], m.v[:, :, :, pos])))
+
+    n_fast = a.sessions * a.steps
+    regimes = {
+        "a_no_hash": (lambda: regime_a(), n_fast),
+        "b_sync_layer_full": (lambda: run_session(m, a.prompt, a.sync_steps, hook=hook_full), a.sync_steps),
+        "b_sync_layer_new": (lambda: run_session(m, a.prompt, a.sync_steps * 4, hook=hook_new), a.sync_steps * 4),
+        "c_sync_token_full": (lambda: run_session(m, a.prompt, a.sync_steps, per_token=token_full), a.sync_steps),
+        "c_sync_token_new": (lambda: run_session(m, a.prompt, a.sync_steps * 4, per_token=token_new), a.sync_steps * 4),
+        "d_async_session": (lambda: regime_d(), n_fast),
+    }
+    # warm up: kernels, cuBLAS handles, the quantizer's compile, pinned buffers, the log
+    run_session(m, a.prompt, 2)
+    regime_d()
+    committer.flush()
+    results = {name: [] for name in regimes}
+    flush_s = []
+    for r in range(a.repeats):
+        for name, (fn, steps) in regimes.items():  # interleaved, so drift hits every regime alike
+            results[name].append(timed(fn, steps))
+            if name == "d_async_session":
+                t0 = time.perf_counter()
+                receipts = committer.flush()
+                flush_s.append(time.perf_counter() - t0)
+                assert len(receipts) == a.sessions * B
+    committer.close()
+    log.close()
+    base = statistics.median(results["a_no_hash"])
+    rows = {}
+    for name, vals in results.items():
+        med = statistics.median(vals)
+        rows[name] = dict(tokens_per_s=med, all=vals, ratio_to_a=med / base, slowdown_x=base / med)
+    session_s = B * n_fast / base
+    rows["d_async_session"]["tail_flush_s_median"] = statistics.median(flush_s)
+    rows["d_async_session"]["ratio_to_a_including_tail_flush"] = (B * n_fast / statistics.median(results["d_async_session"]) + statistics.median(flush_s)) ** -1 * B * n_fast / base
+    state_bytes = L * 2 * B * hk * (a.prompt + a.steps) * d * 2
+    out = dict(
+        bench="commit_bench", device=torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        torch=torch.__version__, triton=__import__("triton").__version__, python=platform.python_version(),
+        date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), dtype=str(dtype), config=cfg, batch=B,
+        prompt=a.prompt, steps_per_session=a.steps, sessions=a.sessions, repeats=a.repeats,
+        session_state_bytes_bf16=state_bytes, timed_seconds_a=session_s, results=rows,
+    )
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"commit_bench on {out['device']}: L={L} B={B} prompt={a.prompt} steps={a.steps}x{a.sessions} sessions")
+    print(f"{'regime':22s} {'tokens/s':>10s} {'vs (a)':>8s} {'slowdown':>9s}")
+    for name, r in rows.items():
+        print(f"{name:22s} {r['tokens_per_s']:10.1f} {r['ratio_to_a']:8.3f} {r['slowdown_x']:8.1f}x")
+    print(f"(d) tail flush after the last session: {rows['d_async_session']['tail_flush_s_median'] * 1e3:.1f} ms; "
+          f"ratio incl. tail flush {rows['d_async_session']['ratio_to_a_including_tail_flush']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Everything this area measures on the GPU, in one go: quant (identity + throughput), repro, commit.
+# Usage: OUT=<dir for json/logs> bash benchmarks/gpu/run_all.sh   (wheels for missing packages in .whl/)
+set -u -o pipefail
+export PYTHONUNBUFFERED=1
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1
+fi
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$OUT/gpu_state.txt"
+python3 -c "import blake3, cryptography, torch, triton; print('blake3', blake3.__version__, 'torch', torch.__version__, 'triton', triton.__version__)"
+rc=0
+python3 benchmarks/quant_bench.py --out "$OUT/quant_bench.json" 2>&1 | tee "$OUT/quant_bench.log" || rc=1
+python3 benchmarks/repro_bench.py --out "$OUT/repro_bench.json" 2>&1 | tee "$OUT/repro_bench.log" || rc=1
+python3 benchmarks/commit_bench.py --out "$OUT/commit_bench.json" 2>&1 | tee "$OUT/commit_bench.log" || rc=1
+echo "=== summary ==="
+tail -n 8 "$OUT/quant_bench.log"; tail -n 5 "$OUT/repro_bench.log"; tail -n 10 "$OUT/commit_bench.log"
+exit $rc

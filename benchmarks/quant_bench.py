@@ -1,0 +1,171 @@
+"""DQP on the GPU: identical codes to the CPU reference (bf16, fp16, fp32), and quantize + digest throughput.
+
+1. Identity: random states (with exact ties, saturating and tiny values) quantized by the Triton
+   kernel and by the CPU reference must give the same codes and digests.
+2. Throughput: the kernel alone (GB/s of bf16 input, fraction of the copy bandwidth floor), and
+   end to end through the Committer (quantize on a side stream, pinned D2H, BLAKE3 block digests
+   on background threads, one log append) for a Llama-3-8B-shaped sequence of K/V.
+Prints a table, writes benchmarks/results/quant_bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from fieldprint.dqp import DQPProfile, QuantizedState, quantize_codes  # noqa: E402
+from fieldprint.engine.commit import Committer  # noqa: E402
+from fieldprint.kernels.quant import quantize_async, stack_inverse_scales  # noqa: E402
+
+
+def identity_check(dev: str, layers: int, h: int, d: int) -> list[dict]:
+    """Kernel vs CPU reference on varied states; returns one row per case with the mismatch count."""
+    g = torch.Generator().manual_seed(7)
+    sample = {(l, k): torch.randn(256, h, d, generator=g) * (1 + l) for l in range(layers) for k in "KV"}
+    prof = DQPProfile.calibrate([sample], name="identity", num_layers=layers, num_kv_heads=h, head_dim=d)
+    rows = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for t in (1, 17, 1000, 4096):
+            for layer in (0, layers - 1):
+                for kind in "KV":
+                    e = prof.exponents(layer, kind)
+                    x = torch.randn(t, h, d, generator=g) * (1 + layer) * 1.5
+                    scale = torch.from_numpy(np.ldexp(np.float32(1), e))
+                    x[:: max(1, t // 7)] = (torch.randint(-140, 140, (len(range(0, t, max(1, t // 7))), h, d), generator=g) + 0.5) * scale
+                    if t > 2:
+                        x[1, 0, :4] = torch.tensor([1e-30, -1e-38, 6e4, -6e4])  # tiny and saturating values
+                    x = x.to(dtype)
+                    ref = quantize_codes(x, e)
+                    got, bad = quantize_async(x.to(dev), stack_inverse_scales(prof, [layer], kind, dev)[0])
+                    got = got.cpu()
+                    same_digest = QuantizedState(got, e, str(dtype)[6:], layer, kind, 16).digest() == \
+                        QuantizedState(ref, e, str(dtype)[6:], layer, kind, 16).digest()
+                    rows.append(dict(dtype=str(dtype)[6:], T=t, layer=layer, kind=kind, elements=x.numel(),
+                                     mismatches=int((got != ref).sum()), bad=int(bad.item()), same_digest=same_digest))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", default="1,2,4,8")
+    ap.add_argument("--small", action="store_true")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "quant_bench.json"))
+    a = ap.parse_args()
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    h, d = (8, 128) if not a.small else (2, 64)
+    L, T = a.layers, a.tokens
+    ident = identity_check(dev, 4, h, d)
+    ident_ok = all(r["mismatches"] == 0 and r["same_digest"] for r in ident)
+
+    g = torch.Generator(device=dev).manual_seed(3)
+    k = torch.randn(L, T, h, d, generator=g, device=dev).to(torch.bfloat16)
+    v = torch.randn(L, T, h, d, generator=g, device=dev).to(torch.bfloat16)
+    prof = DQPProfile.calibrate([{(l, kind): (k if kind == "K" else v)[l, :256].cpu() for l in range(L) for kind in "KV"}],
+                                name="llama-3-8b-quant", num_layers=L, num_kv_heads=h, head_dim=d, block_size=16)
+    inv = stack_inverse_scales(prof, list(range(L)), "K", dev)
+    in_bytes = k.numel() * 2
+
+    kernel = {}
+    if cuda:
+        import triton.testing
+
+        out = torch.empty(k.shape, dtype=torch.int8, device=dev)
+        ms = triton.testing.do_bench(lambda: quantize_async(k, inv, out=out), warmup=50, rep=300, return_mode="median")
+        buf = torch.empty_like(k)
+        copy_ms = triton.testing.do_bench(lambda: buf.copy_(k), warmup=50, rep=300, return_mode="median")
+        copy_bw = 2 * in_bytes / copy_ms / 1e6  # GB/s, read + write
+        floor_ms = k.numel() * 3 / copy_bw / 1e6  # the quantizer moves 2 bytes in + 1 byte out per element
+        kernel = dict(ms=ms, input_GBps=in_bytes / ms / 1e6, moved_GBps=k.numel() * 3 / ms / 1e6,
+                      copy_GBps=copy_bw, floor_ms=floor_ms, fraction_of_floor=floor_ms / ms)
+
+    # Stages on their own: pinned D2H of the codes and BLAKE3 block digests by thread count.
+    codes, _ = quantize_async(k, inv)
+    host = torch.empty(codes.shape, dtype=torch.int8, pin_memory=cuda)
+    d2h = []
+    for _ in range(a.repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        host.copy_(codes, non_blocking=True)
+        if cuda:
+            torch.cuda.synchronize()
+        d2h.append(time.perf_counter() - t0)
+    from concurrent.futures import ThreadPoolExecutor
+
+    digest = {}
+    for n in [int(x) for x in a.threads.split(",")]:
+        pool = ThreadPoolExecutor(n) if n > 1 else None
+        times = []
+        for _ in range(a.repeats):
+            t0 = time.perf_counter()
+            for l in range(L):
+                QuantizedState(host[l], prof.exponents(l, "K"), "bfloat16", l, "K", 16).digest(pool)
+            times.append(time.perf_counter() - t0)
+        digest[n] = dict(s=statistics.median(times), codes_GBps=host.numel() / statistics.median(times) / 1e9)
+        if pool:
+            pool.shutdown()
+
+    # End to end through the committer: K and V of one sequence, submit_stack + flush.
+    from fieldprint.ledger.log import TransparencyLog
+    from fieldprint.ledger.note import generate_key
+
+    signer, _ = generate_key("bench.example/fieldprint-log")
+    log = TransparencyLog.open(os.path.join(tempfile.mkdtemp(), "log.sqlite"), signer, batch_size=16, batch_wait_ms=1)
+    e2e = {}
+    for n in [int(x) for x in a.threads.split(",")]:
+        committer = Committer(log, prof, max_pending=4, digest_threads=n)
+        committer.submit_stack(k, v, session="warm")
+        committer.flush()
+        times = []
+        for r in range(a.repeats):
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            committer.submit_stack(k, v, session=f"e2e-{n}-{r}")
+            committer.flush()
+            times.append(time.perf_counter() - t0)
+        committer.close()
+        med = statistics.median(times)
+        e2e[n] = dict(s=med, bf16_input_GBps=2 * in_bytes / med / 1e9)
+    log.close()
+    out = dict(
+        bench="quant_bench", device=torch.cuda.get_device_name() if cuda else "cpu-only smoke run",
+        cpu_count=os.cpu_count(), torch=torch.__version__, triton=__import__("triton").__version__,
+        python=platform.python_version(), date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        stack_shape=[L, T, h, d], bf16_bytes_per_stack=in_bytes, identity_ok=ident_ok, identity=ident,
+        kernel=kernel, d2h=dict(s=statistics.median(d2h), GBps=host.numel() / statistics.median(d2h) / 1e9),
+        digest_by_threads=digest, end_to_end_by_threads=e2e, goal_GBps=5.0,
+    )
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(out, f, indent=2)
+    n_cases = len(ident)
+    print(f"quant_bench on {out['device']}: stack [L={L}, T={T}, H={h}, D={d}] bf16, {in_bytes / 1e6:.0f} MB per K or V")
+    print(f"identity CPU reference vs kernel: {sum(r['mismatches'] == 0 and r['same_digest'] for r in ident)}/{n_cases} cases identical "
+          f"({sum(r['elements'] for r in ident)} elements, bf16/fp16/fp32)")
+    if kernel:
+        print(f"kernel: {kernel['ms'] * 1e3:.0f} us, {kernel['input_GBps']:.0f} GB/s bf16 in, {kernel['moved_GBps']:.0f} GB/s moved; "
+              f"copy floor {kernel['floor_ms'] * 1e3:.0f} us ({kernel['fraction_of_floor']:.2f} of floor)")
+    print(f"pinned D2H of codes: {out['d2h']['GBps']:.1f} GB/s")
+    print(f"{'threads':>7s} {'digest GB/s codes':>18s} {'end-to-end GB/s bf16':>21s}")
+    for n in digest:
+        print(f"{n:7d} {digest[n]['codes_GBps']:18.2f} {e2e[n]['bf16_input_GBps']:21.2f}")
+
+
+if __name__ == "__main__":
+    main()
