@@ -1,0 +1,382 @@
+"""PagedFieldprintAttention on the GPU: correctness first (bf16 vs fp32 oracle), then timings.
+
+Sections (all by default): check, decode, shared, modes, prefill, naive64k.
+    python benchmarks/attention_bench.py [--only decode,prefill] [--quick] [--out FILE]
+Prints a compact table per section and writes JSON (device, versions, shapes, medians, ratios).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from fieldprint.kernels.paged_attention import (  # noqa: E402
+    AnchorSet,
+    paged_attention_decode,
+    paged_attention_prefill,
+)
+from fieldprint.kernels.reference import (  # noqa: E402
+    naive_decode_batched,
+    reference_paged,
+    sdpa_decode_contiguous,
+)
+
+DEV = "cuda"
+BF = torch.bfloat16
+RESULTS: dict = {}
+
+
+def med(fn, rep=200) -> float:
+    """Median time in microseconds (events; L2 flushed between repeats by do_bench)."""
+    return do_bench(fn, warmup=30, rep=rep, return_mode="median") * 1e3
+
+
+def paged(bsz, ctx, hkv, d, bs, dtype=BF, lens=None):
+    """Random paged K/V with scattered (non-contiguous) block tables; each sequence ctx tokens."""
+    per = triton.cdiv(ctx, bs)
+    nb = bsz * per
+    k = torch.randn(nb, bs, hkv, d, dtype=dtype, device=DEV)
+    v = torch.randn(nb, bs, hkv, d, dtype=dtype, device=DEV)
+    bt = torch.randperm(nb, device=DEV).reshape(bsz, per).to(torch.int32)
+    if lens is None:
+        lens = torch.full((bsz,), ctx, dtype=torch.int32, device=DEV)
+    return k, v, bt, lens
+
+
+def anchor_set(nsets, alen, hkv, d, bs, seq_set, int8=False, dtype=BF, alens=None):
+    per = max(1, triton.cdiv(alen, bs))
+    nb = nsets * per
+    if int8:
+        k = torch.randint(-127, 128, (nb, bs, hkv, d), dtype=torch.int8, device=DEV)
+        v = torch.randint(-127, 128, (nb, bs, hkv, d), dtype=torch.int8, device=DEV)
+        ks = 2.0 ** torch.randint(-9, -5, (hkv, d), device=DEV).float()
+        vs = (2.0 ** torch.randint(-8, -5, (hkv, 1), device=DEV).float()).expand(hkv, d).contiguous()
+    else:
+        k = torch.randn(nb, bs, hkv, d, dtype=dtype, device=DEV)
+        v = torch.randn(nb, bs, hkv, d, dtype=dtype, device=DEV)
+        ks = vs = None
+    bt = torch.randperm(nb, device=DEV).reshape(nsets, per).to(torch.int32)
+    if alens is None:
+        alens = torch.full((nsets,), alen, dtype=torch.int32, device=DEV)
+    return AnchorSet(k, v, bt, alens, seq_set.to(torch.int32), ks, vs)
+
+
+def relerr(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+# ----------------------------------------------------------------------------------------------
+def section_check(quick: bool) -> None:
+    """bf16 on the GPU vs the fp32 naive oracle; poisoned outputs; determinism; counters reset."""
+    torch.manual_seed(1)
+    rows, worst = [], 0.0
+    cases = [
+        # B, hq, hkv, d, bs, anchors(None|"bf16"|"int8"), alen, mode, gamma, seq_tile
+        (6, 32, 8, 128, 16, None, 0, "concat", 0.0, None),
+        (6, 32, 8, 128, 16, "bf16", 700, "concat", 0.0, None),
+        (6, 32, 8, 128, 64, "int8", 1500, "concat", 0.0, None),
+        (6, 32, 8, 128, 32, "bf16", 700, "gamma", 0.3, None),
+        (6, 32, 8, 128, 16, "int8", 700, "gamma", "head", 1),
+        (5, 8, 8, 64, 16, "bf16", 300, "gamma", 1.0, None),
+        (7, 64, 8, 128, 16, "bf16", 900, "concat", 0.0, 2),
+        (40, 32, 8, 128, 16, "bf16", 2000, "concat", 0.0, None),
+        (40, 32, 8, 128, 16, "int8", 2000, "gamma", 0.3, None),
+    ]
+    for bsz, hq, hkv, d, bs, akind, alen, mode, g, tile in cases:
+        lens = torch.randint(1, 5000, (bsz,), device=DEV).to(torch.int32)
+        lens[0] = 1
+        k, v, bt, lens = paged(bsz, 5000, hkv, d, bs, lens=lens)
+        seq_set = torch.randint(-1, 2, (bsz,), device=DEV)
+        a = None
+        if akind:
+            alens = torch.tensor([alen, max(1, alen // 3)], dtype=torch.int32, device=DEV)
+            a = anchor_set(2, alen, hkv, d, bs, seq_set, int8=akind == "int8", alens=alens)
+        gam = torch.rand(hq, device=DEV) if g == "head" else g
+        q = torch.randn(bsz, hq, d, dtype=BF, device=DEV)
+        out = torch.full_like(q, float("nan"))
+        paged_attention_decode(q, k, v, bt, lens, a, mode=mode, gamma=gam, out=out, seq_tile=tile)
+        out2 = torch.full_like(q, float("nan"))
+        paged_attention_decode(q, k, v, bt, lens, a, mode=mode, gamma=gam, out=out2, seq_tile=tile)
+        ref = reference_paged(q, None, k, v, bt, lens, a, mode=mode, gamma=gam, dtype=torch.float32)
+        e = relerr(out, ref)
+        ok = e < 1e-2 and not out.isnan().any().item() and torch.equal(out, out2)
+        worst = max(worst, e)
+        rows.append(("decode", bsz, hq, hkv, d, bs, akind, mode, str(g), e, ok))
+    for bsz, hq, hkv, d, bs, akind, mode, g in [
+        (3, 32, 8, 128, 16, "bf16", "concat", 0.0), (3, 32, 8, 128, 64, "int8", "gamma", 0.3),
+        (2, 16, 4, 64, 32, None, "gamma", 0.3), (3, 32, 8, 128, 16, "bf16", "gamma", "head"),
+    ]:
+        qlens = torch.tensor([700, 1, 1300][:bsz], dtype=torch.int32, device=DEV)
+        lens = qlens + torch.tensor([0, 900, 2000][:bsz], dtype=torch.int32, device=DEV)
+        k, v, bt, lens = paged(bsz, int(lens.max()), hkv, d, bs, lens=lens)
+        cu = torch.zeros(bsz + 1, dtype=torch.int32, device=DEV)
+        cu[1:] = qlens.cumsum(0)
+        seq_set = torch.tensor([0, -1, 1][:bsz], device=DEV)
+        a = anchor_set(2, 1000, hkv, d, bs, seq_set, int8=akind == "int8") if akind else None
+        gam = torch.rand(hq, device=DEV) if g == "head" else g
+        q = torch.randn(int(cu[-1]), hq, d, dtype=BF, device=DEV)
+        out = torch.full_like(q, float("nan"))
+        paged_attention_prefill(q, cu, k, v, bt, lens, a, mode=mode, gamma=gam, out=out)
+        ref = reference_paged(q, cu, k, v, bt, lens, a, mode=mode, gamma=gam, dtype=torch.float32)
+        e = relerr(out, ref)
+        ok = e < 1e-2 and not out.isnan().any().item()
+        worst = max(worst, e)
+        rows.append(("prefill", bsz, hq, hkv, d, bs, akind, mode, str(g), e, ok))
+    from fieldprint.kernels import paged_attention as pa
+    counters_zero = all(int(c.abs().sum()) == 0 for c in pa._counters.values())
+    print("\n== correctness (bf16 on GPU vs fp32 naive oracle; NaN-poisoned outputs) ==")
+    print(f"{'kind':8}{'B':>4}{'Hq':>4}{'Hkv':>4}{'D':>5}{'bs':>4} {'anchors':8}{'mode':8}{'g':>6}{'relerr':>10}  ok")
+    for r in rows:
+        print(f"{r[0]:8}{r[1]:>4}{r[2]:>4}{r[3]:>4}{r[4]:>5}{r[5]:>4} {str(r[6]):8}{r[7]:8}{r[8]:>6}{r[9]:>10.2e}  {r[10]}")
+    all_ok = all(r[-1] for r in rows) and counters_zero
+    print(f"counters reset: {counters_zero}; all ok: {all_ok}; worst relerr {worst:.2e}")
+    RESULTS["check"] = {"rows": [list(map(str, r)) for r in rows], "all_ok": all_ok, "worst": worst}
+    if not all_ok:
+        raise SystemExit("correctness check failed: no timings")
+
+
+# ----------------------------------------------------------------------------------------------
+def section_decode(quick: bool) -> None:
+    """Decode vs SDPA on contiguous KV of the same total length, and the naive reference."""
+    hq, hkv, d, bs = 32, 8, 128, 16
+    bsizes = [1, 8] if quick else [1, 8, 64]
+    ctxs = [8192, 32768] if quick else [8192, 32768, 131072]
+    anchors_tok = [0, 2048, 8192]
+    rows = []
+    for bsz in bsizes:
+        for ctx in ctxs:
+            torch.cuda.empty_cache()
+            k, v, bt, lens = paged(bsz, ctx, hkv, d, bs)
+            q = torch.randn(bsz, hq, d, dtype=BF, device=DEV)
+            amax = max(anchors_tok)
+            kc = torch.randn(bsz, hkv, ctx + amax, d, dtype=BF, device=DEV)
+            vc = torch.randn(bsz, hkv, ctx + amax, d, dtype=BF, device=DEV)
+            for atok in anchors_tok:
+                a = None
+                if atok:
+                    a = anchor_set(1, atok, hkv, d, bs, torch.zeros(bsz, device=DEV))
+                    a.seq_anchor_set.zero_()
+                total = ctx + atok
+                kk, vv = kc[:, :, :total], vc[:, :, :total]
+                out = torch.full_like(q, float("nan"))
+                paged_attention_decode(q, k, v, bt, lens, a, out=out)  # checked call (sync)
+                assert not out.isnan().any()
+                t_ours = med(lambda: paged_attention_decode(q, k, v, bt, lens, a, check=False, out=out))
+                t_sdpa = med(lambda: sdpa_decode_contiguous(q, kk, vv))
+                ka = kc[:, :, :atok] if atok else None
+                va = vc[:, :, :atok] if atok else None
+                kn, vn = kc[:, :, atok:total], vc[:, :, atok:total]
+                try:
+                    t_naive = med(lambda: naive_decode_batched(q, kn, vn, ka, va), rep=50)
+                except torch.OutOfMemoryError:
+                    t_naive = float("nan")
+                kv_bytes = 2 * bsz * hkv * d * 2 * (ctx + atok)  # what SDPA on the concatenated KV reads
+                kv_bytes_shared = 2 * hkv * d * 2 * (bsz * ctx + atok)  # anchors read once if shared
+                rows.append(dict(B=bsz, ctx=ctx, anchors=atok, ours_us=t_ours, sdpa_us=t_sdpa,
+                                 naive_us=t_naive, ratio_sdpa=t_ours / t_sdpa,
+                                 ours_TBps=kv_bytes_shared / t_ours / 1e6,
+                                 sdpa_TBps=kv_bytes / t_sdpa / 1e6))
+                print(f"  B={bsz:3} ctx={ctx:6} anc={atok:5}: ours {t_ours:9.1f} us  sdpa {t_sdpa:9.1f}"
+                      f"  naive {t_naive:9.1f}  ours/sdpa {t_ours / t_sdpa:5.2f}", flush=True)
+            del k, v, kc, vc
+    print("\n== decode (Hq=32, Hkv=8, D=128, bf16, block 16, concat; medians) ==")
+    print(f"{'B':>3}{'ctx':>8}{'anch':>6}{'ours us':>10}{'sdpa us':>10}{'naive us':>10}{'ours/sdpa':>10}{'ours TB/s':>10}{'sdpa TB/s':>10}")
+    for r in rows:
+        print(f"{r['B']:>3}{r['ctx']:>8}{r['anchors']:>6}{r['ours_us']:>10.1f}{r['sdpa_us']:>10.1f}"
+              f"{r['naive_us']:>10.1f}{r['ratio_sdpa']:>10.2f}{r['ours_TBps']:>10.2f}{r['sdpa_TBps']:>10.2f}")
+    RESULTS["decode"] = rows
+
+
+def section_shared(quick: bool) -> None:
+    """B=64 sequences sharing 8k anchor tokens, 1k own tokens each: cascade vs per-sequence."""
+    hq, hkv, d, bs, bsz = 32, 8, 128, 16, 64
+    k, v, bt, lens = paged(bsz, 1024, hkv, d, bs)
+    q = torch.randn(bsz, hq, d, dtype=BF, device=DEV)
+    rows = []
+    for int8 in (False, True):
+        a = anchor_set(1, 8192, hkv, d, bs, torch.zeros(bsz, device=DEV), int8=int8)
+        out = torch.full_like(q, float("nan"))
+        r = {"int8": int8}
+        for name, tile in (("cascade", None), ("per_seq", 1)):
+            o = torch.full_like(q, float("nan"))
+            paged_attention_decode(q, k, v, bt, lens, a, out=o, seq_tile=tile)
+            assert not o.isnan().any()
+            r[name + "_us"] = med(lambda: paged_attention_decode(q, k, v, bt, lens, a, check=False,
+                                                                 out=out, seq_tile=tile))
+        r["speedup"] = r["per_seq_us"] / r["cascade_us"]
+        rows.append(r)
+    print("\n== shared anchors (B=64, 8k shared anchor tokens, 1k own; one launch each) ==")
+    for r in rows:
+        print(f"  int8={r['int8']!s:5}: cascade {r['cascade_us']:8.1f} us  per-sequence {r['per_seq_us']:8.1f} us"
+              f"  speedup {r['speedup']:.2f}x")
+    RESULTS["shared"] = rows
+
+
+def section_modes(quick: bool) -> None:
+    """gamma vs concat, and INT8 vs bf16 anchors, on decode."""
+    hq, hkv, d, bs = 32, 8, 128, 16
+    rows = []
+    for bsz, ctx, atok in ((8, 32768, 8192), (8, 8192, 8192), (64, 8192, 2048), (1, 131072, 8192)):
+        k, v, bt, lens = paged(bsz, ctx, hkv, d, bs)
+        q = torch.randn(bsz, hq, d, dtype=BF, device=DEV)
+        seq = torch.arange(bsz, device=DEV)  # one set per sequence: no sharing, anchors read per sequence
+        ab = anchor_set(bsz, atok, hkv, d, bs, seq)
+        ai = anchor_set(bsz, atok, hkv, d, bs, seq, int8=True)
+        out = torch.empty_like(q)
+        t = {}
+        for name, a, mode in (("concat", ab, "concat"), ("gamma", ab, "gamma"), ("int8", ai, "concat")):
+            paged_attention_decode(q, k, v, bt, lens, a, mode=mode, gamma=0.3, out=out)
+            t[name] = med(lambda: paged_attention_decode(q, k, v, bt, lens, a, mode=mode, gamma=0.3,
+                                                         check=False, out=out))
+        rows.append(dict(B=bsz, ctx=ctx, anchors=atok, concat_us=t["concat"], gamma_us=t["gamma"],
+                         int8_us=t["int8"], gamma_over_concat=t["gamma"] / t["concat"],
+                         int8_over_bf16=t["int8"] / t["concat"],
+                         anchor_bytes_bf16=ab.k.numel() * 2 * 2, anchor_bytes_int8=ai.k.numel() * 2))
+        del k, v
+    print("\n== modes (decode, anchors per sequence) ==")
+    for r in rows:
+        print(f"  B={r['B']:3} ctx={r['ctx']:6} anc={r['anchors']:5}: concat {r['concat_us']:8.1f}  gamma "
+              f"{r['gamma_us']:8.1f} ({r['gamma_over_concat']:.3f}x)  int8 {r['int8_us']:8.1f} "
+              f"({r['int8_over_bf16']:.3f}x, anchor bytes {r['anchor_bytes_int8'] / r['anchor_bytes_bf16']:.2f}x)")
+    RESULTS["modes"] = rows
+
+
+def section_prefill(quick: bool) -> None:
+    """Prefill of N new tokens with 2k anchors: TFLOP/s vs SDPA causal on N tokens."""
+    hq, hkv, d, bs, atok = 32, 8, 128, 16, 2048
+    rows = []
+    for n in (4096, 16384):
+        k, v, bt, lens = paged(1, n, hkv, d, bs)
+        cu = torch.tensor([0, n], dtype=torch.int32, device=DEV)
+        q = torch.randn(n, hq, d, dtype=BF, device=DEV)
+        a = anchor_set(1, atok, hkv, d, bs, torch.zeros(1, device=DEV))
+        qs = torch.randn(1, hq, n, d, dtype=BF, device=DEV)
+        ks = torch.randn(1, hkv, n, d, dtype=BF, device=DEV)
+        vs = torch.randn(1, hkv, n, d, dtype=BF, device=DEV)
+        t_sdpa = med(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True))
+        f_causal = 4 * d * hq * n * n / 2
+        f_anch = 4 * d * hq * n * atok
+        out = torch.empty_like(q)
+        r = dict(N=n, anchors=atok, sdpa_us=t_sdpa, sdpa_TFLOPs=f_causal / t_sdpa / 1e6)
+        for name, aa, mode in (("noanchor", None, "concat"), ("concat", a, "concat"), ("gamma", a, "gamma")):
+            paged_attention_prefill(q, cu, k, v, bt, lens, aa, mode=mode, gamma=0.3, out=out)
+            t = med(lambda: paged_attention_prefill(q, cu, k, v, bt, lens, aa, mode=mode, gamma=0.3,
+                                                    check=False, out=out))
+            fl = f_causal + (f_anch if aa is not None else 0)
+            r[name + "_us"] = t
+            r[name + "_TFLOPs"] = fl / t / 1e6
+        r["ratio_vs_sdpa"] = r["concat_TFLOPs"] / r["sdpa_TFLOPs"]
+        rows.append(r)
+        del k, v
+    print("\n== prefill (Hq=32, Hkv=8, D=128, bf16, 2k anchors; TFLOP/s counted causal) ==")
+    for r in rows:
+        print(f"  N={r['N']:6}: sdpa causal {r['sdpa_TFLOPs']:6.0f}  ours no-anchor {r['noanchor_TFLOPs']:6.0f}"
+              f"  concat {r['concat_TFLOPs']:6.0f} ({r['ratio_vs_sdpa']:.2f} of sdpa)  gamma {r['gamma_TFLOPs']:6.0f}")
+    RESULTS["prefill"] = rows
+
+
+def section_naive64k(quick: bool) -> None:
+    """The original estimate: naive dual attention at 64k materializes ~8 GB of scores per head.
+
+    Measured per layer on a 13B-like shape (40 heads, D=128, MHA): decode of one token at 64k
+    context with 2k anchors, naive vs fused; and prefill of 64k tokens for ONE head (what fits),
+    naive (materialized 64k x 64k scores) vs fused, then scaled to 40 heads x 40 layers.
+    """
+    hq = hkv = 40
+    d, bs, ctx, atok, layers = 128, 16, 65536, 2048, 40
+    k, v, bt, lens = paged(1, ctx, hkv, d, bs)
+    q = torch.randn(1, hq, d, dtype=BF, device=DEV)
+    a = anchor_set(1, atok, hkv, d, bs, torch.zeros(1, device=DEV))
+    kc = torch.randn(1, hkv, ctx, d, dtype=BF, device=DEV)
+    vc = torch.randn_like(kc)
+    kac = torch.randn(1, hkv, atok, d, dtype=BF, device=DEV)
+    vac = torch.randn_like(kac)
+    out = torch.empty_like(q)
+    paged_attention_decode(q, k, v, bt, lens, a, mode="gamma", gamma=0.3, out=out)
+    t_fused = med(lambda: paged_attention_decode(q, k, v, bt, lens, a, mode="gamma", gamma=0.3,
+                                                 check=False, out=out))
+    t_naive = med(lambda: naive_decode_batched(q, kc, vc, kac, vac, mode="gamma", gamma=0.3), rep=50)
+    del k, v, kc, vc
+    torch.cuda.empty_cache()
+    # Prefill, one head, 64k x 64k scores materialized in bf16 (8.6 GB) and softmaxed.
+    n = ctx if not quick else 16384
+    qh = torch.randn(n, d, dtype=BF, device=DEV)
+    kh = torch.randn(n, d, dtype=BF, device=DEV)
+    vh = torch.randn(n, d, dtype=BF, device=DEV)
+    kah = torch.randn(atok, d, dtype=BF, device=DEV)
+    vah = torch.randn(atok, d, dtype=BF, device=DEV)
+
+    def naive_prefill_head():
+        s = qh @ kh.T
+        s.mul_(1 / math.sqrt(d))
+        s.masked_fill_(torch.ones(n, n, dtype=torch.bool, device=DEV).triu_(1), float("-inf"))
+        own = torch.softmax(s, dim=-1) @ vh
+        del s
+        anc = torch.softmax((qh @ kah.T) / math.sqrt(d), dim=-1) @ vah
+        return 0.7 * own + 0.3 * anc
+
+    try:
+        t_np = med(naive_prefill_head, rep=20)
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    except torch.OutOfMemoryError:
+        t_np, peak = float("nan"), float("nan")
+    torch.cuda.empty_cache()
+    kp, vp, btp, lensp = paged(1, n, 1, d, bs)
+    cu = torch.tensor([0, n], dtype=torch.int32, device=DEV)
+    q1 = qh.reshape(n, 1, d)
+    a1 = anchor_set(1, atok, 1, d, bs, torch.zeros(1, device=DEV))
+    o1 = torch.empty_like(q1)
+    paged_attention_prefill(q1, cu, kp, vp, btp, lensp, a1, mode="gamma", gamma=0.3, out=o1)
+    t_fp = med(lambda: paged_attention_prefill(q1, cu, kp, vp, btp, lensp, a1, mode="gamma", gamma=0.3,
+                                               check=False, out=o1), rep=50)
+    r = dict(ctx=ctx, heads=hq, layers=layers, decode_layer_fused_us=t_fused,
+             decode_layer_naive_us=t_naive, decode_token_fused_ms=t_fused * layers / 1e3,
+             decode_token_naive_ms=t_naive * layers / 1e3, prefill_n=n,
+             prefill_head_naive_ms=t_np / 1e3, prefill_head_fused_ms=t_fp / 1e3,
+             prefill_model_naive_s=t_np * hq * layers / 1e6, prefill_model_fused_s=t_fp * hq * layers / 1e6,
+             scores_bytes_per_head=n * n * 2, naive_peak_GiB=peak)
+    print("\n== naive dual attention at 64k (13B-like: 40 heads, D=128, 40 layers, 2k anchors, gamma) ==")
+    print(f"  decode per layer: naive {t_naive:8.1f} us  fused {t_fused:8.1f} us  -> per token (x40 layers):"
+          f" naive {r['decode_token_naive_ms']:.2f} ms  fused {r['decode_token_fused_ms']:.2f} ms")
+    print(f"  prefill N={n}, one head: naive {t_np / 1e3:8.1f} ms (scores {n * n * 2 / 1e9:.1f} GB, peak "
+          f"{peak:.1f} GiB)  fused {t_fp / 1e3:8.2f} ms -> x40 heads x40 layers: naive "
+          f"{r['prefill_model_naive_s']:.1f} s  fused {r['prefill_model_fused_s']:.2f} s")
+    RESULTS["naive64k"] = r
+
+
+SECTIONS = {"check": section_check, "decode": section_decode, "shared": section_shared,
+            "modes": section_modes, "prefill": section_prefill, "naive64k": section_naive64k}
+
+
+def main() -> None:
+    """Run the chosen sections and write the JSON results."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default=",".join(SECTIONS))
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "attention_bench.json"))
+    args = ap.parse_args()
+    props = torch.cuda.get_device_properties(0)
+    RESULTS["meta"] = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
+                           triton=triton.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    print(RESULTS["meta"], flush=True)
+    for name in args.only.split(","):
+        t0 = time.time()
+        SECTIONS[name](args.quick)
+        RESULTS.setdefault("section_seconds", {})[name] = time.time() - t0
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(RESULTS, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""Triton decode kernel: split-KV over the paged cache, shared anchors per group, one launch.
+
+One grid holds two kinds of work item. An anchor item (anchor-sharing tile, KV head, anchor split)
+multiplies the queries of up to TILE_SEQ sequences that share an anchor set by one slice of that
+set's anchor K/V, so the anchor bytes are read once per tile instead of once per sequence. A
+context item (sequence, KV head, context split) reads one slice of that sequence's own pages. Both
+write an unnormalized partial (m, l, acc) into a workspace and bump a per-(sequence, KV head)
+counter; the program that brings the counter to its target merges the partials (log-sum-exp for
+concat, fixed weights for gamma), writes the output and resets the counter to zero for the next
+launch. No program ever waits for another, so the single launch cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": empty splits then merge without inf - inf = NaN
+
+
+@triton.jit
+def _attend_range(
+    q, m_i, l_i, acc, lo, hi, table_row_ptr, k_ptr, v_ptr, h, H_KV, scale_log2, pos, ks, vs,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, CAUSAL: tl.constexpr,
+    INT8: tl.constexpr,
+):
+    """Online softmax of q over tokens [lo, hi) of one paged sequence (pages named by table_row)."""
+    d = tl.arange(0, D)
+    for start in range(lo, hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        nmask = n < hi
+        page = tl.load(table_row_ptr + n // BS, mask=nmask, other=0).to(tl.int64)
+        off = ((page * BS + n % BS) * H_KV + h) * D
+        k = tl.load(k_ptr + off[:, None] + d[None, :], mask=nmask[:, None], other=0)
+        v = tl.load(v_ptr + off[:, None] + d[None, :], mask=nmask[:, None], other=0)
+        if INT8:
+            # The DQP dequantization, code * 2**e, done in registers: exact in bf16/fp16 range.
+            k = (k.to(tl.float32) * ks[None, :]).to(q.dtype)
+            v = (v.to(tl.float32) * vs[None, :]).to(q.dtype)
+        qk = tl.dot(q, tl.trans(k)) * scale_log2
+        valid = nmask[None, :]
+        if CAUSAL:
+            valid = valid & (n[None, :] <= pos[:, None])
+        qk = tl.where(valid, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _merge_slots(pm_ptr, pl_ptr, pacc_ptr, base, rmask, s_lo, s_hi, D: tl.constexpr, ROWS: tl.constexpr):
+    """Log-sum-exp merge of partial slots [s_lo, s_hi) for ROWS heads; returns (m, l, acc)."""
+    d = tl.arange(0, D)
+    m_t = tl.full([ROWS], NEG, tl.float32)
+    l_t = tl.zeros([ROWS], tl.float32)
+    o_t = tl.zeros([ROWS, D], tl.float32)
+    for s in range(s_lo, s_hi):
+        # .cg: read from L2, never from a possibly stale L1 line of this multiprocessor.
+        m = tl.load(pm_ptr + base + s, mask=rmask, other=NEG, cache_modifier=".cg")
+        l = tl.load(pl_ptr + base + s, mask=rmask, other=0.0, cache_modifier=".cg")
+        a = tl.load(pacc_ptr + (base + s)[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0,
+                    cache_modifier=".cg")
+        m_new = tl.maximum(m_t, m)
+        alpha = tl.exp2(m_t - m_new)
+        w = tl.exp2(m - m_new)
+        l_t = l_t * alpha + l * w
+        o_t = o_t * alpha[:, None] + a * w[:, None]
+        m_t = m_new
+    return m_t, l_t, o_t
+
+
+@triton.jit
+def _merge_and_store(
+    b, h, H_KV, seqset_ptr, alen_ptr, pm_ptr, pl_ptr, pacc_ptr, out_ptr, so_b, so_h, gamma_ptr,
+    gamma_val, S_CTX: tl.constexpr, S_ANC: tl.constexpr, GQA: tl.constexpr, GQA_PAD: tl.constexpr,
+    D: tl.constexpr, MODE_GAMMA: tl.constexpr, GAMMA_PER_HEAD: tl.constexpr,
+):
+    """Combine every partial of (sequence b, KV head h) and write its GQA output rows."""
+    g = tl.arange(0, GQA_PAD)
+    rmask = g < GQA
+    hq = h * GQA + g
+    base = (b * H_KV * GQA + hq) * (S_CTX + S_ANC)
+    m_c, l_c, o_c = _merge_slots(pm_ptr, pl_ptr, pacc_ptr, base, rmask, 0, S_CTX, D, GQA_PAD)
+    out = o_c / l_c[:, None]
+    if S_ANC > 0:
+        set_b = tl.load(seqset_ptr + b)
+        if set_b >= 0:
+            if MODE_GAMMA:
+                m_a, l_a, o_a = _merge_slots(pm_ptr, pl_ptr, pacc_ptr, base, rmask, S_CTX,
+                                             S_CTX + S_ANC, D, GQA_PAD)
+                if GAMMA_PER_HEAD:
+                    gam = tl.load(gamma_ptr + hq, mask=rmask, other=0.0)
+                else:
+                    gam = tl.zeros([GQA_PAD], tl.float32) + gamma_val
+                # An empty anchor set counts as no anchors: the anchor term is absent (g -> 0).
+                has_tokens = tl.load(alen_ptr + set_b) > 0
+                gam = tl.where(has_tokens, gam, 0.0)
+                l_a = tl.where(l_a > 0, l_a, 1.0)
+                out = (1.0 - gam)[:, None] * out + gam[:, None] * (o_a / l_a[:, None])
+            else:
+                # concat is one softmax over [anchors; context]: keep merging into the same state.
+                m_a, l_a, o_a = _merge_slots(pm_ptr, pl_ptr, pacc_ptr, base, rmask, S_CTX,
+                                             S_CTX + S_ANC, D, GQA_PAD)
+                m_t = tl.maximum(m_c, m_a)
+                wc = tl.exp2(m_c - m_t)
+                wa = tl.exp2(m_a - m_t)
+                out = (o_c * wc[:, None] + o_a * wa[:, None]) / (l_c * wc + l_a * wa)[:, None]
+    d = tl.arange(0, D)
+    tl.store(out_ptr + b * so_b + hq[:, None] * so_h + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=rmask[:, None])
+
+
+@triton.jit
+def _store_partial(pm_ptr, pl_ptr, pacc_ptr, idx, rmask, m_i, l_i, acc, D: tl.constexpr):
+    """Write one unnormalized partial (m, l, acc) per row to workspace slot index idx."""
+    d = tl.arange(0, D)
+    tl.store(pm_ptr + idx, m_i, mask=rmask)
+    tl.store(pl_ptr + idx, l_i, mask=rmask)
+    tl.store(pacc_ptr + idx[:, None] * D + d[None, :], acc, mask=rmask[:, None])
+
+
+@triton.jit
+def _anchor_item(
+    pid, q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr,
+    ak_ptr, av_ptr, abt_ptr, alen_ptr, seqset_ptr, order_ptr, ks_ptr, vs_ptr,
+    gamma_ptr, gamma_val, pm_ptr, pl_ptr, pacc_ptr, cnt_ptr, out_ptr,
+    B, H_KV, max_blocks, max_ablocks, chunk, achunk, n_anchor_items, scale_log2,
+    sq_b, sq_h, so_b, so_h,
+    D: tl.constexpr, GQA: tl.constexpr, GQA_PAD: tl.constexpr, TILE_SEQ: tl.constexpr,
+    M_CTX: tl.constexpr, M_ANC: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
+    BSA: tl.constexpr, S_CTX: tl.constexpr, S_ANC: tl.constexpr, INT8: tl.constexpr,
+    MODE_GAMMA: tl.constexpr, GAMMA_PER_HEAD: tl.constexpr,
+):
+    """Anchor work item: (tile of sequences sharing an anchor set, KV head, anchor split)."""
+    d = tl.arange(0, D)
+    split = pid % S_ANC
+    t = pid // S_ANC
+    h = t % H_KV
+    tile = t // H_KV
+    r = tl.arange(0, M_ANC)
+    j = r // GQA_PAD
+    gi = r % GQA_PAD
+    pos_r = tile * TILE_SEQ + j
+    rvalid = (j < TILE_SEQ) & (gi < GQA) & (pos_r < B)
+    seq_r = tl.load(order_ptr + pos_r, mask=rvalid, other=0)
+    set_r = tl.load(seqset_ptr + seq_r, mask=rvalid, other=-1)
+    rvalid = rvalid & (set_r >= 0)
+    q = tl.load(q_ptr + seq_r[:, None] * sq_b + (h * GQA + gi)[:, None] * sq_h + d[None, :],
+                mask=rvalid[:, None], other=0)
+    jv = tl.arange(0, TILE_SEQ)
+    pos_j = tile * TILE_SEQ + jv
+    jvalid = pos_j < B
+    seq_j = tl.load(order_ptr + pos_j, mask=jvalid, other=0)
+    set_j = tl.load(seqset_ptr + seq_j, mask=jvalid, other=-1)
+    jvalid = jvalid & (set_j >= 0)
+    ks = tl.zeros([D], tl.float32)
+    vs = tl.zeros([D], tl.float32)
+    if INT8:
+        ks = tl.load(ks_ptr + h * D + d)
+        vs = tl.load(vs_ptr + h * D + d)
+    # Sequences are sorted by anchor set, so a tile usually holds one set; loop over the few it has.
+    cur = tl.min(tl.where(jvalid, set_j, 1073741824), 0)
+    while cur < 1073741824:
+        alen = tl.load(alen_ptr + cur)
+        lo = split * achunk
+        hi = tl.minimum(lo + achunk, alen)
+        m_i = tl.full([M_ANC], NEG, tl.float32)
+        l_i = tl.zeros([M_ANC], tl.float32)
+        acc = tl.zeros([M_ANC, D], tl.float32)
+        m_i, l_i, acc = _attend_range(
+            q, m_i, l_i, acc, lo, hi, abt_ptr + cur.to(tl.int64) * max_ablocks, ak_ptr, av_ptr,
+            h, H_KV, scale_log2, r, ks, vs, D, BLOCK_N, BSA, False, INT8)
+        idx = (seq_r * (H_KV * GQA) + h * GQA + gi) * (S_CTX + S_ANC) + S_CTX + split
+        _store_partial(pm_ptr, pl_ptr, pacc_ptr, idx, rvalid & (set_r == cur), m_i, l_i, acc, D)
+        cur = tl.min(tl.where(jvalid & (set_j > cur), set_j, 1073741824), 0)
+    # Every thread's partial stores must be ordered before the counter bump (release).
+    tl.debug_barrier()
+    old = tl.atomic_add(cnt_ptr + seq_j * H_KV + h, 1, mask=jvalid, sem="acq_rel", scope="gpu")
+    need = jvalid & (old == S_CTX + S_ANC - 1)
+    for jj in range(TILE_SEQ):
+        pick = jv == jj
+        if tl.sum(tl.where(pick & need, 1, 0), 0) > 0:
+            bj = tl.sum(tl.where(pick, seq_j, 0), 0)
+            _merge_and_store(bj, h, H_KV, seqset_ptr, alen_ptr, pm_ptr, pl_ptr, pacc_ptr, out_ptr, so_b, so_h,
+                             gamma_ptr, gamma_val, S_CTX, S_ANC, GQA, GQA_PAD, D, MODE_GAMMA,
+                             GAMMA_PER_HEAD)
+            tl.atomic_xchg(cnt_ptr + bj * H_KV + h, 0)
+
+
+@triton.jit
+def _context_item(
+    cid, q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr,
+    ak_ptr, av_ptr, abt_ptr, alen_ptr, seqset_ptr, order_ptr, ks_ptr, vs_ptr,
+    gamma_ptr, gamma_val, pm_ptr, pl_ptr, pacc_ptr, cnt_ptr, out_ptr,
+    B, H_KV, max_blocks, max_ablocks, chunk, achunk, n_anchor_items, scale_log2,
+    sq_b, sq_h, so_b, so_h,
+    D: tl.constexpr, GQA: tl.constexpr, GQA_PAD: tl.constexpr, TILE_SEQ: tl.constexpr,
+    M_CTX: tl.constexpr, M_ANC: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
+    BSA: tl.constexpr, S_CTX: tl.constexpr, S_ANC: tl.constexpr, INT8: tl.constexpr,
+    MODE_GAMMA: tl.constexpr, GAMMA_PER_HEAD: tl.constexpr,
+):
+    """Context work item: (sequence, KV head, context split) over the sequence's own pages."""
+    d = tl.arange(0, D)
+    split = cid % S_CTX
+    t = cid // S_CTX
+    h = t % H_KV
+    b = t // H_KV
+    ctx = tl.load(ctx_ptr + b)
+    r = tl.arange(0, M_CTX)
+    rmask = r < GQA
+    q = tl.load(q_ptr + b * sq_b + (h * GQA + r)[:, None] * sq_h + d[None, :],
+                mask=rmask[:, None], other=0)
+    m_i = tl.full([M_CTX], NEG, tl.float32)
+    l_i = tl.zeros([M_CTX], tl.float32)
+    acc = tl.zeros([M_CTX, D], tl.float32)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, ctx)
+    dummy = tl.zeros([D], tl.float32)
+    m_i, l_i, acc = _attend_range(
+        q, m_i, l_i, acc, lo, hi, bt_ptr + b.to(tl.int64) * max_blocks, k_ptr, v_ptr, h, H_KV,
+        scale_log2, r, dummy, dummy, D, BLOCK_N, BS, False, False)
+    idx = (b * (H_KV * GQA) + h * GQA + r) * (S_CTX + S_ANC) + split
+    _store_partial(pm_ptr, pl_ptr, pacc_ptr, idx, rmask, m_i, l_i, acc, D)
+    target = S_CTX
+    if S_ANC > 0:
+        target = tl.where(tl.load(seqset_ptr + b) >= 0, S_CTX + S_ANC, S_CTX)
+    tl.debug_barrier()
+    old = tl.atomic_add(cnt_ptr + b * H_KV + h, 1, sem="acq_rel", scope="gpu")
+    if old == target - 1:
+        _merge_and_store(b, h, H_KV, seqset_ptr, alen_ptr, pm_ptr, pl_ptr, pacc_ptr, out_ptr, so_b, so_h,
+                         gamma_ptr, gamma_val, S_CTX, S_ANC, GQA, GQA_PAD, D, MODE_GAMMA,
+                         GAMMA_PER_HEAD)
+        tl.atomic_xchg(cnt_ptr + b * H_KV + h, 0)
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr,
+    ak_ptr, av_ptr, abt_ptr, alen_ptr, seqset_ptr, order_ptr, ks_ptr, vs_ptr,
+    gamma_ptr, gamma_val, pm_ptr, pl_ptr, pacc_ptr, cnt_ptr, out_ptr,
+    B, H_KV, max_blocks, max_ablocks, chunk, achunk, n_anchor_items, scale_log2,
+    sq_b, sq_h, so_b, so_h,
+    D: tl.constexpr, GQA: tl.constexpr, GQA_PAD: tl.constexpr, TILE_SEQ: tl.constexpr,
+    M_CTX: tl.constexpr, M_ANC: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
+    BSA: tl.constexpr, S_CTX: tl.constexpr, S_ANC: tl.constexpr, INT8: tl.constexpr,
+    MODE_GAMMA: tl.constexpr, GAMMA_PER_HEAD: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if S_ANC > 0:
+        if pid < n_anchor_items:
+            _anchor_item(pid, q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, ak_ptr, av_ptr, abt_ptr, alen_ptr,
+                         seqset_ptr, order_ptr, ks_ptr, vs_ptr, gamma_ptr, gamma_val, pm_ptr, pl_ptr,
+                         pacc_ptr, cnt_ptr, out_ptr, B, H_KV, max_blocks, max_ablocks, chunk, achunk,
+                         n_anchor_items, scale_log2, sq_b, sq_h, so_b, so_h, D, GQA, GQA_PAD, TILE_SEQ,
+                         M_CTX, M_ANC, BLOCK_N, BS, BSA, S_CTX, S_ANC, INT8, MODE_GAMMA, GAMMA_PER_HEAD)
+        else:
+            _context_item(pid - n_anchor_items, q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, ak_ptr, av_ptr, abt_ptr, alen_ptr,
+                         seqset_ptr, order_ptr, ks_ptr, vs_ptr, gamma_ptr, gamma_val, pm_ptr, pl_ptr,
+                         pacc_ptr, cnt_ptr, out_ptr, B, H_KV, max_blocks, max_ablocks, chunk, achunk,
+                         n_anchor_items, scale_log2, sq_b, sq_h, so_b, so_h, D, GQA, GQA_PAD, TILE_SEQ,
+                         M_CTX, M_ANC, BLOCK_N, BS, BSA, S_CTX, S_ANC, INT8, MODE_GAMMA, GAMMA_PER_HEAD)
+    else:
+        _context_item(pid, q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, ak_ptr, av_ptr, abt_ptr, alen_ptr,
+                         seqset_ptr, order_ptr, ks_ptr, vs_ptr, gamma_ptr, gamma_val, pm_ptr, pl_ptr,
+                         pacc_ptr, cnt_ptr, out_ptr, B, H_KV, max_blocks, max_ablocks, chunk, achunk,
+                         n_anchor_items, scale_log2, sq_b, sq_h, so_b, so_h, D, GQA, GQA_PAD, TILE_SEQ,
+                         M_CTX, M_ANC, BLOCK_N, BS, BSA, S_CTX, S_ANC, INT8, MODE_GAMMA, GAMMA_PER_HEAD)

@@ -1,0 +1,370 @@
+"""PagedFieldprintAttention: fused decode and prefill over a paged KV cache with anchor blocks.
+
+Layout (one layer): K and V pools `[num_blocks, block_size, H_kv, D]`, int32 block tables
+`[B, max_blocks]`, int32 context lengths `[B]`. Anchors live in their own pool (bf16/fp16, or the
+DQP's INT8 codes with power-of-two scales) named by an `AnchorSet`.
+
+Modes, per query q of a sequence with anchors (K_a, V_a) and own keys (K, V), s = sm_scale:
+  concat: softmax(q [K_a; K]^T s) [V_a; V]                     (SDPA on the concatenated KV)
+  gamma:  (1-g) softmax(q K^T s) V + g softmax(q K_a^T s) V_a   (the v2.5 equation)
+A sequence without anchors (seq_anchor_set = -1, or a set of length 0) gets plain attention in
+both modes: in gamma the anchor term is absent, i.e. g is treated as 0 for it. (Keeping g with an
+empty anchor distribution would scale the output by (1-g), which no caller wants.)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from fieldprint.errors import KernelInputError
+from fieldprint.kernels.decode import _decode_kernel
+from fieldprint.kernels.prefill import _prefill_kernel
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.4426950408889634
+
+
+@dataclass(slots=True)
+class AnchorSet:
+    """Anchor blocks in their own pool, the sets they form, and which set each sequence reads.
+
+    k, v: [num_anchor_blocks, block_size, H_kv, D], the cache dtype or int8 DQP codes in [-127, 127].
+    block_table: [num_sets, max_anchor_blocks] int32; lens: [num_sets] int32 tokens per set.
+    seq_anchor_set: [B] int32, the set each sequence attends to, -1 for none.
+    k_scale, v_scale: [H_kv, D] float32 powers of two (int8 only): value = code * scale.
+    Treat it as immutable: the sequence order by set is computed once and kept in `order`.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    block_table: torch.Tensor
+    lens: torch.Tensor
+    seq_anchor_set: torch.Tensor
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
+    order: torch.Tensor | None = None
+
+
+def _bad(msg: str) -> KernelInputError:
+    return KernelInputError(msg)
+
+
+def _pow2(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+def _check_int32(name: str, t: torch.Tensor, ndim: int, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != ndim:
+        raise _bad(f"{name} must be an int32 tensor with {ndim} dimension(s); got "
+                   f"{getattr(t, 'dtype', type(t))} with shape {tuple(getattr(t, 'shape', ()))}")
+    if t.device != device:
+        raise _bad(f"{name} is on {t.device} but q is on {device}: put every input on one device")
+
+
+def _check_shapes(q, k_cache, v_cache, block_tables, context_lens, anchors, mode, gamma, bsz):
+    """Shape, dtype and device checks that need no device-to-host sync."""
+    if mode not in ("concat", "gamma"):
+        raise _bad(f"mode must be 'concat' or 'gamma', got {mode!r}")
+    if q.dtype not in _FLOAT_DTYPES:
+        raise _bad(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+    if q.dim() != 3:
+        raise _bad(f"q must be 3-D [tokens, H_q, D], got shape {tuple(q.shape)}")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if c.dim() != 4 or c.dtype != q.dtype or c.device != q.device or not c.is_contiguous():
+            raise _bad(f"{name} must be a contiguous [num_blocks, block_size, H_kv, D] tensor of "
+                       f"q's dtype {q.dtype} on {q.device}; got {c.dtype} {tuple(c.shape)} on {c.device}")
+    if k_cache.shape != v_cache.shape:
+        raise _bad(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ in shape")
+    _, bs, hkv, d = k_cache.shape
+    if q.shape[2] != d or not _pow2(d) or d < 16:
+        raise _bad(f"head dim must match (q {q.shape[2]}, cache {d}) and be a power of two >= 16")
+    if q.shape[1] % hkv:
+        raise _bad(f"H_q={q.shape[1]} must be a multiple of H_kv={hkv} (grouped-query attention)")
+    if not _pow2(bs):
+        raise _bad(f"block_size must be a power of two, got {bs}")
+    _check_int32("block_tables", block_tables, 2, q.device)
+    _check_int32("context_lens", context_lens, 1, q.device)
+    if block_tables.shape[0] != bsz or context_lens.shape[0] != bsz:
+        raise _bad(f"block_tables {tuple(block_tables.shape)} and context_lens "
+                   f"{tuple(context_lens.shape)} must both have B={bsz} rows")
+    if isinstance(gamma, torch.Tensor):
+        if gamma.dim() != 1 or gamma.shape[0] != q.shape[1] or gamma.device != q.device:
+            raise _bad(f"a per-head gamma must be a [H_q={q.shape[1]}] tensor on {q.device}, "
+                       f"got {tuple(gamma.shape)} on {gamma.device}")
+    elif not 0.0 <= float(gamma) <= 1.0:
+        raise _bad(f"gamma must lie in [0, 1], got {gamma}")
+    if anchors is None:
+        return
+    a = anchors
+    if a.k.dim() != 4 or a.k.shape != a.v.shape or a.k.shape[2:] != k_cache.shape[2:]:
+        raise _bad(f"anchor k/v must both be [num_anchor_blocks, block_size, H_kv={hkv}, D={d}]; "
+                   f"got {tuple(a.k.shape)} and {tuple(a.v.shape)}")
+    if a.k.dtype != a.v.dtype or a.k.dtype not in (q.dtype, torch.int8):
+        raise _bad(f"anchor k/v must both be int8 codes or q's dtype {q.dtype}; got {a.k.dtype}, {a.v.dtype}")
+    if a.k.device != q.device or a.v.device != q.device or not (a.k.is_contiguous() and a.v.is_contiguous()):
+        raise _bad(f"anchor k/v must be contiguous tensors on {q.device}")
+    if not _pow2(a.k.shape[1]):
+        raise _bad(f"anchor block_size must be a power of two, got {a.k.shape[1]}")
+    _check_int32("anchors.block_table", a.block_table, 2, q.device)
+    _check_int32("anchors.lens", a.lens, 1, q.device)
+    _check_int32("anchors.seq_anchor_set", a.seq_anchor_set, 1, q.device)
+    if a.lens.shape[0] != a.block_table.shape[0]:
+        raise _bad(f"anchors.lens has {a.lens.shape[0]} sets but block_table {a.block_table.shape[0]}")
+    if a.seq_anchor_set.shape[0] != bsz:
+        raise _bad(f"anchors.seq_anchor_set must have B={bsz} entries, got {a.seq_anchor_set.shape[0]}")
+    if a.k.dtype == torch.int8:
+        for name, s in (("k_scale", a.k_scale), ("v_scale", a.v_scale)):
+            if s is None or s.dtype != torch.float32 or tuple(s.shape) != (hkv, d) or s.device != q.device:
+                raise _bad(f"int8 anchors need anchors.{name} as float32 [H_kv={hkv}, D={d}] on "
+                           f"{q.device} (per-channel; repeat a per-head scale along D)")
+
+
+def _check_values(checks: list[tuple[torch.Tensor, str]]) -> None:
+    """Evaluate data-dependent checks with a single device-to-host copy."""
+    flags = torch.stack([c.reshape(()) for c, _ in checks]).tolist()
+    for ok, (_, msg) in zip(flags, checks):
+        if not ok:
+            raise _bad(msg)
+
+
+def _value_checks(k_cache, block_tables, context_lens, anchors, gamma, min_len):
+    """Checks on lengths, block ids, anchor sets and scales (they cost one host sync)."""
+    nb, bs = k_cache.shape[0], k_cache.shape[1]
+    mb = block_tables.shape[1]
+    used = torch.arange(mb, device=block_tables.device)[None, :] < ((context_lens + bs - 1) // bs)[:, None]
+    out = [
+        ((context_lens >= min_len).all() & (context_lens <= mb * bs).all(),
+         f"context_lens must lie in [{min_len}, max_blocks*block_size={mb * bs}]"),
+        ((~used | ((block_tables >= 0) & (block_tables < nb))).all(),
+         f"block_tables name a block outside [0, num_blocks={nb}) within a sequence's length"),
+    ]
+    if isinstance(gamma, torch.Tensor):
+        out.append((((gamma >= 0) & (gamma <= 1)).all(), "every per-head gamma must lie in [0, 1]"))
+    if anchors is not None:
+        a = anchors
+        nab, abs_ = a.k.shape[0], a.k.shape[1]
+        mab = a.block_table.shape[1]
+        aused = torch.arange(mab, device=a.lens.device)[None, :] < ((a.lens + abs_ - 1) // abs_)[:, None]
+        out += [
+            (((a.lens >= 0) & (a.lens <= mab * abs_)).all(),
+             f"anchors.lens must lie in [0, max_anchor_blocks*block_size={mab * abs_}]"),
+            ((~aused | ((a.block_table >= 0) & (a.block_table < nab))).all(),
+             f"anchors.block_table names a block outside [0, num_anchor_blocks={nab})"),
+            (((a.seq_anchor_set >= -1) & (a.seq_anchor_set < a.lens.shape[0])).all(),
+             f"anchors.seq_anchor_set entries must be -1 or a set index < {a.lens.shape[0]}"),
+        ]
+        if a.k.dtype == torch.int8:
+            for name, s in (("k_scale", a.k_scale), ("v_scale", a.v_scale)):
+                mant, _ = torch.frexp(s)
+                out.append(((mant == 0.5).all(), f"anchors.{name} must hold positive powers of two (DQP)"))
+    _check_values(out)
+
+
+_counters: dict[tuple, torch.Tensor] = {}
+
+
+def _counter_buffer(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed per-(sequence, KV head) arrival counters; the kernel leaves them zero when it ends."""
+    if device.type != "cuda":
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    buf = _counters.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _counters[key] = buf
+    return buf
+
+
+_sm_counts: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: small, but enough to exercise several splits in tests
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _sm_counts:
+        _sm_counts[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _sm_counts[idx]
+
+
+def _splits(tokens: int, items: int, sms: int, block_n: int, want: int | None) -> tuple[int, int]:
+    """(number of splits, tokens per split) so that items * splits fills the GPU ~2x over."""
+    max_splits = max(1, triton.cdiv(tokens, block_n))
+    s = want if want is not None else max(1, triton.cdiv(2 * sms, max(items, 1)))
+    s = min(max(s, 1), max_splits)
+    chunk = triton.cdiv(triton.cdiv(tokens, s), block_n) * block_n
+    return triton.cdiv(tokens, chunk), chunk
+
+
+def _out_buffer(out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+        raise _bad(f"out must be a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device} with a "
+                   f"contiguous last dimension; got {out.dtype} {tuple(out.shape)} on {out.device}")
+    return out
+
+
+def _gamma_args(gamma, q):
+    if isinstance(gamma, torch.Tensor):
+        return gamma.to(torch.float32).contiguous(), 0.0, True
+    return None, float(gamma), False
+
+
+def _anchor_order(a: AnchorSet) -> torch.Tensor:
+    if a.order is None:
+        a.order = torch.sort(a.seq_anchor_set, stable=True).indices.to(torch.int32)
+    return a.order
+
+
+def paged_attention_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    anchors: AnchorSet | None = None,
+    *,
+    mode: str = "concat",
+    gamma: float | torch.Tensor = 0.0,
+    sm_scale: float | None = None,
+    check: bool = True,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    anchor_splits: int | None = None,
+    seq_tile: int | None = None,
+) -> torch.Tensor:
+    """One query per sequence (q [B, H_q, D]) over anchors + paged context, in one kernel launch.
+
+    check=False skips the data-dependent checks (one host sync); out, if given, receives the
+    result (same shape and dtype as q, last dim contiguous); num_splits, anchor_splits and
+    seq_tile override the split-KV and anchor-sharing heuristics (seq_tile=1: no sharing).
+    """
+    bsz = q.shape[0] if q.dim() == 3 else -1
+    _check_shapes(q, k_cache, v_cache, block_tables, context_lens, anchors, mode, gamma, bsz)
+    if check:
+        _value_checks(k_cache, block_tables, context_lens, anchors, gamma, 1)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    _, bs, hkv, d = k_cache.shape
+    hq = q.shape[1]
+    gqa = hq // hkv
+    gqa_pad = triton.next_power_of_2(gqa)
+    on_gpu = q.is_cuda
+    block_n = 64 if on_gpu else 16
+    sms = _num_sms(q.device)
+    max_ctx = block_tables.shape[1] * bs
+    s_ctx, chunk = _splits(max_ctx, bsz * hkv, sms, block_n, num_splits)
+    s_anc, achunk, n_anchor_items, tile = 0, 0, 0, 1
+    a = anchors
+    if a is not None:
+        tile = seq_tile if seq_tile is not None else max(1, 64 // gqa_pad)
+        tile = min(triton.next_power_of_2(tile), triton.next_power_of_2(bsz))
+        n_tiles = triton.cdiv(bsz, tile)
+        max_alen = a.block_table.shape[1] * a.k.shape[1]
+        s_anc, achunk = _splits(max_alen, n_tiles * hkv, sms, block_n, anchor_splits)
+        n_anchor_items = n_tiles * hkv * s_anc
+    s_tot = s_ctx + s_anc
+    dev = q.device
+    out = _out_buffer(out, q)
+    pm = torch.empty(bsz * hq * s_tot, dtype=torch.float32, device=dev)
+    pl = torch.empty_like(pm)
+    pacc = torch.empty(bsz * hq * s_tot * d, dtype=torch.float32, device=dev)
+    cnt = _counter_buffer(dev, bsz * hkv)
+    gptr, gval, g_per_head = _gamma_args(gamma, q)
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
+    if a is not None:
+        ak, av, abt, alen, aset, order = a.k, a.v, a.block_table, a.lens, a.seq_anchor_set, _anchor_order(a)
+        int8 = a.k.dtype == torch.int8
+        ks, vs, bsa = (a.k_scale, a.v_scale, a.k.shape[1]) if int8 else (pm, pm, a.k.shape[1])
+    else:
+        ak, av, abt, alen, aset, order, int8, ks, vs, bsa = (
+            k_cache, v_cache, block_tables, context_lens, context_lens, context_lens, False, pm, pm, bs)
+    grid = (n_anchor_items + bsz * hkv * s_ctx,)
+    _decode_kernel[grid](
+        q, k_cache, v_cache, block_tables.contiguous(), context_lens,
+        ak, av, abt.contiguous(), alen, aset, order, ks, vs,
+        gptr if gptr is not None else pm, gval, pm, pl, pacc, cnt, out,
+        bsz, hkv, block_tables.shape[1], abt.shape[1], chunk, achunk, n_anchor_items,
+        scale * _LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        D=d, GQA=gqa, GQA_PAD=gqa_pad, TILE_SEQ=tile, M_CTX=max(16, gqa_pad),
+        M_ANC=max(16, tile * gqa_pad), BLOCK_N=block_n, BS=bs, BSA=bsa, S_CTX=s_ctx, S_ANC=s_anc,
+        INT8=int8, MODE_GAMMA=mode == "gamma", GAMMA_PER_HEAD=g_per_head,
+        num_warps=4, num_stages=2,
+    )
+    return out
+
+
+def paged_attention_prefill(
+    q: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    anchors: AnchorSet | None = None,
+    *,
+    mode: str = "concat",
+    gamma: float | torch.Tensor = 0.0,
+    sm_scale: float | None = None,
+    check: bool = True,
+    out: torch.Tensor | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """Varlen-packed new tokens (q [T, H_q, D], cu_seqlens_q [B+1]) already written to the cache.
+
+    Each new token attends to its sequence's anchors, all earlier tokens, and causally among the
+    new ones; context_lens include the new tokens. One host sync reads the longest q length.
+    out, if given, receives the result; block_m/block_n/num_warps/num_stages override the tiling.
+    """
+    if not isinstance(cu_seqlens_q, torch.Tensor) or cu_seqlens_q.dim() != 1 or cu_seqlens_q.numel() < 2:
+        raise _bad("cu_seqlens_q must be an int32 tensor [B+1] of cumulative new-token counts")
+    bsz = cu_seqlens_q.shape[0] - 1
+    _check_shapes(q, k_cache, v_cache, block_tables, context_lens, anchors, mode, gamma, bsz)
+    _check_int32("cu_seqlens_q", cu_seqlens_q, 1, q.device)
+    q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+    if check:
+        _value_checks(k_cache, block_tables, context_lens, anchors, gamma, 0)
+        _check_values([
+            (cu_seqlens_q[0] == 0, "cu_seqlens_q must start at 0"),
+            (cu_seqlens_q[-1] == q.shape[0], f"cu_seqlens_q must end at the number of tokens {q.shape[0]}"),
+            ((q_lens >= 0).all(), "cu_seqlens_q must be non-decreasing"),
+            ((q_lens <= context_lens).all(), "each sequence's new tokens must be counted in context_lens"),
+        ])
+    max_q = int(q_lens.max()) if bsz else 0
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    _, bs, hkv, d = k_cache.shape
+    hq = q.shape[1]
+    on_gpu = q.is_cuda
+    bm = block_m or (128 if on_gpu else 16)
+    bn = block_n or (64 if on_gpu else 16)
+    out = _out_buffer(out, q)
+    if max_q == 0:
+        return out
+    gptr, gval, g_per_head = _gamma_args(gamma, q)
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
+    a = anchors
+    if a is not None:
+        int8 = a.k.dtype == torch.int8
+        ak, av, abt, alen, aset = a.k, a.v, a.block_table.contiguous(), a.lens, a.seq_anchor_set
+        ks, vs, bsa = (a.k_scale, a.v_scale, a.k.shape[1]) if int8 else (q, q, a.k.shape[1])
+    else:
+        int8, ak, av, abt, alen, aset, ks, vs, bsa = (
+            False, k_cache, v_cache, block_tables, context_lens, context_lens, q, q, bs)
+    grid = (bsz, triton.cdiv(max_q, bm), hq)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, block_tables.contiguous(), context_lens, cu_seqlens_q,
+        ak, av, abt, alen, aset, ks, vs, gptr if gptr is not None else q, gval, out,
+        hkv, block_tables.shape[1], abt.shape[1], scale * _LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        D=d, GQA=hq // hkv, BLOCK_M=bm, BLOCK_N=bn, BS=bs, BSA=bsa, HAS_ANCHORS=a is not None,
+        INT8=int8, MODE_GAMMA=mode == "gamma", GAMMA_PER_HEAD=g_per_head,
+        num_warps=num_warps or (8 if on_gpu else 4), num_stages=num_stages or (3 if on_gpu else 1),
+    )
+    return out
