@@ -10,6 +10,7 @@ and per-element flip rates. Prints a table, writes benchmarks/results/repro_benc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,8 +24,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from fieldprint.dqp import DQPProfile, audit, quantize  # noqa: E402
+from fieldprint.dqp import AuditThresholds, DQPProfile, audit, quantize  # noqa: E402
 
+DISTANCE_GRID = (1, 2, 3, 4, 8)  # audit pass rates at these max_code_distance values, other thresholds default
 LLAMA32_1B = dict(hidden=2048, heads=32, kv_heads=8, head_dim=64, ffn=8192, layers=16)
 
 
@@ -40,36 +42,52 @@ def make_weights(cfg: dict, layers: int, seed: int = 0) -> list[dict]:
             for _ in range(layers)]
 
 
-def prefill_kv(cfg: dict, weights: list[dict], x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Causal prefill of x [B, T, hidden]; returns per layer (K, V) as [B, T, H_kv, D] (K after RoPE)."""
+def forward_kv(cfg: dict, weights: list[dict], x: torch.Tensor, mode: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Run x [B, T, hidden] through the layers; returns per layer (K, V) as [B, T, H_kv, D] (K after RoPE).
+
+    mode "prefill": one causal pass over all T tokens (matmuls with M = B*T rows);
+    mode "decode": token by token against a KV cache (M = B rows: the regime where kernels
+    pick split reductions by batch size).
+    """
     b, t, _ = x.shape
     nh, hk, d = cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
     inv = 1.0 / (500000.0 ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
     ang = torch.outer(torch.arange(t, device=x.device, dtype=torch.float32), inv)
-    cos, sin = ang.cos().to(x.dtype)[None, :, None], ang.sin().to(x.dtype)[None, :, None]
+    cos_all, sin_all = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    cache = [(torch.empty(b, t, hk, d, device=x.device, dtype=x.dtype), torch.empty(b, t, hk, d, device=x.device, dtype=x.dtype))
+             for _ in weights]
 
-    def rope(z: torch.Tensor) -> torch.Tensor:
-        z1, z2 = z[..., 0::2], z[..., 1::2]
-        return torch.stack((z1 * cos - z2 * sin, z1 * sin + z2 * cos), dim=-1).flatten(-2)
+    def step(h: torch.Tensor, lo: int, hi: int) -> None:
+        cos, sin = cos_all[lo:hi][None, :, None], sin_all[lo:hi][None, :, None]
 
-    out = []
-    for w in weights:
-        hn = F.rms_norm(x, (x.shape[-1],))
-        q = rope((hn @ w["wq"]).view(b, t, nh, d))
-        k = rope((hn @ w["wk"]).view(b, t, hk, d))
-        v = (hn @ w["wv"]).view(b, t, hk, d)
-        out.append((k, v))
-        att = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True)
-        x = x + att.transpose(1, 2).reshape(b, t, nh * d) @ w["wo"]
-        hn = F.rms_norm(x, (x.shape[-1],))
-        x = x + (F.silu(hn @ w["wg"]) * (hn @ w["wu"])) @ w["wd"]
-    return out
+        def rope(z: torch.Tensor) -> torch.Tensor:
+            z1, z2 = z[..., 0::2], z[..., 1::2]
+            return torch.stack((z1 * cos - z2 * sin, z1 * sin + z2 * cos), dim=-1).flatten(-2)
+
+        s = hi - lo
+        for w, (kc, vc) in zip(weights, cache):
+            hn = F.rms_norm(h, (h.shape[-1],))
+            q = rope((hn @ w["wq"]).view(b, s, nh, d))
+            kc[:, lo:hi] = rope((hn @ w["wk"]).view(b, s, hk, d))
+            vc[:, lo:hi] = (hn @ w["wv"]).view(b, s, hk, d)
+            att = F.scaled_dot_product_attention(q.transpose(1, 2), kc[:, :hi].transpose(1, 2), vc[:, :hi].transpose(1, 2),
+                                                 is_causal=s > 1, enable_gqa=True)
+            h = h + att.transpose(1, 2).reshape(b, s, nh * d) @ w["wo"]
+            hn = F.rms_norm(h, (h.shape[-1],))
+            h = h + (F.silu(hn @ w["wg"]) * (hn @ w["wu"])) @ w["wd"]
+
+    if mode == "prefill":
+        step(x, 0, t)
+    else:
+        for i in range(t):
+            step(x[:, i : i + 1], i, i + 1)
+    return cache
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--anchors", type=int, default=4)
     ap.add_argument("--batches", default="1,8,64")
     ap.add_argument("--small", action="store_true")
@@ -88,31 +106,46 @@ def main() -> None:
     # Calibrate the profile on the fillers (not the anchors): the deployment situation.
     ncal = min(8, len(fillers))
     with torch.no_grad():
-        calib = prefill_kv(cfg, weights_gpu, fillers[:ncal].to(gpu))
+        calib = forward_kv(cfg, weights_gpu, fillers[:ncal].to(gpu), "prefill")
     profile = DQPProfile.calibrate(
         [{(l, kind): kv[i][j].float().cpu() for l, kv in enumerate(calib) for i, kind in enumerate("KV")} for j in range(ncal)],
         name="llama-3.2-1b-repro", num_layers=a.layers, num_kv_heads=cfg["kv_heads"], head_dim=cfg["head_dim"], block_size=16,
     )
 
-    def anchor_states(device: str, batch: int, weights: list[dict]) -> list[dict]:
+    def anchor_states(device: str, batch: int, weights: list[dict], mode: str, source: torch.Tensor = anchors) -> list[dict]:
         """K/V of every anchor computed in a batch of `batch` (anchor first, fillers after)."""
         states = []
         for i in range(a.anchors):
-            x = torch.cat((anchors[i : i + 1], fillers[: batch - 1])).to(device)
+            x = torch.cat((source[i : i + 1], fillers[: batch - 1])).to(device)
             with torch.no_grad():
-                kv = prefill_kv(cfg, weights, x)
+                kv = forward_kv(cfg, weights, x, mode)
             states.append({(l, kind): kv[l][j][0].cpu() for l in range(a.layers) for j, kind in enumerate("KV")})
         return states
 
-    runs = {f"gpu_b{b}": anchor_states(gpu, b, weights_gpu) for b in batches}
+    # Control: the same anchors with one token (the middle one) replaced: a different state,
+    # which the audit must reject and localise.
+    tampered = anchors.clone()
+    tampered[:, a.tokens // 2] = torch.randn(a.anchors, cfg["hidden"], generator=g).to(torch.bfloat16)
     t0 = time.perf_counter()
-    runs["cpu_b1"] = anchor_states("cpu", 1, weights_cpu)
-    cpu_s = time.perf_counter() - t0
-    ref = runs[f"gpu_b{batches[0]}"]
+    runs = {}
+    for mode in ("prefill", "decode"):
+        for b in batches:
+            runs[f"{mode}_gpu_b{b}"] = anchor_states(gpu, b, weights_gpu, mode)
+        runs[f"{mode}_cpu_b1"] = anchor_states("cpu", 1, weights_cpu, mode)
+    runs["decode_gpu_b1_vs_prefill"] = runs["decode_gpu_b1"]  # same anchor, other code path
+    runs["prefill_gpu_b1_one_token_changed"] = anchor_states(gpu, 1, weights_gpu, "prefill", tampered)
+    elapsed = time.perf_counter() - t0
     rows = {}
     for name, states in runs.items():
-        if name == f"gpu_b{batches[0]}":
+        ref_name = "decode_gpu_b1" if name.startswith("decode") else "prefill_gpu_b1"
+        if name == ref_name:
             continue
+        if name == "decode_gpu_b1_vs_prefill":
+            ref_name = "prefill_gpu_b1"
+        ref = runs[ref_name]
+        hist = [0] * 6  # |code distance| 0, 1, 2, 3, 4, >=5
+        by_distance = dict.fromkeys(DISTANCE_GRID, 0)
+        flagged_blocks: set[int] = set()
         raw_match = code_match = audit_pass = n = 0
         raw_flip, code_flip, max_dist, worst_block = [], [], 0, 0.0
         per_layer: dict[str, list[float]] = {}
@@ -126,6 +159,13 @@ def main() -> None:
                 recomputed = quantize(x, profile, key[0], key[1])
                 code_match += recomputed.digest() == committed.digest()
                 rep = audit(x, committed, profile)
+                for md in DISTANCE_GRID:
+                    by_distance[md] += audit(x, committed, profile, AuditThresholds(max_code_distance=md)).passed
+                dist = (quantize(x, profile, key[0], key[1]).codes.to(torch.int16) - committed.codes.to(torch.int16)).abs()
+                for j in range(5):
+                    hist[j] += int((dist == j).sum())
+                hist[5] += int((dist >= 5).sum())
+                flagged_blocks.update(rep.blocks_over)
                 audit_pass += rep.passed
                 code_flip.append(rep.fraction)
                 max_dist = max(max_dist, rep.max_distance)
@@ -136,21 +176,22 @@ def main() -> None:
             raw_flip_rate_mean=statistics.mean(raw_flip), code_flip_rate_mean=statistics.mean(code_flip),
             code_flip_rate_max=max(code_flip), max_code_distance=max_dist, worst_block_fraction=worst_block,
             code_flip_rate_by_layer={k: statistics.mean(v) for k, v in per_layer.items()},
+            code_distance_histogram=hist, audit_pass_rate_by_max_distance={md: c / n for md, c in by_distance.items()}, reference=ref_name, blocks_flagged=sorted(flagged_blocks),
         )
     out = dict(
         bench="repro_bench", device=torch.cuda.get_device_name() if cuda else "cpu-only smoke run",
         cpu=platform.processor() or platform.machine(), torch=torch.__version__, python=platform.python_version(),
         date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), config=cfg, layers=a.layers, tokens=a.tokens,
-        anchors=a.anchors, batches=batches, reference=f"gpu_b{batches[0]}", profile=profile.digest,
-        thresholds=dict(max_code_distance=2, max_block_fraction=0.05, max_fraction=0.01), cpu_seconds=cpu_s, results=rows,
+        anchors=a.anchors, batches=batches, references="prefill_gpu_b1 / decode_gpu_b1", profile=profile.digest,
+        thresholds=dataclasses.asdict(AuditThresholds()), seconds=elapsed, results=rows,
     )
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(out, f, indent=2)
-    print(f"repro_bench on {out['device']}: {a.anchors} anchors x {a.layers} layers x K|V, T={a.tokens}, vs {out['reference']}")
-    print(f"{'run':8s} {'raw match':>9s} {'DQP match':>9s} {'audit ok':>8s} {'raw flips':>9s} {'code flips':>10s} {'max dist':>8s}")
+    print(f"repro_bench on {out['device']}: {a.anchors} anchors x {a.layers} layers x K|V, T={a.tokens}, vs GPU batch 1")
+    print(f"{'run':34s} {'raw match':>9s} {'DQP match':>9s} {'audit ok':>8s} {'raw flips':>9s} {'code flips':>10s} {'max dist':>8s}")
     for name, r in rows.items():
-        print(f"{name:8s} {r['raw_hash_match_rate']:9.3f} {r['dqp_hash_match_rate']:9.3f} {r['audit_pass_rate']:8.3f} "
+        print(f"{name:34s} {r['raw_hash_match_rate']:9.3f} {r['dqp_hash_match_rate']:9.3f} {r['audit_pass_rate']:8.3f} "
               f"{r['raw_flip_rate_mean']:9.4f} {r['code_flip_rate_mean']:10.5f} {r['max_code_distance']:8d}")
 
 

@@ -19,8 +19,8 @@ from fieldprint.dqp import DTYPE_NAMES, SOURCE_DTYPES, QuantizedState, inverse_s
 from fieldprint.dqp_profile import DQPProfile
 from fieldprint.errors import DQPError
 
-_ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: adding it leaves the rounded integer in the low mantissa bits
-_F32_MAX = 3.4028234663852886e38
+_ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding it leaves the rounded integer in the low mantissa bits
+_F32_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
