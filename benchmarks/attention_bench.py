@@ -32,6 +32,12 @@ from fieldprint.kernels.reference import (  # noqa: E402
 )
 
 DEV = "cuda"
+try:
+    from torch.nn.attention.flex_attention import flex_attention as _flex
+
+    FLEX = torch.compile(_flex, dynamic=False)
+except Exception:  # FlexAttention missing: reported as NaN
+    FLEX = None
 BF = torch.bfloat16
 RESULTS: dict = {}
 
@@ -39,6 +45,41 @@ RESULTS: dict = {}
 def med(fn, rep=200) -> float:
     """Median time in microseconds (events; L2 flushed between repeats by do_bench)."""
     return do_bench(fn, warmup=30, rep=rep, return_mode="median") * 1e3
+
+
+def med_graph(calls, inner: int, reps: int = 15) -> float:
+    """Median microseconds per call: a CUDA graph replays `inner` calls cycling over `calls`.
+
+    Graphs take the host launch cost out (as an engine's decode step would); rotating over input
+    sets larger than L2 together keeps repeated calls from timing the cache.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for c in calls:
+            c()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=side):
+        for i in range(inner):
+            calls[i % len(calls)]()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        st.record()
+        g.replay()
+        en.record()
+        en.synchronize()
+        times.append(st.elapsed_time(en) * 1e3 / inner)
+    del g
+    return float(torch.tensor(times).median())
+
+
+def n_sets(bytes_per_set: int) -> int:
+    """Input copies to rotate over so that together they exceed L2 (50 MB) three times."""
+    return max(1, min(8, -(-150_000_000 // max(bytes_per_set, 1))))
 
 
 def paged(bsz, ctx, hkv, d, bs, dtype=BF, lens=None):
@@ -132,6 +173,28 @@ def section_check(quick: bool) -> None:
         ok = e < 1e-2 and not out.isnan().any().item()
         worst = max(worst, e)
         rows.append(("prefill", bsz, hq, hkv, d, bs, akind, mode, str(g), e, ok))
+    # The single launch under a CUDA graph: replays equal the eager result (counters self-reset).
+    bsz, hq, hkv, d = 16, 32, 8, 128
+    k, v, bt, lens = paged(bsz, 3000, hkv, d, 16, lens=torch.randint(1, 3000, (bsz,), device=DEV).int())
+    a = anchor_set(2, 1000, hkv, d, 16, torch.randint(-1, 2, (bsz,), device=DEV), int8=True)
+    q = torch.randn(bsz, hq, d, dtype=BF, device=DEV)
+    eager = paged_attention_decode(q, k, v, bt, lens, a, mode="gamma", gamma=0.3)
+    gout = torch.full_like(q, float("nan"))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        paged_attention_decode(q, k, v, bt, lens, a, mode="gamma", gamma=0.3, out=gout, check=False)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=side):
+        paged_attention_decode(q, k, v, bt, lens, a, mode="gamma", gamma=0.3, out=gout, check=False)
+    graph_ok = True
+    for _ in range(3):
+        gout.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        graph_ok &= torch.equal(gout, eager)
+    rows.append(("graph", bsz, hq, hkv, d, 16, "int8", "gamma", "0.3", 0.0, graph_ok))
     from fieldprint.kernels import paged_attention as pa
     counters_zero = all(int(c.abs().sum()) == 0 for c in pa._counters.values())
     print("\n== correctness (bf16 on GPU vs fp32 naive oracle; NaN-poisoned outputs) ==")
@@ -147,7 +210,7 @@ def section_check(quick: bool) -> None:
 
 # ----------------------------------------------------------------------------------------------
 def section_decode(quick: bool) -> None:
-    """Decode vs SDPA on contiguous KV of the same total length, and the naive reference."""
+    """Decode vs SDPA on contiguous KV of the same total length, FlexAttention, naive reference."""
     hq, hkv, d, bs = 32, 8, 128, 16
     bsizes = [1, 8] if quick else [1, 8, 64]
     ctxs = [8192, 32768] if quick else [8192, 32768, 131072]
@@ -156,45 +219,118 @@ def section_decode(quick: bool) -> None:
     for bsz in bsizes:
         for ctx in ctxs:
             torch.cuda.empty_cache()
-            k, v, bt, lens = paged(bsz, ctx, hkv, d, bs)
-            q = torch.randn(bsz, hq, d, dtype=BF, device=DEV)
             amax = max(anchors_tok)
-            kc = torch.randn(bsz, hkv, ctx + amax, d, dtype=BF, device=DEV)
-            vc = torch.randn(bsz, hkv, ctx + amax, d, dtype=BF, device=DEV)
+            per_set = 2 * bsz * hkv * d * 2 * (ctx + amax)
+            ns = n_sets(per_set)
+            if bsz * (ctx + amax) * hkv * d * 2 * 2 * 2 > 76e9:
+                print(f"  B={bsz} ctx={ctx}: paged + contiguous copies do not fit in 80 GB; skipped")
+                continue
+            sets = []
+            for _ in range(ns):
+                k, v, bt, lens = paged(bsz, ctx, hkv, d, bs)
+                kc = torch.randn(bsz, hkv, ctx + amax, d, dtype=BF, device=DEV)
+                vc = torch.randn(bsz, hkv, ctx + amax, d, dtype=BF, device=DEV)
+                q = torch.randn(bsz, hq, d, dtype=BF, device=DEV)
+                sets.append((q, k, v, bt, lens, kc, vc, torch.empty_like(q)))
+            inner = max(ns, 10 if bsz * ctx >= 64 * 32768 else 40)
             for atok in anchors_tok:
-                a = None
-                if atok:
-                    a = anchor_set(1, atok, hkv, d, bs, torch.zeros(bsz, device=DEV))
-                    a.seq_anchor_set.zero_()
+                anc = []
+                for (q, k, v, bt, lens, kc, vc, out) in sets:
+                    a = anchor_set(1, atok, hkv, d, bs, torch.zeros(bsz, device=DEV)) if atok else None
+                    anc.append(a)
+                    out.fill_(float("nan"))
+                    paged_attention_decode(q, k, v, bt, lens, a, out=out)  # checked call
+                    assert not out.isnan().any()
                 total = ctx + atok
-                kk, vv = kc[:, :, :total], vc[:, :, :total]
-                out = torch.full_like(q, float("nan"))
-                paged_attention_decode(q, k, v, bt, lens, a, out=out)  # checked call (sync)
-                assert not out.isnan().any()
-                t_ours = med(lambda: paged_attention_decode(q, k, v, bt, lens, a, check=False, out=out))
-                t_sdpa = med(lambda: sdpa_decode_contiguous(q, kk, vv))
-                ka = kc[:, :, :atok] if atok else None
-                va = vc[:, :, :atok] if atok else None
-                kn, vn = kc[:, :, atok:total], vc[:, :, atok:total]
+
+                def ours(i):
+                    q, k, v, bt, lens, kc, vc, out = sets[i]
+                    return lambda: paged_attention_decode(q, k, v, bt, lens, anc[i], check=False, out=out)
+
+                def sdpa(i):
+                    q, k, v, bt, lens, kc, vc, out = sets[i]
+                    kk, vv = kc[:, :, :total], vc[:, :, :total]
+                    return lambda: sdpa_decode_contiguous(q, kk, vv)
+
+                def naive(i):
+                    q, k, v, bt, lens, kc, vc, out = sets[i]
+                    ka = kc[:, :, :atok] if atok else None
+                    va = vc[:, :, :atok] if atok else None
+                    kn, vn = kc[:, :, atok:total], vc[:, :, atok:total]
+                    return lambda: naive_decode_batched(q, kn, vn, ka, va)
+
+                t_ours = med_graph([ours(i) for i in range(ns)], inner)
+                t_sdpa = med_graph([sdpa(i) for i in range(ns)], inner)
                 try:
-                    t_naive = med(lambda: naive_decode_batched(q, kn, vn, ka, va), rep=50)
+                    t_naive = med_graph([naive(i) for i in range(ns)], max(ns, 4), reps=5)
                 except torch.OutOfMemoryError:
                     t_naive = float("nan")
+                t_flex = float("nan")
+                if bsz == 8 and atok == 2048 and FLEX is not None:
+                    q, k, v, bt, lens, kc, vc, out = sets[0]
+                    kk, vv = kc[:, :, :total], vc[:, :, :total]
+                    try:
+                        fq = q.unsqueeze(2)
+                        FLEX(fq, kk, vv, enable_gqa=True)
+                        t_flex = med(lambda: FLEX(fq, kk, vv, enable_gqa=True))
+                        t_sdpa_ev = med(lambda: sdpa_decode_contiguous(q, kk, vv))
+                        t_flex = t_flex * t_sdpa / t_sdpa_ev  # same timing method as the others
+                    except Exception as e:  # report, don't hide
+                        print("  flex failed:", type(e).__name__, str(e)[:200])
                 kv_bytes = 2 * bsz * hkv * d * 2 * (ctx + atok)  # what SDPA on the concatenated KV reads
-                kv_bytes_shared = 2 * hkv * d * 2 * (bsz * ctx + atok)  # anchors read once if shared
+                uniq = 2 * hkv * d * 2 * (bsz * ctx + atok)  # anchors once: the least any kernel must read
                 rows.append(dict(B=bsz, ctx=ctx, anchors=atok, ours_us=t_ours, sdpa_us=t_sdpa,
-                                 naive_us=t_naive, ratio_sdpa=t_ours / t_sdpa,
-                                 ours_TBps=kv_bytes_shared / t_ours / 1e6,
-                                 sdpa_TBps=kv_bytes / t_sdpa / 1e6))
+                                 flex_us=t_flex, naive_us=t_naive, ratio_sdpa=t_ours / t_sdpa,
+                                 ours_TBps_unique=uniq / t_ours / 1e6, sdpa_TBps=kv_bytes / t_sdpa / 1e6,
+                                 sets=ns))
                 print(f"  B={bsz:3} ctx={ctx:6} anc={atok:5}: ours {t_ours:9.1f} us  sdpa {t_sdpa:9.1f}"
-                      f"  naive {t_naive:9.1f}  ours/sdpa {t_ours / t_sdpa:5.2f}", flush=True)
-            del k, v, kc, vc
-    print("\n== decode (Hq=32, Hkv=8, D=128, bf16, block 16, concat; medians) ==")
-    print(f"{'B':>3}{'ctx':>8}{'anch':>6}{'ours us':>10}{'sdpa us':>10}{'naive us':>10}{'ours/sdpa':>10}{'ours TB/s':>10}{'sdpa TB/s':>10}")
+                      f"  flex {t_flex:9.1f}  naive {t_naive:9.1f}  ours/sdpa {t_ours / t_sdpa:5.2f}", flush=True)
+            del sets, anc
+    print("\n== decode (Hq=32, Hkv=8, D=128, bf16, block 16, concat, CUDA-graph medians) ==")
+    print(f"{'B':>3}{'ctx':>8}{'anch':>6}{'ours us':>10}{'sdpa us':>10}{'flex us':>10}{'naive us':>10}"
+          f"{'ours/sdpa':>10}{'ours TB/s':>10}{'sdpa TB/s':>10}")
     for r in rows:
         print(f"{r['B']:>3}{r['ctx']:>8}{r['anchors']:>6}{r['ours_us']:>10.1f}{r['sdpa_us']:>10.1f}"
-              f"{r['naive_us']:>10.1f}{r['ratio_sdpa']:>10.2f}{r['ours_TBps']:>10.2f}{r['sdpa_TBps']:>10.2f}")
+              f"{r['flex_us']:>10.1f}{r['naive_us']:>10.1f}{r['ratio_sdpa']:>10.2f}"
+              f"{r['ours_TBps_unique']:>10.2f}{r['sdpa_TBps']:>10.2f}")
     RESULTS["decode"] = rows
+
+
+def section_tune(quick: bool) -> None:
+    """Split-count sweep for decode and tile sweep for prefill (pick defaults from these)."""
+    hq, hkv, d, bs = 32, 8, 128, 16
+    rows = []
+    for bsz, ctx in ((1, 8192), (1, 131072), (8, 32768), (64, 8192)):
+        ns = n_sets(2 * bsz * ctx * hkv * d * 2)
+        sets = [(torch.randn(bsz, hq, d, dtype=BF, device=DEV),) + paged(bsz, ctx, hkv, d, bs)
+                for _ in range(ns)]
+        out = torch.empty_like(sets[0][0])
+        for splits in (None, 4, 8, 16, 32, 64):
+            calls = [lambda s=s_: paged_attention_decode(s[0], *s[1:5], check=False, out=out,
+                                                         num_splits=splits) for s_ in sets]
+            t = med_graph(calls, max(ns, 20))
+            rows.append(dict(kind="decode", B=bsz, ctx=ctx, splits=str(splits), us=t))
+            print(f"  decode B={bsz:3} ctx={ctx:6} splits={splits!s:>5}: {t:8.1f} us", flush=True)
+        del sets
+    n = 16384
+    k, v, bt, lens = paged(1, n, hkv, d, bs)
+    cu = torch.tensor([0, n], dtype=torch.int32, device=DEV)
+    q = torch.randn(n, hq, d, dtype=BF, device=DEV)
+    out = torch.empty_like(q)
+    for bm, bn, w, st in ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 32, 4, 4),
+                          (64, 64, 4, 3), (128, 128, 8, 2)):
+        try:
+            f = lambda: paged_attention_prefill(q, cu, k, v, bt, lens, check=False, out=out, max_seqlen_q=n,
+                                                block_m=bm, block_n=bn, num_warps=w, num_stages=st)
+            f()
+            t = med(f, rep=100)
+            tf = 4 * d * hq * n * n / 2 / t / 1e6
+        except Exception as e:
+            t, tf = float("nan"), float("nan")
+            print("  config failed", bm, bn, w, st, type(e).__name__, str(e)[:120])
+        rows.append(dict(kind="prefill", N=n, cfg=f"{bm}x{bn} w{w} s{st}", us=t, TFLOPs=tf))
+        print(f"  prefill N={n} {bm}x{bn} w{w} s{st}: {t:9.1f} us  {tf:6.0f} TFLOP/s", flush=True)
+    RESULTS["tune"] = rows
 
 
 def section_shared(quick: bool) -> None:
@@ -211,8 +347,8 @@ def section_shared(quick: bool) -> None:
             o = torch.full_like(q, float("nan"))
             paged_attention_decode(q, k, v, bt, lens, a, out=o, seq_tile=tile)
             assert not o.isnan().any()
-            r[name + "_us"] = med(lambda: paged_attention_decode(q, k, v, bt, lens, a, check=False,
-                                                                 out=out, seq_tile=tile))
+            r[name + "_us"] = med_graph([lambda: paged_attention_decode(
+                q, k, v, bt, lens, a, check=False, out=out, seq_tile=tile)], 20)
         r["speedup"] = r["per_seq_us"] / r["cascade_us"]
         rows.append(r)
     print("\n== shared anchors (B=64, 8k shared anchor tokens, 1k own; one launch each) ==")
@@ -236,8 +372,8 @@ def section_modes(quick: bool) -> None:
         t = {}
         for name, a, mode in (("concat", ab, "concat"), ("gamma", ab, "gamma"), ("int8", ai, "concat")):
             paged_attention_decode(q, k, v, bt, lens, a, mode=mode, gamma=0.3, out=out)
-            t[name] = med(lambda: paged_attention_decode(q, k, v, bt, lens, a, mode=mode, gamma=0.3,
-                                                         check=False, out=out))
+            t[name] = med_graph([lambda: paged_attention_decode(
+                q, k, v, bt, lens, a, mode=mode, gamma=0.3, check=False, out=out)], 20)
         rows.append(dict(B=bsz, ctx=ctx, anchors=atok, concat_us=t["concat"], gamma_us=t["gamma"],
                          int8_us=t["int8"], gamma_over_concat=t["gamma"] / t["concat"],
                          int8_over_bf16=t["int8"] / t["concat"],
@@ -271,7 +407,7 @@ def section_prefill(quick: bool) -> None:
         for name, aa, mode in (("noanchor", None, "concat"), ("concat", a, "concat"), ("gamma", a, "gamma")):
             paged_attention_prefill(q, cu, k, v, bt, lens, aa, mode=mode, gamma=0.3, out=out)
             t = med(lambda: paged_attention_prefill(q, cu, k, v, bt, lens, aa, mode=mode, gamma=0.3,
-                                                    check=False, out=out))
+                                                    check=False, out=out, max_seqlen_q=n))
             fl = f_causal + (f_anch if aa is not None else 0)
             r[name + "_us"] = t
             r[name + "_TFLOPs"] = fl / t / 1e6
@@ -354,7 +490,7 @@ def section_naive64k(quick: bool) -> None:
     RESULTS["naive64k"] = r
 
 
-SECTIONS = {"check": section_check, "decode": section_decode, "shared": section_shared,
+SECTIONS = {"check": section_check, "tune": section_tune, "decode": section_decode, "shared": section_shared,
             "modes": section_modes, "prefill": section_prefill, "naive64k": section_naive64k}
 
 

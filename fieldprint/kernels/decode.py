@@ -19,57 +19,96 @@ NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": empty splits then merge 
 
 
 @triton.jit
-def _attend_range(
-    q, m_i, l_i, acc, lo, hi, table_row_ptr, k_ptr, v_ptr, h, H_KV, scale_log2, pos, ks, vs,
-    D: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, CAUSAL: tl.constexpr,
-    INT8: tl.constexpr,
+def _attend_tile(
+    q, m_i, l_i, acc, start, hi, table_row_ptr, k_ptr, v_ptr, h, H_KV, scale_log2, pos,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr, INT8: tl.constexpr,
 ):
-    """Online softmax of q over tokens [lo, hi) of one paged sequence (pages named by table_row)."""
+    """One BLOCK_N tile of tokens from `start`: gather K/V through the block table, online softmax."""
     d = tl.arange(0, D)
-    for start in range(lo, hi, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
+    n = start + tl.arange(0, BLOCK_N)
+    if MASKED:
         nmask = n < hi
         page = tl.load(table_row_ptr + n // BS, mask=nmask, other=0).to(tl.int64)
         off = ((page * BS + n % BS) * H_KV + h) * D
         k = tl.load(k_ptr + off[:, None] + d[None, :], mask=nmask[:, None], other=0)
         v = tl.load(v_ptr + off[:, None] + d[None, :], mask=nmask[:, None], other=0)
-        if INT8:
-            # The DQP dequantization, code * 2**e, done in registers: exact in bf16/fp16 range.
-            k = (k.to(tl.float32) * ks[None, :]).to(q.dtype)
-            v = (v.to(tl.float32) * vs[None, :]).to(q.dtype)
-        qk = tl.dot(q, tl.trans(k)) * scale_log2
+    else:
+        page = tl.load(table_row_ptr + n // BS).to(tl.int64)
+        off = ((page * BS + n % BS) * H_KV + h) * D
+        k = tl.load(k_ptr + off[:, None] + d[None, :])
+        v = tl.load(v_ptr + off[:, None] + d[None, :])
+    if INT8:
+        # Codes are exact in bf16/fp16; the power-of-two scales were folded into q and the output.
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
+    qk = tl.dot(q, tl.trans(k)) * scale_log2
+    if MASKED:
         valid = nmask[None, :]
         if CAUSAL:
             valid = valid & (n[None, :] <= pos[:, None])
         qk = tl.where(valid, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.exp2(qk - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _attend_range(
+    q, m_i, l_i, acc, lo, hi, table_row_ptr, k_ptr, v_ptr, h, H_KV, scale_log2, pos,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, CAUSAL: tl.constexpr,
+    INT8: tl.constexpr,
+):
+    """Online softmax of q over tokens [lo, hi) of one paged sequence (pages named by table_row).
+
+    Whole tiles run without masks; only the last partial tile (and causal tiles) pay for them.
+    """
+    hi = tl.maximum(hi, lo)
+    if CAUSAL:
+        for start in range(lo, hi, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, start, hi, table_row_ptr, k_ptr, v_ptr, h,
+                                         H_KV, scale_log2, pos, D, BLOCK_N, BS, True, True, INT8)
+    else:
+        full = lo + (hi - lo) // BLOCK_N * BLOCK_N
+        for start in range(lo, full, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, start, hi, table_row_ptr, k_ptr, v_ptr, h,
+                                         H_KV, scale_log2, pos, D, BLOCK_N, BS, False, False, INT8)
+        if full < hi:
+            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, full, hi, table_row_ptr, k_ptr, v_ptr, h,
+                                         H_KV, scale_log2, pos, D, BLOCK_N, BS, True, False, INT8)
     return m_i, l_i, acc
 
 
 @triton.jit
-def _merge_slots(pm_ptr, pl_ptr, pacc_ptr, base, rmask, s_lo, s_hi, D: tl.constexpr, ROWS: tl.constexpr):
-    """Log-sum-exp merge of partial slots [s_lo, s_hi) for ROWS heads; returns (m, l, acc)."""
+def _merge_slots(pm_ptr, pl_ptr, pacc_ptr, base, rmask, s_lo, s_hi, D: tl.constexpr,
+                 ROWS: tl.constexpr, S_PAD: tl.constexpr, SB: tl.constexpr):
+    """Log-sum-exp merge of partial slots [s_lo, s_hi) for ROWS heads; returns (m, l, acc).
+
+    The row max comes from one load of all slots; then SB slots are loaded at a time so that many
+    loads are in flight. .cg reads from L2, never from a stale L1 line of this multiprocessor.
+    """
     d = tl.arange(0, D)
-    m_t = tl.full([ROWS], NEG, tl.float32)
+    sp = tl.arange(0, S_PAD)
+    smask = rmask[:, None] & (sp[None, :] < s_hi - s_lo)
+    m_all = tl.load(pm_ptr + base[:, None] + s_lo + sp[None, :], mask=smask, other=NEG,
+                    cache_modifier=".cg")
+    m_t = tl.max(m_all, 1)
     l_t = tl.zeros([ROWS], tl.float32)
     o_t = tl.zeros([ROWS, D], tl.float32)
-    for s in range(s_lo, s_hi):
-        # .cg: read from L2, never from a possibly stale L1 line of this multiprocessor.
-        m = tl.load(pm_ptr + base + s, mask=rmask, other=NEG, cache_modifier=".cg")
-        l = tl.load(pl_ptr + base + s, mask=rmask, other=0.0, cache_modifier=".cg")
-        a = tl.load(pacc_ptr + (base + s)[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0,
-                    cache_modifier=".cg")
-        m_new = tl.maximum(m_t, m)
-        alpha = tl.exp2(m_t - m_new)
-        w = tl.exp2(m - m_new)
-        l_t = l_t * alpha + l * w
-        o_t = o_t * alpha[:, None] + a * w[:, None]
-        m_t = m_new
+    sb = tl.arange(0, SB)
+    for s0 in range(s_lo, s_hi, SB):
+        cmask = rmask[:, None] & (s0 + sb[None, :] < s_hi)
+        idx = base[:, None] + s0 + sb[None, :]
+        m = tl.load(pm_ptr + idx, mask=cmask, other=NEG, cache_modifier=".cg")
+        l = tl.load(pl_ptr + idx, mask=cmask, other=0.0, cache_modifier=".cg")
+        a = tl.load(pacc_ptr + idx[:, :, None] * D + d[None, None, :], mask=cmask[:, :, None],
+                    other=0.0, cache_modifier=".cg")
+        w = tl.exp2(m - m_t[:, None])
+        l_t += tl.sum(l * w, 1)
+        o_t += tl.sum(a * w[:, :, None], 1)
     return m_t, l_t, o_t
 
 
@@ -77,21 +116,21 @@ def _merge_slots(pm_ptr, pl_ptr, pacc_ptr, base, rmask, s_lo, s_hi, D: tl.conste
 def _merge_and_store(
     b, h, H_KV, seqset_ptr, alen_ptr, pm_ptr, pl_ptr, pacc_ptr, out_ptr, so_b, so_h, gamma_ptr,
     gamma_val, S_CTX: tl.constexpr, S_ANC: tl.constexpr, GQA: tl.constexpr, GQA_PAD: tl.constexpr,
-    D: tl.constexpr, MODE_GAMMA: tl.constexpr, GAMMA_PER_HEAD: tl.constexpr,
+    D: tl.constexpr, MODE_GAMMA: tl.constexpr, GAMMA_PER_HEAD: tl.constexpr, S_PAD: tl.constexpr,
 ):
     """Combine every partial of (sequence b, KV head h) and write its GQA output rows."""
     g = tl.arange(0, GQA_PAD)
     rmask = g < GQA
     hq = h * GQA + g
     base = (b * H_KV * GQA + hq) * (S_CTX + S_ANC)
-    m_c, l_c, o_c = _merge_slots(pm_ptr, pl_ptr, pacc_ptr, base, rmask, 0, S_CTX, D, GQA_PAD)
+    m_c, l_c, o_c = _merge_slots(pm_ptr, pl_ptr, pacc_ptr, base, rmask, 0, S_CTX, D, GQA_PAD, S_PAD, 8)
     out = o_c / l_c[:, None]
     if S_ANC > 0:
         set_b = tl.load(seqset_ptr + b)
         if set_b >= 0:
             if MODE_GAMMA:
                 m_a, l_a, o_a = _merge_slots(pm_ptr, pl_ptr, pacc_ptr, base, rmask, S_CTX,
-                                             S_CTX + S_ANC, D, GQA_PAD)
+                                             S_CTX + S_ANC, D, GQA_PAD, S_PAD, 8)
                 if GAMMA_PER_HEAD:
                     gam = tl.load(gamma_ptr + hq, mask=rmask, other=0.0)
                 else:
@@ -104,7 +143,7 @@ def _merge_and_store(
             else:
                 # concat is one softmax over [anchors; context]: keep merging into the same state.
                 m_a, l_a, o_a = _merge_slots(pm_ptr, pl_ptr, pacc_ptr, base, rmask, S_CTX,
-                                             S_CTX + S_ANC, D, GQA_PAD)
+                                             S_CTX + S_ANC, D, GQA_PAD, S_PAD, 8)
                 m_t = tl.maximum(m_c, m_a)
                 wc = tl.exp2(m_c - m_t)
                 wa = tl.exp2(m_a - m_t)
@@ -133,7 +172,7 @@ def _anchor_item(
     D: tl.constexpr, GQA: tl.constexpr, GQA_PAD: tl.constexpr, TILE_SEQ: tl.constexpr,
     M_CTX: tl.constexpr, M_ANC: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
     BSA: tl.constexpr, S_CTX: tl.constexpr, S_ANC: tl.constexpr, INT8: tl.constexpr,
-    MODE_GAMMA: tl.constexpr, GAMMA_PER_HEAD: tl.constexpr,
+    MODE_GAMMA: tl.constexpr, GAMMA_PER_HEAD: tl.constexpr, S_PAD: tl.constexpr,
 ):
     """Anchor work item: (tile of sequences sharing an anchor set, KV head, anchor split)."""
     d = tl.arange(0, D)
@@ -157,11 +196,10 @@ def _anchor_item(
     seq_j = tl.load(order_ptr + pos_j, mask=jvalid, other=0)
     set_j = tl.load(seqset_ptr + seq_j, mask=jvalid, other=-1)
     jvalid = jvalid & (set_j >= 0)
-    ks = tl.zeros([D], tl.float32)
-    vs = tl.zeros([D], tl.float32)
     if INT8:
+        # q.(code*s_k) == (q*s_k).code: with power-of-two scales the fold is exact (DQP values).
         ks = tl.load(ks_ptr + h * D + d)
-        vs = tl.load(vs_ptr + h * D + d)
+        q = (q.to(tl.float32) * ks[None, :]).to(q.dtype)
     # Sequences are sorted by anchor set, so a tile usually holds one set; loop over the few it has.
     cur = tl.min(tl.where(jvalid, set_j, 1073741824), 0)
     while cur < 1073741824:
@@ -173,7 +211,9 @@ def _anchor_item(
         acc = tl.zeros([M_ANC, D], tl.float32)
         m_i, l_i, acc = _attend_range(
             q, m_i, l_i, acc, lo, hi, abt_ptr + cur.to(tl.int64) * max_ablocks, ak_ptr, av_ptr,
-            h, H_KV, scale_log2, r, ks, vs, D, BLOCK_N, BSA, False, INT8)
+            h, H_KV, scale_log2, r, D, BLOCK_N, BSA, False, INT8)
+        if INT8:
+            acc = acc * tl.load(vs_ptr + h * D + d)[None, :]
         idx = (seq_r * (H_KV * GQA) + h * GQA + gi) * (S_CTX + S_ANC) + S_CTX + split
         _store_partial(pm_ptr, pl_ptr, pacc_ptr, idx, rvalid & (set_r == cur), m_i, l_i, acc, D)
         cur = tl.min(tl.where(jvalid & (set_j > cur), set_j, 1073741824), 0)
@@ -187,7 +227,7 @@ def _anchor_item(
             bj = tl.sum(tl.where(pick, seq_j, 0), 0)
             _merge_and_store(bj, h, H_KV, seqset_ptr, alen_ptr, pm_ptr, pl_ptr, pacc_ptr, out_ptr, so_b, so_h,
                              gamma_ptr, gamma_val, S_CTX, S_ANC, GQA, GQA_PAD, D, MODE_GAMMA,
-                             GAMMA_PER_HEAD)
+                             GAMMA_PER_HEAD, S_PAD)
             tl.atomic_xchg(cnt_ptr + bj * H_KV + h, 0)
 
 
@@ -201,7 +241,7 @@ def _context_item(
     D: tl.constexpr, GQA: tl.constexpr, GQA_PAD: tl.constexpr, TILE_SEQ: tl.constexpr,
     M_CTX: tl.constexpr, M_ANC: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
     BSA: tl.constexpr, S_CTX: tl.constexpr, S_ANC: tl.constexpr, INT8: tl.constexpr,
-    MODE_GAMMA: tl.constexpr, GAMMA_PER_HEAD: tl.constexpr,
+    MODE_GAMMA: tl.constexpr, GAMMA_PER_HEAD: tl.constexpr, S_PAD: tl.constexpr,
 ):
     """Context work item: (sequence, KV head, context split) over the sequence's own pages."""
     d = tl.arange(0, D)
@@ -219,10 +259,9 @@ def _context_item(
     acc = tl.zeros([M_CTX, D], tl.float32)
     lo = split * chunk
     hi = tl.minimum(lo + chunk, ctx)
-    dummy = tl.zeros([D], tl.float32)
     m_i, l_i, acc = _attend_range(
         q, m_i, l_i, acc, lo, hi, bt_ptr + b.to(tl.int64) * max_blocks, k_ptr, v_ptr, h, H_KV,
-        scale_log2, r, dummy, dummy, D, BLOCK_N, BS, False, False)
+        scale_log2, r, D, BLOCK_N, BS, False, False)
     idx = (b * (H_KV * GQA) + h * GQA + r) * (S_CTX + S_ANC) + split
     _store_partial(pm_ptr, pl_ptr, pacc_ptr, idx, rmask, m_i, l_i, acc, D)
     target = S_CTX
@@ -233,7 +272,7 @@ def _context_item(
     if old == target - 1:
         _merge_and_store(b, h, H_KV, seqset_ptr, alen_ptr, pm_ptr, pl_ptr, pacc_ptr, out_ptr, so_b, so_h,
                          gamma_ptr, gamma_val, S_CTX, S_ANC, GQA, GQA_PAD, D, MODE_GAMMA,
-                         GAMMA_PER_HEAD)
+                         GAMMA_PER_HEAD, S_PAD)
         tl.atomic_xchg(cnt_ptr + b * H_KV + h, 0)
 
 
@@ -247,7 +286,7 @@ def _decode_kernel(
     D: tl.constexpr, GQA: tl.constexpr, GQA_PAD: tl.constexpr, TILE_SEQ: tl.constexpr,
     M_CTX: tl.constexpr, M_ANC: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
     BSA: tl.constexpr, S_CTX: tl.constexpr, S_ANC: tl.constexpr, INT8: tl.constexpr,
-    MODE_GAMMA: tl.constexpr, GAMMA_PER_HEAD: tl.constexpr,
+    MODE_GAMMA: tl.constexpr, GAMMA_PER_HEAD: tl.constexpr, S_PAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if S_ANC > 0:
@@ -256,16 +295,19 @@ def _decode_kernel(
                          seqset_ptr, order_ptr, ks_ptr, vs_ptr, gamma_ptr, gamma_val, pm_ptr, pl_ptr,
                          pacc_ptr, cnt_ptr, out_ptr, B, H_KV, max_blocks, max_ablocks, chunk, achunk,
                          n_anchor_items, scale_log2, sq_b, sq_h, so_b, so_h, D, GQA, GQA_PAD, TILE_SEQ,
-                         M_CTX, M_ANC, BLOCK_N, BS, BSA, S_CTX, S_ANC, INT8, MODE_GAMMA, GAMMA_PER_HEAD)
+                         M_CTX, M_ANC, BLOCK_N, BS, BSA, S_CTX, S_ANC, INT8, MODE_GAMMA, GAMMA_PER_HEAD,
+                         S_PAD)
         else:
             _context_item(pid - n_anchor_items, q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, ak_ptr, av_ptr, abt_ptr, alen_ptr,
                          seqset_ptr, order_ptr, ks_ptr, vs_ptr, gamma_ptr, gamma_val, pm_ptr, pl_ptr,
                          pacc_ptr, cnt_ptr, out_ptr, B, H_KV, max_blocks, max_ablocks, chunk, achunk,
                          n_anchor_items, scale_log2, sq_b, sq_h, so_b, so_h, D, GQA, GQA_PAD, TILE_SEQ,
-                         M_CTX, M_ANC, BLOCK_N, BS, BSA, S_CTX, S_ANC, INT8, MODE_GAMMA, GAMMA_PER_HEAD)
+                         M_CTX, M_ANC, BLOCK_N, BS, BSA, S_CTX, S_ANC, INT8, MODE_GAMMA, GAMMA_PER_HEAD,
+                         S_PAD)
     else:
         _context_item(pid, q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, ak_ptr, av_ptr, abt_ptr, alen_ptr,
                          seqset_ptr, order_ptr, ks_ptr, vs_ptr, gamma_ptr, gamma_val, pm_ptr, pl_ptr,
                          pacc_ptr, cnt_ptr, out_ptr, B, H_KV, max_blocks, max_ablocks, chunk, achunk,
                          n_anchor_items, scale_log2, sq_b, sq_h, so_b, so_h, D, GQA, GQA_PAD, TILE_SEQ,
-                         M_CTX, M_ANC, BLOCK_N, BS, BSA, S_CTX, S_ANC, INT8, MODE_GAMMA, GAMMA_PER_HEAD)
+                         M_CTX, M_ANC, BLOCK_N, BS, BSA, S_CTX, S_ANC, INT8, MODE_GAMMA, GAMMA_PER_HEAD,
+                         S_PAD)

@@ -191,11 +191,11 @@ def _num_sms(device: torch.device) -> int:
     return _sm_counts[idx]
 
 
-def _splits(tokens: int, items: int, sms: int, block_n: int, want: int | None) -> tuple[int, int]:
-    """(number of splits, tokens per split) so that items * splits fills the GPU ~2x over."""
-    max_splits = max(1, triton.cdiv(tokens, block_n))
+def _splits(tokens: int, items: int, sms: int, block_n: int, min_chunk: int,
+            want: int | None) -> tuple[int, int]:
+    """(number of splits, tokens per split) so that items * splits fills the GPU about twice."""
     s = want if want is not None else max(1, triton.cdiv(2 * sms, max(items, 1)))
-    s = min(max(s, 1), max_splits)
+    s = min(max(s, 1), max(1, triton.cdiv(tokens, min_chunk if want is None else block_n)))
     chunk = triton.cdiv(triton.cdiv(tokens, s), block_n) * block_n
     return triton.cdiv(tokens, chunk), chunk
 
@@ -257,7 +257,8 @@ def paged_attention_decode(
     block_n = 64 if on_gpu else 16
     sms = _num_sms(q.device)
     max_ctx = block_tables.shape[1] * bs
-    s_ctx, chunk = _splits(max_ctx, bsz * hkv, sms, block_n, num_splits)
+    min_chunk = 4 * block_n if on_gpu else block_n
+    s_ctx, chunk = _splits(max_ctx, bsz * hkv, sms, block_n, min_chunk, num_splits)
     s_anc, achunk, n_anchor_items, tile = 0, 0, 0, 1
     a = anchors
     if a is not None:
@@ -265,7 +266,12 @@ def paged_attention_decode(
         tile = min(triton.next_power_of_2(tile), triton.next_power_of_2(bsz))
         n_tiles = triton.cdiv(bsz, tile)
         max_alen = a.block_table.shape[1] * a.k.shape[1]
-        s_anc, achunk = _splits(max_alen, n_tiles * hkv, sms, block_n, anchor_splits)
+        if anchor_splits is None:
+            # Anchor items take about as long as context items: same token count per item.
+            achunk = min(chunk, triton.cdiv(max_alen, block_n) * block_n)
+            s_anc = triton.cdiv(max_alen, achunk)
+        else:
+            s_anc, achunk = _splits(max_alen, n_tiles * hkv, sms, block_n, block_n, anchor_splits)
         n_anchor_items = n_tiles * hkv * s_anc
     s_tot = s_ctx + s_anc
     dev = q.device
@@ -293,7 +299,7 @@ def paged_attention_decode(
         D=d, GQA=gqa, GQA_PAD=gqa_pad, TILE_SEQ=tile, M_CTX=max(16, gqa_pad),
         M_ANC=max(16, tile * gqa_pad), BLOCK_N=block_n, BS=bs, BSA=bsa, S_CTX=s_ctx, S_ANC=s_anc,
         INT8=int8, MODE_GAMMA=mode == "gamma", GAMMA_PER_HEAD=g_per_head,
-        num_warps=4, num_stages=2,
+        S_PAD=triton.next_power_of_2(max(s_ctx, s_anc)), num_warps=4, num_stages=2,
     )
     return out
 
@@ -312,6 +318,7 @@ def paged_attention_prefill(
     sm_scale: float | None = None,
     check: bool = True,
     out: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
@@ -320,8 +327,8 @@ def paged_attention_prefill(
     """Varlen-packed new tokens (q [T, H_q, D], cu_seqlens_q [B+1]) already written to the cache.
 
     Each new token attends to its sequence's anchors, all earlier tokens, and causally among the
-    new ones; context_lens include the new tokens. One host sync reads the longest q length.
-    out, if given, receives the result; block_m/block_n/num_warps/num_stages override the tiling.
+    new ones; context_lens include the new tokens. Without max_seqlen_q (the longest q length) one
+    host sync reads it. out, if given, receives the result; block_m/block_n/num_warps/num_stages override the tiling.
     """
     if not isinstance(cu_seqlens_q, torch.Tensor) or cu_seqlens_q.dim() != 1 or cu_seqlens_q.numel() < 2:
         raise _bad("cu_seqlens_q must be an int32 tensor [B+1] of cumulative new-token counts")
@@ -337,7 +344,7 @@ def paged_attention_prefill(
             ((q_lens >= 0).all(), "cu_seqlens_q must be non-decreasing"),
             ((q_lens <= context_lens).all(), "each sequence's new tokens must be counted in context_lens"),
         ])
-    max_q = int(q_lens.max()) if bsz else 0
+    max_q = max_seqlen_q if max_seqlen_q is not None else (int(q_lens.max()) if bsz else 0)
     q = q if q.stride(-1) == 1 else q.contiguous()
     _, bs, hkv, d = k_cache.shape
     hq = q.shape[1]

@@ -25,7 +25,8 @@ def _prefill_kernel(
     MODE_GAMMA: tl.constexpr, GAMMA_PER_HEAD: tl.constexpr,
 ):
     b = tl.program_id(0)
-    mt = tl.program_id(1)
+    # Longest tiles (last rows, most causal work) first, so the tail of the grid is short ones.
+    mt = tl.num_programs(1) - 1 - tl.program_id(1)
     hq = tl.program_id(2)
     h = hq // GQA
     q0 = tl.load(cu_ptr + b)
@@ -43,47 +44,46 @@ def _prefill_kernel(
         m_i = tl.full([BLOCK_M], NEG, tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
-        dummy = tl.zeros([D], tl.float32)
-        gam = tl.zeros([BLOCK_M], tl.float32)
-        if HAS_ANCHORS:
-            set_b = tl.load(seqset_ptr + b)
-            alen = tl.load(alen_ptr + tl.maximum(set_b, 0))
-            alen = tl.where(set_b >= 0, alen, 0)
-            ks = dummy
-            vs = dummy
-            if INT8:
-                ks = tl.load(ks_ptr + h * D + d)
-                vs = tl.load(vs_ptr + h * D + d)
-            a_row = abt_ptr + tl.maximum(set_b, 0).to(tl.int64) * max_ablocks
-            if MODE_GAMMA:
-                m_a = tl.full([BLOCK_M], NEG, tl.float32)
-                l_a = tl.zeros([BLOCK_M], tl.float32)
-                acc_a = tl.zeros([BLOCK_M, D], tl.float32)
-                m_a, l_a, acc_a = _attend_range(q, m_a, l_a, acc_a, 0, alen, a_row, ak_ptr, av_ptr, h,
-                                                H_KV, scale_log2, pos, ks, vs, D, BLOCK_N, BSA,
-                                                False, INT8)
-                if GAMMA_PER_HEAD:
-                    gam = gam + tl.load(gamma_ptr + hq)
-                else:
-                    gam = gam + gamma_val
-                # Without anchor tokens the anchor term is absent (g -> 0): plain attention.
-                gam = tl.where(alen > 0, gam, 0.0)
-            else:
-                m_i, l_i, acc = _attend_range(q, m_i, l_i, acc, 0, alen, a_row, ak_ptr, av_ptr, h,
-                                              H_KV, scale_log2, pos, ks, vs, D, BLOCK_N, BSA,
-                                              False, INT8)
         t_row = bt_ptr + b.to(tl.int64) * max_blocks
         # Tokens before this tile's first position are visible to all its rows: no causal mask.
         diag = prefix + mt * BLOCK_M
         m_i, l_i, acc = _attend_range(q, m_i, l_i, acc, 0, diag, t_row, k_ptr, v_ptr, h, H_KV,
-                                      scale_log2, pos, dummy, dummy, D, BLOCK_N, BS, False, False)
+                                      scale_log2, pos, D, BLOCK_N, BS, False, False)
         hi = tl.minimum(diag + BLOCK_M, ctx)
         m_i, l_i, acc = _attend_range(q, m_i, l_i, acc, diag, hi, t_row, k_ptr, v_ptr, h, H_KV,
-                                      scale_log2, pos, dummy, dummy, D, BLOCK_N, BS, True, False)
-        out = acc / l_i[:, None]
+                                      scale_log2, pos, D, BLOCK_N, BS, True, False)
         if HAS_ANCHORS:
+            # The anchors keep their own state (so INT8 scales fold exactly); concat then merges
+            # the two by log-sum-exp, gamma mixes them with fixed weights.
+            set_b = tl.load(seqset_ptr + b)
+            alen = tl.load(alen_ptr + tl.maximum(set_b, 0))
+            alen = tl.where(set_b >= 0, alen, 0)
+            qa = q
+            if INT8:
+                qa = (q.to(tl.float32) * tl.load(ks_ptr + h * D + d)[None, :]).to(q.dtype)
+            a_row = abt_ptr + tl.maximum(set_b, 0).to(tl.int64) * max_ablocks
+            m_a = tl.full([BLOCK_M], NEG, tl.float32)
+            l_a = tl.zeros([BLOCK_M], tl.float32)
+            acc_a = tl.zeros([BLOCK_M, D], tl.float32)
+            m_a, l_a, acc_a = _attend_range(qa, m_a, l_a, acc_a, 0, alen, a_row, ak_ptr, av_ptr, h,
+                                            H_KV, scale_log2, pos, D, BLOCK_N, BSA, False, INT8)
+            if INT8:
+                acc_a = acc_a * tl.load(vs_ptr + h * D + d)[None, :]
             if MODE_GAMMA:
+                if GAMMA_PER_HEAD:
+                    gam = tl.zeros([BLOCK_M], tl.float32) + tl.load(gamma_ptr + hq)
+                else:
+                    gam = tl.zeros([BLOCK_M], tl.float32) + gamma_val
+                # Without anchor tokens the anchor term is absent (g -> 0): plain attention.
+                gam = tl.where(alen > 0, gam, 0.0)
                 l_a = tl.where(l_a > 0, l_a, 1.0)
-                out = (1.0 - gam)[:, None] * out + gam[:, None] * (acc_a / l_a[:, None])
+                out = (1.0 - gam)[:, None] * (acc / l_i[:, None]) + gam[:, None] * (acc_a / l_a[:, None])
+            else:
+                m_t = tl.maximum(m_i, m_a)
+                wc = tl.exp2(m_i - m_t)
+                wa = tl.exp2(m_a - m_t)
+                out = (acc * wc[:, None] + acc_a * wa[:, None]) / (l_i * wc + l_a * wa)[:, None]
+        else:
+            out = acc / l_i[:, None]
         tl.store(out_ptr + q_rows[:, None] * so_t + hq * so_h + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=mmask[:, None])

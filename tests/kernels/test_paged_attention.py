@@ -1,0 +1,267 @@
+"""PagedFieldprintAttention against the fp64 naive oracle (CPU: Triton interpreter, fp32/fp16).
+
+Every case draws fresh random inputs, scatters pages through non-contiguous block tables, and
+poisons the output with NaN first so that an unwritten element fails the comparison.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fieldprint.errors import KernelInputError
+from fieldprint.kernels.paged_attention import AnchorSet, paged_attention_decode, paged_attention_prefill
+from fieldprint.kernels.reference import reference_paged
+
+TOL = {torch.float32: 2e-5, torch.float16: 3e-3}
+
+
+def _pages(lens, bs, hkv, d, dtype, gen, spare=3):
+    """Random K/V pool with each sequence's pages scattered across it (non-contiguous tables)."""
+    per = [max(1, -(-int(n) // bs)) for n in lens]
+    mb = max(per) + 1  # one unused column: entries past a sequence's length are never read
+    nb = sum(per) + spare
+    k = torch.randn(nb, bs, hkv, d, generator=gen).to(dtype)
+    v = torch.randn(nb, bs, hkv, d, generator=gen).to(dtype)
+    perm = torch.randperm(nb, generator=gen)
+    bt = torch.full((len(lens), mb), 10**6, dtype=torch.int32)  # garbage past the used blocks
+    i = 0
+    for b, p in enumerate(per):
+        bt[b, :p] = perm[i : i + p].to(torch.int32)
+        i += p
+    return k, v, bt, torch.tensor(lens, dtype=torch.int32)
+
+
+def _anchors(alens, seq_set, bs, hkv, d, dtype, gen, int8=False, per_channel=True):
+    per = [max(1, -(-n // bs)) for n in alens]
+    nb = sum(per) + 2
+    if int8:
+        k = torch.randint(-127, 128, (nb, bs, hkv, d), generator=gen, dtype=torch.int8)
+        v = torch.randint(-127, 128, (nb, bs, hkv, d), generator=gen, dtype=torch.int8)
+        e = torch.randint(-9, -4, (hkv, d if per_channel else 1), generator=gen)
+        ks = (2.0 ** e.float()).expand(hkv, d).contiguous()
+        vs = (2.0 ** torch.randint(-8, -4, (hkv, 1), generator=gen).float()).expand(hkv, d).contiguous()
+    else:
+        k = torch.randn(nb, bs, hkv, d, generator=gen).to(dtype)
+        v = torch.randn(nb, bs, hkv, d, generator=gen).to(dtype)
+        ks = vs = None
+    perm = torch.randperm(nb, generator=gen)
+    bt = torch.zeros(len(alens), max(per), dtype=torch.int32)
+    i = 0
+    for s, p in enumerate(per):
+        bt[s, :p] = perm[i : i + p].to(torch.int32)
+        i += p
+    return AnchorSet(k, v, bt, torch.tensor(alens, dtype=torch.int32),
+                     torch.tensor(seq_set, dtype=torch.int32), ks, vs)
+
+
+def _relerr(out, ref):
+    assert not torch.isnan(out).any(), "unwritten (NaN-poisoned) or NaN output elements"
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+# Sampled corners of the matrix: ragged lengths (1, partial last blocks), block sizes 16/32/64,
+# GQA 1/4/8, D 64/128, anchors none / 1 block / many blocks / INT8, g in {0, 0.3, 1, per head}.
+DECODE_CASES = [
+    # lens, bs, hq, hkv, d, dtype, anchors: (alens, seq_set, int8) | None, mode, gamma
+    ([1, 37, 80], 16, 4, 1, 64, torch.float32, None, "concat", 0.0),
+    ([50, 17, 128], 32, 8, 2, 64, torch.float32, None, "gamma", 0.3),
+    ([70, 5], 64, 8, 1, 128, torch.float16, None, "concat", 0.0),
+    ([33, 90, 2, 64], 16, 8, 2, 64, torch.float32, ([16], [0, 0, -1, 0], False), "concat", 0.0),
+    ([33, 90, 2], 16, 4, 1, 64, torch.float32, ([100, 9], [1, 0, 1], False), "concat", 0.0),
+    ([45, 12, 77], 32, 2, 2, 64, torch.float32, ([70, 33], [0, -1, 1], False), "gamma", 0.3),
+    ([45, 12, 77], 16, 8, 1, 64, torch.float16, ([40, 64], [1, 1, 0], False), "gamma", 1.0),
+    ([60, 3, 31], 16, 4, 2, 128, torch.float32, ([50, 20], [0, 1, 0], True), "concat", 0.0),
+    ([60, 3, 31], 64, 8, 2, 64, torch.float16, ([130], [0, 0, -1], True), "gamma", 0.3),
+    ([20, 41], 32, 4, 1, 64, torch.float32, ([64, 5], [1, 0], False), "gamma", "head"),
+    ([20, 41, 9], 16, 4, 4, 64, torch.float32, ([30], [0, -1, 0], True), "gamma", 0.0),
+]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=[f"decode{i}" for i in range(len(DECODE_CASES))])
+def test_decode_matches_oracle(case):
+    lens, bs, hq, hkv, d, dtype, anc, mode, g = case
+    gen = torch.Generator().manual_seed(hash(str(case)) % 2**31)
+    k, v, bt, cl = _pages(lens, bs, hkv, d, dtype, gen)
+    a = _anchors(anc[0], anc[1], bs, hkv, d, dtype, gen, int8=anc[2]) if anc else None
+    gamma = torch.rand(hq, generator=gen) if g == "head" else g
+    q = torch.randn(len(lens), hq, d, generator=gen).to(dtype)
+    out = torch.full_like(q, float("nan"))
+    paged_attention_decode(q, k, v, bt, cl, a, mode=mode, gamma=gamma, out=out)
+    ref = reference_paged(q, None, k, v, bt, cl, a, mode=mode, gamma=gamma)
+    assert _relerr(out, ref) < TOL[dtype]
+
+
+PREFILL_CASES = [
+    # q_lens, prefix lens, bs, hq, hkv, d, dtype, anchors, mode, gamma
+    ([40, 1, 23], [0, 30, 17], 16, 4, 2, 64, torch.float32, None, "concat", 0.0),
+    ([33, 0, 50], [10, 5, 0], 32, 8, 1, 64, torch.float32, ([40, 70], [1, 0, 0], False), "concat", 0.0),
+    ([33, 19], [45, 0], 64, 4, 4, 64, torch.float16, ([17], [0, -1], False), "gamma", 0.3),
+    ([18, 29], [3, 21], 16, 8, 1, 128, torch.float32, ([50], [0, 0], True), "concat", 0.0),
+    ([26, 7, 40], [0, 60, 9], 16, 4, 1, 64, torch.float32, ([20, 33], [0, 1, -1], True), "gamma", 1.0),
+    ([30, 12], [0, 25], 32, 2, 2, 64, torch.float32, ([48], [0, 0], False), "gamma", "head"),
+]
+
+
+@pytest.mark.parametrize("case", PREFILL_CASES, ids=[f"prefill{i}" for i in range(len(PREFILL_CASES))])
+def test_prefill_matches_oracle(case):
+    qlens, prefix, bs, hq, hkv, d, dtype, anc, mode, g = case
+    gen = torch.Generator().manual_seed(hash(str(case)) % 2**31)
+    lens = [p + n for p, n in zip(prefix, qlens)]
+    k, v, bt, cl = _pages(lens, bs, hkv, d, dtype, gen)
+    a = _anchors(anc[0], anc[1], bs, hkv, d, dtype, gen, int8=anc[2]) if anc else None
+    gamma = torch.rand(hq, generator=gen) if g == "head" else g
+    cu = torch.tensor([0] + list(torch.tensor(qlens).cumsum(0)), dtype=torch.int32)
+    q = torch.randn(int(cu[-1]), hq, d, generator=gen).to(dtype)
+    out = torch.full_like(q, float("nan"))
+    paged_attention_prefill(q, cu, k, v, bt, cl, a, mode=mode, gamma=gamma, out=out)
+    ref = reference_paged(q, cu, k, v, bt, cl, a, mode=mode, gamma=gamma)
+    assert _relerr(out, ref) < TOL[dtype]
+
+
+def test_decode_splits_and_sharing_tiles_agree():
+    """Any split count and any sharing tile (several sets per tile too) computes the same function."""
+    gen = torch.Generator().manual_seed(7)
+    lens = [90, 61, 7, 128, 33]
+    k, v, bt, cl = _pages(lens, 16, 2, 64, torch.float32, gen)
+    a = _anchors([70, 20, 45], [2, 0, 2, -1, 1], 16, 2, 64, torch.float32, gen)
+    q = torch.randn(5, 8, 64, generator=gen)
+    ref = reference_paged(q, None, k, v, bt, cl, a, mode="gamma", gamma=0.3)
+    for splits, asplits, tile in [(1, 1, 1), (3, 2, 2), (8, 5, 4), (None, None, 8)]:
+        out = torch.full_like(q, float("nan"))
+        paged_attention_decode(q, k, v, bt, cl, a, mode="gamma", gamma=0.3, out=out,
+                               num_splits=splits, anchor_splits=asplits, seq_tile=tile)
+        assert _relerr(out, ref) < 2e-5, (splits, asplits, tile)
+
+
+def test_concat_equals_sdpa_on_concatenated_kv():
+    """An independent oracle: torch SDPA over [anchors; context] for a single decode query."""
+    gen = torch.Generator().manual_seed(11)
+    k, v, bt, cl = _pages([57], 16, 2, 64, torch.float32, gen)
+    a = _anchors([40], [0], 16, 2, 64, torch.float32, gen)
+    q = torch.randn(1, 4, 64, generator=gen)
+    out = paged_attention_decode(q, k, v, bt, cl, a)
+    kk = torch.cat([a.k[a.block_table[0].long()].reshape(-1, 2, 64)[:40],
+                    k[bt[0, :4].long()].reshape(-1, 2, 64)[:57]])
+    vv = torch.cat([a.v[a.block_table[0].long()].reshape(-1, 2, 64)[:40],
+                    v[bt[0, :4].long()].reshape(-1, 2, 64)[:57]])
+    kk = kk.transpose(0, 1).repeat_interleave(2, 0)[None]
+    vv = vv.transpose(0, 1).repeat_interleave(2, 0)[None]
+    ref = F.scaled_dot_product_attention(q[:, :, None], kk, vv)[:, :, 0]
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_gamma_without_anchors_is_plain_attention():
+    """No anchor set (-1) or an empty one: gamma's anchor term is absent, whatever g is."""
+    gen = torch.Generator().manual_seed(3)
+    k, v, bt, cl = _pages([40, 25, 60], 16, 2, 64, torch.float32, gen)
+    a = _anchors([30, 0], [-1, 1, 0], 16, 2, 64, torch.float32, gen)
+    q = torch.randn(3, 4, 64, generator=gen)
+    out = paged_attention_decode(q, k, v, bt, cl, a, mode="gamma", gamma=0.8)
+    plain = paged_attention_decode(q, k, v, bt, cl, None, mode="gamma", gamma=0.8)
+    assert torch.allclose(out[:2], plain[:2], atol=1e-6)
+    assert not torch.allclose(out[2], plain[2], atol=1e-3)  # sequence 2 does see its anchors
+    cu = torch.tensor([0, 5, 9, 12], dtype=torch.int32)
+    qp = torch.randn(12, 4, 64, generator=gen)
+    outp = paged_attention_prefill(qp, cu, k, v, bt, cl, a, mode="gamma", gamma=0.8)
+    plainp = paged_attention_prefill(qp, cu, k, v, bt, cl, None)
+    assert torch.allclose(outp[:9], plainp[:9], atol=1e-6)
+
+
+def test_int8_anchors_equal_their_dequantized_values():
+    """The kernel reads int8 codes; the result equals fp32 anchors holding code * scale."""
+    gen = torch.Generator().manual_seed(5)
+    k, v, bt, cl = _pages([44, 70], 32, 2, 64, torch.float32, gen)
+    a8 = _anchors([50], [0, 0], 32, 2, 64, torch.float32, gen, int8=True)
+    af = AnchorSet(a8.k.float() * a8.k_scale, a8.v.float() * a8.v_scale, a8.block_table, a8.lens,
+                   a8.seq_anchor_set)
+    q = torch.randn(2, 4, 64, generator=gen)
+    for mode in ("concat", "gamma"):
+        o8 = paged_attention_decode(q, k, v, bt, cl, a8, mode=mode, gamma=0.3)
+        of = paged_attention_decode(q, k, v, bt, cl, af, mode=mode, gamma=0.3)
+        assert torch.allclose(o8, of, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_is_deterministic():
+    gen = torch.Generator().manual_seed(9)
+    k, v, bt, cl = _pages([77, 120, 5], 16, 2, 64, torch.float32, gen)
+    a = _anchors([60], [0, 0, 0], 16, 2, 64, torch.float32, gen)
+    q = torch.randn(3, 8, 64, generator=gen)
+    o1 = paged_attention_decode(q, k, v, bt, cl, a, num_splits=4)
+    o2 = paged_attention_decode(q, k, v, bt, cl, a, num_splits=4)
+    assert torch.equal(o1, o2)
+
+
+def _base(gen=None):
+    gen = gen or torch.Generator().manual_seed(1)
+    k, v, bt, cl = _pages([20, 30], 16, 2, 64, torch.float32, gen)
+    q = torch.randn(2, 4, 64, generator=gen)
+    return q, k, v, bt, cl
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda a: a.update(q=a["q"].half()), "must be a contiguous"),
+    (lambda a: a.update(q=a["q"][:, :3]), "multiple of H_kv"),
+    (lambda a: a.update(block_tables=a["block_tables"].long()), "int32"),
+    (lambda a: a.update(context_lens=a["context_lens"][:1]), "B=2 rows"),
+    (lambda a: a.update(context_lens=torch.tensor([0, 5], dtype=torch.int32)), "context_lens must lie"),
+    (lambda a: a.update(context_lens=torch.tensor([20, 999], dtype=torch.int32)), "context_lens must lie"),
+    (lambda a: a["block_tables"].__setitem__((0, 0), 999), "outside [0, num_blocks"),
+    (lambda a: a.update(mode="sum"), "mode must be"),
+    (lambda a: a.update(gamma=1.5), "gamma must lie"),
+    (lambda a: a.update(gamma=torch.full((3,), 0.5)), "per-head gamma"),
+    (lambda a: a.update(gamma=torch.full((4,), 2.0)), "per-head gamma must lie"),
+])
+def test_decode_rejects_bad_inputs(mutate, needle):
+    q, k, v, bt, cl = _base()
+    args = dict(q=q, k_cache=k, v_cache=v, block_tables=bt, context_lens=cl, mode="concat", gamma=0.0)
+    mutate(args)
+    with pytest.raises(KernelInputError, match=needle.replace("[", r"\[").replace("(", r"\(")):
+        paged_attention_decode(**args)
+
+
+def test_anchor_inputs_are_validated():
+    gen = torch.Generator().manual_seed(2)
+    q, k, v, bt, cl = _base(gen)
+    a = _anchors([20], [0, -1], 16, 2, 64, torch.float32, gen, int8=True)
+    with pytest.raises(KernelInputError, match="k_scale"):
+        paged_attention_decode(q, k, v, bt, cl, AnchorSet(a.k, a.v, a.block_table, a.lens, a.seq_anchor_set))
+    bad = AnchorSet(a.k, a.v, a.block_table, a.lens, a.seq_anchor_set, a.k_scale * 3, a.v_scale)
+    with pytest.raises(KernelInputError, match="powers of two"):
+        paged_attention_decode(q, k, v, bt, cl, bad)
+    bad = AnchorSet(a.k, a.v, a.block_table, a.lens, torch.tensor([0, 4], dtype=torch.int32), a.k_scale, a.v_scale)
+    with pytest.raises(KernelInputError, match="seq_anchor_set"):
+        paged_attention_decode(q, k, v, bt, cl, bad)
+    bad = AnchorSet(a.k, a.v, a.block_table, torch.tensor([999], dtype=torch.int32), a.seq_anchor_set,
+                    a.k_scale, a.v_scale)
+    with pytest.raises(KernelInputError, match="anchors.lens"):
+        paged_attention_decode(q, k, v, bt, cl, bad)
+    bad = AnchorSet(a.k.float(), a.v, a.block_table, a.lens, a.seq_anchor_set, a.k_scale, a.v_scale)
+    with pytest.raises(KernelInputError, match="int8 codes"):
+        paged_attention_decode(q, k, v, bt, cl, bad)
+
+
+def test_prefill_rejects_bad_layout():
+    q, k, v, bt, cl = _base()
+    qp = torch.randn(10, 4, 64)
+    with pytest.raises(KernelInputError, match="end at the number of tokens"):
+        paged_attention_prefill(qp, torch.tensor([0, 4, 9], dtype=torch.int32), k, v, bt, cl)
+    with pytest.raises(KernelInputError, match="counted in context_lens"):
+        paged_attention_prefill(qp, torch.tensor([0, 1, 10], dtype=torch.int32), k, v, bt,
+                                torch.tensor([20, 8], dtype=torch.int32))
+    with pytest.raises(KernelInputError, match="cu_seqlens_q"):
+        paged_attention_prefill(qp, torch.tensor([0, 4, 10]), k, v, bt, cl)
+    with pytest.raises(KernelInputError, match="out must be"):
+        paged_attention_prefill(qp, torch.tensor([0, 4, 10], dtype=torch.int32), k, v, bt, cl,
+                                out=torch.empty(10, 4, 32))
+
+
+def test_scale_argument_is_used():
+    q, k, v, bt, cl = _base()
+    out = paged_attention_decode(q, k, v, bt, cl, sm_scale=0.05)
+    ref = reference_paged(q, None, k, v, bt, cl, sm_scale=0.05)
+    assert _relerr(out, ref) < 2e-5
+    assert math.isfinite(out.sum().item())
