@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from fieldprint.errors import EntryError, LogError, NoteError
 from fieldprint.ledger import merkle
 from fieldprint.ledger.entry import MAX_ENTRY_BYTES
-from fieldprint.ledger.merkle import EMPTY_ROOT, append_leaf, border_ids, border_root, leaf_hash
+from fieldprint.ledger.merkle import EMPTY_ROOT, NodeId, append_leaf, border_ids, border_root, leaf_hash, root_hash
 from fieldprint.ledger.note import Checkpoint, Signer, sign_note
-from fieldprint.ledger.storage.base import LogStorage
+from fieldprint.ledger.storage.base import STORED_MIN_LEVEL, LogStorage
 
 DEFAULT_BATCH_SIZE = 1024
 DEFAULT_BATCH_WAIT_MS = 1.0
@@ -102,7 +102,7 @@ class TransparencyLog:
         elif stored != self._verifier_key:
             raise LogError(f"this log was created with verifier key {stored}; open it with the matching signer key")
         self._size = storage.size()
-        self._border = storage.nodes(border_ids(self._size))  # recovery: the right border of the tree
+        self._border = self._get_nodes(border_ids(self._size))  # recovery: the right border of the tree
         self._batch_size, self._batch_wait = batch_size, batch_wait_ms / 1000.0
         self._interval = checkpoint_interval_s
         latest = storage.latest_checkpoint()
@@ -235,11 +235,27 @@ class TransparencyLog:
     def _integrate(self, entries: Sequence[bytes]) -> int:
         """Hash entries into a copy of the border and commit leaves + completed nodes at once."""
         start, border, emitted = self._size, list(self._border), []
-        for i, e in enumerate(entries):
-            append_leaf(border, start + i, leaf_hash(e), emitted)
-        self._storage.append(start, entries, emitted)
+        hashes = [leaf_hash(e) for e in entries]
+        for i, h in enumerate(hashes):
+            append_leaf(border, start + i, h, emitted)
+        nodes = [n for n in emitted if n[0] >= STORED_MIN_LEVEL]
+        self._storage.append(start, entries, hashes, nodes)
         self._border, self._size = border, start + len(entries)  # only after the commit returned
         return start
+
+    def _get_nodes(self, ids: Sequence[NodeId]) -> list[bytes]:
+        """Complete-node hashes: stored ones read directly, low ones re-hashed from <= 16 leaf hashes."""
+        low = {nid for nid in ids if nid[0] < STORED_MIN_LEVEL}
+        high = [nid for nid in ids if nid[0] >= STORED_MIN_LEVEL]
+        found = dict(zip(high, self._storage.nodes(high)))
+        if low:
+            leaves = self._storage.leaf_hashes([(i << lvl, (i + 1) << lvl) for lvl, i in low])
+            for lvl, i in low:
+                try:
+                    found[(lvl, i)] = root_hash([leaves[j] for j in range(i << lvl, (i + 1) << lvl)])
+                except KeyError as exc:
+                    raise LogError(f"leaf {exc.args[0]} is missing from storage; run audit()") from None
+        return [found[nid] for nid in ids]
 
     def _run_command(self, cmd: _Command) -> None:
         if not cmd.future.set_running_or_notify_cancel():
@@ -316,19 +332,19 @@ class TransparencyLog:
         """Root hash of the tree of the first `size` entries (default: the whole log)."""
         size = self._size if size is None else size
         self._check_index(size, self._size + 1, "size")
-        return merkle.subtree_root(size, self._storage.nodes) if size else EMPTY_ROOT
+        return merkle.subtree_root(size, self._get_nodes) if size else EMPTY_ROOT
 
     def inclusion_proof(self, index: int, size: int) -> list[bytes]:
         """Inclusion proof of entry `index` in the tree of `size` entries (0 <= index < size <= log size)."""
         self._check_index(size, self._size + 1, "size")
         self._check_index(index, size, "index")
-        return merkle.inclusion_proof(index, size, self._storage.nodes)
+        return merkle.inclusion_proof(index, size, self._get_nodes)
 
     def consistency_proof(self, size1: int, size2: int) -> list[bytes]:
         """Consistency proof from size1 to size2 (0 <= size1 <= size2 <= log size; empty from 0)."""
         self._check_index(size2, self._size + 1, "size2")
         self._check_index(size1, size2 + 1, "size1")
-        return merkle.consistency_proof(size1, size2, self._storage.nodes)
+        return merkle.consistency_proof(size1, size2, self._get_nodes)
 
     @staticmethod
     def _check_index(value: object, bound: int, what: str) -> None:
@@ -361,21 +377,24 @@ class TransparencyLog:
                 if got is None:
                     problems.append(f"node (level {level}, index {idx}) is missing")
                 elif got != h:
-                    what = f"leaf {idx}: stored leaf hash (node level 0)" if level == 0 else f"node (level {level}, index {idx})"
-                    problems.append(f"{what} does not match the hash recomputed from the entries")
+                    problems.append(f"node (level {level}, index {idx}) does not match the hash recomputed from the entries")
 
         border: list[bytes] = []
         emitted: list[tuple[int, int, bytes]] = []
         expected = 0
-        for idx, data in self._storage.entries(0, size):
+        for idx, data, stored_hash in self._storage.leaves(0, size):
             if idx != expected:
                 problems.append(f"leaves {expected}..{idx - 1} are missing; the tree above them cannot be recomputed")
                 break
-            append_leaf(border, idx, leaf_hash(data), emitted)
-            for level, i, h in emitted:
-                pending[level].append((i, h))
-                if len(pending[level]) >= 4096:
-                    check(level)
+            h = leaf_hash(data)
+            if h != stored_hash:
+                problems.append(f"leaf {idx}: the stored leaf hash does not match the hash of the stored entry")
+            append_leaf(border, idx, h, emitted)
+            for level, i, nh in emitted:
+                if level >= STORED_MIN_LEVEL:
+                    pending[level].append((i, nh))
+                    if len(pending[level]) >= 4096:
+                        check(level)
             emitted.clear()
             expected += 1
             if expected in want:
@@ -387,8 +406,9 @@ class TransparencyLog:
         for level in list(pending):
             check(level)
         for level, count in self._storage.node_count().items():
-            if count != (size >> level):
-                problems.append(f"level {level} stores {count} nodes, a tree of size {size} has {size >> level}")
+            want_count = (size >> level) if level >= STORED_MIN_LEVEL else 0
+            if count != want_count:
+                problems.append(f"level {level} stores {count} nodes, a tree of size {size} has {want_count} stored there")
         for s, note in cps:
             report.checkpoints_checked += 1
             try:

@@ -1,5 +1,10 @@
 """The storage interface a transparency log needs: append-only leaves, complete tree nodes, checkpoints.
 
+Each leaf row holds the entry and its leaf hash. Complete-subtree nodes are stored only from level
+STORED_MIN_LEVEL up: a node below it covers at most 2**STORED_MIN_LEVEL leaves and is re-hashed from
+their stored leaf hashes when a proof needs it, which makes appends write about one row per entry
+(instead of three) while a proof still reads O(log n) rows.
+
 One writer (the log's sequencer thread) calls `append` and `add_checkpoint`; any thread may read.
 `append` is one atomic, durable transaction: when it returns, the leaves, the nodes they complete
 and nothing else are stored; when it raises, nothing is. A backend (SQLite embedded, PostgreSQL at
@@ -12,6 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 
 NodeRow = tuple[int, int, bytes]  # (level, index, hash)
+STORED_MIN_LEVEL = 4
 
 
 class LogStorage(ABC):
@@ -30,8 +36,8 @@ class LogStorage(ABC):
         """Number of stored leaves (the integrated tree size)."""
 
     @abstractmethod
-    def append(self, start: int, entries: Sequence[bytes], nodes: Sequence[NodeRow]) -> None:
-        """Store entries at indices start.. and the complete nodes they close, in one transaction."""
+    def append(self, start: int, entries: Sequence[bytes], leaf_hashes: Sequence[bytes], nodes: Sequence[NodeRow]) -> None:
+        """Store entries (with their leaf hashes) at start.. and the nodes they complete, in one transaction."""
 
     @abstractmethod
     def add_checkpoint(self, size: int, note: str) -> None:
@@ -42,12 +48,16 @@ class LogStorage(ABC):
         """The entry at `index`, or None when absent."""
 
     @abstractmethod
-    def entries(self, start: int, end: int) -> Iterator[tuple[int, bytes]]:
-        """(index, entry) for start <= index < end, in index order."""
+    def leaves(self, start: int, end: int) -> Iterator[tuple[int, bytes, bytes]]:
+        """(index, entry, stored leaf hash) for start <= index < end, in index order."""
+
+    @abstractmethod
+    def leaf_hashes(self, ranges: Sequence[tuple[int, int]]) -> dict[int, bytes]:
+        """{index: stored leaf hash} for every index in the half-open ranges given."""
 
     @abstractmethod
     def nodes(self, ids: Sequence[tuple[int, int]]) -> list[bytes]:
-        """Hashes of the complete nodes (level, index) in the order asked; raises LogError if absent."""
+        """Hashes of stored nodes (level >= STORED_MIN_LEVEL) in the order asked; LogError if absent."""
 
     @abstractmethod
     def node_range(self, level: int, start: int, end: int) -> dict[int, bytes]:

@@ -21,7 +21,7 @@ from fieldprint.ledger.storage.base import LogStorage, NodeRow
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS leaves (idx INTEGER PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS leaves (idx INTEGER PRIMARY KEY, hash BLOB NOT NULL, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS nodes (
     level INTEGER NOT NULL, idx INTEGER NOT NULL, hash BLOB NOT NULL, PRIMARY KEY (level, idx)
 ) WITHOUT ROWID;
@@ -29,6 +29,7 @@ CREATE TABLE IF NOT EXISTS checkpoints (size INTEGER PRIMARY KEY, note TEXT NOT 
 """
 DURABILITY = {"full": "FULL", "normal": "NORMAL"}
 _NODE_SQL = "SELECT level, idx, hash FROM nodes WHERE level = ? AND idx = ?"
+_LEAF_HASH_SQL = "SELECT idx, hash FROM leaves WHERE idx >= ? AND idx < ?"
 _MAX_COMPOUND = 400  # SQLite allows at most 500 terms in a compound SELECT
 
 
@@ -101,11 +102,12 @@ class SQLiteStorage(LogStorage):
         row = self._reader().execute("SELECT MAX(idx) FROM leaves").fetchone()
         return 0 if row[0] is None else row[0] + 1
 
-    def append(self, start: int, entries: Sequence[bytes], nodes: Sequence[NodeRow]) -> None:
-        """Store entries at start.. and their completed nodes in one durable transaction."""
+    def append(self, start: int, entries: Sequence[bytes], leaf_hashes: Sequence[bytes], nodes: Sequence[NodeRow]) -> None:
+        """Store entries, their leaf hashes and the nodes they complete in one durable transaction."""
+        assert len(entries) == len(leaf_hashes)
         self._write(
             [
-                ("INSERT INTO leaves (idx, data) VALUES (?, ?)", [(start + i, e) for i, e in enumerate(entries)]),
+                ("INSERT INTO leaves (idx, hash, data) VALUES (?, ?, ?)", zip(range(start, start + len(entries)), leaf_hashes, entries)),
                 ("INSERT INTO nodes (level, idx, hash) VALUES (?, ?, ?)", nodes),
             ],
             many={0, 1},
@@ -120,16 +122,25 @@ class SQLiteStorage(LogStorage):
         row = self._reader().execute("SELECT data FROM leaves WHERE idx = ?", (index,)).fetchone()
         return row[0] if row else None
 
-    def entries(self, start: int, end: int) -> Iterator[tuple[int, bytes]]:
-        """(index, entry) for start <= index < end, fetched in chunks."""
+    def leaves(self, start: int, end: int) -> Iterator[tuple[int, bytes, bytes]]:
+        """(index, entry, leaf hash) for start <= index < end, fetched in chunks."""
         conn, chunk = self._reader(), 65536
         for lo in range(start, end, chunk):
             yield from conn.execute(
-                "SELECT idx, data FROM leaves WHERE idx >= ? AND idx < ? ORDER BY idx", (lo, min(lo + chunk, end))
+                "SELECT idx, data, hash FROM leaves WHERE idx >= ? AND idx < ? ORDER BY idx", (lo, min(lo + chunk, end))
             )
 
+    def leaf_hashes(self, ranges: Sequence[tuple[int, int]]) -> dict[int, bytes]:
+        """{index: leaf hash} for the half-open index ranges given, one query per 400 ranges."""
+        conn, found = self._reader(), {}
+        for lo in range(0, len(ranges), _MAX_COMPOUND):
+            part = ranges[lo : lo + _MAX_COMPOUND]
+            sql = " UNION ALL ".join([_LEAF_HASH_SQL] * len(part))
+            found.update(conn.execute(sql, [x for r in part for x in r]))
+        return found
+
     def nodes(self, ids: Sequence[tuple[int, int]]) -> list[bytes]:
-        """Hashes of the complete nodes asked for, in order, with one query per 400 nodes."""
+        """Hashes of the stored nodes asked for, in order, with one query per 400 nodes."""
         conn, found = self._reader(), {}
         # UNION ALL of primary-key point lookups: SQLite plans `(level, idx) IN (VALUES ...)` as a
         # full scan, while each arm here is one B-tree search (~40 us for a 25-node proof).
