@@ -142,7 +142,7 @@ def main() -> None:
     tmp = tempfile.mkdtemp()
     signer, _ = generate_key("bench.example/fieldprint-log")
     log = TransparencyLog.open(os.path.join(tmp, "log.sqlite"), signer, batch_size=64, batch_wait_ms=5)
-    committer = Committer(log, prof, max_pending=2 * B, digest_threads=4)
+    committer = Committer(log, prof, max_pending=2 * B, digest_threads=4, block_digests=True)
 
     def commit_session(session: int) -> None:
         t = a.prompt + a.steps

@@ -10,8 +10,8 @@ Division by a power of two is exact in float32 (the result stays a normal number
 exponent the profile allows), so the only rounding is the final round-half-to-even, which every
 IEEE machine does identically: the CPU reference here and the Triton kernel in
 fieldprint/kernels/quant.py give the same codes for the same inputs. Digests are BLAKE3 over a
-canonical header plus per-block digests (blocks of `block_size` tokens, the paged-cache block),
-so an audit can say which block differs.
+canonical header and the codes, plus per-block digests (blocks of `block_size` tokens, the
+paged-cache block) so an audit can say which block differs.
 
 This module is the CPU reference and the byte format; the profile lives in fieldprint/dqp_profile.py.
 """
@@ -19,7 +19,6 @@ This module is the CPU reference and the byte format; the profile lives in field
 from __future__ import annotations
 
 import struct
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import blake3
@@ -141,31 +140,23 @@ def _code_bytes(codes: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(codes)
 
 
-def block_digests(codes: torch.Tensor | np.ndarray, block_size: int, executor: Executor | None = None) -> list[bytes]:
+def block_digests(codes: torch.Tensor | np.ndarray, block_size: int) -> list[bytes]:
     """BLAKE3 of each run of `block_size` tokens of the codes (the last block may be partial)."""
     arr = _code_bytes(codes)
     if block_size < 1:
         raise DQPError(f"block size must be >= 1, got {block_size}")
-    t = arr.shape[0]
     stride = arr.shape[1] * arr.shape[2] * block_size
     view = memoryview(arr.reshape(-1).view(np.uint8))
-    starts = range(0, t * arr.shape[1] * arr.shape[2], stride)
-
-    def one(lo: int) -> bytes:
-        return blake3.blake3(view[lo : lo + stride]).digest()
-
-    if executor is None or len(starts) < 64:
-        return [one(lo) for lo in starts]
-    # blake3 releases the GIL while hashing, so blocks spread over threads hash in parallel.
-    return list(executor.map(one, starts, chunksize=max(1, len(starts) // 16)))
+    # One call per block, on one thread: handing the GIL between threads per 16 KB block costs
+    # more than the hashing (measured in benchmarks/quant_bench.py).
+    return [blake3.blake3(view[lo : lo + stride]).digest() for lo in range(0, arr.size, stride)]
 
 
-def state_digest(header: bytes, blocks: list[bytes]) -> str:
-    """Tagged digest of one state: BLAKE3(header || u32 block count || block digests)."""
-    h = blake3.blake3(header)
-    h.update(struct.pack("<I", len(blocks)))
-    for b in blocks:
-        h.update(b)
+def state_digest(header: bytes, codes: torch.Tensor | np.ndarray, threads: int = 1) -> str:
+    """Tagged digest of one state: BLAKE3(header || codes), on up to `threads` threads (same value)."""
+    arr = _code_bytes(codes)
+    h = blake3.blake3(header, max_threads=max(1, threads))
+    h.update(memoryview(arr.reshape(-1).view(np.uint8)))
     return tag_digest("blake3", h.digest())
 
 
@@ -196,16 +187,17 @@ class QuantizedState:
     layer: int
     kind: str
     block_size: int
-    blocks: list[bytes] = field(default_factory=list)  # per-block BLAKE3, filled by digest()
+    blocks: list[bytes] = field(default_factory=list)  # per-block BLAKE3, filled by digest(blocks=True)
 
     def header(self) -> bytes:
         """Canonical header bytes of this state."""
         return state_header(self.source_dtype, self.layer, self.kind, self.block_size, tuple(self.codes.shape), self.exponents)
 
-    def digest(self, executor: Executor | None = None) -> str:
-        """Tagged BLAKE3 digest of header + codes; also records the per-block digests."""
-        self.blocks = block_digests(self.codes, self.block_size, executor)
-        return state_digest(self.header(), self.blocks)
+    def digest(self, blocks: bool = True, threads: int = 1) -> str:
+        """Tagged BLAKE3 digest of header + codes; with `blocks`, also records the per-block digests."""
+        if blocks:
+            self.blocks = block_digests(self.codes, self.block_size)
+        return state_digest(self.header(), self.codes, threads)
 
     def dequantize(self) -> torch.Tensor:
         """Exact float32 values the codes stand for."""

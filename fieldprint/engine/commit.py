@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,7 +40,7 @@ class CommitReceipt:
     digest: str  # stack digest over all (layer, kind) states
     profile: str  # profile digest the codes were made with
     states: dict[StateKey, str]  # per-(layer, kind) DQP digest
-    blocks: dict[StateKey, list[bytes]]  # per-(layer, kind) block digests, for audits
+    blocks: dict[StateKey, list[bytes]]  # per-(layer, kind) block digests (empty lists when turned off)
 
 
 @dataclass(slots=True)
@@ -90,7 +90,8 @@ class Committer:
         profile: DQPProfile,
         *,
         max_pending: int = 4,
-        digest_threads: int = 2,
+        digest_threads: int = 1,
+        block_digests: bool = True,
     ) -> None:
         if max_pending < 1:
             raise CommitError(f"max_pending must be >= 1, got {max_pending}")
@@ -103,7 +104,8 @@ class Committer:
         self._receipts: list[CommitReceipt] = []
         self._inv: dict[tuple[tuple[StateKey, ...], torch.device], torch.Tensor] = {}
         self._side: torch.cuda.Stream | None = None
-        self._digest_pool = ThreadPoolExecutor(digest_threads, thread_name_prefix="dqp-digest") if digest_threads > 1 else None
+        self._digest_threads = digest_threads  # BLAKE3's own threads for the whole-state digest
+        self._block_digests = block_digests  # per-block digests in receipts (one hash call per block)
         self._closed = False
         self._worker = threading.Thread(target=self._run, name="fieldprint-committer", daemon=True)
         self._worker.start()
@@ -196,10 +198,12 @@ class Committer:
             self._side = torch.cuda.Stream(device=dev)
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(dev))
-        bad = torch.zeros(sum(len(keys) for keys, _ in groups), dtype=torch.int32, device=dev)
         offset = 0
         with torch.cuda.stream(self._side):
             self._side.wait_event(ready)
+            # Allocated on the side stream: memory from the forward stream's pool could be handed
+            # back to the forward pass while the side stream still writes it.
+            bad = torch.zeros(sum(len(keys) for keys, _ in groups), dtype=torch.int32, device=dev)
             for keys, x in groups:
                 x.record_stream(self._side)  # the allocator must not hand x's memory out before we read it
                 codes, _ = quantize_async(x, self._inverse_scales(keys, dev), bad=bad[offset : offset + len(keys)])
@@ -265,7 +269,7 @@ class Committer:
         for keys, group, dtype in zip(job.groups, codes, job.dtypes):
             for i, (layer, kind) in enumerate(keys):
                 qs = QuantizedState(group[i], self.profile.exponents(layer, kind), dtype, layer, kind, self.profile.block_size)
-                d = qs.digest(self._digest_pool)
+                d = qs.digest(blocks=self._block_digests, threads=self._digest_threads)
                 digests[(layer, kind)], blocks[(layer, kind)] = d, qs.blocks
                 parts.append((layer, kind, d))
         job.host_codes = []
@@ -325,8 +329,6 @@ class Committer:
             self._closed = True
             self._queue.put(None)
             self._worker.join()
-            if self._digest_pool is not None:
-                self._digest_pool.shutdown()
 
     def __enter__(self) -> Committer:
         return self
