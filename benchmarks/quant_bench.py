@@ -139,6 +139,30 @@ def main() -> None:
         committer.close()
         med = statistics.median(times)
         e2e[label] = dict(blocks=blocks, threads=n, s=med, bf16_input_GBps=2 * in_bytes / med / 1e9)
+    # The committer's GPU path against the CPU reference: same per-state digests and block digests;
+    # a NaN in one state fails that commit (CommitError on flush) and logs nothing.
+    from fieldprint.dqp import quantize as quantize_ref
+    from fieldprint.errors import CommitError
+
+    committer = Committer(log, prof, max_pending=4, digest_threads=2)
+    kk, vv = k[:, :300].clone(), v[:, :300].clone()
+    ticket = committer.submit_stack(kk, vv, session="check")
+    receipt = committer.flush()[0]
+    same = all(
+        receipt.states[(l, kind)] == (ref := quantize_ref((kk if kind == "K" else vv)[l].cpu(), prof, l, kind)).digest()
+        and receipt.blocks[(l, kind)] == ref.blocks
+        for l in range(L) for kind in "KV"
+    )
+    same = same and ticket.future.result() is receipt
+    size_before = log.size
+    vv[-1, 17, 1, 5] = float("nan")
+    committer.submit_stack(kk, vv, session="nan")
+    try:
+        committer.flush()
+        nan_refused = False
+    except CommitError as e:
+        nan_refused = "NaN" in str(e) and log.size == size_before
+    committer.close()
     log.close()
     out = dict(
         bench="quant_bench", device=torch.cuda.get_device_name() if cuda else "cpu-only smoke run",
@@ -146,7 +170,8 @@ def main() -> None:
         python=platform.python_version(), date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         stack_shape=[L, T, h, d], bf16_bytes_per_stack=in_bytes, identity_ok=ident_ok, identity=ident,
         kernel=kernel, d2h=dict(s=statistics.median(d2h), GBps=host.numel() / statistics.median(d2h) / 1e9),
-        digest_by_threads=digest, end_to_end_by_threads=e2e, goal_GBps=5.0,
+        digest_by_config=digest, end_to_end_by_config=e2e, goal_GBps=5.0,
+        committer_gpu_digests_equal_cpu_reference=same, committer_refuses_nan=nan_refused,
     )
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
@@ -155,6 +180,7 @@ def main() -> None:
     print(f"quant_bench on {out['device']}: stack [L={L}, T={T}, H={h}, D={d}] bf16, {in_bytes / 1e6:.0f} MB per K or V")
     print(f"identity CPU reference vs kernel: {sum(r['mismatches'] == 0 and r['same_digest'] for r in ident)}/{n_cases} cases identical "
           f"({sum(r['elements'] for r in ident)} elements, bf16/fp16/fp32)")
+    print(f"committer GPU path = CPU reference digests: {same}; NaN refused, nothing logged: {nan_refused}")
     if kernel:
         print(f"kernel: {kernel['ms'] * 1e3:.0f} us, {kernel['input_GBps']:.0f} GB/s bf16 in, {kernel['moved_GBps']:.0f} GB/s moved; "
               f"copy floor {kernel['floor_ms'] * 1e3:.0f} us ({kernel['fraction_of_floor']:.2f} of floor)")

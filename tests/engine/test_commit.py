@@ -1,0 +1,161 @@
+"""The asynchronous committer against the real transparency log (CPU path: background thread only)."""
+
+import threading
+
+import pytest
+import torch
+
+from fieldprint.dqp import DQPProfile, quantize, stack_digest
+from fieldprint.engine.commit import Committer
+from fieldprint.errors import CommitError, DQPError
+from fieldprint.ledger.entry import StateEntry
+from fieldprint.ledger.log import TransparencyLog
+from fieldprint.ledger.merkle import leaf_hash, verify_inclusion
+from fieldprint.ledger.note import Checkpoint, generate_key
+
+L, H, D, T = 3, 2, 16, 21
+
+
+@pytest.fixture
+def profile():
+    g = torch.Generator().manual_seed(0)
+    sample = {(l, k): torch.randn(40, H, D, generator=g) for l in range(L) for k in "KV"}
+    return DQPProfile.calibrate([sample], name="commit-test", num_layers=L, num_kv_heads=H, head_dim=D, block_size=8)
+
+
+@pytest.fixture
+def log(tmp_path):
+    signer, verifier = generate_key("test.example/fieldprint-log")
+    lg = TransparencyLog.open(tmp_path / "log.sqlite", signer, batch_size=8, batch_wait_ms=1)
+    lg.verifier = verifier
+    yield lg
+    try:
+        lg.close()
+    except Exception:
+        pass
+
+
+def _stack(seed: int, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(L, T, H, D, generator=g).to(dtype), torch.randn(L, T, H, D, generator=g).to(dtype)
+
+
+def test_commit_logs_a_state_entry_with_reference_digests(profile, log):
+    k, v = _stack(1)
+    with Committer(log, profile) as c:
+        ticket = c.submit_stack(k, v, session="s-1", state_type="observation", taint=("web",))
+        (receipt,) = c.flush()
+    assert ticket.future.result() is receipt
+    refs = {(l, kind): quantize((k if kind == "K" else v)[l], profile, l, kind) for l in range(L) for kind in "KV"}
+    for key, ref in refs.items():
+        assert receipt.states[key] == ref.digest()
+        assert receipt.blocks[key] == ref.blocks and len(ref.blocks) == 3  # 21 tokens in blocks of 8
+    assert receipt.digest == stack_digest([(l, kind, d) for (l, kind), d in receipt.states.items()])
+    entry = StateEntry.decode(log.entry(receipt.index))
+    assert log.entry(receipt.index) == receipt.entry
+    assert entry.digest == receipt.digest and entry.profile == profile.digest and entry.taint == ("web",)
+    cp = Checkpoint.open(log.checkpoint().note, [log.verifier])
+    verify_inclusion(leaf_hash(receipt.entry), receipt.index, cp.size, log.inclusion_proof(receipt.index, cp.size), cp.root_hash)
+
+
+def test_dict_and_stacked_submits_commit_the_same_digest(profile, log):
+    k, v = _stack(2, torch.float16)
+    with Committer(log, profile) as c:
+        a = c.submit_stack(k, v, session="a")
+        b = c.submit({(l, kind): (k if kind == "K" else v)[l] for l in range(L) for kind in "KV"}, session="b")
+        c.flush()
+    assert a.future.result().digest == b.future.result().digest
+    assert a.future.result().index != b.future.result().index
+
+
+def test_strided_inputs_commit_like_contiguous_ones(profile, log):
+    cache = torch.randn(L, H, T + 5, D).to(torch.bfloat16)  # a [L, H, T, D] cache; commit a [L, T, H, D] view
+    view = cache[:, :, 2 : T + 2].transpose(1, 2)
+    with Committer(log, profile) as c:
+        x = c.submit_stack(view, view, session="view")
+        y = c.submit_stack(view.contiguous(), view.contiguous(), session="copy")
+        c.flush()
+    assert x.future.result().digest == y.future.result().digest
+
+
+def test_nan_fails_only_that_commit_and_flush_reports_it(profile, log):
+    k, v = _stack(3)
+    bad_v = v.clone()
+    bad_v[2, 5, 1, 7] = float("nan")
+    c = Committer(log, profile, max_pending=2)
+    good1 = c.submit_stack(k, v, session="good-1")
+    bad = c.submit_stack(k, bad_v, session="bad")
+    good2 = c.submit_stack(v, k, session="good-2")
+    with pytest.raises(CommitError, match=r"session 'bad'.*NaN") as info:
+        c.flush()
+    assert isinstance(info.value.__cause__, DQPError)
+    assert sorted(r.session for r in info.value.receipts) == ["good-1", "good-2"]
+    with pytest.raises(CommitError):
+        bad.future.result()
+    assert log.size == 2 and good1.future.result().index != good2.future.result().index
+    assert c.flush() == []  # failures are reported once
+    c.close()
+
+
+def test_log_failure_surfaces_on_flush(profile, log):
+    k, v = _stack(4)
+    c = Committer(log, profile)
+    log.close()
+    c.submit_stack(k, v, session="after-close")
+    with pytest.raises(CommitError, match="after-close"):
+        c.flush()
+    c.close()
+
+
+def test_back_pressure_loses_nothing_under_concurrent_submitters(profile, log):
+    k, v = _stack(5)
+    c = Committer(log, profile, max_pending=1)  # every submit beyond one queued commit blocks
+    errors = []
+
+    def worker(i: int) -> None:
+        try:
+            for j in range(4):
+                c.submit_stack(k, v, session=f"t{i}-{j}")
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    receipts = c.flush()
+    c.close()
+    assert not errors
+    assert [r.index for r in receipts] == list(range(12)) and log.size == 12
+    assert len({r.session for r in receipts}) == 12
+
+
+def test_wait_quantized_and_bad_submits(profile, log):
+    k, v = _stack(6)
+    with Committer(log, profile) as c:
+        ticket = c.submit_stack(k, v, session="w")
+        ticket.wait_quantized()  # the CPU path has read the inputs once this returns
+        k.zero_()  # so overwriting them now cannot change what is committed
+        with pytest.raises(CommitError, match="shape"):
+            c.submit_stack(k[:, :, :1], v, session="x")
+        with pytest.raises(CommitError, match="tensor"):
+            c.submit({(0, "K"): torch.randn(T, H, D + 1)}, session="x")
+        with pytest.raises(DQPError, match="outside"):
+            c.submit({(L, "K"): torch.randn(T, H, D)}, session="x")
+        with pytest.raises(CommitError, match="at least one"):
+            c.submit({}, session="x")
+        (receipt,) = c.flush()
+    k2, _ = _stack(6)
+    assert receipt.states[(0, "K")] == quantize(k2[0], profile, 0, "K").digest()
+    with pytest.raises(CommitError, match="closed"):
+        c.submit_stack(k, v, session="late")
+
+
+def test_lean_mode_skips_block_digests_but_not_the_digest(profile, log):
+    k, v = _stack(7)
+    with Committer(log, profile, block_digests=False, digest_threads=2) as c:
+        c.submit_stack(k, v, session="lean")
+        (receipt,) = c.flush()
+    assert receipt.blocks[(1, "K")] == []
+    assert receipt.states[(1, "K")] == quantize(k[1], profile, 1, "K").digest()
