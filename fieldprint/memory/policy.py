@@ -272,6 +272,16 @@ class PromotionGate:
             return f"stored fields {diff} differ from the ledger entry: the stored state was altered"
         return why
 
+    def verify(self, state: State, checkpoint: Checkpoint | None = None) -> Check:
+        """Check (1) alone: does this stored state match its ledger entry under a signed checkpoint?"""
+        cp, cp_error = checkpoint, None
+        if cp is None:
+            try:
+                cp = self.checkpoint()
+            except FieldprintError as e:
+                cp_error = str(e)
+        return self._verify_state(state, cp, cp_error)
+
     def _records(self, state_id: str, cp: Checkpoint | None, now: int) -> tuple[list[_Valid], list[Check]]:
         valid: list[_Valid] = []
         rejected: list[Check] = []
@@ -316,7 +326,7 @@ class PromotionGate:
         if cp is None:
             try:
                 cp = self.checkpoint()
-            except (PolicyError, FieldprintError) as e:
+            except FieldprintError as e:
                 cp_error = str(e)
         ledger = self._verify_state(state, cp, cp_error)
         type_ok = state.state_type in self.config.promotable_types

@@ -189,6 +189,15 @@ class Pacemaker:
         """Validate, label, commit and index one state; on any error nothing is stored or indexed."""
         with self._lock:
             parent_states = self.store.require(parents)
+            if parent_states:
+                # Labels are read from the store, so a parent must match its ledger entry before anything
+                # inherits from it: otherwise erasing a parent's taint in the store would launder its children.
+                checkpoint = self.gate.checkpoint()
+                for parent in parent_states:
+                    check = self.gate.verify(parent, checkpoint)
+                    if not check.ok:
+                        raise StateError(f"parent {parent.state_id} does not verify against the ledger ({check.detail}); "
+                                         f"refusing to derive from it")
             if text is None and tensor is None:
                 raise StateError("a state needs content: give text, a tensor reference, or both")
             # Content already seen tainted stays tainted, whoever stores it again.
