@@ -69,7 +69,7 @@ class AuditReport:
 
 @dataclass(slots=True)
 class _Command:
-    kind: str  # "checkpoint" | "flush" | "extend"
+    kind: str  # "checkpoint" | "flush" | "extend" | "audit"
     future: Future
     payload: Sequence[bytes] = ()
 
@@ -161,6 +161,8 @@ class TransparencyLog:
 
     def _command(self, kind: str, payload: Sequence[bytes] = ()):
         self._check_open()
+        if threading.current_thread() is self._thread:
+            raise LogError(f"{kind}() called from a future's done-callback would wait on itself; call it elsewhere")
         fut: Future = Future()
         self._queue.put(_Command(kind, fut, payload))
         return fut.result()
@@ -263,6 +265,8 @@ class TransparencyLog:
         try:
             if cmd.kind == "checkpoint":
                 result = self._make_checkpoint()
+            elif cmd.kind == "audit":
+                result = self._audit()
             elif cmd.kind == "extend":
                 start = self._size
                 for lo in range(0, len(cmd.payload), BULK_CHUNK):
@@ -354,7 +358,13 @@ class TransparencyLog:
     # --- audit -----------------------------------------------------------------------------------
 
     def audit(self) -> AuditReport:
-        """Re-verify the whole stored log from its entries: every leaf, node and checkpoint."""
+        """Re-verify the whole stored log from its entries: every leaf, node and checkpoint.
+
+        It runs on the sequencer, so it sees one quiescent log: adds queue up while it runs.
+        """
+        return self._command("audit")
+
+    def _audit(self) -> AuditReport:
         size = self._size
         report = AuditReport(size)
         problems = report.problems

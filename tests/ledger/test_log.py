@@ -266,3 +266,38 @@ def test_every_proof_matches_in_memory_tree(db):
                 assert log.inclusion_proof(m, n) == merkle.inclusion_proof(m, n, get)
             for m in range(n + 1):
                 assert log.consistency_proof(m, n) == merkle.consistency_proof(m, n, get)
+
+
+def test_audit_while_adding_and_callback_guard(db):
+    with _open(db, batch_size=8) as log:
+        stop, errors = threading.Event(), []
+
+        def produce():
+            i = 0
+            while not stop.is_set():
+                log.add(b"live %d" % i)
+                i += 1
+                time.sleep(0.0005)
+
+        t = threading.Thread(target=produce)
+        t.start()
+        try:
+            for _ in range(5):
+                report = log.audit()
+                assert report.ok, report.problems
+        finally:
+            stop.set()
+            t.join()
+        fut = log.add(b"cb")
+        fut.add_done_callback(lambda f: errors.append(_capture(log.flush)))
+        fut.result()
+        log.flush()
+        assert errors and isinstance(errors[0], LogError) and "done-callback" in str(errors[0])
+
+
+def _capture(fn):
+    try:
+        fn()
+    except Exception as exc:  # the test inspects what was raised
+        return exc
+    return None

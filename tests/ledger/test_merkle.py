@@ -37,32 +37,27 @@ def _vectors(testdata_dir, kind):
     return [(f, json.load(open(f))) for f in files]
 
 
-def test_inclusion_vectors(testdata_dir):
-    accepted = rejected = 0
-    for path, v in _vectors(testdata_dir, "inclusion"):
-        args = (_b(v["leafHash"]), v["leafIdx"], v["treeSize"], _proof(v["proof"]), _b(v["root"]))
+def _check_vectors(testdata_dir, kind, verify, make_args):
+    """Run every vector of one kind: happy paths must verify, every mutation must raise ProofError."""
+    outcome = {False: 0, True: 0}
+    for path, v in _vectors(testdata_dir, kind):
         if v["wantErr"]:
             with pytest.raises(ProofError):
-                verify_inclusion(*args)
-            rejected += 1
+                verify(*make_args(v))
         else:
-            verify_inclusion(*args)
-            accepted += 1
-    assert accepted >= 5 and rejected >= 50
+            verify(*make_args(v))
+        outcome[v["wantErr"]] += 1
+    assert outcome[False] >= 5 and outcome[True] >= 50
+
+
+def test_inclusion_vectors(testdata_dir):
+    _check_vectors(testdata_dir, "inclusion", verify_inclusion,
+                   lambda v: (_b(v["leafHash"]), v["leafIdx"], v["treeSize"], _proof(v["proof"]), _b(v["root"])))
 
 
 def test_consistency_vectors(testdata_dir):
-    accepted = rejected = 0
-    for path, v in _vectors(testdata_dir, "consistency"):
-        args = (v["size1"], v["size2"], _proof(v["proof"]), _b(v["root1"]), _b(v["root2"]))
-        if v["wantErr"]:
-            with pytest.raises(ProofError):
-                verify_consistency(*args)
-            rejected += 1
-        else:
-            verify_consistency(*args)
-            accepted += 1
-    assert accepted >= 5 and rejected >= 50
+    _check_vectors(testdata_dir, "consistency", verify_consistency,
+                   lambda v: (v["size1"], v["size2"], _proof(v["proof"]), _b(v["root1"]), _b(v["root2"])))
 
 
 def _mth(leaves):
