@@ -301,3 +301,10 @@ def _capture(fn):
     except Exception as exc:  # the test inspects what was raised
         return exc
     return None
+
+
+def test_added_entry_cannot_be_cancelled(db):
+    with _open(db, batch_wait_ms=50) as log:
+        fut = log.add(b"keep")
+        assert fut.cancel() is False
+        assert fut.result() == 0 and log.entry(0) == b"keep"
