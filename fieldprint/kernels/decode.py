@@ -1,8 +1,8 @@
 """Triton decode kernel: split-KV over the paged cache, shared anchors per group, one launch.
 
-One grid holds two kinds of work item. An anchor item (anchor-sharing tile, KV head, anchor split)
-multiplies the queries of up to TILE_SEQ sequences that share an anchor set by one slice of that
-set's anchor K/V, so the anchor bytes are read once per tile instead of once per sequence. A
+One grid holds two kinds of work item. An anchor item (tile of sequences sharing an anchor set, KV head,
+anchor split) multiplies the queries of up to TILE_SEQ sequences that share an anchor set by one
+slice of that set's anchor K/V, so the anchor bytes are read once per tile instead of once per sequence. A
 context item (sequence, KV head, context split) reads one slice of that sequence's own pages. Both
 write an unnormalized partial (m, l, acc) into a workspace and bump a per-(sequence, KV head)
 counter; the program that brings the counter to its target merges the partials (log-sum-exp for
@@ -165,7 +165,7 @@ def _store_partial(pm_ptr, pl_ptr, pacc_ptr, idx, rmask, m_i, l_i, acc, D: tl.co
 @triton.jit
 def _anchor_item(
     pid, q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr,
-    ak_ptr, av_ptr, abt_ptr, alen_ptr, seqset_ptr, order_ptr, ks_ptr, vs_ptr,
+    ak_ptr, av_ptr, abt_ptr, alen_ptr, seqset_ptr, order_ptr, start_ptr, ks_ptr, vs_ptr,
     gamma_ptr, gamma_val, pm_ptr, pl_ptr, pacc_ptr, cnt_ptr, out_ptr,
     B, H_KV, max_blocks, max_ablocks, chunk, achunk, n_anchor_items, scale_log2,
     sq_b, sq_h, so_b, so_h,
@@ -174,35 +174,37 @@ def _anchor_item(
     BSA: tl.constexpr, S_CTX: tl.constexpr, S_ANC: tl.constexpr, INT8: tl.constexpr,
     MODE_GAMMA: tl.constexpr, GAMMA_PER_HEAD: tl.constexpr, S_PAD: tl.constexpr,
 ):
-    """Anchor work item: (tile of sequences sharing an anchor set, KV head, anchor split)."""
+    """Anchor work item: (run of up to TILE_SEQ sequences sharing one anchor set, KV head, split).
+
+    Items exist for every sorted position; only those the plan marks as a run's tile start work,
+    the rest return at once (the grid is sized without reading the sets back to the host).
+    """
     d = tl.arange(0, D)
     split = pid % S_ANC
     t = pid // S_ANC
     h = t % H_KV
-    tile = t // H_KV
-    r = tl.arange(0, M_ANC)
-    j = r // GQA_PAD
-    gi = r % GQA_PAD
-    pos_r = tile * TILE_SEQ + j
-    rvalid = (j < TILE_SEQ) & (gi < GQA) & (pos_r < B)
-    seq_r = tl.load(order_ptr + pos_r, mask=rvalid, other=0)
-    set_r = tl.load(seqset_ptr + seq_r, mask=rvalid, other=-1)
-    rvalid = rvalid & (set_r >= 0)
-    q = tl.load(q_ptr + seq_r[:, None] * sq_b + (h * GQA + gi)[:, None] * sq_h + d[None, :],
-                mask=rvalid[:, None], other=0)
-    jv = tl.arange(0, TILE_SEQ)
-    pos_j = tile * TILE_SEQ + jv
-    jvalid = pos_j < B
-    seq_j = tl.load(order_ptr + pos_j, mask=jvalid, other=0)
-    set_j = tl.load(seqset_ptr + seq_j, mask=jvalid, other=-1)
-    jvalid = jvalid & (set_j >= 0)
-    if INT8:
-        # q.(code*s_k) == (q*s_k).code: with power-of-two scales the fold is exact (DQP values).
-        ks = tl.load(ks_ptr + h * D + d)
-        q = (q.to(tl.float32) * ks[None, :]).to(q.dtype)
-    # Sequences are sorted by anchor set, so a tile usually holds one set; loop over the few it has.
-    cur = tl.min(tl.where(jvalid, set_j, 1073741824), 0)
-    while cur < 1073741824:
+    p0 = t // H_KV
+    if tl.load(start_ptr + p0) != 0:
+        cur = tl.load(seqset_ptr + tl.load(order_ptr + p0))
+        r = tl.arange(0, M_ANC)
+        j = r // GQA_PAD
+        gi = r % GQA_PAD
+        pos_r = p0 + j
+        rvalid = (j < TILE_SEQ) & (gi < GQA) & (pos_r < B)
+        seq_r = tl.load(order_ptr + pos_r, mask=rvalid, other=0)
+        set_r = tl.load(seqset_ptr + seq_r, mask=rvalid, other=-1)
+        rvalid = rvalid & (set_r == cur)
+        q = tl.load(q_ptr + seq_r[:, None] * sq_b + (h * GQA + gi)[:, None] * sq_h + d[None, :],
+                    mask=rvalid[:, None], other=0)
+        jv = tl.arange(0, TILE_SEQ)
+        pos_j = p0 + jv
+        jvalid = pos_j < B
+        seq_j = tl.load(order_ptr + pos_j, mask=jvalid, other=0)
+        set_j = tl.load(seqset_ptr + seq_j, mask=jvalid, other=-1)
+        jvalid = jvalid & (set_j == cur)
+        if INT8:
+            # q.(code*s_k) == (q*s_k).code: with power-of-two scales the fold is exact (DQP values).
+            q = (q.to(tl.float32) * tl.load(ks_ptr + h * D + d)[None, :]).to(q.dtype)
         alen = tl.load(alen_ptr + cur)
         lo = split * achunk
         hi = tl.minimum(lo + achunk, alen)
@@ -215,26 +217,25 @@ def _anchor_item(
         if INT8:
             acc = acc * tl.load(vs_ptr + h * D + d)[None, :]
         idx = (seq_r * (H_KV * GQA) + h * GQA + gi) * (S_CTX + S_ANC) + S_CTX + split
-        _store_partial(pm_ptr, pl_ptr, pacc_ptr, idx, rvalid & (set_r == cur), m_i, l_i, acc, D)
-        cur = tl.min(tl.where(jvalid & (set_j > cur), set_j, 1073741824), 0)
-    # Every thread's partial stores must be ordered before the counter bump (release).
-    tl.debug_barrier()
-    old = tl.atomic_add(cnt_ptr + seq_j * H_KV + h, 1, mask=jvalid, sem="acq_rel", scope="gpu")
-    need = jvalid & (old == S_CTX + S_ANC - 1)
-    for jj in range(TILE_SEQ):
-        pick = jv == jj
-        if tl.sum(tl.where(pick & need, 1, 0), 0) > 0:
-            bj = tl.sum(tl.where(pick, seq_j, 0), 0)
-            _merge_and_store(bj, h, H_KV, seqset_ptr, alen_ptr, pm_ptr, pl_ptr, pacc_ptr, out_ptr, so_b, so_h,
-                             gamma_ptr, gamma_val, S_CTX, S_ANC, GQA, GQA_PAD, D, MODE_GAMMA,
-                             GAMMA_PER_HEAD, S_PAD)
-            tl.atomic_xchg(cnt_ptr + bj * H_KV + h, 0)
+        _store_partial(pm_ptr, pl_ptr, pacc_ptr, idx, rvalid, m_i, l_i, acc, D)
+        # Every thread's partial stores must be ordered before the counter bump (release).
+        tl.debug_barrier()
+        old = tl.atomic_add(cnt_ptr + seq_j * H_KV + h, 1, mask=jvalid, sem="acq_rel", scope="gpu")
+        need = jvalid & (old == S_CTX + S_ANC - 1)
+        for jj in range(TILE_SEQ):
+            pick = jv == jj
+            if tl.sum(tl.where(pick & need, 1, 0), 0) > 0:
+                bj = tl.sum(tl.where(pick, seq_j, 0), 0)
+                _merge_and_store(bj, h, H_KV, seqset_ptr, alen_ptr, pm_ptr, pl_ptr, pacc_ptr, out_ptr,
+                                 so_b, so_h, gamma_ptr, gamma_val, S_CTX, S_ANC, GQA, GQA_PAD, D,
+                                 MODE_GAMMA, GAMMA_PER_HEAD, S_PAD)
+                tl.atomic_xchg(cnt_ptr + bj * H_KV + h, 0)
 
 
 @triton.jit
 def _context_item(
     cid, q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr,
-    ak_ptr, av_ptr, abt_ptr, alen_ptr, seqset_ptr, order_ptr, ks_ptr, vs_ptr,
+    ak_ptr, av_ptr, abt_ptr, alen_ptr, seqset_ptr, order_ptr, start_ptr, ks_ptr, vs_ptr,
     gamma_ptr, gamma_val, pm_ptr, pl_ptr, pacc_ptr, cnt_ptr, out_ptr,
     B, H_KV, max_blocks, max_ablocks, chunk, achunk, n_anchor_items, scale_log2,
     sq_b, sq_h, so_b, so_h,
@@ -279,7 +280,7 @@ def _context_item(
 @triton.jit
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr,
-    ak_ptr, av_ptr, abt_ptr, alen_ptr, seqset_ptr, order_ptr, ks_ptr, vs_ptr,
+    ak_ptr, av_ptr, abt_ptr, alen_ptr, seqset_ptr, order_ptr, start_ptr, ks_ptr, vs_ptr,
     gamma_ptr, gamma_val, pm_ptr, pl_ptr, pacc_ptr, cnt_ptr, out_ptr,
     B, H_KV, max_blocks, max_ablocks, chunk, achunk, n_anchor_items, scale_log2,
     sq_b, sq_h, so_b, so_h,
@@ -292,21 +293,21 @@ def _decode_kernel(
     if S_ANC > 0:
         if pid < n_anchor_items:
             _anchor_item(pid, q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, ak_ptr, av_ptr, abt_ptr, alen_ptr,
-                         seqset_ptr, order_ptr, ks_ptr, vs_ptr, gamma_ptr, gamma_val, pm_ptr, pl_ptr,
+                         seqset_ptr, order_ptr, start_ptr, ks_ptr, vs_ptr, gamma_ptr, gamma_val, pm_ptr, pl_ptr,
                          pacc_ptr, cnt_ptr, out_ptr, B, H_KV, max_blocks, max_ablocks, chunk, achunk,
                          n_anchor_items, scale_log2, sq_b, sq_h, so_b, so_h, D, GQA, GQA_PAD, TILE_SEQ,
                          M_CTX, M_ANC, BLOCK_N, BS, BSA, S_CTX, S_ANC, INT8, MODE_GAMMA, GAMMA_PER_HEAD,
                          S_PAD)
         else:
             _context_item(pid - n_anchor_items, q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, ak_ptr, av_ptr, abt_ptr, alen_ptr,
-                         seqset_ptr, order_ptr, ks_ptr, vs_ptr, gamma_ptr, gamma_val, pm_ptr, pl_ptr,
+                         seqset_ptr, order_ptr, start_ptr, ks_ptr, vs_ptr, gamma_ptr, gamma_val, pm_ptr, pl_ptr,
                          pacc_ptr, cnt_ptr, out_ptr, B, H_KV, max_blocks, max_ablocks, chunk, achunk,
                          n_anchor_items, scale_log2, sq_b, sq_h, so_b, so_h, D, GQA, GQA_PAD, TILE_SEQ,
                          M_CTX, M_ANC, BLOCK_N, BS, BSA, S_CTX, S_ANC, INT8, MODE_GAMMA, GAMMA_PER_HEAD,
                          S_PAD)
     else:
         _context_item(pid, q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, ak_ptr, av_ptr, abt_ptr, alen_ptr,
-                         seqset_ptr, order_ptr, ks_ptr, vs_ptr, gamma_ptr, gamma_val, pm_ptr, pl_ptr,
+                         seqset_ptr, order_ptr, start_ptr, ks_ptr, vs_ptr, gamma_ptr, gamma_val, pm_ptr, pl_ptr,
                          pacc_ptr, cnt_ptr, out_ptr, B, H_KV, max_blocks, max_ablocks, chunk, achunk,
                          n_anchor_items, scale_log2, sq_b, sq_h, so_b, so_h, D, GQA, GQA_PAD, TILE_SEQ,
                          M_CTX, M_ANC, BLOCK_N, BS, BSA, S_CTX, S_ANC, INT8, MODE_GAMMA, GAMMA_PER_HEAD,

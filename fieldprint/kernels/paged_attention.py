@@ -15,7 +15,7 @@ empty anchor distribution would scale the output by (1-g), which no caller wants
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -36,7 +36,8 @@ class AnchorSet:
     block_table: [num_sets, max_anchor_blocks] int32; lens: [num_sets] int32 tokens per set.
     seq_anchor_set: [B] int32, the set each sequence attends to, -1 for none.
     k_scale, v_scale: [H_kv, D] float32 powers of two (int8 only): value = code * scale.
-    Treat it as immutable: the sequence order by set is computed once and kept in `order`.
+    Treat it as immutable: the decode plan (sequences sorted by set, sharing-tile starts) is
+    computed on the device once per tile size and kept in `plan`.
     """
 
     k: torch.Tensor
@@ -46,7 +47,7 @@ class AnchorSet:
     seq_anchor_set: torch.Tensor
     k_scale: torch.Tensor | None = None
     v_scale: torch.Tensor | None = None
-    order: torch.Tensor | None = None
+    plan: dict = field(default_factory=dict)
 
 
 def _bad(msg: str) -> KernelInputError:
@@ -215,10 +216,25 @@ def _gamma_args(gamma, q):
     return None, float(gamma), False
 
 
-def _anchor_order(a: AnchorSet) -> torch.Tensor:
-    if a.order is None:
-        a.order = torch.sort(a.seq_anchor_set, stable=True).indices.to(torch.int32)
-    return a.order
+def _anchor_plan(a: AnchorSet, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences sorted by anchor set, and which sorted positions start a sharing tile.
+
+    A run of sequences with one set is cut into tiles of `tile`; computed with device ops only, so
+    the grid (one potential tile per position) needs no host sync.
+    """
+    got = a.plan.get(tile)
+    if got is None:
+        s = a.seq_anchor_set
+        order = torch.sort(s, stable=True).indices
+        ss = s[order]
+        idx = torch.arange(s.shape[0], device=s.device)
+        new_run = torch.ones_like(ss, dtype=torch.bool)
+        new_run[1:] = ss[1:] != ss[:-1]
+        run_start = torch.cummax(torch.where(new_run, idx, 0), 0).values
+        start = (((idx - run_start) % tile) == 0) & (ss >= 0)
+        got = (order.to(torch.int32), start.to(torch.int32))
+        a.plan[tile] = got
+    return got
 
 
 def paged_attention_decode(
@@ -264,7 +280,7 @@ def paged_attention_decode(
     if a is not None:
         tile = seq_tile if seq_tile is not None else max(1, 64 // gqa_pad)
         tile = min(triton.next_power_of_2(tile), triton.next_power_of_2(bsz))
-        n_tiles = triton.cdiv(bsz, tile)
+        n_tiles = bsz  # one potential tile start per sorted position
         max_alen = a.block_table.shape[1] * a.k.shape[1]
         if anchor_splits is None:
             # Anchor items take about as long as context items: same token count per item.
@@ -283,16 +299,18 @@ def paged_attention_decode(
     gptr, gval, g_per_head = _gamma_args(gamma, q)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
     if a is not None:
-        ak, av, abt, alen, aset, order = a.k, a.v, a.block_table, a.lens, a.seq_anchor_set, _anchor_order(a)
+        ak, av, abt, alen, aset = a.k, a.v, a.block_table, a.lens, a.seq_anchor_set
+        order, start = _anchor_plan(a, tile)
         int8 = a.k.dtype == torch.int8
         ks, vs, bsa = (a.k_scale, a.v_scale, a.k.shape[1]) if int8 else (pm, pm, a.k.shape[1])
     else:
-        ak, av, abt, alen, aset, order, int8, ks, vs, bsa = (
-            k_cache, v_cache, block_tables, context_lens, context_lens, context_lens, False, pm, pm, bs)
+        ak, av, abt, alen, aset, order, start, int8, ks, vs, bsa = (
+            k_cache, v_cache, block_tables, context_lens, context_lens, context_lens, context_lens,
+            False, pm, pm, bs)
     grid = (n_anchor_items + bsz * hkv * s_ctx,)
     _decode_kernel[grid](
         q, k_cache, v_cache, block_tables.contiguous(), context_lens,
-        ak, av, abt.contiguous(), alen, aset, order, ks, vs,
+        ak, av, abt.contiguous(), alen, aset, order, start, ks, vs,
         gptr if gptr is not None else pm, gval, pm, pl, pacc, cnt, out,
         bsz, hkv, block_tables.shape[1], abt.shape[1], chunk, achunk, n_anchor_items,
         scale * _LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
@@ -350,7 +368,7 @@ def paged_attention_prefill(
     hq = q.shape[1]
     on_gpu = q.is_cuda
     bm = block_m or (128 if on_gpu else 16)
-    bn = block_n or (64 if on_gpu else 16)
+    bn = block_n or (128 if on_gpu else 16)
     out = _out_buffer(out, q)
     if max_q == 0:
         return out

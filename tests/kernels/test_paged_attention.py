@@ -135,6 +135,13 @@ def test_decode_splits_and_sharing_tiles_agree():
         paged_attention_decode(q, k, v, bt, cl, a, mode="gamma", gamma=0.3, out=out,
                                num_splits=splits, anchor_splits=asplits, seq_tile=tile)
         assert _relerr(out, ref) < 2e-5, (splits, asplits, tile)
+    # A long run of one set is cut into several sharing tiles (and a last, shorter one).
+    a = _anchors([70, 20], [0, 0, 0, 1, 0], 16, 2, 64, torch.float32, gen)
+    ref = reference_paged(q, None, k, v, bt, cl, a)
+    for tile in (1, 2, 4):
+        out = torch.full_like(q, float("nan"))
+        paged_attention_decode(q, k, v, bt, cl, a, out=out, seq_tile=tile, anchor_splits=2)
+        assert _relerr(out, ref) < 2e-5, tile
 
 
 def test_concat_equals_sdpa_on_concatenated_kv():
