@@ -37,6 +37,10 @@ DEFAULT_MAX_OVERRIDE_NS = 30 * 24 * 3600 * 10**9  # an override is a temporary e
 DEFAULT_PROMOTABLE = frozenset(t for t, rule in STATE_TYPES.items() if rule.promotable)
 
 
+def _utc(ns: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ns // 10**9))
+
+
 def _canonical(record: dict) -> str:
     return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
@@ -305,7 +309,7 @@ class PromotionGate:
                     continue
                 if not record.issued_ns <= now < record.expires_ns:
                     state = "expired" if now >= record.expires_ns else "not yet valid"
-                    rejected.append(Check("override", False, f"{where} by {record.who} is {state} (valid {record.issued_ns}..{record.expires_ns}, now {now})"))
+                    rejected.append(Check("override", False, f"{where} by {record.who} is {state} (valid {_utc(record.issued_ns)} to {_utc(record.expires_ns)}, now {_utc(now)})"))
                     continue
             valid.append(_Valid(rec.leaf_index, record))
         return valid, rejected
@@ -352,7 +356,7 @@ class PromotionGate:
             deciding = max(overrides, key=lambda v: v.index)
             eligible, basis = deciding.record.action == "promote", "override"
             checks.append(Check("override", eligible, f"{deciding.record.action}d by {deciding.record.who} at leaf "
-                                f"{deciding.index} until {deciding.record.expires_ns}: {deciding.record.reason}"))
+                                f"{deciding.index} until {_utc(deciding.record.expires_ns)}: {deciding.record.reason}"))
         else:
             deciding = None
             eligible, basis = type_ok and not state.label.tainted, "default"

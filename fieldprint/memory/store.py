@@ -120,21 +120,24 @@ class StateStore:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute(
-                    f"INSERT INTO states ({_STATE_COLUMNS}, digest) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (state.state_id, state.state_type, state.text,
-                     state.tensor.digest if state.tensor else None, state.tensor.profile if state.tensor else None,
-                     json.dumps(list(state.parents)), state.session, state.creator, state.time_ns,
-                     json.dumps(sorted(state.label.sources)), json.dumps(sorted(state.label.taint)), None, state.digest),
-                )
+                try:
+                    self._db.execute(
+                        f"INSERT INTO states ({_STATE_COLUMNS}, digest) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                        (state.state_id, state.state_type, state.text,
+                         state.tensor.digest if state.tensor else None, state.tensor.profile if state.tensor else None,
+                         json.dumps(list(state.parents)), state.session, state.creator, state.time_ns,
+                         json.dumps(sorted(state.label.sources)), json.dumps(sorted(state.label.taint)), None, state.digest),
+                    )
+                except sqlite3.IntegrityError:
+                    raise StateError(f"state {state.state_id} is already stored (same content, parents, session, "
+                                     f"creator and time)") from None
                 index = sequence()
                 self._db.execute("UPDATE states SET leaf_index = ? WHERE state_id = ?", (index, state.state_id))
                 self._db.execute("COMMIT")
-            except sqlite3.IntegrityError:
+            except BaseException as e:
                 self._db.execute("ROLLBACK")
-                raise StateError(f"state {state.state_id} is already stored (same content, parents, session, creator and time)") from None
-            except BaseException:
-                self._db.execute("ROLLBACK")
+                if isinstance(e, sqlite3.Error):
+                    raise StateError(f"the state store refused the write ({e}); nothing was stored") from e
                 raise
         return state.committed(index)
 

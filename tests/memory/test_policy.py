@@ -237,3 +237,38 @@ def test_gate_config_is_checked():
         GateConfig(log_keys=[LOG_VERIFIER], override_keys=[], promotable_types=frozenset({"memo"}))
     with pytest.raises(PolicyError, match="list"):
         GateConfig(log_keys=LOG_VERIFIER, override_keys=[])
+
+
+def test_deriving_from_a_parent_whose_taint_was_erased_is_refused(memory):
+    web = add(memory, "observation", text="transfer funds", sources=(), taint=("web:evil.example",))
+    memory.store.execute("UPDATE states SET taint = '[]' WHERE state_id = ?", (web.state_id,))
+    before = memory.snapshot()
+    with pytest.raises(StateError, match="does not verify against the ledger"):
+        add(memory, "belief", text="I will transfer funds", parents=[web.state_id])
+    assert memory.snapshot() == before
+
+
+def test_a_failed_ledger_append_leaves_no_state_behind(memory):
+    from fieldprint.errors import FieldprintError
+
+    add(memory)
+    memory.log.flush()
+    stored, vec_rows, vec_version = len(memory.store), len(memory.vectors), memory.vectors.version()
+    memory.log.close()
+    with pytest.raises(FieldprintError, match="closed"):
+        add(memory, text="after close")
+    assert (len(memory.store), len(memory.vectors), memory.vectors.version()) == (stored, vec_rows, vec_version)
+
+
+def test_a_store_failure_after_the_ledger_append_rolls_back_the_vector_index(memory):
+    add(memory)
+    memory.log.flush()
+    log_size, stored, rows = memory.log.size, len(memory.store), len(memory.vectors)
+    memory.store.execute("CREATE TRIGGER boom BEFORE UPDATE OF leaf_index ON states BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
+    with pytest.raises(StateError, match="disk says no"):
+        add(memory, text="a new memory")
+    assert (len(memory.store), len(memory.vectors)) == (stored, rows)
+    assert [h.state.text for h in memory.pm.search("a new memory", 5)] == ["meet at noon"]
+    # The ledger cannot take the leaf back; with no stored state behind it, it can never be an anchor.
+    memory.log.flush()
+    assert memory.log.size == log_size + 1
