@@ -276,15 +276,17 @@ class PromotionGate:
             return f"stored fields {diff} differ from the ledger entry: the stored state was altered"
         return why
 
+    def _checkpoint_or_why(self, checkpoint: Checkpoint | None) -> tuple[Checkpoint | None, str | None]:
+        if checkpoint is not None:
+            return checkpoint, None
+        try:
+            return self.checkpoint(), None
+        except FieldprintError as e:
+            return None, str(e)
+
     def verify(self, state: State, checkpoint: Checkpoint | None = None) -> Check:
         """Check (1) alone: does this stored state match its ledger entry under a signed checkpoint?"""
-        cp, cp_error = checkpoint, None
-        if cp is None:
-            try:
-                cp = self.checkpoint()
-            except FieldprintError as e:
-                cp_error = str(e)
-        return self._verify_state(state, cp, cp_error)
+        return self._verify_state(state, *self._checkpoint_or_why(checkpoint))
 
     def _records(self, state_id: str, cp: Checkpoint | None, now: int) -> tuple[list[_Valid], list[Check]]:
         valid: list[_Valid] = []
@@ -326,12 +328,7 @@ class PromotionGate:
             check = Check("ledger", False, "no such state in the store")
             return Decision(state_id, False, False, False, "unknown", None, (check,), (),
                             f"not an anchor: {state_id} is not a stored state")
-        cp, cp_error = checkpoint, None
-        if cp is None:
-            try:
-                cp = self.checkpoint()
-            except FieldprintError as e:
-                cp_error = str(e)
+        cp, cp_error = self._checkpoint_or_why(checkpoint)
         ledger = self._verify_state(state, cp, cp_error)
         type_ok = state.state_type in self.config.promotable_types
         checks = [

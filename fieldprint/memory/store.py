@@ -14,7 +14,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -115,31 +115,35 @@ class StateStore:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM records").fetchone()[0]
 
-    def insert_committed(self, state: State, sequence) -> State:
-        """Insert `state`, call `sequence()` for its leaf index, record it; all in one transaction."""
+    def insert_committed(self, states: Sequence[State], sequence: Callable[[], list[int]]) -> list[State]:
+        """Insert `states`, call `sequence()` for their leaf indices, record them; one transaction."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                try:
-                    self._db.execute(
-                        f"INSERT INTO states ({_STATE_COLUMNS}, digest) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                        (state.state_id, state.state_type, state.text,
-                         state.tensor.digest if state.tensor else None, state.tensor.profile if state.tensor else None,
-                         json.dumps(list(state.parents)), state.session, state.creator, state.time_ns,
-                         json.dumps(sorted(state.label.sources)), json.dumps(sorted(state.label.taint)), None, state.digest),
-                    )
-                except sqlite3.IntegrityError:
-                    raise StateError(f"state {state.state_id} is already stored (same content, parents, session, "
-                                     f"creator and time)") from None
-                index = sequence()
-                self._db.execute("UPDATE states SET leaf_index = ? WHERE state_id = ?", (index, state.state_id))
+                for state in states:
+                    try:
+                        self._db.execute(
+                            f"INSERT INTO states ({_STATE_COLUMNS}, digest) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                            (state.state_id, state.state_type, state.text,
+                             state.tensor.digest if state.tensor else None, state.tensor.profile if state.tensor else None,
+                             json.dumps(list(state.parents)), state.session, state.creator, state.time_ns,
+                             json.dumps(sorted(state.label.sources)), json.dumps(sorted(state.label.taint)), None,
+                             state.digest),
+                        )
+                    except sqlite3.IntegrityError:
+                        raise StateError(f"state {state.state_id} is already stored (same content, parents, session, "
+                                         f"creator and time)") from None
+                indices = sequence()
+                assert len(indices) == len(states)
+                self._db.executemany("UPDATE states SET leaf_index = ? WHERE state_id = ?",
+                                     [(i, st.state_id) for i, st in zip(indices, states)])
                 self._db.execute("COMMIT")
             except BaseException as e:
                 self._db.execute("ROLLBACK")
                 if isinstance(e, sqlite3.Error):
                     raise StateError(f"the state store refused the write ({e}); nothing was stored") from e
                 raise
-        return state.committed(index)
+        return [st.committed(i) for st, i in zip(states, indices)]
 
     def insert_record(self, record: PolicyRecord) -> None:
         """Store an override or revocation record that the ledger has sequenced."""
@@ -167,65 +171,105 @@ class Retrieved:
     score: float
 
 
+@dataclass(frozen=True, slots=True)
+class StateSpec:
+    """What a caller asks to remember; `Pacemaker.add_many` turns specs into committed states."""
+
+    state_type: str
+    session: str
+    creator: str
+    text: str | None = None
+    tensor: TensorRef | None = None
+    parents: Sequence[str] = ()
+    sources: Sequence[str] = ()
+    taint: Sequence[str] = ()
+    time_ns: int | None = None
+
+
 class Pacemaker:
     """The semantic path: commit states (store + ledger + vectors) and retrieve them per session."""
 
-    def __init__(self, store: StateStore, log, vectors: VectorStore, embedder: Embedder, gate: PromotionGate) -> None:
+    def __init__(self, store: StateStore, log, vectors: VectorStore, embedder: Embedder, gate: PromotionGate,
+                 compact_every: int = 256) -> None:
         if embedder.dim != vectors.dim:
             raise StateError(f"embedder {embedder.name} makes {embedder.dim}-d vectors, the vector store holds {vectors.dim}-d")
         self.store, self.log, self.vectors, self.embedder, self.gate = store, log, vectors, embedder, gate
+        # Every commit appends a small batch to the vector store; searches slow down as those pile up.
+        self.compact_every = compact_every
+        self._since_compact = 0
         self._lock = threading.Lock()
 
-    def add(
-        self,
-        state_type: str,
-        *,
-        session: str,
-        creator: str,
-        text: str | None = None,
-        tensor: TensorRef | None = None,
-        parents: Sequence[str] = (),
-        sources: Sequence[str] = (),
-        taint: Sequence[str] = (),
-        time_ns: int | None = None,
-    ) -> State:
+    def add(self, state_type: str, *, session: str, creator: str, text: str | None = None, tensor: TensorRef | None = None,
+            parents: Sequence[str] = (), sources: Sequence[str] = (), taint: Sequence[str] = (),
+            time_ns: int | None = None) -> State:
         """Validate, label, commit and index one state; on any error nothing is stored or indexed."""
-        with self._lock:
-            parent_states = self.store.require(parents)
-            if parent_states:
-                # Labels are read from the store, so a parent must match its ledger entry before anything
-                # inherits from it: otherwise erasing a parent's taint in the store would launder its children.
-                checkpoint = self.gate.checkpoint()
-                for parent in parent_states:
-                    check = self.gate.verify(parent, checkpoint)
-                    if not check.ok:
-                        raise StateError(f"parent {parent.state_id} does not verify against the ledger ({check.detail}); "
-                                         f"refusing to derive from it")
-            if text is None and tensor is None:
+        return self.add_many([StateSpec(state_type, session, creator, text, tensor, parents, sources, taint, time_ns)])[0]
+
+    def _build(self, specs: Sequence[StateSpec]) -> list[State]:
+        # Parents come from the store, never from the same batch: a parent must be committed and verified.
+        parent_states = {p.state_id: p for spec in specs for p in self.store.require(spec.parents)}
+        if parent_states:
+            # Labels are read from the store, so a parent must match its ledger entry before anything
+            # inherits from it: otherwise erasing a parent's taint in the store would launder its children.
+            checkpoint = self.gate.checkpoint()
+            for parent in parent_states.values():
+                check = self.gate.verify(parent, checkpoint)
+                if not check.ok:
+                    raise StateError(f"parent {parent.state_id} does not verify against the ledger ({check.detail}); "
+                                     f"refusing to derive from it")
+        digests = []
+        for spec in specs:
+            if spec.text is None and spec.tensor is None:
                 raise StateError("a state needs content: give text, a tensor reference, or both")
-            # Content already seen tainted stays tainted, whoever stores it again.
-            inherited = self.store.taint_for_digest(content_digest(text, tensor))
-            state = new_state(state_type, session=session, creator=creator, text=text, tensor=tensor,
-                              parents=parent_states, sources=sources, taint=set(taint) | inherited, time_ns=time_ns)
+            digests.append(content_digest(spec.text, spec.tensor))
+        # Content already seen tainted stays tainted, whoever stores it again (in this batch too).
+        batch_taint: dict[str, set[str]] = {}
+        for spec, digest in zip(specs, digests):
+            batch_taint.setdefault(digest, set()).update(spec.taint)
+        states = []
+        for spec, digest in zip(specs, digests):
+            inherited = self.store.taint_for_digest(digest) | batch_taint[digest]
+            states.append(new_state(
+                spec.state_type, session=spec.session, creator=spec.creator, text=spec.text, tensor=spec.tensor,
+                parents=[parent_states[p] for p in spec.parents], sources=spec.sources,
+                taint=set(spec.taint) | inherited, time_ns=spec.time_ns,
+            ))
+        if len({s.state_id for s in states}) != len(states):
+            raise StateError("the batch holds the same state twice (same content, parents, session, creator and time)")
+        return states
+
+    def add_many(self, specs: Sequence[StateSpec]) -> list[State]:
+        """Commit a batch: one embedding call, one store transaction, one vector append; all or nothing."""
+        with self._lock:
+            states = self._build(list(specs))
+            if not states:
+                return []
             # Embed before writing anything: an embedder failure must leave no trace.
-            vector = self.embedder.embed([text if text is not None else state.digest])
-            eligible = self.gate.eligible_by_default(state)
+            vectors = self.embedder.embed([s.text if s.text is not None else s.digest for s in states])
+            eligible = [self.gate.eligible_by_default(s) for s in states]
             version = self.vectors.version()
             indexed = False
 
-            def sequence() -> int:
+            def sequence() -> list[int]:
                 nonlocal indexed
-                index = self.log.add(state.entry().encode()).result()
-                self.vectors.add([state.state_id], vector, [state.session], [state.state_type], [eligible])
+                futures = [self.log.add(s.entry().encode()) for s in states]
+                indices = [f.result() for f in futures]
+                self.vectors.add([s.state_id for s in states], vectors, [s.session for s in states],
+                                 [s.state_type for s in states], eligible)
                 indexed = True
-                return index
+                return indices
 
             try:
-                return self.store.insert_committed(state, sequence)
+                committed = self.store.insert_committed(states, sequence)
             except BaseException:
                 if indexed:
                     self.vectors.rollback(version)
                 raise
+            self._since_compact += 1
+            if self.compact_every and self._since_compact >= self.compact_every:
+                self.vectors.compact()
+                self._since_compact = 0
+            return committed
 
     def search(self, text: str, k: int, *, session: str | None = None, state_type: str | None = None,
                anchors_only: bool = False) -> list[Retrieved]:

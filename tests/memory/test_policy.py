@@ -272,3 +272,36 @@ def test_a_store_failure_after_the_ledger_append_rolls_back_the_vector_index(mem
     # The ledger cannot take the leaf back; with no stored state behind it, it can never be an anchor.
     memory.log.flush()
     assert memory.log.size == log_size + 1
+
+
+def test_add_many_commits_a_batch_and_launders_nothing_inside_it(memory):
+    from fieldprint.memory.store import StateSpec
+
+    t = memory.clock.now
+    specs = [StateSpec("observation", "s-1", "agent", text="pay invoice 77", taint=("web:phish",), time_ns=t),
+             StateSpec("user_input", "s-1", "agent", text="pay invoice 77", sources=("user:alice",), time_ns=t),
+             StateSpec("user_input", "s-1", "agent", text="lunch at one", sources=("user:alice",), time_ns=t)]
+    states = memory.pm.add_many(specs)
+    assert [s.leaf_index for s in states] == [0, 1, 2]
+    assert [s.label.tainted for s in states] == [True, True, False]
+    assert [memory.gate.is_anchor(s.state_id) for s in states] == [False, False, True]
+    before = memory.snapshot()
+    with pytest.raises(StateError, match="same state twice"):
+        memory.pm.add_many([specs[2], specs[2]])
+    with pytest.raises(StateError, match="unknown state type"):
+        memory.pm.add_many([StateSpec("user_input", "s-1", "a", text="ok", sources=("u",), time_ns=t + 1),
+                            StateSpec("memo", "s-1", "a", text="bad", sources=("u",), time_ns=t + 1)])
+    assert memory.snapshot() == before
+
+
+def test_the_pacemaker_compacts_the_vector_store_as_it_goes(tmp_path):
+    from memory_harness import make_memory
+
+    m = make_memory(str(tmp_path))
+    m.pm.compact_every = 5
+    for i in range(12):
+        m.clock.now += 1
+        add(m, text=f"note {i}")
+    assert m.pm._since_compact == 2 and len(m.vectors) == 12
+    assert len(m.pm.search("note 7", 3)) == 3
+    m.close()

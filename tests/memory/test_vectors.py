@@ -116,3 +116,13 @@ def test_minilm_embedder_is_real_and_offline():
     # Meaning, not words: the two cat sentences share almost no words yet are far closer to each other.
     assert sims[0, 1] > 0.5 and sims[0, 1] > sims[0, 2] + 0.3
     assert e.embed([]).shape == (0, 384)
+
+
+def test_compact_keeps_rows_results_and_rollback_history(store):
+    v = unit_rows(30)
+    versions = [store.add([sid(i)], v[i:i + 1], ["s"], ["belief"], [True]) for i in range(30)]
+    before = [h.state_id for h in store.search(v[3], 5, exact=True)]
+    store.compact()
+    assert len(store) == 30 and [h.state_id for h in store.search(v[3], 5, exact=True)] == before
+    store.rollback(versions[9])
+    assert len(store) == 10
