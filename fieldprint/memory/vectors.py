@@ -116,11 +116,15 @@ class LanceVectorStore:
 
     TABLE = "states"
 
-    def __init__(self, path: str | os.PathLike, dim: int = 384, keep_versions: timedelta = timedelta(days=3650)) -> None:
+    def __init__(self, path: str | os.PathLike, dim: int = 384, keep_versions: timedelta = timedelta(days=3650),
+                 nprobes: int | None = None, refine_factor: int | None = None) -> None:
         import lancedb
         import pyarrow as pa
 
         self.dim = dim
+        # ANN tuning, LanceDB's own knobs (None = LanceDB's defaults): partitions probed, and how many
+        # times k candidates are re-ranked with the full vectors.
+        self.nprobes, self.refine_factor = nprobes, refine_factor
         self.keep_versions = keep_versions  # compact() prunes versions older than this; rollback needs them
         self.path = os.fspath(path)
         self._db = lancedb.connect(self.path)
@@ -181,6 +185,11 @@ class LanceVectorStore:
             q = q.where(" AND ".join(where), prefilter=True)
         if exact:
             q = q.bypass_vector_index()
+        else:
+            if self.nprobes:
+                q = q.nprobes(self.nprobes)
+            if self.refine_factor:
+                q = q.refine_factor(self.refine_factor)
         rows = q.to_arrow().to_pylist()
         return [Hit(r["state_id"], 1.0 - float(r["_distance"]), r["session"], r["state_type"], bool(r["promotable"]))
                 for r in rows]
