@@ -4,7 +4,8 @@
 host and SHA-256 it (the original v2.5 design; "full" = the layer's whole K/V so far, "new" =
 only this token's rows); (c) synchronous per token: the same once per decode step, for all
 layers; (d) asynchronous per-session commit: fieldprint.engine.commit.Committer (side stream,
-pinned copies, BLAKE3 + log append on a background thread) at the end of each session.
+pinned copies, BLAKE3 in a child process, log append on a background thread) at the end of each
+session; variants without per-block digests and with the hashing on a thread of this process.
 Random weights, real shapes. Prints a table, writes benchmarks/results/commit_bench.json.
 """
 
@@ -86,7 +87,7 @@ class DecodeStack:
 
 def sha256_host(t: torch.Tensor) -> bytes:
     """Synchronous device-to-host copy and SHA-256, the strawman."""
-    return hashlib.sha256(t.contiguous().cpu().numpy().tobytes()).digest()
+    return hashlib.sha256(t.contiguous().view(torch.int16).cpu().numpy().tobytes()).digest()
 
 
 def run_session(m: DecodeStack, prompt: int, steps: int, hook=None, per_token=None) -> None:
@@ -111,7 +112,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "commit_bench.json"))
     a = ap.parse_args()
     cuda = torch.cuda.is_available()
-    dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.bfloat16 if a.small else torch.float32)
     cfg = dict(LLAMA3_8B, layers=a.layers)
     if a.small:
         cfg = dict(hidden=256, heads=4, kv_heads=2, head_dim=64, ffn=512, layers=a.layers, vocab=1000)
@@ -142,8 +143,11 @@ def main() -> None:
     tmp = tempfile.mkdtemp()
     signer, _ = generate_key("bench.example/fieldprint-log")
     log = TransparencyLog.open(os.path.join(tmp, "log.sqlite"), signer, batch_size=64, batch_wait_ms=5)
-    committer = Committer(log, prof, max_pending=2 * B, digest_threads=4, block_digests=True)
-    lean = Committer(log, prof, max_pending=2 * B, digest_threads=4, block_digests=False)
+    committer = Committer(log, prof, max_pending=2 * B, digest_threads=4, block_digests=True, digest_process=True)
+    lean = Committer(log, prof, max_pending=2 * B, digest_threads=4, block_digests=False, digest_process=True)
+    in_thread = Committer(log, prof, max_pending=2 * B, digest_threads=4, block_digests=True, digest_process=False)
+    committers = {"d_async_session": committer, "d_async_session_no_block_digests": lean,
+                  "d_async_session_digest_in_thread": in_thread}
 
     def commit_session(session: int, c: Committer = committer) -> None:
         t = a.prompt + a.steps
@@ -184,25 +188,25 @@ def main() -> None:
         "c_sync_token_new": (lambda: run_session(m, a.prompt, a.sync_steps * 4, per_token=token_new), a.sync_steps * 4),
         "d_async_session": (lambda: regime_d(), n_fast),
         "d_async_session_no_block_digests": (lambda: regime_d(lean), n_fast),
+        "d_async_session_digest_in_thread": (lambda: regime_d(in_thread), n_fast),
     }
     # warm up: kernels, cuBLAS handles, the quantizer's compile, pinned buffers, the log
     run_session(m, a.prompt, 2)
-    regime_d()
-    committer.flush()
-    regime_d(lean)
-    lean.flush()
+    for c in committers.values():
+        regime_d(c)
+        c.flush()
     results = {name: [] for name in regimes}
-    flush_s = {"d_async_session": [], "d_async_session_no_block_digests": []}
+    flush_s = {name: [] for name in committers}
     for r in range(a.repeats):
         for name, (fn, steps) in regimes.items():  # interleaved, so drift hits every regime alike
             results[name].append(timed(fn, steps))
             if name in flush_s:
                 t0 = time.perf_counter()
-                receipts = (committer if name == "d_async_session" else lean).flush()
+                receipts = committers[name].flush()
                 flush_s[name].append(time.perf_counter() - t0)
                 assert len(receipts) == a.sessions * B
-    committer.close()
-    lean.close()
+    for c in committers.values():
+        c.close()
     log.close()
     base = statistics.median(results["a_no_hash"])
     rows = {}

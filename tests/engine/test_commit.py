@@ -159,3 +159,21 @@ def test_lean_mode_skips_block_digests_but_not_the_digest(profile, log):
         (receipt,) = c.flush()
     assert receipt.blocks[(1, "K")] == []
     assert receipt.states[(1, "K")] == quantize(k[1], profile, 1, "K").digest()
+
+
+def test_digest_process_gives_the_same_receipts_and_reports_nan(profile, log):
+    k, v = _stack(8)
+    bad_k = k.clone()
+    bad_k[1, 0, 0, 0] = float("inf")
+    with Committer(log, profile, digest_process=False) as here:
+        here.submit_stack(k, v, session="thread")
+        (ref,) = here.flush()
+    c = Committer(log, profile, digest_process=True, max_pending=2)
+    for i in range(3):  # the shared-memory segment is reused between commits
+        c.submit_stack(k, v, session=f"proc-{i}")
+    c.submit_stack(bad_k, v, session="proc-bad")
+    with pytest.raises(CommitError, match="proc-bad") as info:
+        c.flush()
+    c.close()
+    got = info.value.receipts
+    assert len(got) == 3 and all(r.states == ref.states and r.blocks == ref.blocks and r.digest == ref.digest for r in got)
