@@ -296,39 +296,30 @@ def section_decode(quick: bool) -> None:
 
 
 def section_tune(quick: bool) -> None:
-    """Split-count sweep for decode and tile sweep for prefill (pick defaults from these)."""
+    """Decode sweep (splits, stages, warps) on the shapes where anchors cost most in v3."""
     hq, hkv, d, bs = 32, 8, 128, 16
     rows = []
-    for bsz, ctx in ((1, 8192), (1, 131072), (8, 32768), (64, 8192)):
+    for bsz, ctx, atok, int8 in ((8, 131072, 2048, False), (8, 32768, 2048, False), (1, 8192, 8192, False),
+                                 (1, 131072, 0, False), (1, 131072, 8192, True)):
         ns = n_sets(2 * bsz * ctx * hkv * d * 2)
-        sets = [(torch.randn(bsz, hq, d, dtype=BF, device=DEV),) + paged(bsz, ctx, hkv, d, bs)
-                for _ in range(ns)]
+        sets = []
+        for _ in range(ns):
+            a = anchor_set(1, atok, hkv, d, bs, torch.zeros(bsz, device=DEV), int8=int8) if atok else None
+            sets.append((torch.randn(bsz, hq, d, dtype=BF, device=DEV),) + paged(bsz, ctx, hkv, d, bs) + (a,))
         out = torch.empty_like(sets[0][0])
-        for splits in (None, 4, 8, 16, 32, 64):
-            calls = [lambda s=s_: paged_attention_decode(s[0], *s[1:5], check=False, out=out,
-                                                         num_splits=splits) for s_ in sets]
+        base = None
+        for splits, w, st in ((None, 4, 2), (None, 4, 3), (None, 8, 2), ("x2", 4, 2), ("x4", 4, 2), ("x2", 4, 3)):
+            sp = None
+            if splits:
+                sp = max(1, triton.cdiv(2 * 132, bsz * hkv)) * int(splits[1:])
+            calls = [lambda s=s_: paged_attention_decode(s[0], *s[1:5], s[5], check=False, out=out,
+                                                         num_splits=sp, num_warps=w, num_stages=st)
+                     for s_ in sets]
             t = med_graph(calls, max(ns, 20))
-            rows.append(dict(kind="decode", B=bsz, ctx=ctx, splits=str(splits), us=t))
-            print(f"  decode B={bsz:3} ctx={ctx:6} splits={splits!s:>5}: {t:8.1f} us", flush=True)
+            rows.append(dict(B=bsz, ctx=ctx, anchors=atok, int8=int8, splits=str(sp), warps=w, stages=st, us=t))
+            print(f"  B={bsz:3} ctx={ctx:6} anc={atok:5} int8={int8!s:5} splits={sp!s:>5} w{w} s{st}: {t:8.1f} us",
+                  flush=True)
         del sets
-    n = 16384
-    k, v, bt, lens = paged(1, n, hkv, d, bs)
-    cu = torch.tensor([0, n], dtype=torch.int32, device=DEV)
-    q = torch.randn(n, hq, d, dtype=BF, device=DEV)
-    out = torch.empty_like(q)
-    for bm, bn, w, st in ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 32, 4, 4),
-                          (64, 64, 4, 3), (128, 128, 8, 2)):
-        try:
-            f = lambda: paged_attention_prefill(q, cu, k, v, bt, lens, check=False, out=out, max_seqlen_q=n,
-                                                block_m=bm, block_n=bn, num_warps=w, num_stages=st)
-            f()
-            t = med(f, rep=100)
-            tf = 4 * d * hq * n * n / 2 / t / 1e6
-        except Exception as e:
-            t, tf = float("nan"), float("nan")
-            print("  config failed", bm, bn, w, st, type(e).__name__, str(e)[:120])
-        rows.append(dict(kind="prefill", N=n, cfg=f"{bm}x{bn} w{w} s{st}", us=t, TFLOPs=tf))
-        print(f"  prefill N={n} {bm}x{bn} w{w} s{st}: {t:9.1f} us  {tf:6.0f} TFLOP/s", flush=True)
     RESULTS["tune"] = rows
 
 

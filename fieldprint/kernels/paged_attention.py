@@ -253,12 +253,15 @@ def paged_attention_decode(
     num_splits: int | None = None,
     anchor_splits: int | None = None,
     seq_tile: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """One query per sequence (q [B, H_q, D]) over anchors + paged context, in one kernel launch.
 
     check=False skips the data-dependent checks (one host sync); out, if given, receives the
     result (same shape and dtype as q, last dim contiguous); num_splits, anchor_splits and
-    seq_tile override the split-KV and anchor-sharing heuristics (seq_tile=1: no sharing).
+    seq_tile override the split-KV and anchor-sharing heuristics (seq_tile=1: no sharing);
+    num_warps/num_stages override the launch configuration.
     """
     bsz = q.shape[0] if q.dim() == 3 else -1
     _check_shapes(q, k_cache, v_cache, block_tables, context_lens, anchors, mode, gamma, bsz)
@@ -283,8 +286,10 @@ def paged_attention_decode(
         n_tiles = bsz  # one potential tile start per sorted position
         max_alen = a.block_table.shape[1] * a.k.shape[1]
         if anchor_splits is None:
-            # Anchor items take about as long as context items: same token count per item.
-            achunk = min(chunk, triton.cdiv(max_alen, block_n) * block_n)
+            # Anchor items take about as long as context items: same token count per item (half
+            # for int8, whose per-token conversion makes an anchor tile slower than a bf16 one).
+            per = chunk if a.k.dtype != torch.int8 else max(block_n, chunk // 2 // block_n * block_n)
+            achunk = min(per, triton.cdiv(max_alen, block_n) * block_n)
             s_anc = triton.cdiv(max_alen, achunk)
         else:
             s_anc, achunk = _splits(max_alen, n_tiles * hkv, sms, block_n, block_n, anchor_splits)
@@ -317,7 +322,7 @@ def paged_attention_decode(
         D=d, GQA=gqa, GQA_PAD=gqa_pad, TILE_SEQ=tile, M_CTX=max(16, gqa_pad),
         M_ANC=max(16, tile * gqa_pad), BLOCK_N=block_n, BS=bs, BSA=bsa, S_CTX=s_ctx, S_ANC=s_anc,
         INT8=int8, MODE_GAMMA=mode == "gamma", GAMMA_PER_HEAD=g_per_head,
-        S_PAD=triton.next_power_of_2(max(s_ctx, s_anc)), num_warps=4, num_stages=2,
+        S_PAD=triton.next_power_of_2(max(s_ctx, s_anc)), num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
