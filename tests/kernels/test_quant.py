@@ -84,3 +84,18 @@ def test_bad_kernel_inputs():
         quantize_async(torch.randn(4, H, D), inv.double())
     codes, bad = quantize_async(torch.randn(0, H, D), inv)
     assert codes.shape == (0, H, D) and int(bad) == 0
+
+
+def test_stacked_launch_uses_each_layers_scales_and_counts_per_layer():
+    from fieldprint.kernels.quant import stack_inverse_scales
+
+    p = _profile(layers=3)
+    cache = (torch.randn(3, H, 20, D) * 5).to(torch.bfloat16)  # [L, H, T, D]
+    stack = cache.transpose(1, 2)  # [L, T, H, D], strided
+    stack[2, 4, 1, 0] = float("nan")
+    codes, bad = quantize_async(stack, stack_inverse_scales(p, [0, 1, 2], "K", "cpu"))
+    assert bad.tolist() == [0, 0, 1]
+    for l in range(2):
+        assert torch.equal(codes[l], quantize_codes(stack[l], p.exponents(l, "K")))
+    with pytest.raises(DQPError, match="inverse scales"):
+        quantize_async(stack, stack_inverse_scales(p, [0, 1], "K", "cpu"))
