@@ -18,6 +18,7 @@ The child reads the codes from shared memory; only a short message per commit cr
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue
 import threading
 import time
@@ -131,8 +132,21 @@ class _DigestProcess:
         self._free: list[shared_memory.SharedMemory] = []
         self._all: list[shared_memory.SharedMemory] = []
 
+    def _reusable(self, nbytes: int) -> list[shared_memory.SharedMemory]:
+        return [s for s in self._free if nbytes <= s.size <= 2 * nbytes + (1 << 20)]
+
+    def can_take(self, nbytes: int) -> bool:
+        """Whether `nbytes` of shared memory is at hand: writing past a full /dev/shm kills the process."""
+        if self._reusable(nbytes):
+            return True
+        try:
+            st = os.statvfs("/dev/shm")
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize >= nbytes + (64 << 20)
+
     def _take(self, nbytes: int) -> shared_memory.SharedMemory:
-        fits = [s for s in self._free if nbytes <= s.size <= 2 * nbytes + (1 << 20)]
+        fits = self._reusable(nbytes)
         if fits:
             seg = min(fits, key=lambda s: s.size)
             self._free.remove(seg)
@@ -377,10 +391,13 @@ class Committer:
     def _commit(self, job: _Job) -> None:
         codes = self._codes(job)
         use_process = self._use_process if self._use_process is not None else job.copied is not None
+        if use_process and self._proc is None:
+            self._proc = _DigestProcess()
+        # Too little shared memory for this commit: hash it here instead (slower for the forward
+        # pass, never wrong).
+        use_process = use_process and self._proc.can_take(sum(c.numel() for c in codes))
         parts, digests, blocks = [], {}, {}
         if use_process:
-            if self._proc is None:
-                self._proc = _DigestProcess()
             groups = [([(key, self._header(key[0], key[1], dtype, tuple(group.shape[1:]))) for key in keys], group)
                       for keys, group, dtype in zip(job.groups, codes, job.dtypes)]
             results = iter(self._proc.digest(groups, self._block_digests, self._digest_threads, self.profile.block_size))
