@@ -109,8 +109,16 @@ def content_digest(text: str | None, tensor: TensorRef | None) -> str:
     """The tagged digest of a state's content: BLAKE3 of the UTF-8 text, the DQP digest, or both bound."""
     if text is None and tensor is None:
         raise StateError("a state needs content: give text, a tensor reference, or both")
+    if text is not None and not isinstance(text, str):
+        raise StateError(f"text must be a str, got {type(text).__name__}")
+    if tensor is not None and not isinstance(tensor, TensorRef):
+        raise StateError(f"tensor must be a TensorRef, got {type(tensor).__name__}")
     if tensor is None:
-        return tag_digest("blake3", blake3.blake3(text.encode("utf-8")).digest())
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise StateError("text is not valid Unicode (it holds lone surrogates)") from None
+        return tag_digest("blake3", blake3.blake3(data).digest())
     if text is None:
         return tensor.digest
     both = _canonical({"tensor": tensor.digest, "text": content_digest(text, None)})
@@ -218,14 +226,9 @@ def new_state(
     _label(creator, "creator")
     own_taint = frozenset(_label(s, "taint source") for s in taint)
     own_sources = frozenset(_label(s, "source") for s in sources) | own_taint
-    if text is not None:
-        if not isinstance(text, str):
-            raise StateError(f"text must be a str, got {type(text).__name__}")
-        if len(text.encode("utf-8")) > MAX_TEXT_BYTES:
-            raise StateError(f"text is over {MAX_TEXT_BYTES} bytes; store large content as a tensor reference")
-    if tensor is not None and not isinstance(tensor, TensorRef):
-        raise StateError(f"tensor must be a TensorRef, got {type(tensor).__name__}")
-    digest = content_digest(text, tensor)
+    digest = content_digest(text, tensor)  # also checks the content's types
+    if text is not None and len(text.encode("utf-8")) > MAX_TEXT_BYTES:
+        raise StateError(f"text is over {MAX_TEXT_BYTES} bytes; store large content as a tensor reference")
     if parents:
         if not rule.derived:
             raise StateError(f"a {state_type} enters memory from outside and cannot have parents; derive a belief or summary instead")

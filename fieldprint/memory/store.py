@@ -222,18 +222,21 @@ class Pacemaker:
             if spec.text is None and spec.tensor is None:
                 raise StateError("a state needs content: give text, a tensor reference, or both")
             digests.append(content_digest(spec.text, spec.tensor))
-        # Content already seen tainted stays tainted, whoever stores it again (in this batch too).
-        batch_taint: dict[str, set[str]] = {}
-        for spec, digest in zip(specs, digests):
-            batch_taint.setdefault(digest, set()).update(spec.taint)
-        states = []
-        for spec, digest in zip(specs, digests):
-            inherited = self.store.taint_for_digest(digest) | batch_taint[digest]
-            states.append(new_state(
+        # Content already seen tainted stays tainted, whoever stores it again (in this batch too, so a
+        # second pass gives every state the taint of any other state in the batch with the same content).
+        def build(spec: StateSpec, digest: str, extra: frozenset[str]) -> State:
+            return new_state(
                 spec.state_type, session=spec.session, creator=spec.creator, text=spec.text, tensor=spec.tensor,
                 parents=[parent_states[p] for p in spec.parents], sources=spec.sources,
-                taint=set(spec.taint) | inherited, time_ns=spec.time_ns,
-            ))
+                taint=set(spec.taint) | self.store.taint_for_digest(digest) | extra, time_ns=spec.time_ns,
+            )
+
+        states = [build(spec, d, frozenset()) for spec, d in zip(specs, digests)]
+        batch_taint: dict[str, frozenset[str]] = {}
+        for state, digest in zip(states, digests):
+            batch_taint[digest] = batch_taint.get(digest, frozenset()) | state.label.taint
+        states = [st if batch_taint[d] <= st.label.taint else build(spec, d, batch_taint[d])
+                  for st, spec, d in zip(states, specs, digests)]
         if len({s.state_id for s in states}) != len(states):
             raise StateError("the batch holds the same state twice (same content, parents, session, creator and time)")
         return states

@@ -213,6 +213,7 @@ def test_checkpoint_from_an_unconfigured_log_key_verifies_nothing(memory):
     (dict(state_type="belief", parents=["blake3:" + "00" * 32]), "not in the store"),
     (dict(state_type="summary", parents=[]), "at least one parent"),
     (dict(state_type="observation", session="two words"), "session"),
+    (dict(state_type="observation", text=b"bytes"), "must be a str"),
 ])
 def test_bad_states_are_refused_and_nothing_is_stored(memory, kwargs, match):
     add(memory)
@@ -285,6 +286,10 @@ def test_add_many_commits_a_batch_and_launders_nothing_inside_it(memory):
     assert [s.leaf_index for s in states] == [0, 1, 2]
     assert [s.label.tainted for s in states] == [True, True, False]
     assert [memory.gate.is_anchor(s.state_id) for s in states] == [False, False, True]
+    # Taint that arrives through a parent also reaches a same-content root in the same batch.
+    derived = StateSpec("belief", "s-1", "agent", text="wire 500", parents=(states[0].state_id,), time_ns=t)
+    root = StateSpec("user_input", "s-1", "agent", text="wire 500", sources=("user:alice",), time_ns=t)
+    assert [s.label.taint for s in memory.pm.add_many([root, derived])] == [{"web:phish"}, {"web:phish"}]
     before = memory.snapshot()
     with pytest.raises(StateError, match="same state twice"):
         memory.pm.add_many([specs[2], specs[2]])

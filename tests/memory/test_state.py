@@ -78,6 +78,9 @@ def test_user_input_may_become_an_instruction():
     (dict(state_type="belief", text="x", sources=("bad source",)), "source"),
     (dict(state_type="belief", text="x", sources=("u",), time_ns=-1), "time_ns"),
     (dict(state_type="belief", text=b"x", sources=("u",)), "must be a str"),
+    (dict(state_type="belief", text="\ud800", sources=("u",)), "lone surrogates"),
+    (dict(state_type="belief", tensor="blake3:00", sources=("u",)), "TensorRef"),
+    (dict(state_type="belief", text="x" * (1 << 20 + 1), sources=("u",)), "over"),
 ])
 def test_bad_input_is_a_clear_state_error(kwargs, match):
     state_type = kwargs.pop("state_type")
