@@ -308,3 +308,16 @@ def test_added_entry_cannot_be_cancelled(db):
         fut = log.add(b"keep")
         assert fut.cancel() is False
         assert fut.result() == 0 and log.entry(0) == b"keep"
+
+
+def test_failed_commit_fails_the_batch_and_writes_nothing(db):
+    with _open(db, batch_size=3, batch_wait_ms=50, checkpoint_interval_s=None) as log:
+        wait_all([log.add(b"ok %d" % i) for i in range(4)])
+        # Another writer took index 5: the next batch (indices 4, 5, 6) must fail as a whole.
+        _tamper(db, "INSERT INTO leaves (idx, hash, data) VALUES (5, ?, ?)", (bytes(32), b"intruder"))
+        futures = [log.add(b"batch %d" % i) for i in range(3)]
+        for f in futures:
+            with pytest.raises(LogError, match="nothing was written"):
+                f.result()
+        assert log.size == 4 and log._storage.entry(4) is None and log._storage.entry(6) is None
+        assert log.checkpoint().size == 4
