@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, multiple, rule
 
@@ -123,6 +123,7 @@ class GateMachine(RuleBasedStateMachine):
             with pytest.raises(StateError):
                 self.m.pm.add(state_type, session="s", creator="agent", text=text, parents=parents, time_ns=self._tick())
             assert self.m.snapshot() == before
+            event("derive refused")
             return multiple()
         s = self.m.pm.add(state_type, session="s", creator="agent", text=text, parents=parents, time_ns=self._tick())
         expect = any(self.model.states[p].tainted for p in parents) or self.model.store_taints(text)
@@ -149,6 +150,7 @@ class GateMachine(RuleBasedStateMachine):
         assert record.state_id == sid
         index = self.m.store.records_for(sid)[-1].leaf_index
         self.model.overrides[index] = ModelOverride(sid, action, issued, issued + ttl)
+        event(f"override applied ({action})")
 
     @rule(sid=states, which=st.integers(0, 3), rogue=st.booleans())
     def revoke(self, sid, which, rogue):
@@ -193,6 +195,8 @@ class GateMachine(RuleBasedStateMachine):
         for sid, s in self.model.states.items():
             d = self.m.gate.explain(sid, checkpoint=cp)
             expected, by_override = self.model.expected_anchor(sid, now)
+            if s.tainted and not d.anchor:
+                event("tainted state kept out")
             assert d.anchor == expected, (d.sentence, s)
             assert d.verified == (not s.tampered), d.sentence
             if d.anchor:  # the safety property, stated directly
@@ -200,9 +204,10 @@ class GateMachine(RuleBasedStateMachine):
                 assert by_override or (STATE_TYPES[s.state_type].promotable and not s.tainted)
                 if by_override:
                     assert d.basis == "override"
+                    event("anchor by override seen")
 
 
-GateMachine.TestCase.settings = settings(max_examples=25, stateful_step_count=18, deadline=None,
+GateMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=20, deadline=None,
                                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 test_gate_machine = GateMachine.TestCase
 
