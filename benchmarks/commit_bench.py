@@ -85,6 +85,59 @@ class DecodeStack:
         return logits.argmax(-1)
 
 
+class GraphedDecode:
+    """The same decode step captured once as a CUDA graph (gpt-fast style): the host only replays it.
+
+    Static shapes: the position lives in a device tensor, attention covers the whole cache with
+    keys past the position masked, and the query heads of one kv head attend as a group.
+    """
+
+    def __init__(self, m: DecodeStack) -> None:
+        self.m = m
+        dev = m.device
+        self.x = torch.randn(m.batch, m.cfg["hidden"], device=dev, dtype=m.dtype) * 0.1
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.keys = torch.arange(m.k.shape[3], device=dev)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up outside the capture, as CUDA graphs require
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self._step()
+
+    def _rope(self, z: torch.Tensor) -> torch.Tensor:
+        c = self.m.cos.index_select(0, self.pos)
+        s = self.m.sin.index_select(0, self.pos)
+        z1, z2 = z[..., 0::2], z[..., 1::2]
+        return torch.stack((z1 * c - z2 * s, z1 * s + z2 * c), dim=-1).flatten(-2)
+
+    def _step(self) -> torch.Tensor:
+        m, cfg, b = self.m, self.m.cfg, self.m.batch
+        nh, hk, d = cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
+        x = self.x
+        mask = (self.keys <= self.pos).view(1, 1, 1, -1)
+        for l in range(cfg["layers"]):
+            hn = F.rms_norm(x, (cfg["hidden"],), m.norm)
+            q, k, v = (hn @ m.wqkv[l]).split((nh * d, hk * d, hk * d), dim=-1)
+            q = self._rope(q.view(b, nh, d))
+            m.k[l].index_copy_(2, self.pos, self._rope(k.view(b, hk, d)).unsqueeze(2))
+            m.v[l].index_copy_(2, self.pos, v.view(b, hk, d).unsqueeze(2))
+            att = F.scaled_dot_product_attention(q.view(b, hk, nh // hk, d), m.k[l], m.v[l], attn_mask=mask)
+            x = x + att.reshape(b, nh * d) @ m.wo[l]
+            hn = F.rms_norm(x, (cfg["hidden"],), m.norm)
+            gate, up = (hn @ m.wgu[l]).chunk(2, dim=-1)
+            x = x + (F.silu(gate) * up) @ m.wd[l]
+        return (F.rms_norm(x, (cfg["hidden"],), m.norm) @ m.lm_head).argmax(-1)
+
+    def session(self, prompt: int, steps: int) -> None:
+        for i in range(steps):
+            self.pos.fill_(prompt + i)
+            self.graph.replay()
+
+
 def sha256_host(t: torch.Tensor) -> bytes:
     """Synchronous device-to-host copy and SHA-256, the strawman."""
     return hashlib.sha256(t.contiguous().view(torch.int16).cpu().numpy().tobytes()).digest()
@@ -109,6 +162,7 @@ def main() -> None:
     ap.add_argument("--sync-steps", type=int, default=4, help="decode steps timed for the slow synchronous regimes")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--small", action="store_true", help="tiny dims for a CPU smoke run")
+    ap.add_argument("--graphs", action="store_true", help="CUDA-graph decode; only (a) and the (d) variants")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "commit_bench.json"))
     a = ap.parse_args()
     cuda = torch.cuda.is_available()
@@ -151,19 +205,28 @@ def main() -> None:
 
     def commit_session(session: int, c: Committer = committer) -> None:
         t = a.prompt + a.steps
-        for b in range(B):  # one ledger entry per sequence of the batch
-            c.submit_stack(m.k[:, b, :, :t].transpose(1, 2), m.v[:, b, :, :t].transpose(1, 2),
-                                   session=f"bench-{session}-{b}")
+        tickets = [c.submit_stack(m.k[:, b, :, :t].transpose(1, 2), m.v[:, b, :, :t].transpose(1, 2),
+                                  session=f"bench-{session}-{b}") for b in range(B)]  # one entry per sequence
+        for ticket in tickets:  # the next session overwrites the cache: order it after the quantizer's reads
+            ticket.wait_quantized()
+
+    graphed = GraphedDecode(m) if a.graphs else None
+
+    def decode(steps: int) -> None:
+        if graphed is not None:
+            graphed.session(a.prompt, steps)
+        else:
+            run_session(m, a.prompt, steps)
 
     def regime_a() -> None:
         for s in range(a.sessions):
-            run_session(m, a.prompt, a.steps)
+            decode(a.steps)
 
     counter = [0]
 
     def regime_d(c: Committer = committer) -> None:
         for s in range(a.sessions):
-            run_session(m, a.prompt, a.steps)
+            decode(a.steps)
             counter[0] += 1
             commit_session(counter[0], c)
 
@@ -190,8 +253,10 @@ def main() -> None:
         "d_async_session_no_block_digests": (lambda: regime_d(lean), n_fast),
         "d_async_session_digest_in_thread": (lambda: regime_d(in_thread), n_fast),
     }
+    if graphed is not None:  # the synchronous strawmen are measured eagerly; see the eager run
+        regimes = {k: v for k, v in regimes.items() if k.startswith(("a_", "d_"))}
     # warm up: kernels, cuBLAS handles, the quantizer's compile, pinned buffers, the log
-    run_session(m, a.prompt, 2)
+    decode(2)
     for c in committers.values():
         regime_d(c)
         c.flush()
@@ -223,13 +288,14 @@ def main() -> None:
         bench="commit_bench", device=torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
         torch=torch.__version__, triton=__import__("triton").__version__, python=platform.python_version(),
         date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), dtype=str(dtype), config=cfg, batch=B,
+        decode_loop="cuda_graph" if graphed is not None else "eager",
         prompt=a.prompt, steps_per_session=a.steps, sessions=a.sessions, repeats=a.repeats,
         session_state_bytes_bf16=state_bytes, timed_seconds_a=session_s, results=rows,
     )
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(out, f, indent=2)
-    print(f"commit_bench on {out['device']}: L={L} B={B} prompt={a.prompt} steps={a.steps}x{a.sessions} sessions")
+    print(f"commit_bench ({out['decode_loop']}) on {out['device']}: L={L} B={B} prompt={a.prompt} steps={a.steps}x{a.sessions} sessions")
     print(f"{'regime':22s} {'tokens/s':>10s} {'vs (a)':>8s} {'slowdown':>9s}")
     for name, r in rows.items():
         print(f"{name:22s} {r['tokens_per_s']:10.1f} {r['ratio_to_a']:8.3f} {r['slowdown_x']:8.1f}x")

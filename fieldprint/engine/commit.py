@@ -321,21 +321,26 @@ class Committer:
             # Allocated on the side stream: memory from the forward stream's pool could be handed
             # back to the forward pass while the side stream still writes it.
             bad = torch.zeros(sum(len(keys) for keys, _ in groups), dtype=torch.int32, device=dev)
+            device_codes = []
             for keys, x in groups:
                 x.record_stream(self._side)  # the allocator must not hand x's memory out before we read it
                 codes, _ = quantize_async(x, self._inverse_scales(keys, dev), bad=bad[offset : offset + len(keys)])
                 offset += len(keys)
-                host = torch.empty(codes.shape, dtype=torch.int8, pin_memory=True)
-                host.copy_(codes, non_blocking=True)
+                device_codes.append(codes)
                 for i, key in enumerate(keys):
                     ticket.codes[key] = codes[i]
+            read = torch.cuda.Event()  # the inputs are read: the forward pass may overwrite them after this
+            read.record(self._side)
+            for codes in device_codes:
+                host = torch.empty(codes.shape, dtype=torch.int8, pin_memory=True)
+                host.copy_(codes, non_blocking=True)
                 job.host_codes.append(host)
             job.host_bad = torch.empty(bad.shape, dtype=torch.int32, pin_memory=True)
             job.host_bad.copy_(bad, non_blocking=True)
             copied = torch.cuda.Event()
             copied.record(self._side)
         job.copied = copied
-        ticket._event = copied
+        ticket._event = read
 
     # -- background side ---------------------------------------------------------------------
     def _run(self) -> None:
