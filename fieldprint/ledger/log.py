@@ -119,6 +119,7 @@ class TransparencyLog:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
         self._failure: BaseException | None = None
+        self.periodic_checkpoint_error: Exception | None = None  # the last periodic checkpoint failure, if any
         self._thread = threading.Thread(target=self._run, name="fieldprint-sequencer", daemon=True)
         self._thread.start()
 
@@ -276,7 +277,11 @@ class TransparencyLog:
             elif cmd.kind == "extend":
                 start = self._size
                 for lo in range(0, len(cmd.payload), BULK_CHUNK):
-                    self._integrate(cmd.payload[lo : lo + BULK_CHUNK])
+                    try:
+                        self._integrate(cmd.payload[lo : lo + BULK_CHUNK])
+                    except LogError as exc:
+                        raise LogError(f"{exc}; entries {start}..{self._size - 1} of this extend() were "
+                                       f"integrated before the failure, the rest were not") from None
                 result = range(start, self._size)
             else:
                 result = None
@@ -295,9 +300,12 @@ class TransparencyLog:
     def _periodic_checkpoint(self) -> None:
         if self._interval is None or time.monotonic() - self._last_cp_time < self._interval:
             return
-        if self._size != self._last_cp_size:
-            self._make_checkpoint()
         self._last_cp_time = time.monotonic()
+        if self._size != self._last_cp_size:
+            try:
+                self._make_checkpoint()
+            except Exception as exc:  # a failed periodic checkpoint must not stop sequencing; retried next period
+                self.periodic_checkpoint_error = exc
 
     def _drain_failed(self, err: LogError) -> None:
         while True:
