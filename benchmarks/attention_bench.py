@@ -40,6 +40,7 @@ except Exception:  # FlexAttention missing: reported as NaN
     FLEX = None
 BF = torch.bfloat16
 RESULTS: dict = {}
+BATCHES: list[int] = []
 
 
 def med(fn, rep=200) -> float:
@@ -212,7 +213,7 @@ def section_check(quick: bool) -> None:
 def section_decode(quick: bool) -> None:
     """Decode vs SDPA on contiguous KV of the same total length, FlexAttention, naive reference."""
     hq, hkv, d, bs = 32, 8, 128, 16
-    bsizes = [1, 8] if quick else [1, 8, 64]
+    bsizes = BATCHES or ([1, 8] if quick else [1, 8, 64])
     ctxs = [8192, 32768] if quick else [8192, 32768, 131072]
     anchors_tok = [0, 2048, 8192]
     rows = []
@@ -490,7 +491,9 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(SECTIONS))
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "attention_bench.json"))
+    ap.add_argument("--batches", default="", help="decode batch sizes, e.g. 1,8 (default 1,8,64)")
     args = ap.parse_args()
+    BATCHES.extend(int(x) for x in args.batches.split(",") if x)
     props = torch.cuda.get_device_properties(0)
     RESULTS["meta"] = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
                            triton=triton.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))

@@ -194,9 +194,17 @@ def _num_sms(device: torch.device) -> int:
 
 def _splits(tokens: int, items: int, sms: int, block_n: int, min_chunk: int,
             want: int | None) -> tuple[int, int]:
-    """(number of splits, tokens per split) so that items * splits fills the GPU about twice."""
-    s = want if want is not None else max(1, triton.cdiv(2 * sms, max(items, 1)))
-    s = min(max(s, 1), max(1, triton.cdiv(tokens, min_chunk if want is None else block_n)))
+    """(number of splits, tokens per split) for `items` independent (sequence, head) pairs.
+
+    About 2 programs per multiprocessor; with fewer pairs than multiprocessors at least 20 splits,
+    so that the uneven tail and the anchor items running beside average out (measured on the H100
+    at B=1 and B=8: docs/attention-notes.md, v4 and v5).
+    """
+    if want is None:
+        want = triton.cdiv(2 * sms, max(items, 1))
+        if items < sms:
+            want = max(want, 20)
+    s = min(max(want, 1), max(1, triton.cdiv(tokens, min_chunk)))
     chunk = triton.cdiv(triton.cdiv(tokens, s), block_n) * block_n
     return triton.cdiv(tokens, chunk), chunk
 
