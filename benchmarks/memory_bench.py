@@ -81,6 +81,12 @@ def bench_store(n: int, queries: int, partitions: int, sub_vectors: int, build_i
         store.add(ids[lo:hi], vectors[lo:hi], sessions[lo:hi], ["belief"] * (hi - lo), [True] * (hi - lo))
     insert_s = time.perf_counter() - t0
     assert len(store) == n
+    probe = unit_vectors(1, seed=11)[0]
+    raw_t, _ = timed(lambda i: store.search(probe, K, session=f"s{i}", exact=True), 5)
+    # Fold the rows into the filter (bitmap) indexes, as the Pacemaker does every few hundred commits.
+    t0 = time.perf_counter()
+    store.compact()
+    compact_s = time.perf_counter() - t0
 
     rng = np.random.default_rng(1)
     # Near-duplicate queries (a stored vector plus noise, cosine ~0.9 to it): the nearest row is known.
@@ -91,7 +97,9 @@ def bench_store(n: int, queries: int, partitions: int, sub_vectors: int, build_i
     # Random queries: no structure to exploit, the hard case for any ANN index.
     rand = unit_vectors(queries, seed=7)
 
-    res: dict = {"n": n, "insert_s": insert_s, "insert_rows_per_s": n / insert_s, "queries": queries, "k": K}
+    res: dict = {"n": n, "insert_s": insert_s, "insert_rows_per_s": n / insert_s, "compact_s": compact_s,
+                 "exact_session_filter_before_compact_ms": 1e3 * statistics.median(raw_t),
+                 "queries": queries, "k": K}
     exact_t, exact_near = timed(lambda i: store.search(near[i], K, exact=True), queries)
     _, exact_rand = timed(lambda i: store.search(rand[i], K, exact=True), queries)
     sess_t, sess_hits = timed(lambda i: store.search(near[i], K, session=f"s{picks[i] % SESSIONS}", exact=True), queries)
@@ -238,11 +246,13 @@ def main() -> None:
               f"{r.get('index_build_s', float('nan')):>8.1f} {r.get('ann_ms', float('nan')):>7.2f} "
               f"{r.get('exact_over_ann_latency', float('nan')):>9.1f} {r.get('ann_top1_near', float('nan')):>9.2f} "
               f"{r.get('ann_recall_at_10_random', float('nan')):>14.2f}")
-    print(f"{'rows':>9} {'numpy exact ms':>14} {'lance/numpy':>11} {'tuned ann ms':>12} {'tuned recall@10':>15}")
+    print(f"{'rows':>9} {'numpy exact ms':>14} {'lance/numpy':>11} {'tuned ann ms':>12} {'tuned recall@10':>15} "
+          f"{'compact s':>9} {'sess ms before compact':>22}")
     for r in stores:
         t = r.get("ann_tuned", {})
         print(f"{r['n']:>9} {r['numpy_exact_in_memory_ms']:>14.1f} {r['lance_exact_over_numpy']:>11.1f} "
-              f"{t.get('ms', float('nan')):>12.2f} {t.get('recall_at_10_random', float('nan')):>15.2f}")
+              f"{t.get('ms', float('nan')):>12.2f} {t.get('recall_at_10_random', float('nan')):>15.2f} "
+              f"{r['compact_s']:>9.1f} {r['exact_session_filter_before_compact_ms']:>22.1f}")
 
 
 if __name__ == "__main__":
