@@ -14,6 +14,7 @@ rc=0
 python3 benchmarks/quant_bench.py --out "$OUT/quant_bench.json" 2>&1 | tee "$OUT/quant_bench.log" || rc=1
 python3 benchmarks/repro_bench.py --out "$OUT/repro_bench.json" 2>&1 | tee "$OUT/repro_bench.log" || rc=1
 python3 benchmarks/commit_bench.py --out "$OUT/commit_bench.json" 2>&1 | tee "$OUT/commit_bench.log" || rc=1
+python3 benchmarks/commit_bench.py --graphs --repeats 5 --out "$OUT/commit_bench_graphs.json" 2>&1 | tee "$OUT/commit_bench_graphs.log" || rc=1
 echo "=== summary ==="
-tail -n 8 "$OUT/quant_bench.log"; tail -n 5 "$OUT/repro_bench.log"; tail -n 10 "$OUT/commit_bench.log"
+tail -n 8 "$OUT/quant_bench.log"; tail -n 10 "$OUT/repro_bench.log"; tail -n 12 "$OUT/commit_bench.log"; tail -n 8 "$OUT/commit_bench_graphs.log"
 exit $rc
