@@ -8,7 +8,6 @@ new group (e.g. `demo`) is one function and one line in build_parser().
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import sys
@@ -19,7 +18,6 @@ from fieldprint.errors import FieldprintError, LogError, ProofError
 DEFAULT_DATA_DIR = "./fieldprint-data"
 LEDGER_DB, SIGNER_KEY_FILE, VERIFIER_KEY_FILE = "ledger.sqlite", "ledger.key", "ledger.pub"
 DEFAULT_ORIGIN = "fieldprint.local/ledger"
-BUNDLE_FORMAT = "fieldprint-inclusion-v1"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,24 +156,10 @@ def ledger_checkpoint(args: argparse.Namespace) -> int:
 
 def ledger_prove(args: argparse.Namespace) -> int:
     """Print an inclusion proof bundle for entry `index` against the latest covering checkpoint."""
-    from fieldprint.ledger.merkle import leaf_hash
+    from fieldprint.ledger.receipt import inclusion_bundle
 
     with _open_log(args) as log:
-        if not 0 <= args.index < log.size:
-            raise LogError(f"entry {args.index} does not exist; the log has {log.size} entries")
-        cp = log.latest_checkpoint()
-        if cp is None or cp.size <= args.index:
-            cp = log.checkpoint()
-        entry = log.entry(args.index)
-        bundle = {
-            "format": BUNDLE_FORMAT,
-            "index": args.index,
-            "size": cp.size,
-            "leaf_hash": base64.b64encode(leaf_hash(entry)).decode(),
-            "entry": base64.b64encode(entry).decode(),
-            "proof": [base64.b64encode(h).decode() for h in log.inclusion_proof(args.index, cp.size)],
-            "checkpoint": cp.note,
-        }
+        bundle = inclusion_bundle(log, args.index)
     text = json.dumps(bundle, indent=2) + "\n"
     if args.output:
         with open(args.output, "w") as f:
@@ -183,30 +167,6 @@ def ledger_prove(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(text)
     return 0
-
-
-def verify_bundle(bundle: dict, verifier_key: str):
-    """Check an inclusion proof bundle offline; returns the checkpoint, raises FieldprintError."""
-    from fieldprint.ledger.merkle import leaf_hash, verify_inclusion
-    from fieldprint.ledger.note import Checkpoint
-
-    try:
-        if bundle.get("format") != BUNDLE_FORMAT:
-            raise ProofError(f"bundle format is {bundle.get('format')!r}, expected {BUNDLE_FORMAT!r}")
-        index, size = bundle["index"], bundle["size"]
-        lh = base64.b64decode(bundle["leaf_hash"], validate=True)
-        proof = [base64.b64decode(p, validate=True) for p in bundle["proof"]]
-        note = bundle["checkpoint"]
-        entry = base64.b64decode(bundle["entry"], validate=True) if "entry" in bundle else None
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ProofError(f"malformed proof bundle ({exc!r}); produce one with `fieldprint ledger prove`") from None
-    cp = Checkpoint.open(note, [verifier_key])
-    if cp.size != size:
-        raise ProofError(f"bundle claims size {size} but its checkpoint is for size {cp.size}")
-    if entry is not None and leaf_hash(entry) != lh:
-        raise ProofError("the bundle's entry does not hash to its leaf hash")
-    verify_inclusion(lh, index, size, proof, cp.root_hash)
-    return cp
 
 
 def ledger_verify(args: argparse.Namespace) -> int:
@@ -227,6 +187,8 @@ def ledger_verify(args: argparse.Namespace) -> int:
         raise ProofError(f"bundle {args.bundle} is not JSON: {exc}") from None
     if not isinstance(bundle, dict):
         raise ProofError("a proof bundle is a JSON object")
+    from fieldprint.ledger.receipt import verify_bundle
+
     cp = verify_bundle(bundle, key)
     print(f"OK: entry {bundle['index']} is included in {cp.origin} at size {cp.size} (root {cp.root_hash.hex()})")
     return 0
