@@ -96,6 +96,7 @@ def paged(bsz, ctx, hkv, d, bs, dtype=BF, lens=None):
 
 
 def anchor_set(nsets, alen, hkv, d, bs, seq_set, int8=False, dtype=BF, alens=None):
+    """Random anchor sets (bf16, or int8 codes with power-of-two scales) with scattered blocks."""
     per = max(1, triton.cdiv(alen, bs))
     nb = nsets * per
     if int8:
@@ -114,6 +115,7 @@ def anchor_set(nsets, alen, hkv, d, bs, seq_set, int8=False, dtype=BF, alens=Non
 
 
 def relerr(out, ref):
+    """||out - ref|| / ||ref|| in fp64."""
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
