@@ -25,7 +25,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fieldprint", description="Verifiable, memory-anchored inference for LLM agents.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_ledger_commands(subparsers)
+    demo = subparsers.add_parser("demo", help="run the whole path on embedded defaults: states, gate, DQP commit, anchored attention, receipt")
+    demo.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help=f"folder for the log, keys, stores and receipts (default {DEFAULT_DATA_DIR}); reused across runs")
+    demo.set_defaults(func=run_demo_command)
     return parser
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    """`fieldprint demo`: see fieldprint/demo.py."""
+    from fieldprint.demo import run_demo
+
+    run_demo(args.data_dir)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
