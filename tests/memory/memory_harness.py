@@ -48,7 +48,7 @@ class Memory:
         self.store.close()
 
 
-def make_memory(root: str, clock: Clock | None = None, override_keys: list[str] | None = None) -> Memory:
+def make_memory(root: str, clock: Clock | None = None, override_keys: list[str] | None = None, embedder=None) -> Memory:
     """Open a fresh log, state store and vector store under `root` and wire the Pacemaker."""
     clock = clock or Clock()
     log = TransparencyLog.open(os.path.join(root, "log.db"), LOG_SIGNER, batch_wait_ms=0, checkpoint_interval_s=None,
@@ -57,5 +57,5 @@ def make_memory(root: str, clock: Clock | None = None, override_keys: list[str] 
     vectors = LanceVectorStore(os.path.join(root, "vectors"))
     keys = [OPS_VERIFIER] if override_keys is None else override_keys
     gate = PromotionGate(store, log, GateConfig(log_keys=[LOG_VERIFIER], override_keys=keys), clock=clock)
-    pm = Pacemaker(store, log, vectors, HashingEmbedderForTests(), gate)
+    pm = Pacemaker(store, log, vectors, embedder or HashingEmbedderForTests(), gate)
     return Memory(log, store, vectors, gate, pm, clock)

@@ -105,8 +105,13 @@ def test_hashing_test_embedder_is_deterministic_and_unit_norm():
         e.embed("not a list")
 
 
-def test_minilm_embedder_is_real_and_offline():
-    e = MiniLMEmbedder()
+@pytest.fixture(scope="module")
+def minilm() -> MiniLMEmbedder:
+    return MiniLMEmbedder()  # loading takes seconds: one instance for the module
+
+
+def test_minilm_embedder_is_real_and_offline(minilm):
+    e = minilm
     texts = ["The cat sleeps on the warm windowsill.", "A kitten naps in the sun by the window.",
              "Quarterly revenue rose by twelve percent."]
     v = e.embed(texts)
@@ -126,3 +131,18 @@ def test_compact_keeps_rows_results_and_rollback_history(store):
     assert len(store) == 30 and [h.state_id for h in store.search(v[3], 5, exact=True)] == before
     store.rollback(versions[9])
     assert len(store) == 10
+
+
+def test_pacemaker_retrieves_by_meaning_with_minilm(tmp_path, minilm):
+    from memory_harness import make_memory
+
+    m = make_memory(str(tmp_path), embedder=minilm)
+    try:
+        texts = ["The cat sleeps on the warm windowsill.", "Quarterly revenue rose by twelve percent.",
+                 "Deploy the service on Friday evening."]
+        for i, text in enumerate(texts):
+            m.pm.add("user_input", session="s-1", creator="agent", text=text, sources=["user:alice"], time_ns=1 + i)
+        hits = m.pm.search("a kitten napping by the window", 2, session="s-1", anchors_only=True)
+        assert hits[0].state.text == texts[0] and hits[0].score > hits[1].score
+    finally:
+        m.close()
