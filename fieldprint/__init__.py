@@ -1,7 +1,17 @@
 """Fieldprint: verifiable, memory-anchored inference for LLM agents.
 
-The public API is re-exported here; heavy modules (torch, Triton, LanceDB) load only when used.
+The public API, by path through the system:
+- provenance (the Supervisor): TransparencyLog, Checkpoint, generate_key, sign_note, open_note,
+  leaf_hash, verify_inclusion, verify_consistency, StateEntry, inclusion_bundle, verify_bundle;
+- canonical codes: DQPProfile, quantize, QuantizedState, Committer (asynchronous commit);
+- memory and promotion (the Pacemaker): Pacemaker, StateStore, State, PromotionGate, GateConfig,
+  Override, Revocation, sign_record, LanceVectorStore, MiniLMEmbedder;
+- attention over anchors: AnchorSet, paged_attention_decode, paged_attention_prefill.
+
+Names load on first use, so `import fieldprint` does not pull in torch, Triton or LanceDB.
 """
+
+from importlib import import_module
 
 from fieldprint.errors import (
     CommitError,
@@ -18,16 +28,38 @@ from fieldprint.errors import (
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "fieldprint.ledger.log": ("TransparencyLog",),
+    "fieldprint.ledger.note": ("Checkpoint", "generate_key", "sign_note", "open_note"),
+    "fieldprint.ledger.merkle": ("leaf_hash", "verify_inclusion", "verify_consistency"),
+    "fieldprint.ledger.entry": ("StateEntry",),
+    "fieldprint.ledger.receipt": ("inclusion_bundle", "verify_bundle"),
+    "fieldprint.dqp_profile": ("DQPProfile",),
+    "fieldprint.dqp": ("quantize", "QuantizedState"),
+    "fieldprint.engine.commit": ("Committer",),
+    "fieldprint.memory.store": ("Pacemaker", "StateStore"),
+    "fieldprint.memory.state": ("State",),
+    "fieldprint.memory.policy": ("PromotionGate", "GateConfig", "Override", "Revocation", "sign_record"),
+    "fieldprint.memory.vectors": ("LanceVectorStore",),
+    "fieldprint.memory.embed": ("MiniLMEmbedder",),
+    "fieldprint.kernels.paged_attention": ("AnchorSet", "paged_attention_decode", "paged_attention_prefill"),
+}
+_WHERE = {name: module for module, names in _LAZY.items() for name in names}
+
 __all__ = [
-    "CommitError",
-    "DQPError",
-    "EntryError",
-    "FieldprintError",
-    "KernelInputError",
-    "LogError",
-    "NoteError",
-    "PolicyError",
-    "ProofError",
-    "StateError",
-    "__version__",
+    "CommitError", "DQPError", "EntryError", "FieldprintError", "KernelInputError", "LogError",
+    "NoteError", "PolicyError", "ProofError", "StateError", "__version__", *_WHERE,
 ]
+
+
+def __getattr__(name: str):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fieldprint' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
