@@ -16,7 +16,7 @@ from fieldprint.errors import EntryError
 
 ENTRY_VERSION = 1
 MAX_ENTRY_BYTES = 64 * 1024
-ENTRY_KINDS = ("state", "override", "session", "revocation")
+ENTRY_KINDS = ("state", "override", "revocation")  # a new kind is a new section of docs/formats.md
 DIGEST_ALGORITHMS = {"blake3": 32, "sha256": 32}
 _DIGEST_RE = re.compile(r"^([a-z0-9]+):([0-9a-f]+)$")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9._:@/+-]{1,128}$")

@@ -48,7 +48,7 @@ def test_decode_rejects_non_canonical_or_unknown(data, message):
 
 def test_oversize_and_bad_fields_rejected():
     with pytest.raises(EntryError, match="at most 65536"):
-        encode_entry("session", {"blob": "x" * MAX_ENTRY_BYTES})
+        encode_entry("override", {"note": "x" * MAX_ENTRY_BYTES})
     with pytest.raises(EntryError, match="32 bytes"):
         tag_digest("blake3", b"short")
     with pytest.raises(EntryError, match="algorithm"):
