@@ -9,20 +9,19 @@ background thread quantizes with the reference path. Every failure is kept and r
 caller by flush() as a CommitError: nothing fails silently, and a state that fails (NaN/Inf,
 log refusal) is never half-committed.
 
-Hashing runs in a child process when the states come from a GPU: an eager forward pass is
+Hashing runs in child processes when the states come from a GPU: an eager forward pass is
 bound by Python launching kernels, and a hashing thread in the same interpreter takes the GIL
 back after every BLAKE3 call, which measurably slowed decoding (benchmarks/commit_bench.py).
-The child reads the codes from shared memory; only a short message per commit crosses over.
+The children (fieldprint/engine/digest_pool.py, `digest_workers` of them) read the codes from
+shared memory and split each commit's hashing evenly; only short messages cross over.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import queue
 import threading
 import time
-from multiprocessing import shared_memory
 from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -33,15 +32,14 @@ import torch
 from fieldprint.dqp import (
     DTYPE_NAMES,
     QuantizedState,
-    block_digests,
     check_finite,
     inverse_scales,
     quantize_codes,
     stack_digest,
-    state_digest,
     state_header,
 )
 from fieldprint.dqp_profile import KINDS, DQPProfile
+from fieldprint.engine.digest_pool import DIGEST_SIZE, DigestPool
 from fieldprint.errors import CommitError, DQPError, FieldprintError
 from fieldprint.ledger.entry import StateEntry
 
@@ -95,101 +93,6 @@ class _Job:
     quantized: threading.Event | None = None
 
 
-def _digest_server(conn: object) -> None:
-    """Child process: digest int8 code runs that the parent placed in shared memory."""
-    segments: dict[str, shared_memory.SharedMemory] = {}
-    while True:
-        msg = conn.recv()
-        if msg is None:
-            break
-        name, items, blocks, threads, block_size = msg
-        try:
-            if name not in segments:
-                # Spawned children share the parent's resource tracker, so the parent's unlink stays the only one.
-                segments[name] = shared_memory.SharedMemory(name=name)
-            buf = segments[name].buf
-            out = []
-            for offset, shape, header in items:
-                arr = np.frombuffer(buf, dtype=np.int8, count=int(np.prod(shape)), offset=offset).reshape(shape)
-                out.append((state_digest(header, arr, threads), block_digests(arr, block_size) if blocks else []))
-                del arr
-            conn.send(out)
-        except BaseException as e:  # reported to the parent, which fails the commit
-            conn.send(f"{type(e).__name__}: {e}")
-    for seg in segments.values():
-        seg.close()
-
-
-class _DigestProcess:
-    """A child process that hashes shared-memory code buffers, so no hashing holds our GIL."""
-
-    def __init__(self) -> None:
-        ctx = mp.get_context("spawn")  # never fork a process that holds a CUDA context
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_digest_server, args=(child,), name="fieldprint-digest", daemon=True)
-        self._proc.start()
-        child.close()
-        self._free: list[shared_memory.SharedMemory] = []
-        self._all: list[shared_memory.SharedMemory] = []
-
-    def _reusable(self, nbytes: int) -> list[shared_memory.SharedMemory]:
-        return [s for s in self._free if nbytes <= s.size <= 2 * nbytes + (1 << 20)]
-
-    def can_take(self, nbytes: int) -> bool:
-        """Whether `nbytes` of shared memory is at hand: writing past a full /dev/shm kills the process."""
-        if self._reusable(nbytes):
-            return True
-        try:
-            st = os.statvfs("/dev/shm")
-        except OSError:
-            return False
-        return st.f_bavail * st.f_frsize >= nbytes + (64 << 20)
-
-    def _take(self, nbytes: int) -> shared_memory.SharedMemory:
-        fits = self._reusable(nbytes)
-        if fits:
-            seg = min(fits, key=lambda s: s.size)
-            self._free.remove(seg)
-            return seg
-        seg = shared_memory.SharedMemory(create=True, size=max(nbytes, 1))
-        self._all.append(seg)
-        return seg
-
-    def digest(self, groups: list[tuple[list[tuple[StateKey, bytes]], torch.Tensor]], blocks: bool, threads: int,
-               block_size: int) -> list[tuple[str, list[bytes]]]:
-        """Copy each [N, T, H, D] code group into shared memory and have the child digest every state."""
-        seg = self._take(sum(codes.numel() for _, codes in groups))
-        try:
-            items, offset = [], 0
-            for keyed, codes in groups:
-                dst = torch.frombuffer(seg.buf, dtype=torch.int8, count=codes.numel(), offset=offset)
-                dst.copy_(codes.reshape(-1))  # a torch copy: runs without the GIL
-                del dst
-                per = codes[0].numel() if codes.shape[0] else 0
-                items += [(offset + i * per, tuple(codes.shape[1:]), header) for i, (_, header) in enumerate(keyed)]
-                offset += codes.numel()
-            self._conn.send((seg.name, items, blocks, threads, block_size))
-            out = self._conn.recv()  # blocks without the GIL until the child answers
-        finally:
-            self._free.append(seg)
-        if isinstance(out, str):
-            raise CommitError(f"digest process failed: {out}")
-        return out
-
-    def close(self) -> None:
-        """Stop the child and free the shared memory."""
-        try:
-            self._conn.send(None)
-        except (BrokenPipeError, OSError):
-            pass
-        self._proc.join(timeout=10)
-        if self._proc.is_alive():
-            self._proc.kill()
-        for seg in self._all:
-            seg.close()
-            seg.unlink()
-
-
 def _sort_key(key: StateKey) -> tuple[int, int]:
     return key[0], KINDS.index(key[1]) if key[1] in KINDS else len(KINDS)
 
@@ -206,9 +109,16 @@ class Committer:
         digest_threads: int = 1,
         block_digests: bool = True,
         digest_process: bool | None = None,
+        digest_workers: int | None = None,
     ) -> None:
         if max_pending < 1:
             raise CommitError(f"max_pending must be >= 1, got {max_pending}")
+        if digest_workers is None:
+            # A quarter of the cores: the measured per-block hashing goal needs about 4 on the
+            # 16-core GPU host, and the serving process keeps the rest.
+            digest_workers = max(1, min(8, (os.cpu_count() or 1) // 4))
+        if digest_workers < 1 or digest_threads < 1:
+            raise CommitError(f"digest_workers and digest_threads must be >= 1, got {digest_workers} and {digest_threads}")
         self.log = log
         self.profile = profile
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_pending)
@@ -220,8 +130,9 @@ class Committer:
         self._side: torch.cuda.Stream | None = None
         self._digest_threads = digest_threads  # BLAKE3's own threads for the whole-state digest
         self._block_digests = block_digests  # per-block digests in receipts (one hash call per block)
-        self._use_process = digest_process  # None: a child process for GPU states, this thread for CPU ones
-        self._proc: _DigestProcess | None = None
+        self._use_process = digest_process  # None: child processes for GPU states, this thread for CPU ones
+        self._workers = digest_workers  # digest processes sharing each commit's hashing
+        self._proc: DigestPool | None = None
         self._headers: dict[tuple, bytes] = {}
         self._closed = False
         self._worker = threading.Thread(target=self._run, name="fieldprint-committer", daemon=True)
@@ -396,14 +307,19 @@ class Committer:
     def _commit(self, job: _Job) -> None:
         codes = self._codes(job)
         use_process = self._use_process if self._use_process is not None else job.copied is not None
+        if use_process and self._proc is not None and self._proc.broken:
+            self._proc.close()  # a worker died in an earlier commit (that commit failed): start afresh
+            self._proc = None
         if use_process and self._proc is None:
-            self._proc = _DigestProcess()
+            self._proc = DigestPool(self._workers)
         # Too little shared memory for this commit: hash it here instead (slower for the forward
         # pass, never wrong).
-        use_process = use_process and self._proc.can_take(sum(c.numel() for c in codes))
+        bs = self.profile.block_size
+        use_process = use_process and self._proc.can_take(
+            sum(c.numel() + c.shape[0] * -(-c.shape[1] // bs) * DIGEST_SIZE for c in codes))
         parts, digests, blocks = [], {}, {}
         if use_process:
-            groups = [([(key, self._header(key[0], key[1], dtype, tuple(group.shape[1:]))) for key in keys], group)
+            groups = [([self._header(key[0], key[1], dtype, tuple(group.shape[1:])) for key in keys], group)
                       for keys, group, dtype in zip(job.groups, codes, job.dtypes)]
             results = iter(self._proc.digest(groups, self._block_digests, self._digest_threads, self.profile.block_size))
             for keys in job.groups:

@@ -1,5 +1,7 @@
 """The asynchronous committer against the real transparency log (CPU path: background thread only)."""
 
+import os
+import signal
 import threading
 
 import pytest
@@ -7,6 +9,7 @@ import torch
 
 from fieldprint.dqp import DQPProfile, quantize, stack_digest
 from fieldprint.engine.commit import Committer
+from fieldprint.engine.digest_pool import plan_digests
 from fieldprint.errors import CommitError, DQPError
 from fieldprint.ledger.entry import StateEntry
 from fieldprint.ledger.log import TransparencyLog
@@ -177,3 +180,60 @@ def test_digest_process_gives_the_same_receipts_and_reports_nan(profile, log):
     c.close()
     got = info.value.receipts
     assert len(got) == 3 and all(r.states == ref.states and r.blocks == ref.blocks and r.digest == ref.digest for r in got)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 5, 16])
+@pytest.mark.parametrize("sizes", [[4096] * 6, [4096], [1000, 5000, 64, 0, 333], [256] * 40])
+def test_digest_plan_covers_each_digest_once_and_shares_the_bytes(sizes, workers):
+    strides = [256] * len(sizes)
+    for blocks in (True, False):
+        plan = plan_digests(sizes, strides, workers, blocks)
+        assert len(plan) == workers
+        wholes = sorted(i for tasks in plan for i, whole, _, _ in tasks if whole)
+        assert wholes == list(range(len(sizes)))
+        for i, n in enumerate(sizes):  # block ranges of a state, in worker order, tile its blocks
+            ranges = [(b0, b1) for tasks in plan for j, _, b0, b1 in tasks if j == i and b1 > b0]
+            edges = [0] + [b for r in ranges for b in r] + [-(-n // 256) if blocks else 0]
+            assert edges[0::2] == edges[1::2]
+        loads = [sum(sizes[i] * whole + 256 * (b1 - b0) for i, whole, b0, b1 in tasks) for tasks in plan]
+        work = sum(sizes) * (2 if blocks else 1)
+        assert max(loads) <= work / workers + max(sizes) + 256  # even, up to one whole state and a block
+        if len(set(sizes)) == 1 and len(sizes) % workers == 0:
+            assert len(set(loads)) == 1  # the benchmark's case: K/V of all layers, equal shares
+
+
+def test_digest_workers_give_the_reference_digests_for_any_split(profile, log):
+    k, v = _stack(9)
+    g = torch.Generator().manual_seed(10)
+    one = torch.randn(5 * 8 + 3, H, D, generator=g).to(torch.bfloat16)  # 6 blocks, the last partial
+    c = Committer(log, profile, digest_process=True, digest_workers=3)
+    c.submit_stack(k, v, session="stack")  # 6 states for 3 workers: whole states and their blocks
+    c.submit({(l, kind): (k if kind == "K" else v)[l] for l in range(L) for kind in "KV"}, session="dict")
+    c.submit({(2, "V"): one}, session="one")  # fewer states than workers: one state's blocks are split
+    receipts = c.flush()
+    c.close()
+    refs = {(l, kind): quantize((k if kind == "K" else v)[l], profile, l, kind) for l in range(L) for kind in "KV"}
+    ref_one = quantize(one, profile, 2, "V")
+    for r in receipts[:2]:
+        assert r.states == {key: ref.digest() for key, ref in refs.items()}
+        assert r.blocks == {key: ref.blocks for key, ref in refs.items()}
+    assert receipts[2].states == {(2, "V"): ref_one.digest()} and receipts[2].blocks == {(2, "V"): ref_one.blocks}
+    assert len(ref_one.blocks) == 6 and len(set(ref_one.blocks)) == 6
+
+
+def test_a_dead_digest_worker_fails_the_commit_and_the_next_one_starts_afresh(profile, log):
+    k, v = _stack(11)
+    c = Committer(log, profile, digest_process=True, digest_workers=2)
+    c.submit_stack(k, v, session="first")
+    (first,) = c.flush()
+    worker = c._proc._procs[1]
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.join(timeout=10)
+    c.submit_stack(k, v, session="lost")
+    with pytest.raises(CommitError, match=r"session 'lost'.*digest worker.*worker 1") as info:
+        c.flush()
+    assert info.value.receipts == [] and log.size == 1
+    c.submit_stack(k, v, session="again")
+    (again,) = c.flush()
+    c.close()
+    assert again.states == first.states and again.blocks == first.blocks and again.index == 1
