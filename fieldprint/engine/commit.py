@@ -93,6 +93,13 @@ class _Job:
     quantized: threading.Event | None = None
 
 
+def default_digest_workers() -> int:
+    """Digest processes a Committer starts unless told: a quarter of the cores, 1 to 8."""
+    # 4 on the 16-core GPU host, where 4 workers meet the throughput goal with per-block digests
+    # (benchmarks/quant_bench.py); the serving process and its data loading keep the rest.
+    return max(1, min(8, (os.cpu_count() or 1) // 4))
+
+
 def _sort_key(key: StateKey) -> tuple[int, int]:
     return key[0], KINDS.index(key[1]) if key[1] in KINDS else len(KINDS)
 
@@ -114,9 +121,7 @@ class Committer:
         if max_pending < 1:
             raise CommitError(f"max_pending must be >= 1, got {max_pending}")
         if digest_workers is None:
-            # A quarter of the cores: the measured per-block hashing goal needs about 4 on the
-            # 16-core GPU host, and the serving process keeps the rest.
-            digest_workers = max(1, min(8, (os.cpu_count() or 1) // 4))
+            digest_workers = default_digest_workers()
         if digest_workers < 1 or digest_threads < 1:
             raise CommitError(f"digest_workers and digest_threads must be >= 1, got {digest_workers} and {digest_threads}")
         self.log = log
@@ -133,6 +138,7 @@ class Committer:
         self._use_process = digest_process  # None: child processes for GPU states, this thread for CPU ones
         self._workers = digest_workers  # digest processes sharing each commit's hashing
         self._proc: DigestPool | None = None
+        self.shm_fallbacks = 0  # commits hashed in this process because /dev/shm lacked room (benchmarks report it)
         self._headers: dict[tuple, bytes] = {}
         self._closed = False
         self._worker = threading.Thread(target=self._run, name="fieldprint-committer", daemon=True)
@@ -315,8 +321,9 @@ class Committer:
         # Too little shared memory for this commit: hash it here instead (slower for the forward
         # pass, never wrong).
         bs = self.profile.block_size
-        use_process = use_process and self._proc.can_take(
-            sum(c.numel() + c.shape[0] * -(-c.shape[1] // bs) * DIGEST_SIZE for c in codes))
+        if use_process and not self._proc.can_take(sum(c.numel() + c.shape[0] * -(-c.shape[1] // bs) * DIGEST_SIZE for c in codes)):
+            use_process = False
+            self.shm_fallbacks += 1
         parts, digests, blocks = [], {}, {}
         if use_process:
             groups = [([self._header(key[0], key[1], dtype, tuple(group.shape[1:])) for key in keys], group)
@@ -400,4 +407,4 @@ class Committer:
         self.close()
 
 
-__all__ = ["Committer", "CommitReceipt", "CommitTicket"]
+__all__ = ["Committer", "CommitReceipt", "CommitTicket", "default_digest_workers"]

@@ -212,6 +212,7 @@ def test_digest_workers_give_the_reference_digests_for_any_split(profile, log):
     c.submit({(2, "V"): one}, session="one")  # fewer states than workers: one state's blocks are split
     receipts = c.flush()
     c.close()
+    assert c.shm_fallbacks == 0  # every commit went through the workers
     refs = {(l, kind): quantize((k if kind == "K" else v)[l], profile, l, kind) for l in range(L) for kind in "KV"}
     ref_one = quantize(one, profile, 2, "V")
     for r in receipts[:2]:
@@ -237,3 +238,5 @@ def test_a_dead_digest_worker_fails_the_commit_and_the_next_one_starts_afresh(pr
     (again,) = c.flush()
     c.close()
     assert again.states == first.states and again.blocks == first.blocks and again.index == 1
+    with pytest.raises(CommitError, match="digest_workers"):
+        Committer(log, profile, digest_workers=0)
