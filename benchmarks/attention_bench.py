@@ -414,6 +414,154 @@ def section_prefill(quick: bool) -> None:
     RESULTS["prefill"] = rows
 
 
+PREFILL_TILINGS = [  # block_m, block_n, num_warps, num_stages
+    (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4),
+    (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 2),
+]
+
+
+def section_prefill_tune(quick: bool) -> None:
+    """Prefill tilings (concat, 2k anchors, block size 16) vs SDPA causal in the same run.
+
+    Every tiling is first checked against the fp32 oracle at N=4k (NaN-poisoned output); the best
+    by 16k concat time is then also timed without anchors, in gamma mode, and on 64-token pages.
+    """
+    hq, hkv, d, bs, atok = 32, 8, 128, 16, 2048
+    rows, checks = [], []
+    data = {}
+    for n in (4096, 16384):
+        k, v, bt, lens = paged(1, n, hkv, d, bs)
+        cu = torch.tensor([0, n], dtype=torch.int32, device=DEV)
+        q = torch.randn(n, hq, d, dtype=BF, device=DEV)
+        a = anchor_set(1, atok, hkv, d, bs, torch.zeros(1, device=DEV))
+        qs = torch.randn(1, hq, n, d, dtype=BF, device=DEV)
+        ks = torch.randn(1, hkv, n, d, dtype=BF, device=DEV)
+        vs = torch.randn(1, hkv, n, d, dtype=BF, device=DEV)
+        t_sdpa = med(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True))
+        data[n] = (k, v, bt, lens, cu, q, a, t_sdpa)
+        del qs, ks, vs
+    k, v, bt, lens, cu, q, a, _ = data[4096]
+    ref = reference_paged(q, cu, k, v, bt, lens, a, mode="concat", dtype=torch.float32)
+    for bm, bn, w, st in PREFILL_TILINGS:
+        out = torch.full_like(q, float("nan"))
+        paged_attention_prefill(q, cu, k, v, bt, lens, a, out=out, block_m=bm, block_n=bn, num_warps=w,
+                                num_stages=st)
+        e = relerr(out, ref)
+        checks.append(((bm, bn, w, st), e, e < 1e-2 and not out.isnan().any().item()))
+    del ref
+    print("prefill tiling checks (4k, concat, 2k anchors, vs fp32 oracle):",
+          [(c[0], f"{c[1]:.1e}", c[2]) for c in checks], flush=True)
+    if not all(c[2] for c in checks):
+        RESULTS["prefill_tune"] = {"checks": [list(map(str, c)) for c in checks]}
+        raise SystemExit("prefill tiling check failed: no timings")
+
+    def flops(n, anchors):
+        return 4 * d * hq * n * n / 2 + (4 * d * hq * n * atok if anchors else 0)
+
+    def time_cfg(n, cfg, aa, mode, kv=None):
+        k, v, bt, lens, cu, q, a, t_sdpa = data[n]
+        if kv is not None:
+            k, v, bt, lens = kv
+        out = torch.empty_like(q)
+        bm, bn, w, st = cfg
+        kw = dict(mode=mode, gamma=0.3, out=out, block_m=bm, block_n=bn, num_warps=w, num_stages=st)
+        paged_attention_prefill(q, cu, k, v, bt, lens, aa, **kw)
+        t = med(lambda: paged_attention_prefill(q, cu, k, v, bt, lens, aa, check=False, max_seqlen_q=n, **kw))
+        return t, flops(n, aa is not None) / t / 1e6
+
+    for cfg in PREFILL_TILINGS:
+        for n in (4096, 16384):
+            t, tf = time_cfg(n, cfg, data[n][6], "concat")
+            sd = flops(n, False) / data[n][7] / 1e6
+            rows.append(dict(N=n, tiling=list(cfg), variant="concat", us=t, TFLOPs=tf, sdpa_TFLOPs=sd,
+                             ratio_vs_sdpa=tf / sd))
+            print(f"  N={n:6} {cfg}: concat {tf:6.0f} TFLOP/s  sdpa {sd:6.0f}  ratio {tf / sd:.2f}", flush=True)
+    best = min(PREFILL_TILINGS, key=lambda c: sum(r["us"] for r in rows if r["tiling"] == list(c)))
+    for n in (4096, 16384):
+        sd = flops(n, False) / data[n][7] / 1e6
+        for variant, aa, mode, kv in (("noanchor", None, "concat", None), ("gamma", data[n][6], "gamma", None),
+                                      ("concat_bs64", "bs64", "concat", "bs64")):
+            if kv == "bs64":
+                kv = paged(1, n, hkv, d, 64)
+                aa = anchor_set(1, atok, hkv, d, 64, torch.zeros(1, device=DEV))
+            t, tf = time_cfg(n, best, aa, mode, kv)
+            rows.append(dict(N=n, tiling=list(best), variant=variant, us=t, TFLOPs=tf, sdpa_TFLOPs=sd,
+                             ratio_vs_sdpa=tf / sd))
+    print("\n== prefill tilings (Hq=32, Hkv=8, D=128, bf16, 2k anchors, block 16 unless bs64) ==")
+    for r in rows:
+        print(f"  N={r['N']:6} {str(r['tiling']):18} {r['variant']:12} {r['TFLOPs']:6.0f} TFLOP/s "
+              f"(sdpa causal {r['sdpa_TFLOPs']:4.0f}, ratio {r['ratio_vs_sdpa']:.2f})")
+    RESULTS["prefill_tune"] = {"checks": [list(map(str, c)) for c in checks], "best": list(best), "rows": rows}
+    del data
+
+
+def section_int8(quick: bool) -> None:
+    """INT8 vs bf16 anchors (one set per sequence) with register caps and anchor chunk sizes;
+    and B=1, 8k context + 8k shared anchors vs SDPA with several split counts."""
+    hq, hkv, d, bs = 32, 8, 128, 16
+    rows = []
+    for bsz, ctx, atok in ((8, 8192, 8192), (1, 131072, 8192), (8, 32768, 8192), (64, 8192, 2048)):
+        k, v, bt, lens = paged(bsz, ctx, hkv, d, bs)
+        q = torch.randn(bsz, hq, d, dtype=BF, device=DEV)
+        seq = torch.arange(bsz, device=DEV)
+        ab = anchor_set(bsz, atok, hkv, d, bs, seq)
+        ai = anchor_set(bsz, atok, hkv, d, bs, seq, int8=True)
+        ref = torch.full_like(q, float("nan"))
+        paged_attention_decode(q, k, v, bt, lens, ai, out=ref, max_registers=None)
+        out = torch.empty_like(q)
+        # The default anchor split count, to build the "half-size anchor items" (v5) variant.
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        want = max(triton.cdiv(2 * sms, bsz * hkv), 20 if bsz * hkv < sms else 1)
+        chunk = triton.cdiv(triton.cdiv(ctx, min(want, triton.cdiv(ctx, 256))), 64) * 64
+        s_half = triton.cdiv(atok, max(64, chunk // 2 // 64 * 64))
+        r = dict(B=bsz, ctx=ctx, anchors=atok)
+        for name, a, regs, asp in (("bf16", ab, None, None), ("int8", ai, None, None),
+                                   ("int8_r168", ai, 168, None), ("int8_r128", ai, 128, None),
+                                   ("int8_half", ai, None, s_half), ("int8_half_r168", ai, 168, s_half)):
+            o = torch.full_like(q, float("nan"))
+            paged_attention_decode(q, k, v, bt, lens, a, out=o, max_registers=regs, anchor_splits=asp)
+            if a is ai:
+                e = relerr(o, ref)
+                assert e < 1e-2 and not o.isnan().any(), (name, e)
+            r[name + "_us"] = med_graph([lambda: paged_attention_decode(
+                q, k, v, bt, lens, a, check=False, out=out, max_registers=regs, anchor_splits=asp)], 20)
+        for key in list(r):
+            if key.startswith("int8") and key.endswith("_us"):
+                r[key[:-3] + "_over_bf16"] = r[key] / r["bf16_us"]
+        rows.append(r)
+        print("  " + "  ".join(f"{kk}={vv:.1f}" if isinstance(vv, float) else f"{kk}={vv}" for kk, vv in r.items()
+                               if not kk.endswith("_over_bf16")), flush=True)
+        del k, v, ab, ai
+    # B=1, 8k own tokens + 8k shared anchors (the v5 decode miss): split counts.
+    bsz, ctx, atok = 1, 8192, 8192
+    ns = n_sets(2 * hkv * d * 2 * (ctx + atok))
+    sets = []
+    for _ in range(ns):
+        k, v, bt, lens = paged(bsz, ctx, hkv, d, bs)
+        kc = torch.randn(bsz, hkv, ctx + atok, d, dtype=BF, device=DEV)
+        vc = torch.randn(bsz, hkv, ctx + atok, d, dtype=BF, device=DEV)
+        q = torch.randn(bsz, hq, d, dtype=BF, device=DEV)
+        a = anchor_set(1, atok, hkv, d, bs, torch.zeros(bsz, device=DEV))
+        sets.append((q, k, v, bt, lens, a, kc, vc, torch.empty_like(q)))
+    t_sdpa = med_graph([lambda s=s_: sdpa_decode_contiguous(s[0], s[6], s[7]) for s_ in sets], max(ns, 40))
+    small = []
+    for sp, asp in ((None, None), (16, 8), (32, 8), (8, 8), (20, 4)):
+        calls = [lambda s=s_: paged_attention_decode(*s[:6], check=False, out=s[8], num_splits=sp,
+                                                     anchor_splits=asp) for s_ in sets]
+        t = med_graph(calls, max(ns, 40))
+        small.append(dict(num_splits=str(sp), anchor_splits=str(asp), us=t, sdpa_us=t_sdpa, ratio_sdpa=t / t_sdpa))
+    print("\n== INT8 vs bf16 anchors (decode, one set per sequence; us, CUDA-graph medians) ==")
+    for r in rows:
+        print(f"  B={r['B']:3} ctx={r['ctx']:6} anc={r['anchors']:5}: bf16 {r['bf16_us']:7.1f}"
+              + "".join(f"  {kk[:-3]} {r[kk]:7.1f} ({r[kk[:-3] + '_over_bf16']:.3f})" for kk in r
+                        if kk.startswith("int8") and kk.endswith("_us")))
+    print("== B=1, 8k context + 8k shared anchors: split counts vs SDPA-contiguous ==")
+    for r in small:
+        print(f"  splits={r['num_splits']:>5} anchor_splits={r['anchor_splits']:>5}: {r['us']:6.1f} us  "
+              f"sdpa {r['sdpa_us']:6.1f}  ratio {r['ratio_sdpa']:.3f}")
+    RESULTS["int8"] = {"modes": rows, "b1_8k_8k": small}
+
+
 def section_naive64k(quick: bool) -> None:
     """The original estimate: naive dual attention at 64k materializes ~8 GB of scores per head.
 
@@ -484,13 +632,14 @@ def section_naive64k(quick: bool) -> None:
 
 
 SECTIONS = {"check": section_check, "tune": section_tune, "decode": section_decode, "shared": section_shared,
-            "modes": section_modes, "prefill": section_prefill, "naive64k": section_naive64k}
+            "modes": section_modes, "prefill": section_prefill, "naive64k": section_naive64k,
+            "prefill_tune": section_prefill_tune, "int8": section_int8}
 
 
 def main() -> None:
     """Run the chosen sections and write the JSON results."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default=",".join(SECTIONS))
+    ap.add_argument("--only", default="check,decode,shared,modes,prefill,naive64k")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "attention_bench.json"))
     ap.add_argument("--batches", default="", help="decode batch sizes, e.g. 1,8 (default 1,8,64)")

@@ -224,6 +224,21 @@ def _gamma_args(gamma, q):
     return None, float(gamma), False
 
 
+def _decode_reg_cap(int8: bool, tile: int, num_warps: int) -> int | None:
+    """Per-thread register cap for the decode launch (None: the compiler's choice).
+
+    The int8 code -> bf16 conversion in sharing tiles of <= 8 sequences raises the whole kernel
+    (context items included: one compiled kernel) to 216-226 registers, 2 programs per
+    multiprocessor. Capped at 168 (3 programs, no spills), int8 / bf16 on the H100 went from
+    1.41x to 1.03x at B=1, 128k (0.98x with half-size anchor items) and from 0.98x to 0.88x
+    at B=8, 8k (v6 notes). Tiles of 16 (B >= 16 sharing a set) were 3% slower capped, so
+    they keep the compiler's choice.
+    """
+    if int8 and tile <= 8 and num_warps == 4:
+        return 168
+    return None
+
+
 def _anchor_plan(a: AnchorSet, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequences sorted by anchor set, and which sorted positions start a sharing tile.
 
@@ -263,13 +278,15 @@ def paged_attention_decode(
     seq_tile: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    max_registers: int | None = -1,
 ) -> torch.Tensor:
     """One query per sequence (q [B, H_q, D]) over anchors + paged context, in one kernel launch.
 
     check=False skips the data-dependent checks (one host sync); out, if given, receives the
     result (same shape and dtype as q, last dim contiguous); num_splits, anchor_splits and
     seq_tile override the split-KV and anchor-sharing heuristics (seq_tile=1: no sharing);
-    num_warps/num_stages override the launch configuration.
+    num_warps/num_stages/max_registers (per-thread register cap, None = none, -1 = heuristic)
+    override the launch configuration.
     """
     bsz = q.shape[0] if q.dim() == 3 else -1
     _check_shapes(q, k_cache, v_cache, block_tables, context_lens, anchors, mode, gamma, bsz)
@@ -294,9 +311,12 @@ def paged_attention_decode(
         n_tiles = bsz  # one potential tile start per sorted position
         max_alen = a.block_table.shape[1] * a.k.shape[1]
         if anchor_splits is None:
-            # Anchor items take about as long as context items: same token count per item (half
-            # for int8, whose per-token conversion makes an anchor tile slower than a bf16 one).
-            per = chunk if a.k.dtype != torch.int8 else max(block_n, chunk // 2 // block_n * block_n)
+            # Anchor items take the context items' token count. int8 anchors that would get fewer
+            # than 8 items per (tile, head) get half-size items instead: measured on the H100 at
+            # B=1, 128k (3 -> 5 items: 5% faster) vs B=8, 8k (19 items: halving cost 12%); v6 notes.
+            per = chunk
+            if a.k.dtype == torch.int8 and triton.cdiv(max_alen, chunk) < 8:
+                per = max(block_n, chunk // 2 // block_n * block_n)
             achunk = min(per, triton.cdiv(max_alen, block_n) * block_n)
             s_anc = triton.cdiv(max_alen, achunk)
         else:
@@ -321,6 +341,13 @@ def paged_attention_decode(
             k_cache, v_cache, block_tables, context_lens, context_lens, context_lens, context_lens,
             False, pm, pm, bs)
     grid = (n_anchor_items + bsz * hkv * s_ctx,)
+    extra = {}
+    if max_registers == -1:
+        max_registers = _decode_reg_cap(int8, tile, num_warps)
+    if max_registers is not None and on_gpu:
+        # The anchor and context items share one compiled kernel, so the int8 conversion's
+        # registers would otherwise cut the occupancy of the context items too.
+        extra["maxnreg"] = max_registers
     _decode_kernel[grid](
         q, k_cache, v_cache, block_tables.contiguous(), context_lens,
         ak, av, abt.contiguous(), alen, aset, order, start, ks, vs,
@@ -331,6 +358,7 @@ def paged_attention_decode(
         M_ANC=max(16, tile * gqa_pad), BLOCK_N=block_n, BS=bs, BSA=bsa, S_CTX=s_ctx, S_ANC=s_anc,
         INT8=int8, MODE_GAMMA=mode == "gamma", GAMMA_PER_HEAD=g_per_head,
         S_PAD=triton.next_power_of_2(max(s_ctx, s_anc)), num_warps=num_warps, num_stages=num_stages,
+        **extra,
     )
     return out
 

@@ -2,8 +2,18 @@
 
 One program per (sequence, tile of BLOCK_M new tokens, query head). The new tokens sit at the end
 of their sequence (positions context_len - q_len ... context_len - 1) and attend to every anchor
-token, every earlier token, and causally among themselves. concat keeps one online-softmax state
-across anchors and context (it is one softmax); gamma keeps two and mixes them with fixed weights.
+token, every earlier token, and causally among themselves.
+
+concat is one softmax over [anchors; context], so it keeps ONE online-softmax state: the anchors
+are attended first (INT8: with the K scale folded into q, and the accumulator multiplied by the
+V scale once the anchors are done, both exact for powers of two), then the context continues the
+same state. One [BLOCK_M, D] fp32 accumulator instead of two is what lets 128x128 tiles run
+without register spills (v6, docs/attention-notes.md). gamma needs two states (fixed weights).
+
+The matrix-product loop differs from the decode one: the softmax scale is applied inside the
+exponent's fused multiply-add (qk * s - m) rather than as a separate multiply on every score, and
+when a page holds at least BLOCK_N tokens a K/V tile is one page: one block-table entry per tile
+instead of one per row.
 """
 
 from __future__ import annotations
@@ -11,7 +21,75 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fieldprint.kernels.decode import NEG, _attend_range
+from fieldprint.kernels.decode import NEG
+
+
+@triton.jit
+def _prefill_tile(
+    q, m_i, l_i, acc, start, hi, table_row_ptr, k_ptr, v_ptr, h, H_KV, scale_log2, pos,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr, INT8: tl.constexpr,
+):
+    """One BLOCK_N tile of paged tokens from `start`: scores, online softmax (base 2), P @ V."""
+    d = tl.arange(0, D)
+    n = start + tl.arange(0, BLOCK_N)
+    if BS >= BLOCK_N:
+        # The whole tile lies in one page (start is a multiple of BLOCK_N, BLOCK_N divides BS).
+        page = tl.load(table_row_ptr + start // BS).to(tl.int64)
+        off = ((page * BS + n % BS) * H_KV + h) * D
+    else:
+        if MASKED:
+            page = tl.load(table_row_ptr + n // BS, mask=n < hi, other=0).to(tl.int64)
+        else:
+            page = tl.load(table_row_ptr + n // BS).to(tl.int64)
+        off = ((page * BS + n % BS) * H_KV + h) * D
+    if MASKED:
+        nmask = n < hi
+        k = tl.load(k_ptr + off[:, None] + d[None, :], mask=nmask[:, None], other=0)
+        v = tl.load(v_ptr + off[:, None] + d[None, :], mask=nmask[:, None], other=0)
+    else:
+        k = tl.load(k_ptr + off[:, None] + d[None, :])
+        v = tl.load(v_ptr + off[:, None] + d[None, :])
+    if INT8:
+        # Codes are exact in bf16/fp16; the power-of-two scales are folded into q and acc.
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
+    qk = tl.dot(q, tl.trans(k))
+    if MASKED:
+        valid = nmask[None, :]
+        if CAUSAL:
+            valid = valid & (n[None, :] <= pos[:, None])
+        qk = tl.where(valid, qk, float("-inf"))
+    # max(qk) * s == max(qk * s) for s > 0; the scale then rides in one FMA per score.
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
+    p = tl.exp2(qk * scale_log2 - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _prefill_range(
+    q, m_i, l_i, acc, lo, hi, table_row_ptr, k_ptr, v_ptr, h, H_KV, scale_log2, pos,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, CAUSAL: tl.constexpr,
+    INT8: tl.constexpr,
+):
+    """Tokens [lo, hi) (lo a multiple of BLOCK_N): whole tiles unmasked, the rest masked."""
+    hi = tl.maximum(hi, lo)
+    if CAUSAL:
+        for start in range(lo, hi, BLOCK_N):
+            m_i, l_i, acc = _prefill_tile(q, m_i, l_i, acc, start, hi, table_row_ptr, k_ptr, v_ptr,
+                                          h, H_KV, scale_log2, pos, D, BLOCK_N, BS, True, True, INT8)
+    else:
+        full = lo + (hi - lo) // BLOCK_N * BLOCK_N
+        for start in range(lo, full, BLOCK_N):
+            m_i, l_i, acc = _prefill_tile(q, m_i, l_i, acc, start, hi, table_row_ptr, k_ptr, v_ptr,
+                                          h, H_KV, scale_log2, pos, D, BLOCK_N, BS, False, False, INT8)
+        if full < hi:
+            m_i, l_i, acc = _prefill_tile(q, m_i, l_i, acc, full, hi, table_row_ptr, k_ptr, v_ptr,
+                                          h, H_KV, scale_log2, pos, D, BLOCK_N, BS, True, False, INT8)
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -47,28 +125,38 @@ def _prefill_kernel(
         t_row = bt_ptr + b.to(tl.int64) * max_blocks
         # Tokens before this tile's first position are visible to all its rows: no causal mask.
         diag = prefix + mt * BLOCK_M
-        m_i, l_i, acc = _attend_range(q, m_i, l_i, acc, 0, diag, t_row, k_ptr, v_ptr, h, H_KV,
-                                      scale_log2, pos, D, BLOCK_N, BS, False, False)
+        # Start the causal part on a BLOCK_N boundary so that page-sized tiles stay in one page.
+        diag_lo = diag // BLOCK_N * BLOCK_N
         hi = tl.minimum(diag + BLOCK_M, ctx)
-        m_i, l_i, acc = _attend_range(q, m_i, l_i, acc, diag, hi, t_row, k_ptr, v_ptr, h, H_KV,
-                                      scale_log2, pos, D, BLOCK_N, BS, True, False)
         if HAS_ANCHORS:
-            # The anchors keep their own state (so INT8 scales fold exactly); concat then merges
-            # the two by log-sum-exp, gamma mixes them with fixed weights.
             set_b = tl.load(seqset_ptr + b)
             alen = tl.load(alen_ptr + tl.maximum(set_b, 0))
             alen = tl.where(set_b >= 0, alen, 0)
             qa = q
             if INT8:
+                # q.(code*s_k) == (q*s_k).code: exact for power-of-two scales (the DQP's values).
                 qa = (q.to(tl.float32) * tl.load(ks_ptr + h * D + d)[None, :]).to(q.dtype)
             a_row = abt_ptr + tl.maximum(set_b, 0).to(tl.int64) * max_ablocks
-            m_a = tl.full([BLOCK_M], NEG, tl.float32)
-            l_a = tl.zeros([BLOCK_M], tl.float32)
-            acc_a = tl.zeros([BLOCK_M, D], tl.float32)
-            m_a, l_a, acc_a = _attend_range(qa, m_a, l_a, acc_a, 0, alen, a_row, ak_ptr, av_ptr, h,
-                                            H_KV, scale_log2, pos, D, BLOCK_N, BSA, False, INT8)
-            if INT8:
-                acc_a = acc_a * tl.load(vs_ptr + h * D + d)[None, :]
+            if MODE_GAMMA:
+                m_a = tl.full([BLOCK_M], NEG, tl.float32)
+                l_a = tl.zeros([BLOCK_M], tl.float32)
+                acc_a = tl.zeros([BLOCK_M, D], tl.float32)
+                m_a, l_a, acc_a = _prefill_range(qa, m_a, l_a, acc_a, 0, alen, a_row, ak_ptr, av_ptr,
+                                                 h, H_KV, scale_log2, pos, D, BLOCK_N, BSA, False, INT8)
+                if INT8:
+                    acc_a = acc_a * tl.load(vs_ptr + h * D + d)[None, :]
+            else:
+                # concat: the anchors open the one softmax state the context then continues.
+                m_i, l_i, acc = _prefill_range(qa, m_i, l_i, acc, 0, alen, a_row, ak_ptr, av_ptr,
+                                               h, H_KV, scale_log2, pos, D, BLOCK_N, BSA, False, INT8)
+                if INT8:
+                    acc = acc * tl.load(vs_ptr + h * D + d)[None, :]
+        m_i, l_i, acc = _prefill_range(q, m_i, l_i, acc, 0, diag_lo, t_row, k_ptr, v_ptr, h, H_KV,
+                                       scale_log2, pos, D, BLOCK_N, BS, False, False)
+        m_i, l_i, acc = _prefill_range(q, m_i, l_i, acc, diag_lo, hi, t_row, k_ptr, v_ptr, h, H_KV,
+                                       scale_log2, pos, D, BLOCK_N, BS, True, False)
+        out = acc / l_i[:, None]
+        if HAS_ANCHORS:
             if MODE_GAMMA:
                 if GAMMA_PER_HEAD:
                     gam = tl.zeros([BLOCK_M], tl.float32) + tl.load(gamma_ptr + hq)
@@ -77,13 +165,6 @@ def _prefill_kernel(
                 # Without anchor tokens the anchor term is absent (g -> 0): plain attention.
                 gam = tl.where(alen > 0, gam, 0.0)
                 l_a = tl.where(l_a > 0, l_a, 1.0)
-                out = (1.0 - gam)[:, None] * (acc / l_i[:, None]) + gam[:, None] * (acc_a / l_a[:, None])
-            else:
-                m_t = tl.maximum(m_i, m_a)
-                wc = tl.exp2(m_i - m_t)
-                wa = tl.exp2(m_a - m_t)
-                out = (acc * wc[:, None] + acc_a * wa[:, None]) / (l_i * wc + l_a * wa)[:, None]
-        else:
-            out = acc / l_i[:, None]
+                out = (1.0 - gam)[:, None] * out + gam[:, None] * (acc_a / l_a[:, None])
         tl.store(out_ptr + q_rows[:, None] * so_t + hq * so_h + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=mmask[:, None])

@@ -122,6 +122,33 @@ def test_prefill_matches_oracle(case):
     assert _relerr(out, ref) < TOL[dtype]
 
 
+# Tilings that reach both K/V addressing paths: tiles spanning several pages (block_n > block
+# size: one block-table entry per row) and tiles inside one page (block size >= block_n), with
+# causal diagonals that start off a block_n boundary.
+TILINGS = [
+    # bs, block_m, block_n, int8 anchors, mode
+    (16, 32, 32, True, "concat"),
+    (16, 16, 32, False, "gamma"),
+    (64, 32, 16, True, "gamma"),
+    (32, 16, 16, False, "concat"),
+]
+
+
+@pytest.mark.parametrize("tiling", TILINGS, ids=[f"tiling{i}" for i in range(len(TILINGS))])
+def test_prefill_tilings_match_oracle(tiling):
+    bs, bm, bn, int8, mode = tiling
+    gen = torch.Generator().manual_seed(7 + bs + bm + bn)
+    qlens, prefix = [50, 29, 1], [45, 3, 70]
+    k, v, bt, cl = _pages([p + n for p, n in zip(prefix, qlens)], bs, 2, 64, torch.float32, gen)
+    a = _anchors([77, 40], [1, 0, -1], bs, 2, 64, torch.float32, gen, int8=int8)
+    cu = torch.tensor([0] + list(torch.tensor(qlens).cumsum(0)), dtype=torch.int32)
+    q = torch.randn(int(cu[-1]), 8, 64, generator=gen)
+    out = torch.full_like(q, float("nan"))
+    paged_attention_prefill(q, cu, k, v, bt, cl, a, mode=mode, gamma=0.3, out=out, block_m=bm, block_n=bn)
+    ref = reference_paged(q, cu, k, v, bt, cl, a, mode=mode, gamma=0.3)
+    assert _relerr(out, ref) < TOL[torch.float32]
+
+
 def test_decode_splits_and_sharing_tiles_agree():
     """Any split count and any sharing tile (several sets per tile too) computes the same function."""
     gen = torch.Generator().manual_seed(7)
