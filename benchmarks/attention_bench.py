@@ -159,6 +159,7 @@ def section_check(quick: bool) -> None:
     for bsz, hq, hkv, d, bs, akind, mode, g in [
         (3, 32, 8, 128, 16, "bf16", "concat", 0.0), (3, 32, 8, 128, 64, "int8", "gamma", 0.3),
         (2, 16, 4, 64, 32, None, "gamma", 0.3), (3, 32, 8, 128, 16, "bf16", "gamma", "head"),
+        (3, 32, 8, 128, 128, "bf16", "concat", 0.0), (3, 32, 8, 128, 128, "int8", "gamma", 0.3),
     ]:
         qlens = torch.tensor([700, 1, 1300][:bsz], dtype=torch.int32, device=DEV)
         lens = qlens + torch.tensor([0, 900, 2000][:bsz], dtype=torch.int32, device=DEV)
@@ -414,41 +415,44 @@ def section_prefill(quick: bool) -> None:
     RESULTS["prefill"] = rows
 
 
-PREFILL_TILINGS = [  # block_m, block_n, num_warps, num_stages
-    (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4),
-    (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 2),
+PREFILL_TILINGS = [  # block size, block_m, block_n, num_warps, num_stages
+    (16, 128, 128, 8, 3), (16, 128, 64, 8, 3), (16, 64, 64, 4, 2),
+    (128, 128, 128, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 2),
 ]
 
 
 def section_prefill_tune(quick: bool) -> None:
-    """Prefill tilings (concat, 2k anchors, block size 16) vs SDPA causal in the same run.
+    """Prefill tilings and page sizes (concat, 2k anchors) vs SDPA causal in the same run.
 
-    Every tiling is first checked against the fp32 oracle at N=4k (NaN-poisoned output); the best
-    by 16k concat time is then also timed without anchors, in gamma mode, and on 64-token pages.
+    Pages of >= block_n tokens take the descriptor (TMA) path, smaller ones the per-row gather.
+    Every (page size, tiling) is first checked against the fp32 oracle at N=4k (NaN-poisoned
+    output); the best tiling of each page size is then also timed without anchors and in gamma.
     """
-    hq, hkv, d, bs, atok = 32, 8, 128, 16, 2048
+    hq, hkv, d, atok = 32, 8, 128, 2048
     rows, checks = [], []
     data = {}
     for n in (4096, 16384):
-        k, v, bt, lens = paged(1, n, hkv, d, bs)
-        cu = torch.tensor([0, n], dtype=torch.int32, device=DEV)
-        q = torch.randn(n, hq, d, dtype=BF, device=DEV)
-        a = anchor_set(1, atok, hkv, d, bs, torch.zeros(1, device=DEV))
         qs = torch.randn(1, hq, n, d, dtype=BF, device=DEV)
         ks = torch.randn(1, hkv, n, d, dtype=BF, device=DEV)
         vs = torch.randn(1, hkv, n, d, dtype=BF, device=DEV)
         t_sdpa = med(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True))
-        data[n] = (k, v, bt, lens, cu, q, a, t_sdpa)
         del qs, ks, vs
-    k, v, bt, lens, cu, q, a, _ = data[4096]
-    ref = reference_paged(q, cu, k, v, bt, lens, a, mode="concat", dtype=torch.float32)
-    for bm, bn, w, st in PREFILL_TILINGS:
-        out = torch.full_like(q, float("nan"))
-        paged_attention_prefill(q, cu, k, v, bt, lens, a, out=out, block_m=bm, block_n=bn, num_warps=w,
-                                num_stages=st)
-        e = relerr(out, ref)
-        checks.append(((bm, bn, w, st), e, e < 1e-2 and not out.isnan().any().item()))
-    del ref
+        cu = torch.tensor([0, n], dtype=torch.int32, device=DEV)
+        q = torch.randn(n, hq, d, dtype=BF, device=DEV)
+        for bs in sorted({c[0] for c in PREFILL_TILINGS}):
+            k, v, bt, lens = paged(1, n, hkv, d, bs)
+            a = anchor_set(1, atok, hkv, d, bs, torch.zeros(1, device=DEV))
+            data[n, bs] = (k, v, bt, lens, cu, q, a, t_sdpa)
+    for bs in sorted({c[0] for c in PREFILL_TILINGS}):
+        k, v, bt, lens, cu, q, a, _ = data[4096, bs]
+        ref = reference_paged(q, cu, k, v, bt, lens, a, mode="concat", dtype=torch.float32)
+        for cfg in [c for c in PREFILL_TILINGS if c[0] == bs]:
+            out = torch.full_like(q, float("nan"))
+            paged_attention_prefill(q, cu, k, v, bt, lens, a, out=out, block_m=cfg[1], block_n=cfg[2],
+                                    num_warps=cfg[3], num_stages=cfg[4])
+            e = relerr(out, ref)
+            checks.append((cfg, e, e < 1e-2 and not out.isnan().any().item()))
+        del ref
     print("prefill tiling checks (4k, concat, 2k anchors, vs fp32 oracle):",
           [(c[0], f"{c[1]:.1e}", c[2]) for c in checks], flush=True)
     if not all(c[2] for c in checks):
@@ -458,40 +462,40 @@ def section_prefill_tune(quick: bool) -> None:
     def flops(n, anchors):
         return 4 * d * hq * n * n / 2 + (4 * d * hq * n * atok if anchors else 0)
 
-    def time_cfg(n, cfg, aa, mode, kv=None):
-        k, v, bt, lens, cu, q, a, t_sdpa = data[n]
-        if kv is not None:
-            k, v, bt, lens = kv
+    def time_cfg(n, cfg, mode, with_anchors=True):
+        k, v, bt, lens, cu, q, a, t_sdpa = data[n, cfg[0]]
+        aa = a if with_anchors else None
         out = torch.empty_like(q)
-        bm, bn, w, st = cfg
-        kw = dict(mode=mode, gamma=0.3, out=out, block_m=bm, block_n=bn, num_warps=w, num_stages=st)
+        kw = dict(mode=mode, gamma=0.3, out=out, block_m=cfg[1], block_n=cfg[2], num_warps=cfg[3],
+                  num_stages=cfg[4])
         paged_attention_prefill(q, cu, k, v, bt, lens, aa, **kw)
         t = med(lambda: paged_attention_prefill(q, cu, k, v, bt, lens, aa, check=False, max_seqlen_q=n, **kw))
-        return t, flops(n, aa is not None) / t / 1e6
+        return t, flops(n, with_anchors) / t / 1e6
+
+    def add(n, cfg, variant, t, tf):
+        sd = flops(n, False) / data[n, cfg[0]][7] / 1e6
+        rows.append(dict(N=n, block_size=cfg[0], tiling=list(cfg[1:]), variant=variant, us=t, TFLOPs=tf,
+                         sdpa_TFLOPs=sd, ratio_vs_sdpa=tf / sd))
+        print(f"  N={n:6} bs={cfg[0]:3} {cfg[1:]}: {variant:8} {tf:6.0f} TFLOP/s  sdpa {sd:6.0f}  "
+              f"ratio {tf / sd:.2f}", flush=True)
 
     for cfg in PREFILL_TILINGS:
         for n in (4096, 16384):
-            t, tf = time_cfg(n, cfg, data[n][6], "concat")
-            sd = flops(n, False) / data[n][7] / 1e6
-            rows.append(dict(N=n, tiling=list(cfg), variant="concat", us=t, TFLOPs=tf, sdpa_TFLOPs=sd,
-                             ratio_vs_sdpa=tf / sd))
-            print(f"  N={n:6} {cfg}: concat {tf:6.0f} TFLOP/s  sdpa {sd:6.0f}  ratio {tf / sd:.2f}", flush=True)
-    best = min(PREFILL_TILINGS, key=lambda c: sum(r["us"] for r in rows if r["tiling"] == list(c)))
-    for n in (4096, 16384):
-        sd = flops(n, False) / data[n][7] / 1e6
-        for variant, aa, mode, kv in (("noanchor", None, "concat", None), ("gamma", data[n][6], "gamma", None),
-                                      ("concat_bs64", "bs64", "concat", "bs64")):
-            if kv == "bs64":
-                kv = paged(1, n, hkv, d, 64)
-                aa = anchor_set(1, atok, hkv, d, 64, torch.zeros(1, device=DEV))
-            t, tf = time_cfg(n, best, aa, mode, kv)
-            rows.append(dict(N=n, tiling=list(best), variant=variant, us=t, TFLOPs=tf, sdpa_TFLOPs=sd,
-                             ratio_vs_sdpa=tf / sd))
-    print("\n== prefill tilings (Hq=32, Hkv=8, D=128, bf16, 2k anchors, block 16 unless bs64) ==")
+            add(n, cfg, "concat", *time_cfg(n, cfg, "concat"))
+    best = {}
+    for bs in sorted({c[0] for c in PREFILL_TILINGS}):
+        mine = [c for c in PREFILL_TILINGS if c[0] == bs]
+        best[bs] = min(mine, key=lambda c: sum(r["us"] for r in rows if r["block_size"] == bs
+                                               and r["tiling"] == list(c[1:])))
+        for n in (4096, 16384):
+            add(n, best[bs], "noanchor", *time_cfg(n, best[bs], "concat", with_anchors=False))
+            add(n, best[bs], "gamma", *time_cfg(n, best[bs], "gamma"))
+    print("\n== prefill page sizes and tilings (Hq=32, Hkv=8, D=128, bf16, 2k anchors) ==")
     for r in rows:
-        print(f"  N={r['N']:6} {str(r['tiling']):18} {r['variant']:12} {r['TFLOPs']:6.0f} TFLOP/s "
+        print(f"  N={r['N']:6} bs={r['block_size']:3} {str(r['tiling']):14} {r['variant']:9} {r['TFLOPs']:6.0f} TFLOP/s "
               f"(sdpa causal {r['sdpa_TFLOPs']:4.0f}, ratio {r['ratio_vs_sdpa']:.2f})")
-    RESULTS["prefill_tune"] = {"checks": [list(map(str, c)) for c in checks], "best": list(best), "rows": rows}
+    RESULTS["prefill_tune"] = {"checks": [list(map(str, c)) for c in checks],
+                               "best": {str(k): list(v) for k, v in best.items()}, "rows": rows}
     del data
 
 

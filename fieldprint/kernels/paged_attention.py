@@ -363,6 +363,22 @@ def paged_attention_decode(
     return out
 
 
+def _tma_ok(k: torch.Tensor, v: torch.Tensor, block_n: int) -> bool:
+    """Whether a K/V pool can be read page-by-page through tensor descriptors."""
+    nb, bs, hkv, d = k.shape
+    return (bs >= block_n and nb * bs < 2**31 and k.data_ptr() % 16 == 0 and v.data_ptr() % 16 == 0
+            and (hkv * d * k.element_size()) % 16 == 0)
+
+
+def _descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int):
+    """Descriptors over [blocks * block_size, H_kv * D] views; one tile = block_n rows x D."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    nb, bs, hkv, d = k.shape
+    return (TensorDescriptor.from_tensor(k.view(nb * bs, hkv * d), [block_n, d]),
+            TensorDescriptor.from_tensor(v.view(nb * bs, hkv * d), [block_n, d]))
+
+
 def paged_attention_prefill(
     q: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
@@ -423,14 +439,24 @@ def paged_attention_prefill(
     else:
         int8, ak, av, abt, alen, aset, ks, vs, bsa = (
             False, k_cache, v_cache, block_tables, context_lens, context_lens, q, q, bs)
+    # Pages of at least block_n tokens: each K/V tile is one page, copied by descriptor (TMA on
+    # the GPU) instead of per-thread gathers.
+    tma_kv = _tma_ok(k_cache, v_cache, bn)
+    tma_a = a is not None and not int8 and _tma_ok(ak, av, bn)
+    if tma_kv:
+        k_arg, v_arg = _descriptors(k_cache, v_cache, bn)
+    else:
+        k_arg, v_arg = k_cache, v_cache
+    if tma_a:
+        ak, av = _descriptors(ak, av, bn)
     grid = (bsz, triton.cdiv(max_q, bm), hq)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables.contiguous(), context_lens, cu_seqlens_q,
+        q, k_arg, v_arg, block_tables.contiguous(), context_lens, cu_seqlens_q,
         ak, av, abt, alen, aset, ks, vs, gptr if gptr is not None else q, gval, out,
         hkv, block_tables.shape[1], abt.shape[1], scale * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         D=d, GQA=hq // hkv, BLOCK_M=bm, BLOCK_N=bn, BS=bs, BSA=bsa, HAS_ANCHORS=a is not None,
-        INT8=int8, MODE_GAMMA=mode == "gamma", GAMMA_PER_HEAD=g_per_head,
+        INT8=int8, MODE_GAMMA=mode == "gamma", GAMMA_PER_HEAD=g_per_head, TMA_KV=tma_kv, TMA_A=tma_a,
         num_warps=num_warps or (8 if on_gpu else 4), num_stages=num_stages or (3 if on_gpu else 1),
     )
     return out

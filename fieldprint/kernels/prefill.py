@@ -28,12 +28,25 @@ from fieldprint.kernels.decode import NEG
 def _prefill_tile(
     q, m_i, l_i, acc, start, hi, table_row_ptr, k_ptr, v_ptr, h, H_KV, scale_log2, pos,
     D: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, MASKED: tl.constexpr,
-    CAUSAL: tl.constexpr, INT8: tl.constexpr,
+    CAUSAL: tl.constexpr, INT8: tl.constexpr, TMA: tl.constexpr,
 ):
-    """One BLOCK_N tile of paged tokens from `start`: scores, online softmax (base 2), P @ V."""
+    """One BLOCK_N tile of paged tokens from `start`: scores, online softmax (base 2), P @ V.
+
+    TMA: k_ptr / v_ptr are tensor descriptors over the pool as [blocks * BS, H_kv * D]; a tile
+    is one page's rows, copied by the tensor memory accelerator (no per-thread addresses).
+    """
     d = tl.arange(0, D)
     n = start + tl.arange(0, BLOCK_N)
-    if BS >= BLOCK_N:
+    if TMA:
+        row = tl.load(table_row_ptr + start // BS) * BS + start % BS
+        k = k_ptr.load([row, h * D])
+        v = v_ptr.load([row, h * D])
+        if MASKED:
+            nmask = n < hi
+            # Rows past hi are another token's (or unwritten) data: scores are masked below,
+            # and V rows are zeroed so that 0 * (inf or NaN) cannot reach the output.
+            v = tl.where(nmask[:, None], v, 0)
+    elif BS >= BLOCK_N:
         # The whole tile lies in one page (start is a multiple of BLOCK_N, BLOCK_N divides BS).
         page = tl.load(table_row_ptr + start // BS).to(tl.int64)
         off = ((page * BS + n % BS) * H_KV + h) * D
@@ -43,13 +56,14 @@ def _prefill_tile(
         else:
             page = tl.load(table_row_ptr + n // BS).to(tl.int64)
         off = ((page * BS + n % BS) * H_KV + h) * D
-    if MASKED:
-        nmask = n < hi
-        k = tl.load(k_ptr + off[:, None] + d[None, :], mask=nmask[:, None], other=0)
-        v = tl.load(v_ptr + off[:, None] + d[None, :], mask=nmask[:, None], other=0)
-    else:
-        k = tl.load(k_ptr + off[:, None] + d[None, :])
-        v = tl.load(v_ptr + off[:, None] + d[None, :])
+    if not TMA:
+        if MASKED:
+            nmask = n < hi
+            k = tl.load(k_ptr + off[:, None] + d[None, :], mask=nmask[:, None], other=0)
+            v = tl.load(v_ptr + off[:, None] + d[None, :], mask=nmask[:, None], other=0)
+        else:
+            k = tl.load(k_ptr + off[:, None] + d[None, :])
+            v = tl.load(v_ptr + off[:, None] + d[None, :])
     if INT8:
         # Codes are exact in bf16/fp16; the power-of-two scales are folded into q and acc.
         k = k.to(q.dtype)
@@ -73,22 +87,22 @@ def _prefill_tile(
 def _prefill_range(
     q, m_i, l_i, acc, lo, hi, table_row_ptr, k_ptr, v_ptr, h, H_KV, scale_log2, pos,
     D: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, CAUSAL: tl.constexpr,
-    INT8: tl.constexpr,
+    INT8: tl.constexpr, TMA: tl.constexpr,
 ):
     """Tokens [lo, hi) (lo a multiple of BLOCK_N): whole tiles unmasked, the rest masked."""
     hi = tl.maximum(hi, lo)
     if CAUSAL:
         for start in range(lo, hi, BLOCK_N):
             m_i, l_i, acc = _prefill_tile(q, m_i, l_i, acc, start, hi, table_row_ptr, k_ptr, v_ptr,
-                                          h, H_KV, scale_log2, pos, D, BLOCK_N, BS, True, True, INT8)
+                                          h, H_KV, scale_log2, pos, D, BLOCK_N, BS, True, True, INT8, TMA)
     else:
         full = lo + (hi - lo) // BLOCK_N * BLOCK_N
         for start in range(lo, full, BLOCK_N):
             m_i, l_i, acc = _prefill_tile(q, m_i, l_i, acc, start, hi, table_row_ptr, k_ptr, v_ptr,
-                                          h, H_KV, scale_log2, pos, D, BLOCK_N, BS, False, False, INT8)
+                                          h, H_KV, scale_log2, pos, D, BLOCK_N, BS, False, False, INT8, TMA)
         if full < hi:
             m_i, l_i, acc = _prefill_tile(q, m_i, l_i, acc, full, hi, table_row_ptr, k_ptr, v_ptr,
-                                          h, H_KV, scale_log2, pos, D, BLOCK_N, BS, True, False, INT8)
+                                          h, H_KV, scale_log2, pos, D, BLOCK_N, BS, True, False, INT8, TMA)
     return m_i, l_i, acc
 
 
@@ -100,7 +114,8 @@ def _prefill_kernel(
     H_KV, max_blocks, max_ablocks, scale_log2, sq_t, sq_h, so_t, so_h,
     D: tl.constexpr, GQA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BS: tl.constexpr, BSA: tl.constexpr, HAS_ANCHORS: tl.constexpr, INT8: tl.constexpr,
-    MODE_GAMMA: tl.constexpr, GAMMA_PER_HEAD: tl.constexpr,
+    MODE_GAMMA: tl.constexpr, GAMMA_PER_HEAD: tl.constexpr, TMA_KV: tl.constexpr,
+    TMA_A: tl.constexpr,
 ):
     b = tl.program_id(0)
     # Longest tiles (last rows, most causal work) first, so the tail of the grid is short ones.
@@ -142,19 +157,19 @@ def _prefill_kernel(
                 l_a = tl.zeros([BLOCK_M], tl.float32)
                 acc_a = tl.zeros([BLOCK_M, D], tl.float32)
                 m_a, l_a, acc_a = _prefill_range(qa, m_a, l_a, acc_a, 0, alen, a_row, ak_ptr, av_ptr,
-                                                 h, H_KV, scale_log2, pos, D, BLOCK_N, BSA, False, INT8)
+                                                 h, H_KV, scale_log2, pos, D, BLOCK_N, BSA, False, INT8, TMA_A)
                 if INT8:
                     acc_a = acc_a * tl.load(vs_ptr + h * D + d)[None, :]
             else:
                 # concat: the anchors open the one softmax state the context then continues.
                 m_i, l_i, acc = _prefill_range(qa, m_i, l_i, acc, 0, alen, a_row, ak_ptr, av_ptr,
-                                               h, H_KV, scale_log2, pos, D, BLOCK_N, BSA, False, INT8)
+                                               h, H_KV, scale_log2, pos, D, BLOCK_N, BSA, False, INT8, TMA_A)
                 if INT8:
                     acc = acc * tl.load(vs_ptr + h * D + d)[None, :]
         m_i, l_i, acc = _prefill_range(q, m_i, l_i, acc, 0, diag_lo, t_row, k_ptr, v_ptr, h, H_KV,
-                                       scale_log2, pos, D, BLOCK_N, BS, False, False)
+                                       scale_log2, pos, D, BLOCK_N, BS, False, False, TMA_KV)
         m_i, l_i, acc = _prefill_range(q, m_i, l_i, acc, diag_lo, hi, t_row, k_ptr, v_ptr, h, H_KV,
-                                       scale_log2, pos, D, BLOCK_N, BS, True, False)
+                                       scale_log2, pos, D, BLOCK_N, BS, True, False, TMA_KV)
         out = acc / l_i[:, None]
         if HAS_ANCHORS:
             if MODE_GAMMA:
