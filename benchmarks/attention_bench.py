@@ -1,7 +1,8 @@
 """PagedFieldprintAttention on the GPU: correctness first (bf16 vs fp32 oracle), then timings.
 
-Sections (all by default): check, decode, shared, modes, prefill, naive64k.
-    python benchmarks/attention_bench.py [--only decode,prefill] [--quick] [--out FILE]
+Sections (by default): check, decode, shared, modes, prefill, naive64k; sweeps on request:
+prefill_tune (tilings x page sizes), int8 (register caps, anchor item sizes, B=1 split counts).
+    python benchmarks/attention_bench.py [--only check,prefill_tune] [--quick] [--out FILE]
 Prints a compact table per section and writes JSON (device, versions, shapes, medians, ratios).
 """
 
@@ -299,34 +300,6 @@ def section_decode(quick: bool) -> None:
     RESULTS["decode"] = rows
 
 
-def section_tune(quick: bool) -> None:
-    """Decode sweep (splits, stages, warps) on the shapes where anchors cost most in v3."""
-    hq, hkv, d, bs = 32, 8, 128, 16
-    rows = []
-    for bsz, ctx, atok, int8 in ((8, 131072, 2048, False), (8, 32768, 2048, False), (1, 8192, 8192, False),
-                                 (1, 131072, 0, False), (1, 131072, 8192, True)):
-        ns = n_sets(2 * bsz * ctx * hkv * d * 2)
-        sets = []
-        for _ in range(ns):
-            a = anchor_set(1, atok, hkv, d, bs, torch.zeros(bsz, device=DEV), int8=int8) if atok else None
-            sets.append((torch.randn(bsz, hq, d, dtype=BF, device=DEV),) + paged(bsz, ctx, hkv, d, bs) + (a,))
-        out = torch.empty_like(sets[0][0])
-        base = None
-        for splits, w, st in ((None, 4, 2), (None, 4, 3), (None, 8, 2), ("x2", 4, 2), ("x4", 4, 2), ("x2", 4, 3)):
-            sp = None
-            if splits:
-                sp = max(1, triton.cdiv(2 * 132, bsz * hkv)) * int(splits[1:])
-            calls = [lambda s=s_: paged_attention_decode(s[0], *s[1:5], s[5], check=False, out=out,
-                                                         num_splits=sp, num_warps=w, num_stages=st)
-                     for s_ in sets]
-            t = med_graph(calls, max(ns, 20))
-            rows.append(dict(B=bsz, ctx=ctx, anchors=atok, int8=int8, splits=str(sp), warps=w, stages=st, us=t))
-            print(f"  B={bsz:3} ctx={ctx:6} anc={atok:5} int8={int8!s:5} splits={sp!s:>5} w{w} s{st}: {t:8.1f} us",
-                  flush=True)
-        del sets
-    RESULTS["tune"] = rows
-
-
 def section_shared(quick: bool) -> None:
     """B=64 sequences sharing 8k anchor tokens, 1k own tokens each: cascade vs per-sequence."""
     hq, hkv, d, bs, bsz = 32, 8, 128, 16, 64
@@ -382,10 +355,13 @@ def section_modes(quick: bool) -> None:
 
 
 def section_prefill(quick: bool) -> None:
-    """Prefill of N new tokens with 2k anchors: TFLOP/s vs SDPA causal on N tokens."""
-    hq, hkv, d, bs, atok = 32, 8, 128, 16, 2048
+    """Prefill of N new tokens with 2k anchors: TFLOP/s vs SDPA causal on N tokens.
+
+    Block size 16 (per-row gathers) and 128 (one page per tile: the descriptor / TMA path).
+    """
+    hq, hkv, d, atok = 32, 8, 128, 2048
     rows = []
-    for n in (4096, 16384):
+    for n, bs in ((4096, 16), (16384, 16), (4096, 128), (16384, 128)):
         k, v, bt, lens = paged(1, n, hkv, d, bs)
         cu = torch.tensor([0, n], dtype=torch.int32, device=DEV)
         q = torch.randn(n, hq, d, dtype=BF, device=DEV)
@@ -397,7 +373,7 @@ def section_prefill(quick: bool) -> None:
         f_causal = 4 * d * hq * n * n / 2
         f_anch = 4 * d * hq * n * atok
         out = torch.empty_like(q)
-        r = dict(N=n, anchors=atok, sdpa_us=t_sdpa, sdpa_TFLOPs=f_causal / t_sdpa / 1e6)
+        r = dict(N=n, block_size=bs, anchors=atok, sdpa_us=t_sdpa, sdpa_TFLOPs=f_causal / t_sdpa / 1e6)
         for name, aa, mode in (("noanchor", None, "concat"), ("concat", a, "concat"), ("gamma", a, "gamma")):
             paged_attention_prefill(q, cu, k, v, bt, lens, aa, mode=mode, gamma=0.3, out=out)
             t = med(lambda: paged_attention_prefill(q, cu, k, v, bt, lens, aa, mode=mode, gamma=0.3,
@@ -410,7 +386,7 @@ def section_prefill(quick: bool) -> None:
         del k, v
     print("\n== prefill (Hq=32, Hkv=8, D=128, bf16, 2k anchors; TFLOP/s counted causal) ==")
     for r in rows:
-        print(f"  N={r['N']:6}: sdpa causal {r['sdpa_TFLOPs']:6.0f}  ours no-anchor {r['noanchor_TFLOPs']:6.0f}"
+        print(f"  N={r['N']:6} bs={r['block_size']:3}: sdpa causal {r['sdpa_TFLOPs']:6.0f}  ours no-anchor {r['noanchor_TFLOPs']:6.0f}"
               f"  concat {r['concat_TFLOPs']:6.0f} ({r['ratio_vs_sdpa']:.2f} of sdpa)  gamma {r['gamma_TFLOPs']:6.0f}")
     RESULTS["prefill"] = rows
 
@@ -635,7 +611,7 @@ def section_naive64k(quick: bool) -> None:
     RESULTS["naive64k"] = r
 
 
-SECTIONS = {"check": section_check, "tune": section_tune, "decode": section_decode, "shared": section_shared,
+SECTIONS = {"check": section_check, "decode": section_decode, "shared": section_shared,
             "modes": section_modes, "prefill": section_prefill, "naive64k": section_naive64k,
             "prefill_tune": section_prefill_tune, "int8": section_int8}
 
