@@ -197,9 +197,9 @@ def main() -> None:
     tmp = tempfile.mkdtemp()
     signer, _ = generate_key("bench.example/fieldprint-log")
     log = TransparencyLog.open(os.path.join(tmp, "log.sqlite"), signer, batch_size=64, batch_wait_ms=5)
-    committer = Committer(log, prof, max_pending=2 * B, digest_threads=4, block_digests=True, digest_process=True)
-    lean = Committer(log, prof, max_pending=2 * B, digest_threads=4, block_digests=False, digest_process=True)
-    in_thread = Committer(log, prof, max_pending=2 * B, digest_threads=4, block_digests=True, digest_process=False)
+    committer = Committer(log, prof, max_pending=2 * B, digest_threads=1, block_digests=True, digest_process=True)
+    lean = Committer(log, prof, max_pending=2 * B, digest_threads=1, block_digests=False, digest_process=True)
+    in_thread = Committer(log, prof, max_pending=2 * B, digest_threads=1, block_digests=True, digest_process=False)
     committers = {"d_async_session": committer, "d_async_session_no_block_digests": lean,
                   "d_async_session_digest_in_thread": in_thread}
 
