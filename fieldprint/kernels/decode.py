@@ -87,7 +87,8 @@ def _merge_slots(pm_ptr, pl_ptr, pacc_ptr, base, rmask, s_lo, s_hi, D: tl.conste
                  ROWS: tl.constexpr, S_PAD: tl.constexpr, SB: tl.constexpr):
     """Log-sum-exp merge of partial slots [s_lo, s_hi) for ROWS heads; returns (m, l, acc).
 
-    The row max comes from one load of all slots; then SB slots are loaded at a time, pipelined. .cg reads from L2, never from a stale L1 line of this multiprocessor.
+    The row max comes from one load of all slots; then SB slots are loaded at a time so that many
+    loads are in flight. .cg reads from L2, never from a stale L1 line of this multiprocessor.
     """
     d = tl.arange(0, D)
     sp = tl.arange(0, S_PAD)
@@ -98,10 +99,7 @@ def _merge_slots(pm_ptr, pl_ptr, pacc_ptr, base, rmask, s_lo, s_hi, D: tl.conste
     l_t = tl.zeros([ROWS], tl.float32)
     o_t = tl.zeros([ROWS, D], tl.float32)
     sb = tl.arange(0, SB)
-    # Software-pipelined (copies into shared memory two groups ahead): the groups' loads are
-    # independent, so the merge, the serial tail of every (sequence, head), pays about one L2
-    # round trip instead of one per group.
-    for s0 in tl.range(s_lo, s_hi, SB, num_stages=3):
+    for s0 in range(s_lo, s_hi, SB):
         cmask = rmask[:, None] & (s0 + sb[None, :] < s_hi)
         idx = base[:, None] + s0 + sb[None, :]
         m = tl.load(pm_ptr + idx, mask=cmask, other=NEG, cache_modifier=".cg")

@@ -232,15 +232,10 @@ def _decode_reg_cap(int8: bool, tile: int, num_warps: int) -> int | None:
     multiprocessor. Capped at 168 (3 programs, no spills), int8 / bf16 on the H100 went from
     1.41x to 1.03x at B=1, 128k (0.98x with half-size anchor items) and from 0.98x to 0.88x
     at B=8, 8k (v6 notes). Tiles of 16 (B >= 16 sharing a set) were 3% slower capped, so
-    they keep the compiler's choice. Without a sharing tile (tile 1) bf16 is held at 128, its
-    register count before the merge loop was pipelined (v8): 4 programs per multiprocessor.
+    they keep the compiler's choice.
     """
-    if num_warps != 4:
-        return None
-    if int8 and tile <= 8:
+    if int8 and tile <= 8 and num_warps == 4:
         return 168
-    if not int8 and tile == 1:
-        return 128
     return None
 
 
