@@ -321,3 +321,20 @@ def test_failed_commit_fails_the_batch_and_writes_nothing(db):
                 f.result()
         assert log.size == 4 and log._storage.entry(4) is None and log._storage.entry(6) is None
         assert log.checkpoint().size == 4
+
+
+def test_entry_futures_keep_the_future_protocol(db):
+    seen = []
+    # A long linger keeps the first entry pending, so its callback is registered before resolution.
+    with _open(db, batch_wait_ms=300, checkpoint_interval_s=None) as log:
+        fut = log.add(b"first")
+        assert not fut.done() and fut.running() and not fut.cancelled()
+        with pytest.raises(TimeoutError):
+            fut.result(timeout=0.01)
+        fut.add_done_callback(lambda f: seen.append(("before", f.result())))
+        fut.add_done_callback(lambda f: 1 / 0)  # a failing callback must not stop the sequencer
+        assert fut.result(timeout=10) == 0 and fut.exception() is None and fut.done()
+        fut.add_done_callback(lambda f: seen.append(("after", f.result())))  # runs at once
+        assert log.add(b"second").result(timeout=10) == 1
+    assert seen == [("before", 0), ("after", 0)]
+
