@@ -33,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_demo_command(args: argparse.Namespace) -> int:
     """`fieldprint demo`: see fieldprint/demo.py."""
+    import torch
+
+    # Before triton is first imported: without CUDA its interpreter runs the kernels on the CPU.
+    os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from fieldprint.demo import run_demo
 
     run_demo(args.data_dir)

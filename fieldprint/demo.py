@@ -53,15 +53,17 @@ def _standin_kv(embedder, text: str, layers: int = 1) -> tuple["torch.Tensor", "
 
 
 def run_demo(data_dir: str, say=print) -> dict:
-    """Run the demo in `data_dir` (created if absent); return the receipt it wrote and verified."""
-    os.environ.setdefault("TRITON_INTERPRET", "0" if _has_cuda() else "1")  # before triton is imported
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    """Run the demo in `data_dir` (created if absent); return the receipt it wrote and verified.
+
+    Without CUDA the kernel runs in Triton's interpreter, which TRITON_INTERPRET=1 must select before
+    triton is first imported (`fieldprint demo` sets it).
+    """
     import torch
 
     from fieldprint.dqp import quantize, state_digest
     from fieldprint.dqp_profile import DQPProfile
     from fieldprint.engine.commit import Committer
-    from fieldprint.errors import PolicyError
+    from fieldprint.errors import DQPError, KernelInputError, LogError, PolicyError
     from fieldprint.kernels.paged_attention import AnchorSet, paged_attention_decode
     from fieldprint.kernels.reference import reference_paged
     from fieldprint.ledger.entry import StateEntry
@@ -78,10 +80,11 @@ def run_demo(data_dir: str, say=print) -> dict:
     # The ledger's own file names, so `fieldprint ledger audit|prove` work on the demo's log too.
     log_signer, log_verifier = _key_pair(data_dir, "ledger", DEFAULT_ORIGIN)
     ops_signer, ops_verifier = _key_pair(data_dir, "operator", OPERATOR_NAME)
-    log = TransparencyLog.open(os.path.join(data_dir, LEDGER_DB), log_signer, checkpoint_interval_s=None)
-    store = StateStore(os.path.join(data_dir, "states.sqlite"))
-    previous = log.latest_checkpoint()
+    log = store = None
     try:
+        log = TransparencyLog.open(os.path.join(data_dir, LEDGER_DB), log_signer, checkpoint_interval_s=None)
+        store = StateStore(os.path.join(data_dir, "states.sqlite"))
+        previous = log.latest_checkpoint()
         embedder = MiniLMEmbedder()
         gate = PromotionGate(store, log, GateConfig(log_keys=[log_verifier], override_keys=[ops_verifier]))
         pm = Pacemaker(store, log, LanceVectorStore(os.path.join(data_dir, "vectors")), embedder, gate)
@@ -120,9 +123,10 @@ def run_demo(data_dir: str, say=print) -> dict:
         rogue_signer, _ = generate_key(OPERATOR_NAME)  # same name, wrong key: a forger's first try
         try:
             pm.apply(sign_record(override, rogue_signer))
-            raise AssertionError("a forged override was accepted")
         except PolicyError as e:
             say(f"   forged override refused: {e}")
+        else:
+            raise PolicyError("a forged override was accepted: the gate's override-key check is broken")
         decision = pm.apply(sign_record(override, ops_signer))
         say(f"   operator override applied at leaf {decision.record_index}: {decision.sentence}")
 
@@ -159,7 +163,8 @@ def run_demo(data_dir: str, say=print) -> dict:
                 flat[offset:offset + len(x)] = qs.codes
                 # Hash what you attend to: the bytes now in the pool must re-hash to the committed digest.
                 rehash = state_digest(qs.header(), flat[offset:offset + len(x)].numpy())
-                assert rehash == rec.states[(0, kind)], f"{kind} pool bytes differ from the committed codes"
+                if rehash != rec.states[(0, kind)]:
+                    raise DQPError(f"{s.state_type} {kind}: the anchor pool bytes differ from the committed codes")
             say(f"   {s.state_type:<11} {len(k):>2} tokens -> K/V leaf {rec.index} ({rec.digest[:20]}...); "
                 f"its pool bytes re-hash to the committed K and V digests")
             offset += len(k)
@@ -183,7 +188,8 @@ def run_demo(data_dir: str, say=print) -> dict:
             out = paged_attention_decode(*args, anchor_set, mode=mode, gamma=g)
             ref = reference_paged(args[0], None, *args[1:], anchor_set, mode=mode, gamma=g)
             err = (out.double() - ref.to(out.device)).abs().max().item()
-            assert err < 1e-4, f"{mode}: kernel differs from the fp64 reference by {err}"
+            if not err < 1e-4:
+                raise KernelInputError(f"{mode}: the kernel differs from the fp64 reference by {err:.3g} on this machine")
             outputs[mode] = out.cpu()
             say(f"   {mode:<6} g={g}: max |kernel - fp64 reference| = {err:.2e}")
 
@@ -215,13 +221,16 @@ def run_demo(data_dir: str, say=print) -> dict:
             verify_consistency(old.size, cp.size, log.consistency_proof(old.size, cp.size), old.root_hash, cp.root_hash)
             say(f"   checkpoint {old.size} -> {cp.size}: consistent (append-only since the last run)")
         report = log.audit()
-        assert report.ok, report.problems
+        if not report.ok:
+            raise LogError(f"the log failed its audit: {'; '.join(report.problems)}")
         say(f"   audit: {report.leaves_checked} leaves, {report.nodes_checked} nodes, "
             f"{report.checkpoints_checked} checkpoints re-verified: OK")
         return receipt
     finally:
-        log.close()
-        store.close()
+        if log is not None:
+            log.close()
+        if store is not None:
+            store.close()
 
 
 def _has_cuda() -> bool:
