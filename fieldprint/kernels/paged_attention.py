@@ -166,6 +166,9 @@ def _value_checks(k_cache, block_tables, context_lens, anchors, gamma, min_len):
 
 
 _counters: dict[tuple, torch.Tensor] = {}
+# Outgrown counter buffers are kept, never freed: a CUDA graph captured with one still writes to it
+# on every replay, and freed memory could be handed to another tensor.
+_retired_counters: list[torch.Tensor] = []
 
 
 def _counter_buffer(device: torch.device, n: int) -> torch.Tensor:
@@ -175,6 +178,8 @@ def _counter_buffer(device: torch.device, n: int) -> torch.Tensor:
     key = (device.index, torch.cuda.current_stream(device).cuda_stream)
     buf = _counters.get(key)
     if buf is None or buf.numel() < n:
+        if buf is not None:
+            _retired_counters.append(buf)
         buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
         _counters[key] = buf
     return buf
