@@ -18,9 +18,11 @@ state store: every decision re-verifies signatures, inclusion and time windows f
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from fieldprint.errors import EntryError, FieldprintError, NoteError, PolicyError, StateError
 from fieldprint.ledger.entry import check_label, decode_entry, encode_entry, parse_digest
@@ -28,6 +30,9 @@ from fieldprint.ledger.merkle import leaf_hash, verify_inclusion
 from fieldprint.ledger.note import Checkpoint, Verifier, open_note, sign_note
 from fieldprint.memory.state import STATE_TYPES, State
 from fieldprint.memory.store import PolicyRecord, StateStore
+
+if TYPE_CHECKING:
+    from fieldprint.ledger.log import TransparencyLog
 
 OVERRIDE_HEADER = "fieldprint/override/v1"
 REVOCATION_HEADER = "fieldprint/revocation/v1"
@@ -214,7 +219,7 @@ class _Valid:
 class PromotionGate:
     """Decides, explains and records promotion: verify -> revocations -> overrides -> type and taint."""
 
-    def __init__(self, store: StateStore, log, config: GateConfig, clock: Callable[[], int] = time.time_ns) -> None:
+    def __init__(self, store: StateStore, log: TransparencyLog, config: GateConfig, clock: Callable[[], int] = time.time_ns) -> None:
         self.store, self.log, self.config, self.clock = store, log, config, clock
 
     def checkpoint(self) -> Checkpoint:
@@ -403,6 +408,51 @@ class PromotionGate:
                 raise PolicyError(f"revocation names override leaf {target}, which is not an override of state {record.state_id}")
         entry = record_entry(note, record)
         index = self.log.add(entry).result()
-        stored = PolicyRecord(index, "override" if isinstance(record, Override) else "revocation", record.state_id, target, note)
-        self.store.insert_record(stored)
+        return self._store_record(index, record, note)
+
+    def _store_record(self, index: int, record: Override | Revocation, note: str) -> PolicyRecord:
+        # The leaf is already in the ledger, which cannot take it back; the gate reads records only from
+        # the store, so a failed insert must say where the record is and how to store it from the log.
+        kind = "override" if isinstance(record, Override) else "revocation"
+        stored = PolicyRecord(index, kind, record.state_id, getattr(record, "override_index", None), note)
+        try:
+            self.store.insert_record(stored)
+        except sqlite3.Error as e:
+            raise PolicyError(f"the {kind} was appended to the ledger at leaf {index}, but the state store refused "
+                              f"to store it ({e}), so it does not count yet; once the store accepts writes again, "
+                              f"call Pacemaker.recover_record({index}) (or PromotionGate.recover_record) to store it from the ledger (do not apply the note "
+                              f"again: that would log it twice)") from e
         return stored
+
+    def recover_record(self, leaf_index: int) -> PolicyRecord:
+        """Store the override/revocation logged at `leaf_index` (after a failed apply); PolicyError if it is not one."""
+        if not isinstance(leaf_index, int) or isinstance(leaf_index, bool) or leaf_index < 0:
+            raise PolicyError(f"a leaf index is a non-negative integer, got {leaf_index!r}")
+        try:
+            data = self.log.entry(leaf_index)
+        except FieldprintError as e:
+            raise PolicyError(f"cannot read leaf {leaf_index} from the ledger: {e}") from None
+        try:
+            logged = decode_entry(data)
+        except EntryError as e:
+            raise PolicyError(f"leaf {leaf_index} is not a valid ledger entry: {e}") from None
+        kind, note = logged.get("kind"), logged.get("note")
+        if kind not in ("override", "revocation") or not isinstance(note, str):
+            raise PolicyError(f"leaf {leaf_index} is a {kind!r} entry, not an override or revocation; "
+                              f"check the leaf index that the failed apply reported")
+        try:
+            record = open_record(note, list(self.config.override_keys))
+        except PolicyError as e:
+            raise PolicyError(f"the {kind} at leaf {leaf_index} is not signed by a configured override key: {e}") from None
+        if record_entry(note, record) != bytes(data):
+            raise PolicyError(f"leaf {leaf_index} has entry kind {kind!r} but holds a {type(record).__name__.lower()} "
+                              f"note; refusing a record whose entry kind and note disagree")
+        if self.store.get(record.state_id) is None:
+            raise PolicyError(f"the {kind} at leaf {leaf_index} names state {record.state_id}, which is not in the store")
+        existing = self.store.record_at(leaf_index)
+        if existing is not None:
+            if existing.note == note and existing.kind == kind:
+                return existing  # already stored: recovering twice is harmless
+            raise PolicyError(f"the store already holds a different record at leaf {leaf_index}; it does not match "
+                              f"the ledger and never counts (the gate re-verifies), delete it and recover again")
+        return self._store_record(leaf_index, record, note)

@@ -24,6 +24,7 @@ from fieldprint.memory.state import Label, State, TensorRef, content_digest, new
 from fieldprint.memory.vectors import VectorStore
 
 if TYPE_CHECKING:
+    from fieldprint.ledger.log import TransparencyLog
     from fieldprint.memory.policy import Decision, PromotionGate
 
 _SCHEMA = """
@@ -110,6 +111,14 @@ class StateStore:
             ).fetchall()
         return [PolicyRecord(*r) for r in rows]
 
+    def record_at(self, leaf_index: int) -> PolicyRecord | None:
+        """The stored override or revocation record at this ledger leaf, or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT leaf_index, kind, state_id, target_index, note FROM records WHERE leaf_index = ?", (leaf_index,),
+            ).fetchone()
+        return PolicyRecord(*row) if row else None
+
     def record_count(self) -> int:
         """How many override and revocation records are stored."""
         with self._lock:
@@ -139,7 +148,14 @@ class StateStore:
                                      [(i, st.state_id) for i, st in zip(indices, states)])
                 self._db.execute("COMMIT")
             except BaseException as e:
-                self._db.execute("ROLLBACK")
+                # SQLite rolls back by itself on some errors (SQLITE_FULL, SQLITE_IOERR, a failed COMMIT);
+                # a second ROLLBACK would then fail and hide the real error.
+                if self._db.in_transaction:
+                    try:
+                        self._db.execute("ROLLBACK")
+                    except sqlite3.Error as rollback_error:
+                        raise StateError(f"the state store refused the write ({e}) and then the rollback "
+                                         f"({rollback_error}); check the database file, then retry") from e
                 if isinstance(e, sqlite3.Error):
                     raise StateError(f"the state store refused the write ({e}); nothing was stored") from e
                 raise
@@ -189,7 +205,7 @@ class StateSpec:
 class Pacemaker:
     """The semantic path: commit states (store + ledger + vectors) and retrieve them per session."""
 
-    def __init__(self, store: StateStore, log, vectors: VectorStore, embedder: Embedder, gate: PromotionGate,
+    def __init__(self, store: StateStore, log: TransparencyLog, vectors: VectorStore, embedder: Embedder, gate: PromotionGate,
                  compact_every: int = 256) -> None:
         if embedder.dim != vectors.dim:
             raise StateError(f"embedder {embedder.name} makes {embedder.dim}-d vectors, the vector store holds {vectors.dim}-d")
@@ -295,6 +311,15 @@ class Pacemaker:
         """Apply a signed override or revocation note; refresh the index flag; return the new decision."""
         with self._lock:
             record = self.gate.apply(note)
-            decision = self.gate.explain(record.state_id)
-            self.vectors.set_promotable([record.state_id], decision.eligible)
-            return decision
+            return self._refresh_flag(record.state_id)
+
+    def recover_record(self, leaf_index: int) -> Decision:
+        """Store the override/revocation logged at `leaf_index` after a failed apply; refresh the index flag."""
+        with self._lock:
+            record = self.gate.recover_record(leaf_index)
+            return self._refresh_flag(record.state_id)
+
+    def _refresh_flag(self, state_id: str) -> Decision:
+        decision = self.gate.explain(state_id)
+        self.vectors.set_promotable([state_id], decision.eligible)
+        return decision

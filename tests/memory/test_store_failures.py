@@ -1,0 +1,150 @@
+"""State store failures: an override logged but not stored is recoverable; SQLite's own rollback is not masked."""
+
+import sqlite3
+
+import pytest
+
+from fieldprint.errors import PolicyError, StateError
+from fieldprint.memory.policy import Override, Revocation, sign_record
+
+from memory_harness import OPS_SIGNER, OPS_VERIFIER, ROGUE_SIGNER, make_memory
+
+HOUR = 3600 * 10**9
+
+
+def add(m, state_type="observation", text="the API moved to v2", **kw):
+    kw.setdefault("sources", () if kw.get("taint") else ("user:alice",))
+    return m.pm.add(state_type, text=text, session="s-1", creator="agent", time_ns=m.clock.now, **kw)
+
+
+def promote(m, state_id, signer=OPS_SIGNER):
+    return sign_record(Override(state_id, "promote", "alice", "checked by hand", m.clock.now, m.clock.now + HOUR), signer)
+
+
+def fail_once(monkeypatch, store, error):
+    real = store.insert_record
+    calls = []
+
+    def insert_record(record):
+        calls.append(record.leaf_index)
+        if len(calls) == 1:
+            raise error
+        return real(record)
+
+    monkeypatch.setattr(store, "insert_record", insert_record)
+    return calls
+
+
+def test_an_override_logged_but_not_stored_is_recovered_from_its_leaf(memory, monkeypatch):
+    web = add(memory, taint=("web:docs",))
+    assert not memory.gate.is_anchor(web.state_id)
+    fail_once(monkeypatch, memory.store, sqlite3.OperationalError("database is locked"))
+    with pytest.raises(PolicyError, match=r"appended to the ledger at leaf 1.*database is locked.*recover_record\(1\)"):
+        memory.pm.apply(promote(memory, web.state_id))
+    # The leaf is in the ledger, but the gate reads records from the store: not counted yet.
+    memory.log.flush()
+    assert memory.log.size == 2 and memory.store.record_count() == 0
+    assert not memory.gate.is_anchor(web.state_id)
+    assert memory.pm.search("API moved", 3, anchors_only=True) == []
+    d = memory.pm.recover_record(1)
+    assert d.anchor and d.basis == "override" and d.record_index == 1
+    assert memory.store.record_at(1).kind == "override" and memory.store.record_count() == 1
+    # The vector index's flag was refreshed, as apply would have done.
+    assert [h.state.state_id for h in memory.pm.search("API moved", 3, anchors_only=True)] == [web.state_id]
+    # Recovering twice is harmless; nothing new is logged.
+    assert memory.pm.recover_record(1).anchor and memory.store.record_count() == 1
+    memory.log.flush()
+    assert memory.log.size == 2
+
+
+def test_a_revocation_logged_but_not_stored_is_recovered_with_its_target(memory, monkeypatch):
+    s = add(memory, "user_input", text="meet at noon")
+    first = memory.gate.apply(promote(memory, s.state_id))
+    note = sign_record(Revocation(s.state_id, "bob", "withdrawn", memory.clock.now, first.leaf_index), OPS_SIGNER)
+    fail_once(monkeypatch, memory.store, sqlite3.DatabaseError("disk I/O error"))
+    with pytest.raises(PolicyError, match="leaf 2"):
+        memory.gate.apply(note)
+    assert memory.gate.explain(s.state_id).basis == "override"
+    rec = memory.gate.recover_record(2)
+    assert (rec.kind, rec.target_index) == ("revocation", first.leaf_index)
+    d = memory.gate.explain(s.state_id)
+    assert d.basis == "default" and any("withdrawn by a revocation" in c.detail for c in d.rejected)
+
+
+def test_recovering_what_is_not_a_configured_override_is_refused(tmp_path, monkeypatch):
+    m = make_memory(str(tmp_path), override_keys=[OPS_VERIFIER])
+    try:
+        web = add(m, taint=("web:docs",))
+        m.gate.apply(promote(m, web.state_id))  # leaf 1
+        m.log.flush()
+        before = m.snapshot()
+        for leaf, match in ((0, "not an override or revocation"), (7, "cannot read leaf 7"), (-1, "non-negative")):
+            with pytest.raises(PolicyError, match=match):
+                m.gate.recover_record(leaf)
+        # A validly logged override whose key is no longer configured is not stored again.
+        m.store.execute("DELETE FROM records")
+        m.gate.config.override_keys = []
+        with pytest.raises(PolicyError, match="not signed by a configured override key"):
+            m.gate.recover_record(1)
+        assert m.store.record_count() == 0
+        # A different record already stored at that leaf is not silently kept or replaced.
+        m.gate.config.override_keys = [OPS_VERIFIER]
+        from fieldprint.memory.store import PolicyRecord
+        m.store.insert_record(PolicyRecord(1, "override", web.state_id, None, promote(m, web.state_id, ROGUE_SIGNER)))
+        with pytest.raises(PolicyError, match="different record at leaf 1"):
+            m.gate.recover_record(1)
+        m.log.flush()
+        assert m.log.size == before[0]
+    finally:
+        m.close()
+
+
+class _FailingCommit:
+    """A connection whose COMMIT fails after SQLite has already rolled back, as on SQLITE_FULL."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.db.in_transaction
+
+    def execute(self, sql, params=()):
+        if sql == "COMMIT":
+            self.db.execute("ROLLBACK")
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.db.execute(sql, params)
+
+    def executemany(self, sql, rows):
+        return self.db.executemany(sql, rows)
+
+
+def test_a_commit_that_sqlite_already_rolled_back_raises_the_real_error(memory):
+    add(memory, "user_input", text="meet at noon")
+    memory.log.flush()
+    stored, rows = len(memory.store), len(memory.vectors)
+    real = memory.store._db
+    memory.store._db = _FailingCommit(real)
+    try:
+        with pytest.raises(StateError, match="database or disk is full"):
+            add(memory, "user_input", text="a new memory")
+    finally:
+        memory.store._db = real
+    assert not real.in_transaction
+    assert (len(memory.store), len(memory.vectors)) == (stored, rows)
+    assert [h.state.text for h in memory.pm.search("a new memory", 5)] == ["meet at noon"]
+    # The store still takes writes afterwards.
+    add(memory, "user_input", text="after the failure")
+    assert len(memory.store) == stored + 1
+
+
+def test_the_log_argument_is_typed():
+    import typing
+
+    from fieldprint.ledger.log import TransparencyLog
+    from fieldprint.memory import policy, store
+
+    for cls in (policy.PromotionGate, store.Pacemaker):
+        names = {**vars(store), **vars(policy), "TransparencyLog": TransparencyLog}  # as under TYPE_CHECKING
+        hints = typing.get_type_hints(cls.__init__, names)
+        assert hints["log"] is TransparencyLog, cls
