@@ -33,8 +33,8 @@ from fieldprint.dqp_profile import (
     DQPProfile,
     exponent_for_bound,
 )
-from fieldprint.errors import DQPError
-from fieldprint.ledger.entry import tag_digest
+from fieldprint.errors import DQPError, EntryError
+from fieldprint.ledger.entry import parse_digest, tag_digest
 
 __all__ = [
     "DQP_VERSION",
@@ -62,6 +62,20 @@ _NAME_TO_DTYPE = {name: dt for dt, name in DTYPE_NAMES.items()}
 HEADER_MAGIC = b"FPDQP"
 _HEADER = struct.Struct("<5sBBBIIIII")  # magic, version, dtype, kind, layer, block, T, H, D
 _STACK_MAGIC = b"FPDQP-stack"
+_U32 = 2**32
+
+
+def _check_u32(value: object, what: str) -> int:
+    # Header fields are u32 (docs/formats.md): a negative or huge value has no encoding, and a bool is no number.
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < _U32:
+        raise DQPError(f"{what} must be an integer in [0, 2**32), got {value!r}")
+    return int(value)
+
+
+def _kind_code(kind: object) -> int:
+    if kind not in KINDS:
+        raise DQPError(f"kind must be one of {KINDS}, got {kind!r}")
+    return KINDS.index(kind)
 
 
 def check_finite(x: torch.Tensor, what: str = "tensor") -> None:
@@ -120,13 +134,16 @@ def state_header(
     """Canonical DQP v1 header bytes: version, source dtype, layer, K|V, block size, shape, exponents."""
     if source_dtype not in _NAME_TO_DTYPE:
         raise DQPError(f"source dtype {source_dtype!r} is not one of {sorted(_NAME_TO_DTYPE)}")
-    if kind not in KINDS:
-        raise DQPError(f"kind must be one of {KINDS}, got {kind!r}")
-    t, h, d = shape
+    kind_code = _kind_code(kind)
+    if len(shape) != 3:
+        raise DQPError(f"a state shape is (T, H_kv, D), got {tuple(shape)!r}")
+    t, h, d = (_check_u32(n, f"state shape {name}") for n, name in zip(shape, "THD"))
+    layer, block_size = _check_u32(layer, "layer"), _check_u32(block_size, "block size")
     e = np.asarray(exponents, dtype=np.int32)
-    assert e.shape == (h, d), (e.shape, shape)
+    if e.shape != (h, d):
+        raise DQPError(f"scale exponents of shape {e.shape} do not fit a state of shape {(t, h, d)}")
     dtype_code = SOURCE_DTYPES[_NAME_TO_DTYPE[source_dtype]]
-    fixed = _HEADER.pack(HEADER_MAGIC, DQP_VERSION, dtype_code, KINDS.index(kind), layer, block_size, t, h, d)
+    fixed = _HEADER.pack(HEADER_MAGIC, DQP_VERSION, dtype_code, kind_code, layer, block_size, t, h, d)
     return fixed + e.astype(np.int8).tobytes()
 
 
@@ -164,16 +181,26 @@ def stack_digest(parts: list[tuple[int, str, str]]) -> str:
     """Tagged digest of a K/V stack from its (layer, kind, state digest) parts, order-independent."""
     if not parts:
         raise DQPError("a K/V stack needs at least one (layer, kind) state")
-    seen = set()
+    checked = []  # (layer, kind code, kind, raw state digest), all checked before anything is hashed
+    for part in parts:
+        if not isinstance(part, tuple) or len(part) != 3:
+            raise DQPError(f"stack parts are (layer, kind, state digest) tuples, got {part!r}")
+        layer, kind, digest = part
+        layer = _check_u32(layer, f"layer of stack part {part!r}")
+        try:
+            algorithm, raw = parse_digest(digest)
+        except EntryError as e:
+            raise DQPError(f"state digest of layer {layer} {kind!r}: {e}") from None
+        if algorithm != "blake3":
+            raise DQPError(f"state digest of layer {layer} {kind!r} is {algorithm}; DQP state digests are blake3 (state_digest)")
+        checked.append((layer, _kind_code(kind), kind, raw))
+    checked.sort(key=lambda p: p[:2])
     h = blake3.blake3(_STACK_MAGIC)
-    h.update(struct.pack("<BI", DQP_VERSION, len(parts)))
-    for layer, kind, digest in sorted(parts, key=lambda p: (p[0], KINDS.index(p[1]))):
-        if (layer, kind) in seen:
+    h.update(struct.pack("<BI", DQP_VERSION, len(checked)))
+    for i, (layer, code, kind, raw) in enumerate(checked):
+        if i and checked[i - 1][:2] == (layer, code):
             raise DQPError(f"layer {layer} {kind} appears twice in one stack")
-        seen.add((layer, kind))
-        algorithm, raw = digest.split(":", 1)
-        assert algorithm == "blake3", digest
-        h.update(struct.pack("<IB", layer, KINDS.index(kind)) + bytes.fromhex(raw))
+        h.update(struct.pack("<IB", layer, code) + raw)
     return tag_digest("blake3", h.digest())
 
 

@@ -237,3 +237,31 @@ def test_state_entry_carries_the_profile_digest():
     entry = StateEntry(state_id=d, state_type="observation", digest=d, profile=p.digest, parents=(), taint=(),
                        session="s-1", time_ns=1).encode()
     assert StateEntry.decode(entry).profile == p.digest
+
+
+def test_malformed_header_and_stack_inputs_raise_dqp_errors():
+    e = np.zeros((H, D), dtype=np.int32)
+    for layer in (-1, 2**32, True, 1.0):
+        with pytest.raises(DQPError, match=r"layer must be an integer in \[0, 2\*\*32\)"):
+            state_header("bfloat16", layer, "K", 4, (5, H, D), e)
+    with pytest.raises(DQPError, match="block size"):
+        state_header("bfloat16", 0, "K", -4, (5, H, D), e)
+    with pytest.raises(DQPError, match="kind"):
+        state_header("bfloat16", 0, "Q", 4, (5, H, D), e)
+    with pytest.raises(DQPError, match="do not fit"):
+        state_header("bfloat16", 0, "K", 4, (5, H, D + 1), e)
+    d = quantize(torch.ones(5, H, D), _profile(), 0, "K").digest()
+    assert stack_digest([(np.int64(1), "V", d), (0, "K", d)]) == stack_digest([(0, "K", d), (1, "V", d)])
+    bad = [
+        ([(-1, "K", d)], "layer"),
+        ([(0, "Q", d)], "kind must be one of"),
+        ([(0, "K", d), (0, "k", d)], "kind must be one of"),
+        ([(0, "K", "sha256:" + "00" * 32)], "sha256; DQP state digests are blake3"),
+        ([(0, "K", "blake3:zz")], "not of the form"),
+        ([(0, "K", "blake3:00")], "32 bytes"),
+        ([(0, "K", None)], "not of the form"),
+        ([(0, "K")], r"\(layer, kind, state digest\) tuples"),
+    ]
+    for parts, match in bad:
+        with pytest.raises(DQPError, match=match):
+            stack_digest(parts)

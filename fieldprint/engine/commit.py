@@ -13,7 +13,9 @@ Hashing runs in child processes when the states come from a GPU: an eager forwar
 bound by Python launching kernels, and a hashing thread in the same interpreter takes the GIL
 back after every BLAKE3 call, which measurably slowed decoding (benchmarks/commit_bench.py).
 The children (fieldprint/engine/digest_pool.py, `digest_workers` of them) read the codes from
-shared memory and split each commit's hashing evenly; only short messages cross over.
+shared memory and split each commit's hashing evenly; only short messages cross over. A worker
+silent for `digest_timeout` seconds (plus one per 20 MiB of the commit) fails that commit and
+is replaced, and flush(timeout) bounds the whole wait, so neither can hang the caller.
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ from fieldprint.dqp import (
 )
 from fieldprint.dqp_profile import KINDS, DQPProfile
 from fieldprint.engine.digest_pool import DIGEST_SIZE, DigestPool
-from fieldprint.errors import CommitError, DQPError, FieldprintError
-from fieldprint.ledger.entry import StateEntry
+from fieldprint.errors import CommitError, DQPError, EntryError, FieldprintError
+from fieldprint.ledger.entry import StateEntry, check_label, parse_digest
 
 StateKey = tuple[int, str]  # (layer, "K" | "V")
 
@@ -100,6 +102,34 @@ def default_digest_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 1) // 4))
 
 
+def _check_meta(session: object, state_type: object, parents: object, taint: object, state_id: object,
+                time_ns: object) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Check a submit's entry fields as StateEntry.encode() will, so a bad one fails submit(), not a later flush()."""
+
+    def labels(values: object, what: str) -> tuple[str, ...]:
+        if isinstance(values, (str, bytes)) or not isinstance(values, (tuple, list)):
+            raise CommitError(f"nothing was queued: {what} must be a tuple or list, "
+                              f"got {type(values).__name__} {values!r}")
+        return tuple(values)
+
+    try:
+        check_label(session, "session")
+        check_label(state_type, "state_type")
+        parents, taint = labels(parents, "parents"), labels(taint, "taint")
+        for parent in parents:
+            parse_digest(parent)
+        for source in taint:
+            check_label(source, "taint source")
+        if state_id is not None:
+            parse_digest(state_id)
+    except EntryError as e:
+        raise CommitError(f"nothing was queued: {e}") from e
+    if time_ns is not None and (isinstance(time_ns, bool) or not isinstance(time_ns, int) or not 0 <= time_ns < 2**63):
+        raise CommitError("nothing was queued: time_ns must be a non-negative int of Unix nanoseconds (< 2**63), "
+                          f"got {time_ns!r}")
+    return parents, taint
+
+
 def _sort_key(key: StateKey) -> tuple[int, int]:
     return key[0], KINDS.index(key[1]) if key[1] in KINDS else len(KINDS)
 
@@ -117,6 +147,7 @@ class Committer:
         block_digests: bool = True,
         digest_process: bool | None = None,
         digest_workers: int | None = None,
+        digest_timeout: float = 60.0,
     ) -> None:
         if max_pending < 1:
             raise CommitError(f"max_pending must be >= 1, got {max_pending}")
@@ -124,6 +155,8 @@ class Committer:
             digest_workers = default_digest_workers()
         if digest_workers < 1 or digest_threads < 1:
             raise CommitError(f"digest_workers and digest_threads must be >= 1, got {digest_workers} and {digest_threads}")
+        if not digest_timeout > 0:
+            raise CommitError(f"digest_timeout must be a positive number of seconds, got {digest_timeout!r}")
         self.log = log
         self.profile = profile
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_pending)
@@ -137,6 +170,7 @@ class Committer:
         self._block_digests = block_digests  # per-block digests in receipts (one hash call per block)
         self._use_process = digest_process  # None: child processes for GPU states, this thread for CPU ones
         self._workers = digest_workers  # digest processes sharing each commit's hashing
+        self._digest_timeout = digest_timeout  # + 1 s per 20 MiB: a worker silent for longer is stuck, its commit fails
         self._proc: DigestPool | None = None
         self.shm_fallbacks = 0  # commits hashed in this process because /dev/shm lacked room (benchmarks report it)
         self._headers: dict[tuple, bytes] = {}
@@ -182,6 +216,7 @@ class Committer:
     ) -> CommitTicket:
         if self._closed:
             raise CommitError("committer is closed; open a new one")
+        parents, taint = _check_meta(session, state_type, parents, taint, state_id, time_ns)
         shape = (self.profile.num_kv_heads, self.profile.head_dim)
         for keys, x in groups:
             for layer, kind in keys:
@@ -194,7 +229,7 @@ class Committer:
         if len(devices) != 1:
             raise CommitError(f"all states of one submit must live on one device, got {sorted(map(str, devices))}")
         (dev,) = devices
-        job = _Job(session, state_type, tuple(parents), tuple(taint), time.time_ns() if time_ns is None else time_ns,
+        job = _Job(session, state_type, parents, taint, time.time_ns() if time_ns is None else time_ns,
                    state_id, [keys for keys, _ in groups], [DTYPE_NAMES[x.dtype] for _, x in groups], Future())
         ticket = CommitTicket(job.future, {})
         if dev.type == "cuda":
@@ -317,7 +352,7 @@ class Committer:
             self._proc.close()  # a worker died in an earlier commit (that commit failed): start afresh
             self._proc = None
         if use_process and self._proc is None:
-            self._proc = DigestPool(self._workers)
+            self._proc = DigestPool(self._workers, timeout=self._digest_timeout)
         # Too little shared memory for this commit: hash it here instead (slower for the forward
         # pass, never wrong).
         bs = self.profile.block_size
@@ -363,18 +398,30 @@ class Committer:
 
     # -- caller side -------------------------------------------------------------------------
     def flush(self, timeout: float | None = None) -> list[CommitReceipt]:
-        """Wait for every queued commit; return their receipts or raise CommitError with all failures."""
-        self._queue.join()
+        """Wait for every queued commit; return their receipts or raise CommitError with all failures.
+
+        `timeout` bounds the whole wait. When it runs out, CommitError says so and the commits
+        keep going in the background: flush() again later collects them.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        late = CommitError(f"flush timed out after {timeout}s with commits still pending; they go on in the "
+                           "background: call flush() again to collect their receipts and failures")
+        q = self._queue
+        with q.all_tasks_done:  # queue.join(), bounded by the deadline
+            while q.unfinished_tasks:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise late
+                q.all_tasks_done.wait(left)
         with self._lock:
             pending = list(self._outstanding)
-        deadline = None if timeout is None else time.monotonic() + timeout
         for f in pending:
             try:
                 f.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
             except FieldprintError:
                 pass  # recorded in _failures by _fail
             except TimeoutError:
-                raise CommitError(f"flush timed out after {timeout}s with commits still pending") from None
+                raise late from None
         with self._lock:
             self._outstanding -= set(pending)
             failures, self._failures = self._failures, []

@@ -1,8 +1,10 @@
 """The asynchronous committer against the real transparency log (CPU path: background thread only)."""
 
 import os
+import re
 import signal
 import threading
+import time
 
 import pytest
 import torch
@@ -32,10 +34,27 @@ def log(tmp_path):
     lg = TransparencyLog.open(tmp_path / "log.sqlite", signer, batch_size=8, batch_wait_ms=1)
     lg.verifier = verifier
     yield lg
-    try:
-        lg.close()
-    except Exception:
-        pass
+    lg.close()  # idempotent: a test may have closed it already; any other error fails the test
+
+
+@pytest.fixture
+def committers(log):
+    """Make Committers that are closed even when the test fails: no digest processes or segments outlive it."""
+    made = []
+
+    def make(*args, **kwargs) -> Committer:
+        made.append(Committer(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    errors = []
+    for c in made:  # close() stops the thread and the digest workers even when its flush raises
+        try:
+            c.close()
+        except CommitError as e:
+            errors.append(e)
+    if errors:
+        raise errors[0]
 
 
 def _stack(seed: int, dtype=torch.bfloat16):
@@ -81,11 +100,11 @@ def test_strided_inputs_commit_like_contiguous_ones(profile, log):
     assert x.future.result().digest == y.future.result().digest
 
 
-def test_nan_fails_only_that_commit_and_flush_reports_it(profile, log):
+def test_nan_fails_only_that_commit_and_flush_reports_it(profile, log, committers):
     k, v = _stack(3)
     bad_v = v.clone()
     bad_v[2, 5, 1, 7] = float("nan")
-    c = Committer(log, profile, max_pending=2)
+    c = committers(log, profile, max_pending=2)
     good1 = c.submit_stack(k, v, session="good-1")
     bad = c.submit_stack(k, bad_v, session="bad")
     good2 = c.submit_stack(v, k, session="good-2")
@@ -100,9 +119,9 @@ def test_nan_fails_only_that_commit_and_flush_reports_it(profile, log):
     c.close()
 
 
-def test_log_failure_surfaces_on_flush(profile, log):
+def test_log_failure_surfaces_on_flush(profile, log, committers):
     k, v = _stack(4)
-    c = Committer(log, profile)
+    c = committers(log, profile)
     log.close()
     c.submit_stack(k, v, session="after-close")
     with pytest.raises(CommitError, match="after-close"):
@@ -110,9 +129,9 @@ def test_log_failure_surfaces_on_flush(profile, log):
     c.close()
 
 
-def test_back_pressure_loses_nothing_under_concurrent_submitters(profile, log):
+def test_back_pressure_loses_nothing_under_concurrent_submitters(profile, log, committers):
     k, v = _stack(5)
-    c = Committer(log, profile, max_pending=1)  # every submit beyond one queued commit blocks
+    c = committers(log, profile, max_pending=1)  # every submit beyond one queued commit blocks
     errors = []
 
     def worker(i: int) -> None:
@@ -164,14 +183,14 @@ def test_lean_mode_skips_block_digests_but_not_the_digest(profile, log):
     assert receipt.states[(1, "K")] == quantize(k[1], profile, 1, "K").digest()
 
 
-def test_digest_process_gives_the_same_receipts_and_reports_nan(profile, log):
+def test_digest_process_gives_the_same_receipts_and_reports_nan(profile, log, committers):
     k, v = _stack(8)
     bad_k = k.clone()
     bad_k[1, 0, 0, 0] = float("inf")
     with Committer(log, profile, digest_process=False) as here:
         here.submit_stack(k, v, session="thread")
         (ref,) = here.flush()
-    c = Committer(log, profile, digest_process=True, max_pending=2)
+    c = committers(log, profile, digest_process=True, max_pending=2)
     for i in range(3):  # the shared-memory segment is reused between commits
         c.submit_stack(k, v, session=f"proc-{i}")
     c.submit_stack(bad_k, v, session="proc-bad")
@@ -202,11 +221,11 @@ def test_digest_plan_covers_each_digest_once_and_shares_the_bytes(sizes, workers
             assert len(set(loads)) == 1  # the benchmark's case: K/V of all layers, equal shares
 
 
-def test_digest_workers_give_the_reference_digests_for_any_split(profile, log):
+def test_digest_workers_give_the_reference_digests_for_any_split(profile, log, committers):
     k, v = _stack(9)
     g = torch.Generator().manual_seed(10)
     one = torch.randn(5 * 8 + 3, H, D, generator=g).to(torch.bfloat16)  # 6 blocks, the last partial
-    c = Committer(log, profile, digest_process=True, digest_workers=3)
+    c = committers(log, profile, digest_process=True, digest_workers=3)
     c.submit_stack(k, v, session="stack")  # 6 states for 3 workers: whole states and their blocks
     c.submit({(l, kind): (k if kind == "K" else v)[l] for l in range(L) for kind in "KV"}, session="dict")
     c.submit({(2, "V"): one}, session="one")  # fewer states than workers: one state's blocks are split
@@ -222,9 +241,9 @@ def test_digest_workers_give_the_reference_digests_for_any_split(profile, log):
     assert len(ref_one.blocks) == 6 and len(set(ref_one.blocks)) == 6
 
 
-def test_a_dead_digest_worker_fails_the_commit_and_the_next_one_starts_afresh(profile, log):
+def test_a_dead_digest_worker_fails_the_commit_and_the_next_one_starts_afresh(profile, log, committers):
     k, v = _stack(11)
-    c = Committer(log, profile, digest_process=True, digest_workers=2)
+    c = committers(log, profile, digest_process=True, digest_workers=2)
     c.submit_stack(k, v, session="first")
     (first,) = c.flush()
     worker = c._proc._procs[1]
@@ -240,3 +259,87 @@ def test_a_dead_digest_worker_fails_the_commit_and_the_next_one_starts_afresh(pr
     assert again.states == first.states and again.blocks == first.blocks and again.index == 1
     with pytest.raises(CommitError, match="digest_workers"):
         Committer(log, profile, digest_workers=0)
+
+
+def test_a_stuck_digest_worker_times_out_flush_and_the_next_commit_starts_afresh(profile, log, committers):
+    k, v = _stack(12)
+    c = committers(log, profile, digest_process=True, digest_workers=2, digest_timeout=2.0)
+    c.submit_stack(k, v, session="first")
+    (first,) = c.flush()
+    stuck = c._proc._procs[1]
+    os.kill(stuck.pid, signal.SIGSTOP)  # alive but never answers: its pipe stays open
+    try:
+        c.submit_stack(k, v, session="stuck")
+        start = time.monotonic()
+        with pytest.raises(CommitError, match="timed out after 0.3s"):
+            c.flush(timeout=0.3)  # bounds the wait for the queue too, not only for the log
+        assert time.monotonic() - start < 1.5
+        c.submit_stack(k, v, session="again")
+        with pytest.raises(CommitError, match=r"session 'stuck'.*worker 1 .*did not answer") as info:
+            c.flush(timeout=30)  # the stuck commit fails at its digest deadline; "again" gets new workers
+    finally:
+        if stuck.exitcode is None:
+            os.kill(stuck.pid, signal.SIGCONT)
+    (again,) = info.value.receipts
+    assert again.session == "again" and again.states == first.states and again.blocks == first.blocks
+    assert log.size == 2 and c._proc._procs[1] is not stuck
+    stuck.join(timeout=10)
+    assert stuck.exitcode == -signal.SIGKILL  # killed when its pool closed, not waited for
+    with pytest.raises(CommitError, match="digest_timeout"):
+        Committer(log, profile, digest_timeout=0)
+
+
+def _mapped_segments(pid: int) -> set[str]:
+    with open(f"/proc/{pid}/maps") as f:
+        return set(re.findall(r"/dev/shm/(\S+)", f.read()))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads worker mappings from /proc")
+def test_growing_commits_keep_shared_memory_bounded_in_parent_and_workers(profile, log, committers):
+    c = committers(log, profile, digest_process=True, digest_workers=2)
+    g = torch.Generator().manual_seed(13)
+    for i, t in enumerate([5, 11, 23, 47, 95, 191]):  # each commit outgrows the segment of the one before
+        k, v = (torch.randn(L, t, H, D, generator=g).to(torch.bfloat16) for _ in "KV")
+        c.submit_stack(k, v, session=f"grow-{i}")
+        (receipt,) = c.flush()
+        for (layer, kind), digest in receipt.states.items():
+            ref = quantize((k if kind == "K" else v)[layer], profile, layer, kind)
+            assert digest == ref.digest() and receipt.blocks[(layer, kind)] == ref.blocks
+        live = {seg.name.lstrip("/") for seg in c._proc._all}
+        assert len(live) == 1  # the outgrown segment was unlinked, not kept until close()
+        for proc in c._proc._procs:  # and no worker maps a dropped one (its memory stays taken while mapped)
+            assert _mapped_segments(proc.pid) <= live
+    assert c.shm_fallbacks == 0
+    c._proc.max_bytes = c._proc.live_bytes  # a cap the next, larger commit would pass
+    k, v = (torch.randn(L, 300, H, D, generator=g).to(torch.bfloat16) for _ in "KV")
+    c.submit_stack(k, v, session="over-cap")
+    (receipt,) = c.flush()
+    assert c.shm_fallbacks == 1 and len(c._proc._all) <= 1  # hashed in-process, same digests
+    assert receipt.states[(2, "V")] == quantize(v[2], profile, 2, "V").digest()
+
+
+@pytest.mark.parametrize(
+    "meta, match",
+    [
+        ({"session": "has space"}, "session"),
+        ({"state_type": ""}, "state_type"),
+        ({"parents": ("not-a-digest",)}, "digest"),
+        ({"parents": "blake3:" + "00" * 32}, "parents must be a tuple"),
+        ({"taint": ("web page",)}, "taint source"),
+        ({"taint": "web"}, "taint must be a tuple"),  # not ('w', 'e', 'b')
+        ({"state_id": "blake3:00"}, "32 bytes"),
+        ({"time_ns": True}, "time_ns"),
+        ({"time_ns": -1}, "time_ns"),
+        ({"time_ns": 1.5e18}, "time_ns"),
+    ],
+)
+def test_bad_entry_fields_fail_submit_and_queue_nothing(profile, log, meta, match):
+    k, v = _stack(14)
+    with Committer(log, profile) as c:
+        with pytest.raises(CommitError, match=f"nothing was queued.*{match}"):
+            c.submit_stack(k, v, **{"session": "ok", **meta})
+        assert c.flush() == [] and log.size == 0
+        c.submit_stack(k, v, session="ok", parents=["blake3:" + "ab" * 32], taint=["web"], time_ns=5)
+        (receipt,) = c.flush()
+    entry = StateEntry.decode(receipt.entry)
+    assert entry.parents == ("blake3:" + "ab" * 32,) and entry.taint == ("web",) and entry.time_ns == 5
