@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from fieldprint.errors import FieldprintError, LogError, ProofError
 
 DEFAULT_DATA_DIR = "./fieldprint-data"
-LEDGER_DB, SIGNER_KEY_FILE, VERIFIER_KEY_FILE = "ledger.sqlite", "ledger.key", "ledger.pub"
+LEDGER_DB, LEDGER_KEY_STEM = "ledger.sqlite", "ledger"
+SIGNER_KEY_FILE, VERIFIER_KEY_FILE = LEDGER_KEY_STEM + ".key", LEDGER_KEY_STEM + ".pub"
 DEFAULT_ORIGIN = "fieldprint.local/ledger"
 
 
@@ -75,7 +76,7 @@ def add_ledger_commands(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("add", help="add entries: each FILE is one entry (- or none: standard input)")
     p.add_argument("files", nargs="*", metavar="FILE")
-    p.add_argument("--lines", action="store_true", help="add every line of the input as its own entry")
+    p.add_argument("--lines", action="store_true", help="add every non-blank line of the input as its own entry (blank lines are skipped)")
     p.set_defaults(func=ledger_add)
 
     p = sub.add_parser("checkpoint", help="sign and print a checkpoint of the current tree")
@@ -104,6 +105,9 @@ def _open_log(args: argparse.Namespace):
     from fieldprint.ledger.log import TransparencyLog
 
     db, key_file, _ = _paths(args)
+    if os.path.exists(db) and not os.path.exists(key_file):
+        raise LogError(f"{args.data_dir} holds a log database but no {SIGNER_KEY_FILE}; restore the key, or, "
+                       f"if the log holds nothing you need, remove {db} and run init again")
     if not os.path.exists(key_file) or not os.path.exists(db):
         raise LogError(f"no ledger in {args.data_dir}; run `fieldprint ledger --data-dir {args.data_dir} init` first")
     with open(key_file) as f:
@@ -112,22 +116,44 @@ def _open_log(args: argparse.Namespace):
 
 
 def ledger_init(args: argparse.Namespace) -> int:
-    """Create the data folder, an Ed25519 signing key (mode 0600) and an empty log with a checkpoint."""
+    """Create the data folder, an Ed25519 signing key (mode 0600) and an empty log with a checkpoint.
+
+    The key files take their names only once the log and its first checkpoint exist; on any failure
+    the log files, the key files and a folder this command created are removed, so init can rerun.
+    """
+    from fieldprint.ledger.keys import ensure_key_pair
     from fieldprint.ledger.log import TransparencyLog
     from fieldprint.ledger.note import generate_key
 
     db, key_file, pub_file = _paths(args)
-    if os.path.exists(key_file) or os.path.exists(db):
+    if os.path.exists(db) and not os.path.exists(key_file):
+        raise LogError(f"{args.data_dir} holds a log database but no {SIGNER_KEY_FILE} (an interrupted init?); "
+                       f"if it holds nothing you need, remove {db} and run init again")
+    if any(os.path.exists(p) for p in (key_file, pub_file, db)):
         raise LogError(f"{args.data_dir} already holds a ledger; use another --data-dir or remove it")
-    signer, verifier = generate_key(args.origin)  # NoteError on a bad origin, before any file exists
-    os.makedirs(args.data_dir, mode=0o700, exist_ok=True)
-    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(signer + "\n")
-    with open(pub_file, "w") as f:
-        f.write(verifier + "\n")
-    with TransparencyLog.open(db, signer, checkpoint_interval_s=None) as log:
-        log.checkpoint()
+    generate_key(args.origin)  # NoteError on a bad origin, before any file exists
+    created_dir = not os.path.isdir(args.data_dir)
+    try:
+        os.makedirs(args.data_dir, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise LogError(f"cannot create the data folder {args.data_dir}: {exc.strerror}") from None
+
+    def create_log(signer: str, verifier: str) -> None:
+        with TransparencyLog.open(db, signer, checkpoint_interval_s=None) as log:
+            log.checkpoint()
+
+    try:
+        _, verifier = ensure_key_pair(args.data_dir, LEDGER_KEY_STEM, args.origin, before_publish=create_log)
+    except BaseException:
+        for path in (db, db + "-wal", db + "-shm", db + "-journal"):
+            if os.path.exists(path):
+                os.remove(path)
+        if created_dir:
+            try:
+                os.rmdir(args.data_dir)
+            except OSError:
+                pass  # something else was put there meanwhile: leave it
+        raise
     print(f"initialized ledger {args.origin} in {args.data_dir}")
     print(f"verifier key: {verifier}")
     return 0
@@ -154,7 +180,13 @@ def ledger_add(args: argparse.Namespace) -> int:
 
     with _open_log(args) as log:
         blobs = _read_inputs(args.files)
-        entries = [line for blob in blobs for line in blob.splitlines()] if args.lines else blobs
+        if args.lines:
+            lines = [line for blob in blobs for line in blob.splitlines()]
+            entries = [line for line in lines if line.strip()]  # a blank line is a separator, not an entry
+            if len(entries) < len(lines):
+                print(f"skipped {len(lines) - len(entries)} blank lines", file=sys.stderr)
+        else:
+            entries = blobs
         for e in entries:
             check_entry(e)  # refuse the whole command before anything is written
         futures = [log.add(e) for e in entries]
@@ -178,11 +210,22 @@ def ledger_prove(args: argparse.Namespace) -> int:
         bundle = inclusion_bundle(log, args.index)
     text = json.dumps(bundle, indent=2) + "\n"
     if args.output:
-        with open(args.output, "w") as f:
-            f.write(text)
+        _write_output(args.output, text)
     else:
         sys.stdout.write(text)
     return 0
+
+
+def _write_output(path: str, text: str) -> None:
+    """Write `text` to `path`; on failure remove what this call created and raise LogError."""
+    existed = os.path.exists(path)
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as exc:
+        if not existed and os.path.isfile(path):
+            os.remove(path)  # never leave a half-written bundle behind
+        raise LogError(f"cannot write the bundle to {path}: {exc.strerror or exc}; choose another -o path") from None
 
 
 def ledger_verify(args: argparse.Namespace) -> int:
@@ -195,10 +238,16 @@ def ledger_verify(args: argparse.Namespace) -> int:
         with open(pub_file) as f:
             key = f.read().strip()
     try:
-        text = sys.stdin.read() if args.bundle == "-" else open(args.bundle).read()
+        if args.bundle == "-":
+            text = sys.stdin.read()
+        else:
+            with open(args.bundle, encoding="utf-8") as f:
+                text = f.read()
         bundle = json.loads(text)
     except OSError as exc:
         raise ProofError(f"cannot read bundle {args.bundle}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ProofError(f"bundle {args.bundle} is not UTF-8 text; pass the JSON file `ledger prove` wrote") from None
     except json.JSONDecodeError as exc:
         raise ProofError(f"bundle {args.bundle} is not JSON: {exc}") from None
     if not isinstance(bundle, dict):

@@ -26,19 +26,10 @@ HOUR_NS = 3600 * 10**9
 
 
 def _key_pair(folder: str, stem: str, name: str) -> tuple[str, str]:
-    """Load the signer/verifier key pair `stem`.key/.pub, creating it (private file mode 0600) if absent."""
-    from fieldprint.ledger.note import generate_key
+    """Load the signer/verifier key pair `stem`.key/.pub, creating it atomically (private file mode 0600) if absent."""
+    from fieldprint.ledger.keys import ensure_key_pair
 
-    key_file, pub_file = os.path.join(folder, stem + ".key"), os.path.join(folder, stem + ".pub")
-    if not os.path.exists(key_file):
-        signer, verifier = generate_key(name)
-        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(signer + "\n")
-        with open(pub_file, "w") as f:
-            f.write(verifier + "\n")
-    with open(key_file) as f, open(pub_file) as g:
-        return f.read().strip(), g.read().strip()
+    return ensure_key_pair(folder, stem, name)
 
 
 def _standin_kv(embedder, text: str, layers: int = 1) -> tuple["torch.Tensor", "torch.Tensor"]:

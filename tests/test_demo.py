@@ -33,3 +33,16 @@ def test_demo_runs_twice_and_its_receipts_verify_offline(tmp_path, capsys):
     tampered["index"] += 1
     with pytest.raises(ProofError):
         verify_bundle(tampered, key)
+
+
+def test_demo_key_pair_is_created_once_and_a_half_pair_is_refused(tmp_path):
+    import os
+
+    from fieldprint.demo import _key_pair
+    from fieldprint.errors import NoteError
+
+    pair = _key_pair(str(tmp_path), "operator", "fieldprint.local/operator")
+    assert _key_pair(str(tmp_path), "operator", "fieldprint.local/operator") == pair
+    os.remove(tmp_path / "operator.pub")  # as a crash between the two files used to leave it
+    with pytest.raises(NoteError, match="remove"):
+        _key_pair(str(tmp_path), "operator", "fieldprint.local/operator")

@@ -89,7 +89,8 @@ def decode_entry(data: bytes) -> dict:
         record = json.loads(bytes(data).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise EntryError(f"entry is not UTF-8 JSON: {e}") from None
-    if not isinstance(record, dict) or record.get("v") != ENTRY_VERSION:
+    version = record.get("v") if isinstance(record, dict) else None
+    if isinstance(version, bool) or version != ENTRY_VERSION:  # true == 1 in Python, not in the format
         raise EntryError(f"entry is not a version-{ENTRY_VERSION} record")
     fields = {k: v for k, v in record.items() if k not in ("v", "kind")}
     if encode_entry(record.get("kind"), fields) != bytes(data):
@@ -129,7 +130,7 @@ class StateEntry:
             check_label(source, "taint source")
         check_label(self.state_type, "state type")
         check_label(self.session, "session")
-        if not isinstance(self.time_ns, int) or self.time_ns < 0:
+        if isinstance(self.time_ns, bool) or not isinstance(self.time_ns, int) or self.time_ns < 0:
             raise EntryError(f"time_ns must be a non-negative integer, got {self.time_ns!r}")
         return encode_entry(
             "state",

@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -57,7 +57,10 @@ _logger = logging.getLogger(__name__)
 
 
 class EntryFuture:
-    """The future add() returns: the Future protocol (result, exception, done, add_done_callback).
+    """The future add() returns: result, exception, done, add_done_callback, cancel, cancelled, running.
+
+    It has those methods of concurrent.futures.Future and no others, and is not a Future subclass:
+    concurrent.futures.wait() and as_completed() do not accept it (use wait_all or result()).
 
     A concurrent.futures.Future builds a Condition per entry and takes its lock to resolve and to
     read it; at tens of thousands of entries per second those round trips were ~40% of the append
@@ -96,7 +99,7 @@ class EntryFuture:
         value = self._wait(timeout)
         return value if isinstance(value, BaseException) else None
 
-    def add_done_callback(self, fn) -> None:
+    def add_done_callback(self, fn: Callable[["EntryFuture"], object]) -> None:
         """Call fn(self) once resolved (at once if it already is), on the resolving thread."""
         with self._cond:
             if self._value is _PENDING:
@@ -173,7 +176,7 @@ class TransparencyLog:
         batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
         checkpoint_interval_s: float | None = DEFAULT_CHECKPOINT_INTERVAL_S,
     ) -> None:
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise LogError(f"batch_size must be a positive integer, got {batch_size!r}")
         if not batch_wait_ms >= 0:
             raise LogError(f"batch_wait_ms must be >= 0, got {batch_wait_ms!r}")
@@ -196,9 +199,12 @@ class TransparencyLog:
         self._last_cp_size, self._last_cp_time = (latest[0] if latest else -1), time.monotonic()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._resolved = threading.Condition()  # shared by this log's EntryFutures
+        # Held to check closed/failed and enqueue, and to set closed/failed: an item is either queued
+        # before the log stops taking items (and then sequenced or failed) or refused, never stranded.
+        self._state_lock = threading.Lock()
         self._closed = False
         self._failure: BaseException | None = None
-        self.periodic_checkpoint_error: Exception | None = None  # the last periodic checkpoint failure, if any
+        self.periodic_checkpoint_error: Exception | None = None  # the last periodic checkpoint's failure; None after a success
         self._thread = threading.Thread(target=self._run, name="fieldprint-sequencer", daemon=True)
         self._thread.start()
 
@@ -230,9 +236,10 @@ class TransparencyLog:
     def add(self, entry: bytes) -> EntryFuture:
         """Queue an entry; the future resolves to its leaf index once durably sequenced and integrated."""
         check_entry(entry)
-        self._check_open()
         fut = EntryFuture(self._resolved)
-        self._queue.put((entry, fut))
+        with self._state_lock:
+            self._check_open()
+            self._queue.put((entry, fut))
         return fut
 
     def extend(self, entries: Sequence[bytes]) -> range:
@@ -249,12 +256,18 @@ class TransparencyLog:
         return self._command("checkpoint")
 
     def _command(self, kind: str, payload: Sequence[bytes] = ()):
-        self._check_open()
         if threading.current_thread() is self._thread:
             raise LogError(f"{kind}() called from a future's done-callback would wait on itself; call it elsewhere")
         fut: Future = Future()
-        self._queue.put(_Command(kind, fut, payload))
-        return fut.result()
+        with self._state_lock:
+            self._check_open()
+            self._queue.put(_Command(kind, fut, payload))
+        while True:  # every queued command is run or failed; the liveness check guards against a bug here
+            try:
+                return fut.result(timeout=1.0)
+            except TimeoutError:
+                if not self._thread.is_alive() and not fut.done():
+                    raise LogError(f"{kind}() was never run: the log's sequencer is gone; reopen the log") from None
 
     def _check_open(self) -> None:
         if self._closed:
@@ -269,7 +282,8 @@ class TransparencyLog:
             while self._step():
                 pass
         except BaseException as exc:  # keep the reason; fail everything still queued
-            self._failure = exc
+            with self._state_lock:  # from here on add() and commands are refused, so the drain is complete
+                self._failure = exc
             self._drain_failed(LogError(f"the log's sequencer stopped after an error: {exc!r}; reopen the log"))
 
     def _step(self) -> bool:
@@ -283,16 +297,24 @@ class TransparencyLog:
             return True
         batch: list[tuple[bytes, EntryFuture]] = []
         commands: list[_Command] = []
-        running = self._collect(item, batch, commands)
-        if running and batch and len(batch) < self._batch_size and self._batch_wait > 0:
-            # Linger once for the whole batch (a sleep, not a blocking get per item: waking the
-            # sequencer for every single arrival costs a thread switch per entry).
-            time.sleep(self._batch_wait)
-            running = self._collect(None, batch, commands)
-        if batch:
-            self._integrate_batch(batch)
-        for cmd in commands:
-            self._run_command(cmd)
+        try:
+            running = self._collect(item, batch, commands)
+            if running and batch and len(batch) < self._batch_size and self._batch_wait > 0:
+                # Linger once for the whole batch (a sleep, not a blocking get per item: waking the
+                # sequencer for every single arrival costs a thread switch per entry).
+                time.sleep(self._batch_wait)
+                running = self._collect(None, batch, commands)
+            if batch:
+                self._integrate_batch(batch)
+            for cmd in commands:
+                self._run_command(cmd)
+        except BaseException as exc:  # items already taken off the queue must not be left pending
+            err = LogError(f"the log's sequencer stopped after an error: {exc!r}; reopen the log")
+            _resolve(self._resolved, [f for _, f in batch if not f.done()], [err] * len(batch))
+            for cmd in commands:
+                if not cmd.future.done() and cmd.future.set_running_or_notify_cancel():
+                    cmd.future.set_exception(err)
+            raise
         self._periodic_checkpoint()
         return running
 
@@ -384,6 +406,8 @@ class TransparencyLog:
                 self._make_checkpoint()
             except Exception as exc:  # a failed periodic checkpoint must not stop sequencing; retried next period
                 self.periodic_checkpoint_error = exc
+            else:
+                self.periodic_checkpoint_error = None  # the error describes the current state, not history
 
     def _drain_failed(self, err: LogError) -> None:
         while True:
@@ -534,10 +558,15 @@ class TransparencyLog:
         """Integrate everything queued, stop the sequencer and close storage."""
         if self._closed:
             return
-        self._closed = True
-        self._queue.put(_STOP)
+        if threading.current_thread() is self._thread:
+            raise LogError("close() called from a future's done-callback would wait on itself; call it elsewhere")
+        with self._state_lock:  # add() checks and enqueues under this lock: nothing can queue behind _STOP
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(_STOP)
         self._thread.join()
-        # An add() that raced close() may have queued behind the stop marker: fail it, never hang it.
+        # Only if the sequencer failed can items remain (it drained them itself): fail any, never hang one.
         self._drain_failed(LogError("the log was closed before this entry was sequenced; nothing was written"))
         self._storage.close()
 

@@ -97,3 +97,61 @@ def test_console_entry_point(tmp_path):
         capture_output=True, text=True,
     )
     assert out.returncode == 0 and "verifier key" in out.stdout
+
+
+def test_init_failure_leaves_nothing_and_init_works_after(tmp_path, capsys, monkeypatch):
+    from fieldprint.errors import LogError
+    from fieldprint.ledger.log import TransparencyLog
+
+    d = tmp_path / "data"
+    real_open = TransparencyLog.open
+
+    def failing_open(path, *args, **kwargs):
+        open(path, "wb").close()  # as if the database file was created before the failure
+        raise LogError("simulated failure opening the log")
+
+    monkeypatch.setattr(TransparencyLog, "open", failing_open)
+    rc, _, err = run(capsys, "ledger", "--data-dir", str(d), "init")
+    assert rc == 1 and "simulated failure" in err
+    assert not d.exists()  # the folder init created, keys and database are all gone
+
+    d.mkdir()  # a folder that existed before init is kept, emptied of what init wrote
+    rc, _, err = run(capsys, "ledger", "--data-dir", str(d), "init")
+    assert rc == 1 and os.listdir(d) == []
+
+    monkeypatch.setattr(TransparencyLog, "open", real_open)
+    rc, out, _ = run(capsys, "ledger", "--data-dir", str(d), "init")
+    assert rc == 0 and "verifier key" in out
+    assert sorted(os.listdir(d)) == ["ledger.key", "ledger.pub", "ledger.sqlite"]
+    assert run(capsys, "ledger", "--data-dir", str(d), "checkpoint")[0] == 0
+
+
+def test_interrupted_init_says_what_to_remove(tmp_path, capsys):
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "ledger.sqlite").write_bytes(b"")  # a database left without its key by a killed init
+    for cmd in (["init"], ["checkpoint"]):
+        rc, _, err = run(capsys, "ledger", "--data-dir", str(d), *cmd)
+        assert rc == 1 and f"remove {d / 'ledger.sqlite'}" in err
+
+
+def test_verify_and_prove_io_errors_are_reported(tmp_path, capsys):
+    d = str(tmp_path / "data")
+    assert run(capsys, "ledger", "--data-dir", d, "init")[0] == 0
+    (tmp_path / "e").write_bytes(b"entry")
+    assert run(capsys, "ledger", "--data-dir", d, "add", str(tmp_path / "e"))[0] == 0
+    (tmp_path / "latin1.json").write_bytes(b'{"index": "\xe9"}')
+    rc, _, err = run(capsys, "ledger", "--data-dir", d, "verify", str(tmp_path / "latin1.json"))
+    assert rc == 1 and "not UTF-8" in err
+    target = tmp_path / "missing-dir" / "b.json"
+    rc, _, err = run(capsys, "ledger", "--data-dir", d, "prove", "0", "-o", str(target))
+    assert rc == 1 and "cannot write the bundle" in err and not target.exists()
+
+
+def test_add_lines_skips_blank_lines(tmp_path, capsys):
+    d = str(tmp_path / "data")
+    assert run(capsys, "ledger", "--data-dir", d, "init")[0] == 0
+    (tmp_path / "lines").write_bytes(b"alpha\n\n  \nbeta\r\n\n")
+    rc, out, err = run(capsys, "ledger", "--data-dir", d, "add", "--lines", str(tmp_path / "lines"))
+    assert rc == 0 and [line.split("\t")[0] for line in out.splitlines()] == ["0", "1"]
+    assert "skipped 3 blank lines" in err

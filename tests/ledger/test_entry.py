@@ -59,3 +59,14 @@ def test_oversize_and_bad_fields_rejected():
         _state(time_ns=-1).encode()
     with pytest.raises(EntryError, match="set 'v'"):
         encode_entry("state", {"v": 3})
+
+
+@pytest.mark.parametrize("bad", [True, False, 1.0, "1"])
+def test_time_ns_must_be_a_plain_integer(bad):
+    with pytest.raises(EntryError, match="time_ns"):
+        _state(time_ns=bad).encode()
+
+
+def test_boolean_version_is_rejected():
+    with pytest.raises(EntryError, match="version-1"):
+        decode_entry(b'{"kind":"state","v":true}')

@@ -323,18 +323,140 @@ def test_failed_commit_fails_the_batch_and_writes_nothing(db):
         assert log.checkpoint().size == 4
 
 
-def test_entry_futures_keep_the_future_protocol(db):
-    seen = []
-    # A long linger keeps the first entry pending, so its callback is registered before resolution.
-    with _open(db, batch_wait_ms=300, checkpoint_interval_s=None) as log:
+def test_entry_futures_keep_the_future_protocol(db, monkeypatch):
+    seen, before_ran, release = [], threading.Event(), threading.Event()
+    with _open(db, checkpoint_interval_s=None) as log:
+        append = log._storage.append
+
+        def gated_append(*args):  # holds the first commit until its callbacks are registered
+            assert release.wait(10), "the test never released the commit"
+            return append(*args)
+
+        monkeypatch.setattr(log._storage, "append", gated_append)
         fut = log.add(b"first")
         assert not fut.done() and fut.running() and not fut.cancelled()
         with pytest.raises(TimeoutError):
             fut.result(timeout=0.01)
-        fut.add_done_callback(lambda f: seen.append(("before", f.result())))
+
+        def before(f):
+            seen.append(("before", f.result()))
+            before_ran.set()
+
+        fut.add_done_callback(before)
         fut.add_done_callback(lambda f: 1 / 0)  # a failing callback must not stop the sequencer
+        release.set()
         assert fut.result(timeout=10) == 0 and fut.exception() is None and fut.done()
+        # Callbacks run on the sequencer after the future resolves: wait for it, not for a linger.
+        assert before_ran.wait(10)
         fut.add_done_callback(lambda f: seen.append(("after", f.result())))  # runs at once
         assert log.add(b"second").result(timeout=10) == 1
     assert seen == [("before", 0), ("after", 0)]
 
+
+class _SlowPutQueue:
+    """A queue whose put() of an entry pauses first: widens the window between add()'s check and its put."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def put(self, item):
+        if isinstance(item, tuple):
+            time.sleep(0.002)
+        self._inner.put(item)
+
+    def get(self, *args, **kwargs):
+        return self._inner.get(*args, **kwargs)
+
+    def get_nowait(self):
+        return self._inner.get_nowait()
+
+
+def test_add_racing_close_resolves_or_fails_every_future(db):
+    log = _open(db, batch_size=8, checkpoint_interval_s=None)
+    log._queue = _SlowPutQueue(log._queue)
+    futures, refused, start = [], [], threading.Event()
+    lock = threading.Lock()
+
+    def produce(k):
+        start.wait()
+        for i in range(40):
+            try:
+                f = log.add(b"racer %d-%d" % (k, i))
+            except LogError as exc:
+                refused.append(exc)
+                return
+            with lock:
+                futures.append(f)
+
+    threads = [threading.Thread(target=produce, args=(k,)) for k in range(12)]
+    [t.start() for t in threads]
+    start.set()
+    time.sleep(0.02)
+    log.close()
+    [t.join(10) for t in threads]
+    indices = []
+    for f in futures:
+        try:
+            indices.append(f.result(timeout=5))  # TimeoutError here is the bug: a stranded entry
+        except LogError as exc:
+            assert "closed" in str(exc) or "stopped" in str(exc)
+    assert refused and all("closed" in str(e) for e in refused)
+    assert sorted(indices) == list(range(len(indices)))
+    with _open(db) as again:
+        assert again.size == len(indices) and again.audit().ok
+
+
+def test_close_from_done_callback_is_refused(db):
+    with _open(db) as log:
+        errors = []
+        fut = log.add(b"cb")
+        fut.add_done_callback(lambda f: errors.append(_capture(log.close)))
+        fut.result()
+        log.flush()
+        assert isinstance(errors[0], LogError) and "done-callback" in str(errors[0])
+        assert log.add(b"still open").result(timeout=10) == 1
+
+
+class _Stop(BaseException):
+    """Escapes the sequencer's per-batch error handling, as an interpreter-level failure would."""
+
+
+def test_sequencer_failure_fails_taken_and_queued_items(db, monkeypatch):
+    with _open(db, batch_size=4, checkpoint_interval_s=None) as log:
+        def boom(batch):
+            raise _Stop("simulated")
+
+        monkeypatch.setattr(log, "_integrate_batch", boom)
+        futures = [log.add(b"x%d" % i) for i in range(10)]
+        for f in futures:
+            with pytest.raises(LogError, match="sequencer stopped"):
+                f.result(timeout=5)
+        with pytest.raises(LogError, match="sequencer stopped"):
+            log.add(b"after")
+        with pytest.raises(LogError, match="sequencer stopped"):
+            log.flush()
+
+
+def test_periodic_checkpoint_error_clears_after_success(db, monkeypatch):
+    with _open(db, checkpoint_interval_s=0.02) as log:
+        real, calls = log._storage.add_checkpoint, []
+
+        def flaky(size, note):
+            calls.append(size)
+            if len(calls) == 1:
+                raise LogError("disk full (simulated)")
+            return real(size, note)
+
+        monkeypatch.setattr(log._storage, "add_checkpoint", flaky)
+        log.add(b"x").result()
+        deadline = time.monotonic() + 5
+        # The first periodic checkpoint fails, the retry a period later succeeds and clears the error.
+        while not (len(calls) >= 2 and log.periodic_checkpoint_error is None) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert len(calls) >= 2 and log.periodic_checkpoint_error is None
+        assert log.latest_checkpoint().size == 1
+
+
+def test_bool_batch_size_rejected(db):
+    with pytest.raises(LogError, match="batch_size"):
+        _open(db, batch_size=True)

@@ -14,7 +14,10 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import weakref
+from itertools import count
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from fieldprint.errors import LogError
 from fieldprint.ledger.storage.base import LogStorage, NodeRow
@@ -44,32 +47,56 @@ class SQLiteStorage(LogStorage):
         if not os.path.isdir(parent):
             raise LogError(f"cannot create the log at {self.path}: directory {parent} does not exist")
         self._sync = DURABILITY[durability]
-        self._lock = threading.Lock()  # guards the writer connection and the reader list
+        self._lock = threading.Lock()  # guards the writer connection
         self._local = threading.local()
-        self._readers: list[sqlite3.Connection] = []
+        # Open reader connections, one per live reading thread: each is closed when its thread ends
+        # (see _reader), so a thread pool that comes and goes does not accumulate connections.
+        self._readers: dict[int, sqlite3.Connection] = {}
         self._closed = False
         try:
             self._writer = self._connect()
+        except sqlite3.Error as exc:
+            raise LogError(f"cannot open the log database {self.path}: {exc}; is it a Fieldprint log?") from None
+        try:
             self._writer.executescript(_SCHEMA)
         except sqlite3.Error as exc:
-            raise LogError(f"cannot open the log database {self.path}: {exc}") from None
+            self._writer.close()
+            raise LogError(f"cannot open the log database {self.path}: {exc}; is it a Fieldprint log?") from None
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={self._sync}")
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self._sync}")
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def _reader(self) -> sqlite3.Connection:
         if self._closed:
             raise LogError("the log storage is closed; open the log again")
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._connect()
-            self._local.conn = conn
-            with self._lock:
-                self._readers.append(conn)
-        return conn
+        holder = getattr(self._local, "holder", None)
+        if holder is None:
+            try:
+                conn = self._connect()
+            except sqlite3.Error as exc:
+                raise LogError(f"cannot open a reader on the log database {self.path}: {exc}") from None
+            holder = _ReaderHolder(conn)
+            key = next(_reader_keys)
+            self._readers[key] = conn
+            # The thread-local drops the holder when its thread ends: close the connection then.
+            weakref.finalize(holder, _close_reader, self._readers, key, conn)
+            self._local.holder = holder
+        return holder.conn
+
+    @contextmanager
+    def _reading(self, what: str) -> Iterator[None]:
+        """Turn an SQLite failure while reading into a LogError naming the file."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise LogError(f"reading {what} from the log database {self.path} failed: {exc}; run audit() or restore the file") from None
 
     def _write(self, statements: list[tuple[str, Sequence]], many: set[int] = frozenset()) -> None:
         if self._closed:
@@ -90,7 +117,8 @@ class SQLiteStorage(LogStorage):
 
     def get_meta(self, key: str) -> str | None:
         """A metadata value, or None."""
-        row = self._reader().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        with self._reading("metadata"):
+            row = self._reader().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
     def set_meta(self, key: str, value: str) -> None:
@@ -99,7 +127,8 @@ class SQLiteStorage(LogStorage):
 
     def size(self) -> int:
         """Number of stored leaves."""
-        row = self._reader().execute("SELECT MAX(idx) FROM leaves").fetchone()
+        with self._reading("the size"):
+            row = self._reader().execute("SELECT MAX(idx) FROM leaves").fetchone()
         return 0 if row[0] is None else row[0] + 1
 
     def append(self, start: int, entries: Sequence[bytes], leaf_hashes: Sequence[bytes], nodes: Sequence[NodeRow]) -> None:
@@ -119,16 +148,18 @@ class SQLiteStorage(LogStorage):
 
     def entry(self, index: int) -> bytes | None:
         """The entry at `index`, or None."""
-        row = self._reader().execute("SELECT data FROM leaves WHERE idx = ?", (index,)).fetchone()
+        with self._reading(f"entry {index}"):
+            row = self._reader().execute("SELECT data FROM leaves WHERE idx = ?", (index,)).fetchone()
         return row[0] if row else None
 
     def leaves(self, start: int, end: int) -> Iterator[tuple[int, bytes, bytes]]:
         """(index, entry, leaf hash) for start <= index < end, fetched in chunks."""
         conn, chunk = self._reader(), 65536
         for lo in range(start, end, chunk):
-            yield from conn.execute(
-                "SELECT idx, data, hash FROM leaves WHERE idx >= ? AND idx < ? ORDER BY idx", (lo, min(lo + chunk, end))
-            )
+            with self._reading(f"leaves {lo}..{min(lo + chunk, end) - 1}"):
+                yield from conn.execute(
+                    "SELECT idx, data, hash FROM leaves WHERE idx >= ? AND idx < ? ORDER BY idx", (lo, min(lo + chunk, end))
+                )
 
     def leaf_hashes(self, ranges: Sequence[tuple[int, int]]) -> dict[int, bytes]:
         """{index: leaf hash} for the half-open index ranges given, one query per 400 ranges."""
@@ -136,7 +167,8 @@ class SQLiteStorage(LogStorage):
         for lo in range(0, len(ranges), _MAX_COMPOUND):
             part = ranges[lo : lo + _MAX_COMPOUND]
             sql = " UNION ALL ".join([_LEAF_HASH_SQL] * len(part))
-            found.update(conn.execute(sql, [x for r in part for x in r]))
+            with self._reading("leaf hashes"):
+                found.update(conn.execute(sql, [x for r in part for x in r]))
         return found
 
     def nodes(self, ids: Sequence[tuple[int, int]]) -> list[bytes]:
@@ -147,7 +179,8 @@ class SQLiteStorage(LogStorage):
         for lo in range(0, len(ids), _MAX_COMPOUND):
             part = ids[lo : lo + _MAX_COMPOUND]
             sql = " UNION ALL ".join([_NODE_SQL] * len(part))
-            found.update(((lvl, idx), h) for lvl, idx, h in conn.execute(sql, [x for nid in part for x in nid]))
+            with self._reading("tree nodes"):
+                found.update(((lvl, idx), h) for lvl, idx, h in conn.execute(sql, [x for nid in part for x in nid]))
         try:
             return [found[tuple(nid)] for nid in ids]
         except KeyError as exc:
@@ -155,22 +188,25 @@ class SQLiteStorage(LogStorage):
 
     def node_range(self, level: int, start: int, end: int) -> dict[int, bytes]:
         """{index: hash} of stored nodes at `level` with start <= index < end."""
-        rows = self._reader().execute(
-            "SELECT idx, hash FROM nodes WHERE level = ? AND idx >= ? AND idx < ?", (level, start, end)
-        )
-        return dict(rows)
+        with self._reading(f"tree nodes at level {level}"):
+            return dict(self._reader().execute(
+                "SELECT idx, hash FROM nodes WHERE level = ? AND idx >= ? AND idx < ?", (level, start, end)
+            ))
 
     def node_count(self) -> dict[int, int]:
         """{level: number of stored nodes}."""
-        return dict(self._reader().execute("SELECT level, COUNT(*) FROM nodes GROUP BY level"))
+        with self._reading("node counts"):
+            return dict(self._reader().execute("SELECT level, COUNT(*) FROM nodes GROUP BY level"))
 
     def checkpoints(self) -> list[tuple[int, str]]:
         """Every stored (size, note), by increasing size."""
-        return list(self._reader().execute("SELECT size, note FROM checkpoints ORDER BY size"))
+        with self._reading("checkpoints"):
+            return list(self._reader().execute("SELECT size, note FROM checkpoints ORDER BY size"))
 
     def latest_checkpoint(self) -> tuple[int, str] | None:
         """The (size, note) of largest size, or None."""
-        return self._reader().execute("SELECT size, note FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone()
+        with self._reading("the latest checkpoint"):
+            return self._reader().execute("SELECT size, note FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone()
 
     def close(self) -> None:
         """Close every connection."""
@@ -178,6 +214,25 @@ class SQLiteStorage(LogStorage):
             if self._closed:
                 return
             self._closed = True
-            for conn in self._readers:
-                conn.close()
+            for key in list(self._readers):
+                conn = self._readers.pop(key, None)
+                if conn is not None:
+                    conn.close()
             self._writer.close()
+
+
+_reader_keys = count()
+
+
+class _ReaderHolder:
+    """Owns one thread's reader connection; lives in the storage's thread-local until the thread ends."""
+
+    __slots__ = ("conn", "__weakref__")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+
+def _close_reader(readers: dict[int, sqlite3.Connection], key: int, conn: sqlite3.Connection) -> None:
+    readers.pop(key, None)
+    conn.close()
