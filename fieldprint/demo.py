@@ -15,11 +15,15 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import TYPE_CHECKING
 
 import blake3
-import numpy as np
 
 from fieldprint.cli import DEFAULT_ORIGIN, LEDGER_DB
+
+if TYPE_CHECKING:  # torch loads inside run_demo, after the CLI has chosen Triton's mode
+    import torch
+
 OPERATOR_NAME = "fieldprint.local/operator"
 HEADS_Q, HEADS_KV, HEAD_DIM, BLOCK = 4, 2, 64, 16
 HOUR_NS = 3600 * 10**9
