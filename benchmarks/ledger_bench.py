@@ -22,8 +22,14 @@ import tempfile
 import threading
 import time
 
-from fieldprint.ledger.entry import StateEntry, tag_digest
-from fieldprint.ledger.log import DEFAULT_BATCH_SIZE, DEFAULT_BATCH_WAIT_MS, TransparencyLog, wait_all
+from fieldprint.canon import tag_digest
+from fieldprint.ledger.entry import StateEntry
+from fieldprint.ledger.log import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_BATCH_WAIT_MS,
+    TransparencyLog,
+    wait_all,
+)
 from fieldprint.ledger.merkle import leaf_hash, verify_consistency, verify_inclusion
 from fieldprint.ledger.note import generate_key
 

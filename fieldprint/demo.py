@@ -67,7 +67,12 @@ def run_demo(data_dir: str, say=print) -> dict:
     from fieldprint.ledger.note import Checkpoint, generate_key
     from fieldprint.ledger.receipt import inclusion_bundle, verify_bundle
     from fieldprint.memory.embed import MiniLMEmbedder
-    from fieldprint.memory.policy import GateConfig, Override, PromotionGate, sign_record
+    from fieldprint.memory.policy import (
+        GateConfig,
+        Override,
+        PromotionGate,
+        sign_record,
+    )
     from fieldprint.memory.store import Pacemaker, StateStore
     from fieldprint.memory.vectors import LanceVectorStore
 

@@ -25,6 +25,7 @@ import blake3
 import numpy as np
 import torch
 
+from fieldprint.canon import parse_digest, tag_digest
 from fieldprint.dqp_profile import (
     DQP_VERSION,
     EXP_MAX,
@@ -34,7 +35,6 @@ from fieldprint.dqp_profile import (
     exponent_for_bound,
 )
 from fieldprint.errors import DQPError, EntryError
-from fieldprint.ledger.entry import parse_digest, tag_digest
 
 __all__ = [
     "DQP_VERSION",

@@ -17,8 +17,8 @@ import blake3
 import numpy as np
 import torch
 
+from fieldprint.canon import canonical_json, check_label, is_int, tag_digest
 from fieldprint.errors import DQPError
-from fieldprint.ledger.entry import check_label, tag_digest
 
 DQP_VERSION = 1
 PROFILE_FORMAT = 1
@@ -69,7 +69,7 @@ class DQPProfile:
             ("head_dim", self.head_dim, 1), ("block_size", self.block_size, 1), ("headroom_pct", self.headroom_pct, 100),
             ("samples", self.samples, 0),
         ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+            if not is_int(value) or value < lo:
                 raise DQPError(f"profile {what} must be an integer >= {lo}, got {value!r}")
         if self.k_granularity not in GRANULARITIES:
             raise DQPError(f"k_granularity must be one of {GRANULARITIES}, got {self.k_granularity!r}")
@@ -122,7 +122,7 @@ class DQPProfile:
             "k_exp": self.k_exp.tolist(),
             "v_exp": self.v_exp.tolist(),
         }
-        return json.dumps(record, sort_keys=True, separators=(",", ":")).encode("ascii")
+        return canonical_json(record)
 
     @property
     def digest(self) -> str:

@@ -4,6 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fieldprint.canon import parse_digest
 from fieldprint.dqp import (
     AuditThresholds,
     DQPProfile,
@@ -20,7 +21,7 @@ from fieldprint.dqp import (
 )
 from fieldprint.dqp_profile import EXP_MAX, EXP_MIN
 from fieldprint.errors import DQPError
-from fieldprint.ledger.entry import StateEntry, parse_digest
+from fieldprint.ledger.entry import StateEntry
 
 L, H, D = 3, 2, 8
 

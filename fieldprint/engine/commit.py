@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from fieldprint.canon import check_label, is_int, parse_digest
 from fieldprint.dqp import (
     DTYPE_NAMES,
     QuantizedState,
@@ -43,7 +44,7 @@ from fieldprint.dqp import (
 from fieldprint.dqp_profile import KINDS, DQPProfile
 from fieldprint.engine.digest_pool import DIGEST_SIZE, DigestPool
 from fieldprint.errors import CommitError, DQPError, EntryError, FieldprintError
-from fieldprint.ledger.entry import StateEntry, check_label, parse_digest
+from fieldprint.ledger.entry import StateEntry
 
 StateKey = tuple[int, str]  # (layer, "K" | "V")
 
@@ -124,7 +125,7 @@ def _check_meta(session: object, state_type: object, parents: object, taint: obj
             parse_digest(state_id)
     except EntryError as e:
         raise CommitError(f"nothing was queued: {e}") from e
-    if time_ns is not None and (isinstance(time_ns, bool) or not isinstance(time_ns, int) or not 0 <= time_ns < 2**63):
+    if time_ns is not None and (not is_int(time_ns) or not 0 <= time_ns < 2**63):
         raise CommitError("nothing was queued: time_ns must be a non-negative int of Unix nanoseconds (< 2**63), "
                           f"got {time_ns!r}")
     return parents, taint

@@ -9,38 +9,14 @@ and its leaf hash is reproducible by any verifier in any language.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 
+from fieldprint.canon import canonical_json, check_label, is_int, parse_digest
 from fieldprint.errors import EntryError
 
 ENTRY_VERSION = 1
 MAX_ENTRY_BYTES = 64 * 1024
 ENTRY_KINDS = ("state", "override", "revocation")  # a new kind is a new section of docs/formats.md
-DIGEST_ALGORITHMS = {"blake3": 32, "sha256": 32}
-_DIGEST_RE = re.compile(r"^([a-z0-9]+):([0-9a-f]+)$")
-_LABEL_RE = re.compile(r"^[A-Za-z0-9._:@/+-]{1,128}$")
-
-
-def tag_digest(algorithm: str, digest: bytes) -> str:
-    """Return the algorithm-tagged text form of a digest, e.g. 'blake3:9f86…'."""
-    if DIGEST_ALGORITHMS.get(algorithm) != len(digest):
-        raise EntryError(f"a {algorithm!r} digest must be {DIGEST_ALGORITHMS.get(algorithm)} bytes, got {len(digest)}")
-    return f"{algorithm}:{digest.hex()}"
-
-
-def parse_digest(tagged: str) -> tuple[str, bytes]:
-    """Split an algorithm-tagged digest into (algorithm, raw bytes), checking its length."""
-    m = _DIGEST_RE.match(tagged) if isinstance(tagged, str) else None
-    if not m:
-        raise EntryError(f"digest {tagged!r} is not of the form '<algorithm>:<lowercase hex>'")
-    algorithm, hexdigest = m.groups()
-    if algorithm not in DIGEST_ALGORITHMS:
-        raise EntryError(f"digest algorithm {algorithm!r} is not one of {sorted(DIGEST_ALGORITHMS)}")
-    raw = bytes.fromhex(hexdigest)
-    if len(raw) != DIGEST_ALGORITHMS[algorithm]:
-        raise EntryError(f"a {algorithm} digest must be {DIGEST_ALGORITHMS[algorithm]} bytes, got {len(raw)}")
-    return algorithm, raw
 
 
 def _check_value(value: object, where: str) -> None:
@@ -73,7 +49,7 @@ def encode_entry(kind: str, fields: dict) -> bytes:
         raise EntryError("fields must not set 'v' or 'kind': encode_entry sets them")
     record = {"v": ENTRY_VERSION, "kind": kind, **fields}
     _check_value(record, "entry")
-    data = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    data = canonical_json(record)
     if len(data) > MAX_ENTRY_BYTES:
         raise EntryError(f"entry is {len(data)} bytes; entries are small records of at most {MAX_ENTRY_BYTES} bytes, never tensors")
     return data
@@ -96,13 +72,6 @@ def decode_entry(data: bytes) -> dict:
     if encode_entry(record.get("kind"), fields) != bytes(data):
         raise EntryError("entry is not in canonical form (key order, whitespace or escaping differs)")
     return record
-
-
-def check_label(label: str, what: str) -> str:
-    """Validate a short identifier (session, taint source, state type) used inside entries."""
-    if not isinstance(label, str) or not _LABEL_RE.match(label):
-        raise EntryError(f"{what} {label!r} must be 1-128 characters of letters, digits and ._:@/+-")
-    return label
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +99,7 @@ class StateEntry:
             check_label(source, "taint source")
         check_label(self.state_type, "state type")
         check_label(self.session, "session")
-        if isinstance(self.time_ns, bool) or not isinstance(self.time_ns, int) or self.time_ns < 0:
+        if not is_int(self.time_ns) or self.time_ns < 0:
             raise EntryError(f"time_ns must be a non-negative integer, got {self.time_ns!r}")
         return encode_entry(
             "state",

@@ -20,10 +20,19 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from fieldprint.canon import is_int
 from fieldprint.errors import EntryError, LogError, NoteError
 from fieldprint.ledger import merkle
 from fieldprint.ledger.entry import MAX_ENTRY_BYTES
-from fieldprint.ledger.merkle import EMPTY_ROOT, NodeId, append_leaf, border_ids, border_root, leaf_hash, root_hash
+from fieldprint.ledger.merkle import (
+    EMPTY_ROOT,
+    NodeId,
+    append_leaf,
+    border_ids,
+    border_root,
+    leaf_hash,
+    root_hash,
+)
 from fieldprint.ledger.note import Checkpoint, Signer, sign_note
 from fieldprint.ledger.storage.base import STORED_MIN_LEVEL, LogStorage
 
@@ -176,7 +185,7 @@ class TransparencyLog:
         batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
         checkpoint_interval_s: float | None = DEFAULT_CHECKPOINT_INTERVAL_S,
     ) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise LogError(f"batch_size must be a positive integer, got {batch_size!r}")
         if not batch_wait_ms >= 0:
             raise LogError(f"batch_wait_ms must be >= 0, got {batch_wait_ms!r}")
@@ -470,7 +479,7 @@ class TransparencyLog:
 
     @staticmethod
     def _check_index(value: object, bound: int, what: str) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < bound:
+        if not is_int(value) or not 0 <= value < bound:
             raise LogError(f"{what} must be an integer in [0, {bound}), got {value!r}")
 
     # --- audit -----------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 
+from fieldprint.canon import is_int
 from fieldprint.errors import ProofError
 
 HASH_SIZE = 32
@@ -185,7 +186,7 @@ def _check_proof(proof: object) -> list[bytes]:
 
 
 def _check_size(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not is_int(value) or value < 0:
         raise ProofError(f"{what} must be a non-negative integer, got {value!r}")
     return value
 

@@ -24,8 +24,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from fieldprint.errors import EntryError, FieldprintError, NoteError, PolicyError, StateError
-from fieldprint.ledger.entry import check_label, decode_entry, encode_entry, parse_digest
+from fieldprint.canon import canonical_json, check_label, is_int, parse_digest
+from fieldprint.errors import (
+    EntryError,
+    FieldprintError,
+    NoteError,
+    PolicyError,
+    StateError,
+)
+from fieldprint.ledger.entry import decode_entry, encode_entry
 from fieldprint.ledger.merkle import leaf_hash, verify_inclusion
 from fieldprint.ledger.note import Checkpoint, Verifier, open_note, sign_note
 from fieldprint.memory.state import STATE_TYPES, State
@@ -46,10 +53,6 @@ def _utc(ns: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ns // 10**9))
 
 
-def _canonical(record: dict) -> str:
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
 def _check_common(state_id: object, who: object, reason: object, issued_ns: object) -> None:
     try:
         parse_digest(state_id)
@@ -62,7 +65,7 @@ def _check_common(state_id: object, who: object, reason: object, issued_ns: obje
         reason.encode("utf-8")
     except UnicodeEncodeError:
         raise PolicyError("reason is not valid Unicode text (lone surrogates)") from None
-    if not isinstance(issued_ns, int) or isinstance(issued_ns, bool) or not 0 <= issued_ns < 2**63:
+    if not is_int(issued_ns) or not 0 <= issued_ns < 2**63:
         raise PolicyError(f"issued_ns must be a non-negative 64-bit integer, got {issued_ns!r}")
 
 
@@ -81,12 +84,12 @@ class Override:
         _check_common(self.state_id, self.who, self.reason, self.issued_ns)
         if self.action not in ACTIONS:
             raise PolicyError(f"override action {self.action!r} is not one of {ACTIONS}")
-        if not isinstance(self.expires_ns, int) or isinstance(self.expires_ns, bool) or not self.issued_ns < self.expires_ns < 2**63:
+        if not is_int(self.expires_ns) or not self.issued_ns < self.expires_ns < 2**63:
             raise PolicyError(f"expires_ns must be an integer after issued_ns ({self.issued_ns}), got {self.expires_ns!r}")
 
     def text(self) -> str:
         """The note text that gets signed: header line, canonical JSON line."""
-        return f"{OVERRIDE_HEADER}\n{_canonical(asdict(self))}\n"
+        return f"{OVERRIDE_HEADER}\n{canonical_json(asdict(self)).decode()}\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,12 +105,12 @@ class Revocation:
     def __post_init__(self) -> None:
         _check_common(self.state_id, self.who, self.reason, self.issued_ns)
         oi = self.override_index
-        if oi is not None and (not isinstance(oi, int) or isinstance(oi, bool) or not 0 <= oi < 2**63):
+        if oi is not None and (not is_int(oi) or not 0 <= oi < 2**63):
             raise PolicyError(f"override_index must be a leaf index or null, got {oi!r}")
 
     def text(self) -> str:
         """The note text that gets signed: header line, canonical JSON line."""
-        return f"{REVOCATION_HEADER}\n{_canonical(asdict(self))}\n"
+        return f"{REVOCATION_HEADER}\n{canonical_json(asdict(self)).decode()}\n"
 
 
 def sign_record(record: Override | Revocation, signer_key: str) -> str:
@@ -426,7 +429,7 @@ class PromotionGate:
 
     def recover_record(self, leaf_index: int) -> PolicyRecord:
         """Store the override/revocation logged at `leaf_index` (after a failed apply); PolicyError if it is not one."""
-        if not isinstance(leaf_index, int) or isinstance(leaf_index, bool) or leaf_index < 0:
+        if not is_int(leaf_index) or leaf_index < 0:
             raise PolicyError(f"a leaf index is a non-negative integer, got {leaf_index!r}")
         try:
             data = self.log.entry(leaf_index)

@@ -14,15 +14,21 @@ nothing here can remove a source: there is no API that restores authority.
 from __future__ import annotations
 
 import enum
-import json
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 import blake3
 
+from fieldprint.canon import (
+    canonical_json,
+    check_label,
+    is_int,
+    parse_digest,
+    tag_digest,
+)
 from fieldprint.errors import EntryError, StateError
-from fieldprint.ledger.entry import StateEntry, check_label, parse_digest, tag_digest
+from fieldprint.ledger.entry import StateEntry
 
 MAX_TEXT_BYTES = 1 << 20  # a state is a memory, not a document store; larger text is refused
 _ID_DOMAIN = b"fieldprint/state-id/v1\n"
@@ -121,13 +127,8 @@ def content_digest(text: str | None, tensor: TensorRef | None) -> str:
         return tag_digest("blake3", blake3.blake3(data).digest())
     if text is None:
         return tensor.digest
-    both = _canonical({"tensor": tensor.digest, "text": content_digest(text, None)})
+    both = canonical_json({"tensor": tensor.digest, "text": content_digest(text, None)})
     return tag_digest("blake3", blake3.blake3(_CONTENT_DOMAIN + both).digest())
-
-
-def _canonical(record: dict) -> bytes:
-    # The same canonical JSON as ledger entries (docs/formats.md), so any verifier can recompute ids.
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +193,7 @@ def state_id_of(
         "time_ns": time_ns,
         "type": state_type,
     }
-    return tag_digest("blake3", blake3.blake3(_ID_DOMAIN + _canonical(record)).digest())
+    return tag_digest("blake3", blake3.blake3(_ID_DOMAIN + canonical_json(record)).digest())
 
 
 def _label(value: str, what: str) -> str:
@@ -250,7 +251,7 @@ def new_state(
     label = Label.join([p.label for p in parents] + [Label(own_sources, own_taint)])
     if time_ns is None:
         time_ns = time.time_ns()
-    if not isinstance(time_ns, int) or isinstance(time_ns, bool) or not 0 <= time_ns < 2**63:
+    if not is_int(time_ns) or not 0 <= time_ns < 2**63:
         raise StateError(f"time_ns must be a non-negative 64-bit integer, got {time_ns!r}")
     parent_ids = tuple(sorted({p.state_id for p in parents}))
     profile = tensor.profile if tensor else None

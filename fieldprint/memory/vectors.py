@@ -11,15 +11,15 @@ narrowing the search, never authority: the promotion gate re-decides every state
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from fieldprint.canon import check_label, parse_digest
 from fieldprint.errors import EntryError, StateError
-from fieldprint.ledger.entry import check_label, parse_digest
 
 FILTER_COLUMNS = ("session", "state_type", "promotable")
 _NORM_TOLERANCE = 1e-3  # rows must be unit vectors (cosine and dot product then agree)

@@ -13,7 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from fieldprint.errors import KernelInputError
-from fieldprint.kernels.paged_attention import AnchorSet, paged_attention_decode, paged_attention_prefill
+from fieldprint.kernels.paged_attention import (
+    AnchorSet,
+    paged_attention_decode,
+    paged_attention_prefill,
+)
 from fieldprint.kernels.reference import reference_paged
 
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3}

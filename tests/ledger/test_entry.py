@@ -1,13 +1,12 @@
 import pytest
 
+from fieldprint.canon import parse_digest, tag_digest
 from fieldprint.errors import EntryError
 from fieldprint.ledger.entry import (
     MAX_ENTRY_BYTES,
     StateEntry,
     decode_entry,
     encode_entry,
-    parse_digest,
-    tag_digest,
 )
 
 D1 = tag_digest("blake3", bytes(range(32)))

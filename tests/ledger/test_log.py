@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 from fieldprint.errors import EntryError, LogError, NoteError
 from fieldprint.ledger.entry import MAX_ENTRY_BYTES
 from fieldprint.ledger.log import TransparencyLog, wait_all
-from fieldprint.ledger.merkle import EMPTY_ROOT, leaf_hash, root_hash, verify_consistency, verify_inclusion
+from fieldprint.ledger.merkle import (
+    EMPTY_ROOT,
+    leaf_hash,
+    root_hash,
+    verify_consistency,
+    verify_inclusion,
+)
 from fieldprint.ledger.note import Checkpoint, generate_key
 
 KEYS = generate_key("test.fieldprint/log")

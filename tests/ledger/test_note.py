@@ -7,7 +7,14 @@ import os
 import pytest
 
 from fieldprint.errors import NoteError
-from fieldprint.ledger.note import Checkpoint, Signer, Verifier, generate_key, open_note, sign_note
+from fieldprint.ledger.note import (
+    Checkpoint,
+    Signer,
+    Verifier,
+    generate_key,
+    open_note,
+    sign_note,
+)
 
 
 @pytest.fixture(scope="module")

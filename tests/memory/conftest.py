@@ -1,7 +1,6 @@
 """The `memory` fixture: a fresh log, state store, vector store, gate and Pacemaker per test."""
 
 import pytest
-
 from memory_harness import make_memory
 
 

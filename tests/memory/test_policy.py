@@ -3,13 +3,18 @@
 import json
 
 import pytest
+from memory_harness import LOG_VERIFIER, OPS_SIGNER, OPS_VERIFIER, ROGUE_SIGNER, T0
 
 from fieldprint.errors import PolicyError, StateError
 from fieldprint.ledger.entry import decode_entry
 from fieldprint.ledger.note import open_note
-from fieldprint.memory.policy import GateConfig, Override, Revocation, open_record, sign_record
-
-from memory_harness import LOG_VERIFIER, OPS_SIGNER, OPS_VERIFIER, ROGUE_SIGNER, T0
+from fieldprint.memory.policy import (
+    GateConfig,
+    Override,
+    Revocation,
+    open_record,
+    sign_record,
+)
 
 HOUR = 3600 * 10**9
 

@@ -4,7 +4,15 @@ import pytest
 
 from fieldprint.errors import StateError
 from fieldprint.ledger.entry import StateEntry
-from fieldprint.memory.state import STATE_TYPES, Integrity, Label, State, TensorRef, content_digest, new_state
+from fieldprint.memory.state import (
+    STATE_TYPES,
+    Integrity,
+    Label,
+    State,
+    TensorRef,
+    content_digest,
+    new_state,
+)
 
 
 def committed(state: State, index: int = 0) -> State:

@@ -3,11 +3,10 @@
 import sqlite3
 
 import pytest
+from memory_harness import OPS_SIGNER, OPS_VERIFIER, ROGUE_SIGNER, make_memory
 
 from fieldprint.errors import PolicyError, StateError
 from fieldprint.memory.policy import Override, Revocation, sign_record
-
-from memory_harness import OPS_SIGNER, OPS_VERIFIER, ROGUE_SIGNER, make_memory
 
 HOUR = 3600 * 10**9
 

@@ -15,9 +15,9 @@ import os
 import sqlite3
 import threading
 import weakref
-from itertools import count
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from itertools import count
 
 from fieldprint.errors import LogError
 from fieldprint.ledger.storage.base import LogStorage, NodeRow
