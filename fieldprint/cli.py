@@ -13,12 +13,15 @@ import os
 import sys
 from collections.abc import Sequence
 
+from fieldprint.config import (
+    DEFAULT_DATA_DIR,
+    DEFAULT_ORIGIN,
+    LEDGER_DB,
+    LEDGER_KEY_STEM,
+    SIGNER_KEY_FILE,
+    VERIFIER_KEY_FILE,
+)
 from fieldprint.errors import FieldprintError, LogError, ProofError
-
-DEFAULT_DATA_DIR = "./fieldprint-data"
-LEDGER_DB, LEDGER_KEY_STEM = "ledger.sqlite", "ledger"
-SIGNER_KEY_FILE, VERIFIER_KEY_FILE = LEDGER_KEY_STEM + ".key", LEDGER_KEY_STEM + ".pub"
-DEFAULT_ORIGIN = "fieldprint.local/ledger"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import blake3
 
-from fieldprint.cli import DEFAULT_ORIGIN, LEDGER_DB
+from fieldprint.config import DEFAULT_ORIGIN, LEDGER_DB
 
 if TYPE_CHECKING:  # torch loads inside run_demo, after the CLI has chosen Triton's mode
     import torch
