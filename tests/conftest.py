@@ -13,13 +13,10 @@ except ImportError:  # pragma: no cover - torch is a hard dependency
 if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-SHARED_TESTDATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "testdata")
+TESTDATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata")
 
 
 @pytest.fixture(scope="session")
 def testdata_dir() -> str:
-    """The published vectors (transparency-dev/merkle, Go signed note) beside the checkout."""
-    path = os.environ.get("FIELDPRINT_TESTDATA", SHARED_TESTDATA)
-    if not os.path.isdir(path):
-        pytest.fail(f"published test vectors not found at {path}; set FIELDPRINT_TESTDATA")
-    return path
+    """The published vectors the tests carry (tests/testdata; where each comes from: its NOTICE)."""
+    return TESTDATA
