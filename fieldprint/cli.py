@@ -21,7 +21,7 @@ from fieldprint.config import (
     SIGNER_KEY_FILE,
     VERIFIER_KEY_FILE,
 )
-from fieldprint.errors import FieldprintError, LogError, ProofError
+from fieldprint.errors import EntryError, FieldprintError, LogError, NoteError, ProofError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,10 +65,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # --- ledger ----------------------------------------------------------------------------------------
 
+MAX_KEY_FILE_BYTES = 4096  # a key is ~100 characters; never read a huge or endless file whole
+MAX_BUNDLE_BYTES = 1 << 20
+MAX_LINES_INPUT = 64 << 20  # `add --lines` reads at most this much; the library's extend() is the bulk path
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
 
 def add_ledger_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register `fieldprint ledger init|add|checkpoint|prove|verify|audit`."""
-    ledger = subparsers.add_parser("ledger", help="the transparency log: init, add, checkpoint, prove, verify, audit")
+    """Register `fieldprint ledger init|add|checkpoint|prove|consistency|verify|audit`."""
+    ledger = subparsers.add_parser("ledger", help="the transparency log: init, add, checkpoint, prove, consistency, verify, audit")
     ledger.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help=f"folder with the log and its keys (default {DEFAULT_DATA_DIR})")
     ledger.set_defaults(group_parser=ledger)
     sub = ledger.add_subparsers(dest="ledger_command", metavar="SUBCOMMAND")
@@ -77,25 +82,34 @@ def add_ledger_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--origin", default=DEFAULT_ORIGIN, help=f"the log's origin line and key name (default {DEFAULT_ORIGIN})")
     p.set_defaults(func=ledger_init)
 
-    p = sub.add_parser("add", help="add entries: each FILE is one entry (- or none: standard input)")
+    p = sub.add_parser("add", help="add canonical records (docs/formats.md): each FILE is one entry (- or none: standard input)")
     p.add_argument("files", nargs="*", metavar="FILE")
     p.add_argument("--lines", action="store_true", help="add every non-blank line of the input as its own entry (blank lines are skipped)")
+    p.add_argument("--raw", action="store_true", help="log any bytes as they are (1 to 65536 each), not only canonical records")
     p.set_defaults(func=ledger_add)
 
     p = sub.add_parser("checkpoint", help="sign and print a checkpoint of the current tree")
     p.set_defaults(func=ledger_checkpoint)
 
-    p = sub.add_parser("prove", help="print an inclusion proof bundle (JSON) for an entry")
+    p = sub.add_parser("prove", help="print an inclusion proof bundle (JSON) for an entry (needs only ledger.pub)")
     p.add_argument("index", type=int)
     p.add_argument("-o", "--output", help="write the bundle to this file instead of standard output")
     p.set_defaults(func=ledger_prove)
 
-    p = sub.add_parser("verify", help="check a proof bundle offline against a verifier key")
+    p = sub.add_parser("consistency", help="print a consistency proof bundle (JSON) between two signed tree sizes (needs only ledger.pub)")
+    p.add_argument("size1", type=int, metavar="SIZE1")
+    p.add_argument("size2", type=int, metavar="SIZE2")
+    p.add_argument("-o", "--output", help="write the bundle to this file instead of standard output")
+    p.set_defaults(func=ledger_consistency)
+
+    p = sub.add_parser("verify", help="check an inclusion or consistency bundle offline against a verifier key")
     p.add_argument("bundle", help="bundle file (- for standard input)")
     p.add_argument("--key", help="verifier key text 'name+keyid+base64' (default: the data folder's ledger.pub)")
+    p.add_argument("--origin", help="the log the checkpoints must name (default: the verifier key's name, a C2SP log's origin)")
     p.set_defaults(func=ledger_verify)
 
-    p = sub.add_parser("audit", help="re-verify every leaf, node and checkpoint of the stored log")
+    p = sub.add_parser("audit", help="re-verify every leaf, node and checkpoint of the stored log (needs only ledger.pub)")
+    p.add_argument("--against", metavar="CHECKPOINT_FILE", help="also check that the log extends this signed checkpoint saved elsewhere")
     p.set_defaults(func=ledger_audit)
 
 
@@ -104,98 +118,243 @@ def _paths(args: argparse.Namespace) -> tuple[str, str, str]:
     return os.path.join(d, LEDGER_DB), os.path.join(d, SIGNER_KEY_FILE), os.path.join(d, VERIFIER_KEY_FILE)
 
 
+def _read_text_file(path: str, what: str, limit: int) -> str:
+    """The UTF-8 text of a small file, with a FieldprintError naming the file for every way it can fail."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(limit + 1)
+    except IsADirectoryError:
+        raise LogError(f"{what} {path} is a folder, not a file") from None
+    except OSError as exc:
+        raise LogError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if len(raw) > limit:
+        raise LogError(f"{what} {path} is over {limit} bytes; it is not a {what}")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise NoteError(f"{what} {path} is not UTF-8 text; it is not a {what}") from None
+
+
+def _no_ledger(args: argparse.Namespace) -> LogError:
+    return LogError(f"no ledger in {args.data_dir}; run `fieldprint ledger --data-dir {args.data_dir} init` first")
+
+
 def _open_log(args: argparse.Namespace):
+    """The data folder's log opened for writing with its signing key; it must already exist."""
     from fieldprint.ledger.log import TransparencyLog
 
     db, key_file, _ = _paths(args)
     if os.path.exists(db) and not os.path.exists(key_file):
-        raise LogError(f"{args.data_dir} holds a log database but no {SIGNER_KEY_FILE}; restore the key, or, "
-                       f"if the log holds nothing you need, remove {db} and run init again")
-    if not os.path.exists(key_file) or not os.path.exists(db):
-        raise LogError(f"no ledger in {args.data_dir}; run `fieldprint ledger --data-dir {args.data_dir} init` first")
-    with open(key_file) as f:
-        signer = f.read().strip()
-    return TransparencyLog.open(db, signer, checkpoint_interval_s=None)
+        raise LogError(f"{args.data_dir} holds a log database but no {SIGNER_KEY_FILE}; restore the key, or, if the "
+                       f"log holds nothing you need, remove {db} and {db}.checkpoint and run init again")
+    if not os.path.exists(key_file):
+        raise _no_ledger(args)
+    signer = _read_text_file(key_file, "signing key file", MAX_KEY_FILE_BYTES).strip()
+    return TransparencyLog.open(db, signer, checkpoint_interval_s=None, create=False)
+
+
+def _verifier_key(args: argparse.Namespace) -> str:
+    key = getattr(args, "key", None)
+    if key is not None:
+        return key
+    pub_file = _paths(args)[2]
+    if not os.path.exists(pub_file):
+        raise LogError(f"no verifier key given and {pub_file} does not exist; pass --key 'name+keyid+base64'")
+    return _read_text_file(pub_file, "verifier key file", MAX_KEY_FILE_BYTES).strip()
+
+
+def _open_reader(args: argparse.Namespace):
+    """The data folder's log opened read-only with ledger.pub: works on a read-only folder and beside a writer."""
+    from fieldprint.ledger.reader import LogReader
+
+    db, _, pub_file = _paths(args)
+    if not os.path.exists(pub_file):
+        raise _no_ledger(args)
+    return LogReader.open(db, _verifier_key(args))
 
 
 def ledger_init(args: argparse.Namespace) -> int:
     """Create the data folder, an Ed25519 signing key (mode 0600) and an empty log with a checkpoint.
 
-    The key files take their names only once the log and its first checkpoint exist; on any failure
-    the log files, the key files and a folder this command created are removed, so init can rerun.
+    Exclusive and atomic: it holds a lock on the data folder, builds the log under a temporary name,
+    then renames the database, its checkpoint file and the key files into place. A second init of
+    the same folder stops without touching anything; a failed init removes what it wrote.
     """
-    from fieldprint.ledger.keys import ensure_key_pair
-    from fieldprint.ledger.log import TransparencyLog
+    import fcntl
+
     from fieldprint.ledger.note import generate_key
 
-    db, key_file, pub_file = _paths(args)
-    if os.path.exists(db) and not os.path.exists(key_file):
-        raise LogError(f"{args.data_dir} holds a log database but no {SIGNER_KEY_FILE} (an interrupted init?); "
-                       f"if it holds nothing you need, remove {db} and run init again")
-    if any(os.path.exists(p) for p in (key_file, pub_file, db)):
-        raise LogError(f"{args.data_dir} already holds a ledger; use another --data-dir or remove it")
     generate_key(args.origin)  # NoteError on a bad origin, before any file exists
     created_dir = not os.path.isdir(args.data_dir)
     try:
         os.makedirs(args.data_dir, mode=0o700, exist_ok=True)
+        folder_fd = os.open(args.data_dir, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:
-        raise LogError(f"cannot create the data folder {args.data_dir}: {exc.strerror}") from None
+        raise LogError(f"cannot create the data folder {args.data_dir}: {exc.strerror or exc}") from None
+    try:
+        try:
+            fcntl.flock(folder_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LogError(f"another `fieldprint ledger init` is creating a ledger in {args.data_dir} right now; "
+                           f"this one stopped and left its files alone") from None
+        verifier = _init_locked(args, created_dir)
+    finally:
+        os.close(folder_fd)  # releases the lock
+    print(f"initialized ledger {args.origin} in {args.data_dir}")
+    print(f"verifier key: {verifier}")
+    return 0
+
+
+def _init_locked(args: argparse.Namespace, created_dir: bool) -> str:
+    """ledger_init's work, under the data folder's lock: nothing else creates these files meanwhile."""
+    from fieldprint.ledger.keys import ensure_key_pair
+    from fieldprint.ledger.log import TransparencyLog
+    from fieldprint.ledger.published import published_path
+
+    db, key_file, pub_file = _paths(args)
+    published = published_path(db)
+    if os.path.exists(db) and not os.path.exists(key_file):
+        raise LogError(f"{args.data_dir} holds a log database but no {SIGNER_KEY_FILE} (an interrupted init?); "
+                       f"if it holds nothing you need, remove {db} and {published} and run init again")
+    if any(os.path.exists(p) for p in (key_file, pub_file, db, published)):
+        raise LogError(f"{args.data_dir} already holds a ledger; use another --data-dir or remove it")
+    tmp_db = os.path.join(args.data_dir, f".{LEDGER_DB}.init-{os.getpid()}")
+    moved: list[str] = []
 
     def create_log(signer: str, verifier: str) -> None:
-        with TransparencyLog.open(db, signer, checkpoint_interval_s=None) as log:
+        with TransparencyLog.open(tmp_db, signer, checkpoint_interval_s=None) as log:
             log.checkpoint()
+        if os.path.exists(tmp_db + "-wal"):  # closing folds the WAL into the file; never rename half a log
+            raise LogError(f"the new log {tmp_db} kept a write-ahead log after closing; nothing was kept")
+        for tmp, final in ((tmp_db, db), (published_path(tmp_db), published)):
+            os.replace(tmp, final)
+            moved.append(final)
 
     try:
         _, verifier = ensure_key_pair(args.data_dir, LEDGER_KEY_STEM, args.origin, before_publish=create_log)
     except BaseException:
-        for path in (db, db + "-wal", db + "-shm", db + "-journal"):
-            if os.path.exists(path):
-                os.remove(path)
+        for path in moved + [tmp_db + suffix for suffix in ("", "-wal", "-shm", "-journal", ".checkpoint")]:
+            _remove_if_present(path)
         if created_dir:
             try:
                 os.rmdir(args.data_dir)
             except OSError:
                 pass  # something else was put there meanwhile: leave it
         raise
-    print(f"initialized ledger {args.origin} in {args.data_dir}")
-    print(f"verifier key: {verifier}")
-    return 0
+    finally:
+        _remove_if_present(tmp_db + ".lock")
+    return verifier
 
 
-def _read_inputs(files: list[str]) -> list[bytes]:
-    out = []
+def _remove_if_present(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _check_entry(data: bytes, where: str, raw: bool) -> bytes:
+    """Refuse what is not a leaf entry (or, with --raw, not 1..MAX bytes), naming where it came from."""
+    from fieldprint.ledger.entry import MAX_ENTRY_BYTES, decode_entry
+
+    if not data:
+        raise EntryError(f"{where}: an empty entry is nothing to log")
+    if len(data) > MAX_ENTRY_BYTES:
+        raise EntryError(f"{where}: a log entry is at most {MAX_ENTRY_BYTES} bytes; log a digest of large content instead")
+    if not raw:
+        try:
+            decode_entry(data)
+        except EntryError as exc:
+            raise EntryError(f"{where}: {exc}; an entry is a canonical version-1 record (docs/formats.md, "
+                             f"'Leaf entries'); pass --raw to log other bytes as they are") from None
+    return data
+
+
+def _read_source(name: str, limit: int) -> bytes:
+    """At most limit + 1 bytes of a file or standard input (a 2 GB input is refused, never loaded)."""
+    if name == "-":
+        return sys.stdin.buffer.read(limit + 1)
+    try:
+        with open(name, "rb") as f:
+            return f.read(limit + 1)
+    except IsADirectoryError:
+        raise LogError(f"cannot read entry file {name}: it is a folder") from None
+    except OSError as exc:
+        raise LogError(f"cannot read entry file {name}: {exc.strerror or exc}") from None
+
+
+def _read_entries(files: list[str], lines: bool, raw: bool) -> list[bytes]:
+    """Every entry the command adds, all checked before anything is written."""
+    from fieldprint.ledger.entry import MAX_ENTRY_BYTES
+
+    out: list[bytes] = []
+    blank = 0
     for name in files or ["-"]:
-        if name == "-":
-            out.append(sys.stdin.buffer.read())
-        else:
-            try:
-                with open(name, "rb") as f:
-                    out.append(f.read())
-            except OSError as exc:
-                raise LogError(f"cannot read entry file {name}: {exc.strerror}") from None
+        label = "standard input" if name == "-" else name
+        if not lines:
+            out.append(_check_entry(_read_source(name, MAX_ENTRY_BYTES), label, raw))
+            continue
+        data = _read_source(name, MAX_LINES_INPUT)
+        if len(data) > MAX_LINES_INPUT:
+            raise EntryError(f"{label}: `add --lines` reads at most {MAX_LINES_INPUT} bytes; split the input. Nothing was added")
+        for n, line in enumerate(data.splitlines(), 1):
+            if line.strip():
+                out.append(_check_entry(line, f"{label} line {n}", raw))
+            else:
+                blank += 1  # a blank line is a separator, not an entry
+    if blank:
+        print(f"skipped {blank} blank lines", file=sys.stderr)
     return out
 
 
 def ledger_add(args: argparse.Namespace) -> int:
-    """Add entries and print one 'index<TAB>leaf hash' line per entry once they are durable."""
-    from fieldprint.ledger.log import check_entry
+    """Add entries and print one 'index<TAB>leaf hash' line per entry once durable, then sign a checkpoint.
+
+    Interrupted (Ctrl-C) or with standard output closed, it stops adding, lets the log sequence what
+    it had queued, and says exactly which entries are in the log; it exits non-zero.
+    """
+    import signal
+
     from fieldprint.ledger.merkle import leaf_hash
 
-    with _open_log(args) as log:
-        blobs = _read_inputs(args.files)
-        if args.lines:
-            lines = [line for blob in blobs for line in blob.splitlines()]
-            entries = [line for line in lines if line.strip()]  # a blank line is a separator, not an entry
-            if len(entries) < len(lines):
-                print(f"skipped {len(lines) - len(entries)} blank lines", file=sys.stderr)
-        else:
-            entries = blobs
-        for e in entries:
-            check_entry(e)  # refuse the whole command before anything is written
-        futures = [log.add(e) for e in entries]
-        for e, fut in zip(entries, futures):
-            print(f"{fut.result()}\t{leaf_hash(e).hex()}")
-    return 0
+    log = _open_log(args)
+    try:
+        entries = _read_entries(args.files, args.lines, args.raw)
+    except BaseException as exc:
+        log.close()
+        if not isinstance(exc, KeyboardInterrupt):
+            raise
+        print("fieldprint: interrupted before anything was added; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    start, printed, stopped = log.size, 0, None
+    try:
+        try:
+            futures = []
+            for e in entries:
+                futures.append(log.add(e))
+            for e, fut in zip(entries, futures):
+                print(f"{fut.result()}\t{leaf_hash(e).hex()}")
+                printed += 1
+            sys.stdout.flush()
+        except (KeyboardInterrupt, BrokenPipeError) as exc:
+            stopped = exc
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the report short
+            if isinstance(exc, BrokenPipeError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        log.flush()  # everything queued is sequenced: one producer, so in input order from `start`
+        added = log.size - start
+        if added:
+            log.checkpoint()  # publish what was added, so that `prove` finds a covering checkpoint
+    finally:
+        log.close()
+    if stopped is None:
+        return 0
+    why = "interrupted" if isinstance(stopped, KeyboardInterrupt) else "standard output was closed"
+    done = (f"the first {added} of {len(entries)} entries are in the log at indices {start}..{start + added - 1}"
+            if added else f"none of the {len(entries)} entries was added")
+    print(f"fieldprint: {why}: {done}; the other {len(entries) - added} were not added "
+          f"({printed} index lines were printed)", file=sys.stderr)
+    return EXIT_INTERRUPTED if isinstance(stopped, KeyboardInterrupt) else 1
 
 
 def ledger_checkpoint(args: argparse.Namespace) -> int:
@@ -209,18 +368,27 @@ def ledger_prove(args: argparse.Namespace) -> int:
     """Print an inclusion proof bundle for entry `index` against the latest covering checkpoint."""
     from fieldprint.ledger.receipt import inclusion_bundle
 
-    with _open_log(args) as log:
+    with _open_reader(args) as log:
         bundle = inclusion_bundle(log, args.index)
-    text = json.dumps(bundle, indent=2) + "\n"
-    if args.output:
-        _write_output(args.output, text)
-    else:
-        sys.stdout.write(text)
+    _emit(args.output, json.dumps(bundle, indent=2) + "\n")
     return 0
 
 
-def _write_output(path: str, text: str) -> None:
-    """Write `text` to `path`; on failure remove what this call created and raise LogError."""
+def ledger_consistency(args: argparse.Namespace) -> int:
+    """Print a consistency proof bundle between the log's signed checkpoints for SIZE1 and SIZE2."""
+    from fieldprint.ledger.receipt import consistency_bundle
+
+    with _open_reader(args) as log:
+        bundle = consistency_bundle(log, args.size1, args.size2)
+    _emit(args.output, json.dumps(bundle, indent=2) + "\n")
+    return 0
+
+
+def _emit(path: str | None, text: str) -> None:
+    """Write `text` to standard output, or to `path` (on failure: remove what this call created, LogError)."""
+    if path is None:
+        sys.stdout.write(text)
+        return
     existed = os.path.exists(path)
     try:
         with open(path, "w", encoding="utf-8") as f:
@@ -231,41 +399,53 @@ def _write_output(path: str, text: str) -> None:
         raise LogError(f"cannot write the bundle to {path}: {exc.strerror or exc}; choose another -o path") from None
 
 
-def ledger_verify(args: argparse.Namespace) -> int:
-    """Verify a proof bundle offline; exit 0 and say what was proven, or exit 1 with the reason."""
-    key = args.key
-    if key is None:
-        pub_file = _paths(args)[2]
-        if not os.path.exists(pub_file):
-            raise LogError(f"no verifier key given and {pub_file} does not exist; pass --key 'name+keyid+base64'")
-        with open(pub_file) as f:
-            key = f.read().strip()
+def _read_bundle(name: str) -> dict:
     try:
-        if args.bundle == "-":
-            text = sys.stdin.read()
-        else:
-            with open(args.bundle, encoding="utf-8") as f:
-                text = f.read()
-        bundle = json.loads(text)
+        raw = sys.stdin.buffer.read(MAX_BUNDLE_BYTES + 1) if name == "-" else None
+        if raw is None:
+            with open(name, "rb") as f:
+                raw = f.read(MAX_BUNDLE_BYTES + 1)
     except OSError as exc:
-        raise ProofError(f"cannot read bundle {args.bundle}: {exc.strerror}") from None
+        raise ProofError(f"cannot read bundle {name}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_BUNDLE_BYTES:
+        raise ProofError(f"bundle {name} is over {MAX_BUNDLE_BYTES} bytes; pass the JSON file `ledger prove` wrote")
+    try:
+        bundle = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
-        raise ProofError(f"bundle {args.bundle} is not UTF-8 text; pass the JSON file `ledger prove` wrote") from None
+        raise ProofError(f"bundle {name} is not UTF-8 text; pass the JSON file `ledger prove` wrote") from None
     except json.JSONDecodeError as exc:
-        raise ProofError(f"bundle {args.bundle} is not JSON: {exc}") from None
+        raise ProofError(f"bundle {name} is not JSON: {exc}") from None
     if not isinstance(bundle, dict):
         raise ProofError("a proof bundle is a JSON object")
-    from fieldprint.ledger.receipt import verify_bundle
+    return bundle
 
-    cp = verify_bundle(bundle, key)
+
+def ledger_verify(args: argparse.Namespace) -> int:
+    """Verify an inclusion or consistency bundle offline; exit 0 and say what was proven, or 1 and why."""
+    from fieldprint.ledger.receipt import CONSISTENCY_FORMAT, verify_bundle, verify_consistency_bundle
+
+    key = _verifier_key(args)
+    bundle = _read_bundle(args.bundle)
+    if bundle.get("format") == CONSISTENCY_FORMAT:
+        cp1, cp2 = verify_consistency_bundle(bundle, key, origin=args.origin)
+        print(f"OK: {cp2.origin} at size {cp2.size} (root {cp2.root_hash.hex()}) extends its tree at size "
+              f"{cp1.size} (root {cp1.root_hash.hex()})")
+        return 0
+    cp = verify_bundle(bundle, key, origin=args.origin)
     print(f"OK: entry {bundle['index']} is included in {cp.origin} at size {cp.size} (root {cp.root_hash.hex()})")
     return 0
 
 
 def ledger_audit(args: argparse.Namespace) -> int:
-    """Re-verify the whole stored log; exit 1 and list the problems if any."""
-    with _open_log(args) as log:
-        report = log.audit()
+    """Re-verify the whole stored log in one snapshot (beside a writer, on a read-only folder); exit 1 on problems."""
+    from fieldprint.ledger.note import Checkpoint
+
+    against = []
+    with _open_reader(args) as log:
+        if args.against:
+            note = _read_text_file(args.against, "checkpoint file", MAX_BUNDLE_BYTES)
+            against.append(Checkpoint.open(note, [log.verifier_key], origin=log.origin))
+        report = log.audit(against)
     print(
         f"audited {report.leaves_checked} leaves, {report.nodes_checked} nodes, "
         f"{report.checkpoints_checked} checkpoints of a log of size {report.size}: "

@@ -69,7 +69,7 @@ class Signer:
     private: Ed25519PrivateKey
 
     @classmethod
-    def parse(cls, text: str) -> "Signer":
+    def parse(cls, text: str) -> Signer:
         """Parse 'PRIVATE+KEY+name+keyid+base64'; raises NoteError if malformed or inconsistent."""
         if not isinstance(text, str) or not text.startswith("PRIVATE+KEY+"):
             raise NoteError("a signer key must be text of the form 'PRIVATE+KEY+name+keyid+base64'")
@@ -93,7 +93,7 @@ class Verifier:
     public: Ed25519PublicKey
 
     @classmethod
-    def parse(cls, text: str) -> "Verifier":
+    def parse(cls, text: str) -> Verifier:
         """Parse 'name+keyid+base64'; raises NoteError if malformed or inconsistent."""
         if not isinstance(text, str) or text.startswith("PRIVATE+"):
             raise NoteError("a verifier key must be text of the form 'name+keyid+base64' (not a private key)")
@@ -201,13 +201,25 @@ class Checkpoint:
         return f"{origin}\n{size}\n{base64.b64encode(root_hash).decode()}\n"
 
     @classmethod
-    def open(cls, note: str, verifier_keys: list[str]) -> "Checkpoint":
-        """Verify the signature, then parse the tlog-checkpoint body; raises NoteError."""
+    def open(cls, note: str | bytes, verifier_keys: list[str], *, origin: str) -> Checkpoint:
+        """Verify the signature, parse the body and require the expected origin; raises NoteError.
+
+        A key can sign for several logs, so a valid signature alone does not say which log a
+        checkpoint is from: as transparency-dev/formats' ParseCheckpoint does, the caller names the
+        origin it expects (for a C2SP log, its key's name) and any other is refused.
+        """
+        if not isinstance(origin, str) or not origin:
+            raise NoteError(f"the expected origin must be a non-empty string, got {origin!r}")
         text = open_note(note, verifier_keys)
-        return cls.parse_body(text, note)
+        if isinstance(note, bytes):
+            note = note.decode("utf-8")  # open_note has checked that it is UTF-8
+        cp = cls.parse_body(text, note)
+        if cp.origin != origin:
+            raise NoteError(f"checkpoint is for origin {cp.origin!r}, expected {origin!r}: it is another log's checkpoint")
+        return cp
 
     @classmethod
-    def parse_body(cls, text: str, note: str) -> "Checkpoint":
+    def parse_body(cls, text: str, note: str) -> Checkpoint:
         """Parse a checkpoint body (already verified); raises NoteError if malformed."""
         lines = text.split("\n")
         if len(lines) < 4:

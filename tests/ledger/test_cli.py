@@ -22,7 +22,7 @@ def test_ledger_round_trip(tmp_path, capsys):
     assert rc == 0 and "verifier key: example.org/ledger+" in out
     assert stat.S_IMODE(os.stat(os.path.join(d, "ledger.key")).st_mode) == 0o600
     (tmp_path / "e1").write_bytes(b'{"kind":"state","v":1}')
-    (tmp_path / "lines").write_bytes(b"alpha\nbeta\ngamma\n")
+    (tmp_path / "lines").write_bytes(b'{"kind":"state","n":1,"v":1}\n{"kind":"state","n":2,"v":1}\n{"kind":"state","n":3,"v":1}\n')
     rc, out, _ = run(capsys, "ledger", "--data-dir", d, "add", str(tmp_path / "e1"))
     assert rc == 0 and out.startswith("0\t")
     rc, out, _ = run(capsys, "ledger", "--data-dir", d, "add", "--lines", str(tmp_path / "lines"))
@@ -58,7 +58,7 @@ def test_ledger_round_trip(tmp_path, capsys):
     assert rc == 1
 
     conn = sqlite3.connect(os.path.join(d, "ledger.sqlite"))
-    conn.execute("UPDATE leaves SET data = ? WHERE idx = 3", (b"gamma!",))
+    conn.execute("UPDATE leaves SET data = ? WHERE idx = 3", (b"gamma!",))  # the audit reads the log read-only
     conn.commit()
     conn.close()
     rc, out, _ = run(capsys, "ledger", "--data-dir", d, "audit")
@@ -122,7 +122,7 @@ def test_init_failure_leaves_nothing_and_init_works_after(tmp_path, capsys, monk
     monkeypatch.setattr(TransparencyLog, "open", real_open)
     rc, out, _ = run(capsys, "ledger", "--data-dir", str(d), "init")
     assert rc == 0 and "verifier key" in out
-    assert sorted(os.listdir(d)) == ["ledger.key", "ledger.pub", "ledger.sqlite"]
+    assert sorted(os.listdir(d)) == ["ledger.key", "ledger.pub", "ledger.sqlite", "ledger.sqlite.checkpoint"]
     assert run(capsys, "ledger", "--data-dir", str(d), "checkpoint")[0] == 0
 
 
@@ -139,7 +139,7 @@ def test_verify_and_prove_io_errors_are_reported(tmp_path, capsys):
     d = str(tmp_path / "data")
     assert run(capsys, "ledger", "--data-dir", d, "init")[0] == 0
     (tmp_path / "e").write_bytes(b"entry")
-    assert run(capsys, "ledger", "--data-dir", d, "add", str(tmp_path / "e"))[0] == 0
+    assert run(capsys, "ledger", "--data-dir", d, "add", "--raw", str(tmp_path / "e"))[0] == 0
     (tmp_path / "latin1.json").write_bytes(b'{"index": "\xe9"}')
     rc, _, err = run(capsys, "ledger", "--data-dir", d, "verify", str(tmp_path / "latin1.json"))
     assert rc == 1 and "not UTF-8" in err
@@ -152,6 +152,6 @@ def test_add_lines_skips_blank_lines(tmp_path, capsys):
     d = str(tmp_path / "data")
     assert run(capsys, "ledger", "--data-dir", d, "init")[0] == 0
     (tmp_path / "lines").write_bytes(b"alpha\n\n  \nbeta\r\n\n")
-    rc, out, err = run(capsys, "ledger", "--data-dir", d, "add", "--lines", str(tmp_path / "lines"))
+    rc, out, err = run(capsys, "ledger", "--data-dir", d, "add", "--raw", "--lines", str(tmp_path / "lines"))
     assert rc == 0 and [line.split("\t")[0] for line in out.splitlines()] == ["0", "1"]
     assert "skipped 3 blank lines" in err

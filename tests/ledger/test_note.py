@@ -115,7 +115,7 @@ def test_checkpoint_parse_and_reject():
     signer, verifier = generate_key("example.com/log")
     root = bytes(range(32))
     note = sign_note(Checkpoint.body("example.com/log", 42, root), signer)
-    cp = Checkpoint.open(note, [verifier])
+    cp = Checkpoint.open(note, [verifier], origin="example.com/log")
     assert (cp.origin, cp.size, cp.root_hash, cp.note) == ("example.com/log", 42, root, note)
     b64 = base64.b64encode(root).decode()
     for body in [
@@ -126,6 +126,21 @@ def test_checkpoint_parse_and_reject():
         "example.com/log\n42\n" + base64.b64encode(root[:31]).decode() + "\n",
     ]:
         with pytest.raises(NoteError):
-            Checkpoint.open(sign_note(body, signer), [verifier])
+            Checkpoint.open(sign_note(body, signer), [verifier], origin="example.com/log")
     # Extension lines after the root are allowed by C2SP tlog-checkpoint.
-    assert Checkpoint.open(sign_note(Checkpoint.body("o", 1, root) + "ext\n", signer), [verifier]).size == 1
+    assert Checkpoint.open(sign_note(Checkpoint.body("o", 1, root) + "ext\n", signer), [verifier], origin="o").size == 1
+
+
+def test_checkpoint_of_another_origin_is_refused():
+    # The same key signs for two logs: a valid signature does not make the other log's checkpoint ours.
+    signer, verifier = generate_key("example.com/log")
+    root = bytes(range(32))
+    other = sign_note(Checkpoint.body("other.example/another-log", 7, root), signer)
+    with pytest.raises(NoteError, match="'other.example/another-log', expected 'example.com/log'"):
+        Checkpoint.open(other, [verifier], origin="example.com/log")
+    assert Checkpoint.open(other, [verifier], origin="other.example/another-log").size == 7
+    with pytest.raises(TypeError):
+        Checkpoint.open(other, [verifier])  # the origin is required: there is no default to forget
+    for bad in ("", None, 3):
+        with pytest.raises(NoteError, match="expected origin"):
+            Checkpoint.open(other, [verifier], origin=bad)

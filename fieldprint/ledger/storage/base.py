@@ -5,7 +5,9 @@ STORED_MIN_LEVEL up: a node below it covers at most 2**STORED_MIN_LEVEL leaves a
 their stored leaf hashes when a proof needs it, which makes appends write about one row per entry
 (instead of three) while a proof still reads O(log n) rows.
 
-One writer (the log's sequencer thread) calls `append` and `add_checkpoint`; any thread may read.
+One writer (the log's sequencer thread, in the one process holding the backend's writer lock) calls
+`append` and `add_checkpoint`; any thread, and read-only opens in other processes, may read, and
+`snapshot()` gives a reader one consistent view across many calls (the audit needs that).
 `append` is one atomic, durable transaction: when it returns, the leaves, the nodes they complete
 and nothing else are stored; when it raises, nothing is. A backend (SQLite embedded, PostgreSQL at
 scale) implements exactly this and passes the same tests.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 
 NodeRow = tuple[int, int, bytes]  # (level, index, hash)
 STORED_MIN_LEVEL = 4
@@ -74,6 +77,10 @@ class LogStorage(ABC):
     @abstractmethod
     def latest_checkpoint(self) -> tuple[int, str] | None:
         """The stored (size, note) of largest size, or None."""
+
+    @abstractmethod
+    def snapshot(self) -> AbstractContextManager[None]:
+        """A context in which this thread's reads all see one committed state of the log."""
 
     @abstractmethod
     def close(self) -> None:

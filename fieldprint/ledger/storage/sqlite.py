@@ -11,9 +11,11 @@ paid once per batch, not once per entry, which is what batching is for.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 import threading
+import urllib.parse
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -39,39 +41,82 @@ _MAX_COMPOUND = 400  # SQLite allows at most 500 terms in a compound SELECT
 class SQLiteStorage(LogStorage):
     """A transparency log in one SQLite file."""
 
-    def __init__(self, path: str | os.PathLike, *, durability: str = "full") -> None:
+    def __init__(self, path: str | os.PathLike, *, durability: str = "full", readonly: bool = False) -> None:
         if durability not in DURABILITY:
             raise LogError(f"durability must be one of {sorted(DURABILITY)}, got {durability!r}")
         self.path = os.fspath(path)
+        self.readonly = readonly
         parent = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(parent):
-            raise LogError(f"cannot create the log at {self.path}: directory {parent} does not exist")
+            raise LogError(f"cannot open the log at {self.path}: directory {parent} does not exist")
+        if readonly and not os.path.isfile(self.path):
+            raise LogError(f"no log database at {self.path}")
         self._sync = DURABILITY[durability]
+        self._immutable = False  # set when a read-only folder leaves SQLite no -shm to share (see _connect)
         self._lock = threading.Lock()  # guards the writer connection
         self._local = threading.local()
         # Open reader connections, one per live reading thread: each is closed when its thread ends
         # (see _reader), so a thread pool that comes and goes does not accumulate connections.
         self._readers: dict[int, sqlite3.Connection] = {}
         self._closed = False
+        self._writer: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
+        if readonly:
+            self._probe_readonly()
+            return
+        self._lock_fd = take_writer_lock(self.path)
         try:
             self._writer = self._connect()
-        except sqlite3.Error as exc:
-            raise LogError(f"cannot open the log database {self.path}: {exc}; is it a Fieldprint log?") from None
-        try:
             self._writer.executescript(_SCHEMA)
         except sqlite3.Error as exc:
-            self._writer.close()
+            if self._writer is not None:
+                self._writer.close()
+            os.close(self._lock_fd)
             raise LogError(f"cannot open the log database {self.path}: {exc}; is it a Fieldprint log?") from None
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    def _probe_readonly(self) -> None:
+        """Read the schema now, so a file that is not a log fails at open with a clear error."""
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={self._sync}")
-        except BaseException:
-            conn.close()
+            with self._reading("the schema"):
+                tables = {row[0] for row in self._reader().execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except LogError:
+            self.close()
             raise
+        if not {"meta", "leaves", "nodes", "checkpoints"} <= tables:
+            self.close()
+            raise LogError(f"{self.path} is not a Fieldprint log database (it is empty or lacks the log's tables)")
+
+    def _connect(self) -> sqlite3.Connection:
+        if not self.readonly:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute(f"PRAGMA synchronous={self._sync}")
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+        # Read-only: SQLite never writes the database; WAL readers still need the -shm index, which
+        # a read-only folder cannot hold. With no -wal content to read, the file alone is the whole
+        # log, and `immutable` reads it without the -shm (no writer can add to a folder nobody can write).
+        if not self._immutable:
+            conn = self._connect_uri("mode=ro")
+            try:
+                conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+                return conn
+            except sqlite3.OperationalError:
+                conn.close()
+                wal = self.path + "-wal"
+                if os.path.exists(wal) and os.path.getsize(wal) > 0:
+                    raise
+                self._immutable = True
+        conn = self._connect_uri("immutable=1")
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
         return conn
+
+    def _connect_uri(self, options: str) -> sqlite3.Connection:
+        uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?" + options
+        return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30.0)
 
     def _reader(self) -> sqlite3.Connection:
         if self._closed:
@@ -98,9 +143,26 @@ class SQLiteStorage(LogStorage):
         except sqlite3.Error as exc:
             raise LogError(f"reading {what} from the log database {self.path} failed: {exc}; run audit() or restore the file") from None
 
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads on this thread inside the block see one committed state (one SQLite read transaction)."""
+        conn = self._reader()
+        if conn.in_transaction:  # already inside a snapshot on this thread
+            yield
+            return
+        with self._reading("a snapshot"):
+            conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            if conn.in_transaction:
+                conn.execute("COMMIT")  # a read transaction: ends the snapshot, writes nothing
+
     def _write(self, statements: list[tuple[str, Sequence]], many: set[int] = frozenset()) -> None:
         if self._closed:
             raise LogError("the log storage is closed; open the log again")
+        if self._writer is None:
+            raise LogError(f"the log {self.path} is open read-only; open it with its signing key to write")
         with self._lock:
             cur = self._writer.cursor()
             try:
@@ -133,7 +195,8 @@ class SQLiteStorage(LogStorage):
 
     def append(self, start: int, entries: Sequence[bytes], leaf_hashes: Sequence[bytes], nodes: Sequence[NodeRow]) -> None:
         """Store entries, their leaf hashes and the nodes they complete in one durable transaction."""
-        assert len(entries) == len(leaf_hashes)
+        if len(entries) != len(leaf_hashes):
+            raise LogError(f"append got {len(entries)} entries but {len(leaf_hashes)} leaf hashes; nothing was written")
         self._write(
             [
                 ("INSERT INTO leaves (idx, hash, data) VALUES (?, ?, ?)", zip(range(start, start + len(entries)), leaf_hashes, entries)),
@@ -218,16 +281,48 @@ class SQLiteStorage(LogStorage):
                 conn = self._readers.pop(key, None)
                 if conn is not None:
                     conn.close()
-            self._writer.close()
+            if self._writer is not None:
+                self._writer.close()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # releases the writer lock
 
 
 _reader_keys = count()
 
 
+def take_writer_lock(db_path: str) -> int:
+    """Lock `<db_path>.lock` for writing (flock, held until the returned fd is closed); LogError if taken.
+
+    SQLite serializes transactions but not sequencers: two processes appending to one log would each
+    number entries from their own view of the tree. One writer per log, enforced by the OS: the lock
+    goes away with its process, however that process ends, so a crash never leaves a stale lock.
+    """
+    lock_path = db_path + ".lock"
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise LogError(f"cannot open the log {db_path} for writing: cannot create {lock_path} ({exc.strerror or exc}); "
+                       f"a read-only log can still be read with its public key") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        mine = " (this process)" if holder == str(os.getpid()) else ""
+        raise LogError(f"another process is writing this log (pid {holder}{mine}): {db_path}; close it first, "
+                       f"or open the log read-only to read, prove and audit beside it") from None
+    except OSError as exc:
+        os.close(fd)
+        raise LogError(f"cannot lock {lock_path}: {exc.strerror or exc}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
 class _ReaderHolder:
     """Owns one thread's reader connection; lives in the storage's thread-local until the thread ends."""
 
-    __slots__ = ("conn", "__weakref__")
+    __slots__ = ("__weakref__", "conn")
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
