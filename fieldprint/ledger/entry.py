@@ -16,7 +16,7 @@ from fieldprint.errors import EntryError
 
 ENTRY_VERSION = 1
 MAX_ENTRY_BYTES = 64 * 1024
-ENTRY_KINDS = ("state", "override", "revocation")  # a new kind is a new section of docs/formats.md
+ENTRY_KINDS = ("state", "override", "revocation", "generation", "rollback")  # each kind: a section of docs/formats.md
 
 
 def _check_value(value: object, where: str) -> None:
