@@ -39,3 +39,19 @@ class PolicyError(FieldprintError):
 
 class KernelInputError(FieldprintError, ValueError):
     """Tensors given to an attention kernel have inconsistent shapes, dtypes or devices."""
+
+
+class ModelError(FieldprintError):
+    """Model weights, configuration or tokenizer cannot be loaded or are not supported."""
+
+
+class EngineError(FieldprintError):
+    """A generation request or the engine's cache refused an operation (bad request, pool full)."""
+
+
+class AnchorError(FieldprintError):
+    """An anchor set cannot be compiled, or its stored bytes do not match what was committed."""
+
+
+class ReceiptError(FieldprintError):
+    """A generation receipt is malformed or does not verify; the message names the first failure."""

@@ -1,0 +1,343 @@
+"""System Anchor Tokens: promoted states compiled into K/V blocks of the anchor pool, and checked.
+
+compile: the states' texts become one system message through the chat template -> tokens ->
+prefill at positions 0..A-1 -> every layer's K and V -> DQP int8 codes with the model's calibrated
+profile (or the model's dtype) written into anchor-pool blocks -> a digest of every (layer, K|V,
+block) and a manifest binding them (an RFC 9162 Merkle root over the block digests) to the model,
+the profile, the ordered state ids and the anchor tokens -> one `anchor_kv` state entry, logged
+through the asynchronous Committer (int8: it re-quantizes the same K/V and its per-block digests
+must equal the pool's) whose state id is the manifest's digest -> a signed checkpoint covering it.
+
+Before a set is first attended to, `verify_slot` re-hashes the pool bytes (the very bytes the
+kernel reads), names the first bad (layer, K|V, block) and checks the manifest against the logged
+entry and the entry's inclusion in a signed checkpoint. Compiled sets persist under
+`<data_dir>/anchor-sets/` (one file per set, keyed by model id, profile and ordered state ids) and
+are verified again on load, so a restart recompiles nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import struct
+from dataclasses import dataclass
+
+import blake3
+import numpy as np
+import torch
+
+from fieldprint.canon import canonical_json, parse_digest, tag_digest
+from fieldprint.dqp import quantize_codes
+from fieldprint.dqp_profile import DQPProfile
+from fieldprint.errors import AnchorError, DQPError
+from fieldprint.ledger import merkle
+from fieldprint.ledger.entry import StateEntry
+
+MANIFEST_FORMAT = "fieldprint-anchor-set/1"
+ANCHOR_STATE_TYPE = "anchor_kv"
+ANCHOR_SESSION = "anchors"
+_KEY_DOMAIN = b"fieldprint/anchor-set-key/v1\x00"
+_MANIFEST_DOMAIN = b"fieldprint/anchor-manifest/v1\x00"
+_FILE_MAGIC = b"FPAS1\n"
+CALIBRATION_TEXT = (
+    "Calibration passage. The committee met on Tuesday to review the quarterly budget, the hiring plan "
+    "and three proposals for the new office. Revenue grew 12% while costs rose 4%; the main risk is supply. "
+    "def add(a, b):\n    return a + b  # code, numbers 0 1 2 3 4 5 6 7 8 9, and symbols: {}[]()<>=+-*/%$#@!\n"
+    "Bonjour, comment allez-vous ? Das Wetter ist heute schön. ¿Dónde está la biblioteca? 東京は晴れです。\n"
+    "The user prefers vegetarian food, is allergic to peanuts, hikes on weekends and lives near Lake Tahoe. "
+    "Remember: always answer briefly and cite the source of every fact you state."
+)
+
+
+def token_digest(ids: list[int]) -> str:
+    """Digest of a token id sequence (little-endian u32s): what receipts record for prompts and outputs."""
+    return tag_digest("blake3", blake3.blake3(b"fieldprint/tokens/v1\x00" + struct.pack(f"<{len(ids)}I", *ids)).digest())
+
+
+def set_key(model_id: str, encoding: str, state_ids: list[str]) -> str:
+    """The cache key of an anchor set: model, encoding (profile digest or dtype) and ordered state ids."""
+    return blake3.blake3(_KEY_DOMAIN + canonical_json([model_id, encoding, list(state_ids)])).hexdigest()
+
+
+def manifest_digest(manifest: dict) -> str:
+    """The manifest's digest: the anchor_kv entry's state id."""
+    return tag_digest("blake3", blake3.blake3(_MANIFEST_DOMAIN + canonical_json(manifest)).digest())
+
+
+def blocks_root(digests: list[bytes]) -> str:
+    """RFC 9162 Merkle root over the block digests in (layer, K then V, block) order."""
+    return tag_digest("sha256", merkle.root_hash([merkle.leaf_hash(d) for d in digests]))
+
+
+def anchor_text(texts: list[str]) -> str:
+    """The system message the anchors become: one remembered fact per line."""
+    return "Trusted memory (verified facts about the user and the task):\n" + "\n".join(f"- {t.strip()}" for t in texts)
+
+
+def _template(tok, messages: list[dict], generation_prompt: bool) -> str:
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def split_prompt(tok, system: str | None, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """(anchor prefix tokens, the request's own tokens) of a chat rendered with `system` first.
+
+    The two token lists concatenated are exactly the tokens of the whole rendered chat, so anchors
+    in the cache condition the model as the same text would as a prompt prefix.
+    """
+    if system is None:
+        return [], _encode(tok, _template(tok, messages, True))
+    full = _template(tok, [{"role": "system", "content": system}, *messages], True)
+    head = _template(tok, [{"role": "system", "content": system}], False)
+    if not full.startswith(head):
+        raise AnchorError("this chat template renders the system message differently alone and in a chat; "
+                          "anchors cannot be a fixed prefix with it")
+    return _encode(tok, head), _encode(tok, full[len(head):])
+
+
+def _encode(tok, text: str) -> list[int]:
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+@dataclass(slots=True)
+class CompiledSet:
+    """What the engine keeps with a compiled set in the pool (and the receipt carries)."""
+
+    key: str
+    manifest: dict
+    entry: bytes  # the logged anchor_kv state entry
+    index: int  # its leaf index
+    block_digests: list[bytes]
+    tokens: list[int]
+
+
+def _pool_blocks(pool: torch.Tensor, blocks: list[int], length: int) -> torch.Tensor:
+    """One layer's [A, H, D] view of a set's blocks (a copy: blocks need not be adjacent)."""
+    x = pool[blocks]
+    return x.reshape(-1, *x.shape[2:])[:length]
+
+
+def digest_blocks(cache, blocks: list[int], length: int) -> list[bytes]:
+    """BLAKE3 of every (layer, K then V, block) of a set as stored in the anchor pool."""
+    bs = cache.block_size
+    out = []
+    for layer in range(cache.anchor_k.shape[0]):
+        for pool in (cache.anchor_k[layer], cache.anchor_v[layer]):
+            data = _pool_blocks(pool, blocks, length).contiguous().cpu()
+            flat = data.view(torch.uint8).reshape(length, -1).numpy()
+            out += [blake3.blake3(flat[i : i + bs].tobytes()).digest() for i in range(0, length, bs)]
+    return out
+
+
+def calibrate_profile(runner, name: str) -> DQPProfile:
+    """Calibrate the model's DQP profile on a fixed, varied passage (once per model; cached by the engine)."""
+    tok = runner.lm.tokenizer
+    ids = _encode(tok, _template(tok, [{"role": "system", "content": CALIBRATION_TEXT},
+                                       {"role": "user", "content": CALIBRATION_TEXT}], True))
+    k, v = prefill_kv(runner, ids)
+    samples = [{(l, "K"): k[l], (l, "V"): v[l]} for l in range(k.shape[0])]
+    a = runner.args
+    return DQPProfile.calibrate(samples, name=name, num_layers=a.num_layers, num_kv_heads=a.num_kv_heads,
+                                head_dim=a.head_dim, k_granularity="channel", block_size=runner.config.block_size)
+
+
+def prefill_kv(runner, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every layer's K and V [L, A, H, D] of `ids` prefilled at positions 0..A-1 (no anchors)."""
+    from fieldprint.engine.sequence import SamplingParams, Sequence
+
+    seq = Sequence(list(ids), SamplingParams())
+    runner.blocks.grow(seq.block_table, len(ids))
+    try:
+        runner.forward([seq], [len(ids)])
+        blocks = torch.tensor(seq.block_table, device=runner.device)
+        c = runner.cache
+        k = c.k[:, blocks].flatten(1, 2)[:, : len(ids)].clone()
+        v = c.v[:, blocks].flatten(1, 2)[:, : len(ids)].clone()
+    finally:
+        runner.blocks.release(seq.block_table)
+    return k, v
+
+
+class AnchorCompiler:
+    """Compiles, verifies, persists and reloads anchor sets for one model runner and one log."""
+
+    def __init__(self, runner, log, committer, profile: DQPProfile | None, folder: str | None) -> None:
+        self.runner, self.log, self.committer, self.profile, self.folder = runner, log, committer, profile, folder
+        self.int8 = runner.cache.anchor_k.dtype == torch.int8
+        if self.int8:
+            if profile is None:
+                raise AnchorError("int8 anchors need the model's DQP profile")
+            c = runner.cache
+            for layer in range(c.anchor_k.shape[0]):
+                c.anchor_k_scale[layer] = profile.scales(layer, "K", runner.device)
+                c.anchor_v_scale[layer] = profile.scales(layer, "V", runner.device)
+        self.encoding = profile.digest if self.int8 else str(runner.lm.dtype).removeprefix("torch.")
+        self.compiled: dict[str, CompiledSet] = {}
+
+    def key(self, state_ids: list[str]) -> str:
+        return set_key(self.runner.lm.model_id, self.encoding, state_ids)
+
+    def _path(self, key: str) -> str | None:
+        return None if self.folder is None else os.path.join(self.folder, key + ".fpas")
+
+    def acquire(self, state_ids: list[str], texts: list[str], parents_taint: tuple[str, ...] = ()) -> CompiledSet:
+        """The set for these ordered states, in the pool and verified: reused, reloaded from disk or compiled."""
+        key = self.key(state_ids)
+        pool = self.runner.anchor_pool
+        if pool.get(key) is not None and key in self.compiled:
+            return self.compiled[key]
+        path = self._path(key)
+        if path and os.path.exists(path):
+            return self._load(key, path)
+        return self._compile(key, state_ids, texts)
+
+    def _compile(self, key: str, state_ids: list[str], texts: list[str]) -> CompiledSet:
+        r = self.runner
+        tok = r.lm.tokenizer
+        ids, _ = split_prompt(tok, anchor_text(texts), [{"role": "user", "content": "."}])
+        if len(ids) > r.config.max_anchor_len:
+            raise AnchorError(f"the anchors are {len(ids)} tokens; the engine takes at most {r.config.max_anchor_len} "
+                              "(max_anchor_len): promote fewer or shorter states")
+        k, v = prefill_kv(r, ids)
+        slot = r.anchor_pool.reserve(key, len(ids))
+        try:
+            self._write(slot.blocks, k, v)
+            digests = digest_blocks(r.cache, slot.blocks, len(ids))
+            manifest = self._manifest(state_ids, ids, digests)
+            sid = manifest_digest(manifest)
+            if self.int8:
+                ticket = self.committer.submit_stack(k, v, session=ANCHOR_SESSION, state_type=ANCHOR_STATE_TYPE,
+                                                     parents=tuple(state_ids), state_id=sid)
+                result = ticket.future.result()
+                ours = iter(digests)
+                for layer in range(k.shape[0]):
+                    for kind in ("K", "V"):
+                        for j, d in enumerate(result.blocks[(layer, kind)]):
+                            if d != next(ours):
+                                raise AnchorError(f"the committer's codes differ from the pool's at layer {layer} {kind} "
+                                                  f"block {j}: nothing is attended to")
+                entry, index = result.entry, result.index
+            else:
+                entry = StateEntry(sid, ANCHOR_STATE_TYPE, manifest["blocks_root"], None, tuple(state_ids), (),
+                                   ANCHOR_SESSION, _now()).encode()
+                index = self.log.add(entry).result()
+            cs = CompiledSet(key, manifest, entry, index, digests, ids)
+            self.log.checkpoint()  # an explicit checkpoint: the set must verify before it is first used
+            self.verify(cs, slot.blocks)
+            if self.folder:
+                self._save(cs)
+        except BaseException:
+            r.anchor_pool.evict(key)
+            raise
+        self.compiled[key] = cs
+        return cs
+
+    def _write(self, blocks: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        c, bs = self.runner.cache, self.runner.config.block_size
+        n = k.shape[1]
+        for layer in range(k.shape[0]):
+            for pool, x, kind in ((c.anchor_k, k, "K"), (c.anchor_v, v, "V")):
+                data = x[layer]
+                if self.int8:
+                    try:
+                        data = quantize_codes(data, self.profile.exponents(layer, kind)).to(c.anchor_k.device)
+                    except DQPError as e:
+                        raise AnchorError(f"layer {layer} {kind} of the anchors cannot be quantized: {e}") from None
+                padded = torch.zeros((len(blocks) * bs, *data.shape[1:]), dtype=pool.dtype, device=pool.device)
+                padded[:n] = data
+                pool[layer][torch.tensor(blocks, device=pool.device)] = padded.view(len(blocks), bs, *data.shape[1:])
+
+    def _manifest(self, state_ids: list[str], ids: list[int], digests: list[bytes]) -> dict:
+        a, lm = self.runner.args, self.runner.lm
+        return {
+            "format": MANIFEST_FORMAT, "model_id": lm.model_id, "tokenizer": lm.tokenizer_digest,
+            "state_ids": list(state_ids), "tokens": len(ids), "token_digest": token_digest(ids),
+            "encoding": "int8" if self.int8 else self.encoding, "profile": self.profile.digest if self.int8 else None,
+            "block_size": self.runner.config.block_size, "layers": a.num_layers, "kv_heads": a.num_kv_heads,
+            "head_dim": a.head_dim, "blocks": len(digests), "blocks_root": blocks_root(digests),
+        }
+
+    def verify(self, cs: CompiledSet, blocks: list[int]) -> None:
+        """Re-hash the pool bytes; check the manifest, the logged entry and its inclusion; AnchorError names the failure."""
+        length = cs.manifest["tokens"]
+        now = digest_blocks(self.runner.cache, blocks, length)
+        nb = -(-length // self.runner.config.block_size)
+        for i, (got, want) in enumerate(zip(now, cs.block_digests)):
+            if got != want:
+                layer, rest = divmod(i, 2 * nb)
+                kind, block = ("K", rest) if rest < nb else ("V", rest - nb)
+                raise AnchorError(f"anchor set {cs.key[:16]}: layer {layer} {kind} block {block} differs from what "
+                                  f"was committed (log leaf {cs.index}); the set is refused and nothing is attended to")
+        if len(now) != len(cs.block_digests) or blocks_root(cs.block_digests) != cs.manifest["blocks_root"]:
+            raise AnchorError(f"anchor set {cs.key[:16]}: its block digests do not match the manifest's root")
+        entry = StateEntry.decode(cs.entry)
+        if entry.state_id != manifest_digest(cs.manifest) or entry.state_type != ANCHOR_STATE_TYPE:
+            raise AnchorError(f"anchor set {cs.key[:16]}: log leaf {cs.index} does not commit to this manifest")
+        if self.log.entry(cs.index) != cs.entry:
+            raise AnchorError(f"anchor set {cs.key[:16]}: log leaf {cs.index} holds another entry")
+        cp = self.log.latest_checkpoint()
+        if cp is None or cp.size <= cs.index:
+            raise AnchorError(f"anchor set {cs.key[:16]}: log leaf {cs.index} is not covered by a signed checkpoint yet")
+        proof = self.log.inclusion_proof(cs.index, cp.size)
+        merkle.verify_inclusion(merkle.leaf_hash(cs.entry), cs.index, cp.size, proof, cp.root_hash)
+
+    # -- persistence ---------------------------------------------------------------------------
+    def _save(self, cs: CompiledSet) -> None:
+        c, slot = self.runner.cache, self.runner.anchor_pool.sets[cs.key]
+        head = {"key": cs.key, "manifest": cs.manifest, "entry": base64.b64encode(cs.entry).decode(), "index": cs.index,
+                "blocks": [d.hex() for d in cs.block_digests], "tokens": cs.tokens}
+        path = self._path(cs.key)
+        os.makedirs(self.folder, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(_FILE_MAGIC + canonical_json(head) + b"\n")
+            for layer in range(c.anchor_k.shape[0]):
+                for pool in (c.anchor_k[layer], c.anchor_v[layer]):
+                    f.write(_pool_blocks(pool, slot.blocks, slot.length).contiguous().cpu().view(torch.uint8).numpy().tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # a set file is whole or absent
+
+    def _load(self, key: str, path: str) -> CompiledSet:
+        c, r = self.runner.cache, self.runner
+        try:
+            with open(path, "rb") as f:
+                if f.read(len(_FILE_MAGIC)) != _FILE_MAGIC:
+                    raise ValueError("not an anchor set file")
+                head = json.loads(f.readline())
+                body = f.read()
+            cs = CompiledSet(head["key"], head["manifest"], base64.b64decode(head["entry"], validate=True),
+                             int(head["index"]), [bytes.fromhex(d) for d in head["blocks"]], list(head["tokens"]))
+            length = int(cs.manifest["tokens"])
+            parse_digest(cs.manifest["model_id"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise AnchorError(f"anchor set file {path} is unreadable or damaged ({e}); delete it to recompile") from None
+        if cs.key != key or cs.manifest.get("model_id") != r.lm.model_id:
+            raise AnchorError(f"anchor set file {path} holds another set or another model's set; delete it to recompile")
+        per = length * c.anchor_k.shape[3] * c.anchor_k.shape[4] * c.anchor_k.element_size()
+        if len(body) != per * 2 * c.anchor_k.shape[0]:
+            raise AnchorError(f"anchor set file {path} is truncated or padded ({len(body)} bytes of K/V, expected "
+                              f"{per * 2 * c.anchor_k.shape[0]}); delete it to recompile")
+        slot = r.anchor_pool.reserve(key, length)
+        try:
+            raw = torch.from_numpy(np.frombuffer(body, dtype=np.uint8).copy())
+            for layer in range(c.anchor_k.shape[0]):
+                for j, pool in enumerate((c.anchor_k, c.anchor_v)):
+                    off = (2 * layer + j) * per
+                    data = raw[off : off + per].view(pool.dtype).view(length, *pool.shape[3:])
+                    bs = r.config.block_size
+                    padded = torch.zeros((len(slot.blocks) * bs, *pool.shape[3:]), dtype=pool.dtype)
+                    padded[:length] = data
+                    pool[layer][torch.tensor(slot.blocks, device=pool.device)] = padded.view(len(slot.blocks), bs, *pool.shape[3:]).to(pool.device)
+            self.verify(cs, slot.blocks)
+        except BaseException:
+            r.anchor_pool.evict(key)
+            raise
+        self.compiled[key] = cs
+        return cs
+
+
+def _now() -> int:
+    import time
+
+    return time.time_ns()

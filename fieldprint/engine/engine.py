@@ -1,0 +1,328 @@
+"""The engine: retrieve -> verify -> promote -> cache -> generate, with a receipt for every output.
+
+    engine = Engine("smollm2", data_dir="./fieldprint-data")
+    out = engine.generate("Plan my Saturday.", SamplingParams(max_tokens=64), anchors="hiking plans")[0]
+    out.text, out.receipt            # verify_receipt(out.receipt, log_key) checks it offline
+
+Per request, in order: the Pacemaker retrieves candidate states once (a query) or the caller names
+them (state ids); the gate verifies each against the latest signed checkpoint and promotes it (or
+not, and says why); the promoted states become an anchor set, compiled or reused and re-hash
+checked before first use; the sequences then run on the continuous-batching scheduler. Hashing
+and logging never wait inside the forward pass: session K/V goes through the asynchronous
+committer and each generation entry is appended in the background.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from fieldprint.engine.anchors import (
+    AnchorCompiler,
+    CompiledSet,
+    anchor_text,
+    calibrate_profile,
+    split_prompt,
+)
+from fieldprint.engine.receipt import build_receipt, generation_entry
+from fieldprint.engine.runner import ModelRunner, RunnerConfig
+from fieldprint.engine.scheduler import Scheduler
+from fieldprint.engine.sequence import SamplingParams, Sequence
+from fieldprint.errors import EngineError, FieldprintError
+
+MAX_PROMPT_CHARS = 1 << 20
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Everything the engine reads besides the model path and the data folder."""
+
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    anchor_k: int = 4  # states a query retrieves before the gate decides
+    commit_session_kv: bool = True
+
+
+@dataclass(slots=True)
+class Output:
+    """One finished generation."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    receipt: dict
+    anchors: list[str]  # state ids that conditioned it, in order
+    decisions: list[dict]  # the gate's decision for every candidate state
+
+
+@dataclass(slots=True)
+class _Request:
+    seq: Sequence
+    prompt_text: str
+    anchor_set: CompiledSet | None
+    anchor_states: list
+    decisions: list[dict]
+    session: str | None
+    streamed: int = 0
+
+
+class Engine:
+    """Serves generations conditioned on verified, promoted memory, over one log and one memory."""
+
+    def __init__(self, model: str = "smollm2", *, data_dir: str, config: EngineConfig | None = None,
+                 memory=None, device: str | None = None) -> None:
+        from fieldprint.engine.commit import Committer
+        from fieldprint.engine.loader import load_model
+        from fieldprint.engine.memory import Memory, load_or_calibrate_profile
+
+        self.config = config or EngineConfig()
+        self.memory = memory or Memory.open(data_dir)
+        self.log = self.memory.log
+        self.lm = load_model(model, device=device)
+        self.runner = ModelRunner(self.lm, self.config.runner)
+        int8 = self.config.runner.anchor_dtype == "int8"
+        self.profile = load_or_calibrate_profile(data_dir, self.lm.model_id, lambda: calibrate_profile(self.runner, "model"))
+        self.committer = Committer(self.log, self.profile)
+        self.compiler = AnchorCompiler(self.runner, self.log, self.committer, self.profile if int8 else None,
+                                       os.path.join(data_dir, "anchor-sets"))
+        self.scheduler = Scheduler(self.runner.blocks, max_num_seqs=self.config.max_num_seqs,
+                                   max_num_batched_tokens=self.config.max_num_batched_tokens)
+        tok = self.lm.tokenizer
+        self.eos = {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|eot_id|>"))
+                    if isinstance(i, int) and i >= 0 and i != tok.unk_token_id}
+        self.sessions = self.memory.sessions
+        self._sessions_of: dict[int, str] = {}  # running sequence -> its session (for the K/V commit)
+        self._kv_tickets: dict[int, object] = {}
+
+    # -- the request path --------------------------------------------------------------------
+    def _messages(self, prompt) -> list[dict]:
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise EngineError("the prompt is empty")
+            if len(prompt) > MAX_PROMPT_CHARS:
+                raise EngineError(f"the prompt is {len(prompt)} characters; at most {MAX_PROMPT_CHARS}")
+            return [{"role": "user", "content": prompt}]
+        if not isinstance(prompt, list) or not prompt or not all(
+                isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)
+                for m in prompt):
+            raise EngineError("a prompt is a non-empty string or a list of {'role': system|user|assistant, 'content': str} messages")
+        return prompt
+
+    def _anchors(self, anchors, session: str | None, query_text: str) -> tuple[list, list[dict]]:
+        """Retrieve (query or ids) -> verify + promote (the gate): the promoted states, and every decision."""
+        if anchors is None:
+            return [], []
+        mem = self.memory
+        mem.ensure_checkpoint()
+        if isinstance(anchors, str):
+            hits = mem.pacemaker.search(anchors or query_text, self.config.anchor_k)
+            candidates, explicit = [h.state for h in hits], False
+        elif isinstance(anchors, (list, tuple)) and all(isinstance(a, str) for a in anchors):
+            candidates, explicit = mem.store.require(list(anchors)), True
+        else:
+            raise EngineError("anchors must be None, a query string, or a list of state ids")
+        promoted, decisions = [], []
+        for state in candidates:
+            if state.state_id in mem.withdrawn:
+                if explicit:
+                    raise EngineError(f"state {state.state_id} was withdrawn by a session rollback")
+                continue
+            d = mem.gate.explain(state.state_id)
+            decisions.append({"state_id": state.state_id, "anchor": d.anchor, "basis": d.basis,
+                              "record_index": d.record_index, "why": d.sentence, "type": state.state_type,
+                              "taint": sorted(state.label.taint), "text": state.text})
+            if d.anchor:
+                promoted.append(state)
+            elif explicit:
+                raise EngineError(f"state {state.state_id} is not an anchor: {d.sentence}")
+        return promoted, decisions
+
+    def _request(self, prompt, params: SamplingParams, session: str | None, anchors) -> _Request:
+        if not isinstance(params, SamplingParams):
+            raise EngineError(f"params must be SamplingParams, got {type(params).__name__}")
+        if session is not None and session not in self.sessions:
+            raise EngineError(f"session {session!r} does not exist; create it with engine.new_session({session!r})")
+        messages = self._messages(prompt)
+        if session is not None:
+            messages = self.sessions[session].history + messages
+        states, decisions = self._anchors(anchors, session, messages[-1]["content"])
+        cs = None
+        if states:
+            if messages[0]["role"] == "system":
+                raise EngineError("with anchors the system message is the anchors; put standing instructions in an "
+                                  "instruction state instead of a system message")
+            cs = self.compiler.acquire([s.state_id for s in states], [s.text for s in states])
+        prefix, own = split_prompt(self.lm.tokenizer, anchor_text([s.text for s in states]) if states else None, messages)
+        limit = self.config.runner.max_model_len
+        if len(own) + params.max_tokens > limit:
+            raise EngineError(f"the prompt is {len(own)} tokens and asks for {params.max_tokens} more; "
+                              f"the engine's max_model_len is {limit}")
+        if cs is not None and prefix != cs.tokens:
+            raise EngineError("the anchor set's tokens differ from this chat's anchor prefix (a template change?)")
+        seq = Sequence(own, params, anchor_key=cs.key if cs else None, anchor_len=len(prefix))
+        return _Request(seq, messages[-1]["content"], cs, states, decisions, session)
+
+    def _admit(self, reqs: list[_Request]) -> None:
+        for r in reqs:
+            self.scheduler.add(r.seq)
+            if r.session is not None:
+                self._sessions_of[r.seq.seq_id] = r.session
+            if r.seq.anchor_key:
+                self.runner.anchor_pool.pin(r.seq.anchor_key)
+
+    def step(self) -> list[Sequence]:
+        """Run one scheduler step; return the sequences that finished in it."""
+        seqs, counts = self.scheduler.schedule()
+        if not seqs:
+            return []
+        logits = self.runner.forward(seqs, counts)
+        ready = []
+        for i, (s, n) in enumerate(zip(seqs, counts)):
+            s.num_cached += n
+            if s.num_cached == len(s):
+                ready.append(i)
+        tokens = self.runner.sample([seqs[i] for i in ready], logits[ready]) if ready else []
+        done = []
+        for i, tok in zip(ready, tokens):
+            s = seqs[i]
+            s.output_ids.append(tok)
+            reason = self._finish_reason(s, tok)
+            if reason:
+                s.finish_reason = reason
+                self._commit_kv(s)
+                self.scheduler.finish(s)
+                if s.anchor_key:
+                    self.runner.anchor_pool.unpin(s.anchor_key)
+                done.append(s)
+        return done
+
+    def _finish_reason(self, s: Sequence, tok: int) -> str | None:
+        p = s.params
+        if tok in self.eos and not p.ignore_eos:
+            s.output_ids.pop()  # the end-of-turn token is not part of the answer
+            return "stop"
+        if p.stop:
+            s.text = self.lm.tokenizer.decode(s.output_ids, skip_special_tokens=True)
+            for stop in p.stop:
+                if stop in s.text:
+                    return "stop"
+        if len(s.output_ids) >= p.max_tokens or len(s) >= self.config.runner.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, r: _Request) -> Output:
+        s = r.seq
+        tok = self.lm.tokenizer
+        text = tok.decode(s.output_ids, skip_special_tokens=True)
+        for stop in s.params.stop:
+            if stop in text:
+                text = text[: text.index(stop)]
+        entry = generation_entry(self.lm.model_id, r.anchor_set, s.prompt_ids, s.output_ids, s.params, r.session)
+        future = self.log.add(entry)  # sequenced in the background; receipts are bound once it is
+        receipt = build_receipt(self.memory, self.lm, r.anchor_set, r.anchor_states, r.decisions,
+                                s.prompt_ids, s.output_ids, text, s.params, entry)
+        receipt["_future"] = future
+        if r.session is not None:
+            ticket = self._kv_tickets.pop(s.seq_id, None)
+            self.memory.record_turn(r.session, r.prompt_text, text, receipt, ticket.future if ticket else None)
+        return Output(text, list(s.output_ids), s.finish_reason, receipt, [st.state_id for st in r.anchor_states], r.decisions)
+
+    def _commit_kv(self, s: Sequence) -> None:
+        """Queue a session turn's K/V for an asynchronous commit: a device copy, then the committer's side stream."""
+        session = self._sessions_of.pop(s.seq_id, None)
+        if session is None or not self.config.commit_session_kv or s.num_cached == 0:
+            return
+        c = self.runner.cache
+        blocks = torch.tensor(s.block_table, device=self.runner.device)
+        k = c.k[:, blocks].flatten(1, 2)[:, : s.num_cached]
+        v = c.v[:, blocks].flatten(1, 2)[:, : s.num_cached]
+        self._kv_tickets[s.seq_id] = self.committer.submit_stack(k, v, session=session, state_type="session_kv")
+
+    def generate(self, prompts, params: SamplingParams | None = None, *, session: str | None = None,
+                 anchors=None) -> list[Output]:
+        """Generate for one prompt (a string or chat messages) or a list of them; one Output each."""
+        params = params or SamplingParams()
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
+        batch = [prompts] if single else prompts
+        if not isinstance(batch, list) or not batch:
+            raise EngineError("prompts must be a string, a list of chat messages, or a non-empty list of those")
+        reqs = [self._request(p, params, session, anchors) for p in batch]
+        self._admit(reqs)
+        by_seq = {r.seq.seq_id: r for r in reqs}
+        pending = set(by_seq)
+        outputs = {}
+        try:
+            while pending:
+                for s in self.step():
+                    if s.seq_id in pending:
+                        pending.discard(s.seq_id)
+                        outputs[s.seq_id] = self._finish(by_seq[s.seq_id])
+        except BaseException:
+            for r in reqs:  # nothing half-run stays in the scheduler or pinned
+                if not r.seq.is_finished:
+                    self.scheduler.finish(r.seq)
+                    if r.seq.anchor_key:
+                        self.runner.anchor_pool.unpin(r.seq.anchor_key)
+            raise
+        return [outputs[r.seq.seq_id] for r in reqs]
+
+    def stream(self, prompt, params: SamplingParams | None = None, *, session: str | None = None,
+               anchors=None) -> Iterator[str | Output]:
+        """Yield text pieces as tokens come, then the final Output (with its receipt)."""
+        params = params or SamplingParams()
+        req = self._request(prompt, params, session, anchors)
+        self._admit([req])
+        tok = self.lm.tokenizer
+        shown = ""
+        try:
+            while not req.seq.is_finished:
+                self.step()
+                text = tok.decode(req.seq.output_ids, skip_special_tokens=True)
+                if len(text) > len(shown) and not text.endswith("\ufffd"):
+                    yield text[len(shown):]
+                    shown = text
+        except BaseException:
+            if not req.seq.is_finished:
+                self.scheduler.finish(req.seq)
+                if req.seq.anchor_key:
+                    self.runner.anchor_pool.unpin(req.seq.anchor_key)
+            raise
+        yield self._finish(req)
+
+    # -- receipts, sessions ----------------------------------------------------------------------
+    def bind(self, receipt: dict, timeout: float = 30.0) -> dict:
+        """Wait until the generation entry is sequenced and add its inclusion proof to the receipt."""
+        from fieldprint.engine.receipt import bind_receipt
+
+        return bind_receipt(self.memory, receipt, timeout)
+
+    def new_session(self, name: str) -> str:
+        return self.memory.new_session(name)
+
+    def rollback(self, session: str, turns: int = 1) -> dict:
+        """Return `session` to before its last `turns` turns (to a committed turn); logged as a rollback entry."""
+        self.committer.flush()
+        return self.memory.rollback(session, turns)
+
+    def close(self) -> None:
+        errors = []
+        for closer in (self.committer.close, self.memory.close):
+            try:
+                closer()
+            except FieldprintError as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["Engine", "EngineConfig", "Output", "SamplingParams"]

@@ -1,0 +1,156 @@
+"""The paged KV cache: per-layer block pools, a block manager for sequences, and pinned anchor sets.
+
+Two pools of fixed-size blocks (the block size is also DQP's digest block):
+
+- sequence blocks [L, N, block_size, H_kv, D] in the model's dtype, handed out by `BlockManager`
+  (a free list; block 0 is kept back as the write target of a captured batch's padding slots);
+- anchor blocks [L, M, block_size, H_kv, D] in the cache dtype or int8 DQP codes, handed out by
+  `AnchorPool` to compiled anchor sets. A set is pinned while any running sequence reads it
+  (reference count) and leaves by least-recent use only once nobody does; a full pool raises
+  EngineError and never touches a pinned set.
+
+Sizing: on CUDA a fraction of the free device memory (as vLLM's gpu_memory_utilization); on the
+CPU a token budget.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from fieldprint.engine.attention import KVCache
+from fieldprint.engine.model import ModelArgs
+from fieldprint.errors import EngineError
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def allocate_cache(args: ModelArgs, *, block_size: int, num_blocks: int, num_anchor_blocks: int,
+                   dtype: torch.dtype, anchor_dtype: torch.dtype, device: torch.device, tp_size: int = 1) -> KVCache:
+    """Zeroed pools for every layer; int8 anchors get their (power-of-two) scale tensors too."""
+    if block_size < 1 or block_size & (block_size - 1):
+        raise EngineError(f"block_size must be a power of two, got {block_size}")
+    h, d, n_layers = args.num_kv_heads // tp_size, args.head_dim, args.num_layers
+    shape = (n_layers, num_blocks, block_size, h, d)
+    ashape = (n_layers, max(num_anchor_blocks, 1), block_size, h, d)
+    int8 = anchor_dtype == torch.int8
+    return KVCache(
+        torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
+        torch.zeros(ashape, dtype=anchor_dtype, device=device), torch.zeros(ashape, dtype=anchor_dtype, device=device),
+        torch.ones((n_layers, h, d), dtype=torch.float32, device=device) if int8 else None,
+        torch.ones((n_layers, h, d), dtype=torch.float32, device=device) if int8 else None,
+    )
+
+
+def blocks_for_memory(args: ModelArgs, block_size: int, dtype: torch.dtype, fraction: float,
+                      device: torch.device, tp_size: int = 1) -> int:
+    """How many sequence blocks fit in `fraction` of the device's free memory (CUDA only)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    per_block = 2 * args.num_layers * block_size * (args.num_kv_heads // tp_size) * args.head_dim * torch.finfo(dtype).bits // 8
+    return max(2, int(free * fraction) // per_block)
+
+
+class BlockManager:
+    """Hands out sequence blocks from a free list; a sequence owns its blocks until freed."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        if num_blocks < 2:
+            raise EngineError(f"the sequence pool needs at least 2 blocks, got {num_blocks}")
+        self.block_size = block_size
+        self.free: list[int] = list(range(num_blocks - 1, 0, -1))  # block 0 is the padding target
+        self.num_blocks = num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def blocks_needed(self, table: list[int], num_tokens: int) -> int:
+        """Blocks a table must gain to hold `num_tokens` tokens."""
+        return max(0, cdiv(num_tokens, self.block_size) - len(table))
+
+    def can_grow(self, table: list[int], num_tokens: int) -> bool:
+        return self.blocks_needed(table, num_tokens) <= len(self.free)
+
+    def grow(self, table: list[int], num_tokens: int) -> None:
+        """Append blocks to `table` (in place) until it holds `num_tokens` tokens; EngineError if out."""
+        need = self.blocks_needed(table, num_tokens)
+        if need > len(self.free):
+            raise EngineError(f"the KV cache is full: {need} more block(s) needed, {len(self.free)} free "
+                              f"of {self.num_blocks - 1}; shorten the request or give the cache more memory")
+        for _ in range(need):
+            table.append(self.free.pop())
+
+    def release(self, table: list[int]) -> None:
+        """Return a table's blocks to the free list and empty it."""
+        self.free.extend(reversed(table))
+        table.clear()
+
+
+@dataclass(slots=True)
+class AnchorSetSlot:
+    """A compiled anchor set's place in the anchor pool."""
+
+    key: str
+    blocks: list[int]
+    length: int  # tokens
+    refs: int = 0
+    meta: dict = field(default_factory=dict)  # what the compiler keeps with it (manifest, entry, proofs)
+
+
+class AnchorPool:
+    """Anchor blocks shared by sets: pinned while referenced, evicted least-recently-used otherwise."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self.sets: OrderedDict[str, AnchorSetSlot] = OrderedDict()  # least recently used first
+
+    def get(self, key: str) -> AnchorSetSlot | None:
+        slot = self.sets.get(key)
+        if slot is not None:
+            self.sets.move_to_end(key)
+        return slot
+
+    def reserve(self, key: str, length: int) -> AnchorSetSlot:
+        """Blocks for a new set of `length` tokens, evicting unpinned sets (oldest first) if needed."""
+        if key in self.sets:
+            raise EngineError(f"anchor set {key} is already in the pool")
+        need = cdiv(length, self.block_size)
+        if need > self.num_blocks:
+            raise EngineError(f"an anchor set of {length} tokens needs {need} blocks; the anchor pool has "
+                              f"{self.num_blocks}: fewer or shorter anchors, or a larger anchor pool")
+        for victim in [k for k, s in self.sets.items() if s.refs == 0]:
+            if len(self.free) >= need:
+                break
+            self.evict(victim)
+        if len(self.free) < need:
+            pinned = sum(len(s.blocks) for s in self.sets.values())
+            raise EngineError(f"the anchor pool is full: {need} blocks needed, {len(self.free)} free, {pinned} pinned "
+                              "by running sequences; retry when they finish or enlarge the anchor pool")
+        slot = AnchorSetSlot(key, [self.free.pop() for _ in range(need)], length)
+        self.sets[key] = slot
+        return slot
+
+    def evict(self, key: str) -> None:
+        slot = self.sets[key]
+        if slot.refs:
+            raise EngineError(f"anchor set {key} is read by {slot.refs} running sequence(s) and cannot be evicted")
+        del self.sets[key]
+        self.free.extend(reversed(slot.blocks))
+
+    def pin(self, key: str) -> AnchorSetSlot:
+        slot = self.sets[key]
+        slot.refs += 1
+        self.sets.move_to_end(key)
+        return slot
+
+    def unpin(self, key: str) -> None:
+        slot = self.sets[key]
+        if slot.refs <= 0:
+            raise EngineError(f"anchor set {key} is not pinned")
+        slot.refs -= 1

@@ -1,0 +1,164 @@
+"""The engine's view of one data folder: log, memory (store, vectors, gate, Pacemaker), sessions.
+
+Sessions: each turn's user input is a `user_input` state and the model's answer a `model_output`
+state (not promotable by default: an agent does not anchor itself on its own words without an
+override), and the turn's K/V goes through the asynchronous committer. `rollback(session, turns)`
+returns a session to an earlier committed turn: its history is cut back, the states of the dropped
+turns are withdrawn from retrieval (their rows are flagged, never deleted: the log is append-only,
+and no other session's rows are touched, unlike a table-wide version restore), and a `rollback`
+entry records it in the log.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+from fieldprint.canon import check_label
+from fieldprint.config import DEFAULT_ORIGIN, LEDGER_DB, LEDGER_KEY_STEM
+from fieldprint.dqp_profile import DQPProfile
+from fieldprint.errors import DQPError, EngineError, EntryError, FieldprintError
+from fieldprint.ledger.entry import encode_entry
+
+OPERATOR_STEM, OPERATOR_NAME = "operator", "fieldprint.local/operator"
+
+
+@dataclass(slots=True)
+class Turn:
+    user_state: str
+    output_state: str
+    receipt_entry: str  # the generation entry (base64) of the turn's receipt
+    kv_future: object = None  # the committer's future for the turn's K/V (None: not committed)
+
+
+@dataclass(slots=True)
+class Session:
+    name: str
+    history: list[dict] = field(default_factory=list)  # chat messages of the kept turns
+    turns: list[Turn] = field(default_factory=list)
+
+
+def load_or_calibrate_profile(data_dir: str, model_id: str, calibrate) -> DQPProfile:
+    """The model's DQP profile: calibrated once, stored as `profiles/<model id>.json`, reused after."""
+    folder = os.path.join(data_dir, "profiles")
+    path = os.path.join(folder, model_id.replace(":", "-") + ".json")
+    try:
+        with open(path, "rb") as f:
+            return DQPProfile.decode(f.read())
+    except FileNotFoundError:
+        pass
+    except DQPError as e:
+        raise EngineError(f"the stored DQP profile {path} is damaged ({e}); delete it to recalibrate "
+                          "(anchor sets compiled with it will then recompile)") from None
+    profile = calibrate()
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(profile.encode())
+    os.replace(tmp, path)
+    return profile
+
+
+class Memory:
+    """Log, state store, vectors, embedder, gate and Pacemaker of one data folder, opened together."""
+
+    def __init__(self, log, store, pacemaker, gate, operator_key: str | None = None) -> None:
+        self.log, self.store, self.pacemaker, self.gate = log, store, pacemaker, gate
+        self.operator_key = operator_key  # signs overrides in the demo; a deployment keeps it elsewhere
+        self.sessions: dict[str, Session] = {}
+        self.withdrawn: set[str] = set()  # states of rolled-back turns: never candidates again
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, data_dir: str, embedder=None) -> Memory:
+        """Open (or create) the embedded defaults under `data_dir`: SQLite log and store, LanceDB vectors."""
+        from fieldprint.ledger.keys import ensure_key_pair
+        from fieldprint.ledger.log import TransparencyLog
+        from fieldprint.memory.embed import MiniLMEmbedder
+        from fieldprint.memory.pacemaker import Pacemaker
+        from fieldprint.memory.policy import GateConfig, PromotionGate
+        from fieldprint.memory.store import SQLiteStateStore
+        from fieldprint.memory.vectors import LanceVectorStore
+
+        os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        log_signer, log_verifier = ensure_key_pair(data_dir, LEDGER_KEY_STEM, DEFAULT_ORIGIN)
+        op_signer, op_verifier = ensure_key_pair(data_dir, OPERATOR_STEM, OPERATOR_NAME)
+        log = TransparencyLog.open(os.path.join(data_dir, LEDGER_DB), log_signer, checkpoint_interval_s=None)
+        store = None
+        try:
+            store = SQLiteStateStore(os.path.join(data_dir, "states.sqlite"))
+            gate = PromotionGate(store, log, GateConfig(log_keys=[log_verifier], override_keys=[op_verifier]))
+            vectors = LanceVectorStore(os.path.join(data_dir, "vectors"))
+            pm = Pacemaker(store, log, vectors, embedder or MiniLMEmbedder(), gate)
+        except BaseException:
+            if store is not None:
+                store.close()
+            log.close()
+            raise
+        return cls(log, store, pm, gate, op_signer)
+
+    @property
+    def log_key(self) -> str:
+        return self.log.verifier_key
+
+    def ensure_checkpoint(self) -> None:
+        """Sign a checkpoint if the latest one does not cover the whole log (an explicit call, by a writer)."""
+        cp = self.log.latest_checkpoint()
+        if cp is None or cp.size < self.log.size:
+            self.log.checkpoint()
+
+    # -- sessions --------------------------------------------------------------------------------
+    def new_session(self, name: str) -> str:
+        try:
+            check_label(name, "session")
+        except EntryError as e:
+            raise EngineError(str(e)) from None
+        with self._lock:
+            if name in self.sessions:
+                raise EngineError(f"session {name!r} already exists")
+            self.sessions[name] = Session(name)
+        return name
+
+    def record_turn(self, session: str, user_text: str, output_text: str, receipt: dict, kv_future) -> Turn:
+        """The turn's user input and model output become states; the history grows by one exchange."""
+        s = self.sessions[session]
+        user = self.pacemaker.add("user_input", session=session, creator="user", sources=["user"], text=user_text)
+        out = self.pacemaker.add("model_output", session=session, creator="model", parents=[user.state_id],
+                                 text=output_text or "(empty answer)")
+        turn = Turn(user.state_id, out.state_id, receipt["generation"]["entry"], kv_future)
+        s.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": output_text}]
+        s.turns.append(turn)
+        return turn
+
+    def rollback(self, session: str, turns: int = 1) -> dict:
+        """Drop the session's last `turns` turns; the turn it returns to must have its K/V committed."""
+        s = self.sessions.get(session)
+        if s is None:
+            raise EngineError(f"session {session!r} does not exist")
+        if not isinstance(turns, int) or isinstance(turns, bool) or not 1 <= turns <= len(s.turns):
+            raise EngineError(f"turns must be an integer in [1, {len(s.turns)}] for session {session!r}")
+        keep = len(s.turns) - turns
+        to = s.turns[keep - 1] if keep else None
+        kv_index = None
+        if to is not None and to.kv_future is not None:
+            try:
+                kv_index = to.kv_future.result(60).index
+            except FieldprintError as e:
+                raise EngineError(f"turn {keep} of session {session!r} was never committed ({e}); cannot return to it") from None
+        dropped = [sid for t in s.turns[keep:] for sid in (t.user_state, t.output_state)]
+        entry = encode_entry("rollback", {"session": session, "to_turn": keep, "kv_commit": kv_index,
+                                          "withdrawn": dropped, "time_ns": time.time_ns()})
+        index = self.log.add(entry).result()
+        self.pacemaker.vectors.set_promotable(dropped, False)
+        self.withdrawn.update(dropped)
+        s.turns = s.turns[:keep]
+        s.history = s.history[: 2 * keep]
+        return {"session": session, "to_turn": keep, "log_index": index, "withdrawn": dropped, "kv_commit": kv_index}
+
+    def close(self) -> None:
+        try:
+            self.store.close()
+        finally:
+            self.log.close()

@@ -1,0 +1,202 @@
+"""The model runner: owns the model, the KV pools and the step's buffers; turns a batch into tokens.
+
+A prefill step packs every scheduled sequence's new tokens into one flat batch (chunked: a
+sequence may bring only part of its prompt); a decode step brings one token per sequence. On
+CUDA, decode steps replay CUDA graphs captured once per batch-size bucket over static buffers
+(the routing tensors every layer reads), so a step costs one graph launch and the one host sync
+that reads the sampled tokens back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fieldprint.engine.attention import AttentionContext, KVCache
+from fieldprint.engine.kv_cache import (
+    AnchorPool,
+    BlockManager,
+    allocate_cache,
+    blocks_for_memory,
+    cdiv,
+)
+from fieldprint.engine.loader import LoadedModel
+from fieldprint.engine.sequence import Sequence
+
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
+
+
+@dataclass(slots=True)
+class RunnerConfig:
+    """What the runner allocates: pool sizes, block size, anchor dtype, graph capture."""
+
+    block_size: int = 16  # tokens per cache block = DQP digest block
+    max_model_len: int = 4096  # longest sequence (its own tokens), anchors not counted
+    max_anchor_len: int = 4096  # longest anchor set
+    num_blocks: int | None = None  # sequence blocks; None: from memory (CUDA) or cpu_cache_tokens (CPU)
+    cpu_cache_tokens: int = 32768
+    gpu_memory_utilization: float = 0.5  # fraction of free device memory for the sequence pool
+    anchor_blocks: int = 1024
+    anchor_dtype: str = "int8"  # "int8" (DQP codes) or "model" (the model's dtype, e.g. bf16)
+    max_batch: int = 256
+    cuda_graphs: bool = True
+
+
+class ModelRunner:
+    """Runs steps of the model over the paged cache and samples the next tokens."""
+
+    def __init__(self, lm: LoadedModel, config: RunnerConfig) -> None:
+        self.lm, self.config = lm, config
+        self.model, self.args, self.device = lm.model, lm.args, lm.device
+        bs = config.block_size
+        if config.num_blocks is not None:
+            num_blocks = config.num_blocks
+        elif self.device.type == "cuda":
+            num_blocks = blocks_for_memory(self.args, bs, lm.dtype, config.gpu_memory_utilization, self.device)
+        else:
+            num_blocks = cdiv(config.cpu_cache_tokens, bs) + 1
+        anchor_dtype = torch.int8 if config.anchor_dtype == "int8" else lm.dtype
+        self.cache: KVCache = allocate_cache(self.args, block_size=bs, num_blocks=num_blocks,
+                                             num_anchor_blocks=config.anchor_blocks, dtype=lm.dtype,
+                                             anchor_dtype=anchor_dtype, device=self.device)
+        self.blocks = BlockManager(num_blocks, bs)
+        self.anchor_pool = AnchorPool(config.anchor_blocks, bs)
+        self.max_blocks = cdiv(config.max_model_len, bs)
+        self.max_anchor_blocks = cdiv(config.max_anchor_len, bs)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict]] = {}
+        self.use_graphs = config.cuda_graphs and self.device.type == "cuda"
+
+    # -- inputs ------------------------------------------------------------------------------
+    def _anchor_routing(self, seqs: list[Sequence], rows: int | None = None):
+        """(anchor block table [S, W], lens [S], each sequence's row or -1) for the batch's sets."""
+        keys = sorted({s.anchor_key for s in seqs if s.anchor_key is not None})
+        row = {k: i for i, k in enumerate(keys)}
+        table = torch.zeros((rows or len(keys), self.max_anchor_blocks), dtype=torch.int32)
+        lens = torch.zeros(rows or len(keys), dtype=torch.int32)
+        for k, i in row.items():
+            slot = self.anchor_pool.sets[k]
+            table[i, : len(slot.blocks)] = torch.tensor(slot.blocks, dtype=torch.int32)
+            lens[i] = slot.length
+        which = torch.tensor([row.get(s.anchor_key, -1) for s in seqs], dtype=torch.int32)
+        return table, lens, which
+
+    def _tables(self, seqs: list[Sequence], width: int | None = None) -> torch.Tensor:
+        w = width or max(len(s.block_table) for s in seqs)
+        t = torch.zeros((len(seqs), w), dtype=torch.int32)
+        for i, s in enumerate(seqs):
+            t[i, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
+        return t
+
+    def prepare(self, seqs: list[Sequence], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor, AttentionContext]:
+        """Flat inputs for `counts[i]` new tokens of each sequence (prefill, chunked prefill or decode)."""
+        bs = self.config.block_size
+        ids, pos, slots, cu = [], [], [], [0]
+        for s, n in zip(seqs, counts):
+            start = s.num_cached
+            toks = s.tokens[start : start + n]
+            ids += toks
+            pos += range(s.anchor_len + start, s.anchor_len + start + n)
+            slots += [s.block_table[i // bs] * bs + i % bs for i in range(start, start + n)]
+            cu.append(cu[-1] + n)
+        table, lens, which = self._anchor_routing(seqs)
+        dev = self.device
+        ctx = AttentionContext(
+            self.cache, is_prefill=any(n != 1 or s.num_cached == 0 for s, n in zip(seqs, counts)),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
+            block_tables=self._tables(seqs).to(dev, non_blocking=True),
+            context_lens=torch.tensor([s.num_cached + n for s, n in zip(seqs, counts)], dtype=torch.int32).to(dev),
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32).to(dev), max_seqlen_q=max(counts),
+            anchor_block_table=table.to(dev), anchor_lens=lens.to(dev), seq_anchor_set=which.to(dev),
+        )
+        return torch.tensor(ids, dtype=torch.int64).to(dev), torch.tensor(pos, dtype=torch.int64).to(dev), ctx
+
+    # -- running -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, seqs: list[Sequence], counts: list[int]) -> torch.Tensor:
+        """Run one step; return fp32 logits [B, vocab] at each sequence's last new token."""
+        decode = all(n == 1 and s.num_cached > 0 for s, n in zip(seqs, counts))
+        if decode and self.use_graphs and len(seqs) <= GRAPH_BATCH_SIZES[-1] and len(seqs) <= self.config.max_batch:
+            return self._replay(seqs)
+        ids, pos, ctx = self.prepare(seqs, counts)
+        hidden = self.model(ids, pos, ctx)
+        last = torch.tensor([c - 1 for c in ctx.cu_seqlens_q[1:].tolist()], device=self.device) if not decode else None
+        return self.model.logits(hidden if last is None else hidden[last])
+
+    def _static(self, b: int) -> dict:
+        dev, bs = self.device, self.config.block_size
+        z32 = lambda *shape: torch.zeros(shape, dtype=torch.int32, device=dev)  # noqa: E731
+        return {"ids": torch.zeros(b, dtype=torch.int64, device=dev), "pos": torch.zeros(b, dtype=torch.int64, device=dev),
+                "slots": torch.zeros(b, dtype=torch.int64, device=dev), "tables": z32(b, self.max_blocks),
+                "lens": z32(b), "cu": torch.arange(b + 1, dtype=torch.int32, device=dev),
+                "atable": z32(b, self.max_anchor_blocks), "alens": z32(b), "which": torch.full((b,), -1, dtype=torch.int32, device=dev),
+                "bs": bs}
+
+    def _context(self, st: dict) -> AttentionContext:
+        return AttentionContext(self.cache, False, st["slots"], st["tables"], st["lens"], st["cu"], 1,
+                                st["atable"], st["alens"], st["which"])
+
+    def _capture(self, b: int) -> tuple[torch.cuda.CUDAGraph, dict]:
+        st = self._static(b)
+        st["lens"].fill_(1)
+        ctx = self._context(st)
+        for _ in range(2):  # warm up: compile the kernels outside the capture
+            self.model.logits(self.model(st["ids"], st["pos"], ctx))
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            st["out"] = self.model.logits(self.model(st["ids"], st["pos"], self._context(st)))
+        return graph, st
+
+    _pool = None
+
+    def _replay(self, seqs: list[Sequence]) -> torch.Tensor:
+        n = len(seqs)
+        b = next(x for x in GRAPH_BATCH_SIZES if x >= n)
+        if b not in self.graphs:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            self.graphs[b] = self._capture(b)
+        graph, st = self.graphs[b]
+        bs = self.config.block_size
+        ids = torch.zeros(b, dtype=torch.int64)
+        pos = torch.zeros(b, dtype=torch.int64)
+        slots = torch.zeros(b, dtype=torch.int64)  # padding rows write into block 0, never handed out
+        lens = torch.ones(b, dtype=torch.int32)
+        for i, s in enumerate(seqs):
+            t = s.num_cached
+            ids[i], pos[i] = s.tokens[t], s.anchor_len + t
+            slots[i] = s.block_table[t // bs] * bs + t % bs
+            lens[i] = t + 1
+        tables = torch.zeros((b, self.max_blocks), dtype=torch.int32)
+        tables[:n] = self._tables(seqs, self.max_blocks)
+        atable, alens, which = self._anchor_routing(seqs, rows=b)
+        which = torch.cat([which, torch.full((b - n,), -1, dtype=torch.int32)])
+        for name, host in (("ids", ids), ("pos", pos), ("slots", slots), ("lens", lens), ("tables", tables),
+                           ("atable", atable), ("alens", alens), ("which", which)):
+            st[name].copy_(host, non_blocking=True)
+        graph.replay()
+        return st["out"][:n]
+
+    # -- sampling ----------------------------------------------------------------------------
+    def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """Next token of each sequence: greedy rows by argmax, the others by their own seeded generator."""
+        out = logits.argmax(-1)
+        for i, s in enumerate(seqs):
+            p = s.params
+            if p.greedy:
+                continue
+            row = logits[i] / p.temperature
+            if p.top_k:
+                kth = torch.topk(row, min(p.top_k, row.shape[-1])).values[-1]
+                row = row.masked_fill(row < kth, float("-inf"))
+            probs = torch.softmax(row, -1)
+            if p.top_p < 1:
+                sp, si = torch.sort(probs, descending=True)
+                cut = torch.cumsum(sp, -1) - sp > p.top_p  # keep the smallest prefix whose mass reaches top_p
+                probs = torch.zeros_like(probs).scatter_(0, si, sp.masked_fill(cut, 0))
+            if s.generator is None:
+                s.generator = torch.Generator(device=logits.device)
+                s.generator.manual_seed(p.seed if p.seed is not None else torch.seed())
+            out[i] = torch.multinomial(probs, 1, generator=s.generator)[0]
+        return out.tolist()

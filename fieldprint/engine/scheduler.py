@@ -1,0 +1,81 @@
+"""Continuous batching: which sequences run in the next step, and how many new tokens each brings.
+
+Policy (nano-vllm's, with chunked prefill): a step is either a prefill step or a decode step.
+Waiting sequences are admitted in arrival order while the step's token budget and the batch limit
+allow; a prompt longer than the budget is prefilled in chunks over several steps, and the last
+chunk's logits give its first token. When nothing waits (or nothing more fits), every running
+sequence decodes one token. When a decode finds no free block, the most recently admitted running
+sequence is preempted: its blocks are freed, and it goes back to the head of the queue to be
+recomputed (prompt and output so far) when room returns. Admission is FIFO and preempted work goes
+first, so no request starves.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from fieldprint.engine.kv_cache import BlockManager
+from fieldprint.engine.sequence import Sequence, Status
+from fieldprint.errors import EngineError
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.blocks = blocks
+        self.max_num_seqs, self.budget = max_num_seqs, max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()
+
+    def add(self, seq: Sequence) -> None:
+        usable = (self.blocks.num_blocks - 1) * self.blocks.block_size
+        if len(seq) + seq.params.max_tokens > usable:
+            raise EngineError(f"a request of {len(seq)} prompt tokens + {seq.params.max_tokens} new ones cannot fit "
+                              f"the KV cache ({usable} tokens) even alone; shorten it")
+        self.waiting.append(seq)
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running
+
+    def schedule(self) -> tuple[list[Sequence], list[int]]:
+        """The next step's sequences and new-token counts (prefill step if any prompt work fits)."""
+        seqs, counts, budget = [], [], self.budget
+        while self.waiting and budget > 0 and len(self.running) + len(seqs) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(len(seq) - seq.num_cached, budget)
+            if not self.blocks.can_grow(seq.block_table, seq.num_cached + n):
+                break
+            self.blocks.grow(seq.block_table, seq.num_cached + n)
+            seqs.append(seq)
+            counts.append(n)
+            budget -= n
+            if seq.num_cached + n < len(seq):
+                break  # a chunk: the rest of this prompt comes next step, before anyone behind it
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+        if seqs:
+            return seqs, counts
+        for seq in list(self.running):
+            while seq in self.running and not self.blocks.can_grow(seq.block_table, len(seq)):
+                self.preempt(self.running[-1])
+            if seq in self.running:
+                self.blocks.grow(seq.block_table, len(seq))
+        return list(self.running), [1] * len(self.running)
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks; it is recomputed from its tokens when it runs again."""
+        self.running.remove(seq)
+        self.blocks.release(seq.block_table)
+        seq.num_cached = 0
+        seq.status = Status.WAITING
+        seq.preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.release(seq.block_table)
+        seq.status = Status.FINISHED
