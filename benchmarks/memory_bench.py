@@ -160,12 +160,13 @@ def bench_commit_path(n_single: int, n_batched: int, batch: int, root: str) -> d
     from fieldprint.ledger.log import TransparencyLog
     from fieldprint.ledger.note import generate_key
     from fieldprint.memory.embed import HashingEmbedderForTests
+    from fieldprint.memory.pacemaker import Pacemaker, StateSpec
     from fieldprint.memory.policy import GateConfig, PromotionGate
-    from fieldprint.memory.store import Pacemaker, StateSpec, StateStore
+    from fieldprint.memory.store import SQLiteStateStore
 
     signer, verifier = generate_key("bench.fieldprint/log")
     log = TransparencyLog.open(os.path.join(root, "log.db"), signer, batch_wait_ms=0, checkpoint_interval_s=None)
-    store = StateStore(os.path.join(root, "states.db"))
+    store = SQLiteStateStore(os.path.join(root, "states.db"))
     vectors = LanceVectorStore(os.path.join(root, "commit-vectors"))
     gate = PromotionGate(store, log, GateConfig(log_keys=[verifier], override_keys=[]))
     # The test-only embedder keeps the embedder out of these numbers (MiniLM is measured on its own).
@@ -180,6 +181,7 @@ def bench_commit_path(n_single: int, n_batched: int, batch: int, root: str) -> d
                            taint=["web:bench"] if i % 2 else (), sources=["sensor:bench"]) for i in range(lo, lo + batch)]
         ids += [s.state_id for s in pm.add_many(specs)]
     batched_s = time.perf_counter() - t0
+    log.checkpoint()  # the gate only reads checkpoints; sign one covering every state
     cp = gate.checkpoint()
     t0 = time.perf_counter()
     anchors = sum(gate.explain(sid, checkpoint=cp).anchor for sid in ids)

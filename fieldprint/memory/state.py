@@ -51,10 +51,13 @@ class TypeRule:
 STATE_TYPES: dict[str, TypeRule] = {
     "observation": TypeRule(root=True, derived=False, promotable=True, may_become=("belief", "summary")),
     "tool_output": TypeRule(root=True, derived=False, promotable=False, may_become=("belief", "summary")),
-    "user_input": TypeRule(root=True, derived=False, promotable=True, may_become=("belief", "summary", "instruction")),
+    "user_input": TypeRule(root=True, derived=False, promotable=True,
+                            may_become=("belief", "summary", "instruction", "model_output")),
     "belief": TypeRule(root=True, derived=True, promotable=True, may_become=("belief", "summary")),
     "instruction": TypeRule(root=True, derived=True, promotable=True, may_become=("instruction", "belief", "summary")),
     "summary": TypeRule(root=False, derived=True, promotable=True, may_become=("summary", "belief")),
+    # What the model said: never an anchor by default, so an agent cannot anchor itself on its own words.
+    "model_output": TypeRule(root=True, derived=True, promotable=False, may_become=("belief", "summary")),
 }
 
 
@@ -73,7 +76,9 @@ class Label:
     taint: frozenset[str]
 
     def __post_init__(self) -> None:
-        assert self.taint <= self.sources, "every taint source is also a source"
+        if not self.taint <= self.sources:
+            raise StateError(f"label taint {sorted(self.taint - self.sources)} is not among its sources; "
+                             f"every taint source is also a source")
 
     @property
     def integrity(self) -> Integrity:
@@ -119,6 +124,8 @@ def content_digest(text: str | None, tensor: TensorRef | None) -> str:
         raise StateError(f"text must be a str, got {type(text).__name__}")
     if tensor is not None and not isinstance(tensor, TensorRef):
         raise StateError(f"tensor must be a TensorRef, got {type(tensor).__name__}")
+    if text == "":
+        raise StateError("text is empty; a state needs content (give non-empty text or a tensor reference)")
     if tensor is None:
         try:
             data = text.encode("utf-8")
@@ -173,7 +180,8 @@ class State:
 
     def committed(self, leaf_index: int) -> State:
         """This state with its ledger leaf index recorded."""
-        assert leaf_index >= 0
+        if not is_int(leaf_index) or leaf_index < 0:
+            raise StateError(f"a leaf index is a non-negative integer, got {leaf_index!r}")
         return replace(self, leaf_index=leaf_index)
 
 
@@ -203,6 +211,19 @@ def _label(value: str, what: str) -> str:
         raise StateError(str(e)) from None
 
 
+def check_collection(values: object, what: str) -> None:
+    """Refuse anything but a list, tuple or set: a bare string would be split into one-letter labels."""
+    if not isinstance(values, (list, tuple, set, frozenset)):
+        hint = f"; write [{values!r}]" if isinstance(values, str) else ""
+        raise StateError(f"{what} must be a list or tuple, got {type(values).__name__} {values!r:.80}{hint}")
+
+
+def label_set(values: object, what: str) -> frozenset[str]:
+    """Validate a collection of source labels (`what` names them, plural) into a frozenset."""
+    check_collection(values, what)
+    return frozenset(_label(v, what.removesuffix("s")) for v in values)
+
+
 def new_state(
     state_type: str,
     *,
@@ -211,22 +232,23 @@ def new_state(
     text: str | None = None,
     tensor: TensorRef | None = None,
     parents: Sequence[State] = (),
-    sources: Iterable[str] = (),
-    taint: Iterable[str] = (),
+    sources: Sequence[str] = (),
+    taint: Sequence[str] = (),
     time_ns: int | None = None,
 ) -> State:
     """Build a state, checking its type rules; its label joins the parents' with `sources` and `taint`.
 
     `sources` are where this state's own content came from (trusted ones); `taint` are untrusted
-    sources (they count as sources too). A root state needs at least one source of either kind.
+    sources (they count as sources too); each is a list or tuple of labels, never a bare string.
+    A root state needs at least one source of either kind.
     """
     rule = STATE_TYPES.get(state_type)
     if rule is None:
         raise StateError(f"unknown state type {state_type!r}; use one of {sorted(STATE_TYPES)}")
     _label(session, "session")
     _label(creator, "creator")
-    own_taint = frozenset(_label(s, "taint source") for s in taint)
-    own_sources = frozenset(_label(s, "source") for s in sources) | own_taint
+    own_taint = label_set(taint, "taint sources")
+    own_sources = label_set(sources, "sources") | own_taint
     digest = content_digest(text, tensor)  # also checks the content's types
     if text is not None and len(text.encode("utf-8")) > MAX_TEXT_BYTES:
         raise StateError(f"text is over {MAX_TEXT_BYTES} bytes; store large content as a tensor reference")

@@ -1,11 +1,12 @@
-"""Where states live: an embedded SQLite state store, and the Pacemaker that commits and retrieves.
+"""Where states live: the state store interface and its embedded SQLite implementation.
 
 The state store holds each state's content and labels, the leaf index the ledger gave it, and the
 override and revocation records appended for it. It is not trusted: the promotion gate re-derives
 every ledger entry from what is stored here and checks it against a signed checkpoint.
 
-`Pacemaker.add` is the one write path: validate -> embed -> store + ledger + vectors, all or
-nothing (a ledger append cannot be undone; a leaf with no stored state is inert, see docs/memory.md).
+Every failure of a store is a StateError naming the store and the problem (a file that is not a
+database, a missing folder, a read-only mount, a damaged row); callers never see a backend's own
+exception types. A backend (SQLite embedded, PostgreSQL at scale) implements `StateStore`.
 """
 
 from __future__ import annotations
@@ -14,18 +15,14 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from fieldprint.canon import is_int
 from fieldprint.errors import StateError
-from fieldprint.memory.embed import Embedder
-from fieldprint.memory.state import Label, State, TensorRef, content_digest, new_state
-from fieldprint.memory.vectors import VectorStore
-
-if TYPE_CHECKING:
-    from fieldprint.ledger.log import TransparencyLog
-    from fieldprint.memory.policy import Decision, PromotionGate
+from fieldprint.memory.state import Label, State, TensorRef
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS states (
@@ -40,7 +37,9 @@ CREATE TABLE IF NOT EXISTS records (
 );
 CREATE INDEX IF NOT EXISTS records_state ON records(state_id);
 """
+_TABLES = {"states", "records"}
 _STATE_COLUMNS = "state_id, type, text, tensor_digest, tensor_profile, parents, session, creator, time_ns, sources, taint, leaf_index"
+_RECORD_COLUMNS = "leaf_index, kind, state_id, target_index, note"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,28 +53,48 @@ class PolicyRecord:
     note: str
 
 
-class StateStore:
-    """SQLite table of states (content, labels, leaf index) and of override/revocation records."""
+class StateStore(ABC):
+    """Storage for states (content, labels, leaf index) and override/revocation records."""
 
-    def __init__(self, path: str | os.PathLike = ":memory:") -> None:
-        self.path = os.fspath(path)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._lock = threading.RLock()
-        self._db.executescript(_SCHEMA)
-
-    def _row_to_state(self, row: tuple) -> State:
-        sid, stype, text, tdig, tprof, parents, session, creator, time_ns, sources, taint, leaf = row
-        tensor = TensorRef(tdig, tprof) if tdig is not None else None
-        sources, taint = frozenset(json.loads(sources)), frozenset(json.loads(taint))
-        # A tampered row may break Label's invariant; keep the row readable so verification can say so.
-        label = Label(sources | taint, taint)
-        return State(sid, stype, text, tensor, tuple(json.loads(parents)), session, creator, time_ns, label, leaf)
-
+    @abstractmethod
     def get(self, state_id: str) -> State | None:
-        """The stored state with this id, or None."""
-        with self._lock:
-            row = self._db.execute(f"SELECT {_STATE_COLUMNS} FROM states WHERE state_id = ?", (state_id,)).fetchone()
-        return self._row_to_state(row) if row else None
+        """The stored state with this id, or None; StateError if its stored row is damaged."""
+
+    @abstractmethod
+    def taint_for_digest(self, digest: str) -> frozenset[str]:
+        """Taint already attached to any stored state with this content digest (stops copy-laundering)."""
+
+    @abstractmethod
+    def state_ids(self) -> list[str]:
+        """All stored state ids, in insertion order."""
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """How many states are stored."""
+
+    @abstractmethod
+    def records_for(self, state_id: str) -> list[PolicyRecord]:
+        """Override and revocation records concerning `state_id`, in ledger order."""
+
+    @abstractmethod
+    def record_at(self, leaf_index: int) -> PolicyRecord | None:
+        """The stored override or revocation record at this ledger leaf, or None."""
+
+    @abstractmethod
+    def record_count(self) -> int:
+        """How many override and revocation records are stored."""
+
+    @abstractmethod
+    def insert_committed(self, states: Sequence[State], sequence: Callable[[], list[int]]) -> list[State]:
+        """Insert `states`, call `sequence()` for their leaf indices, record them; all or nothing."""
+
+    @abstractmethod
+    def insert_record(self, record: PolicyRecord) -> None:
+        """Store an override or revocation record that the ledger has sequenced."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the store; further calls fail."""
 
     def require(self, state_ids: Sequence[str]) -> list[State]:
         """The stored states with these ids; StateError naming the first one that is missing."""
@@ -87,47 +106,144 @@ class StateStore:
             out.append(state)
         return out
 
+
+def _json_strings(text: object, column: str) -> list[str]:
+    # A damaged row must fail here, with its column named, not deep inside the gate.
+    try:
+        values = json.loads(text) if isinstance(text, str) else None
+    except json.JSONDecodeError:
+        values = None
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise StateError(f"column {column} is not a JSON list of strings ({text!r:.60})")
+    return values
+
+
+def row_to_state(row: tuple) -> State:
+    """Rebuild a State from a stored row; StateError naming the damaged column if the row is not one."""
+    sid, stype, text, tdig, tprof, parents, session, creator, time_ns, sources, taint, leaf = row
+    for value, column in ((sid, "state_id"), (stype, "type"), (session, "session"), (creator, "creator")):
+        if not isinstance(value, str):
+            raise StateError(f"column {column} is not text ({value!r:.60})")
+    if text is not None and not isinstance(text, str):
+        raise StateError(f"column text is not text ({type(text).__name__})")
+    if not is_int(time_ns):
+        raise StateError(f"column time_ns is not an integer ({time_ns!r:.60})")
+    if leaf is not None and not is_int(leaf):
+        raise StateError(f"column leaf_index is not an integer ({leaf!r:.60})")
+    if (tdig is None) != (tprof is None):
+        raise StateError("columns tensor_digest and tensor_profile must both be set or both be empty")
+    tensor = TensorRef(tdig, tprof) if tdig is not None else None
+    taint_set = frozenset(_json_strings(taint, "taint"))
+    # A tampered row may break Label's invariant; keep the row readable so verification can say so.
+    label = Label(frozenset(_json_strings(sources, "sources")) | taint_set, taint_set)
+    return State(sid, stype, text, tensor, tuple(_json_strings(parents, "parents")), session, creator, time_ns,
+                 label, leaf)
+
+
+def _open_failure(path: str, e: sqlite3.Error) -> StateError:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return StateError(f"cannot open the state store at {path}: the folder {folder} does not exist; create it first")
+    name = getattr(e, "sqlite_errorname", "")
+    if name == "SQLITE_NOTADB":
+        return StateError(f"{path} is not a state store (not a SQLite database: {e}); give the path of the state "
+                          f"store's file, or move this file away to start a new store")
+    if name in ("SQLITE_READONLY", "SQLITE_CANTOPEN") or not os.access(folder, os.W_OK):
+        return StateError(f"cannot open the state store at {path} ({e}): a new store needs a folder it can write "
+                          f"to, and an existing one must already hold its tables to be opened on a read-only mount")
+    return StateError(f"cannot open the state store at {path}: {e}")
+
+
+class SQLiteStateStore(StateStore):
+    """One SQLite file: a table of states and a table of override/revocation records."""
+
+    def __init__(self, path: str | os.PathLike = ":memory:") -> None:
+        self.path = os.fspath(path)
+        self._lock = threading.RLock()
+        self._db = None
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            have = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            # Only a store that lacks its tables is written at open, so one on a read-only mount opens for reading.
+            if not _TABLES <= have:
+                self._db.executescript(_SCHEMA)
+        except sqlite3.Error as e:
+            if self._db is not None:
+                self._db.close()
+            raise _open_failure(self.path, e) from None
+
+    @contextmanager
+    def _sql(self, what: str) -> Iterator[sqlite3.Connection]:
+        # Every SQLite failure leaves as a StateError that names the store and what was being done.
+        with self._lock:
+            try:
+                yield self._db
+            except sqlite3.Error as e:
+                raise StateError(self._failure(what, e)) from e
+
+    def _failure(self, what: str, e: sqlite3.Error) -> str:
+        if getattr(e, "sqlite_errorname", "") == "SQLITE_READONLY":
+            return f"the state store at {self.path} is read-only, so it cannot {what} ({e}); open it where it can be written"
+        return f"the state store at {self.path} could not {what}: {e}"
+
+    def get(self, state_id: str) -> State | None:
+        """The stored state with this id, or None; StateError if its stored row is damaged."""
+        with self._sql(f"read state {state_id}") as db:
+            row = db.execute(f"SELECT {_STATE_COLUMNS} FROM states WHERE state_id = ?", (state_id,)).fetchone()
+        if row is None:
+            return None
+        try:
+            return row_to_state(row)
+        except StateError as e:
+            raise StateError(f"the stored row of state {state_id} in {self.path} is damaged: {e}; it cannot be "
+                             f"verified or used (restore the store from a backup, or delete the row)") from None
+
     def taint_for_digest(self, digest: str) -> frozenset[str]:
         """Taint already attached to any stored state with this content digest (stops copy-laundering)."""
-        with self._lock:
-            rows = self._db.execute("SELECT taint FROM states WHERE digest = ?", (digest,)).fetchall()
-        return frozenset(s for (t,) in rows for s in json.loads(t))
+        with self._sql("read taint by content digest") as db:
+            rows = db.execute("SELECT state_id, taint FROM states WHERE digest = ?", (digest,)).fetchall()
+        out: set[str] = set()
+        for sid, taint in rows:
+            try:
+                out |= set(_json_strings(taint, "taint"))
+            except StateError as e:
+                raise StateError(f"the stored row of state {sid} in {self.path} is damaged: {e}") from None
+        return frozenset(out)
 
     def state_ids(self) -> list[str]:
         """All stored state ids, in insertion order."""
-        with self._lock:
-            return [r[0] for r in self._db.execute("SELECT state_id FROM states ORDER BY rowid")]
+        with self._sql("list states") as db:
+            return [r[0] for r in db.execute("SELECT state_id FROM states ORDER BY rowid")]
 
     def __len__(self) -> int:
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM states").fetchone()[0]
+        with self._sql("count states") as db:
+            return db.execute("SELECT COUNT(*) FROM states").fetchone()[0]
 
     def records_for(self, state_id: str) -> list[PolicyRecord]:
         """Override and revocation records concerning `state_id`, in ledger order."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT leaf_index, kind, state_id, target_index, note FROM records WHERE state_id = ? ORDER BY leaf_index",
-                (state_id,),
-            ).fetchall()
+        with self._sql(f"read the records of state {state_id}") as db:
+            rows = db.execute(f"SELECT {_RECORD_COLUMNS} FROM records WHERE state_id = ? ORDER BY leaf_index",
+                              (state_id,)).fetchall()
         return [PolicyRecord(*r) for r in rows]
 
     def record_at(self, leaf_index: int) -> PolicyRecord | None:
         """The stored override or revocation record at this ledger leaf, or None."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT leaf_index, kind, state_id, target_index, note FROM records WHERE leaf_index = ?", (leaf_index,),
-            ).fetchone()
+        with self._sql(f"read the record at leaf {leaf_index}") as db:
+            row = db.execute(f"SELECT {_RECORD_COLUMNS} FROM records WHERE leaf_index = ?", (leaf_index,)).fetchone()
         return PolicyRecord(*row) if row else None
 
     def record_count(self) -> int:
         """How many override and revocation records are stored."""
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM records").fetchone()[0]
+        with self._sql("count records") as db:
+            return db.execute("SELECT COUNT(*) FROM records").fetchone()[0]
 
     def insert_committed(self, states: Sequence[State], sequence: Callable[[], list[int]]) -> list[State]:
         """Insert `states`, call `sequence()` for their leaf indices, record them; one transaction."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:
+                raise StateError(self._failure("store states", e) + "; nothing was stored") from e
             try:
                 for state in states:
                     try:
@@ -143,7 +259,9 @@ class StateStore:
                         raise StateError(f"state {state.state_id} is already stored (same content, parents, session, "
                                          f"creator and time)") from None
                 indices = sequence()
-                assert len(indices) == len(states)
+                if len(indices) != len(states):
+                    raise StateError(f"the ledger returned {len(indices)} leaf indices for {len(states)} states; "
+                                     f"nothing was stored")
                 self._db.executemany("UPDATE states SET leaf_index = ? WHERE state_id = ?",
                                      [(i, st.state_id) for i, st in zip(indices, states)])
                 self._db.execute("COMMIT")
@@ -157,169 +275,21 @@ class StateStore:
                         raise StateError(f"the state store refused the write ({e}) and then the rollback "
                                          f"({rollback_error}); check the database file, then retry") from e
                 if isinstance(e, sqlite3.Error):
-                    raise StateError(f"the state store refused the write ({e}); nothing was stored") from e
+                    raise StateError(self._failure("store states", e) + "; nothing was stored") from e
                 raise
         return [st.committed(i) for st, i in zip(states, indices)]
 
     def insert_record(self, record: PolicyRecord) -> None:
         """Store an override or revocation record that the ledger has sequenced."""
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO records (leaf_index, kind, state_id, target_index, note) VALUES (?,?,?,?,?)",
-                (record.leaf_index, record.kind, record.state_id, record.target_index, record.note),
-            )
+        with self._sql(f"store the {record.kind} at leaf {record.leaf_index}") as db:
+            db.execute(f"INSERT INTO records ({_RECORD_COLUMNS}) VALUES (?,?,?,?,?)",
+                       (record.leaf_index, record.kind, record.state_id, record.target_index, record.note))
 
     def execute(self, sql: str, params: tuple = ()) -> list[tuple]:
         """Run raw SQL on the store (maintenance and tamper tests); the gate re-verifies everything anyway."""
-        with self._lock:
-            return self._db.execute(sql, params).fetchall()
+        with self._sql("run SQL") as db:
+            return db.execute(sql, params).fetchall()
 
     def close(self) -> None:
         """Close the database."""
         self._db.close()
-
-
-@dataclass(frozen=True, slots=True)
-class Retrieved:
-    """A search result: the stored state (labels unchanged by retrieval) and its similarity."""
-
-    state: State
-    score: float
-
-
-@dataclass(frozen=True, slots=True)
-class StateSpec:
-    """What a caller asks to remember; `Pacemaker.add_many` turns specs into committed states."""
-
-    state_type: str
-    session: str
-    creator: str
-    text: str | None = None
-    tensor: TensorRef | None = None
-    parents: Sequence[str] = ()
-    sources: Sequence[str] = ()
-    taint: Sequence[str] = ()
-    time_ns: int | None = None
-
-
-class Pacemaker:
-    """The semantic path: commit states (store + ledger + vectors) and retrieve them per session."""
-
-    def __init__(self, store: StateStore, log: TransparencyLog, vectors: VectorStore, embedder: Embedder, gate: PromotionGate,
-                 compact_every: int = 256) -> None:
-        if embedder.dim != vectors.dim:
-            raise StateError(f"embedder {embedder.name} makes {embedder.dim}-d vectors, the vector store holds {vectors.dim}-d")
-        self.store, self.log, self.vectors, self.embedder, self.gate = store, log, vectors, embedder, gate
-        # Every commit appends a small batch to the vector store; searches slow down as those pile up.
-        self.compact_every = compact_every
-        self._since_compact = 0
-        self._lock = threading.Lock()
-
-    def add(self, state_type: str, *, session: str, creator: str, text: str | None = None, tensor: TensorRef | None = None,
-            parents: Sequence[str] = (), sources: Sequence[str] = (), taint: Sequence[str] = (),
-            time_ns: int | None = None) -> State:
-        """Validate, label, commit and index one state; on any error nothing is stored or indexed."""
-        return self.add_many([StateSpec(state_type, session, creator, text, tensor, parents, sources, taint, time_ns)])[0]
-
-    def _build(self, specs: Sequence[StateSpec]) -> list[State]:
-        # Parents come from the store, never from the same batch: a parent must be committed and verified.
-        parent_states = {p.state_id: p for spec in specs for p in self.store.require(spec.parents)}
-        if parent_states:
-            # Labels are read from the store, so a parent must match its ledger entry before anything
-            # inherits from it: otherwise erasing a parent's taint in the store would launder its children.
-            checkpoint = self.gate.checkpoint()
-            for parent in parent_states.values():
-                check = self.gate.verify(parent, checkpoint)
-                if not check.ok:
-                    raise StateError(f"parent {parent.state_id} does not verify against the ledger ({check.detail}); "
-                                     f"refusing to derive from it")
-        digests = []
-        for spec in specs:
-            if spec.text is None and spec.tensor is None:
-                raise StateError("a state needs content: give text, a tensor reference, or both")
-            digests.append(content_digest(spec.text, spec.tensor))
-        # Content already seen tainted stays tainted, whoever stores it again (in this batch too, so a
-        # second pass gives every state the taint of any other state in the batch with the same content).
-        def build(spec: StateSpec, digest: str, extra: frozenset[str]) -> State:
-            return new_state(
-                spec.state_type, session=spec.session, creator=spec.creator, text=spec.text, tensor=spec.tensor,
-                parents=[parent_states[p] for p in spec.parents], sources=spec.sources,
-                taint=set(spec.taint) | self.store.taint_for_digest(digest) | extra, time_ns=spec.time_ns,
-            )
-
-        states = [build(spec, d, frozenset()) for spec, d in zip(specs, digests)]
-        batch_taint: dict[str, frozenset[str]] = {}
-        for state, digest in zip(states, digests):
-            batch_taint[digest] = batch_taint.get(digest, frozenset()) | state.label.taint
-        states = [st if batch_taint[d] <= st.label.taint else build(spec, d, batch_taint[d])
-                  for st, spec, d in zip(states, specs, digests)]
-        if len({s.state_id for s in states}) != len(states):
-            raise StateError("the batch holds the same state twice (same content, parents, session, creator and time)")
-        return states
-
-    def add_many(self, specs: Sequence[StateSpec]) -> list[State]:
-        """Commit a batch: one embedding call, one store transaction, one vector append; all or nothing."""
-        with self._lock:
-            states = self._build(list(specs))
-            if not states:
-                return []
-            # Embed before writing anything: an embedder failure must leave no trace.
-            vectors = self.embedder.embed([s.text if s.text is not None else s.digest for s in states])
-            eligible = [self.gate.eligible_by_default(s) for s in states]
-            version = self.vectors.version()
-            indexed = False
-
-            def sequence() -> list[int]:
-                nonlocal indexed
-                futures = [self.log.add(s.entry().encode()) for s in states]
-                indices = [f.result() for f in futures]
-                self.vectors.add([s.state_id for s in states], vectors, [s.session for s in states],
-                                 [s.state_type for s in states], eligible)
-                indexed = True
-                return indices
-
-            try:
-                committed = self.store.insert_committed(states, sequence)
-            except BaseException:
-                if indexed:
-                    self.vectors.rollback(version)
-                raise
-            self._since_compact += 1
-            if self.compact_every and self._since_compact >= self.compact_every:
-                self.vectors.compact()
-                self._since_compact = 0
-            return committed
-
-    def search(self, text: str, k: int, *, session: str | None = None, state_type: str | None = None,
-               anchors_only: bool = False) -> list[Retrieved]:
-        """Top-k states similar to `text`; with anchors_only, only states the gate promotes right now."""
-        query = self.embedder.embed([text])[0]
-        # The index's promotable flag narrows the search; the gate then decides each hit afresh.
-        hits = self.vectors.search(query, k, session=session, state_type=state_type, promotable_only=anchors_only)
-        out = []
-        checkpoint = self.gate.checkpoint() if anchors_only else None
-        for hit in hits:
-            state = self.store.get(hit.state_id)
-            if state is None:
-                continue
-            if anchors_only and not self.gate.explain(state.state_id, checkpoint=checkpoint).anchor:
-                continue
-            out.append(Retrieved(state, hit.score))
-        return out
-
-    def apply(self, note: str) -> Decision:
-        """Apply a signed override or revocation note; refresh the index flag; return the new decision."""
-        with self._lock:
-            record = self.gate.apply(note)
-            return self._refresh_flag(record.state_id)
-
-    def recover_record(self, leaf_index: int) -> Decision:
-        """Store the override/revocation logged at `leaf_index` after a failed apply; refresh the index flag."""
-        with self._lock:
-            record = self.gate.recover_record(leaf_index)
-            return self._refresh_flag(record.state_id)
-
-    def _refresh_flag(self, state_id: str) -> Decision:
-        decision = self.gate.explain(state_id)
-        self.vectors.set_promotable([state_id], decision.eligible)
-        return decision

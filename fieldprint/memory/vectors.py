@@ -237,7 +237,7 @@ class LanceVectorStore:
         n = len(self)
         if n < 256:
             raise StateError(f"an ANN index needs at least 256 rows to train, the store has {n}; search exactly instead")
-        parts = num_partitions or max(1, int(round(n ** 0.5)))
+        parts = num_partitions or max(1, round(n ** 0.5))
         from lancedb.index import IvfPq
 
         config = IvfPq(distance_type="cosine", num_partitions=parts, num_sub_vectors=num_sub_vectors or self.dim // 8)

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from fieldprint.ledger.log import TransparencyLog
 from fieldprint.ledger.note import generate_key
 from fieldprint.memory.embed import HashingEmbedderForTests
+from fieldprint.memory.pacemaker import Pacemaker
 from fieldprint.memory.policy import GateConfig, PromotionGate
-from fieldprint.memory.store import Pacemaker, StateStore
+from fieldprint.memory.store import SQLiteStateStore
 from fieldprint.memory.vectors import LanceVectorStore
 
 LOG_SIGNER, LOG_VERIFIER = generate_key("log.fieldprint.test")
@@ -32,7 +33,7 @@ class Clock:
 @dataclass
 class Memory:
     log: TransparencyLog
-    store: StateStore
+    store: SQLiteStateStore
     vectors: LanceVectorStore
     gate: PromotionGate
     pm: Pacemaker
@@ -42,6 +43,11 @@ class Memory:
         """Everything a failed operation must leave unchanged."""
         self.log.flush()
         return (self.log.size, len(self.store), self.store.record_count(), len(self.vectors), self.vectors.version())
+
+    def sign(self) -> None:
+        """Have the log sign a checkpoint of everything appended so far (the gate only reads checkpoints)."""
+        self.log.flush()
+        self.log.checkpoint()
 
     def close(self) -> None:
         self.log.close()
@@ -53,7 +59,7 @@ def make_memory(root: str, clock: Clock | None = None, override_keys: list[str] 
     clock = clock or Clock()
     log = TransparencyLog.open(os.path.join(root, "log.db"), LOG_SIGNER, batch_wait_ms=0, checkpoint_interval_s=None,
                                durability="normal")
-    store = StateStore(os.path.join(root, "states.db"))
+    store = SQLiteStateStore(os.path.join(root, "states.db"))
     vectors = LanceVectorStore(os.path.join(root, "vectors"))
     keys = [OPS_VERIFIER] if override_keys is None else override_keys
     gate = PromotionGate(store, log, GateConfig(log_keys=[LOG_VERIFIER], override_keys=keys), clock=clock)

@@ -1,6 +1,7 @@
 """The promotion gate end to end: real log, real stores, real signatures."""
 
 import json
+import os
 
 import pytest
 from memory_harness import LOG_VERIFIER, OPS_SIGNER, OPS_VERIFIER, ROGUE_SIGNER, T0
@@ -33,7 +34,23 @@ def add(m, state_type="user_input", text="meet at noon", **kw):
     kw.setdefault("creator", "agent")
     if not kw.get("parents"):
         kw.setdefault("sources", ("user:alice",))
-    return m.pm.add(state_type, text=text, time_ns=m.clock.now, **kw)
+    state = m.pm.add(state_type, text=text, time_ns=m.clock.now, **kw)
+    m.sign()
+    return state
+
+
+def apply(m, note):
+    """Apply a note through the Pacemaker, have the log sign a checkpoint covering it, and decide again."""
+    m.pm.apply(note)
+    m.sign()
+    return m.gate.explain(open_record(note, [OPS_VERIFIER]).state_id)
+
+
+def gate_apply(m, note):
+    """Apply a note through the gate and sign a checkpoint covering it; return the stored record."""
+    record = m.gate.apply(note)
+    m.sign()
+    return record
 
 
 def test_trusted_state_of_promotable_type_is_an_anchor(memory):
@@ -83,7 +100,7 @@ def test_anchor_search_returns_only_anchors(memory):
 def test_override_promotes_until_it_expires(memory):
     web = add(memory, "observation", text="the API moved to v2", sources=(), taint=("web:docs",))
     assert not memory.gate.is_anchor(web.state_id)
-    d = memory.pm.apply(override(memory, web.state_id, ttl=HOUR))
+    d = apply(memory, override(memory, web.state_id, ttl=HOUR))
     assert d.anchor and d.basis == "override" and "promoted by alice" in d.sentence
     assert [h.state.state_id for h in memory.pm.search("API moved", 3, anchors_only=True)] == [web.state_id]
     memory.clock.now += HOUR
@@ -94,18 +111,18 @@ def test_override_promotes_until_it_expires(memory):
 
 def test_demotion_latest_override_wins_and_revocations(memory):
     s = add(memory)
-    first = memory.gate.apply(override(memory, s.state_id, "demote"))
+    first = gate_apply(memory, override(memory, s.state_id, "demote"))
     assert not memory.gate.is_anchor(s.state_id)
     memory.clock.now += 1
-    second = memory.gate.apply(override(memory, s.state_id, "promote"))
+    second = gate_apply(memory, override(memory, s.state_id, "promote"))
     assert memory.gate.explain(s.state_id).record_index == second.leaf_index
-    memory.gate.apply(revoke(memory, s.state_id, override_index=second.leaf_index))
+    gate_apply(memory, revoke(memory, s.state_id, override_index=second.leaf_index))
     d = memory.gate.explain(s.state_id)
     assert not d.anchor and d.record_index == first.leaf_index
-    memory.gate.apply(revoke(memory, s.state_id, override_index=first.leaf_index))
+    gate_apply(memory, revoke(memory, s.state_id, override_index=first.leaf_index))
     assert memory.gate.explain(s.state_id).basis == "default" and memory.gate.is_anchor(s.state_id)
-    memory.gate.apply(revoke(memory, s.state_id))
-    memory.gate.apply(override(memory, s.state_id, "promote"))  # a revoked state stays revoked
+    gate_apply(memory, revoke(memory, s.state_id))
+    gate_apply(memory, override(memory, s.state_id, "promote"))  # a revoked state stays revoked
     d = memory.gate.explain(s.state_id)
     assert not d.anchor and d.basis == "revocation" and "found poisoned" in d.sentence
 
@@ -117,7 +134,7 @@ def test_demotion_latest_override_wins_and_revocations(memory):
     (lambda m, sid: override(m, sid).replace("reviewed by hand", "reviewed by hanD"), "invalid signature"),
     (lambda m, sid: override(m, "blake3:" + "ab" * 32), "not in the store"),
     (lambda m, sid: revoke(m, sid, override_index=0), "not an override"),
-    (lambda m, sid: "fieldprint/override/v1\n{}\n", "no blank line"),
+    (lambda m, sid: "fieldprint/override/v2\n{}\n", "no blank line"),
     (lambda m, sid: b"bytes", "signed note"),
 ])
 def test_bad_overrides_are_refused_and_nothing_is_stored(memory, make, match):
@@ -130,16 +147,20 @@ def test_bad_overrides_are_refused_and_nothing_is_stored(memory, make, match):
 
 def test_malformed_record_bodies_are_refused():
     from fieldprint.ledger.note import sign_note
+    from fieldprint.memory.policy import OVERRIDE_HEADER
 
     sid = "blake3:" + "cd" * 32
     good = Override(sid, "promote", "alice", "r", 1, 2)
     assert open_record(sign_record(good, OPS_SIGNER), [OPS_VERIFIER]) == good
+    body = good.text().split("\n")[1]
     bad_bodies = [
-        ("fieldprint/override/v1\n" + good.text().split("\n")[1].replace('"promote"', '"anoint"') + "\n", "action"),
-        ("fieldprint/override/v1\n{\"state_id\":1}\n", "exactly the fields"),
-        ("fieldprint/override/v1\n" + good.text().split("\n")[1].replace(",", ", ", 1) + "\n", "canonical"),
-        ("fieldprint/override/v1\n" + good.text().split("\n")[1].replace(':2', ':0') + "\n", "expires_ns"),
-        ("fieldprint/override/v1\nnot json\n", "not JSON"),
+        (f"{OVERRIDE_HEADER}\n" + body.replace('"promote"', '"anoint"') + "\n", "action"),
+        (f"{OVERRIDE_HEADER}\n{{\"state_id\":1}}\n", "exactly the fields"),
+        (f"{OVERRIDE_HEADER}\n" + body.replace(",", ", ", 1) + "\n", "canonical"),
+        (f"{OVERRIDE_HEADER}\n" + body.replace(':2', ':0') + "\n", "expires_ns"),
+        (f"{OVERRIDE_HEADER}\n" + body.replace(good.record_id, "NOT-HEX") + "\n", "record_id"),
+        (f"{OVERRIDE_HEADER}\nnot json\n", "not JSON"),
+        ("fieldprint/override/v1\n" + body + "\n", "not a"),  # the version before record ids
         ("log.fieldprint.test\n3\nAAAA\n", "not a"),
     ]
     for text, match in bad_bodies:
@@ -164,7 +185,7 @@ def test_records_slipped_into_the_store_do_not_count(memory):
 
 def test_override_stops_counting_when_its_key_is_removed(memory):
     s = add(memory, "observation", text="x", sources=(), taint=("web",))
-    memory.gate.apply(override(memory, s.state_id))
+    gate_apply(memory, override(memory, s.state_id))
     assert memory.gate.is_anchor(s.state_id)
     memory.gate.config = GateConfig(log_keys=[LOG_VERIFIER], override_keys=[])
     assert not memory.gate.is_anchor(s.state_id)
@@ -210,7 +231,8 @@ def test_checkpoint_from_an_unconfigured_log_key_verifies_nothing(memory):
     s = add(memory)
     memory.gate.config = GateConfig(log_keys=[OPS_VERIFIER], override_keys=[OPS_VERIFIER])
     d = memory.gate.explain(s.state_id)
-    assert not d.verified and "not signed by a configured log key" in d.sentence
+    assert not d.verified and "no signature by any of the given verifier keys" in d.sentence, d.sentence
+    assert "signed by a configured log key" in d.sentence
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -281,13 +303,14 @@ def test_a_store_failure_after_the_ledger_append_rolls_back_the_vector_index(mem
 
 
 def test_add_many_commits_a_batch_and_launders_nothing_inside_it(memory):
-    from fieldprint.memory.store import StateSpec
+    from fieldprint.memory.pacemaker import StateSpec
 
     t = memory.clock.now
     specs = [StateSpec("observation", "s-1", "agent", text="pay invoice 77", taint=("web:phish",), time_ns=t),
              StateSpec("user_input", "s-1", "agent", text="pay invoice 77", sources=("user:alice",), time_ns=t),
              StateSpec("user_input", "s-1", "agent", text="lunch at one", sources=("user:alice",), time_ns=t)]
     states = memory.pm.add_many(specs)
+    memory.sign()
     assert [s.leaf_index for s in states] == [0, 1, 2]
     assert [s.label.tainted for s in states] == [True, True, False]
     assert [memory.gate.is_anchor(s.state_id) for s in states] == [False, False, True]
@@ -315,3 +338,56 @@ def test_the_pacemaker_compacts_the_vector_store_as_it_goes(tmp_path):
     assert m.pm._since_compact == 2 and len(m.vectors) == 12
     assert len(m.pm.search("note 7", 3)) == 3
     m.close()
+
+
+# Each step's note, applied in this order to one tainted state; the decision after each step is what
+# the rules say (docs/memory.md): promote, a later demote wins, a later promote wins, withdrawing that
+# promote hands back to the demote, revoking the state ends it.
+HISTORY = ("promote", "demote", "promote", "withdraw step 2", "revoke the state")
+EXPECTED = [(True, "override", 0), (False, "override", 1), (True, "override", 2), (False, "override", 1),
+            (False, "revocation", 4)]
+
+
+def _run_history(root, replay=None):
+    """Apply HISTORY; after step replay[0], replay the note of step replay[1] by replay[2]; decisions per step."""
+    from memory_harness import make_memory
+
+    from fieldprint.memory.policy import record_entry
+
+    os.makedirs(root)
+    m = make_memory(root)
+    try:
+        s = add(m, "observation", text="x", sources=(), taint=("web",))
+        notes, leaves, decisions = [], [], []
+        for step, what in enumerate(HISTORY):
+            m.clock.now += 1
+            if what in ("promote", "demote"):
+                note = override(m, s.state_id, what)
+            else:
+                note = revoke(m, s.state_id, override_index=leaves[2] if what == "withdraw step 2" else None)
+            m.pm.apply(note)
+            notes.append(note)
+            leaves.append(m.store.records_for(s.state_id)[-1].leaf_index)
+            if replay is not None and replay[0] == step:
+                copy = notes[replay[1]]
+                if replay[2] == "apply":
+                    with pytest.raises(PolicyError, match="already logged"):
+                        m.pm.apply(copy)
+                else:  # log a copy and store it from the ledger: needs no key at all
+                    m.pm.recover_record(m.log.add(record_entry(copy, open_record(copy, [OPS_VERIFIER]))).result())
+            m.sign()
+            d = m.gate.explain(s.state_id)
+            deciding = leaves.index(d.record_index) if d.record_index in leaves else f"a copy at leaf {d.record_index}"
+            decisions.append((d.anchor, d.basis, deciding))
+        return decisions
+    finally:
+        m.close()
+
+
+def test_replaying_a_logged_note_in_any_order_changes_no_decision(tmp_path):
+    assert _run_history(str(tmp_path / "plain")) == EXPECTED
+    for step in range(len(HISTORY)):
+        for earlier in range(step + 1):
+            for how in ("apply", "copy in the log"):
+                got = _run_history(str(tmp_path / f"{step}-{earlier}-{how}"), (step, earlier, how))
+                assert got == EXPECTED, (f"replaying step {earlier} after step {step} by {how}", got)

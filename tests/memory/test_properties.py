@@ -1,10 +1,12 @@
 """Property tests: random sequences of memory operations against an independent model of the rules.
 
 The machine adds root and derived states (some through retrieval), applies valid and bad overrides
-and revocations, moves the clock and tampers with the store. After every step each state's anchor
-status must equal what the model says, and the safety property must hold: an anchor is always
-verified and either untainted with a promotable type or backed by a valid, unexpired override by a
-configured key. Refused operations must leave the log, the stores and the vector index unchanged.
+and revocations, replays notes already logged (through apply, and by logging a copy behind the
+gate's back, which needs no key), has the log sign checkpoints, moves the clock and tampers with the
+store. After every step each state's anchor status must equal what the model says, and the safety
+property must hold: an anchor is always verified and either untainted with a promotable type or
+backed by a valid, unexpired override by a configured key. Refused operations must leave the log,
+the stores and the vector index unchanged, and deciding must never write to the log.
 """
 
 from __future__ import annotations
@@ -27,7 +29,13 @@ from hypothesis.stateful import (
 from memory_harness import OPS_SIGNER, OPS_VERIFIER, ROGUE_SIGNER, make_memory
 
 from fieldprint.errors import PolicyError, StateError
-from fieldprint.memory.policy import Override, Revocation, open_record, sign_record
+from fieldprint.memory.policy import (
+    Override,
+    Revocation,
+    open_record,
+    record_entry,
+    sign_record,
+)
 from fieldprint.memory.state import STATE_TYPES
 
 HOUR = 3600 * 10**9
@@ -41,6 +49,7 @@ class ModelState:
     state_type: str
     text: str
     tainted: bool
+    leaf: int
     tampered: bool = False  # its stored row no longer matches the ledger
     erased: bool = False  # its taint was erased from the store (so the store no longer reports it)
 
@@ -57,8 +66,10 @@ class ModelOverride:
 class Model:
     states: dict[str, ModelState] = field(default_factory=dict)
     overrides: dict[int, ModelOverride] = field(default_factory=dict)
-    revoked_overrides: set[int] = field(default_factory=set)
-    revoked_states: set[str] = field(default_factory=set)
+    revoked_overrides: dict[int, int] = field(default_factory=dict)  # override leaf -> revocation leaf
+    revoked_states: dict[str, list[int]] = field(default_factory=dict)  # state -> revocation leaves
+    covered: int = 0  # size of the latest signed checkpoint: only leaves below it verify
+    notes: list[str] = field(default_factory=list)  # every note applied, for replays
 
     def store_taints(self, text: str) -> bool:
         """Would the store's copy-laundering rule carry taint to new content `text`?"""
@@ -67,16 +78,22 @@ class Model:
     def expected_anchor(self, sid: str, now: int) -> tuple[bool, bool]:
         """(anchor, backed_by_override) by the rules in docs/memory.md, computed from the model alone."""
         s = self.states[sid]
-        if s.tampered:
+        if not self.verified(sid):
             return False, False
-        if sid in self.revoked_states:
+        if any(r < self.covered for r in self.revoked_states.get(sid, ())):
             return False, False
         active = [(i, o) for i, o in self.overrides.items()
-                  if o.state_id == sid and i not in self.revoked_overrides and o.issued <= now < o.expires]
+                  if o.state_id == sid and i < self.covered and o.issued <= now < o.expires
+                  and not self.revoked_overrides.get(i, self.covered) < self.covered]
         if active:
-            _, latest = max(active, key=lambda p: p[0])
+            # The latest issued wins; among the same issue time, the later leaf.
+            _, latest = max(active, key=lambda p: (p[1].issued, p[0]))
             return latest.action == "promote", latest.action == "promote"
         return STATE_TYPES[s.state_type].promotable and not s.tainted, False
+
+    def verified(self, sid: str) -> bool:
+        """Untampered and covered by the latest signed checkpoint."""
+        return not self.states[sid].tampered and self.states[sid].leaf < self.covered
 
 
 class GateMachine(RuleBasedStateMachine):
@@ -101,16 +118,19 @@ class GateMachine(RuleBasedStateMachine):
     @initialize(target=states)
     def seed(self):
         s = self.m.pm.add("user_input", session="s", creator="user", text="hello", sources=["user:alice"], time_ns=self._tick())
-        self.model.states[s.state_id] = ModelState("user_input", "hello", False)
+        self.model.states[s.state_id] = ModelState("user_input", "hello", False, s.leaf_index)
         return s.state_id
 
-    @rule(target=states, state_type=st.sampled_from(ROOT_TYPES), tainted=st.booleans(), text=st.sampled_from(TEXTS))
-    def add_root(self, state_type, tainted, text):
+    @rule(target=states, state_type=st.sampled_from(ROOT_TYPES), tainted=st.booleans(), text=st.sampled_from(TEXTS),
+          then_sign=st.booleans())
+    def add_root(self, state_type, tainted, text, then_sign):
         kw = {"taint": ["web:evil"]} if tainted else {"sources": ["user:alice"]}
         s = self.m.pm.add(state_type, session="s", creator="agent", text=text, time_ns=self._tick(), **kw)
         expect = tainted or self.model.store_taints(text)
         assert s.label.tainted == expect
-        self.model.states[s.state_id] = ModelState(state_type, text, expect)
+        self.model.states[s.state_id] = ModelState(state_type, text, expect, s.leaf_index)
+        if then_sign:
+            self.sign_checkpoint()
         return s.state_id
 
     @rule(target=states, parents=st.lists(states, min_size=1, max_size=3, unique=True),
@@ -135,12 +155,12 @@ class GateMachine(RuleBasedStateMachine):
         s = self.m.pm.add(state_type, session="s", creator="agent", text=text, parents=parents, time_ns=self._tick())
         expect = any(self.model.states[p].tainted for p in parents) or self.model.store_taints(text)
         assert s.label.tainted == expect
-        self.model.states[s.state_id] = ModelState(state_type, text, expect)
+        self.model.states[s.state_id] = ModelState(state_type, text, expect, s.leaf_index)
         return s.state_id
 
     @rule(sid=states, action=st.sampled_from(["promote", "demote"]), ttl=st.sampled_from([1, HOUR, 2 * HOUR, 400 * 24 * HOUR]),
-          flaw=st.sampled_from([None, None, "rogue", "expired", "tampered", "future"]))
-    def override(self, sid, action, ttl, flaw):
+          flaw=st.sampled_from([None, None, "rogue", "expired", "tampered", "future"]), then_sign=st.booleans())
+    def override(self, sid, action, ttl, flaw, then_sign):
         now = self.m.clock.now
         issued = {"expired": now - 2 * ttl, "future": now + HOUR}.get(flaw, now)
         note = sign_record(Override(sid, action, "ops", "checked", issued, issued + ttl), ROGUE_SIGNER if flaw == "rogue" else OPS_SIGNER)
@@ -153,14 +173,17 @@ class GateMachine(RuleBasedStateMachine):
                 self.m.pm.apply(note)
             assert self.m.snapshot() == before
             return
-        record = self.m.pm.apply(note)
-        assert record.state_id == sid
+        decision = self.m.pm.apply(note)
+        assert decision.state_id == sid
         index = self.m.store.records_for(sid)[-1].leaf_index
         self.model.overrides[index] = ModelOverride(sid, action, issued, issued + ttl)
+        self.model.notes.append(note)
         event(f"override applied ({action})")
+        if then_sign:
+            self.sign_checkpoint()
 
-    @rule(sid=states, which=st.integers(0, 3), rogue=st.booleans())
-    def revoke(self, sid, which, rogue):
+    @rule(sid=states, which=st.integers(0, 3), rogue=st.booleans(), then_sign=st.booleans())
+    def revoke(self, sid, which, rogue, then_sign):
         mine = sorted(i for i, o in self.model.overrides.items() if o.state_id == sid)
         target = mine[which] if which < len(mine) else None
         note = sign_record(Revocation(sid, "ops", "withdrawn", self.m.clock.now, target), ROGUE_SIGNER if rogue else OPS_SIGNER)
@@ -171,10 +194,38 @@ class GateMachine(RuleBasedStateMachine):
             assert self.m.snapshot() == before
             return
         self.m.pm.apply(note)
+        index = self.m.store.records_for(sid)[-1].leaf_index
         if target is None:
-            self.model.revoked_states.add(sid)
+            self.model.revoked_states.setdefault(sid, []).append(index)
         else:
-            self.model.revoked_overrides.add(target)
+            self.model.revoked_overrides.setdefault(target, index)
+        self.model.notes.append(note)
+        if then_sign:
+            self.sign_checkpoint()
+
+    @rule(pick=st.integers(0, 10**6), behind_the_gate=st.booleans(), then_sign=st.booleans())
+    def replay(self, pick, behind_the_gate, then_sign):
+        """Re-apply a note already logged; or log a copy and store it from the ledger (no key needed)."""
+        if not self.model.notes:
+            return
+        note = self.model.notes[pick % len(self.model.notes)]
+        if not behind_the_gate:
+            before = self.m.snapshot()
+            with pytest.raises(PolicyError, match="already logged"):
+                self.m.pm.apply(note)
+            assert self.m.snapshot() == before
+            event("replay refused by apply")
+            return
+        index = self.m.log.add(record_entry(note, open_record(note, [OPS_VERIFIER]))).result()
+        self.m.pm.recover_record(index)  # the copy is now stored like any logged record; it must change nothing
+        event("replayed copy stored")
+        if then_sign:
+            self.sign_checkpoint()
+
+    @rule()
+    def sign_checkpoint(self):
+        self.m.sign()
+        self.model.covered = self.m.log.size
 
     @rule(dt=st.sampled_from([1, HOUR // 2, HOUR, 3 * HOUR]))
     def advance_clock(self, dt):
@@ -198,20 +249,23 @@ class GateMachine(RuleBasedStateMachine):
         if not self.model.states:
             return
         now = self.m.clock.now
-        cp = self.m.gate.checkpoint()
+        self.m.log.flush()
+        log_before = (self.m.log.size, len(self.m.log.checkpoints()))
         for sid, s in self.model.states.items():
-            d = self.m.gate.explain(sid, checkpoint=cp)
+            d = self.m.gate.explain(sid)
             expected, by_override = self.model.expected_anchor(sid, now)
             if s.tainted and not d.anchor:
                 event("tainted state kept out")
-            assert d.anchor == expected, (d.sentence, s)
-            assert d.verified == (not s.tampered), d.sentence
+            assert d.anchor == expected, (d.sentence, s, d.rejected)
+            assert d.verified == self.model.verified(sid), d.sentence
             if d.anchor:  # the safety property, stated directly
                 assert d.verified
                 assert by_override or (STATE_TYPES[s.state_type].promotable and not s.tainted)
                 if by_override:
                     assert d.basis == "override"
                     event("anchor by override seen")
+        self.m.log.flush()
+        assert (self.m.log.size, len(self.m.log.checkpoints())) == log_before, "deciding wrote to the log"
 
 
 GateMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=20, deadline=None,

@@ -13,35 +13,34 @@ HOUR = 3600 * 10**9
 
 def add(m, state_type="observation", text="the API moved to v2", **kw):
     kw.setdefault("sources", () if kw.get("taint") else ("user:alice",))
-    return m.pm.add(state_type, text=text, session="s-1", creator="agent", time_ns=m.clock.now, **kw)
+    state = m.pm.add(state_type, text=text, session="s-1", creator="agent", time_ns=m.clock.now, **kw)
+    m.sign()
+    return state
 
 
 def promote(m, state_id, signer=OPS_SIGNER):
     return sign_record(Override(state_id, "promote", "alice", "checked by hand", m.clock.now, m.clock.now + HOUR), signer)
 
 
-def fail_once(monkeypatch, store, error):
-    real = store.insert_record
-    calls = []
-
-    def insert_record(record):
-        calls.append(record.leaf_index)
-        if len(calls) == 1:
-            raise error
-        return real(record)
-
-    monkeypatch.setattr(store, "insert_record", insert_record)
-    return calls
+def refuse_records(store, message):
+    """Make the store's own SQLite refuse the next record insert (a trigger), as a locked or full disk would."""
+    store.execute(f"CREATE TRIGGER refuse BEFORE INSERT ON records BEGIN SELECT RAISE(ABORT, '{message}'); END")
 
 
-def test_an_override_logged_but_not_stored_is_recovered_from_its_leaf(memory, monkeypatch):
+def accept_records(store):
+    store.execute("DROP TRIGGER refuse")
+
+
+def test_an_override_logged_but_not_stored_is_recovered_from_its_leaf(memory):
     web = add(memory, taint=("web:docs",))
     assert not memory.gate.is_anchor(web.state_id)
-    fail_once(monkeypatch, memory.store, sqlite3.OperationalError("database is locked"))
+    note = promote(memory, web.state_id)
+    refuse_records(memory.store, "database is locked")
     with pytest.raises(PolicyError, match=r"appended to the ledger at leaf 1.*database is locked.*recover_record\(1\)"):
-        memory.pm.apply(promote(memory, web.state_id))
+        memory.pm.apply(note)
+    accept_records(memory.store)
     # The leaf is in the ledger, but the gate reads records from the store: not counted yet.
-    memory.log.flush()
+    memory.sign()
     assert memory.log.size == 2 and memory.store.record_count() == 0
     assert not memory.gate.is_anchor(web.state_id)
     assert memory.pm.search("API moved", 3, anchors_only=True) == []
@@ -54,15 +53,20 @@ def test_an_override_logged_but_not_stored_is_recovered_from_its_leaf(memory, mo
     assert memory.pm.recover_record(1).anchor and memory.store.record_count() == 1
     memory.log.flush()
     assert memory.log.size == 2
+    # Applying the note again would log a copy; the gate refuses it, as the failed apply's message asked.
+    with pytest.raises(PolicyError, match="already logged at leaf 1"):
+        memory.pm.apply(note)
 
 
-def test_a_revocation_logged_but_not_stored_is_recovered_with_its_target(memory, monkeypatch):
+def test_a_revocation_logged_but_not_stored_is_recovered_with_its_target(memory):
     s = add(memory, "user_input", text="meet at noon")
     first = memory.gate.apply(promote(memory, s.state_id))
     note = sign_record(Revocation(s.state_id, "bob", "withdrawn", memory.clock.now, first.leaf_index), OPS_SIGNER)
-    fail_once(monkeypatch, memory.store, sqlite3.DatabaseError("disk I/O error"))
-    with pytest.raises(PolicyError, match="leaf 2"):
+    refuse_records(memory.store, "disk I/O error")
+    with pytest.raises(PolicyError, match="leaf 2.*disk I/O error"):
         memory.gate.apply(note)
+    accept_records(memory.store)
+    memory.sign()
     assert memory.gate.explain(s.state_id).basis == "override"
     rec = memory.gate.recover_record(2)
     assert (rec.kind, rec.target_index) == ("revocation", first.leaf_index)
@@ -70,7 +74,7 @@ def test_a_revocation_logged_but_not_stored_is_recovered_with_its_target(memory,
     assert d.basis == "default" and any("withdrawn by a revocation" in c.detail for c in d.rejected)
 
 
-def test_recovering_what_is_not_a_configured_override_is_refused(tmp_path, monkeypatch):
+def test_recovering_what_is_not_a_configured_override_is_refused(tmp_path):
     m = make_memory(str(tmp_path), override_keys=[OPS_VERIFIER])
     try:
         web = add(m, taint=("web:docs",))
@@ -141,9 +145,9 @@ def test_the_log_argument_is_typed():
     import typing
 
     from fieldprint.ledger.log import TransparencyLog
-    from fieldprint.memory import policy, store
+    from fieldprint.memory import pacemaker, policy
 
-    for cls in (policy.PromotionGate, store.Pacemaker):
-        names = {**vars(store), **vars(policy), "TransparencyLog": TransparencyLog}  # as under TYPE_CHECKING
+    for cls in (policy.PromotionGate, pacemaker.Pacemaker):
+        names = {**vars(pacemaker), **vars(policy), "TransparencyLog": TransparencyLog}  # as under TYPE_CHECKING
         hints = typing.get_type_hints(cls.__init__, names)
         assert hints["log"] is TransparencyLog, cls

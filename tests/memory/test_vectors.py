@@ -142,6 +142,7 @@ def test_pacemaker_retrieves_by_meaning_with_minilm(tmp_path, minilm):
                  "Deploy the service on Friday evening."]
         for i, text in enumerate(texts):
             m.pm.add("user_input", session="s-1", creator="agent", text=text, sources=["user:alice"], time_ns=1 + i)
+        m.sign()
         hits = m.pm.search("a kitten napping by the window", 2, session="s-1", anchors_only=True)
         assert hits[0].state.text == texts[0] and hits[0].score > hits[1].score
     finally:
