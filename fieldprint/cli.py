@@ -21,7 +21,13 @@ from fieldprint.config import (
     SIGNER_KEY_FILE,
     VERIFIER_KEY_FILE,
 )
-from fieldprint.errors import EntryError, FieldprintError, LogError, NoteError, ProofError
+from fieldprint.errors import (
+    EntryError,
+    FieldprintError,
+    LogError,
+    NoteError,
+    ProofError,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 MAX_KEY_FILE_BYTES = 4096  # a key is ~100 characters; never read a huge or endless file whole
 MAX_BUNDLE_BYTES = 1 << 20
 MAX_LINES_INPUT = 64 << 20  # `add --lines` reads at most this much; the library's extend() is the bulk path
+ADD_CHUNK = 4096  # entries `add` queues before printing their indices
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
@@ -329,12 +336,12 @@ def ledger_add(args: argparse.Namespace) -> int:
     start, printed, stopped = log.size, 0, None
     try:
         try:
-            futures = []
-            for e in entries:
-                futures.append(log.add(e))
-            for e, fut in zip(entries, futures):
-                print(f"{fut.result()}\t{leaf_hash(e).hex()}")
-                printed += 1
+            for lo in range(0, len(entries), ADD_CHUNK):  # bounded: an interrupt stops within a chunk
+                chunk = entries[lo : lo + ADD_CHUNK]
+                futures = [log.add(e) for e in chunk]
+                for e, fut in zip(chunk, futures):
+                    print(f"{fut.result()}\t{leaf_hash(e).hex()}")
+                    printed += 1
             sys.stdout.flush()
         except (KeyboardInterrupt, BrokenPipeError) as exc:
             stopped = exc
@@ -422,7 +429,11 @@ def _read_bundle(name: str) -> dict:
 
 def ledger_verify(args: argparse.Namespace) -> int:
     """Verify an inclusion or consistency bundle offline; exit 0 and say what was proven, or 1 and why."""
-    from fieldprint.ledger.receipt import CONSISTENCY_FORMAT, verify_bundle, verify_consistency_bundle
+    from fieldprint.ledger.receipt import (
+        CONSISTENCY_FORMAT,
+        verify_bundle,
+        verify_consistency_bundle,
+    )
 
     key = _verifier_key(args)
     bundle = _read_bundle(args.bundle)

@@ -155,3 +155,104 @@ def test_add_lines_skips_blank_lines(tmp_path, capsys):
     rc, out, err = run(capsys, "ledger", "--data-dir", d, "add", "--raw", "--lines", str(tmp_path / "lines"))
     assert rc == 0 and [line.split("\t")[0] for line in out.splitlines()] == ["0", "1"]
     assert "skipped 3 blank lines" in err
+
+
+def _ledger(tmp_path, capsys):
+    d = str(tmp_path / "data")
+    assert run(capsys, "ledger", "--data-dir", d, "init", "--origin", "example.org/ledger")[0] == 0
+    return d
+
+
+def _size(d):
+    from fieldprint.ledger.reader import LogReader
+
+    with LogReader.open(os.path.join(d, "ledger.sqlite"), open(os.path.join(d, "ledger.pub")).read().strip()) as log:
+        return log.size
+
+
+def test_add_takes_canonical_records_or_raw_bytes_named_as_such(tmp_path, capsys):
+    d = _ledger(tmp_path, capsys)
+    cases = {
+        "empty": (b"", "empty entry"),
+        "not-utf8": (b'{"kind":"state","v":1,"x":"\xff"}', "not UTF-8 JSON"),
+        "not-json": (b"hello world", "not UTF-8 JSON"),
+        "spaces": (b'{"kind": "state", "v": 1}', "not in canonical form"),
+        "unsorted": (b'{"v":1,"kind":"state"}', "not in canonical form"),
+        "array": (b"[1,2]", "not a version-1 record"),
+        "float": (b'{"kind":"state","v":1,"x":1.5}', "floats are not allowed"),
+    }
+    (tmp_path / "ok").write_bytes(b'{"kind":"state","v":1}')
+    for name, (data, why) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        rc, _, err = run(capsys, "ledger", "--data-dir", d, "add", str(tmp_path / "ok"), str(tmp_path / name))
+        assert rc == 1 and f"{tmp_path / name}: " in err and why in err, (name, err)
+        assert name == "empty" or "--raw" in err  # what to do when the bytes are meant as they are
+    (tmp_path / "lines").write_bytes(b'{"kind":"state","v":1}\n\n{"kind":"state","v":1} \n')
+    rc, _, err = run(capsys, "ledger", "--data-dir", d, "add", "--lines", str(tmp_path / "lines"))
+    assert rc == 1 and f"{tmp_path / 'lines'} line 3: " in err
+    assert _size(d) == 0  # every command above was refused whole, before anything was written
+    rc, out, _ = run(capsys, "ledger", "--data-dir", d, "add", "--raw", str(tmp_path / "not-json"), str(tmp_path / "not-utf8"))
+    assert rc == 0 and len(out.splitlines()) == 2
+    rc, _, err = run(capsys, "ledger", "--data-dir", d, "add", "--raw", str(tmp_path / "empty"))
+    assert rc == 1 and "empty entry" in err and _size(d) == 2
+
+
+def test_key_files_that_are_not_keys(tmp_path, capsys):
+    d = _ledger(tmp_path, capsys)
+    key = os.path.join(d, "ledger.key")
+    os.rename(key, key + ".saved")
+    os.mkdir(key)
+    rc, _, err = run(capsys, "ledger", "--data-dir", d, "checkpoint")
+    assert rc == 1 and "is a folder" in err
+    os.rmdir(key)
+    with open(key, "wb") as f:
+        f.write(b"PRIVATE+KEY+\xff\xfe")
+    rc, _, err = run(capsys, "ledger", "--data-dir", d, "checkpoint")
+    assert rc == 1 and "is not UTF-8 text" in err
+    pub = os.path.join(d, "ledger.pub")
+    os.rename(pub, pub + ".saved")
+    with open(pub, "wb") as f:
+        f.write(b"\x80" * 10)
+    for cmd in (["audit"], ["prove", "0"]):
+        rc, _, err = run(capsys, "ledger", "--data-dir", d, *cmd)
+        assert rc == 1 and "is not UTF-8 text" in err, cmd
+
+
+def test_consistency_command_and_verify_checks_the_origin(tmp_path, capsys):
+    from fieldprint.ledger.note import Checkpoint, sign_note
+
+    d = _ledger(tmp_path, capsys)
+    for n in range(3):
+        (tmp_path / "e").write_bytes(b'{"kind":"state","n":%d,"v":1}' % n)
+        assert run(capsys, "ledger", "--data-dir", d, "add", str(tmp_path / "e"))[0] == 0  # each add signs a checkpoint
+    cfile = str(tmp_path / "c.json")
+    assert run(capsys, "ledger", "--data-dir", d, "consistency", "1", "3", "-o", cfile)[0] == 0
+    rc, out, _ = run(capsys, "ledger", "--data-dir", d, "verify", cfile)
+    assert rc == 0 and out.startswith("OK: example.org/ledger at size 3") and "extends its tree at size 1" in out
+    rc, out, _ = run(capsys, "ledger", "--data-dir", d, "consistency", "0", "2")
+    assert rc == 0 and json.loads(out)["size1"] == 0
+    rc, _, err = run(capsys, "ledger", "--data-dir", d, "consistency", "2", "9")
+    assert rc == 1 and "SIZE2 <= 3" in err
+
+    # The same key signing a checkpoint for another log: refused unless that origin is asked for.
+    bfile = str(tmp_path / "b.json")
+    assert run(capsys, "ledger", "--data-dir", d, "prove", "1", "-o", bfile)[0] == 0
+    bundle = json.load(open(bfile))
+    signer = open(os.path.join(d, "ledger.key")).read().strip()
+    cp = Checkpoint.open(bundle["checkpoint"], [open(os.path.join(d, "ledger.pub")).read().strip()], origin="example.org/ledger")
+    bundle["checkpoint"] = sign_note(Checkpoint.body("other.example/another-log", cp.size, cp.root_hash), signer)
+    (tmp_path / "other.json").write_text(json.dumps(bundle))
+    rc, out, err = run(capsys, "ledger", "--data-dir", d, "verify", str(tmp_path / "other.json"))
+    assert rc == 1 and "OK" not in out and "expected 'example.org/ledger'" in err
+    rc, out, _ = run(capsys, "ledger", "--data-dir", d, "verify", str(tmp_path / "other.json"), "--origin", "other.example/another-log")
+    assert rc == 0 and "included in other.example/another-log" in out
+    rc, _, err = run(capsys, "ledger", "--data-dir", d, "verify", bfile, "--origin", "other.example/another-log")
+    assert rc == 1 and "expected 'other.example/another-log'" in err
+
+    # audit --against: a checkpoint saved earlier passes; another log's is refused by its origin.
+    (tmp_path / "cp").write_text(cp.note)
+    rc, out, _ = run(capsys, "ledger", "--data-dir", d, "audit", "--against", str(tmp_path / "cp"))
+    assert rc == 0 and "OK" in out
+    (tmp_path / "cp-other").write_text(bundle["checkpoint"])
+    rc, _, err = run(capsys, "ledger", "--data-dir", d, "audit", "--against", str(tmp_path / "cp-other"))
+    assert rc == 1 and "another log's checkpoint" in err

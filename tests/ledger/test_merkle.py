@@ -214,3 +214,24 @@ def test_property_consistency_and_mutations(n, data):
     for args in mutants:
         with pytest.raises(ProofError):
             verify_consistency(*args)
+
+
+def test_every_proof_element_is_checked_not_only_up_to_a_bytearray():
+    # A bytearray of the right size used to end the element check: the str after it reached hashing
+    # and raised TypeError. Every element is checked, and bytearrays are still accepted.
+    leaves = [merkle.leaf_hash(b"%d" % i) for i in range(3)]
+    root = merkle.root_hash(leaves)
+    good = merkle.inclusion_proof(0, 3, lambda ids: [merkle.root_hash(leaves[i << lvl:(i + 1) << lvl]) for lvl, i in ids])
+    with pytest.raises(ProofError, match=r"proof\[1\] must be 32 bytes, got str"):
+        merkle.verify_inclusion(leaves[0], 0, 3, [bytearray(32), "a" * 32], root)
+    with pytest.raises(ProofError, match=r"proof\[2\] must be 32 bytes, got 31"):
+        merkle.verify_inclusion(leaves[0], 0, 3, [bytearray(good[0]), good[1], bytes(31)], root)
+    with pytest.raises(ProofError, match=r"proof\[1\] must be 32 bytes, got NoneType"):
+        merkle.verify_consistency(1, 3, [bytearray(32), None], leaves[0], root)
+    merkle.verify_inclusion(leaves[0], 0, 3, [bytearray(h) for h in good], root)
+
+
+def test_fold_plan_refuses_a_short_node_list():
+    # Was an assert (gone under python -O): a storage returning too few nodes must not fold silently.
+    with pytest.raises(ProofError, match="returned 1 node hashes for 2 node ids"):
+        merkle.inclusion_proof(0, 3, lambda ids: [bytes(32)])

@@ -66,3 +66,58 @@ def test_reader_connections_close_when_their_threads_end(tmp_path):
     finally:
         storage.close()
     assert storage._readers == {}
+
+
+def test_append_with_mismatched_hashes_is_refused_and_writes_nothing(tmp_path):
+    # Was an assert (gone under python -O, when zip() would silently drop the extra entries).
+    storage = SQLiteStorage(tmp_path / "l.sqlite")
+    try:
+        with pytest.raises(LogError, match="2 entries but 1 leaf hashes; nothing was written"):
+            storage.append(0, [b"a", b"b"], [bytes(32)], [])
+        assert storage.size() == 0
+    finally:
+        storage.close()
+
+
+def test_one_writer_at_a_time_and_readers_beside_it(tmp_path):
+    import os
+
+    path = tmp_path / "l.sqlite"
+    writer = SQLiteStorage(path)
+    try:
+        with pytest.raises(LogError, match=rf"another process is writing this log \(pid {os.getpid()} \(this process\)\)"):
+            SQLiteStorage(path)
+        writer.append(0, [b"a"], [bytes(32)], [])
+        reader = SQLiteStorage(path, readonly=True)
+        with pytest.raises(LogError, match="open read-only"):
+            reader.append(1, [b"b"], [bytes(32)], [])
+        assert reader.size() == 1 and reader.entry(0) == b"a"
+        reader.close()
+    finally:
+        writer.close()
+    SQLiteStorage(path).close()  # closing released the lock
+
+
+def test_snapshot_sees_one_state_while_the_writer_commits(tmp_path):
+    path = tmp_path / "l.sqlite"
+    writer = SQLiteStorage(path)
+    reader = SQLiteStorage(path, readonly=True)
+    try:
+        writer.append(0, [b"a"], [bytes(32)], [])
+        with reader.snapshot():
+            assert reader.size() == 1
+            writer.append(1, [b"b"], [bytes(32)], [])
+            assert reader.size() == 1 and reader.entry(1) is None  # still the snapshot
+        assert reader.size() == 2
+    finally:
+        reader.close()
+        writer.close()
+
+
+def test_readonly_open_of_what_is_not_a_log(tmp_path):
+    with pytest.raises(LogError, match="no log database"):
+        SQLiteStorage(tmp_path / "missing.sqlite", readonly=True)
+    (tmp_path / "empty.sqlite").write_bytes(b"")
+    with pytest.raises(LogError, match="not a Fieldprint log database"):
+        SQLiteStorage(tmp_path / "empty.sqlite", readonly=True)
+    assert (tmp_path / "empty.sqlite").read_bytes() == b""  # nothing was written to it
