@@ -1,7 +1,7 @@
 """Signing key pairs on disk: `stem`.key (private, mode 0600) and `stem`.pub, created atomically.
 
-Both files are written under temporary names and renamed into place only when complete, so a crash
-never leaves a truncated key. Two renames cannot be one atomic step: a crash between them leaves a
+Both files are written under temporary names and linked into place only when complete, so a crash
+never leaves a truncated key, and a key file that already exists is never replaced. Two renames cannot be one atomic step: a crash between them leaves a
 half pair, which is refused with a message naming the file to remove, never silently replaced (a
 new key would no longer verify the checkpoints the old one signed).
 """
@@ -57,9 +57,11 @@ def ensure_key_pair(
             before_publish(signer, verifier)
         try:
             for tmp, final in ((tmp_pub, pub_file), (tmp_key, key_file)):
-                os.replace(tmp, final)
-                temps.remove(tmp)
+                os.link(tmp, final)  # unlike a rename, never replaces a key another process published meanwhile
                 published.append(final)
+        except FileExistsError as exc:
+            raise NoteError(f"{exc.filename2 or exc.filename} appeared while this key pair was being created "
+                            f"(another process?); it was left alone and this pair discarded") from None
         except OSError as exc:
             raise NoteError(f"cannot move key pair {stem} into place in {os.fspath(folder)}: {exc}; nothing was kept") from None
         done = True

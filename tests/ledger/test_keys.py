@@ -49,16 +49,16 @@ def test_failure_before_publish_leaves_nothing(tmp_path):
     ensure_key_pair(tmp_path, "ledger", "example.org/log")
 
 
-def test_failed_rename_leaves_no_half_pair(tmp_path, monkeypatch):
-    real, calls = os.replace, []
+def test_failed_link_leaves_no_half_pair(tmp_path, monkeypatch):
+    real, calls = os.link, []
 
-    def replace(src, dst):
+    def link(src, dst):
         calls.append(dst)
         if len(calls) == 2:
             raise OSError(28, "No space left on device")
         return real(src, dst)
 
-    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "link", link)
     with pytest.raises(NoteError, match="nothing was kept"):
         ensure_key_pair(tmp_path, "ledger", "example.org/log")
     assert os.listdir(tmp_path) == []
@@ -68,3 +68,14 @@ def test_bad_name_creates_nothing(tmp_path):
     with pytest.raises(NoteError):
         ensure_key_pair(tmp_path, "ledger", "bad name")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_key_published_meanwhile_is_never_replaced(tmp_path):
+    # Two creators racing: the second must not overwrite the first one's key (a rename would).
+    def someone_else_publishes(signer, verifier):
+        (tmp_path / "ledger.pub").write_text("the other process's key\n")
+
+    with pytest.raises(NoteError, match="ledger.pub appeared while this key pair was being created"):
+        ensure_key_pair(tmp_path, "ledger", "example.org/log", before_publish=someone_else_publishes)
+    assert os.listdir(tmp_path) == ["ledger.pub"]
+    assert (tmp_path / "ledger.pub").read_text() == "the other process's key\n"

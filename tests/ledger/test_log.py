@@ -267,7 +267,7 @@ def test_every_proof_matches_in_memory_tree(db):
     for i, e in enumerate(entries):
         merkle.append_leaf(border, i, leaf_hash(e), emitted)
     nodes = {(lvl, idx): h for lvl, idx, h in emitted}
-    get = lambda ids: [nodes[i] for i in ids]
+    get = lambda ids: [nodes[i] for i in ids]  # noqa: E731
     with _open(db, batch_size=7) as log:
         wait_all([log.add(e) for e in entries])
         for n in range(1, 71):
