@@ -38,19 +38,86 @@ def build_parser() -> argparse.ArgumentParser:
     demo = subparsers.add_parser("demo", help="run the whole path on embedded defaults: states, gate, DQP commit, anchored attention, receipt")
     demo.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help=f"folder for the log, keys, stores and receipts (default {DEFAULT_DATA_DIR}); reused across runs")
     demo.set_defaults(func=run_demo_command)
+    gen = subparsers.add_parser("generate", help="answer a prompt, conditioned on verified anchors, and write its receipt")
+    gen.add_argument("prompt")
+    gen.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help=f"the log, memory and anchor sets (default {DEFAULT_DATA_DIR})")
+    gen.add_argument("--model", default="smollm2", help="an HF safetensors folder, a .gguf file, or smollm2 (default)")
+    gen.add_argument("--anchors", metavar="QUERY", help="retrieve anchor candidates from memory with this query")
+    gen.add_argument("--session", help="a session name (created if new in this process)")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--receipt", metavar="FILE", help="where to write the receipt (default: DATA_DIR/receipts/<time>.json)")
+    gen.add_argument("--json", action="store_true", help="print text, decisions and the receipt path as JSON")
+    gen.set_defaults(func=run_generate_command)
+    ver = subparsers.add_parser("verify", help="verify a generation receipt offline against the log's public key")
+    ver.add_argument("receipt", metavar="RECEIPT")
+    ver.add_argument("--log-key", required=True, metavar="KEY_FILE", help="the log's verifier key file (e.g. ledger.pub)")
+    ver.add_argument("--origin", help="the log origin to expect (default: the key's name)")
+    ver.set_defaults(func=run_verify_command)
     return parser
 
 
-def run_demo_command(args: argparse.Namespace) -> int:
-    """`fieldprint demo`: see fieldprint/demo.py."""
+def _select_triton_backend() -> None:
     import torch
 
     # Before triton is first imported: without CUDA its interpreter runs the kernels on the CPU.
     os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    """`fieldprint demo`: see fieldprint/demo.py."""
+    _select_triton_backend()
     from fieldprint.demo import run_demo
 
     run_demo(args.data_dir)
+    return 0
+
+
+def run_generate_command(args: argparse.Namespace) -> int:
+    """`fieldprint generate PROMPT`: print the answer, write the bound receipt."""
+    _select_triton_backend()
+    import time
+
+    from fieldprint.engine.engine import Engine
+    from fieldprint.engine.receipt import dump_receipt
+    from fieldprint.engine.sequence import SamplingParams
+
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+    with Engine(args.model, data_dir=args.data_dir) as engine:
+        if args.session:
+            engine.new_session(args.session)
+        out = engine.generate(args.prompt, params, session=args.session, anchors=args.anchors)[0]
+        receipt = engine.bind(out.receipt)
+    path = args.receipt or os.path.join(args.data_dir, "receipts", time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(dump_receipt(receipt))
+    os.replace(tmp, path)
+    if args.json:
+        print(json.dumps({"text": out.text, "finish_reason": out.finish_reason, "anchors": out.anchors,
+                          "decisions": out.decisions, "receipt": path}, indent=2))
+    else:
+        print(out.text)
+        print(f"receipt: {path}", file=sys.stderr)
+    return 0
+
+
+def run_verify_command(args: argparse.Namespace) -> int:
+    """`fieldprint verify RECEIPT --log-key KEY`: exit 0 if it verifies, 1 naming the first failure."""
+    from fieldprint.engine.receipt import verify_receipt
+    from fieldprint.errors import ReceiptError
+
+    try:
+        with open(args.log_key, encoding="utf-8") as f:
+            key = f.read().strip()
+        with open(args.receipt, encoding="utf-8") as f:
+            receipt = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ReceiptError(f"cannot read the receipt or the key: {e}") from None
+    print(verify_receipt(receipt, key, origin=args.origin).summary())
     return 0
 
 
