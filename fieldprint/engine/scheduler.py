@@ -40,9 +40,12 @@ class Scheduler:
     def schedule(self) -> tuple[list[Sequence], list[int]]:
         """The next step's sequences and new-token counts (prefill step if any prompt work fits)."""
         seqs, counts, budget = [], [], self.budget
-        while self.waiting and budget > 0 and len(self.running) + len(seqs) < self.max_num_seqs:
+        # An admitted sequence joins `running` at once; a chunked one ends the loop: counting running suffices.
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = min(len(seq) - seq.num_cached, budget)
+            if not self.blocks.can_grow(seq.block_table, seq.num_cached + n):
+                self._reclaim_behind(seq, seq.num_cached + n)
             if not self.blocks.can_grow(seq.block_table, seq.num_cached + n):
                 break
             self.blocks.grow(seq.block_table, seq.num_cached + n)
@@ -62,6 +65,19 @@ class Scheduler:
             if seq in self.running:
                 self.blocks.grow(seq.block_table, len(seq))
         return list(self.running), [1] * len(self.running)
+
+    def _reclaim_behind(self, head: Sequence, num_tokens: int) -> None:
+        """Free the blocks of partly prefilled sequences queued behind `head` (latest first) until it fits.
+
+        A preempted sequence goes back ahead of a half-prefilled one; if the latter kept its blocks,
+        the head might never fit again and every later step would be empty.
+        """
+        for seq in reversed(self.waiting):
+            if seq is head or self.blocks.can_grow(head.block_table, num_tokens):
+                return
+            if seq.block_table:
+                self.blocks.release(seq.block_table)
+                seq.num_cached = 0
 
     def preempt(self, seq: Sequence) -> None:
         """Free a running sequence's blocks; it is recomputed from its tokens when it runs again."""
