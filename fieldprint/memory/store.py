@@ -144,6 +144,8 @@ def _open_failure(path: str, e: sqlite3.Error) -> StateError:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         return StateError(f"cannot open the state store at {path}: the folder {folder} does not exist; create it first")
+    if os.path.isdir(path):
+        return StateError(f"cannot open the state store at {path}: it is a folder; give the path of a file in it")
     name = getattr(e, "sqlite_errorname", "")
     if name == "SQLITE_NOTADB":
         return StateError(f"{path} is not a state store (not a SQLite database: {e}); give the path of the state "

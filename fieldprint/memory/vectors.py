@@ -10,8 +10,10 @@ narrowing the search, never authority: the promotion gate re-decides every state
 
 from __future__ import annotations
 
+import errno
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol, runtime_checkable
@@ -107,6 +109,19 @@ def check_rows(dim: int, state_ids: Sequence[str], vectors: np.ndarray, sessions
     return vectors
 
 
+@contextmanager
+def _lance(path: str, what: str) -> Iterator[None]:
+    # LanceDB and pyarrow fail with OSError, RuntimeError or ValueError (a read-only folder shows up as
+    # all three, depending on the call); callers get one StateError that names the store and the cause.
+    try:
+        yield
+    except (OSError, RuntimeError, ValueError) as e:
+        read_only = (isinstance(e, OSError) and e.errno == errno.EROFS) or "Read-only file system" in str(e)
+        hint = ("the folder is read-only: open the vector store where it can be written (an existing store "
+                "can still be searched)" if read_only else "check the folder and that no other program changed it")
+        raise StateError(f"the vector store at {path} could not {what} ({type(e).__name__}: {e}); {hint}") from e
+
+
 def _quote(value: str) -> str:
     # Values reach here already validated as labels or digests (no quotes); doubling is belt and braces.
     return "'" + value.replace("'", "''") + "'"
@@ -119,28 +134,32 @@ class LanceVectorStore:
 
     def __init__(self, path: str | os.PathLike, dim: int = 384, keep_versions: timedelta = timedelta(days=3650),
                  nprobes: int | None = None, refine_factor: int | None = None) -> None:
-        import lancedb
-        import pyarrow as pa
-
         self.dim = dim
         # ANN tuning, LanceDB's own knobs (None = LanceDB's defaults): partitions probed, and how many
         # times k candidates are re-ranked with the full vectors.
         self.nprobes, self.refine_factor = nprobes, refine_factor
         self.keep_versions = keep_versions  # compact() prunes versions older than this; rollback needs them
         self.path = os.fspath(path)
+        with _lance(self.path, "open"):
+            self._open()
+
+    def _open(self) -> None:
+        import lancedb
+        import pyarrow as pa
+
         self._db = lancedb.connect(self.path)
         self._schema = pa.schema([
             pa.field("state_id", pa.string(), nullable=False),
             pa.field("session", pa.string(), nullable=False),
             pa.field("state_type", pa.string(), nullable=False),
             pa.field("promotable", pa.bool_(), nullable=False),
-            pa.field("vector", pa.list_(pa.float32(), dim), nullable=False),
+            pa.field("vector", pa.list_(pa.float32(), self.dim), nullable=False),
         ])
         if self.TABLE in self._db.list_tables().tables:
             self._table = self._db.open_table(self.TABLE)
             found = self._table.schema.field("vector").type.list_size
-            if found != dim:
-                raise StateError(f"vector store at {self.path} holds {found}-d vectors, not {dim}-d; use a matching embedder")
+            if found != self.dim:
+                raise StateError(f"vector store at {self.path} holds {found}-d vectors, not {self.dim}-d; use a matching embedder")
         else:
             self._table = self._db.create_table(self.TABLE, schema=self._schema)
         self._ensure_filter_indexes()
@@ -171,7 +190,8 @@ class LanceVectorStore:
              pa.FixedSizeListArray.from_arrays(flat, self.dim)],
             schema=self._schema,
         )
-        self._table.add(batch)
+        with _lance(self.path, "add rows"):
+            self._table.add(batch)
         return self.version()
 
     def search(self, query: np.ndarray, k: int, *, session: str | None = None, state_type: str | None = None,
@@ -203,7 +223,8 @@ class LanceVectorStore:
                 q = q.nprobes(self.nprobes)
             if self.refine_factor:
                 q = q.refine_factor(self.refine_factor)
-        rows = q.to_arrow().to_pylist()
+        with _lance(self.path, "search"):
+            rows = q.to_arrow().to_pylist()
         return [Hit(r["state_id"], 1.0 - float(r["_distance"]), r["session"], r["state_type"], bool(r["promotable"]))
                 for r in rows]
 
@@ -216,8 +237,9 @@ class LanceVectorStore:
         except EntryError as e:
             raise StateError(str(e)) from None
         if ids:
-            self._table.update(where=f"state_id IN ({', '.join(_quote(s) for s in ids)})",
-                               values={"promotable": bool(promotable)})
+            with _lance(self.path, "update the promotable flag"):
+                self._table.update(where=f"state_id IN ({', '.join(_quote(s) for s in ids)})",
+                                   values={"promotable": bool(promotable)})
         return self.version()
 
     def version(self) -> int:
@@ -229,7 +251,8 @@ class LanceVectorStore:
         known = {int(v["version"]) for v in self._table.list_versions()}
         if version not in known:
             raise StateError(f"vector store has no version {version}; known versions are {min(known)}..{max(known)}")
-        self._table.restore(version)
+        with _lance(self.path, f"roll back to version {version}"):
+            self._table.restore(version)
         return self.version()
 
     def build_index(self, num_partitions: int | None = None, num_sub_vectors: int | None = None) -> None:
@@ -241,13 +264,15 @@ class LanceVectorStore:
         from lancedb.index import IvfPq
 
         config = IvfPq(distance_type="cosine", num_partitions=parts, num_sub_vectors=num_sub_vectors or self.dim // 8)
-        self._table.create_index("vector", config=config, replace=True)
+        with _lance(self.path, "build the ANN index"):
+            self._table.create_index("vector", config=config, replace=True)
 
     def compact(self) -> None:
         """Merge small fragments and update the index; versions newer than `keep_versions` are kept."""
         # Each add is a fragment and a flat scan visits every one: 2,000 one-row appends made an exact
         # search of 2,000 rows ~35x slower on the 2-core CI machine until compacted.
-        self._table.optimize(cleanup_older_than=self.keep_versions)
+        with _lance(self.path, "compact"):
+            self._table.optimize(cleanup_older_than=self.keep_versions)
 
     def __len__(self) -> int:
         return int(self._table.count_rows())

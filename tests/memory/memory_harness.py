@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
+
+import pytest
 
 from fieldprint.ledger.log import TransparencyLog
 from fieldprint.ledger.note import generate_key
@@ -38,6 +44,11 @@ class Memory:
     gate: PromotionGate
     pm: Pacemaker
     clock: Clock
+    root: str
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.root, "log.db")
 
     def snapshot(self) -> tuple:
         """Everything a failed operation must leave unchanged."""
@@ -64,4 +75,36 @@ def make_memory(root: str, clock: Clock | None = None, override_keys: list[str] 
     keys = [OPS_VERIFIER] if override_keys is None else override_keys
     gate = PromotionGate(store, log, GateConfig(log_keys=[LOG_VERIFIER], override_keys=keys), clock=clock)
     pm = Pacemaker(store, log, vectors, embedder or HashingEmbedderForTests(), gate)
-    return Memory(log, store, vectors, gate, pm, clock)
+    return Memory(log, store, vectors, gate, pm, clock, root)
+
+
+def run_on_read_only_folder(folder: str, code: str) -> str:
+    """Run `code` in a fresh Python process that sees `folder` read-only; return its stdout.
+
+    As root, permissions do not stop writes, so the folder is bind-mounted read-only in a private
+    mount namespace (unshare); otherwise its write permission bits are removed while the child runs.
+    """
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if os.geteuid() != 0:
+        modes = {}
+        for root, dirs, files in os.walk(folder):
+            for path in [root, *(os.path.join(root, f) for f in files)]:
+                modes[path] = os.stat(path).st_mode
+                os.chmod(path, modes[path] & ~0o222)
+        try:
+            out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=120)
+        finally:
+            for path, mode in modes.items():
+                os.chmod(path, mode)
+    else:
+        if shutil.which("unshare") is None:
+            pytest.skip("running as root without unshare: cannot make a read-only folder")
+        script = (f"mount --bind {shlex.quote(folder)} {shlex.quote(folder)} && "
+                  f"mount -o remount,bind,ro {shlex.quote(folder)} && exec {shlex.quote(sys.executable)} -c {shlex.quote(code)}")
+        out = subprocess.run(["unshare", "-rm", "sh", "-c", script], check=False, capture_output=True, text=True, env=env, timeout=120)
+        if out.returncode != 0 and "mount" in out.stderr and "Traceback" not in out.stderr:
+            pytest.skip(f"cannot make a read-only mount here: {out.stderr.strip()}")
+    if out.returncode != 0:
+        raise AssertionError(f"the read-only child failed:\n{out.stdout}\n{out.stderr}")
+    return out.stdout

@@ -236,11 +236,11 @@ def test_checkpoint_from_an_unconfigured_log_key_verifies_nothing(memory):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(state_type="memo"), "unknown state type"),
-    (dict(state_type="belief", parents=["blake3:" + "00" * 32]), "not in the store"),
-    (dict(state_type="summary", parents=[]), "at least one parent"),
-    (dict(state_type="observation", session="two words"), "session"),
-    (dict(state_type="observation", text=b"bytes"), "must be a str"),
+    ({"state_type": "memo"}, "unknown state type"),
+    ({"state_type": "belief", "parents": ["blake3:" + "00" * 32]}, "not in the store"),
+    ({"state_type": "summary", "parents": []}, "at least one parent"),
+    ({"state_type": "observation", "session": "two words"}, "session"),
+    ({"state_type": "observation", "text": b"bytes"}, "must be a str"),
 ])
 def test_bad_states_are_refused_and_nothing_is_stored(memory, kwargs, match):
     add(memory)
@@ -391,3 +391,87 @@ def test_replaying_a_logged_note_in_any_order_changes_no_decision(tmp_path):
             for how in ("apply", "copy in the log"):
                 got = _run_history(str(tmp_path / f"{step}-{earlier}-{how}"), (step, earlier, how))
                 assert got == EXPECTED, (f"replaying step {earlier} after step {step} by {how}", got)
+
+
+def test_deciding_never_writes_to_the_log(memory):
+    s = add(memory)
+    memory.log.flush()
+    assert memory.gate.is_anchor(s.state_id)
+    later = memory.pm.add("user_input", session="s-1", creator="agent", text="after the checkpoint",
+                          sources=("user:alice",), time_ns=memory.clock.now)
+    memory.log.flush()
+    before = (memory.log.size, [cp.note for cp in memory.log.checkpoints()])
+    d = memory.gate.explain(later.state_id)
+    assert not d.anchor and not d.verified
+    assert ("not yet covered by a signed checkpoint (the latest covers 1 leaves); the log signs one on its "
+            "schedule or on log.checkpoint()") in d.sentence, d.sentence
+    assert not memory.gate.is_anchor(later.state_id) and not memory.gate.verify(later).ok
+    assert [h.state.state_id for h in memory.pm.search("after the checkpoint", 5, anchors_only=True)] == [s.state_id]
+    assert memory.gate.checkpoint().size == 1
+    memory.log.flush()
+    assert (memory.log.size, [cp.note for cp in memory.log.checkpoints()]) == before
+    # A state derived from the uncovered one is still checked, against the log's own leaf.
+    derived = memory.pm.add("belief", session="s-1", creator="agent", text="so: later", parents=[later.state_id],
+                            time_ns=memory.clock.now)
+    memory.sign()  # the explicit call: now both verify
+    assert memory.gate.is_anchor(later.state_id) and memory.gate.is_anchor(derived.state_id)
+
+
+def test_a_log_without_checkpoints_verifies_nothing(tmp_path):
+    from memory_harness import make_memory
+
+    m = make_memory(str(tmp_path))
+    try:
+        s = m.pm.add("user_input", session="s-1", creator="agent", text="x", sources=("u",), time_ns=1)
+        d = m.gate.explain(s.state_id)
+        assert not d.verified and "the log has no signed checkpoint yet" in d.sentence
+        with pytest.raises(PolicyError, match="no signed checkpoint yet"):
+            m.gate.checkpoint()
+        assert m.log.latest_checkpoint() is None
+    finally:
+        m.close()
+
+
+def test_a_checkpoint_of_another_origin_signed_by_a_configured_key_is_refused(memory):
+    import sqlite3
+
+    from memory_harness import LOG_SIGNER
+
+    from fieldprint.ledger.note import Checkpoint, sign_note
+
+    s = add(memory)
+    mine = memory.gate.checkpoint()
+    # The same tree, the same configured key, another log's name: what a key shared by two logs allows.
+    note = sign_note(Checkpoint.body("other.example/another-log", mine.size, mine.root_hash), LOG_SIGNER)
+    foreign = Checkpoint.parse_body(note.split("\n\n")[0] + "\n", note)
+    d = memory.gate.explain(s.state_id, checkpoint=foreign)
+    assert not d.verified and not d.anchor
+    assert "'other.example/another-log'" in d.sentence and "'log.fieldprint.test'" in d.sentence, d.sentence
+    assert not memory.gate.verify(s, foreign).ok
+    # Stored in the log as its latest checkpoint, it is refused there too.
+    db = sqlite3.connect(memory.log_path)
+    with db:
+        db.execute("INSERT INTO checkpoints (size, note) VALUES (?, ?)", (mine.size + 100, note))
+    db.close()
+    d = memory.gate.explain(s.state_id)
+    assert not d.verified and "another-log" in d.sentence, d.sentence
+    # A gate configured for one log refuses to be given another.
+    with pytest.raises(PolicyError, match="configured for the log 'other.example/another-log'"):
+        type(memory.gate)(memory.store, memory.log, GateConfig(log_keys=[LOG_VERIFIER], override_keys=[],
+                                                               log_origin="other.example/another-log"))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"sources": "user"}, r"sources must be a list or tuple, got str 'user'; write \['user'\]"),
+    ({"sources": (), "taint": "web:forum"}, r"taint must be a list or tuple, got str 'web:forum'"),
+    ({"text": ""}, "text is empty"),
+])
+def test_labels_given_as_a_string_and_empty_text_are_refused(memory, kwargs, match):
+    add(memory)
+    before = memory.snapshot()
+    with pytest.raises(StateError, match=match):
+        memory.pm.add("observation", session="s-1", creator="agent", **{"text": "x", "sources": ("u",), **kwargs})
+    parent = memory.store.state_ids()[0]
+    with pytest.raises(StateError, match="parents must be a list or tuple"):
+        memory.pm.add("belief", session="s-1", creator="agent", text="y", parents=parent)
+    assert memory.snapshot() == before

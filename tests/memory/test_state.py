@@ -79,16 +79,16 @@ def test_user_input_may_become_an_instruction():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(state_type="memo", text="x", sources=("u",)), "unknown state type"),
-    (dict(state_type="belief", sources=("u",)), "needs content"),
-    (dict(state_type="summary", text="x", sources=("u",)), "give at least one parent"),
-    (dict(state_type="belief", text="x"), "at least one source"),
-    (dict(state_type="belief", text="x", sources=("bad source",)), "source"),
-    (dict(state_type="belief", text="x", sources=("u",), time_ns=-1), "time_ns"),
-    (dict(state_type="belief", text=b"x", sources=("u",)), "must be a str"),
-    (dict(state_type="belief", text="\ud800", sources=("u",)), "lone surrogates"),
-    (dict(state_type="belief", tensor="blake3:00", sources=("u",)), "TensorRef"),
-    (dict(state_type="belief", text="x" * (1 << 20 + 1), sources=("u",)), "over"),
+    ({"state_type": "memo", "text": "x", "sources": ("u",)}, "unknown state type"),
+    ({"state_type": "belief", "sources": ("u",)}, "needs content"),
+    ({"state_type": "summary", "text": "x", "sources": ("u",)}, "give at least one parent"),
+    ({"state_type": "belief", "text": "x"}, "at least one source"),
+    ({"state_type": "belief", "text": "x", "sources": ("bad source",)}, "source"),
+    ({"state_type": "belief", "text": "x", "sources": ("u",), "time_ns": -1}, "time_ns"),
+    ({"state_type": "belief", "text": b"x", "sources": ("u",)}, "must be a str"),
+    ({"state_type": "belief", "text": "\ud800", "sources": ("u",)}, "lone surrogates"),
+    ({"state_type": "belief", "tensor": "blake3:00", "sources": ("u",)}, "TensorRef"),
+    ({"state_type": "belief", "text": "x" * (1 << 20 + 1), "sources": ("u",)}, "over"),
 ])
 def test_bad_input_is_a_clear_state_error(kwargs, match):
     state_type = kwargs.pop("state_type")
@@ -104,3 +104,27 @@ def test_roots_cannot_have_parents_and_parents_must_be_committed():
         new_state("belief", session="s", creator="c", text="x", parents=[uncommitted], time_ns=2)
     with pytest.raises(StateError, match="tensor digest"):
         TensorRef("nope", "blake3:" + "00" * 32)
+
+
+def test_contracts_hold_under_python_dash_o():
+    # These were asserts, which `python -O` strips; they are StateErrors now.
+    with pytest.raises(StateError, match="not among its sources"):
+        Label(frozenset(), frozenset({"web:evil"}))
+    with pytest.raises(StateError, match="leaf index"):
+        root().committed(-1)
+    with pytest.raises(StateError, match="leaf index"):
+        root().committed(True)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"sources": "user"}, r"sources must be a list or tuple, got str 'user'"),
+    ({"taint": "web:forum"}, r"taint sources must be a list or tuple, got str 'web:forum'"),
+    ({"sources": b"user"}, "got bytes"),
+    ({"sources": ("user",), "text": ""}, "text is empty"),
+])
+def test_string_label_collections_and_empty_text_are_refused(kwargs, match):
+    kwargs = {"text": "x", **kwargs}
+    with pytest.raises(StateError, match=match):
+        new_state("observation", session="s", creator="c", time_ns=1, **kwargs)
+    # Sets are collections too (order does not matter for labels).
+    assert new_state("observation", session="s", creator="c", text="x", sources={"u"}, time_ns=1).label.sources == {"u"}

@@ -151,3 +151,81 @@ def test_the_log_argument_is_typed():
         names = {**vars(pacemaker), **vars(policy), "TransparencyLog": TransparencyLog}  # as under TYPE_CHECKING
         hints = typing.get_type_hints(cls.__init__, names)
         assert hints["log"] is TransparencyLog, cls
+
+
+def test_what_is_not_a_state_store_is_refused_by_name(tmp_path):
+    from fieldprint.memory.store import SQLiteStateStore
+
+    garbage = tmp_path / "states.db"
+    garbage.write_bytes(b"not a database, just bytes " * 200)
+    with pytest.raises(StateError, match="is not a state store"):
+        SQLiteStateStore(garbage)
+    assert garbage.read_bytes() == b"not a database, just bytes " * 200  # left as it was
+    with pytest.raises(StateError, match="does not exist; create it first"):
+        SQLiteStateStore(tmp_path / "no-such-folder" / "states.db")
+    with pytest.raises(StateError, match="it is a folder"):
+        SQLiteStateStore(tmp_path)
+
+
+@pytest.mark.parametrize("sql,column", [
+    ("UPDATE states SET parents = 'not json'", "parents"),
+    ("UPDATE states SET sources = '[1, 2]'", "sources"),
+    ("UPDATE states SET taint = '{}'", "taint"),
+    ("UPDATE states SET time_ns = 'soon'", "time_ns"),
+    ("UPDATE states SET leaf_index = 'first'", "leaf_index"),
+    ("UPDATE states SET tensor_digest = 'blake3:00'", "tensor_digest"),
+])
+def test_a_damaged_row_is_a_state_error_naming_its_column(memory, sql, column):
+    s = add(memory, "user_input", text="meet at noon")
+    memory.store.execute(sql + " WHERE state_id = ?", (s.state_id,))
+    with pytest.raises(StateError, match=f"stored row of state {s.state_id}.*damaged.*{column}"):
+        memory.gate.explain(s.state_id)
+    with pytest.raises(StateError, match=column):
+        memory.store.get(s.state_id)
+
+
+def test_a_read_only_folder_is_read_and_every_write_is_a_state_error(tmp_path):
+    from memory_harness import run_on_read_only_folder
+
+    m = make_memory(str(tmp_path))
+    s = add(m, "user_input", text="meet at noon")
+    m.close()
+    code = f"""
+import os, numpy as np
+from fieldprint.errors import StateError
+from fieldprint.memory.store import PolicyRecord, SQLiteStateStore
+from fieldprint.memory.vectors import LanceVectorStore
+
+def attempt(name, fn):
+    try:
+        print(name, "ok", fn())
+    except StateError as e:
+        print(name, "StateError", e)
+
+root = {str(tmp_path)!r}
+store = SQLiteStateStore(os.path.join(root, "states.db"))
+attempt("store-read", lambda: store.get({s.state_id!r}).text)
+attempt("store-write", lambda: store.insert_record(PolicyRecord(9, "override", {s.state_id!r}, None, "x")))
+attempt("store-new", lambda: SQLiteStateStore(os.path.join(root, "other.db")))
+vectors = LanceVectorStore(os.path.join(root, "vectors"))
+query = np.zeros(384, dtype=np.float32); query[0] = 1
+attempt("vectors-read", lambda: len(vectors.search(query, 1)))
+attempt("vectors-write", lambda: vectors.add(["blake3:" + "01" * 32], query[None], ["s"], ["belief"], [True]))
+attempt("vectors-new", lambda: LanceVectorStore(os.path.join(root, "other-vectors")))
+"""
+    out = dict(line.split(" ", 1) for line in run_on_read_only_folder(str(tmp_path), code).splitlines())
+    assert out["store-read"] == "ok meet at noon"
+    assert out["vectors-read"] == "ok 1"
+    assert out["store-write"].startswith("StateError the state store at") and "is read-only" in out["store-write"]
+    assert out["store-new"].startswith("StateError cannot open the state store"), out["store-new"]
+    for name in ("vectors-write", "vectors-new"):
+        assert out[name].startswith("StateError the vector store at") and "read-only" in out[name], out[name]
+
+
+def test_a_sequencer_that_returns_the_wrong_count_stores_nothing(memory):
+    from fieldprint.memory.state import new_state
+
+    state = new_state("user_input", session="s-1", creator="agent", text="x", sources=("u",), time_ns=1)
+    with pytest.raises(StateError, match="returned 0 leaf indices for 1 states; nothing was stored"):
+        memory.store.insert_committed([state], list)
+    assert len(memory.store) == 0 and memory.store.get(state.state_id) is None

@@ -75,8 +75,8 @@ def test_versions_and_rollback(store):
     (lambda a: a.update(promotable=[True]), "disagree"),
 ])
 def test_bad_rows_are_refused_and_nothing_is_stored(store, mutate, match):
-    args = dict(state_ids=[sid(1), sid(2)], vectors=unit_rows(2), sessions=["s", "s"], state_types=["belief"] * 2,
-                promotable=[True, True])
+    args = {"state_ids": [sid(1), sid(2)], "vectors": unit_rows(2), "sessions": ["s", "s"], "state_types": ["belief"] * 2,
+                "promotable": [True, True]}
     mutate(args)
     before = store.version()
     with pytest.raises(StateError, match=match):
