@@ -7,7 +7,8 @@ adds a StateEntry to the transparency log. The forward thread never synchronizes
 block on back-pressure, when `max_pending` commits are already queued. On a CPU the same
 background thread quantizes with the reference path. Every failure is kept and raised to the
 caller by flush() as a CommitError: nothing fails silently, and a state that fails (NaN/Inf,
-log refusal) is never half-committed.
+log refusal) is never half-committed. Receipts and failures are kept per session, so a caller
+that serves several sessions flushes each one on its own.
 
 Hashing runs in child processes when the states come from a GPU: an eager forward pass is
 bound by Python launching kernels, and a hashing thread in the same interpreter takes the GIL
@@ -45,8 +46,14 @@ from fieldprint.dqp_profile import KINDS, DQPProfile
 from fieldprint.engine.digest_pool import DIGEST_SIZE, DigestPool
 from fieldprint.errors import CommitError, DQPError, EntryError, FieldprintError
 from fieldprint.ledger.entry import StateEntry
+from fieldprint.memory.state import STATE_TYPES
 
 StateKey = tuple[int, str]  # (layer, "K" | "V")
+
+# What the engine logs besides the memory's own state types: the K/V of anchors (packed into the
+# anchor pool) and a session's own K/V. A commit is a memory state or one of these, nothing else.
+KV_STATE_TYPES = frozenset({"anchor_kv", "session_kv"})
+COMMIT_STATE_TYPES = frozenset(STATE_TYPES) | KV_STATE_TYPES
 
 
 @dataclass(slots=True)
@@ -116,6 +123,8 @@ def _check_meta(session: object, state_type: object, parents: object, taint: obj
     try:
         check_label(session, "session")
         check_label(state_type, "state_type")
+        if state_type not in COMMIT_STATE_TYPES:
+            raise EntryError(f"unknown state_type {state_type!r}; use one of {sorted(COMMIT_STATE_TYPES)}")
         parents, taint = labels(parents, "parents"), labels(taint, "taint")
         for parent in parents:
             parse_digest(parent)
@@ -161,9 +170,12 @@ class Committer:
         self.log = log
         self.profile = profile
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_pending)
-        self._lock = threading.Lock()
-        self._failures: list[tuple[str, BaseException]] = []
-        self._outstanding: set[Future] = set()
+        # Held to check closed and enqueue, and to set closed (as the transparency log does): a job is
+        # either queued before close() stops the worker, and then committed or failed, or refused.
+        self._state_lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the three collections below
+        self._failures: list[tuple[str, BaseException]] = []  # (session, error), in the order they failed
+        self._outstanding: dict[Future, str] = {}  # unresolved commit -> its session
         self._receipts: list[CommitReceipt] = []
         self._inv: dict[tuple[tuple[StateKey, ...], torch.device], torch.Tensor] = {}
         self._side: torch.cuda.Stream | None = None
@@ -215,7 +227,7 @@ class Committer:
         time_ns: int | None = None,
         timeout: float | None = None,
     ) -> CommitTicket:
-        if self._closed:
+        if self._closed:  # early refusal; the check that counts is made again under the state lock
             raise CommitError("committer is closed; open a new one")
         parents, taint = _check_meta(session, state_type, parents, taint, state_id, time_ns)
         shape = (self.profile.num_kv_heads, self.profile.head_dim)
@@ -239,20 +251,30 @@ class Committer:
             job.inputs = [x for _, x in groups]
             job.quantized = threading.Event()
             ticket._event = job.quantized
-        with self._lock:
-            self._outstanding.add(job.future)
-        job.future.add_done_callback(self._forget)
+        full = CommitError(f"committer still has {self._queue.maxsize} commits queued after {timeout}s; "
+                           "flush() or raise max_pending")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        # Blocking on a full queue under the state lock is safe: the worker drains the queue without it.
+        if not self._state_lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            raise full
         try:
-            self._queue.put(job, timeout=timeout)
-        except queue.Full:
-            job.future.set_exception(CommitError("not queued: committer was full"))
-            raise CommitError(f"committer still has {self._queue.maxsize} commits queued after {timeout}s; "
-                              "flush() or raise max_pending") from None
+            if self._closed:
+                raise CommitError("committer is closed; open a new one")
+            with self._lock:
+                self._outstanding[job.future] = session
+            job.future.add_done_callback(self._forget)
+            try:
+                self._queue.put(job, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except queue.Full:
+                job.future.set_exception(CommitError("not queued: committer was full"))
+                raise full from None
+        finally:
+            self._state_lock.release()
         return ticket
 
     def _forget(self, f: Future) -> None:
         with self._lock:
-            self._outstanding.discard(f)
+            self._outstanding.pop(f, None)
 
     def _inverse_scales(self, keys: list[StateKey], dev: torch.device) -> torch.Tensor:
         inv = self._inv.get((tuple(keys), dev))
@@ -398,51 +420,52 @@ class Committer:
         added.add_done_callback(done)
 
     # -- caller side -------------------------------------------------------------------------
-    def flush(self, timeout: float | None = None) -> list[CommitReceipt]:
-        """Wait for every queued commit; return their receipts or raise CommitError with all failures.
+    def flush(self, session: str | None = None, *, timeout: float | None = None) -> list[CommitReceipt]:
+        """Wait for the session's queued commits (all sessions' if None); return their receipts in log order.
 
-        `timeout` bounds the whole wait. When it runs out, CommitError says so and the commits
-        keep going in the background: flush() again later collects them.
+        Raises CommitError naming that session's failed commits (its .failures holds (session,
+        error) pairs, its .receipts the commits that did succeed); other sessions' results stay
+        for their own flush(). `timeout` bounds the whole wait; when it runs out, CommitError says
+        so and the commits keep going in the background: flush() again later collects them.
         """
+        if session is not None:
+            try:
+                check_label(session, "session")
+            except EntryError as e:
+                raise CommitError(f"flush(session=...) takes a session name or None: {e}") from e
         deadline = None if timeout is None else time.monotonic() + timeout
-        late = CommitError(f"flush timed out after {timeout}s with commits still pending; they go on in the "
-                           "background: call flush() again to collect their receipts and failures")
-        q = self._queue
-        with q.all_tasks_done:  # queue.join(), bounded by the deadline
-            while q.unfinished_tasks:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise late
-                q.all_tasks_done.wait(left)
         with self._lock:
-            pending = list(self._outstanding)
-        for f in pending:
+            pending = [f for f, s in self._outstanding.items() if session in (None, s)]
+        for f in pending:  # every queued job's future resolves: committed, failed, or failed at close()
             try:
                 f.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
             except FieldprintError:
                 pass  # recorded in _failures by _fail
             except TimeoutError:
-                raise late from None
+                raise CommitError(f"flush timed out after {timeout}s with commits still pending; they go on in the "
+                                  "background: call flush() again to collect their receipts and failures") from None
         with self._lock:
-            self._outstanding -= set(pending)
-            failures, self._failures = self._failures, []
-            receipts, self._receipts = self._receipts, []
+            failures = [(s, e) for s, e in self._failures if session in (None, s)]
+            receipts = sorted((r for r in self._receipts if session in (None, r.session)), key=lambda r: r.index)
+            self._failures = [(s, e) for s, e in self._failures if session not in (None, s)]
+            self._receipts = [r for r in self._receipts if session not in (None, r.session)]
         if failures:
             lines = "; ".join(f"session {s!r}: {type(e).__name__}: {e}" for s, e in failures)
             err = CommitError(f"{len(failures)} commit(s) failed and were not logged: {lines}")
             err.failures = failures
-            err.receipts = sorted(receipts, key=lambda r: r.index)  # the commits that did succeed
+            err.receipts = receipts  # the commits that did succeed
             raise err from failures[0][1]
-        return sorted(receipts, key=lambda r: r.index)
+        return receipts
 
     def close(self) -> None:
-        """Flush, then stop the background thread (raises CommitError if anything failed)."""
-        if self._closed:
-            return
+        """Refuse new submits, flush every session, then stop the background thread (raises CommitError if anything failed)."""
+        with self._state_lock:  # a submit holding it finishes queueing first; any later one is refused
+            if self._closed:
+                return
+            self._closed = True
         try:
             self.flush()
         finally:
-            self._closed = True
             self._queue.put(None)
             self._worker.join()
             if self._proc is not None:
@@ -455,4 +478,4 @@ class Committer:
         self.close()
 
 
-__all__ = ["Committer", "CommitReceipt", "CommitTicket", "default_digest_workers"]
+__all__ = ["COMMIT_STATE_TYPES", "KV_STATE_TYPES", "Committer", "CommitReceipt", "CommitTicket", "default_digest_workers"]

@@ -24,6 +24,7 @@ from multiprocessing import shared_memory
 import numpy as np
 import torch
 
+from fieldprint.canon import is_int
 from fieldprint.dqp import block_digests, state_digest
 from fieldprint.errors import CommitError
 
@@ -39,7 +40,9 @@ def plan_digests(sizes: list[int], strides: list[int], workers: int, blocks: boo
     equal share in the same order, so a worker mostly re-reads the states it digests whole, and
     the block ranges of one state, taken in worker order, are its blocks in order.
     """
-    assert workers >= 1 and len(sizes) == len(strides)
+    if not is_int(workers) or workers < 1 or len(sizes) != len(strides):
+        raise CommitError(f"plan_digests needs workers >= 1 and one stride per size, got {workers!r} workers, "
+                          f"{len(sizes)} sizes and {len(strides)} strides")
     total = sum(sizes)
     nblocks = [-(-n // s) if blocks and n else 0 for n, s in zip(sizes, strides)]
     tasks: list[dict[int, list]] = [{} for _ in range(workers)]
@@ -60,7 +63,8 @@ def plan_digests(sizes: list[int], strides: list[int], workers: int, blocks: boo
                 continue
             take = nb - b if w == workers - 1 else min(nb - b, -(-(share - load[w]) // stride))
             task = tasks[w].setdefault(i, [False, 0, 0])
-            assert task[2] == 0, "one block range per state and worker"
+            if task[2] != 0:  # the fill moves w forward only, so a state's range per worker is contiguous
+                raise CommitError(f"digest plan gave state {i} two block ranges on worker {w}; this is a bug, please report it")
             task[1:] = [b, b + take]
             load[w] += take * stride
             b += take
@@ -76,7 +80,8 @@ def _digest_tasks(seg: shared_memory.SharedMemory, block_size: int, threads: int
         out.append(None if header is None else state_digest(header, arr, threads))
         if b1 > b0:
             part = b"".join(block_digests(arr[b0 * block_size : b1 * block_size], block_size))
-            assert len(part) == (b1 - b0) * DIGEST_SIZE
+            if len(part) != (b1 - b0) * DIGEST_SIZE:
+                raise CommitError(f"blocks {b0}..{b1 - 1} gave {len(part)} digest bytes, not {(b1 - b0) * DIGEST_SIZE}")
             buf[slot : slot + len(part)] = part
         del arr
     return out
@@ -192,7 +197,9 @@ class DigestPool:
             self._free.remove(seg)
             return seg
         self._drop(list(self._free))  # none fits: keeping them would only fill /dev/shm
-        assert self.live_bytes + nbytes <= self.max_bytes, "can_take() is asked first"
+        if self.live_bytes + max(nbytes, 1) > self.max_bytes:
+            raise CommitError(f"a {nbytes}-byte segment would pass the {self.max_bytes}-byte shared-memory cap "
+                              f"({self.live_bytes} live); ask can_take() first and hash in-process when it says no")
         seg = shared_memory.SharedMemory(create=True, size=max(nbytes, 1))
         self._all.append(seg)
         return seg
@@ -219,7 +226,8 @@ class DigestPool:
         offset = 0
         for headers, codes in groups:
             n, t, h, d = codes.shape
-            assert len(headers) == n
+            if len(headers) != n:
+                raise CommitError(f"a group of {n} code states came with {len(headers)} headers; give one header per state")
             states += [[offset + i * t * h * d, (t, h, d), headers[i], block_size * h * d, -(-t // block_size) if blocks else 0]
                        for i in range(n)]
             offset += codes.numel()

@@ -19,6 +19,20 @@ NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": empty splits then merge 
 
 
 @triton.jit
+def dot(a, b):
+    """a @ b with fp32 accumulation; fp32 operands multiply in IEEE fp32, never TF32.
+
+    On NVIDIA GPUs tl.dot's default for fp32 operands is TF32 (a 10-bit mantissa), which Triton's
+    interpreter does not emulate: fp32 results would differ by device. bf16/fp16 keep the default.
+    """
+    if a.dtype == tl.float32:
+        c = tl.dot(a, b, input_precision="ieee")
+    else:
+        c = tl.dot(a, b)
+    return c
+
+
+@triton.jit
 def _attend_tile(
     q, m_i, l_i, acc, start, hi, table_row_ptr, k_ptr, v_ptr, h, H_KV, scale_log2, pos,
     D: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, MASKED: tl.constexpr,
@@ -42,7 +56,7 @@ def _attend_tile(
         # Codes are exact in bf16/fp16; the power-of-two scales were folded into q and the output.
         k = k.to(q.dtype)
         v = v.to(q.dtype)
-    qk = tl.dot(q, tl.trans(k)) * scale_log2
+    qk = dot(q, tl.trans(k)) * scale_log2
     if MASKED:
         valid = nmask[None, :]
         if CAUSAL:
@@ -52,7 +66,7 @@ def _attend_tile(
     p = tl.exp2(qk - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v)
     return m_new, l_i, acc
 
 

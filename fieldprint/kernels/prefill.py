@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fieldprint.kernels.decode import NEG
+from fieldprint.kernels.decode import NEG, dot
 
 
 @triton.jit
@@ -68,7 +68,7 @@ def _prefill_tile(
         # Codes are exact in bf16/fp16; the power-of-two scales are folded into q and acc.
         k = k.to(q.dtype)
         v = v.to(q.dtype)
-    qk = tl.dot(q, tl.trans(k))
+    qk = dot(q, tl.trans(k))
     if MASKED:
         valid = nmask[None, :]
         if CAUSAL:
@@ -79,7 +79,7 @@ def _prefill_tile(
     p = tl.exp2(qk * scale_log2 - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
+    acc = acc * alpha[:, None] + dot(p.to(q.dtype), v)
     return m_new, l_i, acc
 
 

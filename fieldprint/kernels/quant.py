@@ -76,10 +76,13 @@ def quantize_async(
     if out is None:
         out = torch.empty(xs.shape, dtype=torch.int8, device=x.device)
     out = out if out.dim() == 4 else out.unsqueeze(0)
-    assert out.shape == xs.shape and out.dtype == torch.int8 and out.is_contiguous()
+    if out.shape != xs.shape or out.dtype != torch.int8 or not out.is_contiguous() or out.device != x.device:
+        raise DQPError(f"out must be a contiguous int8 tensor shaped like x {tuple(x.shape)} on {x.device}, "
+                       f"got {out.dtype} {tuple(out.shape)} on {out.device}")
     if bad is None:
         bad = torch.zeros(n, dtype=torch.int32, device=x.device)
-    assert bad.shape == (n,) and bad.dtype == torch.int32
+    if bad.shape != (n,) or bad.dtype != torch.int32 or bad.device != x.device:
+        raise DQPError(f"bad must be an int32 [{n}] counter on {x.device}, got {bad.dtype} {tuple(bad.shape)} on {bad.device}")
     c = h * d
     if n and t and c:
         block_c = min(triton.next_power_of_2(c), 1024)

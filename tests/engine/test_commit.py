@@ -11,7 +11,7 @@ import torch
 
 from fieldprint.dqp import DQPProfile, quantize, stack_digest
 from fieldprint.engine.commit import Committer
-from fieldprint.engine.digest_pool import plan_digests
+from fieldprint.engine.digest_pool import DigestPool, plan_digests
 from fieldprint.errors import CommitError, DQPError
 from fieldprint.ledger.entry import StateEntry
 from fieldprint.ledger.log import TransparencyLog
@@ -343,3 +343,131 @@ def test_bad_entry_fields_fail_submit_and_queue_nothing(profile, log, meta, matc
         (receipt,) = c.flush()
     entry = StateEntry.decode(receipt.entry)
     assert entry.parents == ("blake3:" + "ab" * 32,) and entry.taint == ("web",) and entry.time_ns == 5
+
+
+def test_a_submit_racing_close_is_refused_not_stranded(profile, log, monkeypatch):
+    """submit() passes its first closed-check, close() runs to the end, then the submit goes on."""
+    from fieldprint.engine import commit
+
+    k, v = _stack(15)
+    checked, go = threading.Event(), threading.Event()
+    real_check = commit._check_meta
+
+    def paused_check(*args):  # runs after submit()'s first look at _closed, before it queues
+        checked.set()
+        go.wait()
+        return real_check(*args)
+
+    monkeypatch.setattr(commit, "_check_meta", paused_check)
+    c = Committer(log, profile)
+    outcome = {}
+
+    def submitter() -> None:
+        try:
+            outcome["ticket"] = c.submit_stack(k, v, session="late")
+        except CommitError as e:
+            outcome["error"] = e
+
+    t = threading.Thread(target=submitter)
+    t.start()
+    assert checked.wait(10)
+    c.close()  # the worker has stopped: a job queued from here on would never run
+    go.set()
+    t.join(10)
+    assert not t.is_alive()
+    if "ticket" in outcome:  # the old committer queued it behind the stop: its future never resolved
+        try:
+            outcome["ticket"].future.result(timeout=5)
+        except TimeoutError:
+            pytest.fail("a submit racing close() returned a future that never resolves")
+    assert "closed" in str(outcome["error"]) and log.size == 0
+
+
+def test_a_submit_inside_its_queueing_step_finishes_before_close_stops_the_worker(profile, log, monkeypatch):
+    """close() waits for a submit that is inside its queueing step; that commit is logged, not stranded."""
+    k, v = _stack(16)
+    c = Committer(log, profile, max_pending=1)
+    queued, go = threading.Event(), threading.Event()
+    real_put = c._queue.put
+
+    def paused_put(item, *args, **kwargs):  # the submit holds its place in the queueing step
+        if item is not None:
+            queued.set()
+            go.wait()
+        return real_put(item, *args, **kwargs)
+
+    monkeypatch.setattr(c._queue, "put", paused_put)
+    t = threading.Thread(target=lambda: c.submit_stack(k, v, session="inside"))
+    t.start()
+    assert queued.wait(10)
+    closer = threading.Thread(target=c.close)
+    closer.start()
+    go.set()  # whichever runs first, the commit is queued before the stop or refused: never stranded
+    t.join(10)
+    closer.join(30)
+    assert not t.is_alive() and not closer.is_alive()
+    assert log.size == 1 and StateEntry.decode(log.entry(0)).session == "inside"
+
+
+def test_flush_returns_and_raises_only_the_sessions_own_results(profile, log, committers):
+    k, v = _stack(17)
+    bad_k = k.clone()
+    bad_k[0, 0, 0, 0] = float("nan")
+    c = committers(log, profile, max_pending=8)
+    a1 = c.submit_stack(k, v, session="a")
+    b_bad = c.submit_stack(bad_k, v, session="b")
+    a2 = c.submit_stack(v, k, session="a")
+    b_ok = c.submit_stack(k, v, session="b")
+    mine = c.flush("a")  # b's failure is b's to collect
+    assert mine == sorted([a1.future.result(), a2.future.result()], key=lambda r: r.index)
+    assert {r.session for r in mine} == {"a"}
+    assert c.flush("a") == [] and c.flush("nobody") == []
+    with pytest.raises(CommitError, match=r"1 commit\(s\) failed.*session 'b'.*NaN") as info:
+        c.flush("b")
+    assert [s for s, _ in info.value.failures] == ["b"]
+    assert info.value.receipts == [b_ok.future.result()]
+    with pytest.raises(CommitError):
+        b_bad.future.result()
+    assert c.flush() == []  # each result is handed out once
+    c.submit_stack(k, v, session="c")
+    c.submit_stack(k, v, session="d")
+    assert [r.session for r in c.flush()] == ["c", "d"]  # None: every session
+    with pytest.raises(CommitError, match="session name or None"):
+        c.flush(5)
+
+
+@pytest.mark.parametrize("state_type", ["bogus", "OBSERVATION", "kv"])
+def test_unknown_state_types_are_refused(profile, log, state_type):
+    k, v = _stack(18)
+    with Committer(log, profile) as c:
+        with pytest.raises(CommitError, match=f"nothing was queued.*unknown state_type '{state_type}'"):
+            c.submit_stack(k, v, session="s", state_type=state_type)
+        assert c.flush() == [] and log.size == 0
+
+
+@pytest.mark.parametrize("state_type", ["anchor_kv", "session_kv", "belief", "tool_output"])
+def test_memory_and_kv_state_types_are_logged(profile, log, state_type):
+    k, v = _stack(19)
+    with Committer(log, profile) as c:
+        c.submit_stack(k, v, session="s", state_type=state_type)
+        (receipt,) = c.flush()
+    assert StateEntry.decode(receipt.entry).state_type == state_type
+
+
+def test_digest_pool_contracts_raise_commit_errors_not_asserts():
+    """They held under `python -O` only as asserts, which -O strips."""
+    with pytest.raises(CommitError, match="workers >= 1"):
+        plan_digests([256], [256], 0, True)
+    with pytest.raises(CommitError, match="one stride per size"):
+        plan_digests([256, 256], [256], 2, True)
+    pool = DigestPool(1)
+    try:
+        codes = torch.zeros(2, 8, H, D, dtype=torch.int8)
+        with pytest.raises(CommitError, match="2 code states came with 1 headers"):
+            pool.digest([([b"h"], codes)], True, 1, 8)
+        pool.max_bytes = 0  # digest() without asking can_take() first
+        with pytest.raises(CommitError, match="shared-memory cap"):
+            pool.digest([([b"h", b"h"], codes)], True, 1, 8)
+        assert pool.live_bytes == 0
+    finally:
+        pool.close()

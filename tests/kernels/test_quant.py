@@ -99,3 +99,17 @@ def test_stacked_launch_uses_each_layers_scales_and_counts_per_layer():
         assert torch.equal(codes[l], quantize_codes(stack[l], p.exponents(l, "K")))
     with pytest.raises(DQPError, match="inverse scales"):
         quantize_async(stack, stack_inverse_scales(p, [0, 1], "K", "cpu"))
+
+
+def test_bad_out_and_counter_buffers_raise_dqp_errors():
+    """Caller-given buffers are checked with errors, not asserts (python -O strips those)."""
+    x = torch.randn(5, H, D)
+    inv = torch.ones(H, D)
+    for out, match in [(torch.empty(5, H, D, dtype=torch.int16), "out must be"),
+                       (torch.empty(4, H, D, dtype=torch.int8), "out must be"),
+                       (torch.empty(5, D, H, dtype=torch.int8).transpose(1, 2), "out must be")]:
+        with pytest.raises(DQPError, match=match):
+            quantize_async(x, inv, out=out)
+    for bad in [torch.zeros(2, dtype=torch.int32), torch.zeros(1, dtype=torch.int64)]:
+        with pytest.raises(DQPError, match="bad must be"):
+            quantize_async(x, inv, bad=bad)
