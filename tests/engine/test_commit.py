@@ -76,7 +76,7 @@ def test_commit_logs_a_state_entry_with_reference_digests(profile, log):
     entry = StateEntry.decode(log.entry(receipt.index))
     assert log.entry(receipt.index) == receipt.entry
     assert entry.digest == receipt.digest and entry.profile == profile.digest and entry.taint == ("web",)
-    cp = Checkpoint.open(log.checkpoint().note, [log.verifier])
+    cp = Checkpoint.open(log.checkpoint().note, [log.verifier], origin="test.example/fieldprint-log")
     verify_inclusion(leaf_hash(receipt.entry), receipt.index, cp.size, log.inclusion_proof(receipt.index, cp.size), cp.root_hash)
 
 
