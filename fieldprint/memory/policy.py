@@ -7,7 +7,7 @@ A state is an anchor only when
   (2) its type is promotable and (3) it is untainted -- or (4) an override allows it: a signed,
       logged, unexpired record by a configured override key.
 A valid revocation of the state overrides everything; a revoked override no longer counts; among
-active overrides the latest issued wins (ties: the earlier leaf). Overrides never excuse (1):
+active overrides the latest issued wins (ties: the later leaf). Overrides never excuse (1):
 provenance is mandatory.
 
 Each record carries a random `record_id` inside its signed body, and a record counts once: apply()

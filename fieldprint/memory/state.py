@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 import blake3
@@ -232,8 +232,8 @@ def new_state(
     text: str | None = None,
     tensor: TensorRef | None = None,
     parents: Sequence[State] = (),
-    sources: Sequence[str] = (),
-    taint: Sequence[str] = (),
+    sources: Collection[str] = (),
+    taint: Collection[str] = (),
     time_ns: int | None = None,
 ) -> State:
     """Build a state, checking its type rules; its label joins the parents' with `sources` and `taint`.
