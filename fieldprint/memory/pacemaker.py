@@ -101,12 +101,12 @@ class Pacemaker:
                 taint=set(spec.taint) | self.store.taint_for_digest(digest) | extra, time_ns=spec.time_ns,
             )
 
-        states = [build(spec, d, frozenset()) for spec, d in zip(specs, digests)]
+        states = [build(spec, d, frozenset()) for spec, d in zip(specs, digests, strict=True)]
         batch_taint: dict[str, frozenset[str]] = {}
-        for state, digest in zip(states, digests):
+        for state, digest in zip(states, digests, strict=True):
             batch_taint[digest] = batch_taint.get(digest, frozenset()) | state.label.taint
         states = [st if batch_taint[d] <= st.label.taint else build(spec, d, batch_taint[d])
-                  for st, spec, d in zip(states, specs, digests)]
+                  for st, spec, d in zip(states, specs, digests, strict=True)]
         if len({s.state_id for s in states}) != len(states):
             raise StateError("the batch holds the same state twice (same content, parents, session, creator and time)")
         return states

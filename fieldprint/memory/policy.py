@@ -254,7 +254,8 @@ _SIGNS = "the log signs one on its schedule or on log.checkpoint()"
 class PromotionGate:
     """Decides, explains and records promotion: verify -> revocations -> overrides -> type and taint."""
 
-    def __init__(self, store: StateStore, log: TransparencyLog, config: GateConfig, clock: Callable[[], int] = time.time_ns) -> None:
+    def __init__(self, store: StateStore, log: TransparencyLog, config: GateConfig,
+                 clock: Callable[[], int] = time.time_ns) -> None:
         if config.log_origin is not None and config.log_origin != log.origin:
             raise PolicyError(f"the gate is configured for the log {config.log_origin!r} but was given the log "
                               f"{log.origin!r}; give it that log or change GateConfig.log_origin")
@@ -335,7 +336,8 @@ class PromotionGate:
         # The id also covers what the entry does not carry (creator, trusted sources).
         if state.compute_id() != state.state_id:
             return Check("ledger", False, "the stored fields no longer hash to the state id: the stored state was altered")
-        return Check("ledger", True, f"leaf {state.leaf_index} included in the checkpoint of size {cp.size} signed by the log key")
+        return Check("ledger", True,
+                     f"leaf {state.leaf_index} included in the checkpoint of size {cp.size} signed by the log key")
 
     def verify_for_writer(self, state: State, checkpoint: Checkpoint | None) -> Check:
         """Check (1) before deriving from `state`: by `checkpoint` if it covers the leaf, else by the log's own leaf.
@@ -421,11 +423,13 @@ class PromotionGate:
             first_leaf[record.record_id] = rec.leaf_index
             if isinstance(record, Override):
                 if record.expires_ns - record.issued_ns > self.config.max_override_ns:
-                    rejected.append(Check("override", False, f"{where} lasts longer than the allowed {self.config.max_override_ns} ns"))
+                    rejected.append(Check("override", False,
+                                          f"{where} lasts longer than the allowed {self.config.max_override_ns} ns"))
                     continue
                 if not record.issued_ns <= now < record.expires_ns:
                     state = "expired" if now >= record.expires_ns else "not yet valid"
-                    rejected.append(Check("override", False, f"{where} by {record.who} is {state} (valid {_utc(record.issued_ns)} to {_utc(record.expires_ns)}, now {_utc(now)})"))
+                    window = f"valid {_utc(record.issued_ns)} to {_utc(record.expires_ns)}, now {_utc(now)}"
+                    rejected.append(Check("override", False, f"{where} by {record.who} is {state} ({window})"))
                     continue
             valid.append(_Valid(rec.leaf_index, record))
         return valid, ids_at, rejected
@@ -509,7 +513,8 @@ class PromotionGate:
         if basis == "revocation":
             return f"not an anchor: {what} is {last.detail}"
         if basis == "override":
-            return f"{'an anchor' if anchor else 'not an anchor'} by override: {what} was {last.detail}; it verifies ({ledger.detail})"
+            verdict = "an anchor" if anchor else "not an anchor"
+            return f"{verdict} by override: {what} was {last.detail}; it verifies ({ledger.detail})"
         failed = [c.detail for c in checks[1:3] if not c.ok]
         if failed:
             return f"not an anchor: {what} verifies, but {' and '.join(failed)}; only a signed override could promote it"

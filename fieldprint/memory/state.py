@@ -254,7 +254,8 @@ def new_state(
         raise StateError(f"text is over {MAX_TEXT_BYTES} bytes; store large content as a tensor reference")
     if parents:
         if not rule.derived:
-            raise StateError(f"a {state_type} enters memory from outside and cannot have parents; derive a belief or summary instead")
+            raise StateError(f"a {state_type} enters memory from outside and cannot have parents; "
+                             f"derive a belief or summary instead")
         for parent in parents:
             if not isinstance(parent, State):
                 raise StateError(f"parents must be States (resolve ids through the store), got {type(parent).__name__}")

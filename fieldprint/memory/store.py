@@ -38,7 +38,8 @@ CREATE TABLE IF NOT EXISTS records (
 CREATE INDEX IF NOT EXISTS records_state ON records(state_id);
 """
 _TABLES = {"states", "records"}
-_STATE_COLUMNS = "state_id, type, text, tensor_digest, tensor_profile, parents, session, creator, time_ns, sources, taint, leaf_index"
+_STATE_COLUMNS = ("state_id, type, text, tensor_digest, tensor_profile, parents, session, creator, time_ns, sources, taint, "
+                  "leaf_index")
 _RECORD_COLUMNS = "leaf_index, kind, state_id, target_index, note"
 
 
@@ -265,7 +266,7 @@ class SQLiteStateStore(StateStore):
                     raise StateError(f"the ledger returned {len(indices)} leaf indices for {len(states)} states; "
                                      f"nothing was stored")
                 self._db.executemany("UPDATE states SET leaf_index = ? WHERE state_id = ?",
-                                     [(i, st.state_id) for i, st in zip(indices, states)])
+                                     [(i, st.state_id) for i, st in zip(indices, states, strict=True)])
                 self._db.execute("COMMIT")
             except BaseException as e:
                 # SQLite rolls back by itself on some errors (SQLITE_FULL, SQLITE_IOERR, a failed COMMIT);
@@ -279,7 +280,7 @@ class SQLiteStateStore(StateStore):
                 if isinstance(e, sqlite3.Error):
                     raise StateError(self._failure("store states", e) + "; nothing was stored") from e
                 raise
-        return [st.committed(i) for st, i in zip(states, indices)]
+        return [st.committed(i) for st, i in zip(states, indices, strict=True)]
 
     def insert_record(self, record: PolicyRecord) -> None:
         """Store an override or revocation record that the ledger has sequenced."""

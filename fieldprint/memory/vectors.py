@@ -159,7 +159,8 @@ class LanceVectorStore:
             self._table = self._db.open_table(self.TABLE)
             found = self._table.schema.field("vector").type.list_size
             if found != self.dim:
-                raise StateError(f"vector store at {self.path} holds {found}-d vectors, not {self.dim}-d; use a matching embedder")
+                raise StateError(f"vector store at {self.path} holds {found}-d vectors, not {self.dim}-d; "
+                                 f"use a matching embedder")
         else:
             self._table = self._db.create_table(self.TABLE, schema=self._schema)
         self._ensure_filter_indexes()

@@ -88,7 +88,7 @@ def run_on_read_only_folder(folder: str, code: str) -> str:
     env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
     if os.geteuid() != 0:
         modes = {}
-        for root, dirs, files in os.walk(folder):
+        for root, _dirs, files in os.walk(folder):
             for path in [root, *(os.path.join(root, f) for f in files)]:
                 modes[path] = os.stat(path).st_mode
                 os.chmod(path, modes[path] & ~0o222)
@@ -102,7 +102,8 @@ def run_on_read_only_folder(folder: str, code: str) -> str:
             pytest.skip("running as root without unshare: cannot make a read-only folder")
         script = (f"mount --bind {shlex.quote(folder)} {shlex.quote(folder)} && "
                   f"mount -o remount,bind,ro {shlex.quote(folder)} && exec {shlex.quote(sys.executable)} -c {shlex.quote(code)}")
-        out = subprocess.run(["unshare", "-rm", "sh", "-c", script], check=False, capture_output=True, text=True, env=env, timeout=120)
+        out = subprocess.run(["unshare", "-rm", "sh", "-c", script], check=False, capture_output=True, text=True, env=env,
+                             timeout=120)
         if out.returncode != 0 and "mount" in out.stderr and "Traceback" not in out.stderr:
             pytest.skip(f"cannot make a read-only mount here: {out.stderr.strip()}")
     if out.returncode != 0:

@@ -163,7 +163,8 @@ class GateMachine(RuleBasedStateMachine):
     def override(self, sid, action, ttl, flaw, then_sign):
         now = self.m.clock.now
         issued = {"expired": now - 2 * ttl, "future": now + HOUR}.get(flaw, now)
-        note = sign_record(Override(sid, action, "ops", "checked", issued, issued + ttl), ROGUE_SIGNER if flaw == "rogue" else OPS_SIGNER)
+        signer = ROGUE_SIGNER if flaw == "rogue" else OPS_SIGNER
+        note = sign_record(Override(sid, action, "ops", "checked", issued, issued + ttl), signer)
         if flaw == "tampered":
             note = note.replace('"checked"', '"checkeD"')
         ok = flaw in (None, "future") and ttl <= self.m.gate.config.max_override_ns

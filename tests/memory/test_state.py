@@ -20,7 +20,8 @@ def committed(state: State, index: int = 0) -> State:
 
 
 def root(text="the sky is blue", state_type="user_input", taint=(), sources=("user:alice",), time_ns=1):
-    return committed(new_state(state_type, session="s-1", creator="agent", text=text, sources=sources, taint=taint, time_ns=time_ns))
+    return committed(new_state(state_type, session="s-1", creator="agent", text=text, sources=sources, taint=taint,
+                               time_ns=time_ns))
 
 
 def test_state_id_is_a_content_address():
@@ -56,7 +57,8 @@ def test_derived_label_is_the_join_of_parents():
     assert summary.label.taint == {"web:evil.example"}
     assert summary.label.sources == {"user:alice", "web:evil.example"}
     # A summary of a summary of a tainted state is still tainted: nothing removes a source.
-    again = new_state("summary", session="s-1", creator="agent", text="ab", parents=[committed(summary, 3)], sources=("model",), time_ns=3)
+    again = new_state("summary", session="s-1", creator="agent", text="ab", parents=[committed(summary, 3)],
+                      sources=("model",), time_ns=3)
     assert again.label.tainted and "model" in again.label.sources
     assert Label.join([clean.label]).integrity is Integrity.TRUSTED
 

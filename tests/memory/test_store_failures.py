@@ -229,3 +229,20 @@ def test_a_sequencer_that_returns_the_wrong_count_stores_nothing(memory):
     with pytest.raises(StateError, match="returned 0 leaf indices for 1 states; nothing was stored"):
         memory.store.insert_committed([state], list)
     assert len(memory.store) == 0 and memory.store.get(state.state_id) is None
+
+
+def test_the_layers_import_one_way():
+    # store.py is storage only: it imports neither the gate nor the Pacemaker (no static cycle), and
+    # the gate never imports the Pacemaker.
+    import ast
+
+    from fieldprint.memory import policy, store
+
+    def imports(module) -> set[str]:
+        tree = ast.parse(open(module.__file__, encoding="utf-8").read())
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+
+    assert not imports(store) & {"fieldprint.memory.policy", "fieldprint.memory.pacemaker"}
+    assert "fieldprint.memory.pacemaker" not in imports(policy)
+    assert "sqlite3" not in {n.names[0].name for n in ast.walk(ast.parse(open(policy.__file__).read()))
+                             if isinstance(n, ast.Import)}
