@@ -391,11 +391,13 @@ def ledger_add(args: argparse.Namespace) -> int:
 
     from fieldprint.ledger.merkle import leaf_hash
 
-    log = _open_log(args)
+    log = None
     try:
+        log = _open_log(args)
         entries = _read_entries(args.files, args.lines, args.raw)
     except BaseException as exc:
-        log.close()
+        if log is not None:
+            log.close()
         if not isinstance(exc, KeyboardInterrupt):
             raise
         print("fieldprint: interrupted before anything was added; nothing was written", file=sys.stderr)

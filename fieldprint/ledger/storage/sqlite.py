@@ -108,10 +108,15 @@ class SQLiteStorage(LogStorage):
                 conn.close()
                 wal = self.path + "-wal"
                 if os.path.exists(wal) and os.path.getsize(wal) > 0:
-                    raise
+                    raise LogError(f"{wal} holds commits that SQLite cannot read from this read-only folder; open "
+                                   f"the log once for writing where it is writable (that folds them into the database)") from None
                 self._immutable = True
         conn = self._connect_uri("immutable=1")
-        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        try:
+            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def _connect_uri(self, options: str) -> sqlite3.Connection:
