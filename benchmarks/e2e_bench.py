@@ -1,0 +1,361 @@
+"""Generation end to end: anchors vs none, vs HF generate, the bandwidth floor, nano-vllm's protocol.
+
+Drives ModelRunner + Scheduler with token ids, step by step as Engine.step does (the Engine class
+itself needs a tokenizer and a memory; random weights have neither). Random bf16 weights, configs
+written out in engine_bench.py.
+
+1. Llama-3.2-1B: B requests of 512 random prompt tokens and 128 new tokens each, B = 1/8/32/128,
+   without anchors and with one 2k-token int8 anchor set shared by the batch; each finished
+   sequence's K/V goes through the asynchronous Committer, as a session's turn does (--no-commit:
+   off). tokens/s = B x 128 / time from submission to the last token; how long the commits take
+   to finish after it is reported beside. Goal (issue): anchors / none >= 0.95.
+2. HF transformers generate on the same weights (SDPA, static cache; torch.compile only with
+   --hf-compile) at B = 1/8/32, same lengths. Goal: ours >= 3x.
+3. Batch-1 decode step (median over the run's decode steps, host work included) vs the bandwidth
+   floor: (weight bytes + K/V bytes read at the mean context) / bandwidth, for 4.27e12 B/s and for
+   a measured device-to-device copy. Goal: <= 1.3x.
+4. nano-vllm's throughput protocol: 256 requests, input and output lengths uniform in 100..1024
+   (seed 0), all submitted at once, Qwen3-0.6B shapes: output tokens/s, p50/p99 time to first
+   token and inter-token latency.
+    python benchmarks/e2e_bench.py [--smoke] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from engine_bench import (
+    BLOCK,
+    AnchorBench,
+    build_pair,
+    kv_bytes_per_token,
+    log,
+    make_runner,
+    median_ms,
+    meta,
+    random_ids,
+    sync,
+    wall_s,
+    weight_bytes,
+)
+
+from fieldprint.engine.kv_cache import cdiv
+from fieldprint.engine.runner import ModelRunner
+from fieldprint.engine.scheduler import Scheduler
+from fieldprint.engine.sequence import SamplingParams, Sequence
+
+FULL = {"model": "llama-3.2-1b", "batches": (1, 8, 32, 128), "hf_batches": (1, 8, 32), "prompt": 512, "new": 128,
+        "anchors": 2048, "anchor_states": 8, "repeats": 2, "protocol_model": "qwen3-0.6b", "protocol_requests": 256,
+        "protocol_lengths": (100, 1024), "max_num_seqs": 256, "max_num_batched_tokens": 8192}
+SMOKE = {"model": "tiny-llama", "batches": (1, 2, 4, 8), "hf_batches": (1, 2), "prompt": 24, "new": 6,
+         "anchors": 48, "anchor_states": 3, "repeats": 1, "protocol_model": "tiny-qwen3", "protocol_requests": 12,
+         "protocol_lengths": (8, 24), "max_num_seqs": 8, "max_num_batched_tokens": 64}
+GOALS = {"anchors_vs_none": 0.95, "vs_hf": 3.0, "step_vs_floor": 1.3}
+
+
+def ms(xs: list[float], q: float) -> float | None:
+    """The q-th percentile of durations in seconds, in milliseconds (None for no samples)."""
+    return float(np.percentile(xs, q)) * 1e3 if xs else None
+
+
+def commit_kv(runner: ModelRunner, committer, seq: Sequence, session: str):
+    """Queue a finished sequence's K/V for an asynchronous commit, as Engine._commit_kv does."""
+    c = runner.cache
+    blocks = torch.tensor(seq.block_table, device=runner.device)
+    k = c.k[:, blocks].flatten(1, 2)[:, : seq.num_cached]
+    v = c.v[:, blocks].flatten(1, 2)[:, : seq.num_cached]
+    return committer.submit_stack(k, v, session=session, state_type="session_kv")
+
+
+def serve(runner: ModelRunner, sched: Scheduler, seqs: list[Sequence], committer=None, session: str = "bench") -> dict:
+    """Submit every sequence at once and step until all finish; per-token times and step times.
+
+    The loop is Engine.step's: schedule, forward, count cached tokens, sample the sequences whose
+    prompt is in, append, finish at max_tokens (commit the K/V, free the blocks, unpin the set).
+    """
+    t0 = time.perf_counter()
+    for s in seqs:
+        sched.add(s)
+        if s.anchor_key:
+            runner.anchor_pool.pin(s.anchor_key)
+    times: dict[int, list[float]] = {s.seq_id: [] for s in seqs}
+    decode_steps: list[tuple[int, float]] = []
+    steps = 0
+    while not sched.idle:
+        start = time.perf_counter()
+        batch, counts = sched.schedule()
+        if not batch:
+            raise SystemExit("the scheduler returned an empty step with requests pending")
+        decode = all(n == 1 and s.num_cached > 0 for s, n in zip(batch, counts))
+        logits = runner.forward(batch, counts)
+        ready = []
+        for i, (s, n) in enumerate(zip(batch, counts)):
+            s.num_cached += n
+            if s.num_cached == len(s):
+                ready.append(i)
+        tokens = runner.sample([batch[i] for i in ready], logits[ready]) if ready else []
+        now = time.perf_counter()  # sample() read the tokens back: the step is done on the device
+        steps += 1
+        if decode:
+            decode_steps.append((len(batch), now - start))
+        for i, tok in zip(ready, tokens):
+            s = batch[i]
+            s.output_ids.append(tok)
+            times[s.seq_id].append(now)
+            if len(s.output_ids) >= s.params.max_tokens:
+                s.finish_reason = "length"
+                if committer is not None:
+                    commit_kv(runner, committer, s, session)
+                sched.finish(s)
+                if s.anchor_key:
+                    runner.anchor_pool.unpin(s.anchor_key)
+    last = max(t[-1] for t in times.values())
+    if committer is not None:
+        committer.flush(session)
+    done = time.perf_counter()  # the last submits (queue back-pressure) and the flush
+    outputs = sum(len(s.output_ids) for s in seqs)
+    ttft = [t[0] - t0 for t in times.values()]
+    itl = [b - a for t in times.values() for a, b in zip(t, t[1:])]
+    return {"seconds": last - t0, "output_tokens": outputs, "tok_s": outputs / (last - t0), "steps": steps,
+            "commit_after_s": done - last, "tok_s_commit_done": outputs / (done - t0),
+            "ttft_s": ttft, "itl_s": itl, "decode_steps": decode_steps,
+            "preemptions": sum(s.preemptions for s in seqs)}
+
+
+def requests(rng: random.Random, n: int, prompt: int, new: int, vocab: int, anchor=None) -> list[Sequence]:
+    return [Sequence(random_ids(rng, prompt, vocab), SamplingParams(max_tokens=new, ignore_eos=True),
+                     anchor_key=anchor.key if anchor else None, anchor_len=len(anchor.tokens) if anchor else 0)
+            for _ in range(n)]
+
+
+def warm(runner: ModelRunner, sched: Scheduler, max_batch: int, rng: random.Random, anchor=None) -> None:
+    """Capture every decode graph up to `max_batch` and compile the kernels before anything is timed.
+
+    Requests asking for 1..max_batch tokens finish one per step, so the batch shrinks through
+    every bucket size; a second small batch reads the anchor set (its kernel variants).
+    """
+    vocab = runner.args.vocab_size
+    seqs = [Sequence(random_ids(rng, 8, vocab), SamplingParams(max_tokens=i + 1, ignore_eos=True))
+            for i in range(max_batch)]
+    serve(runner, sched, seqs)
+    if anchor is not None:
+        serve(runner, sched, requests(rng, 2, 8, 3, vocab, anchor))
+
+
+def summarize(run: dict) -> dict:
+    """A run's figures without the per-token lists (those stay out of the JSON)."""
+    steps = [t for _, t in run["decode_steps"]]
+    out = {k: v for k, v in run.items() if k not in ("ttft_s", "itl_s", "decode_steps")}
+    out.update(decode_step_ms_p50=ms(steps, 50), ttft_ms_p50=ms(run["ttft_s"], 50), ttft_ms_p99=ms(run["ttft_s"], 99),
+               itl_ms_p50=ms(run["itl_s"], 50), itl_ms_p99=ms(run["itl_s"], 99))
+    return out
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median tokens/s (all of them kept under 'runs_tok_s')."""
+    ranked = sorted(runs, key=lambda r: r["tok_s"])
+    best = dict(ranked[len(ranked) // 2])
+    best["runs_tok_s"] = [r["tok_s"] for r in runs]
+    return best
+
+
+# -- sections --------------------------------------------------------------------------------------
+def anchors_section(runner, sched, bench, cs, p, rng, commit: bool) -> dict:
+    out = {}
+    vocab = runner.args.vocab_size
+    for b in p["batches"]:
+        row = {}
+        for label, anchor in (("none", None), ("anchors", cs)):
+            runs = []
+            for r in range(p["repeats"]):
+                seqs = requests(rng, b, p["prompt"], p["new"], vocab, anchor)
+                runs.append(summarize(serve(runner, sched, seqs, bench.committer if commit else None,
+                                            session=f"b{b}-{label}-{r}")))
+            row[label] = median_run(runs)
+        row["anchors_vs_none"] = row["anchors"]["tok_s"] / row["none"]["tok_s"]
+        out[str(b)] = row
+        log(f"  B={b:>4}: none {row['none']['tok_s']:>9.0f} tok/s  anchors {row['anchors']['tok_s']:>9.0f} tok/s  "
+            f"ratio {row['anchors_vs_none']:.3f}  (commits done {row['anchors']['commit_after_s']:.2f} s after)")
+    return out
+
+
+def hf_section(hf, p, device, ours: dict, compile_: bool) -> dict:
+    """HF generate (static cache) at the same lengths; ours is the no-anchor run at the same batch."""
+    out = {}
+    vocab = hf.config.vocab_size
+    for b in p["hf_batches"]:
+        ids = torch.randint(0, vocab, (b, p["prompt"]), device=device)
+        kw = {"attention_mask": torch.ones_like(ids), "do_sample": False, "cache_implementation": "static",
+              "pad_token_id": 0, "disable_compile": not compile_}
+        with torch.inference_mode():
+            hf.generate(input_ids=ids, max_new_tokens=4, min_new_tokens=4, **kw)  # warm: cache allocation, kernels
+            runs = []
+            for _ in range(p["repeats"]):
+                gen, t = wall_s(lambda ids=ids, kw=kw: hf.generate(input_ids=ids, max_new_tokens=p["new"],
+                                                                   min_new_tokens=p["new"], **kw), device)
+                runs.append((gen.shape[1] - p["prompt"]) * b / t)
+        hf_tok_s = statistics.median(runs)
+        mine = ours[str(b)]["none"]["tok_s"]
+        out[str(b)] = {"hf_tok_s": hf_tok_s, "hf_runs_tok_s": runs, "ours_tok_s": mine, "ours_vs_hf": mine / hf_tok_s}
+        log(f"  B={b:>4}: HF generate {hf_tok_s:>9.0f} tok/s  ours {mine:>9.0f}  (x{mine / hf_tok_s:.2f})")
+    return out
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Measured device-to-device copy bandwidth in B/s (a read and a write per byte)."""
+    n = (1 << 30) if device.type == "cuda" else (1 << 26)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * n / (median_ms(lambda: dst.copy_(src), device, 10, warmup=2) / 1e3)
+
+
+def floor_section(lm, runs: dict, p, bandwidth: float, device: torch.device) -> dict:
+    """Batch-1 decode step of the runs above vs the bytes a step must read at least."""
+    measured = copy_bandwidth(device)
+    wb = weight_bytes(lm)
+    mean_ctx = p["prompt"] + p["new"] / 2
+    out = {"weight_bytes": wb, "mean_context": mean_ctx, "bandwidth_assumed": bandwidth, "bandwidth_copy": measured}
+    for label, anchors in (("none", 0), ("anchors", p["anchors"])):
+        kv = mean_ctx * kv_bytes_per_token(lm.args, lm.dtype.itemsize) + anchors * kv_bytes_per_token(lm.args, 1)
+        step = runs["1"][label]["decode_step_ms_p50"]
+        floor = (wb + kv) / bandwidth * 1e3
+        floor_copy = (wb + kv) / measured * 1e3
+        out[label] = {"kv_bytes": kv, "step_ms": step, "floor_ms": floor, "floor_copy_ms": floor_copy,
+                      "step_vs_floor": step / floor, "step_vs_floor_copy": step / floor_copy}
+        log(f"  B=1 {label:8}: step {step:.3f} ms, floor {floor:.3f} ms at {bandwidth / 1e12:.2f} TB/s "
+            f"(x{step / floor:.2f}), {floor_copy:.3f} ms at the measured copy {measured / 1e12:.2f} TB/s "
+            f"(x{step / floor_copy:.2f})")
+    return out
+
+
+def protocol_section(p, device, dtype, rng) -> dict:
+    """nano-vllm's bench.py: 256 requests, lengths uniform in 100..1024, all at once; no anchors, no commits."""
+    lo, hi = p["protocol_lengths"]
+    n = p["protocol_requests"]
+    hf, lm = build_pair(p["protocol_model"], device, dtype)
+    del hf  # only its weights are needed, and ours hold them
+    gc.collect()
+    prng = random.Random(0)
+    lens = [(prng.randint(lo, hi), prng.randint(lo, hi)) for _ in range(n)]
+    need = sum(cdiv(i + o, BLOCK) * BLOCK for i, o in lens)
+    runner = make_runner(lm, seq_tokens=need, max_model_len=2 * hi, anchor_tokens=BLOCK, anchor_sets=1)
+    sched = Scheduler(runner.blocks, max_num_seqs=p["max_num_seqs"], max_num_batched_tokens=p["max_num_batched_tokens"])
+    log(f"{p['protocol_model']}: warming graphs up to batch {min(n, p['max_num_seqs'])}")
+    warm(runner, sched, min(n, p["max_num_seqs"]), rng)
+    vocab = lm.args.vocab_size
+    seqs = [Sequence(random_ids(prng, i, vocab), SamplingParams(max_tokens=o, ignore_eos=True)) for i, o in lens]
+    log(f"{p['protocol_model']}: {n} requests, {sum(i for i, _ in lens)} prompt and {sum(o for _, o in lens)} output tokens")
+    run = summarize(serve(runner, sched, seqs))
+    run.update(model=p["protocol_model"], requests=n, lengths=[lo, hi], prompt_tokens=sum(i for i, _ in lens))
+    log(f"  {run['tok_s']:.0f} output tok/s in {run['seconds']:.2f} s; TTFT p50 {run['ttft_ms_p50']:.0f} ms, "
+        f"p99 {run['ttft_ms_p99']:.0f} ms; ITL p50 {run['itl_ms_p50']:.2f} ms, p99 {run['itl_ms_p99']:.2f} ms; "
+        f"{run['preemptions']} preemptions")
+    del runner, lm
+    return run
+
+
+def print_table(res: dict) -> None:
+    print("\n== e2e_bench ==")
+    print(f"{'what':44}{'value':>12}{'goal':>10}  met")
+
+    def row(what: str, value: float, goal: float | None = None, lower: bool = False) -> None:
+        met = "" if goal is None else ("yes" if (value <= goal if lower else value >= goal) else "NO")
+        print(f"{what:44}{value:>12.3f}{'' if goal is None else format(goal, '>10.2f')}  {met}")
+
+    for b, r in res.get("anchors", {}).items():
+        row(f"B={b} tokens/s anchors / none", r["anchors_vs_none"], GOALS["anchors_vs_none"])
+    for b, r in res.get("hf", {}).items():
+        row(f"B={b} tokens/s ours / HF generate", r["ours_vs_hf"], GOALS["vs_hf"])
+    for label in ("none", "anchors"):
+        f = res.get("floor", {}).get(label)
+        if f:
+            row(f"B=1 decode step / floor ({label})", f["step_vs_floor"], GOALS["step_vs_floor"], lower=True)
+            row(f"B=1 decode step / copy floor ({label})", f["step_vs_floor_copy"], GOALS["step_vs_floor"], lower=True)
+    pr = res.get("protocol")
+    if pr:
+        row(f"{pr['model']}, {pr['requests']} requests: output tok/s", pr["tok_s"])
+        for key, what in (("ttft", "time to first token"), ("itl", "inter-token latency")):
+            for q in ("p50", "p99"):
+                row(f"  {what} {q} (ms)", pr[f"{key}_ms_{q}"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny configs on the CPU: checks the script in seconds")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--no-commit", action="store_true", help="no K/V commit of finished sequences in section 1")
+    ap.add_argument("--hf-compile", action="store_true", help="let HF generate torch.compile its static-cache forward")
+    ap.add_argument("--bandwidth", type=float, default=4.27e12, help="B/s for the decode floor (default 4.27e12)")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: hf, protocol")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "e2e_bench.json"))
+    args = ap.parse_args()
+    p = dict(SMOKE if args.smoke else FULL)
+    skip = set(filter(None, args.skip.split(",")))
+    device = torch.device(args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    res = {"meta": meta(device, args.smoke), "params": p, "goals": GOALS, "commit": not args.no_commit,
+           "hf_compile": args.hf_compile}
+    log(f"e2e_bench: {res['meta']}")
+    t0 = time.time()
+
+    def save() -> None:
+        res["seconds"] = time.time() - t0
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+    rng = random.Random(0)
+    log(f"{p['model']}: building HF and our model on {device} ({dtype})")
+    hf, lm = build_pair(p["model"], device, dtype)
+    per_seq = cdiv(p["prompt"] + p["new"], BLOCK) * BLOCK
+    runner = make_runner(lm, seq_tokens=max(max(p["batches"]) * per_seq, p["anchors"]) + 256 * BLOCK,
+                         max_model_len=p["prompt"] + p["new"], anchor_tokens=p["anchors"], anchor_sets=1)
+    sched = Scheduler(runner.blocks, max_num_seqs=p["max_num_seqs"], max_num_batched_tokens=p["max_num_batched_tokens"])
+    with tempfile.TemporaryDirectory(prefix="e2e-bench-") as folder:
+        bench = AnchorBench(runner, folder, p["anchors"], rng)
+        try:
+            (cs, compile_s) = bench.compile(p["anchors"], p["anchor_states"])
+            res["anchor_set"] = {"tokens": len(cs.tokens), "compile_s": compile_s, "profile": bench.profile.digest}
+            log(f"{p['model']}: anchor set of {len(cs.tokens)} tokens compiled in {compile_s:.2f} s; warming graphs")
+            warm(runner, sched, max(p["batches"]), rng, cs)
+            log(f"{p['model']}: {p['prompt']}-token prompts, {p['new']} new tokens, commit "
+                f"{'off' if args.no_commit else 'on'}")
+            res["anchors"] = anchors_section(runner, sched, bench, cs, p, rng, not args.no_commit)
+            save()
+        finally:
+            bench.close()
+    log(f"{p['model']}: batch-1 decode step vs the bandwidth floor")
+    res["floor"] = floor_section(lm, res["anchors"], p, args.bandwidth, device)
+    save()
+    if "hf" not in skip:
+        log(f"{p['model']}: HF generate (static cache{', torch.compile' if args.hf_compile else ', eager'})")
+        res["hf"] = hf_section(hf, p, device, res["anchors"], args.hf_compile)
+        save()
+    del hf, lm, runner, sched, bench
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    sync(device)
+    if "protocol" not in skip:
+        res["protocol"] = protocol_section(p, device, dtype, rng)
+        save()
+    print_table(res)
+    log(f"e2e_bench done in {time.time() - t0:.0f} s; JSON in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
