@@ -35,6 +35,7 @@ def _records(n):
     return [b'{"i":%d,"kind":"state","v":1}' % i for i in range(n)]
 
 
+@pytest.mark.slow
 def test_three_inits_at_once_leave_one_whole_ledger(tmp_path):
     for trial in range(4):
         d = tmp_path / f"d{trial}"
@@ -72,6 +73,7 @@ WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_second_writer_refused_while_readers_audit_one_snapshot(tmp_path):
     d = tmp_path / "data"
     signer, verifier = _init(d)
@@ -123,10 +125,11 @@ def _check_report(d, verifier, err, total):
     return added
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_add_reports_exactly_what_was_sequenced(tmp_path):
     d = tmp_path / "data"
     _, verifier = _init(d)
-    total = 200_000
+    total = 100_000
     proc = _add_lines_process(d, tmp_path, total)
     first = proc.stdout.readline()
     assert first.startswith(b"0\t")
@@ -139,10 +142,11 @@ def test_ctrl_c_during_add_reports_exactly_what_was_sequenced(tmp_path):
     assert printed and printed == sorted(set(printed)) and printed[-1] < added < total
 
 
+@pytest.mark.slow
 def test_closed_pipe_during_add_reports_exactly_what_was_sequenced(tmp_path):
     d = tmp_path / "data"
     _, verifier = _init(d)
-    total = 100_000
+    total = 50_000
     proc = _add_lines_process(d, tmp_path, total)
     assert proc.stdout.readline().startswith(b"0\t")
     proc.stdout.close()  # as `| head -1` does
@@ -232,6 +236,7 @@ def _as_unprivileged(cmd):
     return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", *cmd]
 
 
+@pytest.mark.slow
 def test_read_only_folder_still_proves_verifies_and_audits(tmp_path):
     d = tmp_path / "data"
     _init(d)
