@@ -54,7 +54,7 @@ from engine_bench import (
 )
 
 from fieldprint.engine.kv_cache import cdiv
-from fieldprint.engine.runner import ModelRunner
+from fieldprint.engine.runner import ModelRunner, RunnerConfig
 from fieldprint.engine.scheduler import Scheduler
 from fieldprint.engine.sequence import SamplingParams, Sequence
 
@@ -252,7 +252,10 @@ def protocol_section(p, device, dtype, rng) -> dict:
     prng = random.Random(0)
     lens = [(prng.randint(lo, hi), prng.randint(lo, hi)) for _ in range(n)]
     need = sum(cdiv(i + o, BLOCK) * BLOCK for i, o in lens)
-    runner = make_runner(lm, seq_tokens=need, max_model_len=2 * hi, anchor_tokens=BLOCK, anchor_sets=1)
+    # An anchor pool as the engine sizes it by default, though unused: its (empty) anchor routing is
+    # part of every captured decode step.
+    runner = make_runner(lm, seq_tokens=need, max_model_len=2 * hi, anchor_tokens=RunnerConfig().max_anchor_len,
+                         anchor_sets=1)
     sched = Scheduler(runner.blocks, max_num_seqs=p["max_num_seqs"], max_num_batched_tokens=p["max_num_batched_tokens"])
     log(f"{p['protocol_model']}: warming graphs up to batch {min(n, p['max_num_seqs'])}")
     warm(runner, sched, min(n, p["max_num_seqs"]), rng)

@@ -438,7 +438,10 @@ def bench_model(name: str, p: dict, device: torch.device, dtype: torch.dtype, fo
     (hf, lm), load_s = wall_s(lambda: build_pair(name, device, dtype), device)
     ctx, alen, batches = p["context"], p["anchors"], p["batches"]
     seq_tokens = max(max(p["prefill"]), max(batches) * cdiv(ctx + 1, BLOCK) * BLOCK, p["parity_prompt"] + p["parity_steps"])
-    runner = make_runner(lm, seq_tokens=seq_tokens + alen, max_model_len=max(max(p["prefill"]), ctx + 1),
+    # max_model_len sizes the captured decode graphs' block tables, from which the decode kernel
+    # plans its split-KV work: the decode context, as an engine serving it would be configured.
+    # Prefill steps run outside graphs and are not bound by it.
+    runner = make_runner(lm, seq_tokens=seq_tokens + alen, max_model_len=max(ctx + 1, p["parity_prompt"] + p["parity_steps"]),
                          anchor_tokens=alen, anchor_sets=2)
     res = {"config": CONFIGS[name], "load_s": load_s, "weight_bytes": weight_bytes(lm), "anchor_tokens": alen,
            "kv_bytes_per_token": kv_bytes_per_token(lm.args, lm.dtype.itemsize)}
