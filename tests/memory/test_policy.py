@@ -387,6 +387,7 @@ def _run_history(root, replay=None):
         m.close()
 
 
+@pytest.mark.slow
 def test_replaying_a_logged_note_in_any_order_changes_no_decision(tmp_path):
     assert _run_history(str(tmp_path / "plain")) == EXPECTED
     for step in range(len(HISTORY)):

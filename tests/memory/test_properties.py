@@ -271,7 +271,7 @@ class GateMachine(RuleBasedStateMachine):
 
 GateMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=20, deadline=None,
                                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-test_gate_machine = GateMachine.TestCase
+test_gate_machine = pytest.mark.slow(GateMachine.TestCase)
 
 
 _SID = "blake3:" + "5a" * 32

@@ -184,6 +184,7 @@ def test_a_damaged_row_is_a_state_error_naming_its_column(memory, sql, column):
         memory.store.get(s.state_id)
 
 
+@pytest.mark.slow
 def test_a_read_only_folder_is_read_and_every_write_is_a_state_error(tmp_path):
     from memory_harness import run_on_read_only_folder
 

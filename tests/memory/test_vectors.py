@@ -110,6 +110,7 @@ def minilm() -> MiniLMEmbedder:
     return MiniLMEmbedder()  # loading takes seconds: one instance for the module
 
 
+@pytest.mark.slow
 def test_minilm_embedder_is_real_and_offline(minilm):
     e = minilm
     texts = ["The cat sleeps on the warm windowsill.", "A kitten naps in the sun by the window.",
@@ -133,6 +134,7 @@ def test_compact_keeps_rows_results_and_rollback_history(store):
     assert len(store) == 10
 
 
+@pytest.mark.slow
 def test_pacemaker_retrieves_by_meaning_with_minilm(tmp_path, minilm):
     from memory_harness import make_memory
 
