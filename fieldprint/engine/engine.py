@@ -221,7 +221,8 @@ class Engine:
         for stop in s.params.stop:
             if stop in text:
                 text = text[: text.index(stop)]
-        entry = generation_entry(self.lm.model_id, r.anchor_set, s.prompt_ids, s.output_ids, s.params, r.session)
+        entry = generation_entry(self.lm.model_id, self.lm.tokenizer_digest, r.anchor_set, s.prompt_ids, s.output_ids,
+                                 text, s.params, r.session)
         future = self.log.add(entry)  # sequenced in the background; receipts are bound once it is
         receipt = build_receipt(self.memory, self.lm, r.anchor_set, r.anchor_states, r.decisions,
                                 s.prompt_ids, s.output_ids, text, s.params, entry)

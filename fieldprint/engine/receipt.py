@@ -22,7 +22,9 @@ import json
 import time
 from dataclasses import dataclass
 
-from fieldprint.canon import canonical_json
+import blake3
+
+from fieldprint.canon import canonical_json, is_int, tag_digest
 from fieldprint.engine.anchors import ANCHOR_STATE_TYPE, manifest_digest, token_digest
 from fieldprint.errors import (
     EntryError,
@@ -44,18 +46,27 @@ def _b64(data: bytes) -> str:
 
 def _unb64(text: object, what: str) -> bytes:
     try:
-        return base64.b64decode(text, validate=True)
+        data = base64.b64decode(text, validate=True)
     except (TypeError, ValueError):
         raise ReceiptError(f"{what} is not base64") from None
+    if _b64(data) != text:  # non-zero padding bits would let two texts carry the same bytes
+        raise ReceiptError(f"{what} is not canonical base64")
+    return data
 
 
-def generation_entry(model_id: str, anchor_set, prompt_ids: list[int], output_ids: list[int], params, session: str | None) -> bytes:
+def text_digest(text: str) -> str:
+    """Digest of an output's decoded text (UTF-8): binds the text a reader sees, which an offline verifier cannot decode."""
+    return tag_digest("blake3", blake3.blake3(b"fieldprint/output-text/v1\x00" + text.encode("utf-8")).digest())
+
+
+def generation_entry(model_id: str, tokenizer: str, anchor_set, prompt_ids: list[int], output_ids: list[int], text: str,
+                     params, session: str | None) -> bytes:
     """The `generation` leaf: what one output was conditioned on, and its digest."""
     return encode_entry("generation", {
-        "model_id": model_id,
+        "model_id": model_id, "tokenizer": tokenizer,
         "anchor_set": anchor_set.manifest and manifest_digest(anchor_set.manifest) if anchor_set else None,
         "prompt": token_digest(prompt_ids), "prompt_tokens": len(prompt_ids),
-        "output": token_digest(output_ids), "output_tokens": len(output_ids),
+        "output": token_digest(output_ids), "output_tokens": len(output_ids), "output_text": text_digest(text),
         "sampling": params.to_dict(), "session": session, "time_ns": time.time_ns(),
     })
 
@@ -134,16 +145,47 @@ class ReceiptReport:
                 f"{len(self.anchors)} anchor state(s); {state}")
 
 
-def _field(d: object, key: str, what: str):
-    if not isinstance(d, dict) or key not in d:
-        raise ReceiptError(f"receipt is malformed: {what} lacks {key!r}")
-    return d[key]
+_KEYS = {
+    "receipt": {"format", "checkpoint", "model", "anchors", "prompt", "output", "sampling", "generation"},
+    "model": {"id", "tokenizer"},
+    "prompt": {"tokens", "digest", "token_ids"},
+    "output": {"tokens", "digest", "token_ids", "text"},
+    "generation": {"entry", "bound", "index", "proof", "checkpoint"},
+    "anchors": {"set", "states"},
+    "anchor set": {"manifest", "index", "entry", "proof"},
+    "anchor state": {"index", "entry", "proof", "text", "decision", "override"},
+    "override": {"index", "entry", "proof"},
+}
+
+
+def _exact(d: object, what: str) -> dict:
+    """`d` as a dict with exactly the fields of `what` (a renamed or extra field is a changed receipt, not noise)."""
+    keys = {k for k in d if not (what == "receipt" and k.startswith("_"))} if isinstance(d, dict) else None
+    if keys != _KEYS[what]:
+        got = sorted(keys) if keys is not None else type(d).__name__
+        raise ReceiptError(f"receipt is malformed: {what} must have exactly the fields {sorted(_KEYS[what])}, got {got}")
+    return d
+
+
+def _tokens(part: dict, what: str, logged_digest: object, logged_count: object) -> None:
+    """Token ids, their count and digest agree with each other and with the generation entry."""
+    ids = part["token_ids"]
+    if not isinstance(ids, list) or not all(is_int(t) and 0 <= t < 2**32 for t in ids):
+        raise ReceiptError(f"{what} token ids must be a list of integers in [0, 2**32)")
+    if token_digest(ids) != part["digest"] or part["digest"] != logged_digest:
+        raise ReceiptError(f"{what} digest differs from the {what} tokens or from the generation entry")
+    if part["tokens"] != len(ids) or not is_int(part["tokens"]) or len(ids) != logged_count:
+        raise ReceiptError(f"{what} token count {part['tokens']!r} differs from its {len(ids)} token ids "
+                           f"or from the generation entry's {logged_count!r}")
 
 
 def _check_included(item: dict, cp: Checkpoint, what: str) -> bytes:
-    entry = _unb64(_field(item, "entry", what), f"{what} entry")
-    index = _field(item, "index", what)
-    proof = [_unb64(h, f"{what} proof") for h in _field(item, "proof", what) or []]
+    entry = _unb64(item["entry"], f"{what} entry")
+    index, proof = item["index"], item["proof"]
+    if not is_int(index) or not 0 <= index < cp.size or not isinstance(proof, list):
+        raise ReceiptError(f"{what}: index {index!r} is not a leaf of the checkpoint's tree (size {cp.size}) "
+                           "or its proof is not a list")
+    proof = [_unb64(h, f"{what} proof") for h in proof]
     try:
         merkle.verify_inclusion(merkle.leaf_hash(entry), index, cp.size, proof, cp.root_hash)
     except ProofError as e:
@@ -176,11 +218,11 @@ def _check_promoted(state: StateEntry, item: dict, cp: Checkpoint, override_keys
 
     if state.state_type in DEFAULT_PROMOTABLE and not state.taint:
         return
-    ov = item.get("override")
-    if not ov:
+    ov = item["override"]
+    if ov is None:
         why = f"tainted by {list(state.taint)}" if state.taint else f"of type {state.state_type!r}"
         raise ReceiptError(f"anchor {i} ({state.state_id}) is {why} and no override promoted it")
-    raw = _check_included(ov, cp, f"override of anchor {i}")
+    raw = _check_included(_exact(ov, "override"), cp, f"override of anchor {i}")
     try:
         record = decode_entry(raw)
         if record["kind"] != "override":
@@ -207,22 +249,22 @@ def verify_receipt(receipt: object, log_key: str, *, origin: str | None = None,
         Verifier.parse(log_key)
     except NoteError as e:
         raise ReceiptError(f"log key is malformed: {e}") from None
-    model = _field(receipt, "model", "receipt")
-    out, prompt = _field(receipt, "output", "receipt"), _field(receipt, "prompt", "receipt")
-    gen = _field(receipt, "generation", "receipt")
+    _exact(receipt, "receipt")
+    model, out, prompt = _exact(receipt["model"], "model"), _exact(receipt["output"], "output"), _exact(receipt["prompt"], "prompt")
+    gen = _exact(receipt["generation"], "generation")
     try:
-        g = decode_entry(_unb64(_field(gen, "entry", "generation"), "generation entry"))
+        g = decode_entry(_unb64(gen["entry"], "generation entry"))
     except EntryError as e:
         raise ReceiptError(f"generation entry is malformed: {e}") from None
-    if g["kind"] != "generation":
-        raise ReceiptError(f"generation entry is a {g['kind']!r} entry")
-    if token_digest(_field(out, "token_ids", "output")) != out.get("digest") or out.get("digest") != g["output"]:
-        raise ReceiptError("output digest differs from the output tokens or from the generation entry")
-    if token_digest(_field(prompt, "token_ids", "prompt")) != prompt.get("digest") or prompt.get("digest") != g["prompt"]:
-        raise ReceiptError("prompt digest differs from the prompt tokens or from the generation entry")
-    if g["model_id"] != model.get("id"):
-        raise ReceiptError("the generation entry names another model than the receipt")
-    if canonical_json(g["sampling"]) != canonical_json(receipt.get("sampling")):
+    if g["kind"] != "generation" or not is_int(g.get("time_ns")):
+        raise ReceiptError(f"generation entry is a {g['kind']!r} entry, not a generation entry with its time")
+    _tokens(out, "output", g.get("output"), g.get("output_tokens"))
+    _tokens(prompt, "prompt", g.get("prompt"), g.get("prompt_tokens"))
+    if not isinstance(out["text"], str) or text_digest(out["text"]) != g.get("output_text"):
+        raise ReceiptError("output text differs from the text the generation entry binds")
+    if g.get("model_id") != model["id"] or g.get("tokenizer") != model["tokenizer"]:
+        raise ReceiptError("the generation entry names another model or tokenizer than the receipt")
+    if canonical_json(g.get("sampling")) != canonical_json(receipt.get("sampling")):
         raise ReceiptError("sampling parameters differ from the generation entry")
     anchors = receipt.get("anchors")
     ids: list[str] = []
@@ -230,11 +272,13 @@ def verify_receipt(receipt: object, log_key: str, *, origin: str | None = None,
     if anchors is not None or receipt.get("checkpoint") is not None:
         cp = _open_checkpoint(receipt.get("checkpoint"), log_key, origin, "receipt")
     if anchors is None:
-        if g["anchor_set"] is not None:
+        if g.get("anchor_set") is not None:
             raise ReceiptError("the generation entry names an anchor set the receipt does not carry")
     else:
-        aset = _field(anchors, "set", "anchors")
-        manifest = _field(aset, "manifest", "anchor set")
+        aset = _exact(_exact(anchors, "anchors")["set"], "anchor set")
+        manifest = aset["manifest"]
+        if not isinstance(manifest, dict):
+            raise ReceiptError("receipt is malformed: the anchor set manifest is not an object")
         set_entry = _check_included(aset, cp, "anchor set entry")
         try:
             se = StateEntry.decode(set_entry)
@@ -242,12 +286,15 @@ def verify_receipt(receipt: object, log_key: str, *, origin: str | None = None,
             raise ReceiptError(f"anchor set entry is malformed: {e}") from None
         if se.state_type != ANCHOR_STATE_TYPE or se.state_id != manifest_digest(manifest):
             raise ReceiptError("the anchor set manifest is not the one the log commits to")
-        if g["anchor_set"] != se.state_id:
+        if g.get("anchor_set") != se.state_id:
             raise ReceiptError("the generation entry names another anchor set")
         if manifest.get("model_id") != model.get("id") or manifest.get("tokenizer") != model.get("tokenizer"):
             raise ReceiptError("the anchor set was compiled for another model or tokenizer")
-        items = _field(anchors, "states", "anchors")
-        ids = [StateEntry.decode(_check_included(it, cp, f"anchor state {i}")).state_id for i, it in enumerate(items)]
+        items = anchors["states"]
+        if not isinstance(items, list):
+            raise ReceiptError("receipt is malformed: anchor states are not a list")
+        ids = [StateEntry.decode(_check_included(_exact(it, "anchor state"), cp, f"anchor state {i}")).state_id
+               for i, it in enumerate(items)]
         if ids != manifest.get("state_ids"):
             raise ReceiptError(f"anchor states {ids} differ from the anchor set's ordered states {manifest.get('state_ids')} "
                                "(dropped, added or reordered)")
@@ -257,13 +304,17 @@ def verify_receipt(receipt: object, log_key: str, *, origin: str | None = None,
 
         for i, it in enumerate(items):
             st = StateEntry.decode(_unb64(it["entry"], "anchor entry"))
-            if it.get("text") is not None and content_digest(it["text"], None) != st.digest:
+            if it["text"] is not None and (not isinstance(it["text"], str) or not it["text"]
+                                           or content_digest(it["text"], None) != st.digest):
                 raise ReceiptError(f"anchor {i}'s text differs from its logged digest")
             _check_promoted(st, it, cp, override_keys, i, g["time_ns"])
-    bound = bool(gen.get("bound"))
-    if bound:
-        gcp = _open_checkpoint(gen.get("checkpoint"), log_key, origin, "generation")
+    bound = gen["bound"]
+    if bound is True:
+        gcp = _open_checkpoint(gen["checkpoint"], log_key, origin, "generation")
         _check_included(gen, gcp, "generation entry")
+    elif bound is not False or (gen["index"], gen["proof"], gen["checkpoint"]) != (None, None, None):
+        raise ReceiptError("receipt is malformed: generation must be bound (true, with index, proof and checkpoint) "
+                           "or not (false, with none of them)")
     report_cp = cp or (gcp if bound else None)
     return ReceiptReport(report_cp.origin if report_cp else (origin or Verifier.parse(log_key).name),
                          report_cp.size if report_cp else 0, ids, bound, model.get("id", ""))
