@@ -59,11 +59,11 @@ from fieldprint.engine.scheduler import Scheduler
 from fieldprint.engine.sequence import SamplingParams, Sequence
 
 FULL = {"model": "llama-3.2-1b", "batches": (1, 8, 32, 128), "hf_batches": (1, 8, 32), "prompt": 512, "new": 128,
-        "anchors": 2048, "anchor_states": 8, "repeats": 2, "protocol_model": "qwen3-0.6b", "protocol_requests": 256,
-        "protocol_lengths": (100, 1024), "max_num_seqs": 256, "max_num_batched_tokens": 8192}
+        "anchors": 2048, "anchor_states": 8, "repeats": 2, "hf_repeats": 3, "protocol_model": "qwen3-0.6b",
+        "protocol_requests": 256, "protocol_lengths": (100, 1024), "max_num_seqs": 256, "max_num_batched_tokens": 8192}
 SMOKE = {"model": "tiny-llama", "batches": (1, 2, 4, 8), "hf_batches": (1, 2), "prompt": 24, "new": 6,
-         "anchors": 48, "anchor_states": 3, "repeats": 1, "protocol_model": "tiny-qwen3", "protocol_requests": 12,
-         "protocol_lengths": (8, 24), "max_num_seqs": 8, "max_num_batched_tokens": 64}
+         "anchors": 48, "anchor_states": 3, "repeats": 1, "hf_repeats": 1, "protocol_model": "tiny-qwen3",
+         "protocol_requests": 12, "protocol_lengths": (8, 24), "max_num_seqs": 8, "max_num_batched_tokens": 64}
 GOALS = {"anchors_vs_none": 0.95, "vs_hf": 3.0, "step_vs_floor": 1.3}
 
 
@@ -204,7 +204,7 @@ def hf_section(hf, p, device, ours: dict, compile_: bool) -> dict:
         with torch.inference_mode():
             hf.generate(input_ids=ids, max_new_tokens=4, min_new_tokens=4, **kw)  # warm: cache allocation, kernels
             runs = []
-            for _ in range(p["repeats"]):
+            for _ in range(p["hf_repeats"]):  # its batch-1 figures vary run to run: a median of three
                 gen, t = wall_s(lambda ids=ids, kw=kw: hf.generate(input_ids=ids, max_new_tokens=p["new"],
                                                                    min_new_tokens=p["new"], **kw), device)
                 runs.append((gen.shape[1] - p["prompt"]) * b / t)
@@ -303,10 +303,12 @@ def main() -> None:
     ap.add_argument("--no-commit", action="store_true", help="no K/V commit of finished sequences in section 1")
     ap.add_argument("--hf-compile", action="store_true", help="let HF generate torch.compile its static-cache forward")
     ap.add_argument("--bandwidth", type=float, default=4.27e12, help="B/s for the decode floor (default 4.27e12)")
+    ap.add_argument("--model", default=None, help="model of sections 1-3 (default llama-3.2-1b; e.g. llama-3-8b)")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: hf, protocol")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "e2e_bench.json"))
     args = ap.parse_args()
     p = dict(SMOKE if args.smoke else FULL)
+    p["model"] = args.model or p["model"]
     skip = set(filter(None, args.skip.split(",")))
     device = torch.device(args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
