@@ -94,6 +94,7 @@ class TransparencyLog(LogReader):
             raise LogError(f"this log was created with verifier key {stored}; open it with the matching signer key")
         self._size = storage.size()
         self._border = self._get_nodes(border_ids(self._size))  # recovery: the right border of the tree
+        self._root = border_root(self._border)
         latest = storage.latest_checkpoint()
         if self._check_published(self._size) is None and latest is not None and published is not None:
             write_checkpoint_file(published, latest[1])  # a lost checkpoint file is published again
@@ -136,9 +137,15 @@ class TransparencyLog(LogReader):
 
         One process writes a log at a time (an OS lock on `<path>.lock`); the latest checkpoint is
         also published to `<path>.checkpoint` and the database must extend it (see published.py).
+        A `postgresql://` URL opens the log shared by many processes there instead (storage/postgres.py).
         """
         from fieldprint.ledger.storage.sqlite import SQLiteStorage
 
+        if _is_postgres(path):
+            from fieldprint.ledger.storage.postgres import open_log
+
+            return open_log(path, signer_key, batch_size=batch_size, batch_wait_ms=batch_wait_ms,
+                            checkpoint_interval_s=checkpoint_interval_s, durability=durability, create=create)
         Signer.parse(signer_key)
         path, published = os.fspath(path), published_path(path)
         if not _holds_data(path) and (not create or os.path.exists(published)):
@@ -155,7 +162,11 @@ class TransparencyLog(LogReader):
 
     @staticmethod
     def open_readonly(path: str | os.PathLike, verifier_key: str) -> LogReader:
-        """Open the SQLite log at `path` for reading with only its verifier key (see LogReader)."""
+        """Open the log at `path` (SQLite file or `postgresql://` URL) for reading with only its verifier key."""
+        if _is_postgres(path):
+            from fieldprint.ledger.storage.postgres import open_reader
+
+            return open_reader(path, verifier_key)
         return LogReader.open(path, verifier_key)
 
     # --- writing ---------------------------------------------------------------------------------
@@ -235,6 +246,8 @@ class TransparencyLog(LogReader):
                 self._integrate_batch(batch)
             for cmd in commands:
                 self._run_command(cmd)
+            if self._storage.shared and self._queue.empty():
+                self._storage.release_lease()  # idle: a shared log's other processes need not wait for our lease
         except BaseException as exc:  # items already taken off the queue must not be left pending
             err = LogError(f"the log's sequencer stopped after an error: {exc!r}; reopen the log")
             resolve_batch(self._resolved, [f for _, f in batch if not f.done()], [err] * len(batch))
@@ -270,14 +283,27 @@ class TransparencyLog(LogReader):
 
     def _integrate(self, entries: Sequence[bytes]) -> int:
         """Hash entries into a copy of the border and commit leaves + completed nodes at once."""
-        start, border, emitted = self._size, list(self._border), []
         hashes = [leaf_hash(e) for e in entries]
-        for i, h in enumerate(hashes):
-            append_leaf(border, start + i, h, emitted)
-        nodes = [n for n in emitted if n[0] >= STORED_MIN_LEVEL]
-        self._storage.append(start, entries, hashes, nodes)
-        self._border, self._size = border, start + len(entries)  # only after the commit returned
+        with self._storage.sequencer_turn(self._size, self._root) as head:
+            if (head.size, head.root) != (self._size, self._root):
+                self._adopt(head.size, head.root)  # a shared log: another process integrated since our last turn
+            start, border, emitted = self._size, list(self._border), []
+            for i, h in enumerate(hashes):
+                append_leaf(border, start + i, h, emitted)
+            nodes = [n for n in emitted if n[0] >= STORED_MIN_LEVEL]
+            self._storage.append(start, entries, hashes, nodes)
+            root = border_root(border)
+            head.advance(start + len(entries), root)
+        self._border, self._size, self._root = border, start + len(entries), root  # only after the commit returned
         return start
+
+    def _adopt(self, size: int, root: bytes | None) -> None:
+        """Continue from the committed head (size, root): read its border, check it gives that root."""
+        border = self._get_nodes(border_ids(size))
+        if root is not None and border_root(border) != root:
+            raise LogError(f"the stored tree of {self._where} at size {size} does not give the root of the log's "
+                           f"tree head; nothing was written. Run audit() and restore the database from a backup")
+        self._size, self._border, self._root = size, border, border_root(border)
 
     def _run_command(self, cmd: _Command) -> None:
         if not cmd.future.set_running_or_notify_cancel():
@@ -285,6 +311,9 @@ class TransparencyLog(LogReader):
         try:
             if cmd.kind == "checkpoint":
                 result = self._make_checkpoint()
+            elif cmd.kind == "audit" and self._storage.shared:  # other processes write on: audit one snapshot
+                with self._storage.snapshot():
+                    result = audit_storage(self._storage, self._storage.size(), self.origin, self._verifier_key, cmd.payload)
             elif cmd.kind == "audit":
                 result = audit_storage(self._storage, self._size, self.origin, self._verifier_key, cmd.payload)
             elif cmd.kind == "extend":
@@ -374,6 +403,10 @@ class TransparencyLog(LogReader):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _is_postgres(path: str | os.PathLike) -> bool:
+    return isinstance(path, str) and path.startswith(("postgresql://", "postgres://"))
 
 
 def _holds_data(path: str) -> bool:

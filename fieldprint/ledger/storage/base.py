@@ -5,8 +5,9 @@ STORED_MIN_LEVEL up: a node below it covers at most 2**STORED_MIN_LEVEL leaves a
 their stored leaf hashes when a proof needs it, which makes appends write about one row per entry
 (instead of three) while a proof still reads O(log n) rows.
 
-One writer (the log's sequencer thread, in the one process holding the backend's writer lock) calls
-`append` and `add_checkpoint`; any thread, and read-only opens in other processes, may read, and
+One writer at a time (a log's sequencer thread: in the one process holding SQLite's writer lock, or
+in whichever process holds a shared backend's sequencer lease, see `sequencer_turn`) calls `append`
+and `add_checkpoint`; any thread, and read-only opens in other processes, may read, and
 `snapshot()` gives a reader one consistent view across many calls (the audit needs that).
 `append` is one atomic, durable transaction: when it returns, the leaves, the nodes they complete
 and nothing else are stored; when it raises, nothing is. A backend (SQLite embedded, PostgreSQL at
@@ -17,14 +18,40 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 
 NodeRow = tuple[int, int, bytes]  # (level, index, hash)
 STORED_MIN_LEVEL = 4
 
 
+class TreeHead:
+    """The committed (size, root) a sequencer's turn starts from; advance() sets the one it commits."""
+
+    def __init__(self, size: int, root: bytes | None) -> None:
+        self.size, self.root = size, root  # root None: stored by a bare append, not computed by a log
+
+    def advance(self, size: int, root: bytes) -> None:
+        """Record the head the turn's appends lead to."""
+        self.size, self.root = size, root
+
+
 class LogStorage(ABC):
     """Durable storage for one transparency log."""
+
+    shared = False  # True when processes other than this one's sequencer may grow the log (PostgreSQL)
+
+    def sequencer_turn(self, size: int, root: bytes) -> AbstractContextManager[TreeHead]:
+        """One sequencer's turn to integrate a batch: yields the committed tree head.
+
+        The caller appends from that head and calls advance(); the turn commits both as one. With one
+        writer per log (SQLite's writer lock) the head is the caller's own and there is nothing to do;
+        a shared backend takes its sequencer lease here and commits only if the head is unchanged.
+        """
+        return nullcontext(TreeHead(size, root))
+
+    def release_lease(self) -> None:
+        """Let another process sequence now (this one has nothing queued); no-op with one writer."""
+        return None
 
     @abstractmethod
     def get_meta(self, key: str) -> str | None:

@@ -1,0 +1,105 @@
+"""Find or start a PostgreSQL server for the tests, and give each test module a fresh database.
+
+    from pg import pg_dsn  # noqa: F401  (a module-scoped fixture: a DSN of a new, empty database)
+
+Where the server comes from, in order: FIELDPRINT_POSTGRES_DSN (any server you point it at), else a
+server that .ci/postgres.sh starts (or finds running) on 127.0.0.1 without installing anything.
+When neither works the PostgreSQL tests skip and say why, unless FIELDPRINT_REQUIRE_POSTGRES=1
+(CI sets it), where not having PostgreSQL is a failure.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import secrets
+import subprocess
+
+import pytest
+
+DSN_ENV = "FIELDPRINT_POSTGRES_DSN"
+REQUIRE_ENV = "FIELDPRINT_REQUIRE_POSTGRES"
+START_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".ci", "postgres.sh")
+
+
+def unavailable(reason: str) -> None:
+    """Skip the test for `reason`, or fail it when FIELDPRINT_REQUIRE_POSTGRES=1."""
+    if os.environ.get(REQUIRE_ENV) == "1":
+        pytest.fail(f"PostgreSQL is required ({REQUIRE_ENV}=1) but {reason}", pytrace=False)
+    pytest.skip(f"no PostgreSQL for these tests: {reason} (set {DSN_ENV}, or run .ci/postgres.sh)")
+
+
+@functools.cache
+def _find_server() -> tuple[str | None, str]:
+    """(admin DSN, '') of a reachable server, or (None, why not)."""
+    try:
+        import psycopg
+    except ImportError:
+        return None, "psycopg is not installed (pip install 'fieldprint[postgres]')"
+    dsn = os.environ.get(DSN_ENV)
+    if not dsn:
+        if not os.path.exists(START_SCRIPT):
+            return None, f"{DSN_ENV} is not set and {START_SCRIPT} is missing"
+        try:
+            out = subprocess.run(["bash", START_SCRIPT, "--no-install"], capture_output=True, text=True, timeout=180)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return None, f"{DSN_ENV} is not set and .ci/postgres.sh failed to run ({exc})"
+        found = re.search(rf"export {DSN_ENV}=(\S+)", out.stdout)
+        if out.returncode != 0 or not found:
+            why = (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]
+            return None, f"{DSN_ENV} is not set and .ci/postgres.sh could not start a server: {why}"
+        dsn = found.group(1)
+    try:
+        with psycopg.connect(dsn, connect_timeout=10) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as exc:
+        return None, f"cannot connect to {dsn.split('@')[-1]}: {str(exc).strip().splitlines()[0]}"
+    return dsn, ""
+
+
+def server_dsn() -> str:
+    """The DSN of a reachable PostgreSQL server (skips or fails the calling test when there is none)."""
+    dsn, why = _find_server()
+    if dsn is None:
+        unavailable(why)
+    return dsn
+
+
+def _with_dbname(dsn: str, dbname: str) -> str:
+    """The same server and user as `dsn`, database `dbname`, as a postgresql:// URL (what the log opens)."""
+    from urllib.parse import quote
+
+    import psycopg
+
+    p = psycopg.conninfo.conninfo_to_dict(dsn)
+    auth = quote(p.get("user", ""), safe="") + (":" + quote(p["password"], safe="") if p.get("password") else "")
+    host = p.get("host", "")
+    netloc = f"{auth}@" if auth else ""
+    if host.startswith("/"):  # a unix socket folder goes in the query
+        return f"postgresql://{netloc}/{dbname}?host={quote(host, safe='')}&port={p.get('port', '5432')}"
+    return f"postgresql://{netloc}{host}:{p.get('port', '5432')}/{dbname}"
+
+
+def fresh_database(label: str) -> tuple[str, callable]:
+    """(DSN of a new empty database, drop()) on the test server."""
+    import psycopg
+
+    admin = server_dsn()
+    name = "fp_" + re.sub(r"[^a-z0-9_]", "_", label.lower())[-40:] + "_" + secrets.token_hex(4)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+
+    def drop() -> None:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    return _with_dbname(admin, name), drop
+
+
+@pytest.fixture(scope="module")
+def pg_dsn(request):
+    """A DSN of a database created for this test module (dropped after it)."""
+    dsn, drop = fresh_database(request.module.__name__)
+    yield dsn
+    drop()
