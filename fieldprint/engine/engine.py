@@ -122,7 +122,10 @@ class Engine:
             hits = mem.pacemaker.search(anchors or query_text, self.config.anchor_k)
             candidates, explicit = [h.state for h in hits], False
         elif isinstance(anchors, (list, tuple)) and all(isinstance(a, str) for a in anchors):
-            candidates, explicit = mem.store.require(list(anchors)), True
+            candidates, explicit = [mem.store.get(a) for a in anchors], True
+            missing = [a for a, s in zip(anchors, candidates) if s is None]
+            if missing:
+                raise EngineError(f"anchor state {missing[0]!r} is not in memory; add it first (engine.memory.pacemaker.add)")
         else:
             raise EngineError("anchors must be None, a query string, or a list of state ids")
         promoted, decisions = [], []
@@ -161,18 +164,42 @@ class Engine:
         if len(own) + params.max_tokens > limit:
             raise EngineError(f"the prompt is {len(own)} tokens and asks for {params.max_tokens} more; "
                               f"the engine's max_model_len is {limit}")
+        if len(prefix) + len(own) + params.max_tokens > self.lm.args.max_position:
+            raise EngineError(f"{len(prefix)} anchor + {len(own)} prompt + {params.max_tokens} new tokens exceed the "
+                              f"model's {self.lm.args.max_position} positions")
         if cs is not None and prefix != cs.tokens:
             raise EngineError("the anchor set's tokens differ from this chat's anchor prefix (a template change?)")
         seq = Sequence(own, params, anchor_key=cs.key if cs else None, anchor_len=len(prefix))
         return _Request(seq, messages[-1]["content"], cs, states, decisions, session)
 
     def _admit(self, reqs: list[_Request]) -> None:
+        """Queue the requests, all or none (a refused one must not leave the others queued and pinned)."""
+        admitted = []
+        try:
+            for r in reqs:
+                self.scheduler.add(r.seq)
+                if r.seq.anchor_key:
+                    try:
+                        self.runner.anchor_pool.pin(r.seq.anchor_key)
+                    except BaseException:
+                        self.scheduler.finish(r.seq)
+                        raise
+                admitted.append(r)
+        except BaseException:
+            self._abandon(admitted)
+            raise
         for r in reqs:
-            self.scheduler.add(r.seq)
             if r.session is not None:
                 self._sessions_of[r.seq.seq_id] = r.session
-            if r.seq.anchor_key:
-                self.runner.anchor_pool.pin(r.seq.anchor_key)
+
+    def _abandon(self, reqs: list[_Request]) -> None:
+        """Take admitted, unfinished requests out of the scheduler and unpin their anchor sets."""
+        for r in reqs:
+            if not r.seq.is_finished:
+                self.scheduler.finish(r.seq)
+                self._sessions_of.pop(r.seq.seq_id, None)
+                if r.seq.anchor_key:
+                    self.runner.anchor_pool.unpin(r.seq.anchor_key)
 
     def step(self) -> list[Sequence]:
         """Run one scheduler step; return the sequences that finished in it."""
@@ -217,10 +244,7 @@ class Engine:
     def _finish(self, r: _Request) -> Output:
         s = r.seq
         tok = self.lm.tokenizer
-        text = tok.decode(s.output_ids, skip_special_tokens=True)
-        for stop in s.params.stop:
-            if stop in text:
-                text = text[: text.index(stop)]
+        text = _cut_at_stop(tok.decode(s.output_ids, skip_special_tokens=True), s.params.stop)
         entry = generation_entry(self.lm.model_id, self.lm.tokenizer_digest, r.anchor_set, s.prompt_ids, s.output_ids,
                                  text, s.params, r.session)
         future = self.log.add(entry)  # sequenced in the background; receipts are bound once it is
@@ -263,11 +287,7 @@ class Engine:
                         pending.discard(s.seq_id)
                         outputs[s.seq_id] = self._finish(by_seq[s.seq_id])
         except BaseException:
-            for r in reqs:  # nothing half-run stays in the scheduler or pinned
-                if not r.seq.is_finished:
-                    self.scheduler.finish(r.seq)
-                    if r.seq.anchor_key:
-                        self.runner.anchor_pool.unpin(r.seq.anchor_key)
+            self._abandon(reqs)  # nothing half-run stays in the scheduler or pinned
             raise
         return [outputs[r.seq.seq_id] for r in reqs]
 
@@ -277,22 +297,25 @@ class Engine:
         params = params or SamplingParams()
         req = self._request(prompt, params, session, anchors)
         self._admit([req])
-        tok = self.lm.tokenizer
+        tok, stops = self.lm.tokenizer, params.stop
         shown = ""
         try:
             while not req.seq.is_finished:
                 self.step()
-                text = tok.decode(req.seq.output_ids, skip_special_tokens=True)
-                if len(text) > len(shown) and not text.endswith("\ufffd"):
+                if req.seq.is_finished:
+                    break  # the final text (cut at a stop string) is known: the rest is yielded below
+                text = _cut_at_stop(tok.decode(req.seq.output_ids, skip_special_tokens=True), stops)
+                text = text[: len(text) - _stop_prefix_len(text, stops)]  # may yet become a stop string
+                if len(text) > len(shown) and not text.endswith("\ufffd") and text.startswith(shown):
                     yield text[len(shown):]
                     shown = text
         except BaseException:
-            if not req.seq.is_finished:
-                self.scheduler.finish(req.seq)
-                if req.seq.anchor_key:
-                    self.runner.anchor_pool.unpin(req.seq.anchor_key)
+            self._abandon([req])
             raise
-        yield self._finish(req)
+        out = self._finish(req)
+        if len(out.text) > len(shown) and out.text.startswith(shown):
+            yield out.text[len(shown):]
+        yield out
 
     # -- receipts, sessions ----------------------------------------------------------------------
     def bind(self, receipt: dict, timeout: float = 30.0) -> dict:
@@ -324,6 +347,17 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
+    """`text` up to its earliest stop string (the stop string is not part of the answer)."""
+    cut = min((text.index(s) for s in stops if s in text), default=len(text))
+    return text[:cut]
+
+
+def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that begins some stop string (held back while streaming)."""
+    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if s.startswith(text[-n:])), default=0)
 
 
 __all__ = ["Engine", "EngineConfig", "Output", "SamplingParams"]
