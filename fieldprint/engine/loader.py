@@ -149,7 +149,7 @@ def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
 def read_tensors(folder: str, gguf: str | None, hf_config) -> dict[str, torch.Tensor]:
     """HF-named tensors from safetensors files or a GGUF (de-quantized to float32)."""
     if gguf is None:
-        from safetensors import SafetensorsError
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         out = {}
@@ -158,7 +158,7 @@ def read_tensors(folder: str, gguf: str | None, hf_config) -> dict[str, torch.Te
                 continue
             try:
                 out.update(load_file(f))
-            except (SafetensorsError, OSError, RuntimeError) as e:
+            except (SafetensorError, OSError, RuntimeError) as e:
                 raise ModelError(f"weight file {f} is unreadable or truncated: {e}") from None
         return out
     import gguf as gguf_lib
