@@ -121,22 +121,26 @@ class Pacemaker:
             vectors = self.embedder.embed([s.text if s.text is not None else s.digest for s in states])
             eligible = [self.gate.eligible_by_default(s) for s in states]
             version = self.vectors.version()
-            indexed = False
+            indexed = None
 
             def sequence() -> list[int]:
                 nonlocal indexed
                 futures = [self.log.add(s.entry().encode()) for s in states]
                 indices = [f.result() for f in futures]
-                self.vectors.add([s.state_id for s in states], vectors, [s.session for s in states],
-                                 [s.state_type for s in states], eligible)
-                indexed = True
+                indexed = self.vectors.add([s.state_id for s in states], vectors, [s.session for s in states],
+                                           [s.state_type for s in states], eligible)
                 return indices
 
             try:
                 committed = self.store.insert_committed(states, sequence)
             except BaseException:
-                if indexed:
-                    self.vectors.rollback(version)
+                if indexed is not None:
+                    # A store shared by several engines undoes only this add (others may have written since).
+                    revert = getattr(self.vectors, "revert", None)
+                    if revert is not None:
+                        revert(indexed)
+                    else:
+                        self.vectors.rollback(version)
                 raise
             self._since_compact += 1
             if self.compact_every and self._since_compact >= self.compact_every:

@@ -1,0 +1,246 @@
+"""The vector index on PostgreSQL + pgvector: the `VectorStore` interface for many engines sharing one database.
+
+Rows carry the version interval in which they are live (`added_in <= v < removed_in`), so the
+contents of any version are one query away and history is never rewritten:
+
+- `add` inserts rows live from a new version; a state id may be live in one row only (a partial
+  unique index, so two engines cannot index the same state twice);
+- `set_promotable` ends the rows whose flag changes and inserts copies with the new flag;
+- `rollback(v)` is a new version whose contents are those of `v`: it ends the rows added after `v`
+  and re-inserts the rows that `v` held and that were ended since. Its cost follows what changed
+  since `v`, not the size of the table.
+
+Writers take the version counter's row lock, so versions are made one at a time across all engines
+and a version's contents never change once it is committed. Search runs on an HNSW index (cosine)
+over the live rows, with pgvector's iterative scan so that filters (session, type, promotable) still
+return k rows when they are selective; `exact=True` bypasses the index.
+
+A rollback makes the whole store look like an earlier version, including other engines' writes made
+since; `revert(v)` undoes only what version `v` did (what a writer whose transaction failed wants).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from fieldprint.canon import check_label, parse_digest
+from fieldprint.errors import EntryError, StateError
+from fieldprint.memory.pg_store import DEFAULT_SCHEMA, PgConnection, psycopg, redact, sql
+from fieldprint.memory.vectors import Hit, check_rows
+
+
+def _migrations(dim: int) -> tuple[str, ...]:
+    # The index is created with the table: pgvector maintains HNSW on every insert, so there is no
+    # unindexed tail to fold in later (what compact() does for LanceDB).
+    return (f"""
+CREATE TABLE vector_head (one BOOLEAN PRIMARY KEY DEFAULT true CHECK (one), version BIGINT NOT NULL);
+INSERT INTO vector_head (version) VALUES (0);
+CREATE TABLE vector_versions (version BIGINT PRIMARY KEY, op TEXT NOT NULL, made_at TIMESTAMPTZ NOT NULL DEFAULT now());
+INSERT INTO vector_versions (version, op) VALUES (0, 'create');
+CREATE TABLE vectors (
+    row_id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    state_id TEXT NOT NULL, session TEXT NOT NULL, state_type TEXT NOT NULL, promotable BOOLEAN NOT NULL,
+    embedding vector({dim}) NOT NULL, added_in BIGINT NOT NULL, removed_in BIGINT
+);
+CREATE UNIQUE INDEX vectors_live_state ON vectors (state_id) WHERE removed_in IS NULL;
+CREATE INDEX vectors_live_session ON vectors (session) WHERE removed_in IS NULL;
+CREATE INDEX vectors_live_type ON vectors (state_type) WHERE removed_in IS NULL;
+CREATE INDEX vectors_added ON vectors (added_in);
+CREATE INDEX vectors_removed ON vectors (removed_in) WHERE removed_in IS NOT NULL;
+CREATE INDEX vectors_hnsw ON vectors USING hnsw (embedding vector_cosine_ops) WHERE removed_in IS NULL;
+""",)
+
+
+_COPY_COLUMNS = "state_id, session, state_type, promotable, embedding, added_in"
+
+
+def _ensure_extension(db: psycopg.Connection, schema: str, name: str) -> None:
+    # pgvector lives in one schema per database (public unless an administrator chose another); every
+    # memory's schema finds its type through the search path.
+    found = db.execute("SELECT extnamespace::regnamespace::text FROM pg_extension WHERE extname = 'vector'").fetchone()
+    if found is None:
+        try:
+            db.execute("CREATE EXTENSION IF NOT EXISTS vector SCHEMA public")
+        except psycopg.Error as e:
+            raise StateError(
+                f"the vector store at {name} needs the pgvector extension and could not create it "
+                f"({type(e).__name__}: {e.diag.message_primary or e}); install pgvector on the server "
+                f"(Debian: postgresql-NN-pgvector) and have a superuser run CREATE EXTENSION vector in that database"
+            ) from None
+        found = ("public",)
+    db.execute(sql.SQL("SET search_path TO {}, public, {}").format(sql.Identifier(schema), sql.Identifier(found[0])))
+
+
+class PgVectorStore:
+    """Vectors in PostgreSQL with pgvector: HNSW (cosine), filtered search, versions and rollback in SQL."""
+
+    def __init__(self, url: str, dim: int = 384, schema: str = DEFAULT_SCHEMA, ef_search: int = 100,
+                 m: int = 16, ef_construction: int = 64) -> None:
+        if not isinstance(dim, int) or not 1 <= dim <= 16000:
+            raise StateError(f"dim must be an integer from 1 to 16000 (pgvector's limit), got {dim!r}")
+        self.dim = dim
+        # HNSW knobs, pgvector's own: candidates kept per search (recall vs latency), and the graph's
+        # degree and build width (used when build_index() rebuilds the index).
+        self.ef_search, self.m, self.ef_construction = ef_search, m, ef_construction
+        self._schema, self._name = schema, redact(url)  # what _on_connect needs before _pg exists
+        self._pg = PgConnection(url, schema, "vector store", on_connect=self._on_connect)
+        self.path = self._pg.name
+        try:
+            self._pg.migrate("vectors", _migrations(dim))
+            with self._pg.sql("read its vector size") as db:
+                found = db.execute("SELECT atttypmod FROM pg_attribute WHERE attrelid = 'vectors'::regclass "
+                                   "AND attname = 'embedding'").fetchone()[0]
+            if found != dim:
+                raise StateError(f"vector store at {self.path} (schema {schema}) holds {found}-d vectors, not "
+                                 f"{dim}-d; use a matching embedder or another schema")
+        except BaseException:
+            self._pg.close()
+            raise
+
+    def _on_connect(self, db: psycopg.Connection) -> None:
+        from pgvector.psycopg import register_vector
+
+        _ensure_extension(db, self._schema, self._name)
+        register_vector(db)
+        # strict_order: iterative scans keep going until k rows pass the filters, best first.
+        db.execute("SET hnsw.iterative_scan = strict_order")
+        db.execute(f"SET hnsw.ef_search = {int(self.ef_search)}")
+
+    def _next_version(self, db: psycopg.Connection, op: str) -> int:
+        # The head row's lock is held to commit: one writer at a time makes a version, in order.
+        version = db.execute("UPDATE vector_head SET version = version + 1 RETURNING version").fetchone()[0]
+        db.execute("INSERT INTO vector_versions (version, op) VALUES (%s, %s)", (version, op))
+        return version
+
+    def add(self, state_ids: Sequence[str], vectors: np.ndarray, sessions: Sequence[str],
+            state_types: Sequence[str], promotable: Sequence[bool]) -> int:
+        """Append rows (state ids must not be live already); return the version that contains them."""
+        vectors = check_rows(self.dim, state_ids, vectors, sessions, state_types, promotable)
+        if len(state_ids) == 0:
+            return self.version()
+        with self._pg.sql(f"add {len(state_ids)} rows") as db:
+            try:
+                with db.transaction():
+                    version = self._next_version(db, "add")
+                    with db.cursor() as cur, cur.copy(f"COPY vectors ({_COPY_COLUMNS}) FROM STDIN "
+                                                      f"WITH (FORMAT BINARY)") as copy:
+                        copy.set_types(["text", "text", "text", "bool", "vector", "int8"])
+                        for row in zip(state_ids, sessions, state_types, promotable, vectors, strict=True):
+                            copy.write_row((*row[:3], bool(row[3]), row[4], version))
+            except psycopg.errors.UniqueViolation:
+                live = self._live_among(state_ids)
+                raise StateError(f"state {live[0] if live else '?'} is already in the vector store at {self.path}; "
+                                 f"nothing was added") from None
+        return version
+
+    def _live_among(self, state_ids: Sequence[str]) -> list[str]:
+        with self._pg.sql("read live rows") as db:
+            rows = db.execute("SELECT state_id FROM vectors WHERE removed_in IS NULL AND state_id = ANY(%s)",
+                              (list(state_ids),)).fetchall()
+        return sorted(r[0] for r in rows)
+
+    def search(self, query: np.ndarray, k: int, *, session: str | None = None, state_type: str | None = None,
+               promotable_only: bool = False, exact: bool = False) -> list[Hit]:
+        """The k rows nearest to `query` (cosine) that pass the filters, best first."""
+        query = np.asarray(query, dtype=np.float32)
+        if query.shape != (self.dim,) or not np.isfinite(query).all():
+            raise StateError(f"query must be a finite vector of shape ({self.dim},), got {query.shape}")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise StateError(f"k must be a positive integer, got {k!r}")
+        where, params = ["removed_in IS NULL"], [query]
+        try:
+            if session is not None:
+                where.append("session = %s")
+                params.append(check_label(session, "session"))
+            if state_type is not None:
+                where.append("state_type = %s")
+                params.append(check_label(state_type, "state type"))
+        except EntryError as e:
+            raise StateError(str(e)) from None
+        if promotable_only:
+            where.append("promotable")
+        # The distance is computed once in the select list; ORDER BY on the same expression is what
+        # lets the planner walk the HNSW index.
+        query_sql = (f"SELECT state_id, embedding <=> %s AS distance, session, state_type, promotable FROM vectors "
+                     f"WHERE {' AND '.join(where)} ORDER BY distance LIMIT %s")
+        params.append(k)
+        with self._pg.sql("search") as db, db.transaction():
+            if exact:
+                db.execute("SET LOCAL enable_indexscan = off")  # bitmap scans on the filters stay available
+            rows = db.execute(query_sql, params).fetchall()
+        return [Hit(sid, 1.0 - float(d), s, t, bool(p)) for sid, d, s, t, p in rows]
+
+    def set_promotable(self, state_ids: Sequence[str], promotable: bool) -> int:
+        """Set the promotable flag of live rows (a new version even if none changes); return it."""
+        ids = list(state_ids)
+        try:
+            for sid in ids:
+                parse_digest(sid)
+        except EntryError as e:
+            raise StateError(str(e)) from None
+        if not ids:
+            return self.version()
+        with self._pg.sql("update the promotable flag") as db, db.transaction():
+            version = self._next_version(db, "set_promotable")
+            db.execute(f"WITH ended AS (UPDATE vectors SET removed_in = %(v)s WHERE removed_in IS NULL "
+                       f"AND state_id = ANY(%(ids)s) AND promotable <> %(p)s RETURNING *) "
+                       f"INSERT INTO vectors ({_COPY_COLUMNS}) SELECT state_id, session, state_type, %(p)s, embedding, "
+                       f"%(v)s FROM ended", {"v": version, "ids": ids, "p": bool(promotable)})
+        return version
+
+    def version(self) -> int:
+        """The current version."""
+        with self._pg.sql("read its version") as db:
+            return db.execute("SELECT version FROM vector_head").fetchone()[0]
+
+    def rollback(self, version: int) -> int:
+        """Make the contents those of `version` again, as a new version (history is kept); return it."""
+        with self._pg.sql(f"roll back to version {version}") as db, db.transaction():
+            head = db.execute("SELECT version FROM vector_head FOR UPDATE").fetchone()[0]
+            self._check_version(version, head)
+            new = self._next_version(db, f"rollback to {version}")
+            db.execute("UPDATE vectors SET removed_in = %s WHERE removed_in IS NULL AND added_in > %s", (new, version))
+            db.execute(f"INSERT INTO vectors ({_COPY_COLUMNS}) SELECT state_id, session, state_type, promotable, "
+                       f"embedding, %s FROM vectors WHERE added_in <= %s AND removed_in > %s AND removed_in < %s",
+                       (new, version, version, new))
+        return new
+
+    def revert(self, version: int) -> int:
+        """Undo only what `version` did (its rows ended, the rows it ended live again), as a new version."""
+        with self._pg.sql(f"revert version {version}") as db, db.transaction():
+            head = db.execute("SELECT version FROM vector_head FOR UPDATE").fetchone()[0]
+            self._check_version(version, head)
+            new = self._next_version(db, f"revert {version}")
+            db.execute("UPDATE vectors SET removed_in = %s WHERE removed_in IS NULL AND added_in = %s", (new, version))
+            # Rows that `version` ended come back, unless a later version made their state live again.
+            db.execute(f"INSERT INTO vectors ({_COPY_COLUMNS}) SELECT o.state_id, o.session, o.state_type, o.promotable, "
+                       f"o.embedding, %s FROM vectors o WHERE o.removed_in = %s AND NOT EXISTS (SELECT 1 FROM vectors l "
+                       f"WHERE l.state_id = o.state_id AND l.removed_in IS NULL)", (new, version))
+        return new
+
+    def _check_version(self, version: int, head: int) -> None:
+        if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= head:
+            raise StateError(f"vector store has no version {version!r}; known versions are 0..{head}")
+
+    def build_index(self) -> None:
+        """Rebuild the HNSW index with this store's m and ef_construction (after a bulk load, or to retune)."""
+        with self._pg.sql("build the HNSW index") as db, db.transaction():
+            db.execute("DROP INDEX IF EXISTS vectors_hnsw")
+            db.execute(f"CREATE INDEX vectors_hnsw ON vectors USING hnsw (embedding vector_cosine_ops) "
+                       f"WITH (m = {int(self.m)}, ef_construction = {int(self.ef_construction)}) "
+                       f"WHERE removed_in IS NULL")
+
+    def compact(self) -> None:
+        """Refresh the planner's statistics (filtered searches pick their plan from them); keeps all history."""
+        with self._pg.sql("analyze its table") as db:
+            db.execute("ANALYZE vectors")
+
+    def __len__(self) -> int:
+        with self._pg.sql("count rows") as db:
+            return db.execute("SELECT count(*) FROM vectors WHERE removed_in IS NULL").fetchone()[0]
+
+    def close(self) -> None:
+        """Close the connection; further calls raise StateError."""
+        self._pg.close()
