@@ -240,7 +240,7 @@ def section_decode(quick: bool) -> None:
             inner = max(ns, 10 if bsz * ctx >= 64 * 32768 else 40)
             for atok in anchors_tok:
                 anc = []
-                for (q, k, v, bt, lens, kc, vc, out) in sets:
+                for (q, k, v, bt, lens, _kc, _vc, out) in sets:
                     a = anchor_set(1, atok, hkv, d, bs, torch.zeros(bsz, device=DEV)) if atok else None
                     anc.append(a)
                     out.fill_(float("nan"))
@@ -289,7 +289,7 @@ def section_decode(quick: bool) -> None:
                                  sets=ns))
                 print(f"  B={bsz:3} ctx={ctx:6} anc={atok:5}: ours {t_ours:9.1f} us  sdpa {t_sdpa:9.1f}"
                       f"  flex {t_flex:9.1f}  naive {t_naive:9.1f}  ours/sdpa {t_ours / t_sdpa:5.2f}", flush=True)
-            del sets, anc
+            sets = anc = None  # frees the GPU memory; a `del` would leave the closures above unbound names
     print("\n== decode (Hq=32, Hkv=8, D=128, bf16, block 16, concat, CUDA-graph medians) ==")
     print(f"{'B':>3}{'ctx':>8}{'anch':>6}{'ours us':>10}{'sdpa us':>10}{'flex us':>10}{'naive us':>10}"
           f"{'ours/sdpa':>10}{'ours TB/s':>10}{'sdpa TB/s':>10}")
@@ -345,7 +345,7 @@ def section_modes(quick: bool) -> None:
                          int8_us=t["int8"], gamma_over_concat=t["gamma"] / t["concat"],
                          int8_over_bf16=t["int8"] / t["concat"],
                          anchor_bytes_bf16=ab.k.numel() * 2 * 2, anchor_bytes_int8=ai.k.numel() * 2))
-        del k, v
+        k = v = None
     print("\n== modes (decode, anchors per sequence) ==")
     for r in rows:
         print(f"  B={r['B']:3} ctx={r['ctx']:6} anc={r['anchors']:5}: concat {r['concat_us']:8.1f}  gamma "
@@ -383,7 +383,7 @@ def section_prefill(quick: bool) -> None:
             r[name + "_TFLOPs"] = fl / t / 1e6
         r["ratio_vs_sdpa"] = r["concat_TFLOPs"] / r["sdpa_TFLOPs"]
         rows.append(r)
-        del k, v
+        k = v = None
     print("\n== prefill (Hq=32, Hkv=8, D=128, bf16, 2k anchors; TFLOP/s counted causal) ==")
     for r in rows:
         print(f"  N={r['N']:6} bs={r['block_size']:3}: sdpa causal {r['sdpa_TFLOPs']:6.0f}  ours no-anchor {r['noanchor_TFLOPs']:6.0f}"
@@ -412,7 +412,7 @@ def section_prefill_tune(quick: bool) -> None:
         ks = torch.randn(1, hkv, n, d, dtype=BF, device=DEV)
         vs = torch.randn(1, hkv, n, d, dtype=BF, device=DEV)
         t_sdpa = med(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True))
-        del qs, ks, vs
+        qs = ks = vs = None
         cu = torch.tensor([0, n], dtype=torch.int32, device=DEV)
         q = torch.randn(n, hq, d, dtype=BF, device=DEV)
         for bs in sorted({c[0] for c in PREFILL_TILINGS}):
@@ -472,7 +472,6 @@ def section_prefill_tune(quick: bool) -> None:
               f"(sdpa causal {r['sdpa_TFLOPs']:4.0f}, ratio {r['ratio_vs_sdpa']:.2f})")
     RESULTS["prefill_tune"] = {"checks": [list(map(str, c)) for c in checks],
                                "best": {str(k): list(v) for k, v in best.items()}, "rows": rows}
-    del data
 
 
 def section_int8(quick: bool) -> None:
@@ -563,7 +562,7 @@ def section_naive64k(quick: bool) -> None:
     t_fused = med(lambda: paged_attention_decode(q, k, v, bt, lens, a, mode="gamma", gamma=0.3,
                                                  check=False, out=out))
     t_naive = med(lambda: naive_decode_batched(q, kc, vc, kac, vac, mode="gamma", gamma=0.3), rep=50)
-    del k, v, kc, vc
+    k = v = kc = vc = None
     torch.cuda.empty_cache()
     # Prefill, one head, 64k x 64k scores materialized in bf16 (8.6 GB) and softmaxed.
     n = ctx if not quick else 16384

@@ -219,13 +219,13 @@ def main() -> None:
             run_session(m, a.prompt, steps)
 
     def regime_a() -> None:
-        for s in range(a.sessions):
+        for _ in range(a.sessions):
             decode(a.steps)
 
     counter = [0]
 
     def regime_d(c: Committer = committer) -> None:
-        for s in range(a.sessions):
+        for _ in range(a.sessions):
             decode(a.steps)
             counter[0] += 1
             commit_session(counter[0], c)
@@ -262,7 +262,7 @@ def main() -> None:
         c.flush()
     results = {name: [] for name in regimes}
     flush_s = {name: [] for name in committers}
-    for r in range(a.repeats):
+    for _ in range(a.repeats):
         for name, (fn, steps) in regimes.items():  # interleaved, so drift hits every regime alike
             results[name].append(timed(fn, steps))
             if name in flush_s:

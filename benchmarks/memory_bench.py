@@ -131,7 +131,6 @@ def bench_store(n: int, queries: int, partitions: int, sub_vectors: int, build_i
     res["numpy_exact_in_memory_ms"] = 1e3 * statistics.median(np_t)
     assert all({ids[j] for j in hits} == {h.state_id for h in e} for hits, e in zip(np_hits, exact_rand))
     res["lance_exact_over_numpy"] = res["exact_ms"] / res["numpy_exact_in_memory_ms"]
-    del vectors
     return res
 
 

@@ -149,11 +149,12 @@ def main() -> None:
         raw_match = code_match = audit_pass = n = 0
         raw_flip, code_flip, max_dist, worst_block = [], [], 0, 0.0
         per_layer: dict[str, list[float]] = {}
-        for anchor, (mine, theirs) in enumerate(zip(states, ref)):
+        for mine, theirs in zip(states, ref):
             for key, x in mine.items():
                 y = theirs[key]
                 n += 1
-                raw_match += hashlib.sha256(x.view(torch.int16).numpy().tobytes()).digest() == hashlib.sha256(y.view(torch.int16).numpy().tobytes()).digest()
+                raw_hashes = [hashlib.sha256(t.view(torch.int16).numpy().tobytes()).digest() for t in (x, y)]
+                raw_match += raw_hashes[0] == raw_hashes[1]
                 raw_flip.append(float((x.view(torch.int16) != y.view(torch.int16)).float().mean()))
                 committed = quantize(y, profile, key[0], key[1])
                 recomputed = quantize(x, profile, key[0], key[1])
@@ -176,7 +177,8 @@ def main() -> None:
             raw_flip_rate_mean=statistics.mean(raw_flip), code_flip_rate_mean=statistics.mean(code_flip),
             code_flip_rate_max=max(code_flip), max_code_distance=max_dist, worst_block_fraction=worst_block,
             code_flip_rate_by_layer={k: statistics.mean(v) for k, v in per_layer.items()},
-            code_distance_histogram=hist, audit_pass_rate_by_max_distance={md: c / n for md, c in by_distance.items()}, reference=ref_name, blocks_flagged=sorted(flagged_blocks),
+            code_distance_histogram=hist, audit_pass_rate_by_max_distance={md: c / n for md, c in by_distance.items()},
+            reference=ref_name, blocks_flagged=sorted(flagged_blocks),
         )
     out = dict(
         bench="repro_bench", device=torch.cuda.get_device_name() if cuda else "cpu-only smoke run",

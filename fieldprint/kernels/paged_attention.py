@@ -429,8 +429,9 @@ def paged_attention_prefill(
     _, bs, hkv, d = k_cache.shape
     hq = q.shape[1]
     on_gpu = q.is_cuda
-    bm = block_m or (128 if on_gpu else 16)
-    bn = block_n or (128 if on_gpu else 16)
+    big = 128 if q.dtype != torch.float32 else 64  # fp32 K/V tiles of 128x128 overflow shared memory
+    bm = block_m or (big if on_gpu else 16)
+    bn = block_n or (big if on_gpu else 16)
     out = _out_buffer(out, q)
     if max_q == 0:
         return out

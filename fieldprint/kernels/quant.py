@@ -72,7 +72,8 @@ def quantize_async(
     n, t, h, d = xs.shape
     inv = inv_scales if inv_scales.dim() == 3 else inv_scales.unsqueeze(0)
     if inv.shape != (n, h, d) or inv.dtype != torch.float32 or inv.device != x.device:
-        raise DQPError(f"inverse scales must be float32 [{n}, {h}, {d}] on {x.device}, got {inv_scales.dtype} {tuple(inv_scales.shape)} on {inv_scales.device}")
+        raise DQPError(f"inverse scales must be float32 [{n}, {h}, {d}] on {x.device}, "
+                       f"got {inv_scales.dtype} {tuple(inv_scales.shape)} on {inv_scales.device}")
     if out is None:
         out = torch.empty(xs.shape, dtype=torch.int8, device=x.device)
     out = out if out.dim() == 4 else out.unsqueeze(0)

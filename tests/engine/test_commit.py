@@ -183,6 +183,7 @@ def test_lean_mode_skips_block_digests_but_not_the_digest(profile, log):
     assert receipt.states[(1, "K")] == quantize(k[1], profile, 1, "K").digest()
 
 
+@pytest.mark.slow
 def test_digest_process_gives_the_same_receipts_and_reports_nan(profile, log, committers):
     k, v = _stack(8)
     bad_k = k.clone()
@@ -221,6 +222,7 @@ def test_digest_plan_covers_each_digest_once_and_shares_the_bytes(sizes, workers
             assert len(set(loads)) == 1  # the benchmark's case: K/V of all layers, equal shares
 
 
+@pytest.mark.slow
 def test_digest_workers_give_the_reference_digests_for_any_split(profile, log, committers):
     k, v = _stack(9)
     g = torch.Generator().manual_seed(10)
@@ -241,6 +243,7 @@ def test_digest_workers_give_the_reference_digests_for_any_split(profile, log, c
     assert len(ref_one.blocks) == 6 and len(set(ref_one.blocks)) == 6
 
 
+@pytest.mark.slow
 def test_a_dead_digest_worker_fails_the_commit_and_the_next_one_starts_afresh(profile, log, committers):
     k, v = _stack(11)
     c = committers(log, profile, digest_process=True, digest_workers=2)
@@ -261,6 +264,7 @@ def test_a_dead_digest_worker_fails_the_commit_and_the_next_one_starts_afresh(pr
         Committer(log, profile, digest_workers=0)
 
 
+@pytest.mark.slow
 def test_a_stuck_digest_worker_times_out_flush_and_the_next_commit_starts_afresh(profile, log, committers):
     k, v = _stack(12)
     c = committers(log, profile, digest_process=True, digest_workers=2, digest_timeout=2.0)
@@ -294,6 +298,7 @@ def _mapped_segments(pid: int) -> set[str]:
         return set(re.findall(r"/dev/shm/(\S+)", f.read()))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads worker mappings from /proc")
 def test_growing_commits_keep_shared_memory_bounded_in_parent_and_workers(profile, log, committers):
     c = committers(log, profile, digest_process=True, digest_workers=2)
@@ -454,6 +459,7 @@ def test_memory_and_kv_state_types_are_logged(profile, log, state_type):
     assert StateEntry.decode(receipt.entry).state_type == state_type
 
 
+@pytest.mark.slow
 def test_digest_pool_contracts_raise_commit_errors_not_asserts():
     """They held under `python -O` only as asserts, which -O strips."""
     with pytest.raises(CommitError, match="workers >= 1"):

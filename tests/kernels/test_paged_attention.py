@@ -192,6 +192,7 @@ TILINGS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tiling", TILINGS, ids=[f"tiling{i}" for i in range(len(TILINGS))])
 def test_prefill_tilings_match_oracle(tiling):
     bs, bm, bn, int8, mode = tiling
@@ -207,6 +208,7 @@ def test_prefill_tilings_match_oracle(tiling):
     assert _relerr(out, ref) < TOL[torch.float32]
 
 
+@pytest.mark.slow
 def test_decode_splits_and_sharing_tiles_agree():
     """Any split count and any sharing tile (several sets per tile too) computes the same function."""
     gen = torch.Generator().manual_seed(7)
