@@ -40,7 +40,7 @@ def _vectors(testdata_dir, kind):
 def _check_vectors(testdata_dir, kind, verify, make_args):
     """Run every vector of one kind: happy paths must verify, every mutation must raise ProofError."""
     outcome = {False: 0, True: 0}
-    for path, v in _vectors(testdata_dir, kind):
+    for _path, v in _vectors(testdata_dir, kind):
         if v["wantErr"]:
             with pytest.raises(ProofError):
                 verify(*make_args(v))
