@@ -30,6 +30,18 @@ def unavailable(reason: str) -> None:
     pytest.skip(f"no PostgreSQL for these tests: {reason} (set {DSN_ENV}, or run .ci/postgres.sh)")
 
 
+def import_psycopg():
+    """The psycopg module, for a test module's top: without it the module skips (or fails, when required)."""
+    try:
+        import psycopg
+    except ImportError:
+        why = "psycopg is not installed (pip install 'fieldprint[postgres]')"
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"PostgreSQL is required ({REQUIRE_ENV}=1) but {why}", pytrace=False)
+        pytest.skip(f"no PostgreSQL for these tests: {why}", allow_module_level=True)
+    return psycopg
+
+
 @functools.cache
 def _find_server() -> tuple[str | None, str]:
     """(admin DSN, '') of a reachable server, or (None, why not)."""

@@ -229,10 +229,14 @@ class TransparencyLog(LogReader):
         if self._interval is not None:
             timeout = max(0.0, self._last_cp_time + self._interval - time.monotonic())
         try:
-            item = self._queue.get(timeout=timeout)
+            item = self._queue.get_nowait()
         except queue.Empty:
-            self._periodic_checkpoint()
-            return True
+            self._storage.release_lease()  # idle: a shared log's other processes need not wait for our lease
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                self._periodic_checkpoint()
+                return True
         batch: list[tuple[bytes, EntryFuture]] = []
         commands: list[_Command] = []
         try:
@@ -246,8 +250,6 @@ class TransparencyLog(LogReader):
                 self._integrate_batch(batch)
             for cmd in commands:
                 self._run_command(cmd)
-            if self._storage.shared and self._queue.empty():
-                self._storage.release_lease()  # idle: a shared log's other processes need not wait for our lease
         except BaseException as exc:  # items already taken off the queue must not be left pending
             err = LogError(f"the log's sequencer stopped after an error: {exc!r}; reopen the log")
             resolve_batch(self._resolved, [f for _, f in batch if not f.done()], [err] * len(batch))
@@ -333,6 +335,9 @@ class TransparencyLog(LogReader):
             cmd.future.set_result(result)
 
     def _make_checkpoint(self) -> Checkpoint:
+        committed = self._storage.size() if self._storage.shared else self._size
+        if committed > self._size:
+            self._adopt(committed, None)  # sign the latest committed tree, not this process's last turn
         size, root = self._size, border_root(self._border)
         note = sign_note(Checkpoint.body(self.origin, size, root), self._signer_key)
         self._storage.add_checkpoint(size, note)
@@ -369,8 +374,8 @@ class TransparencyLog(LogReader):
 
     @property
     def size(self) -> int:
-        """Number of durably integrated entries."""
-        return self._size
+        """Number of durably integrated entries (on a shared log: by every process, as committed now)."""
+        return self._storage.size() if self._storage.shared else self._size
 
     def audit(self, against: Sequence[Checkpoint] = ()) -> LogAudit:
         """Re-verify the whole stored log from its entries: every leaf, node and checkpoint.

@@ -151,7 +151,6 @@ class PostgresStorage(LogStorage):
                 # A session stuck inside a transaction for a whole lease is cut off, which frees the head row.
                 conn.execute(f"SET idle_in_transaction_session_timeout = {int(self.lease_s * 1000)}")
                 conn.execute(f"SET synchronous_commit = {self._sync}")
-                conn.execute(f"SET lock_timeout = {int(max(2 * self.lease_s, 1.0) * 1000)}")
             else:
                 conn.execute("SET default_transaction_read_only = on")
         except psycopg.Error as exc:
@@ -363,22 +362,24 @@ class PostgresStorage(LogStorage):
     def _take_lease(self, conn) -> tuple[TreeHead, bool]:
         """BEGIN and lock the head row once no other live lease holds it; (head, release at commit)."""
         deadline, delay, told = time.monotonic() + self.lease_wait_s, 0.001, False
+        head_table = self._t["head"]
         while True:
-            conn.execute("BEGIN")
+            # A turn holds the row for milliseconds; wait for it at most as long as we may still wait.
+            wait_ms = int(min(max(deadline - time.monotonic(), 0.05), 2 * self.lease_s) * 1000)
+            conn.execute(f"BEGIN; SET LOCAL lock_timeout = {wait_ms}")
             try:
                 size, root, holder, until, live, wanted = conn.execute(
                     f"SELECT size, root, holder, lease_until, lease_until > clock_timestamp(), wanted_at IS NOT NULL "
-                    f"FROM {self._t['head']} FOR UPDATE").fetchone()
-            except pg_errors.LockNotAvailable:  # a turn has held the row for a long time: count it as held
+                    f"FROM {head_table} FOR UPDATE").fetchone()
+            except pg_errors.LockNotAvailable:  # someone is inside a turn: name the last committed holder
                 self._rollback(conn)
-                size = root = until = wanted = None
-                holder, live = "a sequencer inside a transaction", True
+                holder, until = conn.execute(f"SELECT holder, lease_until FROM {head_table}").fetchone()
+                holder, live = f"{holder or 'another process'} (inside a transaction)", True
             if holder is None or holder == self.holder or not live:
                 if holder not in (None, self.holder):
                     _logger.warning("%s: took over the sequencer lease from %s (it expired at %s)", self.path, holder, until)
                 return _Turn(size, None if root is None else bytes(root)), bool(wanted) and holder == self.holder
-            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                conn.execute("ROLLBACK")
+            self._rollback(conn)
             when = f" until {_clock(until)}" if until is not None else ""
             if time.monotonic() >= deadline:
                 action = "refuses to sequence" if self.lease_wait_s == 0 else f"waited {self.lease_wait_s:g} s and refused"

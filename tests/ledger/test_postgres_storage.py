@@ -1,0 +1,227 @@
+"""The storage contract on both backends (SQLite and PostgreSQL), then what only PostgreSQL has:
+schema migrations, read-only opens, messages without passwords, the bare append's check, and a
+sequencer that hangs inside its transaction being cut off while another one takes over."""
+
+import threading
+import time
+
+import pytest
+from pg import import_psycopg, pg_dsn  # noqa: F401  (pg_dsn: a module fixture, a fresh database)
+
+from fieldprint.errors import LogError
+from fieldprint.ledger.merkle import EMPTY_ROOT, leaf_hash, root_hash
+from fieldprint.ledger.storage.postgres import SCHEMA_VERSION, PostgresStorage
+from fieldprint.ledger.storage.sqlite import SQLiteStorage
+
+psycopg = import_psycopg()
+
+_schemas = iter(range(10**6))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def make_storage(request, tmp_path):
+    """make_storage() -> a new, empty storage on the backend; all are closed after the test."""
+    opened = []
+
+    def make(**kw):
+        if request.param == "sqlite":
+            storage = SQLiteStorage(tmp_path / f"l{len(opened)}.sqlite")
+        else:
+            dsn = request.getfixturevalue("pg_dsn")
+            storage = PostgresStorage(dsn, schema=kw.pop("schema", f"t{next(_schemas)}"), **kw)
+        opened.append(storage)
+        return storage
+
+    yield make
+    for storage in opened:
+        storage.close()
+
+
+def _leaves(n, start=0):
+    entries = [b"entry %d" % i for i in range(start, start + n)]
+    return entries, [leaf_hash(e) for e in entries]
+
+
+def test_append_and_read_back(make_storage):
+    s = make_storage()
+    assert s.size() == 0 and s.entry(0) is None and s.latest_checkpoint() is None and s.checkpoints() == []
+    entries, hashes = _leaves(40)
+    s.append(0, entries[:17], hashes[:17], [(4, 0, b"n" * 32)])
+    s.append(17, entries[17:], hashes[17:], [(4, 1, b"m" * 32), (5, 0, b"o" * 32)])
+    assert s.size() == 40
+    assert s.entry(39) == b"entry 39" and s.entry(40) is None
+    assert list(s.leaves(3, 6)) == [(i, entries[i], hashes[i]) for i in range(3, 6)]
+    assert s.leaf_hashes([(0, 2), (38, 40)]) == {0: hashes[0], 1: hashes[1], 38: hashes[38], 39: hashes[39]}
+    assert s.nodes([(5, 0), (4, 1), (4, 0)]) == [b"o" * 32, b"m" * 32, b"n" * 32]
+    assert s.node_range(4, 0, 10) == {0: b"n" * 32, 1: b"m" * 32}
+    assert s.node_count() == {4: 2, 5: 1}
+    with pytest.raises(LogError, match=r"\(4, 7\) is missing"):
+        s.nodes([(4, 0), (4, 7)])
+
+
+def test_checkpoints_one_per_size(make_storage):
+    s = make_storage()
+    s.add_checkpoint(5, "note five")
+    s.add_checkpoint(2, "note two")
+    s.add_checkpoint(5, "note five")  # re-signing the same head stores the same note once
+    assert s.checkpoints() == [(2, "note two"), (5, "note five")]
+    assert s.latest_checkpoint() == (5, "note five")
+
+
+def test_meta_round_trip(make_storage):
+    s = make_storage()
+    assert s.get_meta("origin") is None
+    s.set_meta("origin", "example.org/log")
+    assert s.get_meta("origin") == "example.org/log"
+
+
+def test_append_with_mismatched_hashes_is_refused_and_writes_nothing(make_storage):
+    s = make_storage()
+    with pytest.raises(LogError, match="2 entries but 1 leaf hashes; nothing was written"):
+        s.append(0, [b"a", b"b"], [bytes(32)], [])
+    assert s.size() == 0
+
+
+def test_failed_append_writes_nothing(make_storage):
+    s = make_storage()
+    entries, hashes = _leaves(3)
+    s.append(0, entries, hashes, [])
+    with pytest.raises(LogError, match="nothing was written"):  # a node that exists already fails the whole batch
+        s.append(3, [b"x"], [leaf_hash(b"x")], [(4, 0, b"a" * 32), (4, 0, b"b" * 32)])
+    assert s.size() == 3 and s.entry(3) is None and s.node_count() == {}
+
+
+def test_snapshot_sees_one_state(make_storage):
+    s = make_storage()
+    entries, hashes = _leaves(5)
+    s.append(0, entries, hashes, [])
+    seen = []
+    with s.snapshot():
+        seen.append(s.size())
+        t = threading.Thread(target=lambda: s.append(5, [b"later"], [leaf_hash(b"later")], []))
+        t.start()
+        t.join()
+        seen.append(s.size())
+        seen.append(s.entry(5))
+    assert seen == [5, 5, None] and s.size() == 6
+
+
+def test_closed_storage_refuses(make_storage):
+    s = make_storage()
+    s.close()
+    with pytest.raises(LogError, match="closed"):
+        s.size()
+    s.close()  # closing twice is fine
+
+
+# --- PostgreSQL only ----------------------------------------------------------------------------
+
+
+def test_bare_append_checks_where_the_log_ends(pg_dsn):  # noqa: F811
+    s = PostgresStorage(pg_dsn, schema="bare")
+    try:
+        entries, hashes = _leaves(3)
+        s.append(0, entries, hashes, [])
+        with pytest.raises(LogError, match="append at 5 but the log holds 3 entries; nothing was written"):
+            s.append(5, [b"gap"], [leaf_hash(b"gap")], [])
+        assert s.size() == 3 and s.entry(5) is None
+    finally:
+        s.close()
+
+
+def test_schema_is_created_once_and_versioned(pg_dsn):  # noqa: F811
+    errors = []
+
+    def open_close():
+        try:
+            PostgresStorage(pg_dsn, schema="racing").close()
+        except Exception as exc:  # the test reports any
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_close) for _ in range(6)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert errors == []
+    s = PostgresStorage(pg_dsn, schema="racing")
+    try:
+        assert s.get_meta("schema_version") == str(SCHEMA_VERSION) and s.size() == 0
+    finally:
+        s.close()
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("UPDATE racing.meta SET value = %s WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+    for readonly in (False, True):
+        with pytest.raises(LogError, match=f"schema version {SCHEMA_VERSION + 1}, newer than this Fieldprint"):
+            PostgresStorage(pg_dsn, schema="racing", readonly=readonly)
+
+
+def test_readonly_open_of_a_database_without_a_log(pg_dsn):  # noqa: F811
+    with pytest.raises(LogError, match="holds no Fieldprint log"):
+        PostgresStorage(pg_dsn, schema="nothing_here", readonly=True)
+    PostgresStorage(pg_dsn, schema="ro").close()
+    s = PostgresStorage(pg_dsn, schema="ro", readonly=True)
+    try:
+        with pytest.raises(LogError, match="open read-only"):
+            s.append(0, [b"a"], [bytes(32)], [])
+        assert s.size() == 0
+    finally:
+        s.close()
+
+
+def test_bad_options_and_unreachable_server_never_show_the_password(pg_dsn):  # noqa: F811
+    for kw, what in [({"schema": "Robert'); DROP"}, "schema"), ({"lease_s": 0}, "lease_s"),
+                     ({"lease_wait_s": -1}, "lease_wait_s"), ({"durability": "none"}, "durability")]:
+        with pytest.raises(LogError, match=what):
+            PostgresStorage(pg_dsn, **kw)
+    with pytest.raises(LogError, match="cannot connect") as err:
+        PostgresStorage("postgresql://someone:s3cret-pw@127.0.0.1:1/nodb")
+    assert "s3cret-pw" not in str(err.value) and "someone@127.0.0.1:1/nodb" in str(err.value)
+
+
+def test_meta_of_a_shared_log_is_write_once(pg_dsn):  # noqa: F811
+    s = PostgresStorage(pg_dsn, schema="meta_once")
+    try:
+        s.set_meta("verifier_key", "key A")
+        s.set_meta("verifier_key", "key A")
+        with pytest.raises(LogError, match="already has verifier_key = 'key A'"):
+            s.set_meta("verifier_key", "key B")
+    finally:
+        s.close()
+
+
+def test_a_sequencer_stuck_in_its_transaction_is_cut_off_and_another_takes_over(pg_dsn):  # noqa: F811
+    lease = 0.5
+    a = PostgresStorage(pg_dsn, schema="stuck", lease_s=lease)
+    b = PostgresStorage(pg_dsn, schema="stuck", lease_s=lease, lease_wait_s=30)
+    entered, outcome = threading.Event(), {}
+
+    def stuck_sequencer():
+        try:
+            with a.sequencer_turn(0, EMPTY_ROOT) as head:
+                a.append(0, [b"from a"], [leaf_hash(b"from a")], [])
+                head.advance(1, leaf_hash(b"from a"))
+                entered.set()
+                time.sleep(4 * lease)  # hangs inside the transaction, holding the head row
+        except LogError as exc:
+            outcome["a"] = exc
+
+    t = threading.Thread(target=stuck_sequencer)
+    t.start()
+    try:
+        assert entered.wait(30)
+        t0 = time.monotonic()
+        with b.sequencer_turn(0, EMPTY_ROOT) as head:  # waits for the row, gets it once the server cuts a off
+            waited = time.monotonic() - t0
+            assert (head.size, head.root) == (0, EMPTY_ROOT)  # nothing of a's batch is there
+            b.append(0, [b"from b"], [leaf_hash(b"from b")], [])
+            head.advance(1, root_hash([leaf_hash(b"from b")]))
+        holder, left = b.lease()
+        assert holder == b.holder and 0 < left <= lease  # b holds the lease for one lease time after its commit
+        t.join(30)
+        assert lease * 0.5 < waited < lease * 3 + 2, waited
+        assert "nothing was written" in str(outcome["a"])
+        assert b.size() == 1 and b.entry(0) == b"from b" and a.entry(0) == b"from b"
+    finally:
+        t.join(30)
+        a.close()
+        b.close()
+    assert PostgresStorage(pg_dsn, schema="stuck").lease() == (None, 0.0)  # close() handed it back
