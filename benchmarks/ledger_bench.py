@@ -4,17 +4,25 @@ Runs on the CPU (the goals are stated for the 2-core CI machine). Prints a table
 benchmarks/results/ledger_bench.json. Every append figure is durable: futures resolve after the
 batch's SQLite COMMIT (synchronous=FULL unless the row says otherwise).
 
+With a PostgreSQL server (FIELDPRINT_POSTGRES_DSN, or --postgres DSN) it also measures the shared
+log there beside SQLite: durable appends/s with 1, 4 and 16 producer threads and with 4 producer
+processes (the sequencer lease passing between them), and proof costs at 1M and 10M leaves. Those
+commits are durable too (synchronous_commit = on; the server's fsync settings are recorded).
+
     python benchmarks/ledger_bench.py            # full run (~5-10 min, ~2 GB of temporary disk)
     python benchmarks/ledger_bench.py --quick    # small sizes, to check the script
+    eval "$(.ci/postgres.sh)"; python benchmarks/ledger_bench.py --only-postgres   # the side by side only
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import random
+import shutil
 import sqlite3
 import statistics
 import sys
@@ -136,11 +144,132 @@ def proofs(log: TransparencyLog, samples: int, seed: int) -> dict:
     }
 
 
+PG_GOAL_APPENDS_PER_S = 20_000  # issue 12: the shared log on PostgreSQL, on the 2-core machine
+
+
+def pg_appends(dsn: str, schema: str, producers: int, total: int, seed: int, processes: int = 1) -> float:
+    """Durable appends/s into a fresh shared log: `producers` threads in each of `processes` processes."""
+    entries = state_entries(total, seed)
+    share = total // (producers * processes)
+    if processes == 1:
+        queue_: multiprocessing.SimpleQueue = multiprocessing.SimpleQueue()
+        t0 = time.time()
+        _pg_producer_process(dsn, schema, entries[: share * producers], producers, None, queue_)
+        return share * producers / (queue_.get() - t0)
+    ctx = multiprocessing.get_context("fork")  # forked before any connection is opened
+    barrier, ends = ctx.Barrier(processes + 1), ctx.SimpleQueue()
+    mine = [entries[p * producers * share : (p + 1) * producers * share] for p in range(processes)]
+    children = [ctx.Process(target=_pg_producer_process, args=(dsn, schema, mine[p], producers, barrier, ends))
+                for p in range(processes)]
+    for c in children:
+        c.start()
+    barrier.wait()
+    t0 = time.time()
+    finished = [ends.get() for _ in children]
+    for c in children:
+        c.join()
+        if c.exitcode != 0:
+            raise RuntimeError(f"a producer process failed (exit {c.exitcode})")
+    return share * producers * processes / (max(finished) - t0)
+
+
+def _pg_producer_process(dsn: str, schema: str, entries: list[bytes], producers: int, barrier, ends) -> None:
+    """Open the shared log, add `entries` from `producers` threads once all processes are ready; put the end time."""
+    from fieldprint.ledger.storage.postgres import open_log
+
+    share = len(entries) // producers
+    with open_log(dsn, SIGNER, schema=schema, checkpoint_interval_s=None) as log:
+        ready = threading.Barrier(producers + 1)
+
+        def produce(k: int) -> None:
+            ready.wait()
+            wait_all([log.add(e) for e in entries[k * share : (k + 1) * share]])
+
+        threads = [threading.Thread(target=produce, args=(k,)) for k in range(producers)]
+        for t in threads:
+            t.start()
+        if barrier is not None:
+            barrier.wait()
+        ready.wait()
+        for t in threads:
+            t.join()
+        ends.put(time.time())
+
+
+def _drop_schema(dsn: str, schema: str) -> None:
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+def postgres_side_by_side(dsn: str, tmp: str, scale: float, repeats: int, sizes: list[int], samples: int) -> dict:
+    """The shared log on PostgreSQL beside SQLite: appends/s with 1/4/16 producers (+4 processes), proofs."""
+    import psycopg
+
+    from fieldprint.ledger.storage.postgres import open_log
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        settings = {k: conn.execute(f"SHOW {k}").fetchone()[0] for k in
+                    ("server_version", "fsync", "synchronous_commit", "wal_sync_method", "shared_buffers")}
+    out = {"server": settings, "goal_appends_per_s": PG_GOAL_APPENDS_PER_S, "appends": [], "proofs": [], "bulk_build": []}
+    total = int(40_000 * max(scale, 0.25))
+    configs = [("sqlite", p, 1) for p in (1, 4, 16)] + [("postgres", p, 1) for p in (1, 4, 16)] + [("postgres", 1, 4)]
+    runs: dict[tuple, list[float]] = {c: [] for c in configs}
+    for seed in range(repeats):  # repeat-major, as above: outside load hits every configuration alike
+        for backend, producers, processes in configs:
+            n = total - total % (producers * processes)
+            if backend == "sqlite":
+                rate = appends(tmp, producers, n, "pipelined", "full", seed)
+            else:
+                schema = f"bench_{producers}_{processes}_{seed}"
+                _drop_schema(dsn, schema)
+                rate = pg_appends(dsn, schema, producers, n, seed, processes)
+                _drop_schema(dsn, schema)
+            runs[(backend, producers, processes)].append(rate)
+    rows = []
+    for (backend, producers, processes), r in runs.items():
+        med = statistics.median(r)
+        out["appends"].append({"backend": backend, "producers": producers, "processes": processes,
+                               "appends_per_s_median": med, "runs": r})
+        who = f"{processes} processes x {producers}" if processes > 1 else f"producers={producers}"
+        goal = f"  ({med / PG_GOAL_APPENDS_PER_S:.2f}x the PostgreSQL goal)" if backend == "postgres" else ""
+        rows.append(f"appends  {backend:8s} full pipelined {who:<22s} {med:>10,.0f} /s{goal}")
+        print(rows[-1], flush=True)
+    schema = "bench_proofs"
+    _drop_schema(dsn, schema)
+    try:
+        with open_log(dsn, SIGNER, schema=schema, checkpoint_interval_s=None) as log:
+            for target in sizes:
+                rate = grow(log, target)
+                out["bulk_build"].append({"to_size": target, "leaves_per_s": rate})
+                print(f"postgres bulk build to {target:,} leaves: {rate:,.0f} leaves/s", flush=True)
+                p = proofs(log, samples, seed=target)
+                with psycopg.connect(dsn, autocommit=True) as conn:
+                    p["schema_bytes"] = conn.execute(
+                        "SELECT SUM(pg_total_relation_size(c.oid)) FROM pg_class c JOIN pg_namespace n "
+                        "ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relkind = 'r'", (schema,)).fetchone()[0]
+                out["proofs"].append(p)
+                for proof in ("inclusion", "consistency"):
+                    m, p99 = p[f"{proof}_generate_us"]["median"], p[f"{proof}_generate_us"]["p99"]
+                    rows.append(f"postgres {proof:11s} generate n={target:<10,d} median {m:8.1f} us  p99 {p99:8.1f} us")
+                    print(rows[-1], flush=True)
+    finally:
+        _drop_schema(dsn, schema)
+    out["rows"] = rows
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "ledger_bench.json"))
+    ap.add_argument("--postgres", default=os.environ.get("FIELDPRINT_POSTGRES_DSN"),
+                    help="DSN of a PostgreSQL database for the shared-log rows (default: $FIELDPRINT_POSTGRES_DSN)")
+    ap.add_argument("--pg-max-size", type=int, default=10_000_000, help="largest PostgreSQL log built for proofs")
+    ap.add_argument("--only-postgres", action="store_true", help="run only the PostgreSQL/SQLite side by side; "
+                    "merge it into the existing results file")
     args = ap.parse_args()
     scale = 0.05 if args.quick else 1.0
     sizes = [int(1_000_000 * scale), int(10_000_000 * scale)]
@@ -158,6 +287,26 @@ def main() -> None:
         "load_average_1m_before": os.getloadavg()[0],
         "appends": [],
     }
+    if args.postgres:
+        pg_sizes = [n for n in sizes if n <= args.pg_max_size]
+        result["postgres"] = postgres_side_by_side(args.postgres, tmp, scale, args.repeats, pg_sizes,
+                                                   2000 if not args.quick else 200)
+        if args.only_postgres:
+            shutil.rmtree(tmp)
+            if not args.quick:
+                previous = {}
+                if os.path.exists(args.out):
+                    with open(args.out) as f:
+                        previous = json.load(f)
+                previous["postgres"] = {**result["postgres"], "date_utc": result["date_utc"],
+                                        "load_average_1m_before": result["load_average_1m_before"],
+                                        "load_average_1m_after": os.getloadavg()[0]}
+                with open(args.out, "w") as f:
+                    json.dump(previous, f, indent=2)
+            print("\n" + "\n".join(result["postgres"]["rows"]))
+            return
+    elif args.only_postgres:
+        ap.error("--only-postgres needs --postgres DSN or FIELDPRINT_POSTGRES_DSN")
     rows = []
     configs = [
         (durability, mode, producers)
@@ -201,8 +350,7 @@ def main() -> None:
                 for proof in ("inclusion", "consistency"):
                     m = p[f"{proof}_{kind}_us"]["median"]
                     goal = GOALS[goal_key] * (1000 if goal_key.endswith("_ms") else 1)
-                    p99 = p[f"{proof}_{kind}_us"]["p99"]
-                    rows.append(f"{proof:11s} {kind:8s} n={target:<10,d} median {m:8.1f} us  p99 {p99:8.1f} us  (goal <= {goal:.0f} us)")
+                    rows.append(f"{proof:11s} {kind:8s} n={target:<10,d} median {m:8.1f} us  p99 {p[f'{proof}_{kind}_us']['p99']:8.1f} us  (goal <= {goal:.0f} us)")
                     print(rows[-1], flush=True)
     result["load_average_1m_after"] = os.getloadavg()[0]
     for f in os.listdir(tmp):
@@ -212,7 +360,7 @@ def main() -> None:
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
-    print("\n" + "\n".join(rows))
+    print("\n" + "\n".join(rows + result.get("postgres", {}).get("rows", [])))
 
 
 def _cpu_name() -> str:
