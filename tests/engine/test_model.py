@@ -56,7 +56,7 @@ def test_tiny_logits_equal_transformers(name, tiny_model, make_runner, engine_op
 
 
 @pytest.mark.slow
-def test_smollm2_logits_equal_transformers(smollm2, smollm2_hf, make_runner, engine_ops):
+def test_smollm2_logits_equal_transformers(smollm2, smollm2_hf, make_runner, engine_ops, one_thread):
     lm = smollm2.lm
     assert (lm.args.num_heads, lm.args.num_kv_heads) == (9, 3)  # group 3
     ids = _prompt(lm.tokenizer, TEXT)

@@ -1,0 +1,154 @@
+"""System Anchor Tokens: compiled anchors condition the model exactly as the same text as a prompt prefix
+does; tampered or oversized anchor sets are refused with an AnchorError that names what is wrong."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import torch
+
+from fieldprint.engine.anchors import AnchorCompiler, anchor_text, calibrate_profile, split_prompt
+from fieldprint.engine.commit import Committer
+from fieldprint.errors import AnchorError
+
+FACTS = ["The user's name is Ada.", "Ada is allergic to peanuts.", "Ada lives in Lisbon and hikes every Saturday."]
+QUESTION = [{"role": "user", "content": "Suggest a snack for my hike tomorrow, in one sentence."}]
+
+
+@pytest.fixture
+def make_compiler(log, make_runner, tmp_path):
+    """make_compiler(lm, anchor_dtype, **runner overrides) -> AnchorCompiler on a fresh runner, one shared log.
+
+    Each call is a fresh engine (a restart): a new runner and pool; the log and the set folder stay.
+    """
+    committers = []
+
+    def make(lm, anchor_dtype: str = "model", **overrides) -> AnchorCompiler:
+        runner = make_runner(lm, anchor_dtype=anchor_dtype, block_size=16, **overrides)
+        profile = calibrate_profile(runner, "test") if anchor_dtype == "int8" else None
+        committers.append(Committer(log, profile) if profile is not None else None)
+        return AnchorCompiler(runner, log, committers[-1], profile, str(tmp_path / "anchor-sets"))
+
+    yield make
+    for c in committers:
+        if c is not None:
+            c.close()
+
+
+def _acquire(compiler: AnchorCompiler, engine_ops, texts: list[str] = FACTS):
+    return compiler.acquire([engine_ops.state_id(t) for t in texts], texts)
+
+
+# -- 4. anchors in the cache = the same text as a prompt prefix ------------------------------------------
+@pytest.mark.parametrize("model", ["llama-gqa3", pytest.param("smollm2", marks=pytest.mark.slow)])
+def test_model_dtype_anchors_equal_the_text_as_prompt_prefix(model, smollm2, tiny_model, make_compiler, engine_ops,
+                                                             one_thread):
+    lm = smollm2.lm if model == "smollm2" else tiny_model(model)[0]
+    compiler = make_compiler(lm, "model")
+    runner = compiler.runner
+    cs = _acquire(compiler, engine_ops)
+    prefix, own = split_prompt(lm.tokenizer, anchor_text(FACTS), QUESTION)
+    assert prefix == cs.tokens and len(prefix) % 16  # the set ends inside a block
+    as_text = engine_ops.new_seq(prefix + own)
+    anchored = engine_ops.new_seq(own, anchor_key=cs.key, anchor_len=len(prefix))
+    bare = engine_ops.new_seq(own)  # the control: the anchors must change something
+    runner.anchor_pool.pin(cs.key)
+    steps = engine_ops.greedy(runner, [as_text, anchored, bare], 24)
+    d = max((s[0] - s[1]).abs().max().item() for s in steps)
+    assert d < 1e-3, f"{model}: anchors vs prompt prefix, max |dlogit| over 24 steps = {d:.3g}"
+    assert anchored.output_ids == as_text.output_ids
+    assert max((s[0] - s[2]).abs().max().item() for s in steps) > 1.0
+
+
+# -- reuse and persistence ---------------------------------------------------------------------------
+@pytest.mark.parametrize("anchor_dtype", ["model", "int8"])
+def test_sets_are_reused_and_reloaded_without_recompiling(anchor_dtype, tiny_model, make_compiler, engine_ops, log):
+    lm, _ = tiny_model("llama")
+    first = make_compiler(lm, anchor_dtype)
+    cs = _acquire(first, engine_ops)
+    size = log.size
+    assert _acquire(first, engine_ops) is cs and log.size == size  # reused from the pool
+    assert _acquire(first, engine_ops, FACTS[::-1]).key != cs.key  # order matters: another set
+    size = log.size
+    again = _acquire(make_compiler(lm, anchor_dtype), engine_ops)  # a restart: read from its file and verified
+    assert log.size == size and (again.key, again.index, again.entry) == (cs.key, cs.index, cs.entry)
+
+
+# -- 5. tampering ---------------------------------------------------------------------------------------
+def _set_file(compiler: AnchorCompiler, key: str) -> str:
+    (path,) = glob.glob(os.path.join(compiler.folder, key + ".fpas"))
+    return path
+
+
+def _body_offset(data: bytes) -> int:
+    """Where the K/V bytes begin: after the magic line and the one-line JSON head."""
+    magic = data.index(b"\n") + 1
+    return data.index(b"\n", magic) + 1
+
+
+@pytest.mark.parametrize("anchor_dtype", ["model", "int8"])
+def test_a_flipped_byte_in_a_set_file_is_refused_naming_the_block(anchor_dtype, tiny_model, make_compiler,
+                                                                   engine_ops, log):
+    lm, _ = tiny_model("llama")
+    cs = _acquire(make_compiler(lm, anchor_dtype), engine_ops)
+    restarted = make_compiler(lm, anchor_dtype)
+    path = _set_file(restarted, cs.key)
+    data = bytearray(open(path, "rb").read())
+    c = restarted.runner.cache
+    per_token = c.anchor_k.shape[3] * c.anchor_k.shape[4] * c.anchor_k.element_size()
+    length = len(cs.tokens)
+    assert length > 20
+    layer, kind, token = 1, "V", 20  # token 20 lies in block 1 (16 tokens a block)
+    at = _body_offset(data) + (2 * layer + 1) * length * per_token + token * per_token + 3
+    data[at] ^= 0x10
+    open(path, "wb").write(data)
+    size = log.size
+    with pytest.raises(AnchorError, match=f"layer {layer} {kind} block 1 differs from what was committed "
+                                          f"\\(log leaf {cs.index}\\)"):
+        _acquire(restarted, engine_ops)
+    assert restarted.runner.anchor_pool.get(cs.key) is None and not restarted.runner.anchor_pool.sets
+    assert log.size == size  # a refused file is not recompiled behind the caller's back
+
+
+def test_a_truncated_or_damaged_set_file_is_refused(tiny_model, make_compiler, engine_ops):
+    lm, _ = tiny_model("llama")
+    cs = _acquire(make_compiler(lm), engine_ops)
+    restarted = make_compiler(lm)
+    path = _set_file(restarted, cs.key)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:-7])
+    with pytest.raises(AnchorError, match=r"is truncated or padded \(\d+ bytes of K/V, expected \d+\); delete it"):
+        _acquire(restarted, engine_ops)
+    open(path, "wb").write(data[: _body_offset(data) // 2])  # cut inside the JSON head
+    with pytest.raises(AnchorError, match="is unreadable or damaged"):
+        _acquire(restarted, engine_ops)
+    assert not restarted.runner.anchor_pool.sets
+
+
+@pytest.mark.parametrize("anchor_dtype", ["model", "int8"])
+def test_a_flipped_byte_in_the_pool_is_refused_naming_the_block(anchor_dtype, tiny_model, make_compiler, engine_ops):
+    lm, _ = tiny_model("llama")
+    compiler = make_compiler(lm, anchor_dtype)
+    cs = _acquire(compiler, engine_ops)
+    slot = compiler.runner.anchor_pool.get(cs.key)
+    compiler.verify(cs, slot.blocks)  # intact: passes
+    pool = compiler.runner.cache.anchor_k
+    raw = pool[0, slot.blocks[1]].view(torch.uint8).view(-1)  # layer 0, K, the set's second block
+    raw[5] ^= 0x01
+    with pytest.raises(AnchorError, match=f"anchor set {cs.key[:16]}: layer 0 K block 1 differs .* nothing is attended to"):
+        compiler.verify(cs, slot.blocks)
+
+
+def test_anchors_longer_than_max_anchor_len_are_refused_and_nothing_is_logged(tiny_model, make_compiler,
+                                                                             engine_ops, log, tmp_path):
+    lm, _ = tiny_model("llama")
+    compiler = make_compiler(lm, "int8", max_anchor_len=32)
+    size = log.size
+    with pytest.raises(AnchorError, match=r"the anchors are \d+ tokens; the engine takes at most 32 \(max_anchor_len\)"):
+        _acquire(compiler, engine_ops)
+    log.flush()
+    assert log.size == size
+    assert not compiler.runner.anchor_pool.sets and compiler.runner.anchor_pool.num_blocks == len(compiler.runner.anchor_pool.free)
+    assert not glob.glob(str(tmp_path / "anchor-sets" / "*"))
