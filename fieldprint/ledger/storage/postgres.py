@@ -59,6 +59,7 @@ DEFAULT_LEASE_WAIT_S = 60.0
 DURABILITY = {"full": "on", "normal": "off"}
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,47}")
 _LEAF_CHUNK = 65536
+_QUIET_WAIT_S = 0.25  # a wait for the lease longer than this is logged (with its holder)
 _logger = logging.getLogger("fieldprint.ledger.postgres")
 
 # Migrations, applied in order under an advisory lock; schema_version in meta says how far a database got.
@@ -361,7 +362,8 @@ class PostgresStorage(LogStorage):
 
     def _take_lease(self, conn) -> tuple[TreeHead, bool]:
         """BEGIN and lock the head row once no other live lease holds it; (head, release at commit)."""
-        deadline, delay, told = time.monotonic() + self.lease_wait_s, 0.001, False
+        began = time.monotonic()
+        deadline, delay, told = began + self.lease_wait_s, 0.001, False
         head_table = self._t["head"]
         while True:
             # A turn holds the row for milliseconds; wait for it at most as long as we may still wait.
@@ -386,7 +388,7 @@ class PostgresStorage(LogStorage):
                 raise LogError(f"another sequencer holds the lease of {self.path}: {holder}{when}; this process "
                                f"({self.holder}) {action} this batch, nothing was written. The lease passes on "
                                f"when its holder goes idle or closes, or at the latest {self.lease_s:g} s after it stops")
-            if not told:
+            if not told and time.monotonic() - began > _QUIET_WAIT_S:  # turns taken batch by batch are not news
                 _logger.warning("%s: waiting for the sequencer lease held by %s%s", self.path, holder, when)
                 told = True
             self._ask_for_lease(conn)
