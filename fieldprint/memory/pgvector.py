@@ -77,13 +77,14 @@ class PgVectorStore:
     """Vectors in PostgreSQL with pgvector: HNSW (cosine), filtered search, versions and rollback in SQL."""
 
     def __init__(self, url: str, dim: int = 384, schema: str = DEFAULT_SCHEMA, ef_search: int = 100,
-                 m: int = 16, ef_construction: int = 64) -> None:
+                 m: int = 16, ef_construction: int = 64, build_memory_mb: int = 1024) -> None:
         if not isinstance(dim, int) or not 1 <= dim <= 16000:
             raise StateError(f"dim must be an integer from 1 to 16000 (pgvector's limit), got {dim!r}")
         self.dim = dim
         # HNSW knobs, pgvector's own: candidates kept per search (recall vs latency), and the graph's
-        # degree and build width (used when build_index() rebuilds the index).
+        # degree, build width and build memory (used when build_index() rebuilds the index).
         self.ef_search, self.m, self.ef_construction = ef_search, m, ef_construction
+        self.build_memory_mb = build_memory_mb
         self._schema, self._name = schema, redact(url)  # what _on_connect needs before _pg exists
         self._pg = PgConnection(url, schema, "vector store", on_connect=self._on_connect)
         self.path = self._pg.name
@@ -106,7 +107,6 @@ class PgVectorStore:
         register_vector(db)
         # strict_order: iterative scans keep going until k rows pass the filters, best first.
         db.execute("SET hnsw.iterative_scan = strict_order")
-        db.execute(f"SET hnsw.ef_search = {int(self.ef_search)}")
 
     def _next_version(self, db: psycopg.Connection, op: str) -> int:
         # The head row's lock is held to commit: one writer at a time makes a version, in order.
@@ -169,6 +169,8 @@ class PgVectorStore:
         with self._pg.sql("search") as db, db.transaction():
             if exact:
                 db.execute("SET LOCAL enable_indexscan = off")  # bitmap scans on the filters stay available
+            else:
+                db.execute(f"SET LOCAL hnsw.ef_search = {int(self.ef_search)}")
             rows = db.execute(query_sql, params).fetchall()
         return [Hit(sid, 1.0 - float(d), s, t, bool(p)) for sid, d, s, t, p in rows]
 
@@ -225,12 +227,19 @@ class PgVectorStore:
             raise StateError(f"vector store has no version {version!r}; known versions are 0..{head}")
 
     def build_index(self) -> None:
-        """Rebuild the HNSW index with this store's m and ef_construction (after a bulk load, or to retune)."""
+        """(Re)build the HNSW index with this store's m and ef_construction (after a bulk load, or to retune)."""
         with self._pg.sql("build the HNSW index") as db, db.transaction():
+            # pgvector builds fast only while the graph fits in maintenance_work_mem.
+            db.execute(f"SET LOCAL maintenance_work_mem = '{int(self.build_memory_mb)}MB'")
             db.execute("DROP INDEX IF EXISTS vectors_hnsw")
             db.execute(f"CREATE INDEX vectors_hnsw ON vectors USING hnsw (embedding vector_cosine_ops) "
                        f"WITH (m = {int(self.m)}, ef_construction = {int(self.ef_construction)}) "
                        f"WHERE removed_in IS NULL")
+
+    def drop_index(self) -> None:
+        """Drop the HNSW index before a bulk load (inserts then skip the graph); build_index() makes it again."""
+        with self._pg.sql("drop the HNSW index") as db:
+            db.execute("DROP INDEX IF EXISTS vectors_hnsw")
 
     def compact(self) -> None:
         """Refresh the planner's statistics (filtered searches pick their plan from them); keeps all history."""

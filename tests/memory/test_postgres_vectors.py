@@ -1,0 +1,198 @@
+"""The vector store tests again, on pgvector; then what a shared, versioned store must add.
+
+The interface tests of test_vectors.py run unchanged against PgVectorStore (a fresh schema each).
+Beyond them: random sequences of adds, flag changes, rollbacks and reverts checked against a model
+of what each version holds; filtered HNSW searches that still return k rows when the filter is
+selective; and two engines writing one store.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import test_vectors
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pg import pg_dsn  # noqa: F401,I001  (a fresh database per module)
+from test_postgres_memory import Schemas, require_pgvector
+from test_vectors import (  # noqa: F401  (collected here, against pgvector)
+    sid,
+    test_bad_rows_are_refused_and_nothing_is_stored,
+    test_compact_keeps_rows_results_and_rollback_history,
+    test_lance_store_implements_the_interface,
+    test_search_finds_the_nearest_rows_with_filters,
+    test_versions_and_rollback,
+    unit_rows,
+)
+
+from fieldprint.errors import StateError
+from fieldprint.memory.pgvector import PgVectorStore
+from fieldprint.memory.vectors import VectorStore
+
+
+@pytest.fixture(scope="module")
+def url(pg_dsn):  # noqa: F811
+    return require_pgvector(pg_dsn)
+
+
+@pytest.fixture
+def schemas(url):
+    s = Schemas(url)
+    yield s
+    s.drop_all()
+
+
+@pytest.fixture
+def store(schemas, monkeypatch):
+    schema = schemas.new()
+    # test_vectors reopens its store by path; here that is the same schema of the same database.
+    monkeypatch.setattr(test_vectors, "LanceVectorStore", lambda path: PgVectorStore(schemas.url, schema=schema))
+    s = PgVectorStore(schemas.url, schema=schema)
+    yield s
+    s.close()
+
+
+def test_the_store_is_a_vector_store(store):
+    assert isinstance(store, PgVectorStore) and isinstance(store, VectorStore)
+
+
+def test_filtered_hnsw_search_returns_k_rows_and_agrees_with_exact(store):
+    n = 3000
+    v = unit_rows(n, seed=3)
+    sessions = [f"s{i % 100}" for i in range(n)]  # a session filter keeps 1% of the rows
+    store.drop_index()  # a bulk load: one build beats 3,000 graph inserts
+    store.add([sid(i) for i in range(n)], v, sessions, ["belief" if i % 7 else "summary" for i in range(n)],
+              [i % 3 == 0 for i in range(n)])
+    store.build_index()
+    store.compact()
+    queries = unit_rows(20, seed=4)
+    recall = []
+    for i, q in enumerate(queries):
+        for kw in ({}, {"session": f"s{i}"}, {"promotable_only": True}, {"state_type": "summary", "session": f"s{i}"}):
+            ann, exact = store.search(q, 10, **kw), store.search(q, 10, exact=True, **kw)
+            # Iterative scans keep walking the graph until k rows pass the filter.
+            assert len(ann) == len(exact) and [h.score for h in ann] == sorted((h.score for h in ann), reverse=True)
+            recall.append(len({h.state_id for h in ann} & {h.state_id for h in exact}) / max(1, len(exact)))
+            assert all(h.session == kw.get("session", h.session) and (h.promotable or not kw.get("promotable_only"))
+                       for h in ann)
+    assert np.mean(recall) >= 0.9, np.mean(recall)
+    assert store.search(v[123], 1)[0].state_id == sid(123)
+
+
+def test_a_bulk_load_without_the_index_then_building_it(store):
+    v = unit_rows(500, seed=5)
+    store.drop_index()
+    store.add([sid(i) for i in range(500)], v, ["s"] * 500, ["belief"] * 500, [True] * 500)
+    assert store.search(v[7], 1)[0].state_id == sid(7)  # exact meanwhile
+    store.build_index()
+    assert store.search(v[7], 1)[0].state_id == sid(7)
+
+
+def test_two_engines_share_one_store(schemas):
+    schema = schemas.new()
+    a, b = PgVectorStore(schemas.url, schema=schema), PgVectorStore(schemas.url, schema=schema)
+    v = unit_rows(4, seed=6)
+    va = a.add([sid(0), sid(1)], v[:2], ["s"] * 2, ["belief"] * 2, [False] * 2)
+    vb = b.add([sid(2)], v[2:3], ["s"], ["belief"], [False])
+    assert vb > va and a.version() == b.version() == vb and len(a) == 3
+    with pytest.raises(StateError, match=f"state {sid(1)} is already in the vector store"):
+        b.add([sid(1), sid(3)], v[[1, 3]], ["s"] * 2, ["belief"] * 2, [False] * 2)
+    assert len(a) == 3 and a.version() == vb  # nothing of the refused batch, and no version for it
+    # Reverting a's add leaves b's row; a rollback to before it would not.
+    a.revert(va)
+    assert {h.state_id for h in b.search(v[0], 5)} == {sid(2)}
+    a.rollback(0)
+    assert len(b) == 0
+    a.close()
+    b.close()
+
+
+def test_versions_are_checked(store):
+    with pytest.raises(StateError, match="no version 1; known versions are 0..0"):
+        store.revert(1)
+    for bad in (-1, True, 1.0):
+        with pytest.raises(StateError, match="no version"):
+            store.rollback(bad)
+    with pytest.raises(StateError, match="dim"):
+        PgVectorStore("postgresql://nobody@127.0.0.1:1/x", dim=0)
+
+
+# --- versions against a model --------------------------------------------------------------------------------------
+
+N_IDS = 6
+OPS = st.lists(st.one_of(
+    st.tuples(st.just("add"), st.sets(st.integers(0, N_IDS - 1), min_size=1, max_size=3), st.booleans()),
+    st.tuples(st.just("flag"), st.sets(st.integers(0, N_IDS - 1), min_size=1, max_size=3), st.booleans()),
+    st.tuples(st.just("rollback"), st.integers(0, 30)),
+    st.tuples(st.just("revert"), st.integers(0, 30)),
+), min_size=1, max_size=12)
+
+
+class VersionModel:
+    """What each version holds: state -> (row value, the version its row was made in)."""
+
+    def __init__(self) -> None:
+        self.at = [{}]  # version -> contents
+
+    def make(self, contents: dict) -> int:
+        self.at.append(contents)
+        return len(self.at) - 1
+
+    def add(self, ids, promotable):
+        now = dict(self.at[-1])
+        new = len(self.at)
+        for i in ids:
+            now[i] = ((f"s{i % 2}", promotable), new)
+        return self.make(now)
+
+    def flag(self, ids, promotable):
+        now, new = dict(self.at[-1]), len(self.at)
+        for i in ids:
+            if i in now and now[i][0][1] != promotable:
+                now[i] = ((now[i][0][0], promotable), new)
+        return self.make(now)
+
+    def rollback(self, v):
+        now, new = self.at[-1], len(self.at)
+        return self.make({i: row if now.get(i) == row else (row[0], new) for i, row in self.at[v].items()})
+
+    def revert(self, v):
+        now, new = dict(self.at[-1]), len(self.at)
+        before, after = self.at[v - 1] if v else {}, self.at[v]
+        for i, row in list(now.items()):
+            if row[1] == v:  # made by v and still live
+                del now[i]
+        for i, row in before.items():
+            if after.get(i) != row and i not in now:  # ended by v, and not live again since
+                now[i] = (row[0], new)
+        return self.make(now)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=OPS)
+def test_every_version_holds_what_the_model_says(schemas, ops):
+    store = PgVectorStore(schemas.url, schema=schemas.new())
+    model = VersionModel()
+    v = unit_rows(N_IDS, seed=8)
+    probe = unit_rows(1, seed=9)[0]
+    try:
+        for op in ops:
+            if op[0] == "add":
+                ids = sorted(set(op[1]) - set(model.at[-1]))  # ids must be new; a live id is refused
+                if not ids:
+                    continue
+                got = store.add([sid(i) for i in ids], v[ids], [f"s{i % 2}" for i in ids], ["belief"] * len(ids),
+                                [op[2]] * len(ids))
+                want = model.add(ids, op[2])
+            elif op[0] == "flag":
+                got, want = store.set_promotable([sid(i) for i in sorted(op[1])], op[2]), model.flag(op[1], op[2])
+            else:
+                target = op[1] % len(model.at)
+                got = getattr(store, op[0])(target)
+                want = getattr(model, op[0])(target)
+            assert got == want == store.version()
+            hits = store.search(probe, N_IDS + 1, exact=True) if len(store) else []
+            seen = {int(h.state_id[7:], 16): ((h.session, h.promotable), round(h.score, 4)) for h in hits}
+            assert seen == {i: (row[0], round(float(v[i] @ probe), 4)) for i, row in model.at[-1].items()}, (op, ops)
+    finally:
+        store.close()
