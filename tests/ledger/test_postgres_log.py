@@ -153,3 +153,14 @@ def test_property_log_matches_reference(pg_dsn, entries, batch_size, data):  # n
         verify_inclusion(leaf_hash(entries[i]), i, n, log.inclusion_proof(i, n), cp.root_hash)
         m = data.draw(st.integers(0, n))
         verify_consistency(m, n, log.consistency_proof(m, n), root_hash([leaf_hash(e) for e in entries[:m]]), cp.root_hash)
+
+
+def test_connections_lost_while_idle_are_replaced(db):
+    with TransparencyLog.open(db, KEYS[0], checkpoint_interval_s=None) as log:
+        assert log.add(b"before").result(timeout=30) == 0
+        storage = log._storage
+        backends = [storage._writer.info.backend_pid, storage._reader().info.backend_pid]
+        _sql(db, "SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (backends,))
+        assert log.size == 1 and log.entry(0) == b"before"  # the reader reconnects
+        assert log.add(b"after").result(timeout=30) == 1  # so does the sequencer, and nothing is lost
+        assert log.audit().ok

@@ -231,6 +231,13 @@ class PostgresStorage(LogStorage):
 
     def _query(self, what: str, query: str, params: Sequence = ()) -> list[tuple]:
         with self._reading(what):
+            conn = self._reader()
+            try:
+                return conn.execute(query, params).fetchall()
+            except psycopg.OperationalError:
+                if not conn.broken or getattr(self._local, "snapshot", False):
+                    raise
+            # A connection lost while idle between reads (never inside a snapshot): reconnect once.
             return self._reader().execute(query, params).fetchall()
 
     @contextmanager
@@ -242,9 +249,11 @@ class PostgresStorage(LogStorage):
             return
         with self._reading("a snapshot"):
             conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        self._local.snapshot = True
         try:
             yield
         finally:
+            self._local.snapshot = False
             if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                 try:
                     conn.execute("ROLLBACK")  # a read-only transaction: ends the snapshot, writes nothing
@@ -331,11 +340,17 @@ class PostgresStorage(LogStorage):
         yielded (the row lock makes that so; the WHERE clause makes it checked).
         """
         with self._lock:
-            conn = self._writer_conn()
-            try:
-                head, release = self._take_lease(conn)
-            except psycopg.Error as exc:
-                raise LogError(f"cannot take the sequencer lease of {self.path}, nothing was written: {_reason(exc)}") from None
+            for attempt in range(2):
+                conn = self._writer_conn()
+                try:
+                    head, release = self._take_lease(conn)
+                    break
+                except psycopg.Error as exc:
+                    if attempt == 0 and conn.broken:  # lost while idle (server restart, timeout): reconnect once
+                        continue
+                    self._rollback(conn)
+                    raise LogError(f"cannot take the sequencer lease of {self.path}, nothing was written: "
+                                   f"{_reason(exc)}") from None
             began = (head.size, head.root)
             self._turn = head
             try:
@@ -350,7 +365,12 @@ class PostgresStorage(LogStorage):
                 if swapped != 1:
                     raise LogError(f"the tree head of {self.path} moved during this turn (another sequencer?); "
                                    f"nothing was written")
-                conn.execute("COMMIT")
+                try:
+                    conn.execute("COMMIT")
+                except psycopg.OperationalError as exc:  # the connection went away during COMMIT
+                    raise LogError(f"the commit of this batch to {self.path} was interrupted ({_reason(exc)}): it may or "
+                                   f"may not be in the log; its entries were not acknowledged. The next turn continues "
+                                   f"from whatever head was committed") from None
                 self._holding = not release
             except BaseException as exc:
                 self._rollback(conn)
