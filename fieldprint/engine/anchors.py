@@ -270,6 +270,8 @@ class AnchorCompiler:
                                   f"was committed (log leaf {cs.index}); the set is refused and nothing is attended to")
         if len(now) != len(cs.block_digests) or blocks_root(cs.block_digests) != cs.manifest["blocks_root"]:
             raise AnchorError(f"anchor set {cs.key[:16]}: its block digests do not match the manifest's root")
+        if len(cs.tokens) != length or token_digest(cs.tokens) != cs.manifest["token_digest"]:
+            raise AnchorError(f"anchor set {cs.key[:16]}: its token list does not match the manifest's token digest")
         entry = StateEntry.decode(cs.entry)
         if entry.state_id != manifest_digest(cs.manifest) or entry.state_type != ANCHOR_STATE_TYPE:
             raise AnchorError(f"anchor set {cs.key[:16]}: log leaf {cs.index} does not commit to this manifest")
@@ -314,6 +316,9 @@ class AnchorCompiler:
             raise AnchorError(f"anchor set file {path} is unreadable or damaged ({e}); delete it to recompile") from None
         if cs.key != key or cs.manifest.get("model_id") != r.lm.model_id:
             raise AnchorError(f"anchor set file {path} holds another set or another model's set; delete it to recompile")
+        if cs.manifest.get("block_size") != r.config.block_size:
+            raise AnchorError(f"anchor set file {path} was compiled with cache block size {cs.manifest.get('block_size')}; "
+                              f"this engine uses {r.config.block_size}: delete it to recompile")
         per = length * c.anchor_k.shape[3] * c.anchor_k.shape[4] * c.anchor_k.element_size()
         if len(body) != per * 2 * c.anchor_k.shape[0]:
             raise AnchorError(f"anchor set file {path} is truncated or padded ({len(body)} bytes of K/V, expected "

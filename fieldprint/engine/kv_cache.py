@@ -124,14 +124,16 @@ class AnchorPool:
         if need > self.num_blocks:
             raise EngineError(f"an anchor set of {length} tokens needs {need} blocks; the anchor pool has "
                               f"{self.num_blocks}: fewer or shorter anchors, or a larger anchor pool")
-        for victim in [k for k, s in self.sets.items() if s.refs == 0]:
+        unpinned = [k for k, s in self.sets.items() if s.refs == 0]  # least recently used first
+        # Refuse before evicting anything: a reservation that cannot succeed must not cost cached sets.
+        if len(self.free) + sum(len(self.sets[k].blocks) for k in unpinned) < need:
+            pinned = sum(len(s.blocks) for s in self.sets.values() if s.refs)
+            raise EngineError(f"the anchor pool is full: {need} blocks needed, {len(self.free)} free, {pinned} pinned "
+                              "by running sequences; retry when they finish or enlarge the anchor pool")
+        for victim in unpinned:
             if len(self.free) >= need:
                 break
             self.evict(victim)
-        if len(self.free) < need:
-            pinned = sum(len(s.blocks) for s in self.sets.values())
-            raise EngineError(f"the anchor pool is full: {need} blocks needed, {len(self.free)} free, {pinned} pinned "
-                              "by running sequences; retry when they finish or enlarge the anchor pool")
         slot = AnchorSetSlot(key, [self.free.pop() for _ in range(need)], length)
         self.sets[key] = slot
         return slot

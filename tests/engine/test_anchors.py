@@ -4,6 +4,7 @@ does; tampered or oversized anchor sets are refused with an AnchorError that nam
 from __future__ import annotations
 
 import glob
+import json
 import os
 
 import pytest
@@ -125,6 +126,34 @@ def test_a_truncated_or_damaged_set_file_is_refused(tiny_model, make_compiler, e
     with pytest.raises(AnchorError, match="is unreadable or damaged"):
         _acquire(restarted, engine_ops)
     assert not restarted.runner.anchor_pool.sets
+
+
+def test_a_set_file_with_forged_tokens_is_refused(tiny_model, make_compiler, engine_ops):
+    """The token list travels in the file's head: it must match the committed manifest's token digest."""
+    lm, _ = tiny_model("llama")
+    cs = _acquire(make_compiler(lm), engine_ops)
+    restarted = make_compiler(lm)
+    path = _set_file(restarted, cs.key)
+    data = open(path, "rb").read()
+    magic = data.index(b"\n") + 1
+    head = json.loads(data[magic : _body_offset(data)])
+    head["tokens"][3] += 1
+    open(path, "wb").write(data[:magic] + json.dumps(head).encode() + b"\n" + data[_body_offset(data):])
+    with pytest.raises(AnchorError, match="its token list does not match the manifest's token digest"):
+        _acquire(restarted, engine_ops)
+    assert not restarted.runner.anchor_pool.sets
+
+
+def test_a_set_file_of_another_block_size_is_refused_as_such(tiny_model, make_compiler, engine_ops, make_runner, log,
+                                                             tmp_path):
+    """Not reported as tampering: the file is intact, the engine's cache block size changed."""
+    lm, _ = tiny_model("llama")
+    cs = _acquire(make_compiler(lm), engine_ops)
+    runner = make_runner(lm, block_size=8)
+    compiler = AnchorCompiler(runner, log, None, None, str(tmp_path / "anchor-sets"))
+    with pytest.raises(AnchorError, match="was compiled with cache block size 16; this engine uses 8: delete it"):
+        _acquire(compiler, engine_ops)
+    assert compiler.key([engine_ops.state_id(t) for t in FACTS]) == cs.key and not runner.anchor_pool.sets
 
 
 @pytest.mark.parametrize("anchor_dtype", ["model", "int8"])

@@ -304,6 +304,10 @@ def test_anchor_pool_pins_evicts_lru_and_refuses_when_pinned():
     z = pool.reserve("z", 16)  # 4 blocks: 2 free, evicts y (unpinned), never x
     assert set(pool.sets) == {"x", "z"} and set(z.blocks) >= set(y.blocks) - set(x.blocks)
     assert set(x.blocks).isdisjoint(z.blocks)
+    # 5 blocks cannot be had even by evicting z (4): refused, and z stays cached
+    with pytest.raises(EngineError, match=r"anchor pool is full: 5 blocks needed, 0 free, 2 pinned"):
+        pool.reserve("v", 20)
+    assert set(pool.sets) == {"x", "z"} and pool.get("z") is z
     pool.pin("z")
     with pytest.raises(EngineError, match=r"anchor pool is full: 1 blocks needed, 0 free, 6 pinned"):
         pool.reserve("w", 1)
