@@ -62,7 +62,9 @@ def _ensure_extension(db: psycopg.Connection, schema: str, name: str) -> None:
     found = db.execute("SELECT extnamespace::regnamespace::text FROM pg_extension WHERE extname = 'vector'").fetchone()
     if found is None:
         try:
-            db.execute("CREATE EXTENSION IF NOT EXISTS vector SCHEMA public")
+            with db.transaction():  # IF NOT EXISTS alone races: two engines opening at once both try to create
+                db.execute("SELECT pg_advisory_xact_lock(hashtextextended('fieldprint:pgvector', 0))")
+                db.execute("CREATE EXTENSION IF NOT EXISTS vector SCHEMA public")
         except psycopg.Error as e:
             raise StateError(
                 f"the vector store at {name} needs the pgvector extension and could not create it "
