@@ -90,7 +90,18 @@ def _hf_config(folder: str, gguf: str | None):
     try:
         return AutoConfig.from_pretrained(folder, gguf_file=gguf, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad config
+        if gguf:
+            _gguf_reader(os.path.join(folder, gguf))  # a truncated or damaged file is named as such
         raise ModelError(f"cannot read the model config from {folder}{'/' + gguf if gguf else ''}: {e}") from None
+
+
+def _gguf_reader(path: str):
+    import gguf as gguf_lib
+
+    try:
+        return gguf_lib.GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - a truncated file raises ValueError, IndexError, ...
+        raise ModelError(f"GGUF file {path} is unreadable or truncated: {e}") from None
 
 
 def _cache_dir(folder: str, gguf: str | None) -> str:
@@ -161,15 +172,11 @@ def read_tensors(folder: str, gguf: str | None, hf_config) -> dict[str, torch.Te
             except (SafetensorError, OSError, RuntimeError) as e:
                 raise ModelError(f"weight file {f} is unreadable or truncated: {e}") from None
         return out
-    import gguf as gguf_lib
     from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     path = os.path.join(folder, gguf)
-    try:
-        reader = gguf_lib.GGUFReader(path)
-    except Exception as e:  # noqa: BLE001 - a truncated file raises ValueError, IndexError, ...
-        raise ModelError(f"GGUF file {path} is unreadable or truncated: {e}") from None
+    reader = _gguf_reader(path)
     bad = sorted({t.tensor_type.name for t in reader.tensors} - GGUF_TYPES)
     if bad:
         raise ModelError(f"GGUF file {path} holds tensor types {bad}; supported: {sorted(GGUF_TYPES)}")

@@ -36,6 +36,9 @@ TINY = {
                                         num_key_value_heads=1, head_dim=32, rope_theta=500000.0,
                                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
+    # Mistral without a sliding window (v0.2 on)
+    "mistral": ("MistralConfig", dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                      num_key_value_heads=1, sliding_window=None)),
     # q/k/v biases
     "qwen2": ("Qwen2Config", dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                   num_key_value_heads=2, use_sliding_window=False)),

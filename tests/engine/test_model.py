@@ -43,7 +43,7 @@ TEXT = ("Explain, step by step, why the sky is blue at noon and red at sunset; m
 
 
 # -- 1. logits and greedy tokens equal transformers' ---------------------------------------------------
-@pytest.mark.parametrize("name", ["llama", "llama-gqa3", "llama3-rope", "qwen2", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "llama-gqa3", "llama3-rope", "mistral", "qwen2", "qwen3"])
 def test_tiny_logits_equal_transformers(name, tiny_model, make_runner, engine_ops):
     lm, hf = tiny_model(name)
     ids = _prompt(lm.tokenizer, TEXT)
@@ -197,12 +197,18 @@ def _copy_model_folder(lm, dst) -> str:
     return str(dst)
 
 
-def test_loader_refuses_an_unknown_architecture(tmp_path):
-    from transformers import GPT2Config
+def test_loader_refuses_an_unknown_architecture_and_unsupported_attention(tmp_path):
+    from transformers import GPT2Config, LlamaConfig, MistralConfig
 
-    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path)
-    with pytest.raises(ModelError, match="model_type 'gpt2' is not supported"):
-        load_model(str(tmp_path), device="cpu")
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ModelError, match="model_type 'gpt2' is not supported; supported: llama, mistral, qwen2, qwen3"):
+        load_model(str(tmp_path / "gpt2"), device="cpu")
+    MistralConfig(sliding_window=4096).save_pretrained(tmp_path / "mistral")
+    with pytest.raises(ModelError, match=r"sliding-window attention \(window 4096\) is not supported"):
+        load_model(str(tmp_path / "mistral"), device="cpu")
+    LlamaConfig(rope_scaling={"rope_type": "yarn", "factor": 4.0}).save_pretrained(tmp_path / "yarn")
+    with pytest.raises(ModelError, match="RoPE type 'yarn' is not supported"):
+        load_model(str(tmp_path / "yarn"), device="cpu")
 
 
 def test_loader_refuses_missing_truncated_and_incomplete_weights(tiny_model, tmp_path):
@@ -272,7 +278,7 @@ def test_loader_refuses_unsupported_and_truncated_gguf(tmp_path):
     cut = tmp_path / "cut.gguf"
     data = bad.read_bytes()
     cut.write_bytes(data[: len(data) - 1000])  # the tensor data ends early
-    with pytest.raises(ModelError, match="cut.gguf"):
+    with pytest.raises(ModelError, match=r"GGUF file .*cut\.gguf is unreadable or truncated"):
         load_model(str(cut), device="cpu")
 
 
