@@ -33,7 +33,7 @@ _LAZY = {
     "fieldprint.ledger.note": ("Checkpoint", "generate_key", "sign_note", "open_note"),
     "fieldprint.ledger.merkle": ("leaf_hash", "verify_inclusion", "verify_consistency"),
     "fieldprint.ledger.entry": ("StateEntry",),
-    "fieldprint.ledger.receipt": ("inclusion_bundle", "verify_bundle"),
+    "fieldprint.ledger.bundle": ("inclusion_bundle", "verify_bundle"),
     "fieldprint.dqp_profile": ("DQPProfile",),
     "fieldprint.dqp": ("quantize", "QuantizedState"),
     "fieldprint.engine.commit": ("Committer",),

@@ -442,7 +442,7 @@ def ledger_checkpoint(args: argparse.Namespace) -> int:
 
 def ledger_prove(args: argparse.Namespace) -> int:
     """Print an inclusion proof bundle for entry `index` against the latest covering checkpoint."""
-    from fieldprint.ledger.receipt import inclusion_bundle
+    from fieldprint.ledger.bundle import inclusion_bundle
 
     with _open_reader(args) as log:
         bundle = inclusion_bundle(log, args.index)
@@ -452,7 +452,7 @@ def ledger_prove(args: argparse.Namespace) -> int:
 
 def ledger_consistency(args: argparse.Namespace) -> int:
     """Print a consistency proof bundle between the log's signed checkpoints for SIZE1 and SIZE2."""
-    from fieldprint.ledger.receipt import consistency_bundle
+    from fieldprint.ledger.bundle import consistency_bundle
 
     with _open_reader(args) as log:
         bundle = consistency_bundle(log, args.size1, args.size2)
@@ -498,7 +498,7 @@ def _read_bundle(name: str) -> dict:
 
 def ledger_verify(args: argparse.Namespace) -> int:
     """Verify an inclusion or consistency bundle offline; exit 0 and say what was proven, or 1 and why."""
-    from fieldprint.ledger.receipt import (
+    from fieldprint.ledger.bundle import (
         CONSISTENCY_FORMAT,
         verify_bundle,
         verify_consistency_bundle,

@@ -12,7 +12,7 @@ from fieldprint.ledger.merkle import verify_consistency, verify_inclusion
 from fieldprint.ledger.note import Checkpoint, generate_key, sign_note
 from fieldprint.ledger.published import published_path
 from fieldprint.ledger.reader import LogReader, leaf_span
-from fieldprint.ledger.receipt import (
+from fieldprint.ledger.bundle import (
     consistency_bundle,
     inclusion_bundle,
     verify_bundle,
