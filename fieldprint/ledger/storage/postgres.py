@@ -148,6 +148,9 @@ class PostgresStorage(LogStorage):
         except psycopg.Error as exc:
             raise LogError(f"cannot connect to the log database {self.path}: {_reason(exc)}") from None
         try:
+            # Every query here touches a few rows by primary key; a range join's row estimate can still
+            # cross jit_above_cost, and compiling it (~7 ms) would cost 20x the proof itself.
+            conn.execute("SET jit = off")
             if writer:
                 # A session stuck inside a transaction for a whole lease is cut off, which frees the head row.
                 conn.execute(f"SET idle_in_transaction_session_timeout = {int(self.lease_s * 1000)}")
