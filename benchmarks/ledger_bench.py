@@ -246,9 +246,9 @@ def postgres_side_by_side(dsn: str, tmp: str, scale: float, repeats: int, sizes:
                 print(f"postgres bulk build to {target:,} leaves: {rate:,.0f} leaves/s", flush=True)
                 p = proofs(log, samples, seed=target)
                 with psycopg.connect(dsn, autocommit=True) as conn:
-                    p["schema_bytes"] = conn.execute(
+                    p["schema_bytes"] = int(conn.execute(
                         "SELECT SUM(pg_total_relation_size(c.oid)) FROM pg_class c JOIN pg_namespace n "
-                        "ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relkind = 'r'", (schema,)).fetchone()[0]
+                        "ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relkind = 'r'", (schema,)).fetchone()[0])
                 out["proofs"].append(p)
                 for proof in ("inclusion", "consistency"):
                     m, p99 = p[f"{proof}_generate_us"]["median"], p[f"{proof}_generate_us"]["p99"]
@@ -301,8 +301,9 @@ def main() -> None:
                 previous["postgres"] = {**result["postgres"], "date_utc": result["date_utc"],
                                         "load_average_1m_before": result["load_average_1m_before"],
                                         "load_average_1m_after": os.getloadavg()[0]}
-                with open(args.out, "w") as f:
+                with open(args.out + ".tmp", "w") as f:  # a failure never leaves a half-written results file
                     json.dump(previous, f, indent=2)
+                os.replace(args.out + ".tmp", args.out)
             print("\n" + "\n".join(result["postgres"]["rows"]))
             return
     elif args.only_postgres:
