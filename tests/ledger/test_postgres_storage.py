@@ -122,9 +122,10 @@ def test_bare_append_checks_where_the_log_ends(pg_dsn):  # noqa: F811
     try:
         entries, hashes = _leaves(3)
         s.append(0, entries, hashes, [])
-        with pytest.raises(LogError, match="append at 5 but the log holds 3 entries; nothing was written"):
-            s.append(5, [b"gap"], [leaf_hash(b"gap")], [])
-        assert s.size() == 3 and s.entry(5) is None
+        for at in (5, 1):  # a gap, an overlap
+            with pytest.raises(LogError, match=f"append at {at} but the log holds 3 entries; nothing was written"):
+                s.append(at, [b"x"], [leaf_hash(b"x")], [])
+        assert s.size() == 3 and s.entry(5) is None and s.entry(1) == b"entry 1"
     finally:
         s.close()
 

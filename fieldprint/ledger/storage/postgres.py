@@ -309,11 +309,11 @@ class PostgresStorage(LogStorage):
             self._copy_rows(self._writer, start, entries, leaf_hashes, nodes)
             return
         with self._transaction() as conn:
-            self._copy_rows(conn, start, entries, leaf_hashes, nodes)
             moved = conn.execute(f"UPDATE {self._t['head']} SET size = %s, root = NULL WHERE size = %s",
                                  (start + len(entries), start)).rowcount
             if moved != 1:
                 raise LogError(f"append at {start} but the log holds {self.size()} entries; nothing was written")
+            self._copy_rows(conn, start, entries, leaf_hashes, nodes)
 
     def _copy_rows(self, conn, start: int, entries, leaf_hashes, nodes) -> None:
         with conn.cursor().copy(f"COPY {self._t['leaves']} (idx, hash, data) FROM STDIN (FORMAT BINARY)") as cp:
