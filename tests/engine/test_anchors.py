@@ -63,6 +63,23 @@ def test_model_dtype_anchors_equal_the_text_as_prompt_prefix(model, smollm2, tin
     assert max((s[0] - s[2]).abs().max().item() for s in steps) > 1.0
 
 
+def test_an_anchored_prompt_prefilled_in_chunks_equals_the_text_prefix(tiny_model, make_compiler, engine_ops):
+    """Chunks and decode steps of an anchored sequence see the anchors at positions 0..A-1, as one-shot does."""
+    lm, _ = tiny_model("qwen3")
+    compiler = make_compiler(lm, "model")
+    runner = compiler.runner
+    cs = _acquire(compiler, engine_ops)
+    prefix, own = split_prompt(lm.tokenizer, anchor_text(FACTS), QUESTION)
+    as_text = engine_ops.new_seq(prefix + own)
+    want = engine_ops.step(runner, [as_text], [len(as_text)])[len(prefix):]
+    anchored = engine_ops.new_seq(own, anchor_key=cs.key, anchor_len=len(prefix))
+    runner.anchor_pool.pin(cs.key)
+    sizes = [3, 9, 1, len(own) - 14, 1]
+    got = torch.cat([engine_ops.step(runner, [anchored], [n]) for n in sizes])
+    d = (got - want).abs().max().item()
+    assert d < 1e-3, f"anchored chunks {sizes} vs the text as prefix: max |dlogit| = {d:.3g}"
+
+
 # -- reuse and persistence ---------------------------------------------------------------------------
 @pytest.mark.parametrize("anchor_dtype", ["model", "int8"])
 def test_sets_are_reused_and_reloaded_without_recompiling(anchor_dtype, tiny_model, make_compiler, engine_ops, log):
