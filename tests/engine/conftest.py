@@ -107,7 +107,14 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(smollm2, tmp_path_factory):
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer alone (the loader's cached conversion): the tiny models need no weights from it."""
+    folder, gguf = loader.resolve_source(loader.SMOLLM2)
+    return loader.load_tokenizer(folder, gguf, loader._cache_dir(folder, gguf))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(smollm2_tokenizer, tmp_path_factory):
     """tiny_model(name) -> (our LoadedModel, the transformers model it was saved from), built once per name."""
     import transformers
 
@@ -117,13 +124,13 @@ def tiny_model(smollm2, tmp_path_factory):
         if name not in built:
             cls_name, kwargs = TINY[name]
             config = getattr(transformers, cls_name)(
-                vocab_size=len(smollm2.lm.tokenizer), num_hidden_layers=2, max_position_embeddings=1024,
+                vocab_size=len(smollm2_tokenizer), num_hidden_layers=2, max_position_embeddings=1024,
                 rms_norm_eps=1e-5, **{"tie_word_embeddings": False, **kwargs})
             hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
             _randomize(hf, seed=len(name))
             folder = tmp_path_factory.mktemp(name)
             hf.save_pretrained(folder, safe_serialization=True)
-            smollm2.lm.tokenizer.save_pretrained(folder)
+            smollm2_tokenizer.save_pretrained(folder)
             built[name] = (load_model(str(folder), device="cpu"), hf.eval())
         return built[name]
 

@@ -44,9 +44,9 @@ def _acquire(compiler: AnchorCompiler, engine_ops, texts: list[str] = FACTS):
 
 # -- 4. anchors in the cache = the same text as a prompt prefix ------------------------------------------
 @pytest.mark.parametrize("model", ["llama-gqa3", pytest.param("smollm2", marks=pytest.mark.slow)])
-def test_model_dtype_anchors_equal_the_text_as_prompt_prefix(model, smollm2, tiny_model, make_compiler, engine_ops,
+def test_model_dtype_anchors_equal_the_text_as_prompt_prefix(model, request, tiny_model, make_compiler, engine_ops,
                                                              one_thread):
-    lm = smollm2.lm if model == "smollm2" else tiny_model(model)[0]
+    lm = request.getfixturevalue("smollm2").lm if model == "smollm2" else tiny_model(model)[0]
     compiler = make_compiler(lm, "model")
     runner = compiler.runner
     cs = _acquire(compiler, engine_ops)
