@@ -7,6 +7,14 @@ commit path (state store + ledger + vector store per state) are measured separat
 
     python benchmarks/memory_bench.py                 # 100k and 1M (about 10-15 minutes on 2 cores)
     python benchmarks/memory_bench.py --sizes 20000   # a quick run
+
+With a PostgreSQL server that has pgvector (FIELDPRINT_POSTGRES_DSN, or --postgres DSN) it also
+measures PgVectorStore side by side with LanceDB on the same rows and queries: bulk and online insert
+rates, HNSW build, top-10 latency and recall@10 against exact search (unfiltered and filtered to one
+session), the cost of a rollback, and the full commit path with log, state store and vectors all on
+PostgreSQL. 1M rows are not measured by default: the HNSW build alone exceeds ten minutes on 2 cores.
+
+    eval "$(.ci/postgres.sh)"; python benchmarks/memory_bench.py --only-postgres   # the side by side only
 """
 
 from __future__ import annotations
@@ -134,6 +142,139 @@ def bench_store(n: int, queries: int, partitions: int, sub_vectors: int, build_i
     return res
 
 
+def recall_at_k(got: list, want: list) -> float:
+    """Share of the exact top-k found by an approximate search."""
+    return len({h.state_id for h in got} & {h.state_id for h in want}) / max(1, len(want))
+
+
+def bench_pgvector(n: int, queries: int, dsn: str, online_rows: int = 2000, online_batch: int = 100) -> dict:
+    """PgVectorStore at n rows: bulk load + HNSW build, online inserts into the index, exact vs HNSW search, rollback."""
+    import psycopg
+
+    from fieldprint.memory.pgvector import PgVectorStore
+
+    schema = f"memory_bench_{n}"
+    with psycopg.connect(dsn, autocommit=True) as db:
+        db.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    store = PgVectorStore(dsn, dim=DIM, schema=schema)
+    try:
+        vectors = unit_vectors(n + online_rows, seed=n)  # the first n are the rows LanceDB gets
+        ids = [state_id(i) for i in range(n + online_rows)]
+        sessions = [f"s{i % SESSIONS}" for i in range(n + online_rows)]
+        # Bulk: COPY without the graph, then one index build (what an import or a restore does).
+        store.drop_index()
+        t0 = time.perf_counter()
+        for lo in range(0, n, INSERT_BATCH):
+            hi = min(n, lo + INSERT_BATCH)
+            store.add(ids[lo:hi], vectors[lo:hi], sessions[lo:hi], ["belief"] * (hi - lo), [True] * (hi - lo))
+        bulk_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        store.build_index()
+        build_s = time.perf_counter() - t0
+        store.compact()
+        before_online = store.version()
+        # Online: small batches into the indexed table (what engines do while serving).
+        t0 = time.perf_counter()
+        for lo in range(n, n + online_rows, online_batch):
+            hi = lo + online_batch
+            store.add(ids[lo:hi], vectors[lo:hi], sessions[lo:hi], ["belief"] * online_batch, [True] * online_batch)
+        online_s = time.perf_counter() - t0
+        assert len(store) == n + online_rows
+
+        rng = np.random.default_rng(1)
+        picks = rng.choice(n, size=queries, replace=False)
+        noise = rng.standard_normal((queries, DIM), dtype=np.float32)
+        near = vectors[picks] + 0.5 * noise / np.linalg.norm(noise, axis=1, keepdims=True)
+        near /= np.linalg.norm(near, axis=1, keepdims=True)
+        rand = unit_vectors(queries, seed=7)
+        res: dict = {"n": n, "bulk_insert_rows_per_s": n / bulk_s, "index_build_s": build_s,
+                     "index": {"type": "HNSW", "m": store.m, "ef_construction": store.ef_construction,
+                               "build_memory_mb": store.build_memory_mb},
+                     "online_insert_rows_per_s": online_rows / online_s, "online_rows": online_rows,
+                     "online_batch": online_batch, "queries": queries, "k": K}
+        exact_t, exact_rand = timed(lambda i: store.search(rand[i], K, exact=True), queries)
+        sess_exact_t, sess_exact = timed(lambda i: store.search(rand[i], K, session=f"s{i % SESSIONS}", exact=True), queries)
+        res["exact_ms"] = 1e3 * statistics.median(exact_t)
+        res["exact_session_filter_ms"] = 1e3 * statistics.median(sess_exact_t)
+        res["hnsw"] = []
+        for ef in (40, 100, 200):
+            store.ef_search = ef
+            ann_t, ann_rand = timed(lambda i: store.search(rand[i], K), queries)
+            _, ann_near = timed(lambda i: store.search(near[i], K), queries)
+            sess_t, sess_ann = timed(lambda i: store.search(rand[i], K, session=f"s{i % SESSIONS}"), queries)
+            res["hnsw"].append({
+                "ef_search": ef, "ms": 1e3 * statistics.median(ann_t),
+                "recall_at_10_random": statistics.mean(recall_at_k(a, e) for a, e in zip(ann_rand, exact_rand)),
+                "top1_near": sum(h[0].state_id == ids[picks[i]] for i, h in enumerate(ann_near)) / queries,
+                "session_filter_ms": 1e3 * statistics.median(sess_t),
+                "session_filter_recall_at_10": statistics.mean(recall_at_k(a, e) for a, e in zip(sess_ann, sess_exact)),
+                "session_filter_full_k": all(len(a) == K for a in sess_ann)})
+        store.ef_search = 100
+        # Rollback ends the online rows (and reverts them back): its cost follows what changed, not n.
+        t0 = time.perf_counter()
+        store.rollback(before_online)
+        res["rollback_of_online_rows_ms"] = 1e3 * (time.perf_counter() - t0)
+        assert len(store) == n
+        return res
+    finally:
+        store.close()
+        with psycopg.connect(dsn, autocommit=True) as db:
+            db.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+def bench_commit_path_postgres(n_single: int, n_batched: int, batch: int, dsn: str) -> dict:
+    """Pacemaker.add and add_many with the log, the state store and the vectors all in one PostgreSQL."""
+    import psycopg
+
+    from fieldprint.ledger.note import generate_key
+    from fieldprint.ledger.storage.postgres import open_log
+    from fieldprint.memory.embed import HashingEmbedderForTests
+    from fieldprint.memory.pacemaker import Pacemaker, StateSpec
+    from fieldprint.memory.pg_store import PostgresStateStore
+    from fieldprint.memory.pgvector import PgVectorStore
+    from fieldprint.memory.policy import GateConfig, PromotionGate
+
+    log_schema, schema = "memory_bench_log", "memory_bench_commit"
+    with psycopg.connect(dsn, autocommit=True) as db:
+        for name in (log_schema, schema):
+            db.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
+    signer, verifier = generate_key("bench.fieldprint/log")
+    log = open_log(dsn, signer, schema=log_schema, batch_wait_ms=0, checkpoint_interval_s=None)
+    store, vectors = PostgresStateStore(dsn, schema), PgVectorStore(dsn, schema=schema)
+    gate = PromotionGate(store, log, GateConfig(log_keys=[verifier], override_keys=[]))
+    pm = Pacemaker(store, log, vectors, HashingEmbedderForTests(), gate)
+    try:
+        t0 = time.perf_counter()
+        ids = [pm.add("user_input", session="bench", creator="bench", text=f"note {i}", sources=["user:bench"]).state_id
+               for i in range(n_single)]
+        single_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for lo in range(0, n_batched, batch):
+            specs = [StateSpec("observation", "bench", "bench", text=f"observed item {i} on shelf {i % 13}",
+                               taint=["web:bench"] if i % 2 else (), sources=["sensor:bench"]) for i in range(lo, lo + batch)]
+            ids += [s.state_id for s in pm.add_many(specs)]
+        batched_s = time.perf_counter() - t0
+        log.checkpoint()
+        cp = gate.checkpoint()
+        t0 = time.perf_counter()
+        anchors = sum(gate.explain(sid, checkpoint=cp).anchor for sid in ids)
+        explain_s = time.perf_counter() - t0
+        assert anchors == n_single + n_batched // 2
+        search_t, hits = timed(lambda i: pm.search(f"observed item {i * 37} on shelf", K, session="bench", anchors_only=True), 20)
+        assert all(len(h) == K and all(not r.state.label.tainted for r in h) for h in hits)
+    finally:
+        log.close()
+        store.close()
+        vectors.close()
+        with psycopg.connect(dsn, autocommit=True) as db:
+            for name in (log_schema, schema):
+                db.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
+    return {"single_adds": n_single, "single_adds_per_s": n_single / single_s, "batched_adds": n_batched, "batch": batch,
+            "batched_adds_per_s": n_batched / batched_s, "explain_per_s": len(ids) / explain_s,
+            "anchor_search_k10_ms": 1e3 * statistics.median(search_t), "states": len(ids),
+            "ledger_durability": "full (synchronous_commit on)"}
+
+
 def bench_minilm(n_texts: int) -> dict:
     """Sentences per second through the offline MiniLM-L6 embedder (after a warm-up batch)."""
     from fieldprint.memory.embed import MiniLMEmbedder
@@ -197,49 +338,108 @@ def bench_commit_path(n_single: int, n_batched: int, batch: int, root: str) -> d
             "states": len(ids), "ledger_durability": "full (fsync per ledger batch)"}
 
 
+def print_side_by_side(lance: list[dict], pg: list[dict]) -> None:
+    """LanceDB and pgvector on the same rows and queries, one line per backend and size."""
+    print(f"{'backend':>9} {'rows':>8} {'insert/s':>9} {'online/s':>9} {'index s':>8} {'exact ms':>9} "
+          f"{'ann ms':>7} {'recall@10':>9} {'sess ann ms':>11} {'sess recall':>11}")
+    for r in lance:
+        print(f"{'lancedb':>9} {r['n']:>8} {r['insert_rows_per_s']:>9.0f} {'':>9} {r.get('index_build_s', float('nan')):>8.1f} "
+              f"{r['exact_ms']:>9.1f} {r.get('ann_ms', float('nan')):>7.2f} {r.get('ann_recall_at_10_random', float('nan')):>9.2f} "
+              f"{'':>11} {'':>11}")
+        if "ann_tuned" in r:
+            t = r["ann_tuned"]
+            print(f"{'  tuned':>9} {'':>8} {'':>9} {'':>9} {'':>8} {'':>9} {t['ms']:>7.2f} {t['recall_at_10_random']:>9.2f}")
+    for r in pg:
+        first = [f"{r['n']}", f"{r['bulk_insert_rows_per_s']:.0f}", f"{r['online_insert_rows_per_s']:.0f}",
+                 f"{r['index_build_s']:.1f}", f"{r['exact_ms']:.1f}"]
+        for h in r["hnsw"]:
+            n, bulk, online, build, exact = first
+            print(f"{'pgvector':>9} {n:>8} {bulk:>9} {online:>9} {build:>8} {exact:>9} {h['ms']:>7.2f} "
+                  f"{h['recall_at_10_random']:>9.2f} {h['session_filter_ms']:>11.2f} "
+                  f"{h['session_filter_recall_at_10']:>11.2f}  (ef_search {h['ef_search']})")
+            first = [""] * 5
+        print(f"{'':>9} rollback of {r['online_rows']} online rows at {r['n']} rows: {r['rollback_of_online_rows_ms']:.0f} ms")
+
+
 def main() -> None:
     """Run the benchmark, print a table, write benchmarks/results/memory_bench.json."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--queries", type=int, default=20)
     ap.add_argument("--no-index", action="store_true", help="skip the IVF-PQ index")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "memory_bench.json"))
+    ap.add_argument("--postgres", default=os.environ.get("FIELDPRINT_POSTGRES_DSN"),
+                    help="PostgreSQL with pgvector for the side by side (default: $FIELDPRINT_POSTGRES_DSN)")
+    ap.add_argument("--pg-sizes", type=int, nargs="+", default=[100_000])
+    ap.add_argument("--only-postgres", action="store_true",
+                    help="only the side by side: LanceDB and pgvector at --pg-sizes, and the commit path on PostgreSQL")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/memory_bench.json "
+                                                "(memory_bench_postgres.json with --only-postgres)")
     args = ap.parse_args()
+    if args.only_postgres and not args.postgres:
+        ap.error("--only-postgres needs --postgres DSN or FIELDPRINT_POSTGRES_DSN")
+    name = "memory_bench_postgres.json" if args.only_postgres else "memory_bench.json"
+    out = args.out or os.path.join(os.path.dirname(__file__), "results", name)
     started = time.time()
     load_before = os.getloadavg()
     root = tempfile.mkdtemp(prefix="memory-bench-")
+    minilm = commit = commit_pg = None
+    stores, pg_stores = [], []
     try:
-        minilm = bench_minilm(512)
-        commit = bench_commit_path(300, 5000, 100, root)
-        stores = []
-        for n in args.sizes:
+        if not args.only_postgres:
+            minilm = bench_minilm(512)
+            commit = bench_commit_path(300, 5000, 100, root)
+        for n in (args.pg_sizes if args.only_postgres else args.sizes):
             # ~n/4000 partitions (LanceDB's guidance is a few thousand rows each); 24 sub-vectors of 16 dims.
             stores.append(bench_store(n, args.queries, partitions=max(16, n // 4000), sub_vectors=24,
                                       build_index=not args.no_index, root=root))
+        if args.postgres:
+            for n in args.pg_sizes:
+                pg_stores.append(bench_pgvector(n, args.queries, args.postgres))
+            commit_pg = bench_commit_path_postgres(300, 5000, 100, args.postgres)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    packages = ["lancedb", "pyarrow", "numpy"] + ([] if args.only_postgres else ["torch", "sentence-transformers"])
+    packages += ["psycopg", "pgvector"] if args.postgres else []
     result = {
         "benchmark": "memory_bench",
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "device": f"CPU: {cpu_name()} ({os.cpu_count()} logical cores)",
         "load_average_before_after": [load_before[0], os.getloadavg()[0]],
-        "versions": {p: version(p) for p in ("lancedb", "pyarrow", "numpy", "torch", "sentence-transformers")},
+        "versions": {p: version(p) for p in packages},
         "python": platform.python_version(),
         "shapes": {"dim": DIM, "k": K, "insert_batch": INSERT_BATCH, "sessions": SESSIONS, "metric": "cosine"},
         "minilm": minilm,
         "commit_path": commit,
         "store": stores,
+        "pgvector": pg_stores,
+        "commit_path_postgres": commit_pg,
         "total_s": time.time() - started,
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
+    if args.postgres:
+        import psycopg
+
+        with psycopg.connect(args.postgres) as db:
+            result["versions"]["postgresql_server"] = db.execute("SHOW server_version").fetchone()[0]
+            result["versions"]["pgvector_extension"] = db.execute(
+                "SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()[0]
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"device: {result['device']}; load avg {load_before[0]:.1f}; total {result['total_s']:.0f} s")
-    print(f"MiniLM-L6 embedding: {minilm['texts_per_s']:.0f} texts/s (batch {minilm['batch_size']})")
-    print(f"commit path (store+ledger+vectors): {commit['single_adds_per_s']:.0f} states/s one by one, "
-          f"{commit['batched_adds_per_s']:.0f} states/s in batches of {commit['batch']} "
-          f"({commit['batched_over_single']:.1f}x); explain(): {commit['explain_per_s']:.0f}/s; "
-          f"anchor search k=10 over {commit['states']} states: {commit['anchor_search_k10_ms']:.1f} ms")
+    if minilm:
+        print(f"MiniLM-L6 embedding: {minilm['texts_per_s']:.0f} texts/s (batch {minilm['batch_size']})")
+    for what, c in (("commit path (SQLite, SQLite, LanceDB)", commit), ("commit path (all on PostgreSQL)", commit_pg)):
+        if c:
+            print(f"{what}: {c['single_adds_per_s']:.0f} states/s one by one, {c['batched_adds_per_s']:.0f} states/s in "
+                  f"batches of {c['batch']}; explain(): {c['explain_per_s']:.0f}/s; anchor search k=10 over "
+                  f"{c['states']} states: {c['anchor_search_k10_ms']:.1f} ms")
+    if not args.only_postgres:
+        print_lance_tables(stores)
+    print_side_by_side([r for r in stores if r["n"] in args.pg_sizes], pg_stores)
+
+
+def print_lance_tables(stores: list[dict]) -> None:
+    """The LanceDB tables: exact, IVF-PQ, tuned, numpy floor, compaction."""
     print(f"{'rows':>9} {'insert/s':>10} {'exact ms':>9} {'exact+sess ms':>13} {'index s':>8} {'ann ms':>7} "
           f"{'exact/ann':>9} {'top1 near':>9} {'recall@10 rand':>14}")
     for r in stores:

@@ -19,12 +19,12 @@ Needs psycopg 3 (`pip install 'fieldprint[postgres]'`).
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
-from fieldprint.canon import check_label
-from fieldprint.errors import EntryError, StateError
+from fieldprint.errors import StateError
 from fieldprint.memory.state import State
 from fieldprint.memory.store import PolicyRecord, StateStore, _json_strings, row_to_state
 
@@ -32,9 +32,10 @@ try:
     import psycopg
     from psycopg import sql
 except ImportError:  # the "postgres" extra is optional
-    psycopg = None
+    psycopg = sql = None
 
 DEFAULT_SCHEMA = "memory"
+_SCHEMA_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}\Z")
 
 # Migrations of the state store, applied in order; the schema's `schema_versions` row says how many ran.
 # Columns mirror the SQLite store (labels as JSON text), so row_to_state reads rows of both alike.
@@ -97,12 +98,9 @@ class PgConnection:
     def __init__(self, url: str, schema: str, what: str, on_connect: Callable | None = None) -> None:
         if psycopg is None:
             raise StateError("the PostgreSQL backends need psycopg 3: pip install 'fieldprint[postgres]'")
-        try:
-            self.schema = check_label(schema, "schema")
-        except EntryError as e:
-            raise StateError(str(e)) from None
-        if not schema.replace("_", "").isalnum():
-            raise StateError(f"schema {schema!r} must be letters, digits and _")
+        if not isinstance(schema, str) or not _SCHEMA_RE.match(schema):
+            raise StateError(f"schema {schema!r} must be 1-63 letters, digits and _, starting with a letter or _")
+        self.schema = schema
         self.url, self.what, self.name = url, what, redact(url)
         self.on_connect = on_connect
         self.lock = threading.RLock()
@@ -121,6 +119,9 @@ class PgConnection:
             db.execute(sql.SQL("SET search_path TO {}, public").format(sql.Identifier(self.schema)))
             if self.on_connect is not None:
                 self.on_connect(db)
+        except psycopg.Error as e:
+            db.close()
+            raise StateError(self.failure("set up its connection", e)) from e
         except BaseException:
             db.close()
             raise
