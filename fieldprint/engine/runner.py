@@ -9,6 +9,7 @@ that reads the sampled tokens back.
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 
 import torch
@@ -197,6 +198,7 @@ class ModelRunner:
                 probs = torch.zeros_like(probs).scatter_(0, si, sp.masked_fill(cut, 0))
             if s.generator is None:
                 s.generator = torch.Generator(device=logits.device)
-                s.generator.manual_seed(p.seed if p.seed is not None else torch.seed())
+                # an unseeded request draws its own seed: torch.seed() would reseed the caller's global generator
+                s.generator.manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
             out[i] = torch.multinomial(probs, 1, generator=s.generator)[0]
         return out.tolist()

@@ -12,7 +12,9 @@ import base64
 from types import SimpleNamespace
 
 import pytest
+import torch
 
+from fieldprint.engine.anchors import split_prompt
 from fieldprint.engine.engine import Engine, EngineConfig, Output
 from fieldprint.engine.runner import RunnerConfig
 from fieldprint.engine.sequence import SamplingParams
@@ -172,6 +174,14 @@ def test_seeded_sampling_is_reproducible(world):
     assert any(o != a.token_ids for o in others)
 
 
+def test_unseeded_sampling_leaves_the_callers_global_generator_alone(world):
+    torch.manual_seed(1234)
+    expected = torch.rand(4)
+    torch.manual_seed(1234)
+    world.engine.generate(PROMPT, SamplingParams(temperature=0.8, max_tokens=4))
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_batch_gives_the_same_greedy_outputs_as_each_prompt_alone(world):
     prompts = ["Hi.", PROMPT, "Name three colours of the rainbow, one per line, and nothing else please.",
                "Write one short sentence about the sea, mentioning waves, salt and the colour blue."]
@@ -181,6 +191,31 @@ def test_batch_gives_the_same_greedy_outputs_as_each_prompt_alone(world):
     assert [o.token_ids for o in together] == [o.token_ids for o in alone]
     assert len({len(o.receipt["prompt"]["token_ids"]) for o in together}) == 4  # really of different lengths
     _assert_clean(world.engine)
+
+
+def _prompt_of(engine: Engine, head: str, length: int) -> str:
+    """`head` padded with words until the request is exactly `length` tokens (chat template included)."""
+    for n in range(length):
+        text = head + " ok" * n
+        if len(split_prompt(engine.lm.tokenizer, None, [{"role": "user", "content": text}])[1]) == length:
+            return text
+    pytest.fail(f"no padding of {head!r} gives {length} tokens")
+
+
+def test_preempted_sequences_are_recomputed_to_the_same_outputs(world):
+    eng = world.engine
+    blocks, bs = eng.runner.blocks, eng.runner.blocks.block_size
+    n = blocks.num_free // (128 // bs)
+    # n prompts of 127 tokens fill every block at prefill; each one's 129th token needs one block more,
+    # so the last admitted is preempted, waits, and is recomputed from its prompt and first tokens
+    prompts = [_prompt_of(eng, f"Tell me about the number {i}.", 127) for i in range(n)]
+    assert n >= 2 and n * 128 == blocks.num_free * bs
+    p = SamplingParams(max_tokens=4, ignore_eos=True)
+    together = eng.generate(prompts, p)
+    alone = [eng.generate(q, p)[0] for q in prompts]
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    assert all(len(o.token_ids) == 4 for o in together)
+    _assert_clean(eng)
 
 
 def test_batch_with_anchored_and_plain_prompts(world):
