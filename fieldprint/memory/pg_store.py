@@ -59,6 +59,12 @@ _RECORD_COLUMNS = "leaf_index, kind, state_id, target_index, note"
 _READ_ONLY = ("InsufficientPrivilege", "ReadOnlySqlTransaction")
 
 
+def require_psycopg() -> None:
+    """StateError saying what to install when psycopg 3 is missing."""
+    if psycopg is None:
+        raise StateError("the PostgreSQL backends need psycopg 3: pip install 'fieldprint[postgres]'")
+
+
 def redact(url: str) -> str:
     """The URL to name in messages: user, host, port and database, never the password."""
     try:
@@ -96,8 +102,7 @@ class PgConnection:
     """One connection for a memory backend: schema on the search path, re-opened after a drop, errors as StateErrors."""
 
     def __init__(self, url: str, schema: str, what: str, on_connect: Callable | None = None) -> None:
-        if psycopg is None:
-            raise StateError("the PostgreSQL backends need psycopg 3: pip install 'fieldprint[postgres]'")
+        require_psycopg()
         if not isinstance(schema, str) or not _SCHEMA_RE.match(schema):
             raise StateError(f"schema {schema!r} must be 1-63 letters, digits and _, starting with a letter or _")
         self.schema = schema

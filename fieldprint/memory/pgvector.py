@@ -3,8 +3,9 @@
 Rows carry the version interval in which they are live (`added_in <= v < removed_in`), so the
 contents of any version are one query away and history is never rewritten:
 
-- `add` inserts rows live from a new version; a state id may be live in one row only (a partial
-  unique index, so two engines cannot index the same state twice);
+- `add` inserts rows live from a new version; a state id is live in one row only (a partial unique
+  index): adding a live state again replaces its row (the id is a content address, so it is the
+  same state; an engine killed between its vector add and its state commit leaves such a row);
 - `set_promotable` ends the rows whose flag changes and inserts copies with the new flag;
 - `rollback(v)` is a new version whose contents are those of `v`: it ends the rows added after `v`
   and re-inserts the rows that `v` held and that were ended since. Its cost follows what changed
@@ -27,7 +28,7 @@ import numpy as np
 
 from fieldprint.canon import check_label, parse_digest
 from fieldprint.errors import EntryError, StateError
-from fieldprint.memory.pg_store import DEFAULT_SCHEMA, PgConnection, psycopg, redact, sql
+from fieldprint.memory.pg_store import DEFAULT_SCHEMA, PgConnection, psycopg, redact, require_psycopg, sql
 from fieldprint.memory.vectors import Hit, check_rows
 
 
@@ -87,6 +88,7 @@ class PgVectorStore:
         # degree, build width and build memory (used when build_index() rebuilds the index).
         self.ef_search, self.m, self.ef_construction = ef_search, m, ef_construction
         self.build_memory_mb = build_memory_mb
+        require_psycopg()
         self._schema, self._name = schema, redact(url)  # what _on_connect needs before _pg exists
         self._pg = PgConnection(url, schema, "vector store", on_connect=self._on_connect)
         self.path = self._pg.name
@@ -118,30 +120,22 @@ class PgVectorStore:
 
     def add(self, state_ids: Sequence[str], vectors: np.ndarray, sessions: Sequence[str],
             state_types: Sequence[str], promotable: Sequence[bool]) -> int:
-        """Append rows (state ids must not be live already); return the version that contains them."""
+        """Append rows; a state already live is re-indexed (its row replaced); return the version that holds them."""
         vectors = check_rows(self.dim, state_ids, vectors, sessions, state_types, promotable)
         if len(state_ids) == 0:
             return self.version()
-        with self._pg.sql(f"add {len(state_ids)} rows") as db:
-            try:
-                with db.transaction():
-                    version = self._next_version(db, "add")
-                    with db.cursor() as cur, cur.copy(f"COPY vectors ({_COPY_COLUMNS}) FROM STDIN "
-                                                      f"WITH (FORMAT BINARY)") as copy:
-                        copy.set_types(["text", "text", "text", "bool", "vector", "int8"])
-                        for row in zip(state_ids, sessions, state_types, promotable, vectors, strict=True):
-                            copy.write_row((*row[:3], bool(row[3]), row[4], version))
-            except psycopg.errors.UniqueViolation:
-                live = self._live_among(state_ids)
-                raise StateError(f"state {live[0] if live else '?'} is already in the vector store at {self.path}; "
-                                 f"nothing was added") from None
+        with self._pg.sql(f"add {len(state_ids)} rows") as db, db.transaction():
+            version = self._next_version(db, "add")
+            # A state id is a content address: a live row with it is the same state's row. On one engine
+            # that only happens by mistake; among many it is what an engine killed between its vector add
+            # and its state commit leaves behind, and the state's next add must not be blocked by it.
+            db.execute("UPDATE vectors SET removed_in = %s WHERE removed_in IS NULL AND state_id = ANY(%s)",
+                       (version, list(state_ids)))
+            with db.cursor() as cur, cur.copy(f"COPY vectors ({_COPY_COLUMNS}) FROM STDIN WITH (FORMAT BINARY)") as copy:
+                copy.set_types(["text", "text", "text", "bool", "vector", "int8"])
+                for row in zip(state_ids, sessions, state_types, promotable, vectors, strict=True):
+                    copy.write_row((*row[:3], bool(row[3]), row[4], version))
         return version
-
-    def _live_among(self, state_ids: Sequence[str]) -> list[str]:
-        with self._pg.sql("read live rows") as db:
-            rows = db.execute("SELECT state_id FROM vectors WHERE removed_in IS NULL AND state_id = ANY(%s)",
-                              (list(state_ids),)).fetchall()
-        return sorted(r[0] for r in rows)
 
     def search(self, query: np.ndarray, k: int, *, session: str | None = None, state_type: str | None = None,
                promotable_only: bool = False, exact: bool = False) -> list[Hit]:

@@ -308,3 +308,36 @@ def test_a_failed_add_undoes_only_its_own_rows_while_another_engine_writes(memor
     assert len(memory.vectors) == 2  # the first state and the other engine's row; not the failed add's
     assert [h.state_id for h in memory.vectors.search(other_row[0], 1)] == ["blake3:" + "0e" * 32]
     other.close()
+
+
+def test_a_state_whose_engine_died_after_indexing_it_can_be_added_again(memory):
+    """An engine killed between its vector add and its state commit leaves a live vector row; it must not block the state."""
+    from fieldprint.memory.state import new_state
+
+    state = new_state("user_input", session="s-1", creator="agent", text="meet at noon", sources=("user:alice",),
+                      time_ns=memory.clock.now)
+    row = memory.pm.embedder.embed([state.text])
+    memory.vectors.add([state.state_id], row, [state.session], [state.state_type], [True])  # what the dead engine left
+    assert memory.store.get(state.state_id) is None
+    again = memory.pm.add("user_input", session="s-1", creator="agent", text="meet at noon", sources=("user:alice",),
+                          time_ns=memory.clock.now)
+    assert again.state_id == state.state_id and len(memory.vectors) == 1
+    memory.sign()
+    assert [h.state.state_id for h in memory.pm.search("meet at noon", 3, anchors_only=True)] == [state.state_id]
+
+
+def test_without_psycopg_the_backends_say_what_to_install():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['psycopg'] = None\n"
+            "from fieldprint.errors import StateError\n"
+            "from fieldprint.memory.pg_store import PostgresStateStore\n"
+            "from fieldprint.memory.pgvector import PgVectorStore\n"
+            "for make in (PostgresStateStore, PgVectorStore):\n"
+            "    try:\n"
+            "        make('postgresql://localhost/x')\n"
+            "    except StateError as e:\n"
+            "        print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.splitlines() == ["the PostgreSQL backends need psycopg 3: pip install 'fieldprint[postgres]'"] * 2, out
