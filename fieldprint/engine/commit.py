@@ -436,7 +436,7 @@ class Committer:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             pending = [f for f, s in self._outstanding.items() if session in (None, s)]
-        for f in pending:  # every queued job's future resolves: committed, failed, or failed at close()
+        for f in pending:  # every queued job's future resolves, committed or failed: the worker runs until close() flushed
             try:
                 f.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
             except FieldprintError:
