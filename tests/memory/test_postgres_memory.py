@@ -51,6 +51,7 @@ from test_store_failures import (  # noqa: F401
     test_an_override_logged_but_not_stored_is_recovered_from_its_leaf,
     test_recovering_what_is_not_a_configured_override_is_refused,
 )
+from test_vectors import minilm, test_pacemaker_retrieves_by_meaning_with_minilm  # noqa: F401
 
 from fieldprint.errors import StateError
 from fieldprint.ledger.log import TransparencyLog
