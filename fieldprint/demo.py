@@ -129,5 +129,5 @@ def run_demo(data_dir: str, say=print, model: str = "smollm2") -> dict:
 
 def _key_of(engine, output) -> str:
     """The compiled set an output read (by its manifest)."""
-    manifest = output.receipt["anchors"]["set"]["manifest"]
-    return engine.compiler.key(manifest["state_ids"])
+    states = output.receipt["anchors"]["states"]
+    return engine.compiler.key(output.anchors, [s["text"] for s in states])

@@ -21,9 +21,9 @@ from fieldprint.canon import canonical_json, check_label, is_int, tag_digest
 from fieldprint.errors import DQPError
 
 DQP_VERSION = 1
-PROFILE_FORMAT = 1
+PROFILE_FORMAT = 2  # format 1: V always per head (no v_granularity field); still read and verified
 KINDS = ("K", "V")
-GRANULARITIES = ("channel", "head")  # K per channel or per head; V is always per head
+GRANULARITIES = ("channel", "head")  # per (head, channel) or per head, for K and for V
 # Exponent range: |x| * 2**-e stays a normal float32 for every finite bf16/fp16/fp32 input that
 # is not already below the smallest code step, so the scaling is exact (docs/formats.md).
 EXP_MIN, EXP_MAX = -64, 63
@@ -60,7 +60,8 @@ class DQPProfile:
     headroom_pct: int  # bound = calibrated max |x| * headroom_pct / 100
     samples: int  # tokens seen in calibration (provenance, not used in quantization)
     k_exp: np.ndarray  # int32 [L, H, D] (channel) or [L, H] (head)
-    v_exp: np.ndarray  # int32 [L, H]
+    v_exp: np.ndarray  # int32 [L, H, D] (channel) or [L, H] (head)
+    v_granularity: str = "head"  # "channel" needs profile format 2; per-head V is format 1's only choice
 
     def __post_init__(self) -> None:
         check_label(self.name, "profile name")
@@ -71,12 +72,13 @@ class DQPProfile:
         ):
             if not is_int(value) or value < lo:
                 raise DQPError(f"profile {what} must be an integer >= {lo}, got {value!r}")
-        if self.k_granularity not in GRANULARITIES:
-            raise DQPError(f"k_granularity must be one of {GRANULARITIES}, got {self.k_granularity!r}")
+        for what, g in (("k_granularity", self.k_granularity), ("v_granularity", self.v_granularity)):
+            if g not in GRANULARITIES:
+                raise DQPError(f"{what} must be one of {GRANULARITIES}, got {g!r}")
         l, h, d = self.num_layers, self.num_kv_heads, self.head_dim
-        k_shape = (l, h, d) if self.k_granularity == "channel" else (l, h)
-        self.k_exp = self._check_exp(self.k_exp, k_shape, "k_exp")
-        self.v_exp = self._check_exp(self.v_exp, (l, h), "v_exp")
+        shape = {"channel": (l, h, d), "head": (l, h)}
+        self.k_exp = self._check_exp(self.k_exp, shape[self.k_granularity], "k_exp")
+        self.v_exp = self._check_exp(self.v_exp, shape[self.v_granularity], "v_exp")
 
     @staticmethod
     def _check_exp(e: object, shape: tuple[int, ...], what: str) -> np.ndarray:
@@ -107,9 +109,11 @@ class DQPProfile:
 
     def encode(self) -> bytes:
         """Canonical bytes: sorted-key JSON, no whitespace, integers only."""
+        # Per-head V keeps format 1's exact bytes, so every format-1 profile keeps its digest.
+        fmt = 1 if self.v_granularity == "head" else PROFILE_FORMAT
         record = {
             "dqp": DQP_VERSION,
-            "format": PROFILE_FORMAT,
+            "format": fmt,
             "name": self.name,
             "revision": self.revision,
             "layers": self.num_layers,
@@ -122,6 +126,8 @@ class DQPProfile:
             "k_exp": self.k_exp.tolist(),
             "v_exp": self.v_exp.tolist(),
         }
+        if fmt == 2:
+            record["v_granularity"] = self.v_granularity
         return canonical_json(record)
 
     @property
@@ -140,16 +146,18 @@ class DQPProfile:
             raise DQPError(f"profile is not ASCII JSON: {e}") from None
         keys = {"dqp", "format", "name", "revision", "layers", "kv_heads", "head_dim", "k_granularity",
                 "block_size", "headroom_pct", "samples", "k_exp", "v_exp"}
+        if isinstance(r, dict) and r.get("format") == 2:
+            keys = keys | {"v_granularity"}
         if not isinstance(r, dict) or set(r) != keys:
             raise DQPError(f"profile fields must be exactly {sorted(keys)}")
-        if r["dqp"] != DQP_VERSION or r["format"] != PROFILE_FORMAT:
-            raise DQPError(f"profile is DQP v{r['dqp']} format {r['format']}; this code reads v{DQP_VERSION} format {PROFILE_FORMAT}")
+        if r["dqp"] != DQP_VERSION or r["format"] not in (1, 2) or isinstance(r["format"], bool):
+            raise DQPError(f"profile is DQP v{r['dqp']} format {r['format']}; this code reads v{DQP_VERSION} formats 1 and 2")
         try:
             k_exp, v_exp = np.array(r["k_exp"], dtype=np.int64), np.array(r["v_exp"], dtype=np.int64)
         except (ValueError, TypeError, OverflowError):
             raise DQPError("profile exponents must be nested lists of integers") from None
         profile = cls(r["name"], r["revision"], r["layers"], r["kv_heads"], r["head_dim"], r["k_granularity"],
-                      r["block_size"], r["headroom_pct"], r["samples"], k_exp, v_exp)
+                      r["block_size"], r["headroom_pct"], r["samples"], k_exp, v_exp, r.get("v_granularity", "head"))
         if profile.encode() != bytes(data):
             raise DQPError("profile is not in canonical form (key order, whitespace or number format differs)")
         return profile
@@ -164,13 +172,15 @@ class DQPProfile:
         num_kv_heads: int,
         head_dim: int,
         k_granularity: str = "channel",
+        v_granularity: str = "head",
         block_size: int = 16,
         headroom_pct: int = DEFAULT_HEADROOM_PCT,
         revision: int = 1,
     ) -> DQPProfile:
         """Calibrate from sample states {(layer, 'K'|'V'): [T, H, D]}: bound = max |x| * headroom."""
-        if k_granularity not in GRANULARITIES:
-            raise DQPError(f"k_granularity must be one of {GRANULARITIES}, got {k_granularity!r}")
+        for what, g in (("k_granularity", k_granularity), ("v_granularity", v_granularity)):
+            if g not in GRANULARITIES:
+                raise DQPError(f"{what} must be one of {GRANULARITIES}, got {g!r}")
         kmax = np.zeros((num_layers, num_kv_heads, head_dim), np.float64)
         vmax = np.zeros((num_layers, num_kv_heads, head_dim), np.float64)
         seen_k, seen_v, tokens = set(), set(), 0
@@ -196,6 +206,8 @@ class DQPProfile:
         if k_granularity == "head":
             kmax = kmax.max(axis=2)
         k_exp = exponent_for_bound(kmax * scale)
-        v_exp = exponent_for_bound(vmax.max(axis=2) * scale)  # V per head: one scale per head
+        if v_granularity == "head":
+            vmax = vmax.max(axis=2)
+        v_exp = exponent_for_bound(vmax * scale)
         return cls(name, revision, num_layers, num_kv_heads, head_dim, k_granularity, block_size,
-                   headroom_pct, tokens, k_exp, v_exp)
+                   headroom_pct, tokens, k_exp, v_exp, v_granularity)

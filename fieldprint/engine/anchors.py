@@ -55,9 +55,10 @@ def token_digest(ids: list[int]) -> str:
     return tag_digest("blake3", blake3.blake3(b"fieldprint/tokens/v1\x00" + struct.pack(f"<{len(ids)}I", *ids)).digest())
 
 
-def set_key(model_id: str, encoding: str, state_ids: list[str]) -> str:
-    """The cache key of an anchor set: model, encoding (profile digest or dtype) and ordered state ids."""
-    return blake3.blake3(_KEY_DOMAIN + canonical_json([model_id, encoding, list(state_ids)])).hexdigest()
+def set_key(model_id: str, encoding: str, state_ids: list[str], tokens: str) -> str:
+    """The cache key of an anchor set: model, encoding (profile digest or dtype), ordered state ids and
+    the anchor tokens' digest (a chat template may render the same states differently, e.g. with a date)."""
+    return blake3.blake3(_KEY_DOMAIN + canonical_json([model_id, encoding, list(state_ids), tokens])).hexdigest()
 
 
 def manifest_digest(manifest: dict) -> str:
@@ -138,7 +139,8 @@ def calibrate_profile(runner, name: str) -> DQPProfile:
     samples = [{(l, "K"): k[l], (l, "V"): v[l]} for l in range(k.shape[0])]
     a = runner.args
     return DQPProfile.calibrate(samples, name=name, num_layers=a.num_layers, num_kv_heads=a.num_kv_heads,
-                                head_dim=a.head_dim, k_granularity="channel", block_size=runner.config.block_size)
+                                head_dim=a.head_dim, k_granularity="channel", v_granularity="channel",
+                                block_size=runner.config.block_size)
 
 
 def prefill_kv(runner, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,15 +176,20 @@ class AnchorCompiler:
         self.encoding = profile.digest if self.int8 else str(runner.lm.dtype).removeprefix("torch.")
         self.compiled: dict[str, CompiledSet] = {}
 
-    def key(self, state_ids: list[str]) -> str:
-        return set_key(self.runner.lm.model_id, self.encoding, state_ids)
+    def anchor_tokens(self, texts: list[str]) -> list[int]:
+        """The tokens a set of anchor texts becomes (the system message through the chat template)."""
+        ids, _ = split_prompt(self.runner.lm.tokenizer, anchor_text(texts), [{"role": "user", "content": "."}])
+        return ids
+
+    def key(self, state_ids: list[str], texts: list[str]) -> str:
+        return set_key(self.runner.lm.model_id, self.encoding, state_ids, token_digest(self.anchor_tokens(texts)))
 
     def _path(self, key: str) -> str | None:
         return None if self.folder is None else os.path.join(self.folder, key + ".fpas")
 
     def acquire(self, state_ids: list[str], texts: list[str], parents_taint: tuple[str, ...] = ()) -> CompiledSet:
         """The set for these ordered states, in the pool and verified: reused, reloaded from disk or compiled."""
-        key = self.key(state_ids)
+        key = self.key(state_ids, texts)
         pool = self.runner.anchor_pool
         if pool.get(key) is not None and key in self.compiled:
             return self.compiled[key]
@@ -193,8 +200,7 @@ class AnchorCompiler:
 
     def _compile(self, key: str, state_ids: list[str], texts: list[str]) -> CompiledSet:
         r = self.runner
-        tok = r.lm.tokenizer
-        ids, _ = split_prompt(tok, anchor_text(texts), [{"role": "user", "content": "."}])
+        ids = self.anchor_tokens(texts)
         if len(ids) > r.config.max_anchor_len:
             raise AnchorError(f"the anchors are {len(ids)} tokens; the engine takes at most {r.config.max_anchor_len} "
                               "(max_anchor_len): promote fewer or shorter states")

@@ -170,7 +170,7 @@ def test_a_set_file_of_another_block_size_is_refused_as_such(tiny_model, make_co
     compiler = AnchorCompiler(runner, log, None, None, str(tmp_path / "anchor-sets"))
     with pytest.raises(AnchorError, match="was compiled with cache block size 16; this engine uses 8: delete it"):
         _acquire(compiler, engine_ops)
-    assert compiler.key([engine_ops.state_id(t) for t in FACTS]) == cs.key and not runner.anchor_pool.sets
+    assert compiler.key([engine_ops.state_id(t) for t in FACTS], list(FACTS)) == cs.key and not runner.anchor_pool.sets
 
 
 @pytest.mark.parametrize("anchor_dtype", ["model", "int8"])
