@@ -1,8 +1,11 @@
-"""One log on PostgreSQL shared by real OS processes: four writers for a bounded time while the
-sequencer of the moment is SIGKILLed again and again (no acknowledged entry lost, every pair of
-checkpoints consistent, every receipt verifies, another process takes over within the lease time),
+"""One log on PostgreSQL shared by real OS processes: four writers adding entries and producing
+receipts (inclusion bundles) for a bounded time while the sequencer of the moment is SIGKILLed again
+and again (no acknowledged entry lost, every pair of checkpoints consistent, every receipt verifies
+offline against the shared log, another process takes over within the lease time),
 and a second sequencer meeting a live lease: it refuses, or waits and says for whom."""
 
+import base64
+import json
 import logging
 import random
 import re
@@ -16,6 +19,7 @@ import pytest
 from pg import import_psycopg, pg_dsn  # noqa: F401  (pg_dsn: a module fixture, a fresh database)
 
 from fieldprint.errors import LogError
+from fieldprint.ledger.bundle import verify_bundle
 from fieldprint.ledger.merkle import leaf_hash, verify_consistency, verify_inclusion
 from fieldprint.ledger.note import generate_key
 from fieldprint.ledger.storage.postgres import PostgresStorage, open_log, open_reader
@@ -24,13 +28,15 @@ psycopg = import_psycopg()
 
 LEASE_S = 1.0
 CHILD = textwrap.dedent("""
-    import os, random, sys, threading
+    import json, os, random, sys, threading
     from fieldprint.errors import LogError
+    from fieldprint.ledger.bundle import inclusion_bundle
     from fieldprint.ledger.storage.postgres import open_log
 
     dsn, schema, key_file, results, tag, stop = sys.argv[1:7]
     lease_s = float(sys.argv[7])
     fd = os.open(results, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    receipts = os.open(results + ".receipts", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     log = open_log(dsn, open(key_file).read().strip(), schema=schema, lease_s=lease_s, lease_wait_s=60,
                    batch_size=64, batch_wait_ms=0.5, checkpoint_interval_s=0.1)
 
@@ -48,9 +54,13 @@ CHILD = textwrap.dedent("""
             i += 1
             if i % 50 == 0:
                 log.flush()
-                if k == 0:
+                if k == 0:  # a receipt: an inclusion bundle of a fresh entry under a new checkpoint
                     try:
-                        log.checkpoint()
+                        entry = f"{tag}-receipt-{i}".encode()
+                        index = log.add(entry).result()
+                        os.write(fd, b"%d %s\\n" % (index, entry.hex().encode()))
+                        bundle = inclusion_bundle(log, index, log.checkpoint())
+                        os.write(receipts, json.dumps(bundle).encode() + b"\\n")
                     except LogError:
                         pass
 
@@ -119,7 +129,20 @@ class Writers:
             for i in random.Random(7).sample(sorted(i for i in acked if i < latest.size), 200):
                 verify_inclusion(leaf_hash(acked[i]), i, latest.size, reader.inclusion_proof(i, latest.size),
                                  latest.root_hash)
+            receipts = self.receipts()
+            assert len(receipts) >= 10, f"only {len(receipts)} receipts were produced"
+            for bundle in receipts:  # verified offline, and their checkpoints are prefixes of the final tree
+                cp = verify_bundle(bundle, self.verifier)
+                assert acked[bundle["index"]] == base64.b64decode(bundle["entry"])
+                verify_consistency(cp.size, n, reader.consistency_proof(cp.size, n), cp.root_hash, reader.root_hash(n))
             return n
+
+    def receipts(self):
+        found = []
+        for path in self.results:
+            with open(path + ".receipts", "rb") as f:
+                found += [json.loads(line) for line in f.read().split(b"\n") if line.endswith(b"}")]
+        return found
 
     def finish(self, children):
         self.stop.write_text("")

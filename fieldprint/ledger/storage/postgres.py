@@ -8,7 +8,7 @@ entries, one process at a time, under the sequencer lease. The lease lives in th
     SELECT size, root, holder, lease_until ... FROM head FOR UPDATE     -- the row lock serializes turns
       refuse the turn if another holder's lease is still running         -- wait (bounded) and retry
       the log adopts the head if another process grew the tree meanwhile
-    COPY leaves; COPY nodes                                              -- the batch and its complete nodes
+    INSERT leaves; INSERT nodes                                          -- the batch and its complete nodes
     UPDATE head SET size, root, holder, lease_until                      -- compare-and-swap: WHERE size AND root
     COMMIT                                                               -- durable: synchronous_commit = on
 
@@ -154,6 +154,8 @@ class PostgresStorage(LogStorage):
             if writer:
                 # A session stuck inside a transaction for a whole lease is cut off, which frees the head row.
                 conn.execute(f"SET idle_in_transaction_session_timeout = {int(self.lease_s * 1000)}")
+                # The backstop for a client stopped while still sending a statement (no longer idle).
+                conn.execute(f"SET statement_timeout = {int(max(10 * self.lease_s, 30.0) * 1000)}")
                 conn.execute(f"SET synchronous_commit = {self._sync}")
             else:
                 conn.execute("SET default_transaction_read_only = on")
@@ -316,15 +318,17 @@ class PostgresStorage(LogStorage):
             self._copy_rows(conn, start, entries, leaf_hashes, nodes)
 
     def _copy_rows(self, conn, start: int, entries, leaf_hashes, nodes) -> None:
-        with conn.cursor().copy(f"COPY {self._t['leaves']} (idx, hash, data) FROM STDIN (FORMAT BINARY)") as cp:
-            cp.set_types(["int8", "bytea", "bytea"])
-            for row in zip(range(start, start + len(entries)), leaf_hashes, entries):
-                cp.write_row(row)
+        # One statement per table with binary array parameters (as fast as COPY here): the server has
+        # the whole batch before it runs, so a client that stops mid-batch leaves its session idle in
+        # the transaction, where the lease-long idle timeout cuts it off; a stopped COPY would not be.
+        cur = conn.cursor(binary=True)
+        cur.execute(f"INSERT INTO {self._t['leaves']} (idx, hash, data) "
+                    f"SELECT * FROM unnest(%b::int8[], %b::bytea[], %b::bytea[])",
+                    (list(range(start, start + len(entries))), list(leaf_hashes), list(entries)))
         if nodes:
-            with conn.cursor().copy(f"COPY {self._t['nodes']} (level, idx, hash) FROM STDIN (FORMAT BINARY)") as cp:
-                cp.set_types(["int2", "int8", "bytea"])
-                for row in nodes:
-                    cp.write_row(row)
+            levels, idxs, hashes = zip(*nodes)
+            cur.execute(f"INSERT INTO {self._t['nodes']} (level, idx, hash) "
+                        f"SELECT * FROM unnest(%b::int2[], %b::int8[], %b::bytea[])", (list(levels), list(idxs), list(hashes)))
 
     def add_checkpoint(self, size: int, note: str) -> None:
         """Durably store a checkpoint note (one per size: Ed25519 makes re-signing identical)."""
