@@ -60,7 +60,8 @@ _COPY_COLUMNS = "state_id, session, state_type, promotable, embedding, added_in"
 def _ensure_extension(db: psycopg.Connection, schema: str, name: str) -> None:
     # pgvector lives in one schema per database (public unless an administrator chose another); every
     # memory's schema finds its type through the search path.
-    found = db.execute("SELECT extnamespace::regnamespace::text FROM pg_extension WHERE extname = 'vector'").fetchone()
+    found = db.execute("SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace "
+                       "WHERE e.extname = 'vector'").fetchone()
     if found is None:
         try:
             with db.transaction():  # IF NOT EXISTS alone races: two engines opening at once both try to create
@@ -105,8 +106,11 @@ class PgVectorStore:
             raise
 
     def _on_connect(self, db: psycopg.Connection) -> None:
-        from pgvector.psycopg import register_vector
-
+        try:
+            from pgvector.psycopg import register_vector
+        except ImportError:
+            raise StateError("the pgvector backend needs the pgvector package (psycopg's adapter for the vector "
+                             "type): pip install 'fieldprint[postgres]'") from None
         _ensure_extension(db, self._schema, self._name)
         register_vector(db)
         # strict_order: iterative scans keep going until k rows pass the filters, best first.
@@ -224,13 +228,22 @@ class PgVectorStore:
 
     def build_index(self) -> None:
         """(Re)build the HNSW index with this store's m and ef_construction (after a bulk load, or to retune)."""
-        with self._pg.sql("build the HNSW index") as db, db.transaction():
-            # pgvector builds fast only while the graph fits in maintenance_work_mem.
-            db.execute(f"SET LOCAL maintenance_work_mem = '{int(self.build_memory_mb)}MB'")
-            db.execute("DROP INDEX IF EXISTS vectors_hnsw")
-            db.execute(f"CREATE INDEX vectors_hnsw ON vectors USING hnsw (embedding vector_cosine_ops) "
-                       f"WITH (m = {int(self.m)}, ef_construction = {int(self.ef_construction)}) "
-                       f"WHERE removed_in IS NULL")
+        with self._pg.sql("build the HNSW index") as db:
+            # CONCURRENTLY: the other engines keep searching and adding while the graph is built (a plain
+            # CREATE INDEX would lock them out for minutes); the new index then replaces the old one in a
+            # short transaction. pgvector builds fast only while the graph fits in maintenance_work_mem.
+            db.execute(f"SET maintenance_work_mem = '{int(self.build_memory_mb)}MB'")
+            try:
+                db.execute("DROP INDEX IF EXISTS vectors_hnsw_new")  # what an interrupted build left, invalid
+                db.execute(f"CREATE INDEX CONCURRENTLY vectors_hnsw_new ON vectors USING hnsw "
+                           f"(embedding vector_cosine_ops) WITH (m = {int(self.m)}, "
+                           f"ef_construction = {int(self.ef_construction)}) WHERE removed_in IS NULL")
+                with db.transaction():
+                    db.execute("DROP INDEX IF EXISTS vectors_hnsw")
+                    db.execute("ALTER INDEX vectors_hnsw_new RENAME TO vectors_hnsw")
+            finally:
+                if not db.broken:
+                    db.execute("RESET maintenance_work_mem")
 
     def drop_index(self) -> None:
         """Drop the HNSW index before a bulk load (inserts then skip the graph); build_index() makes it again."""

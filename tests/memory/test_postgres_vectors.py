@@ -197,3 +197,31 @@ def test_every_version_holds_what_the_model_says(schemas, ops):
             assert seen == {i: (row[0], round(float(v[i] @ probe), 4)) for i, row in model.at[-1].items()}, (op, ops)
     finally:
         store.close()
+
+
+def test_engines_keep_searching_and_adding_while_the_index_is_rebuilt(schemas):
+    import threading
+
+    import psycopg
+
+    schema = schemas.new()
+    builder, engine = PgVectorStore(schemas.url, schema=schema), PgVectorStore(schemas.url, schema=schema)
+    n = 4000
+    v = unit_rows(n + 1, seed=10)
+    builder.drop_index()
+    builder.add([sid(i) for i in range(n)], v[:n], ["s"] * n, ["belief"] * n, [True] * n)
+    build = threading.Thread(target=builder.build_index)
+    build.start()
+    with psycopg.connect(schemas.url) as db:
+        while not db.execute("SELECT 1 FROM pg_stat_progress_create_index WHERE relid = %s::regclass",
+                             (f"{schema}.vectors",)).fetchone():
+            assert build.is_alive(), "the build ended before it was seen running"
+            threading.Event().wait(0.005)
+    # While the graph is being built, another engine searches and adds (a locked table would block both).
+    assert engine.search(v[5], 1)[0].state_id == sid(5)
+    engine.add([sid(n)], v[n:], ["s"], ["belief"], [True])
+    assert build.is_alive()
+    build.join(120)
+    assert engine.search(v[n], 1)[0].state_id == sid(n) and len(engine) == n + 1
+    builder.close()
+    engine.close()
