@@ -50,7 +50,7 @@ try:
 except ImportError:  # the optional dependency group "postgres"
     psycopg = None
 
-__all__ = ["DEFAULT_LEASE_S", "DEFAULT_LEASE_WAIT_S", "SCHEMA_VERSION", "PostgresStorage", "open_log", "open_reader"]
+__all__ = ["DEFAULT_LEASE_S", "DEFAULT_LEASE_WAIT_S", "DEFAULT_SCHEMA", "SCHEMA_VERSION", "PostgresStorage", "open_log", "open_reader"]
 
 SCHEMA_VERSION = 1
 DEFAULT_SCHEMA = "fieldprint_ledger"
@@ -90,8 +90,8 @@ def redact(dsn: str) -> str:
     """The DSN without its password, for messages."""
     try:
         parts = psycopg.conninfo.conninfo_to_dict(dsn)
-    except Exception:  # a malformed DSN: say nothing of it beyond its scheme
-        return dsn.split(":", 1)[0] + "://..."
+    except psycopg.Error:  # a malformed DSN: say nothing of it beyond its scheme
+        return "(a DSN that does not parse)"
     user = parts.get("user", "")
     return f"postgresql://{user + '@' if user else ''}{parts.get('host', '')}:{parts.get('port', '5432')}/{parts.get('dbname', '')}"
 
