@@ -208,7 +208,11 @@ def _open_checkpoint(note: object, log_key: str, origin: str | None, what: str) 
 
 def _check_promoted(state: StateEntry, item: dict, cp: Checkpoint, override_keys: list[str] | None, i: int,
                     generated_ns: int) -> None:
-    """An anchor must be promotable by type and untainted, or carry a logged override naming it."""
+    """An anchor must be promotable by type and untainted, or carry a logged override naming it.
+
+    An override a receipt carries is checked even where the default rule alone would promote the
+    state (the gate names an override as the basis whenever one is in force).
+    """
     from fieldprint.memory.policy import (
         DEFAULT_PROMOTABLE,
         Override,
@@ -216,10 +220,10 @@ def _check_promoted(state: StateEntry, item: dict, cp: Checkpoint, override_keys
         parse_record_text,
     )
 
-    if state.state_type in DEFAULT_PROMOTABLE and not state.taint:
-        return
     ov = item["override"]
     if ov is None:
+        if state.state_type in DEFAULT_PROMOTABLE and not state.taint:
+            return
         why = f"tainted by {list(state.taint)}" if state.taint else f"of type {state.state_type!r}"
         raise ReceiptError(f"anchor {i} ({state.state_id}) is {why} and no override promoted it")
     raw = _check_included(_exact(ov, "override"), cp, f"override of anchor {i}")
