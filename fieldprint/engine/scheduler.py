@@ -6,8 +6,9 @@ allow; a prompt longer than the budget is prefilled in chunks over several steps
 chunk's logits give its first token. When nothing waits (or nothing more fits), every running
 sequence decodes one token. When a decode finds no free block, the most recently admitted running
 sequence is preempted: its blocks are freed, and it goes back to the head of the queue to be
-recomputed (prompt and output so far) when room returns. Admission is FIFO and preempted work goes
-first, so no request starves.
+recomputed (prompt and output so far) when room returns; a half-prefilled sequence queued behind it
+gives its blocks back if the head needs them. Admission is FIFO and preempted work goes first, so
+no request starves.
 """
 
 from __future__ import annotations
