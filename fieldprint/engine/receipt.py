@@ -4,15 +4,17 @@ A receipt (docs/formats.md, "Receipts") carries a signed checkpoint and, each wi
 inclusion proof against it: every anchor state's ledger entry (with the gate's decision, and the
 override entry where an override promoted it), the anchor set's `anchor_kv` entry and manifest
 (model, DQP profile, ordered state ids, Merkle root over every K/V block digest), and the
-generation entry that binds model, anchor set, prompt digest, output digest and sampling
-parameters. The generation entry is appended in the background; until it is sequenced and covered
+generation entry that binds model and tokenizer, anchor set, prompt and output digests, the
+output text's digest and sampling parameters. The generation entry is appended in the background; until it is sequenced and covered
 by a checkpoint the receipt says `"bound": false` and `bind_receipt` adds its proof later.
 
 `verify_receipt(receipt, log_key)` refuses, naming the first failure: a checkpoint not signed by
 `log_key` or of another origin; any entry whose proof fails; an anchor dropped, added or reordered
 against the manifest; an anchor state that is not promotable by type and taint and has no logged
-override naming it; a manifest that is not the one logged; an output or prompt whose digest differs
-from the generation entry. The log key always comes from the caller, never from the receipt.
+override naming it; a manifest that is not the one logged; an output or prompt whose tokens, count,
+digest or text differ from the generation entry; a missing, renamed or extra field, or base64 that
+is not canonical. Only the gate's `decision` (basis, why) is informational. The log key always
+comes from the caller, never from the receipt.
 """
 
 from __future__ import annotations
