@@ -296,3 +296,17 @@ def test_generation_entries_are_logged(world):
     world.engine.bind(out.receipt)
     index = out.receipt["generation"]["index"]
     assert world.engine.log.entry(index) == base64.b64decode(out.receipt["generation"]["entry"])
+
+
+def test_rollback_of_every_turn_returns_the_session_to_empty(world):
+    eng = world.engine
+    eng.new_session("dave")
+    eng.generate("I like tea.", SHORT, session="dave")
+    eng.generate("I like cake.", SHORT, session="dave")
+    result = eng.rollback("dave", turns=2)
+    assert result["to_turn"] == 0 and result["kv_commit"] is None and len(result["withdrawn"]) == 4
+    assert eng.memory.sessions["dave"].turns == [] and eng.memory.sessions["dave"].history == []
+    fresh = eng.generate("I like tea.", SHORT, session="dave")[0]  # the same first prompt as before: no history now
+    first_alone = eng.generate("I like tea.", SHORT)[0]
+    assert fresh.receipt["prompt"]["token_ids"] == first_alone.receipt["prompt"]["token_ids"]
+    _assert_clean(eng)
