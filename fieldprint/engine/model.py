@@ -128,6 +128,38 @@ class RowParallelLinear(ColumnParallelLinear):
         return y
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # In fp32 and cast back, as the reference implementations do: bf16 variance loses digits.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of x [T, H, D] with cos/sin [T, 1, D/2], computed in fp32."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+# The elementwise steps around the GEMMs: as written above, each is 5-10 small kernels per call
+# (about fifty per layer), which bounds a batch-1 decode step even inside a CUDA graph. On CUDA,
+# `fuse_elementwise()` swaps in torch.compile'd versions (one generated kernel each, same math);
+# the CPU keeps the eager functions.
+_FUSED = {"rms_norm": rms_norm, "rope": rope, "silu_mul": silu_mul}
+
+
+def fuse_elementwise() -> None:
+    """Compile RMSNorm, RoPE and SiLU-mul into one kernel each (CUDA; shapes stay dynamic)."""
+    for name, fn in (("rms_norm", rms_norm), ("rope", rope), ("silu_mul", silu_mul)):
+        if _FUSED[name] is fn:
+            _FUSED[name] = torch.compile(fn, dynamic=True, fullgraph=True)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -135,10 +167,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # In fp32 and cast back, as the reference implementations do: bf16 variance loses digits.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return (_FUSED["rms_norm"] if x.is_cuda else rms_norm)(x, self.weight, self.eps)
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
@@ -170,11 +199,8 @@ class Rotary(nn.Module):
 
     def forward(self, positions: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
-        out = []
-        for x in xs:
-            x1, x2 = x.float().chunk(2, dim=-1)
-            out.append(torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype))
-        return tuple(out)
+        fn = _FUSED["rope"] if positions.is_cuda else rope
+        return tuple(fn(x, cos, sin) for x in xs)
 
 
 class Attention(nn.Module):
@@ -212,8 +238,8 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(args.intermediate_size, args.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        h = self.gate_up_proj(x)
+        return self.down_proj((_FUSED["silu_mul"] if h.is_cuda else silu_mul)(h))
 
 
 class DecoderLayer(nn.Module):

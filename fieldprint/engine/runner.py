@@ -23,6 +23,7 @@ from fieldprint.engine.kv_cache import (
     cdiv,
 )
 from fieldprint.engine.loader import LoadedModel
+from fieldprint.engine.model import fuse_elementwise
 from fieldprint.engine.sequence import Sequence
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
@@ -42,6 +43,7 @@ class RunnerConfig:
     anchor_dtype: str = "int8"  # "int8" (DQP codes) or "model" (the model's dtype, e.g. bf16)
     max_batch: int = 256
     cuda_graphs: bool = True
+    fuse_elementwise: bool = True  # CUDA: RMSNorm, RoPE and SiLU-mul compiled into one kernel each
 
 
 class ModelRunner:
@@ -67,6 +69,8 @@ class ModelRunner:
         self.max_anchor_blocks = cdiv(config.max_anchor_len, bs)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict]] = {}
         self.use_graphs = config.cuda_graphs and self.device.type == "cuda"
+        if self.device.type == "cuda" and config.fuse_elementwise:
+            fuse_elementwise()
 
     # -- inputs ------------------------------------------------------------------------------
     def _anchor_routing(self, seqs: list[Sequence], rows: int | None = None):
