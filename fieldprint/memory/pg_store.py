@@ -332,3 +332,19 @@ class PostgresStateStore(StateStore):
     def close(self) -> None:
         """Close the connection; further calls raise StateError."""
         self._pg.close()
+
+
+def create_memory(url: str, schema: str = DEFAULT_SCHEMA, dim: int = 384) -> dict[str, int]:
+    """Create or migrate a memory's tables (state store and pgvector index) in `schema`; return each schema version.
+
+    What `fieldprint init --database URL` needs for the memory; opening either store does the same for its part.
+    """
+    from fieldprint.memory.pgvector import PgVectorStore
+
+    PostgresStateStore(url, schema).close()
+    vectors = PgVectorStore(url, dim=dim, schema=schema)
+    try:
+        with vectors._pg.sql("read its schema versions") as db:
+            return dict(db.execute("SELECT component, version FROM schema_versions ORDER BY component").fetchall())
+    finally:
+        vectors.close()
