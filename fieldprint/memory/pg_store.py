@@ -235,6 +235,11 @@ class PostgresStateStore(StateStore):
         with self._pg.sql("list states") as db:
             return [r[0] for r in db.execute("SELECT state_id FROM states ORDER BY seq")]
 
+    def stored(self, state_ids: Sequence[str]) -> set[str]:
+        """Which of `state_ids` are stored (one query; what PgVectorStore.sweep asks)."""
+        with self._pg.sql("look up states") as db:
+            return {r[0] for r in db.execute("SELECT state_id FROM states WHERE state_id = ANY(%s)", (list(state_ids),))}
+
     def __len__(self) -> int:
         with self._pg.sql("count states") as db:
             return db.execute("SELECT count(*) FROM states").fetchone()[0]

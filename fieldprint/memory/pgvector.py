@@ -22,7 +22,7 @@ since; `revert(v)` undoes only what version `v` did (what a writer whose transac
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import numpy as np
 
@@ -221,6 +221,29 @@ class PgVectorStore:
                        f"o.embedding, %s FROM vectors o WHERE o.removed_in = %s AND NOT EXISTS (SELECT 1 FROM vectors l "
                        f"WHERE l.state_id = o.state_id AND l.removed_in IS NULL)", (new, version))
         return new
+
+    def sweep(self, stored: Callable[[list[str]], Collection[str]], older_than_s: float = 600.0) -> int:
+        """End the live rows whose state `stored` does not know, made over `older_than_s` ago; return how many.
+
+        An engine killed between its vector add and its state commit leaves such rows; searches skip
+        them, this removes them (as one new version, so it can be reverted). The age guard keeps the
+        rows of adds still in flight on other engines. `stored` is e.g. PostgresStateStore.stored.
+        """
+        with self._pg.sql("list old live rows") as db:
+            rows = db.execute("SELECT v.state_id FROM vectors v JOIN vector_versions w ON w.version = v.added_in "
+                              "WHERE v.removed_in IS NULL AND w.made_at < now() - make_interval(secs => %s)",
+                              (float(older_than_s),)).fetchall()
+        candidates = [r[0] for r in rows]
+        unstored = []
+        for lo in range(0, len(candidates), 1000):
+            chunk = candidates[lo:lo + 1000]
+            unstored += sorted(set(chunk) - set(stored(chunk)))
+        if unstored:
+            with self._pg.sql("sweep unstored rows") as db, db.transaction():
+                version = self._next_version(db, "sweep")
+                db.execute("UPDATE vectors SET removed_in = %s WHERE removed_in IS NULL AND state_id = ANY(%s)",
+                           (version, unstored))
+        return len(unstored)
 
     def _check_version(self, version: int, head: int) -> None:
         if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= head:

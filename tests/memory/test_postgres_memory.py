@@ -356,3 +356,20 @@ def test_create_memory_makes_both_stores_once(schemas):
     assert len(store) == 0 and len(vectors) == 0
     store.close()
     vectors.close()
+
+
+def test_rows_left_by_a_dead_engine_are_swept_and_live_adds_are_not(memory):
+    kept = test_policy.add(memory)
+    rows = HashingEmbedderForTests().embed(["left behind", "in flight"])
+    dead, in_flight = "blake3:" + "d0" * 32, "blake3:" + "f1" * 32
+    memory.vectors.add([dead], rows[:1], ["s-1"], ["belief"], [True])  # its engine died before the state commit
+    assert memory.vectors.sweep(memory.store.stored) == 0  # younger than the guard: it could still be in flight
+    memory.vectors.add([in_flight], rows[1:], ["s-1"], ["belief"], [True])
+    memory.store.execute("UPDATE vector_versions SET made_at = made_at - interval '1 hour' WHERE op = 'add' "
+                         "AND version < (SELECT max(version) FROM vector_versions)")
+    before = memory.vectors.version()
+    assert memory.vectors.sweep(memory.store.stored) == 1
+    assert len(memory.vectors) == 2 and memory.vectors.search(rows[0], 1)[0].state_id != dead
+    assert {h.state_id for h in memory.vectors.search(rows[1], 3)} == {in_flight, kept.state_id}
+    memory.vectors.revert(before + 1)  # a sweep is a version like any other
+    assert len(memory.vectors) == 3
