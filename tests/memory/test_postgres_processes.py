@@ -23,6 +23,7 @@ from test_postgres_memory import Schemas, require_pgvector
 from fieldprint.ledger.note import generate_key
 from fieldprint.ledger.storage.postgres import open_log
 from fieldprint.memory.pg_store import PostgresStateStore
+from fieldprint.memory.pgvector import PgVectorStore
 from fieldprint.memory.policy import GateConfig, PromotionGate
 
 psycopg = pytest.importorskip("psycopg")
@@ -126,6 +127,10 @@ def test_four_engines_share_one_memory_through_kills(tmp_path, pg_dsn):  # noqa:
             # In commit order (states of one content are written under one lock, so seq order is commit order).
             rows = db.execute(f"SELECT digest, taint FROM {schema}.states ORDER BY seq").fetchall()
         assert set(stored) <= indexed  # a killed add may leave an index row without a state (inert), never the reverse
+        vectors = PgVectorStore(dsn, schema=schema)
+        assert vectors.sweep(store.stored, older_than_s=0) == len(indexed - set(stored))  # no engine is running now
+        assert len(vectors) == len(stored)
+        vectors.close()
         seen: dict[str, set[str]] = {}
         for digest, taint in rows:
             taint = set(json.loads(taint))
