@@ -18,7 +18,7 @@ import pytest
 import test_policy
 import test_store_failures
 from memory_harness import LOG_SIGNER, LOG_VERIFIER, OPS_VERIFIER, Clock, Memory
-from pg import pg_dsn, unavailable  # noqa: F401  (pg_dsn: a fresh database per module)
+from pg import import_psycopg, pg_dsn, unavailable  # noqa: F401  (pg_dsn: a fresh database per module)
 from test_policy import (  # noqa: F401  (collected here, against PostgreSQL)
     test_a_checkpoint_of_another_origin_signed_by_a_configured_key_is_refused,
     test_a_failed_ledger_append_leaves_no_state_behind,
@@ -61,7 +61,7 @@ from fieldprint.memory.pg_store import PostgresStateStore, redact
 from fieldprint.memory.pgvector import PgVectorStore
 from fieldprint.memory.policy import GateConfig, PromotionGate
 
-psycopg = pytest.importorskip("psycopg")
+psycopg = import_psycopg()
 
 
 def require_pgvector(dsn: str) -> str:

@@ -16,8 +16,7 @@ import sys
 import textwrap
 import time
 
-import pytest
-from pg import pg_dsn  # noqa: F401,I001  (a fresh database per module)
+from pg import import_psycopg, pg_dsn  # noqa: F401,I001  (a fresh database per module)
 from test_postgres_memory import Schemas, require_pgvector
 
 from fieldprint.ledger.note import generate_key
@@ -26,7 +25,7 @@ from fieldprint.memory.pg_store import PostgresStateStore
 from fieldprint.memory.pgvector import PgVectorStore
 from fieldprint.memory.policy import GateConfig, PromotionGate
 
-psycopg = pytest.importorskip("psycopg")
+psycopg = import_psycopg()
 
 CHILD = textwrap.dedent("""
     import os, random, sys, time
