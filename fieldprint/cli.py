@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--receipt", metavar="FILE", help="where to write the receipt (default: DATA_DIR/receipts/<time>.json)")
     gen.add_argument("--json", action="store_true", help="print text, decisions and the receipt path as JSON")
     gen.set_defaults(func=run_generate_command)
+    gen.add_argument("--database", metavar="URL", help="a postgresql:// URL: the log and memory shared by many engines")
+    init = subparsers.add_parser("init", help="create the log's and the memory's schema in PostgreSQL (many engines share it)")
+    init.add_argument("--database", required=True, metavar="URL", help="postgresql://user@host:port/db")
+    init.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help=f"where the keys live (default {DEFAULT_DATA_DIR})")
+    init.set_defaults(func=run_init_command)
     ver = subparsers.add_parser("verify", help="verify a generation receipt offline against the log's public key")
     ver.add_argument("receipt", metavar="RECEIPT")
     ver.add_argument("--log-key", required=True, metavar="KEY_FILE", help="the log's verifier key file (e.g. ledger.pub)")
@@ -85,7 +90,7 @@ def run_generate_command(args: argparse.Namespace) -> int:
     from fieldprint.engine.sequence import SamplingParams
 
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
-    with Engine(args.model, data_dir=args.data_dir) as engine:
+    with Engine(args.model, data_dir=args.data_dir, database=args.database) as engine:
         if args.session:
             engine.new_session(args.session)
         out = engine.generate(args.prompt, params, session=args.session, anchors=args.anchors)[0]
@@ -102,6 +107,26 @@ def run_generate_command(args: argparse.Namespace) -> int:
     else:
         print(out.text)
         print(f"receipt: {path}", file=sys.stderr)
+    return 0
+
+
+def run_init_command(args: argparse.Namespace) -> int:
+    """`fieldprint init --database URL`: keys in DATA_DIR, the log's and the memory's schema in PostgreSQL."""
+    from fieldprint.ledger.keys import ensure_key_pair
+    from fieldprint.ledger.log import TransparencyLog
+    from fieldprint.ledger.storage.postgres import redact
+    from fieldprint.memory.pg_store import create_memory
+
+    if not args.database.startswith(("postgresql://", "postgres://")):
+        raise LogError(f"--database must be a postgresql:// URL, got {args.database!r}")
+    os.makedirs(args.data_dir, mode=0o700, exist_ok=True)
+    signer, verifier = ensure_key_pair(args.data_dir, LEDGER_KEY_STEM, DEFAULT_ORIGIN)
+    ensure_key_pair(args.data_dir, "operator", "fieldprint.local/operator")
+    with TransparencyLog.open(args.database, signer, checkpoint_interval_s=None) as log:
+        size = log.size
+    versions = create_memory(args.database)
+    print(f"log {log.origin} at {redact(args.database)}: size {size}; memory schema versions {versions}; "
+          f"keys in {args.data_dir} (copy them to every engine's data folder)")
     return 0
 
 

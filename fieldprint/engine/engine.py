@@ -74,13 +74,13 @@ class Engine:
     """Serves generations conditioned on verified, promoted memory, over one log and one memory."""
 
     def __init__(self, model: str = "smollm2", *, data_dir: str, config: EngineConfig | None = None,
-                 memory=None, device: str | None = None) -> None:
+                 memory=None, device: str | None = None, database: str | None = None) -> None:
         from fieldprint.engine.commit import Committer
         from fieldprint.engine.loader import load_model
         from fieldprint.engine.memory import Memory, load_or_calibrate_profile
 
         self.config = config or EngineConfig()
-        self.memory = memory or Memory.open(data_dir)
+        self.memory = memory or Memory.open(data_dir, database=database)
         self.log = self.memory.log
         self.lm = load_model(model, device=device)
         self.runner = ModelRunner(self.lm, self.config.runner)

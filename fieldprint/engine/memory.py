@@ -72,8 +72,10 @@ class Memory:
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, data_dir: str, embedder=None) -> Memory:
-        """Open (or create) the embedded defaults under `data_dir`: SQLite log and store, LanceDB vectors."""
+    def open(cls, data_dir: str, embedder=None, database: str | None = None) -> Memory:
+        """Open (or create) the memory of `data_dir`: embedded (SQLite log and store, LanceDB vectors), or,
+        with `database` (a postgresql:// URL), the log, store and pgvector index many engines share there.
+        Keys stay in `data_dir` either way."""
         from fieldprint.ledger.keys import ensure_key_pair
         from fieldprint.ledger.log import TransparencyLog
         from fieldprint.memory.embed import MiniLMEmbedder
@@ -85,12 +87,18 @@ class Memory:
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
         log_signer, log_verifier = ensure_key_pair(data_dir, LEDGER_KEY_STEM, DEFAULT_ORIGIN)
         op_signer, op_verifier = ensure_key_pair(data_dir, OPERATOR_STEM, OPERATOR_NAME)
-        log = TransparencyLog.open(os.path.join(data_dir, LEDGER_DB), log_signer, checkpoint_interval_s=None)
+        log = TransparencyLog.open(database or os.path.join(data_dir, LEDGER_DB), log_signer, checkpoint_interval_s=None)
         store = None
         try:
-            store = SQLiteStateStore(os.path.join(data_dir, "states.sqlite"))
+            if database:
+                from fieldprint.memory.pg_store import PostgresStateStore
+                from fieldprint.memory.pgvector import PgVectorStore
+
+                store, vectors = PostgresStateStore(database), PgVectorStore(database)
+            else:
+                store = SQLiteStateStore(os.path.join(data_dir, "states.sqlite"))
+                vectors = LanceVectorStore(os.path.join(data_dir, "vectors"))
             gate = PromotionGate(store, log, GateConfig(log_keys=[log_verifier], override_keys=[op_verifier]))
-            vectors = LanceVectorStore(os.path.join(data_dir, "vectors"))
             pm = Pacemaker(store, log, vectors, embedder or MiniLMEmbedder(), gate)
         except BaseException:
             if store is not None:
