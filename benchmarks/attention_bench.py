@@ -22,7 +22,8 @@ from triton.testing import do_bench
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from fieldprint.kernels.paged_attention import (  # noqa: E402
-    AnchorSet,
+    AnchorPool,
+    AnchorRouting,
     paged_attention_decode,
     paged_attention_prefill,
 )
@@ -97,7 +98,7 @@ def paged(bsz, ctx, hkv, d, bs, dtype=BF, lens=None):
 
 
 def anchor_set(nsets, alen, hkv, d, bs, seq_set, int8=False, dtype=BF, alens=None):
-    """Random anchor sets (bf16, or int8 codes with power-of-two scales) with scattered blocks."""
+    """(pool, routing) of random anchor sets (bf16, or int8 codes with power-of-two scales), scattered blocks."""
     per = max(1, triton.cdiv(alen, bs))
     nb = nsets * per
     if int8:
@@ -112,7 +113,7 @@ def anchor_set(nsets, alen, hkv, d, bs, seq_set, int8=False, dtype=BF, alens=Non
     bt = torch.randperm(nb, device=DEV).reshape(nsets, per).to(torch.int32)
     if alens is None:
         alens = torch.full((nsets,), alen, dtype=torch.int32, device=DEV)
-    return AnchorSet(k, v, bt, alens, seq_set.to(torch.int32), ks, vs)
+    return AnchorPool(k, v, ks, vs), AnchorRouting(bt, alens, seq_set.to(torch.int32))
 
 
 def relerr(out, ref):
@@ -149,10 +150,10 @@ def section_check(quick: bool) -> None:
         gam = torch.rand(hq, device=DEV) if g == "head" else g
         q = torch.randn(bsz, hq, d, dtype=BF, device=DEV)
         out = torch.full_like(q, float("nan"))
-        paged_attention_decode(q, k, v, bt, lens, a, mode=mode, gamma=gam, out=out, seq_tile=tile)
+        paged_attention_decode(q, k, v, bt, lens, *a, mode=mode, gamma=gam, out=out, seq_tile=tile)
         out2 = torch.full_like(q, float("nan"))
-        paged_attention_decode(q, k, v, bt, lens, a, mode=mode, gamma=gam, out=out2, seq_tile=tile)
-        ref = reference_paged(q, None, k, v, bt, lens, a, mode=mode, gamma=gam, dtype=torch.float32)
+        paged_attention_decode(q, k, v, bt, lens, *a, mode=mode, gamma=gam, out=out2, seq_tile=tile)
+        ref = reference_paged(q, None, k, v, bt, lens, *a, mode=mode, gamma=gam, dtype=torch.float32)
         e = relerr(out, ref)
         ok = e < 1e-2 and not out.isnan().any().item() and torch.equal(out, out2)
         worst = max(worst, e)
@@ -168,12 +169,12 @@ def section_check(quick: bool) -> None:
         cu = torch.zeros(bsz + 1, dtype=torch.int32, device=DEV)
         cu[1:] = qlens.cumsum(0)
         seq_set = torch.tensor([0, -1, 1][:bsz], device=DEV)
-        a = anchor_set(2, 1000, hkv, d, bs, seq_set, int8=akind == "int8") if akind else None
+        a = anchor_set(2, 1000, hkv, d, bs, seq_set, int8=akind == "int8") if akind else (None, None)
         gam = torch.rand(hq, device=DEV) if g == "head" else g
         q = torch.randn(int(cu[-1]), hq, d, dtype=BF, device=DEV)
         out = torch.full_like(q, float("nan"))
-        paged_attention_prefill(q, cu, k, v, bt, lens, a, mode=mode, gamma=gam, out=out)
-        ref = reference_paged(q, cu, k, v, bt, lens, a, mode=mode, gamma=gam, dtype=torch.float32)
+        paged_attention_prefill(q, cu, k, v, bt, lens, *a, mode=mode, gamma=gam, out=out)
+        ref = reference_paged(q, cu, k, v, bt, lens, *a, mode=mode, gamma=gam, dtype=torch.float32)
         e = relerr(out, ref)
         ok = e < 1e-2 and not out.isnan().any().item()
         worst = max(worst, e)
@@ -183,16 +184,16 @@ def section_check(quick: bool) -> None:
     k, v, bt, lens = paged(bsz, 3000, hkv, d, 16, lens=torch.randint(1, 3000, (bsz,), device=DEV).int())
     a = anchor_set(2, 1000, hkv, d, 16, torch.randint(-1, 2, (bsz,), device=DEV), int8=True)
     q = torch.randn(bsz, hq, d, dtype=BF, device=DEV)
-    eager = paged_attention_decode(q, k, v, bt, lens, a, mode="gamma", gamma=0.3)
+    eager = paged_attention_decode(q, k, v, bt, lens, *a, mode="gamma", gamma=0.3)
     gout = torch.full_like(q, float("nan"))
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        paged_attention_decode(q, k, v, bt, lens, a, mode="gamma", gamma=0.3, out=gout, check=False)
+        paged_attention_decode(q, k, v, bt, lens, *a, mode="gamma", gamma=0.3, out=gout, check=False)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g, stream=side):
-        paged_attention_decode(q, k, v, bt, lens, a, mode="gamma", gamma=0.3, out=gout, check=False)
+        paged_attention_decode(q, k, v, bt, lens, *a, mode="gamma", gamma=0.3, out=gout, check=False)
     graph_ok = True
     for _ in range(3):
         gout.fill_(float("nan"))
@@ -241,10 +242,10 @@ def section_decode(quick: bool) -> None:
             for atok in anchors_tok:
                 anc = []
                 for (q, k, v, bt, lens, _kc, _vc, out) in sets:
-                    a = anchor_set(1, atok, hkv, d, bs, torch.zeros(bsz, device=DEV)) if atok else None
+                    a = anchor_set(1, atok, hkv, d, bs, torch.zeros(bsz, device=DEV)) if atok else (None, None)
                     anc.append(a)
                     out.fill_(float("nan"))
-                    paged_attention_decode(q, k, v, bt, lens, a, out=out)  # checked call
+                    paged_attention_decode(q, k, v, bt, lens, *a, out=out)  # checked call
                     assert not out.isnan().any()
                 total = ctx + atok
 
@@ -312,10 +313,10 @@ def section_shared(quick: bool) -> None:
         r = {"int8": int8}
         for name, tile in (("cascade", None), ("per_seq", 1)):
             o = torch.full_like(q, float("nan"))
-            paged_attention_decode(q, k, v, bt, lens, a, out=o, seq_tile=tile)
+            paged_attention_decode(q, k, v, bt, lens, *a, out=o, seq_tile=tile)
             assert not o.isnan().any()
             r[name + "_us"] = med_graph([lambda: paged_attention_decode(
-                q, k, v, bt, lens, a, check=False, out=out, seq_tile=tile)], 20)
+                q, k, v, bt, lens, *a, check=False, out=out, seq_tile=tile)], 20)
         r["speedup"] = r["per_seq_us"] / r["cascade_us"]
         rows.append(r)
     print("\n== shared anchors (B=64, 8k shared anchor tokens, 1k own; one launch each) ==")
@@ -338,13 +339,13 @@ def section_modes(quick: bool) -> None:
         out = torch.empty_like(q)
         t = {}
         for name, a, mode in (("concat", ab, "concat"), ("gamma", ab, "gamma"), ("int8", ai, "concat")):
-            paged_attention_decode(q, k, v, bt, lens, a, mode=mode, gamma=0.3, out=out)
+            paged_attention_decode(q, k, v, bt, lens, *a, mode=mode, gamma=0.3, out=out)
             t[name] = med_graph([lambda: paged_attention_decode(
-                q, k, v, bt, lens, a, mode=mode, gamma=0.3, check=False, out=out)], 20)
+                q, k, v, bt, lens, *a, mode=mode, gamma=0.3, check=False, out=out)], 20)
         rows.append(dict(B=bsz, ctx=ctx, anchors=atok, concat_us=t["concat"], gamma_us=t["gamma"],
                          int8_us=t["int8"], gamma_over_concat=t["gamma"] / t["concat"],
                          int8_over_bf16=t["int8"] / t["concat"],
-                         anchor_bytes_bf16=ab.k.numel() * 2 * 2, anchor_bytes_int8=ai.k.numel() * 2))
+                         anchor_bytes_bf16=ab[0].k.numel() * 2 * 2, anchor_bytes_int8=ai[0].k.numel() * 2))
         k = v = None
     print("\n== modes (decode, anchors per sequence) ==")
     for r in rows:
@@ -374,9 +375,9 @@ def section_prefill(quick: bool) -> None:
         f_anch = 4 * d * hq * n * atok
         out = torch.empty_like(q)
         r = dict(N=n, block_size=bs, anchors=atok, sdpa_us=t_sdpa, sdpa_TFLOPs=f_causal / t_sdpa / 1e6)
-        for name, aa, mode in (("noanchor", None, "concat"), ("concat", a, "concat"), ("gamma", a, "gamma")):
-            paged_attention_prefill(q, cu, k, v, bt, lens, aa, mode=mode, gamma=0.3, out=out)
-            t = med(lambda: paged_attention_prefill(q, cu, k, v, bt, lens, aa, mode=mode, gamma=0.3,
+        for name, aa, mode in (("noanchor", (None, None), "concat"), ("concat", a, "concat"), ("gamma", a, "gamma")):
+            paged_attention_prefill(q, cu, k, v, bt, lens, *aa, mode=mode, gamma=0.3, out=out)
+            t = med(lambda: paged_attention_prefill(q, cu, k, v, bt, lens, *aa, mode=mode, gamma=0.3,
                                                     check=False, out=out, max_seqlen_q=n))
             fl = f_causal + (f_anch if aa is not None else 0)
             r[name + "_us"] = t
@@ -421,10 +422,10 @@ def section_prefill_tune(quick: bool) -> None:
             data[n, bs] = (k, v, bt, lens, cu, q, a, t_sdpa)
     for bs in sorted({c[0] for c in PREFILL_TILINGS}):
         k, v, bt, lens, cu, q, a, _ = data[4096, bs]
-        ref = reference_paged(q, cu, k, v, bt, lens, a, mode="concat", dtype=torch.float32)
+        ref = reference_paged(q, cu, k, v, bt, lens, *a, mode="concat", dtype=torch.float32)
         for cfg in [c for c in PREFILL_TILINGS if c[0] == bs]:
             out = torch.full_like(q, float("nan"))
-            paged_attention_prefill(q, cu, k, v, bt, lens, a, out=out, block_m=cfg[1], block_n=cfg[2],
+            paged_attention_prefill(q, cu, k, v, bt, lens, *a, out=out, block_m=cfg[1], block_n=cfg[2],
                                     num_warps=cfg[3], num_stages=cfg[4])
             e = relerr(out, ref)
             checks.append((cfg, e, e < 1e-2 and not out.isnan().any().item()))
@@ -440,12 +441,12 @@ def section_prefill_tune(quick: bool) -> None:
 
     def time_cfg(n, cfg, mode, with_anchors=True):
         k, v, bt, lens, cu, q, a, t_sdpa = data[n, cfg[0]]
-        aa = a if with_anchors else None
+        aa = a if with_anchors else (None, None)
         out = torch.empty_like(q)
         kw = dict(mode=mode, gamma=0.3, out=out, block_m=cfg[1], block_n=cfg[2], num_warps=cfg[3],
                   num_stages=cfg[4])
-        paged_attention_prefill(q, cu, k, v, bt, lens, aa, **kw)
-        t = med(lambda: paged_attention_prefill(q, cu, k, v, bt, lens, aa, check=False, max_seqlen_q=n, **kw))
+        paged_attention_prefill(q, cu, k, v, bt, lens, *aa, **kw)
+        t = med(lambda: paged_attention_prefill(q, cu, k, v, bt, lens, *aa, check=False, max_seqlen_q=n, **kw))
         return t, flops(n, with_anchors) / t / 1e6
 
     def add(n, cfg, variant, t, tf):
@@ -486,7 +487,7 @@ def section_int8(quick: bool) -> None:
         ab = anchor_set(bsz, atok, hkv, d, bs, seq)
         ai = anchor_set(bsz, atok, hkv, d, bs, seq, int8=True)
         ref = torch.full_like(q, float("nan"))
-        paged_attention_decode(q, k, v, bt, lens, ai, out=ref, max_registers=None)
+        paged_attention_decode(q, k, v, bt, lens, *ai, out=ref, max_registers=None)
         out = torch.empty_like(q)
         # The default anchor split count, to build the "half-size anchor items" (v5) variant.
         sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -498,12 +499,12 @@ def section_int8(quick: bool) -> None:
                                    ("int8_r168", ai, 168, None), ("int8_r128", ai, 128, None),
                                    ("int8_half", ai, None, s_half), ("int8_half_r168", ai, 168, s_half)):
             o = torch.full_like(q, float("nan"))
-            paged_attention_decode(q, k, v, bt, lens, a, out=o, max_registers=regs, anchor_splits=asp)
+            paged_attention_decode(q, k, v, bt, lens, *a, out=o, max_registers=regs, anchor_splits=asp)
             if a is ai:
                 e = relerr(o, ref)
                 assert e < 1e-2 and not o.isnan().any(), (name, e)
             r[name + "_us"] = med_graph([lambda: paged_attention_decode(
-                q, k, v, bt, lens, a, check=False, out=out, max_registers=regs, anchor_splits=asp)], 20)
+                q, k, v, bt, lens, *a, check=False, out=out, max_registers=regs, anchor_splits=asp)], 20)
         for key in list(r):
             if key.startswith("int8") and key.endswith("_us"):
                 r[key[:-3] + "_over_bf16"] = r[key] / r["bf16_us"]
@@ -521,11 +522,11 @@ def section_int8(quick: bool) -> None:
         vc = torch.randn(bsz, hkv, ctx + atok, d, dtype=BF, device=DEV)
         q = torch.randn(bsz, hq, d, dtype=BF, device=DEV)
         a = anchor_set(1, atok, hkv, d, bs, torch.zeros(bsz, device=DEV))
-        sets.append((q, k, v, bt, lens, a, kc, vc, torch.empty_like(q)))
-    t_sdpa = med_graph([lambda s=s_: sdpa_decode_contiguous(s[0], s[6], s[7]) for s_ in sets], max(ns, 40))
+        sets.append((q, k, v, bt, lens, *a, kc, vc, torch.empty_like(q)))
+    t_sdpa = med_graph([lambda s=s_: sdpa_decode_contiguous(s[0], s[7], s[8]) for s_ in sets], max(ns, 40))
     small = []
     for sp, asp in ((None, None), (16, 8), (32, 8), (8, 8), (20, 4)):
-        calls = [lambda s=s_: paged_attention_decode(*s[:6], check=False, out=s[8], num_splits=sp,
+        calls = [lambda s=s_: paged_attention_decode(*s[:7], check=False, out=s[9], num_splits=sp,
                                                      anchor_splits=asp) for s_ in sets]
         t = med_graph(calls, max(ns, 40))
         small.append(dict(num_splits=str(sp), anchor_splits=str(asp), us=t, sdpa_us=t_sdpa, ratio_sdpa=t / t_sdpa))
@@ -558,8 +559,8 @@ def section_naive64k(quick: bool) -> None:
     kac = torch.randn(1, hkv, atok, d, dtype=BF, device=DEV)
     vac = torch.randn_like(kac)
     out = torch.empty_like(q)
-    paged_attention_decode(q, k, v, bt, lens, a, mode="gamma", gamma=0.3, out=out)
-    t_fused = med(lambda: paged_attention_decode(q, k, v, bt, lens, a, mode="gamma", gamma=0.3,
+    paged_attention_decode(q, k, v, bt, lens, *a, mode="gamma", gamma=0.3, out=out)
+    t_fused = med(lambda: paged_attention_decode(q, k, v, bt, lens, *a, mode="gamma", gamma=0.3,
                                                  check=False, out=out))
     t_naive = med(lambda: naive_decode_batched(q, kc, vc, kac, vac, mode="gamma", gamma=0.3), rep=50)
     k = v = kc = vc = None
@@ -592,8 +593,8 @@ def section_naive64k(quick: bool) -> None:
     q1 = qh.reshape(n, 1, d)
     a1 = anchor_set(1, atok, 1, d, bs, torch.zeros(1, device=DEV))
     o1 = torch.empty_like(q1)
-    paged_attention_prefill(q1, cu, kp, vp, btp, lensp, a1, mode="gamma", gamma=0.3, out=o1)
-    t_fp = med(lambda: paged_attention_prefill(q1, cu, kp, vp, btp, lensp, a1, mode="gamma", gamma=0.3,
+    paged_attention_prefill(q1, cu, kp, vp, btp, lensp, *a1, mode="gamma", gamma=0.3, out=o1)
+    t_fp = med(lambda: paged_attention_prefill(q1, cu, kp, vp, btp, lensp, *a1, mode="gamma", gamma=0.3,
                                                check=False, out=o1), rep=50)
     r = dict(ctx=ctx, heads=hq, layers=layers, decode_layer_fused_us=t_fused,
              decode_layer_naive_us=t_naive, decode_token_fused_ms=t_fused * layers / 1e3,

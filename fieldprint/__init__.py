@@ -6,7 +6,8 @@ The public API, by path through the system:
 - canonical codes: DQPProfile, quantize, QuantizedState, Committer (asynchronous commit);
 - memory and promotion (the Pacemaker): Pacemaker, StateStore, SQLiteStateStore, State, PromotionGate,
   GateConfig, Override, Revocation, sign_record, LanceVectorStore, MiniLMEmbedder;
-- attention over anchors: AnchorSet, paged_attention_decode, paged_attention_prefill.
+- attention over anchors: AnchorPool, AnchorRouting, paged_attention_decode, paged_attention_prefill;
+- the engine: Engine, SamplingParams, verify_receipt.
 
 Names load on first use, so `import fieldprint` does not pull in torch, Triton or LanceDB.
 """
@@ -43,7 +44,10 @@ _LAZY = {
     "fieldprint.memory.policy": ("PromotionGate", "GateConfig", "Override", "Revocation", "sign_record"),
     "fieldprint.memory.vectors": ("LanceVectorStore",),
     "fieldprint.memory.embed": ("MiniLMEmbedder",),
-    "fieldprint.kernels.paged_attention": ("AnchorSet", "paged_attention_decode", "paged_attention_prefill"),
+    "fieldprint.kernels.paged_attention": ("AnchorPool", "AnchorRouting", "paged_attention_decode", "paged_attention_prefill"),
+    "fieldprint.engine.engine": ("Engine",),
+    "fieldprint.engine.sequence": ("SamplingParams",),
+    "fieldprint.engine.receipt": ("verify_receipt",),
 }
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}
 

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from fieldprint.kernels.paged_attention import (
-    AnchorSet,
+    AnchorPool,
+    AnchorRouting,
     paged_attention_decode,
     paged_attention_prefill,
 )
@@ -45,6 +46,13 @@ class KVCache:
     anchor_v: torch.Tensor
     anchor_k_scale: torch.Tensor | None = None
     anchor_v_scale: torch.Tensor | None = None
+    pools: list[AnchorPool] = field(default_factory=list)  # each layer's kernel view of the anchor pool
+
+    def __post_init__(self) -> None:
+        int8 = self.anchor_k.dtype == torch.int8
+        self.pools = [AnchorPool(self.anchor_k[layer], self.anchor_v[layer],
+                                 self.anchor_k_scale[layer] if int8 else None, self.anchor_v_scale[layer] if int8 else None)
+                      for layer in range(self.anchor_k.shape[0])]
 
     @property
     def block_size(self) -> int:
@@ -62,26 +70,16 @@ class AttentionContext:
     context_lens: torch.Tensor  # int32 [B]: the sequence's own tokens, the new ones included
     cu_seqlens_q: torch.Tensor  # int32 [B+1]: new tokens per sequence, cumulative (decode: 0..B)
     max_seqlen_q: int
-    anchor_block_table: torch.Tensor  # int32 [S, max_anchor_blocks]
-    anchor_lens: torch.Tensor  # int32 [S]
-    seq_anchor_set: torch.Tensor  # int32 [B]: row of anchor_block_table each sequence reads, -1 none
+    # block_table [S, max_anchor_blocks], lens [S], seq_anchor_set [B] (-1: none); it keeps the decode
+    # plan, so the layers after the first reuse it
+    routing: AnchorRouting
     check: bool = False  # the kernels' data-dependent input checks (one host sync each): tests only
-    _anchor_sets: dict = field(default_factory=dict)  # per-layer kernel views, built on first use
-    _plan: dict = field(default_factory=dict)  # the decode plan, shared by every layer's view
 
-    def anchors(self, layer: int) -> AnchorSet | None:
-        """The kernel's view of this layer's anchor pool under this step's routing."""
-        if self.anchor_lens.numel() == 0:
-            return None
-        got = self._anchor_sets.get(layer)
-        if got is None:
-            c = self.cache
-            int8 = c.anchor_k.dtype == torch.int8
-            got = AnchorSet(c.anchor_k[layer], c.anchor_v[layer], self.anchor_block_table, self.anchor_lens,
-                            self.seq_anchor_set, c.anchor_k_scale[layer] if int8 else None,
-                            c.anchor_v_scale[layer] if int8 else None, plan=self._plan)
-            self._anchor_sets[layer] = got
-        return got
+    def anchors(self, layer: int) -> tuple[AnchorPool | None, AnchorRouting | None]:
+        """The kernels' anchor arguments for this layer: its pool and the step's routing (None, None: no sets)."""
+        if self.routing.lens.numel() == 0:
+            return None, None
+        return self.cache.pools[layer], self.routing
 
 
 def store_kv(ctx: AttentionContext, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -97,11 +95,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
     store_kv(ctx, layer, k, v)
     c = ctx.cache
     if q.is_cuda:
-        anchors = ctx.anchors(layer)
+        pool, routing = ctx.anchors(layer)
         if ctx.is_prefill:
             return paged_attention_prefill(q, ctx.cu_seqlens_q, c.k[layer], c.v[layer], ctx.block_tables,
-                                           ctx.context_lens, anchors, max_seqlen_q=ctx.max_seqlen_q, check=ctx.check)
-        return paged_attention_decode(q, c.k[layer], c.v[layer], ctx.block_tables, ctx.context_lens, anchors,
+                                           ctx.context_lens, pool, routing, max_seqlen_q=ctx.max_seqlen_q, check=ctx.check)
+        return paged_attention_decode(q, c.k[layer], c.v[layer], ctx.block_tables, ctx.context_lens, pool, routing,
                                       check=ctx.check)
     return torch_paged_attention(q, layer, ctx)
 
@@ -123,8 +121,9 @@ def torch_paged_attention(q: torch.Tensor, layer: int, ctx: AttentionContext) ->
     out = torch.empty_like(q)
     cu = ctx.cu_seqlens_q.tolist()
     lens = ctx.context_lens.tolist()
-    sets = ctx.seq_anchor_set.tolist() if ctx.seq_anchor_set.numel() else [-1] * len(lens)
-    alens = ctx.anchor_lens.tolist()
+    r = ctx.routing
+    sets = r.seq_anchor_set.tolist() if r.seq_anchor_set.numel() else [-1] * len(lens)
+    alens = r.lens.tolist()
     gqa = q.shape[1] // c.k.shape[3]
     for i, n in enumerate(lens):
         lo, hi = cu[i], cu[i + 1]
@@ -137,7 +136,7 @@ def torch_paged_attention(q: torch.Tensor, layer: int, ctx: AttentionContext) ->
         if sets[i] >= 0 and alens[sets[i]] > 0:
             a = alens[sets[i]]
             nblk = -(-a // bs)
-            ak, av = gather_anchor_kv(c, layer, ctx.anchor_block_table[sets[i], :nblk], a)
+            ak, av = gather_anchor_kv(c, layer, r.block_table[sets[i], :nblk], a)
             k, v = torch.cat([ak.to(k.dtype), k]), torch.cat([av.to(v.dtype), v])
         # query j (of hi-lo new tokens) sits at key position a + n - (hi-lo) + j and sees keys up to it
         qpos = torch.arange(a + n - (hi - lo), a + n, device=q.device)

@@ -25,6 +25,7 @@ from fieldprint.engine.kv_cache import (
 from fieldprint.engine.loader import LoadedModel
 from fieldprint.engine.model import fuse_elementwise
 from fieldprint.engine.sequence import Sequence
+from fieldprint.kernels.paged_attention import AnchorRouting
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
 
@@ -112,7 +113,7 @@ class ModelRunner:
             block_tables=self._tables(seqs).to(dev, non_blocking=True),
             context_lens=torch.tensor([s.num_cached + n for s, n in zip(seqs, counts)], dtype=torch.int32).to(dev),
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32).to(dev), max_seqlen_q=max(counts),
-            anchor_block_table=table.to(dev), anchor_lens=lens.to(dev), seq_anchor_set=which.to(dev),
+            routing=AnchorRouting(table.to(dev), lens.to(dev), which.to(dev)),
         )
         return torch.tensor(ids, dtype=torch.int64).to(dev), torch.tensor(pos, dtype=torch.int64).to(dev), ctx
 
@@ -139,7 +140,7 @@ class ModelRunner:
 
     def _context(self, st: dict) -> AttentionContext:
         return AttentionContext(self.cache, False, st["slots"], st["tables"], st["lens"], st["cu"], 1,
-                                st["atable"], st["alens"], st["which"])
+                                AnchorRouting(st["atable"], st["alens"], st["which"]))
 
     def _capture(self, b: int) -> tuple[torch.cuda.CUDAGraph, dict]:
         st = self._static(b)

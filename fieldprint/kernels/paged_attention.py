@@ -1,8 +1,10 @@
 """PagedFieldprintAttention: fused decode and prefill over a paged KV cache with anchor blocks.
 
 Layout (one layer): K and V pools `[num_blocks, block_size, H_kv, D]`, int32 block tables
-`[B, max_blocks]`, int32 context lengths `[B]`. Anchors live in their own pool (bf16/fp16, or the
-DQP's INT8 codes with power-of-two scales) named by an `AnchorSet`.
+`[B, max_blocks]`, int32 context lengths `[B]`. Anchors live in their own pool per layer
+(`AnchorPool`: bf16/fp16, or the DQP's INT8 codes with power-of-two scales); which anchor set each
+sequence reads is one `AnchorRouting` per step, shared by every layer (it also keeps the decode
+plan, computed once per step on the device).
 
 Modes, per query q of a sequence with anchors (K_a, V_a) and own keys (K, V), s = sm_scale:
   concat: softmax(q [K_a; K]^T s) [V_a; V]                     (SDPA on the concatenated KV)
@@ -29,24 +31,33 @@ _LOG2E = 1.4426950408889634
 
 
 @dataclass(slots=True)
-class AnchorSet:
-    """Anchor blocks in their own pool, the sets they form, and which set each sequence reads.
+class AnchorPool:
+    """One layer's anchor blocks, fixed for an engine's life.
 
     k, v: [num_anchor_blocks, block_size, H_kv, D], the cache dtype or int8 DQP codes in [-127, 127].
-    block_table: [num_sets, max_anchor_blocks] int32; lens: [num_sets] int32 tokens per set.
-    seq_anchor_set: [B] int32, the set each sequence attends to, -1 for none.
     k_scale, v_scale: [H_kv, D] float32 powers of two (int8 only): value = code * scale.
-    Treat it as immutable: the decode plan (sequences sorted by set, sharing-tile starts) is
-    computed on the device once per tile size and kept in `plan`.
     """
 
     k: torch.Tensor
     v: torch.Tensor
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
+
+
+@dataclass(slots=True)
+class AnchorRouting:
+    """Which anchor blocks form which set, and which set each sequence reads: one per step, all layers.
+
+    block_table: [num_sets, max_anchor_blocks] int32; lens: [num_sets] int32 tokens per set.
+    seq_anchor_set: [B] int32, the set each sequence attends to, -1 for none.
+    Treat it as immutable for the step: the decode plan (sequences sorted by set, sharing-tile
+    starts) is computed on the device on first use per tile size and kept in `plan`, so the
+    layers after the first reuse it.
+    """
+
     block_table: torch.Tensor
     lens: torch.Tensor
     seq_anchor_set: torch.Tensor
-    k_scale: torch.Tensor | None = None
-    v_scale: torch.Tensor | None = None
     plan: dict = field(default_factory=dict)
 
 
@@ -66,7 +77,7 @@ def _check_int32(name: str, t: torch.Tensor, ndim: int, device: torch.device) ->
         raise _bad(f"{name} is on {t.device} but q is on {device}: put every input on one device")
 
 
-def _check_shapes(q, k_cache, v_cache, block_tables, context_lens, anchors, mode, gamma, bsz):
+def _check_shapes(q, k_cache, v_cache, block_tables, context_lens, anchors, routing, mode, gamma, bsz):
     """Shape, dtype and device checks that need no device-to-host sync."""
     if mode not in ("concat", "gamma"):
         raise _bad(f"mode must be 'concat' or 'gamma', got {mode!r}")
@@ -98,9 +109,11 @@ def _check_shapes(q, k_cache, v_cache, block_tables, context_lens, anchors, mode
                        f"got {tuple(gamma.shape)} on {gamma.device}")
     elif not 0.0 <= float(gamma) <= 1.0:
         raise _bad(f"gamma must lie in [0, 1], got {gamma}")
+    if (anchors is None) != (routing is None):
+        raise _bad("anchors (the layer's AnchorPool) and routing (the step's AnchorRouting) come together or not at all")
     if anchors is None:
         return
-    a = anchors
+    a, r = anchors, routing
     if a.k.dim() != 4 or a.k.shape != a.v.shape or a.k.shape[2:] != k_cache.shape[2:]:
         raise _bad(f"anchor k/v must both be [num_anchor_blocks, block_size, H_kv={hkv}, D={d}]; "
                    f"got {tuple(a.k.shape)} and {tuple(a.v.shape)}")
@@ -110,13 +123,13 @@ def _check_shapes(q, k_cache, v_cache, block_tables, context_lens, anchors, mode
         raise _bad(f"anchor k/v must be contiguous tensors on {q.device}")
     if not _pow2(a.k.shape[1]):
         raise _bad(f"anchor block_size must be a power of two, got {a.k.shape[1]}")
-    _check_int32("anchors.block_table", a.block_table, 2, q.device)
-    _check_int32("anchors.lens", a.lens, 1, q.device)
-    _check_int32("anchors.seq_anchor_set", a.seq_anchor_set, 1, q.device)
-    if a.lens.shape[0] != a.block_table.shape[0]:
-        raise _bad(f"anchors.lens has {a.lens.shape[0]} sets but block_table {a.block_table.shape[0]}")
-    if a.seq_anchor_set.shape[0] != bsz:
-        raise _bad(f"anchors.seq_anchor_set must have B={bsz} entries, got {a.seq_anchor_set.shape[0]}")
+    _check_int32("routing.block_table", r.block_table, 2, q.device)
+    _check_int32("routing.lens", r.lens, 1, q.device)
+    _check_int32("routing.seq_anchor_set", r.seq_anchor_set, 1, q.device)
+    if r.lens.shape[0] != r.block_table.shape[0]:
+        raise _bad(f"routing.lens has {r.lens.shape[0]} sets but block_table {r.block_table.shape[0]}")
+    if r.seq_anchor_set.shape[0] != bsz:
+        raise _bad(f"routing.seq_anchor_set must have B={bsz} entries, got {r.seq_anchor_set.shape[0]}")
     if a.k.dtype == torch.int8:
         for name, s in (("k_scale", a.k_scale), ("v_scale", a.v_scale)):
             if s is None or s.dtype != torch.float32 or tuple(s.shape) != (hkv, d) or s.device != q.device:
@@ -132,7 +145,7 @@ def _check_values(checks: list[tuple[torch.Tensor, str]]) -> None:
             raise _bad(msg)
 
 
-def _value_checks(k_cache, block_tables, context_lens, anchors, gamma, min_len):
+def _value_checks(k_cache, block_tables, context_lens, anchors, routing, gamma, min_len):
     """Checks on lengths, block ids, anchor sets and scales (they cost one host sync)."""
     nb, bs = k_cache.shape[0], k_cache.shape[1]
     mb = block_tables.shape[1]
@@ -146,17 +159,17 @@ def _value_checks(k_cache, block_tables, context_lens, anchors, gamma, min_len):
     if isinstance(gamma, torch.Tensor):
         out.append((((gamma >= 0) & (gamma <= 1)).all(), "every per-head gamma must lie in [0, 1]"))
     if anchors is not None:
-        a = anchors
+        a, r = anchors, routing
         nab, abs_ = a.k.shape[0], a.k.shape[1]
-        mab = a.block_table.shape[1]
-        aused = torch.arange(mab, device=a.lens.device)[None, :] < ((a.lens + abs_ - 1) // abs_)[:, None]
+        mab = r.block_table.shape[1]
+        aused = torch.arange(mab, device=r.lens.device)[None, :] < ((r.lens + abs_ - 1) // abs_)[:, None]
         out += [
-            (((a.lens >= 0) & (a.lens <= mab * abs_)).all(),
-             f"anchors.lens must lie in [0, max_anchor_blocks*block_size={mab * abs_}]"),
-            ((~aused | ((a.block_table >= 0) & (a.block_table < nab))).all(),
-             f"anchors.block_table names a block outside [0, num_anchor_blocks={nab})"),
-            (((a.seq_anchor_set >= -1) & (a.seq_anchor_set < a.lens.shape[0])).all(),
-             f"anchors.seq_anchor_set entries must be -1 or a set index < {a.lens.shape[0]}"),
+            (((r.lens >= 0) & (r.lens <= mab * abs_)).all(),
+             f"routing.lens must lie in [0, max_anchor_blocks*block_size={mab * abs_}]"),
+            ((~aused | ((r.block_table >= 0) & (r.block_table < nab))).all(),
+             f"routing.block_table names a block outside [0, num_anchor_blocks={nab})"),
+            (((r.seq_anchor_set >= -1) & (r.seq_anchor_set < r.lens.shape[0])).all(),
+             f"routing.seq_anchor_set entries must be -1 or a set index < {r.lens.shape[0]}"),
         ]
         if a.k.dtype == torch.int8:
             for name, s in (("k_scale", a.k_scale), ("v_scale", a.v_scale)):
@@ -244,15 +257,15 @@ def _decode_reg_cap(int8: bool, tile: int, num_warps: int) -> int | None:
     return None
 
 
-def _anchor_plan(a: AnchorSet, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _anchor_plan(r: AnchorRouting, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequences sorted by anchor set, and which sorted positions start a sharing tile.
 
     A run of sequences with one set is cut into tiles of `tile`; computed with device ops only, so
     the grid (one potential tile per position) needs no host sync.
     """
-    got = a.plan.get(tile)
+    got = r.plan.get(tile)
     if got is None:
-        s = a.seq_anchor_set
+        s = r.seq_anchor_set
         order = torch.sort(s, stable=True).indices
         ss = s[order]
         idx = torch.arange(s.shape[0], device=s.device)
@@ -261,7 +274,7 @@ def _anchor_plan(a: AnchorSet, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
         run_start = torch.cummax(torch.where(new_run, idx, 0), 0).values
         start = (((idx - run_start) % tile) == 0) & (ss >= 0)
         got = (order.to(torch.int32), start.to(torch.int32))
-        a.plan[tile] = got
+        r.plan[tile] = got
     return got
 
 
@@ -271,7 +284,8 @@ def paged_attention_decode(
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
-    anchors: AnchorSet | None = None,
+    anchors: AnchorPool | None = None,
+    routing: AnchorRouting | None = None,
     *,
     mode: str = "concat",
     gamma: float | torch.Tensor = 0.0,
@@ -294,9 +308,9 @@ def paged_attention_decode(
     override the launch configuration.
     """
     bsz = q.shape[0] if q.dim() == 3 else -1
-    _check_shapes(q, k_cache, v_cache, block_tables, context_lens, anchors, mode, gamma, bsz)
+    _check_shapes(q, k_cache, v_cache, block_tables, context_lens, anchors, routing, mode, gamma, bsz)
     if check:
-        _value_checks(k_cache, block_tables, context_lens, anchors, gamma, 1)
+        _value_checks(k_cache, block_tables, context_lens, anchors, routing, gamma, 1)
     q = q if q.stride(-1) == 1 else q.contiguous()
     _, bs, hkv, d = k_cache.shape
     hq = q.shape[1]
@@ -309,12 +323,12 @@ def paged_attention_decode(
     min_chunk = 4 * block_n if on_gpu else block_n
     s_ctx, chunk = _splits(max_ctx, bsz * hkv, sms, block_n, min_chunk, num_splits)
     s_anc, achunk, n_anchor_items, tile = 0, 0, 0, 1
-    a = anchors
+    a, r = anchors, routing
     if a is not None:
         tile = seq_tile if seq_tile is not None else max(1, 64 // gqa_pad)
         tile = min(triton.next_power_of_2(tile), triton.next_power_of_2(bsz))
         n_tiles = bsz  # one potential tile start per sorted position
-        max_alen = a.block_table.shape[1] * a.k.shape[1]
+        max_alen = r.block_table.shape[1] * a.k.shape[1]
         if anchor_splits is None:
             # Anchor items take the context items' token count. int8 anchors that would get fewer
             # than 8 items per (tile, head) get half-size items instead: measured on the H100 at
@@ -337,8 +351,8 @@ def paged_attention_decode(
     gptr, gval, g_per_head = _gamma_args(gamma, q)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
     if a is not None:
-        ak, av, abt, alen, aset = a.k, a.v, a.block_table, a.lens, a.seq_anchor_set
-        order, start = _anchor_plan(a, tile)
+        ak, av, abt, alen, aset = a.k, a.v, r.block_table, r.lens, r.seq_anchor_set
+        order, start = _anchor_plan(r, tile)
         int8 = a.k.dtype == torch.int8
         ks, vs, bsa = (a.k_scale, a.v_scale, a.k.shape[1]) if int8 else (pm, pm, a.k.shape[1])
     else:
@@ -391,7 +405,8 @@ def paged_attention_prefill(
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
-    anchors: AnchorSet | None = None,
+    anchors: AnchorPool | None = None,
+    routing: AnchorRouting | None = None,
     *,
     mode: str = "concat",
     gamma: float | torch.Tensor = 0.0,
@@ -413,11 +428,11 @@ def paged_attention_prefill(
     if not isinstance(cu_seqlens_q, torch.Tensor) or cu_seqlens_q.dim() != 1 or cu_seqlens_q.numel() < 2:
         raise _bad("cu_seqlens_q must be an int32 tensor [B+1] of cumulative new-token counts")
     bsz = cu_seqlens_q.shape[0] - 1
-    _check_shapes(q, k_cache, v_cache, block_tables, context_lens, anchors, mode, gamma, bsz)
+    _check_shapes(q, k_cache, v_cache, block_tables, context_lens, anchors, routing, mode, gamma, bsz)
     _check_int32("cu_seqlens_q", cu_seqlens_q, 1, q.device)
     q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
     if check:
-        _value_checks(k_cache, block_tables, context_lens, anchors, gamma, 0)
+        _value_checks(k_cache, block_tables, context_lens, anchors, routing, gamma, 0)
         _check_values([
             (cu_seqlens_q[0] == 0, "cu_seqlens_q must start at 0"),
             (cu_seqlens_q[-1] == q.shape[0], f"cu_seqlens_q must end at the number of tokens {q.shape[0]}"),
@@ -437,10 +452,10 @@ def paged_attention_prefill(
         return out
     gptr, gval, g_per_head = _gamma_args(gamma, q)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
-    a = anchors
+    a, r = anchors, routing
     if a is not None:
         int8 = a.k.dtype == torch.int8
-        ak, av, abt, alen, aset = a.k, a.v, a.block_table.contiguous(), a.lens, a.seq_anchor_set
+        ak, av, abt, alen, aset = a.k, a.v, r.block_table.contiguous(), r.lens, r.seq_anchor_set
         ks, vs, bsa = (a.k_scale, a.v_scale, a.k.shape[1]) if int8 else (q, q, a.k.shape[1])
     else:
         int8, ak, av, abt, alen, aset, ks, vs, bsa = (

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from fieldprint.kernels.paged_attention import AnchorSet
+    from fieldprint.kernels.paged_attention import AnchorPool, AnchorRouting
 
 
 def gather_pages(cache: torch.Tensor, table_row: torch.Tensor, length: int) -> torch.Tensor:
@@ -24,11 +24,11 @@ def gather_pages(cache: torch.Tensor, table_row: torch.Tensor, length: int) -> t
     return pages.reshape(nblk * bs, *cache.shape[2:])[:length]
 
 
-def anchor_kv(anchors: AnchorSet, set_id: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def anchor_kv(anchors: AnchorPool, routing: AnchorRouting, set_id: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Dequantized (code * scale, as the DQP defines) anchor K and V of one set, [A, H_kv, D]."""
-    n = int(anchors.lens[set_id])
-    k = gather_pages(anchors.k, anchors.block_table[set_id], n).to(dtype)
-    v = gather_pages(anchors.v, anchors.block_table[set_id], n).to(dtype)
+    n = int(routing.lens[set_id])
+    k = gather_pages(anchors.k, routing.block_table[set_id], n).to(dtype)
+    v = gather_pages(anchors.v, routing.block_table[set_id], n).to(dtype)
     if anchors.k.dtype == torch.int8:
         k = k * anchors.k_scale.to(dtype)
         v = v * anchors.v_scale.to(dtype)
@@ -85,7 +85,8 @@ def reference_paged(
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
-    anchors: AnchorSet | None = None,
+    anchors: AnchorPool | None = None,
+    routing: AnchorRouting | None = None,
     *,
     mode: str = "concat",
     gamma: float | torch.Tensor = 0.0,
@@ -107,8 +108,8 @@ def reference_paged(
         k = gather_pages(k_cache, block_tables[b], length).to(dtype)
         v = gather_pages(v_cache, block_tables[b], length).to(dtype)
         ka = va = None
-        if anchors is not None and int(anchors.seq_anchor_set[b]) >= 0:
-            ka, va = anchor_kv(anchors, int(anchors.seq_anchor_set[b]), dtype)
+        if anchors is not None and int(routing.seq_anchor_set[b]) >= 0:
+            ka, va = anchor_kv(anchors, routing, int(routing.seq_anchor_set[b]), dtype)
         qb = qq[cu[b] : cu[b + 1]]
         out[cu[b] : cu[b + 1]] = naive_dual_attention(
             qb, k, v, ka, va, mode=mode, gamma=g, sm_scale=sm_scale

@@ -1,7 +1,6 @@
 """Two engines on one PostgreSQL log and memory: what one remembers, the other promotes and proves."""
 
 import pytest
-
 from pg import import_psycopg, pg_dsn  # noqa: F401  (pg_dsn: a module fixture, a fresh database)
 
 import_psycopg()

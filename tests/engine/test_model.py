@@ -14,7 +14,7 @@ from fieldprint.engine.attention import AttentionContext, KVCache, torch_paged_a
 from fieldprint.engine.kv_cache import AnchorPool, BlockManager
 from fieldprint.engine.loader import load_model
 from fieldprint.errors import EngineError, ModelError
-from fieldprint.kernels.paged_attention import paged_attention_decode, paged_attention_prefill
+from fieldprint.kernels.paged_attention import AnchorRouting, paged_attention_decode, paged_attention_prefill
 
 # fp32 on both sides: what differs is summation order (observed: 2e-5..1e-4 on the tiny models, 7e-5
 # on SmolLM2). A wrong RoPE theta or scaling, a dropped bias or q/k norm moves them by 6..25 (logit
@@ -162,7 +162,7 @@ def _attention_case(dtype: torch.dtype, anchors: str, decode: bool):
     cu = torch.tensor([0, *np.cumsum(new)], dtype=torch.int32)
     ctx = AttentionContext(cache, is_prefill=not decode, slot_mapping=torch.zeros(sum(new), dtype=torch.int64),
                            block_tables=tables, context_lens=torch.tensor(lens, dtype=torch.int32), cu_seqlens_q=cu,
-                           max_seqlen_q=max(new), anchor_block_table=atable, anchor_lens=alens, seq_anchor_set=which,
+                           max_seqlen_q=max(new), routing=AnchorRouting(atable, alens, which),
                            check=True)
     return rnd(sum(new), hq, d), ctx
 
@@ -175,16 +175,16 @@ def test_cpu_attention_equals_triton_kernels(dtype, decode, anchors):
     layer, c = 1, ctx.cache
     ours = torch_paged_attention(q, layer, ctx)
     if decode:
-        ref = paged_attention_decode(q, c.k[layer], c.v[layer], ctx.block_tables, ctx.context_lens, ctx.anchors(layer))
+        ref = paged_attention_decode(q, c.k[layer], c.v[layer], ctx.block_tables, ctx.context_lens, *ctx.anchors(layer))
     else:
         ref = paged_attention_prefill(q, ctx.cu_seqlens_q, c.k[layer], c.v[layer], ctx.block_tables, ctx.context_lens,
-                                      ctx.anchors(layer), max_seqlen_q=ctx.max_seqlen_q)
+                                      *ctx.anchors(layer), max_seqlen_q=ctx.max_seqlen_q)
     tol = 2e-5 if dtype == torch.float32 else 2e-3
     d = (ours.float() - ref.float()).abs().max().item()
     assert d < tol, f"{dtype} {'decode' if decode else 'prefill'} anchors={anchors}: max |dout| = {d:.3g}"
     # the anchors are really read: dropping them changes the output of the sequences that have them
     if anchors != "none":
-        ctx.seq_anchor_set = torch.full_like(ctx.seq_anchor_set, -1)
+        ctx.routing.seq_anchor_set = torch.full_like(ctx.routing.seq_anchor_set, -1)
         bare = torch_paged_attention(q, layer, ctx)
         assert (bare.float() - ours.float()).abs().max().item() > 100 * tol
 

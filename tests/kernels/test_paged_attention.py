@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from fieldprint.errors import KernelInputError
 from fieldprint.kernels.paged_attention import (
-    AnchorSet,
+    AnchorPool,
+    AnchorRouting,
     paged_attention_decode,
     paged_attention_prefill,
 )
@@ -40,9 +41,10 @@ def _seed(case: object) -> int:
 def _on_device(x: object) -> object:
     if isinstance(x, torch.Tensor):
         return x.to(DEVICE)
-    if isinstance(x, AnchorSet):
-        return AnchorSet(*(_on_device(getattr(x, f)) for f in ("k", "v", "block_table", "lens", "seq_anchor_set",
-                                                                "k_scale", "v_scale")))
+    if isinstance(x, AnchorPool):
+        return AnchorPool(*(_on_device(getattr(x, f)) for f in ("k", "v", "k_scale", "v_scale")))
+    if isinstance(x, AnchorRouting):
+        return AnchorRouting(*(_on_device(getattr(x, f)) for f in ("block_table", "lens", "seq_anchor_set")))
     return x
 
 
@@ -101,8 +103,8 @@ def _anchors(alens, seq_set, bs, hkv, d, dtype, gen, int8=False, per_channel=Tru
     for s, p in enumerate(per):
         bt[s, :p] = perm[i : i + p].to(torch.int32)
         i += p
-    return AnchorSet(k, v, bt, torch.tensor(alens, dtype=torch.int32),
-                     torch.tensor(seq_set, dtype=torch.int32), ks, vs)
+    return (AnchorPool(k, v, ks, vs),
+            AnchorRouting(bt, torch.tensor(alens, dtype=torch.int32), torch.tensor(seq_set, dtype=torch.int32)))
 
 
 def _relerr(out, ref):
@@ -137,12 +139,12 @@ def test_decode_matches_oracle(case):
     seed = _seed(case)
     gen = torch.Generator().manual_seed(seed)
     k, v, bt, cl = _pages(lens, bs, hkv, d, dtype, gen)
-    a = _anchors(anc[0], anc[1], bs, hkv, d, dtype, gen, int8=anc[2]) if anc else None
+    a = _anchors(anc[0], anc[1], bs, hkv, d, dtype, gen, int8=anc[2]) if anc else (None, None)
     gamma = torch.rand(hq, generator=gen) if g == "head" else g
     q = torch.randn(len(lens), hq, d, generator=gen).to(dtype)
     out = torch.full_like(q, float("nan"))
-    decode(q, k, v, bt, cl, a, mode=mode, gamma=gamma, out=out)
-    ref = reference_paged(q, None, k, v, bt, cl, a, mode=mode, gamma=gamma)
+    decode(q, k, v, bt, cl, *a, mode=mode, gamma=gamma, out=out)
+    ref = reference_paged(q, None, k, v, bt, cl, *a, mode=mode, gamma=gamma)
     err = _relerr(out, ref)
     assert err < TOL[dtype], f"relative error {err:.3g} >= {TOL[dtype]} for {dtype} (seed {seed}: _seed(case))"
 
@@ -169,13 +171,13 @@ def test_prefill_matches_oracle(case):
     gen = torch.Generator().manual_seed(seed)
     lens = [p + n for p, n in zip(prefix, qlens)]
     k, v, bt, cl = _pages(lens, bs, hkv, d, dtype, gen)
-    a = _anchors(anc[0], anc[1], bs, hkv, d, dtype, gen, int8=anc[2]) if anc else None
+    a = _anchors(anc[0], anc[1], bs, hkv, d, dtype, gen, int8=anc[2]) if anc else (None, None)
     gamma = torch.rand(hq, generator=gen) if g == "head" else g
     cu = torch.tensor([0] + list(torch.tensor(qlens).cumsum(0)), dtype=torch.int32)
     q = torch.randn(int(cu[-1]), hq, d, generator=gen).to(dtype)
     out = torch.full_like(q, float("nan"))
-    prefill(q, cu, k, v, bt, cl, a, mode=mode, gamma=gamma, out=out)
-    ref = reference_paged(q, cu, k, v, bt, cl, a, mode=mode, gamma=gamma)
+    prefill(q, cu, k, v, bt, cl, *a, mode=mode, gamma=gamma, out=out)
+    ref = reference_paged(q, cu, k, v, bt, cl, *a, mode=mode, gamma=gamma)
     err = _relerr(out, ref)
     assert err < TOL[dtype], f"relative error {err:.3g} >= {TOL[dtype]} for {dtype} (seed {seed}: _seed(case))"
 
@@ -203,8 +205,8 @@ def test_prefill_tilings_match_oracle(tiling):
     cu = torch.tensor([0] + list(torch.tensor(qlens).cumsum(0)), dtype=torch.int32)
     q = torch.randn(int(cu[-1]), 8, 64, generator=gen)
     out = torch.full_like(q, float("nan"))
-    prefill(q, cu, k, v, bt, cl, a, mode=mode, gamma=0.3, out=out, block_m=bm, block_n=bn)
-    ref = reference_paged(q, cu, k, v, bt, cl, a, mode=mode, gamma=0.3)
+    prefill(q, cu, k, v, bt, cl, *a, mode=mode, gamma=0.3, out=out, block_m=bm, block_n=bn)
+    ref = reference_paged(q, cu, k, v, bt, cl, *a, mode=mode, gamma=0.3)
     assert _relerr(out, ref) < TOL[torch.float32]
 
 
@@ -216,18 +218,18 @@ def test_decode_splits_and_sharing_tiles_agree():
     k, v, bt, cl = _pages(lens, 16, 2, 64, torch.float32, gen)
     a = _anchors([70, 20, 45], [2, 0, 2, -1, 1], 16, 2, 64, torch.float32, gen)
     q = torch.randn(5, 8, 64, generator=gen)
-    ref = reference_paged(q, None, k, v, bt, cl, a, mode="gamma", gamma=0.3)
+    ref = reference_paged(q, None, k, v, bt, cl, *a, mode="gamma", gamma=0.3)
     for splits, asplits, tile in [(1, 1, 1), (3, 2, 2), (8, 5, 4), (None, None, 8)]:
         out = torch.full_like(q, float("nan"))
-        decode(q, k, v, bt, cl, a, mode="gamma", gamma=0.3, out=out,
+        decode(q, k, v, bt, cl, *a, mode="gamma", gamma=0.3, out=out,
                                num_splits=splits, anchor_splits=asplits, seq_tile=tile)
         assert _relerr(out, ref) < 2e-5, (splits, asplits, tile)
     # A long run of one set is cut into several sharing tiles (and a last, shorter one).
     a = _anchors([70, 20], [0, 0, 0, 1, 0], 16, 2, 64, torch.float32, gen)
-    ref = reference_paged(q, None, k, v, bt, cl, a)
+    ref = reference_paged(q, None, k, v, bt, cl, *a)
     for tile in (1, 2, 4):
         out = torch.full_like(q, float("nan"))
-        decode(q, k, v, bt, cl, a, out=out, seq_tile=tile, anchor_splits=2)
+        decode(q, k, v, bt, cl, *a, out=out, seq_tile=tile, anchor_splits=2)
         assert _relerr(out, ref) < 2e-5, tile
 
 
@@ -237,10 +239,10 @@ def test_concat_equals_sdpa_on_concatenated_kv():
     k, v, bt, cl = _pages([57], 16, 2, 64, torch.float32, gen)
     a = _anchors([40], [0], 16, 2, 64, torch.float32, gen)
     q = torch.randn(1, 4, 64, generator=gen)
-    out = decode(q, k, v, bt, cl, a)
-    kk = torch.cat([a.k[a.block_table[0].long()].reshape(-1, 2, 64)[:40],
+    out = decode(q, k, v, bt, cl, *a)
+    kk = torch.cat([a[0].k[a[1].block_table[0].long()].reshape(-1, 2, 64)[:40],
                     k[bt[0, :4].long()].reshape(-1, 2, 64)[:57]])
-    vv = torch.cat([a.v[a.block_table[0].long()].reshape(-1, 2, 64)[:40],
+    vv = torch.cat([a[0].v[a[1].block_table[0].long()].reshape(-1, 2, 64)[:40],
                     v[bt[0, :4].long()].reshape(-1, 2, 64)[:57]])
     kk = kk.transpose(0, 1).repeat_interleave(2, 0)[None]
     vv = vv.transpose(0, 1).repeat_interleave(2, 0)[None]
@@ -254,13 +256,13 @@ def test_gamma_without_anchors_is_plain_attention():
     k, v, bt, cl = _pages([40, 25, 60], 16, 2, 64, torch.float32, gen)
     a = _anchors([30, 0], [-1, 1, 0], 16, 2, 64, torch.float32, gen)
     q = torch.randn(3, 4, 64, generator=gen)
-    out = decode(q, k, v, bt, cl, a, mode="gamma", gamma=0.8)
+    out = decode(q, k, v, bt, cl, *a, mode="gamma", gamma=0.8)
     plain = decode(q, k, v, bt, cl, None, mode="gamma", gamma=0.8)
     assert torch.allclose(out[:2], plain[:2], atol=1e-6)
     assert not torch.allclose(out[2], plain[2], atol=1e-3)  # sequence 2 does see its anchors
     cu = torch.tensor([0, 5, 9, 12], dtype=torch.int32)
     qp = torch.randn(12, 4, 64, generator=gen)
-    outp = prefill(qp, cu, k, v, bt, cl, a, mode="gamma", gamma=0.8)
+    outp = prefill(qp, cu, k, v, bt, cl, *a, mode="gamma", gamma=0.8)
     plainp = prefill(qp, cu, k, v, bt, cl, None)
     assert torch.allclose(outp[:9], plainp[:9], atol=1e-6)
 
@@ -270,12 +272,12 @@ def test_int8_anchors_equal_their_dequantized_values():
     gen = torch.Generator().manual_seed(5)
     k, v, bt, cl = _pages([44, 70], 32, 2, 64, torch.float32, gen)
     a8 = _anchors([50], [0, 0], 32, 2, 64, torch.float32, gen, int8=True)
-    af = AnchorSet(a8.k.float() * a8.k_scale, a8.v.float() * a8.v_scale, a8.block_table, a8.lens,
-                   a8.seq_anchor_set)
+    p8, routing = a8
+    af = (AnchorPool(p8.k.float() * p8.k_scale, p8.v.float() * p8.v_scale), routing)
     q = torch.randn(2, 4, 64, generator=gen)
     for mode in ("concat", "gamma"):
-        o8 = decode(q, k, v, bt, cl, a8, mode=mode, gamma=0.3)
-        of = decode(q, k, v, bt, cl, af, mode=mode, gamma=0.3)
+        o8 = decode(q, k, v, bt, cl, *a8, mode=mode, gamma=0.3)
+        of = decode(q, k, v, bt, cl, *af, mode=mode, gamma=0.3)
         assert torch.allclose(o8, of, atol=1e-5, rtol=1e-5)
 
 
@@ -284,8 +286,8 @@ def test_decode_is_deterministic():
     k, v, bt, cl = _pages([77, 120, 5], 16, 2, 64, torch.float32, gen)
     a = _anchors([60], [0, 0, 0], 16, 2, 64, torch.float32, gen)
     q = torch.randn(3, 8, 64, generator=gen)
-    o1 = decode(q, k, v, bt, cl, a, num_splits=4)
-    o2 = decode(q, k, v, bt, cl, a, num_splits=4)
+    o1 = decode(q, k, v, bt, cl, *a, num_splits=4)
+    o2 = decode(q, k, v, bt, cl, *a, num_splits=4)
     assert torch.equal(o1, o2)
 
 
@@ -320,22 +322,19 @@ def test_decode_rejects_bad_inputs(mutate, needle):
 def test_anchor_inputs_are_validated():
     gen = torch.Generator().manual_seed(2)
     q, k, v, bt, cl = _base(gen)
-    a = _anchors([20], [0, -1], 16, 2, 64, torch.float32, gen, int8=True)
+    a, r = _anchors([20], [0, -1], 16, 2, 64, torch.float32, gen, int8=True)
     with pytest.raises(KernelInputError, match="k_scale"):
-        decode(q, k, v, bt, cl, AnchorSet(a.k, a.v, a.block_table, a.lens, a.seq_anchor_set))
-    bad = AnchorSet(a.k, a.v, a.block_table, a.lens, a.seq_anchor_set, a.k_scale * 3, a.v_scale)
+        decode(q, k, v, bt, cl, AnchorPool(a.k, a.v), r)
+    with pytest.raises(KernelInputError, match="come together"):
+        decode(q, k, v, bt, cl, a, None)
     with pytest.raises(KernelInputError, match="powers of two"):
-        decode(q, k, v, bt, cl, bad)
-    bad = AnchorSet(a.k, a.v, a.block_table, a.lens, torch.tensor([0, 4], dtype=torch.int32), a.k_scale, a.v_scale)
+        decode(q, k, v, bt, cl, AnchorPool(a.k, a.v, a.k_scale * 3, a.v_scale), r)
     with pytest.raises(KernelInputError, match="seq_anchor_set"):
-        decode(q, k, v, bt, cl, bad)
-    bad = AnchorSet(a.k, a.v, a.block_table, torch.tensor([999], dtype=torch.int32), a.seq_anchor_set,
-                    a.k_scale, a.v_scale)
-    with pytest.raises(KernelInputError, match="anchors.lens"):
-        decode(q, k, v, bt, cl, bad)
-    bad = AnchorSet(a.k.float(), a.v, a.block_table, a.lens, a.seq_anchor_set, a.k_scale, a.v_scale)
+        decode(q, k, v, bt, cl, a, AnchorRouting(r.block_table, r.lens, torch.tensor([0, 4], dtype=torch.int32)))
+    with pytest.raises(KernelInputError, match="routing.lens"):
+        decode(q, k, v, bt, cl, a, AnchorRouting(r.block_table, torch.tensor([999], dtype=torch.int32), r.seq_anchor_set))
     with pytest.raises(KernelInputError, match="int8 codes"):
-        decode(q, k, v, bt, cl, bad)
+        decode(q, k, v, bt, cl, AnchorPool(a.k.float(), a.v, a.k_scale, a.v_scale), r)
 
 
 def test_prefill_rejects_bad_layout():

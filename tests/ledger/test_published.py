@@ -7,17 +7,17 @@ import sqlite3
 import pytest
 
 from fieldprint.errors import LogError, NoteError, ProofError
-from fieldprint.ledger.log import TransparencyLog, wait_all
-from fieldprint.ledger.merkle import verify_consistency, verify_inclusion
-from fieldprint.ledger.note import Checkpoint, generate_key, sign_note
-from fieldprint.ledger.published import published_path
-from fieldprint.ledger.reader import LogReader, leaf_span
 from fieldprint.ledger.bundle import (
     consistency_bundle,
     inclusion_bundle,
     verify_bundle,
     verify_consistency_bundle,
 )
+from fieldprint.ledger.log import TransparencyLog, wait_all
+from fieldprint.ledger.merkle import verify_consistency, verify_inclusion
+from fieldprint.ledger.note import Checkpoint, generate_key, sign_note
+from fieldprint.ledger.published import published_path
+from fieldprint.ledger.reader import LogReader, leaf_span
 
 SIGNER, VERIFIER = generate_key("test.fieldprint/published")
 
