@@ -1,48 +1,39 @@
-import base64
 import json
+import os
 
 import pytest
 
 from fieldprint.cli import main
 from fieldprint.demo import run_demo
-from fieldprint.errors import ProofError
-from fieldprint.ledger.entry import StateEntry
-from fieldprint.ledger.receipt import verify_bundle
+
+pytestmark = pytest.mark.slow  # a real model answers twice, twice over (about 100 s on 2 cores)
 
 
-def test_demo_runs_twice_and_its_receipts_verify_offline(tmp_path, capsys):
+def test_demo_answers_from_verified_memory_and_its_receipt_verifies_offline(tmp_path, capsys):
     lines = []
-    first = run_demo(str(tmp_path), say=lines.append)
-    assert main(["demo", "--data-dir", str(tmp_path)]) == 0  # the console command, on the same data
-    out = capsys.readouterr().out
-    assert "append-only since the last run" in out and "forged override refused" in out
+    receipt = run_demo(str(tmp_path), say=lines.append)
+    text = "\n".join(lines)
+    # the tainted forum post is retrieved but not promoted; the trusted memories are
+    assert "not    tool_output" in text and "ANCHOR user_input" in text
+    assert "with anchors:" in text and "without anchors:" in text
+    assert "refused: anchor set" in text and "differs from what was committed" in text
+    assert receipt["generation"]["bound"] is True
+    assert len(receipt["anchors"]["states"]) == len(receipt["anchors"]["set"]["manifest"]["state_ids"]) >= 2
 
-    key = first["log_verifier_key"]
-    kinds = set()
-    for pair in first["anchors"]:
-        verify_bundle(pair["state"], key)
-        verify_bundle(pair["kv"], key)
-        state = StateEntry.decode(base64.b64decode(pair["state"]["entry"]))
-        kv = StateEntry.decode(base64.b64decode(pair["kv"]["entry"]))
-        assert kv.parents == (state.state_id,)  # the K/V commit derives from the anchor state
-        kinds.add(state.state_type)
-    # tool outputs are never anchors; the overridden summary is
-    assert kinds == {"instruction", "user_input", "summary", "belief"}
+    path = str(tmp_path / "r.json")
+    with open(path, "w") as f:
+        json.dump(receipt, f)
+    key = str(tmp_path / "ledger.pub")
+    assert main(["verify", path, "--log-key", key]) == 0
+    assert "bound: the log records this output" in capsys.readouterr().out
 
-    tampered = json.loads(json.dumps(first["anchors"][0]["state"]))
-    tampered["index"] += 1
-    with pytest.raises(ProofError):
-        verify_bundle(tampered, key)
+    receipt["output"]["token_ids"][0] ^= 1  # a changed output no longer matches its logged digest
+    with open(path, "w") as f:
+        json.dump(receipt, f)
+    assert main(["verify", path, "--log-key", key]) == 1
+    assert "output digest differs" in capsys.readouterr().err
 
-
-def test_demo_key_pair_is_created_once_and_a_half_pair_is_refused(tmp_path):
-    import os
-
-    from fieldprint.demo import _key_pair
-    from fieldprint.errors import NoteError
-
-    pair = _key_pair(str(tmp_path), "operator", "fieldprint.local/operator")
-    assert _key_pair(str(tmp_path), "operator", "fieldprint.local/operator") == pair
-    os.remove(tmp_path / "operator.pub")  # as a crash between the two files used to leave it
-    with pytest.raises(NoteError, match="remove"):
-        _key_pair(str(tmp_path), "operator", "fieldprint.local/operator")
+    # the console command on the same data: the log is proven append-only since the first run
+    assert main(["demo", "--data-dir", str(tmp_path)]) == 0
+    assert "append-only since the last run" in capsys.readouterr().out
+    assert os.path.isdir(tmp_path / "anchor-sets")
