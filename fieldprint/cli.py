@@ -114,8 +114,8 @@ def run_init_command(args: argparse.Namespace) -> int:
     """`fieldprint init --database URL`: keys in DATA_DIR, the log's and the memory's schema in PostgreSQL."""
     from fieldprint.ledger.keys import ensure_key_pair
     from fieldprint.ledger.log import TransparencyLog
-    from fieldprint.ledger.storage.postgres import redact
     from fieldprint.memory.pg_store import create_memory
+    from fieldprint.postgres import redact
 
     if not args.database.startswith(("postgresql://", "postgres://")):
         raise LogError(f"--database must be a postgresql:// URL, got {args.database!r}")

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from fieldprint.errors import StateError
 from fieldprint.memory.state import State
 from fieldprint.memory.store import PolicyRecord, StateStore, _json_strings, row_to_state
+from fieldprint.postgres import redact, require_psycopg
 
 try:
     import psycopg
@@ -59,23 +60,6 @@ _RECORD_COLUMNS = "leaf_index, kind, state_id, target_index, note"
 _READ_ONLY = ("InsufficientPrivilege", "ReadOnlySqlTransaction")
 
 
-def require_psycopg() -> None:
-    """StateError saying what to install when psycopg 3 is missing."""
-    if psycopg is None:
-        raise StateError("the PostgreSQL backends need psycopg 3: pip install 'fieldprint[postgres]'")
-
-
-def redact(url: str) -> str:
-    """The URL to name in messages: user, host, port and database, never the password."""
-    try:
-        info = psycopg.conninfo.conninfo_to_dict(url)
-    except psycopg.Error:
-        return "<a PostgreSQL URL that cannot be parsed>"
-    user = f"{info['user']}@" if info.get("user") else ""
-    port = f":{info['port']}" if info.get("port") else ""
-    return f"postgresql://{user}{info.get('host') or 'localhost'}{port}/{info.get('dbname') or ''}"
-
-
 def _cause(e: BaseException) -> str:
     # The server's one-line message, without psycopg's CONTEXT/HINT lines (they break one-line errors).
     diag = getattr(e, "diag", None)
@@ -102,7 +86,7 @@ class PgConnection:
     """One connection for a memory backend: schema on the search path, re-opened after a drop, errors as StateErrors."""
 
     def __init__(self, url: str, schema: str, what: str, on_connect: Callable | None = None) -> None:
-        require_psycopg()
+        require_psycopg(StateError)
         if not isinstance(schema, str) or not _SCHEMA_RE.match(schema):
             raise StateError(f"schema {schema!r} must be 1-63 letters, digits and _, starting with a letter or _")
         self.schema = schema

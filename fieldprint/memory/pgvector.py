@@ -28,8 +28,9 @@ import numpy as np
 
 from fieldprint.canon import check_label, parse_digest
 from fieldprint.errors import EntryError, StateError
-from fieldprint.memory.pg_store import DEFAULT_SCHEMA, PgConnection, psycopg, redact, require_psycopg, sql
+from fieldprint.memory.pg_store import DEFAULT_SCHEMA, PgConnection, psycopg, sql
 from fieldprint.memory.vectors import Hit, check_rows
+from fieldprint.postgres import redact, require_psycopg
 
 
 def _migrations(dim: int) -> tuple[str, ...]:
@@ -89,7 +90,7 @@ class PgVectorStore:
         # degree, build width and build memory (used when build_index() rebuilds the index).
         self.ef_search, self.m, self.ef_construction = ef_search, m, ef_construction
         self.build_memory_mb = build_memory_mb
-        require_psycopg()
+        require_psycopg(StateError)
         self._schema, self._name = schema, redact(url)  # what _on_connect needs before _pg exists
         self._pg = PgConnection(url, schema, "vector store", on_connect=self._on_connect)
         self.path = self._pg.name

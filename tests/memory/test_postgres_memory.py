@@ -57,9 +57,10 @@ from fieldprint.errors import StateError
 from fieldprint.ledger.log import TransparencyLog
 from fieldprint.memory.embed import HashingEmbedderForTests
 from fieldprint.memory.pacemaker import Pacemaker
-from fieldprint.memory.pg_store import PostgresStateStore, redact
+from fieldprint.memory.pg_store import PostgresStateStore
 from fieldprint.memory.pgvector import PgVectorStore
 from fieldprint.memory.policy import GateConfig, PromotionGate
+from fieldprint.postgres import redact
 
 psycopg = import_psycopg()
 

@@ -42,6 +42,7 @@ from itertools import count
 from fieldprint.errors import LogError
 from fieldprint.ledger.merkle import EMPTY_ROOT
 from fieldprint.ledger.storage.base import LogStorage, NodeRow, TreeHead
+from fieldprint.postgres import redact, require_psycopg
 
 try:
     import psycopg
@@ -81,21 +82,6 @@ INSERT INTO {s}.head (size, root) VALUES (0, {empty_root});
 }
 
 
-def _need_psycopg() -> None:
-    if psycopg is None:
-        raise LogError("the PostgreSQL backend needs psycopg 3: pip install 'fieldprint[postgres]'")
-
-
-def redact(dsn: str) -> str:
-    """The DSN without its password, for messages."""
-    try:
-        parts = psycopg.conninfo.conninfo_to_dict(dsn)
-    except psycopg.Error:  # a malformed DSN: say nothing of it beyond its scheme
-        return "(a DSN that does not parse)"
-    user = parts.get("user", "")
-    return f"postgresql://{user + '@' if user else ''}{parts.get('host', '')}:{parts.get('port', '5432')}/{parts.get('dbname', '')}"
-
-
 class PostgresStorage(LogStorage):
     """A transparency log in one PostgreSQL schema, shared by every process that opens it."""
 
@@ -111,7 +97,7 @@ class PostgresStorage(LogStorage):
         durability: str = "full",
         readonly: bool = False,
     ) -> None:
-        _need_psycopg()
+        require_psycopg(LogError)
         if not isinstance(schema, str) or not _SCHEMA_NAME.fullmatch(schema):
             raise LogError(f"schema must be a lower-case SQL name ([a-z_][a-z0-9_]*, at most 48 characters), got {schema!r}")
         if not lease_s >= 0.1:
