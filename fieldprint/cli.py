@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("receipt", metavar="RECEIPT")
     ver.add_argument("--log-key", required=True, metavar="KEY_FILE", help="the log's verifier key file (e.g. ledger.pub)")
     ver.add_argument("--origin", help="the log origin to expect (default: the key's name)")
+    ver.add_argument("--model", help="with --replay: the weights (an HF folder, a .gguf, or smollm2)")
+    ver.add_argument("--replay", action="store_true", help="re-run the greedy generation and compare its output (same hardware)")
     ver.set_defaults(func=run_verify_command)
     return parser
 
@@ -143,6 +145,16 @@ def run_verify_command(args: argparse.Namespace) -> int:
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise ReceiptError(f"cannot read the receipt or the key: {e}") from None
     print(verify_receipt(receipt, key, origin=args.origin).summary())
+    if args.replay:
+        if not args.model:
+            raise ReceiptError("--replay needs --model PATH (the weights the receipt names by id)")
+        _select_triton_backend()
+        from fieldprint.engine.replay import replay_receipt
+
+        report = replay_receipt(receipt, args.model)
+        print(report.summary())
+        if not report.output_equal:
+            return 1
     return 0
 
 

@@ -26,6 +26,10 @@ def test_demo_answers_from_verified_memory_and_its_receipt_verifies_offline(tmp_
     key = str(tmp_path / "ledger.pub")
     assert main(["verify", path, "--log-key", key]) == 0
     assert "bound: the log records this output" in capsys.readouterr().out
+    # the same machine re-runs the greedy generation from the receipt alone: the same tokens, the same anchor bytes
+    assert main(["verify", path, "--log-key", key, "--model", "smollm2", "--replay"]) == 0
+    out = capsys.readouterr().out
+    assert "replay: the same" in out and "bitwise equal to the committed ones" in out
 
     receipt["output"]["token_ids"][0] ^= 1  # a changed output no longer matches its logged digest
     with open(path, "w") as f:
