@@ -57,7 +57,7 @@ COMMIT_STATE_TYPES = frozenset(STATE_TYPES) | KV_STATE_TYPES
 
 
 @dataclass(slots=True)
-class CommitReceipt:
+class CommitResult:
     """What one commit wrote: the log index, the stack digest and every per-state digest."""
 
     session: str
@@ -176,7 +176,7 @@ class Committer:
         self._lock = threading.Lock()  # guards the three collections below
         self._failures: list[tuple[str, BaseException]] = []  # (session, error), in the order they failed
         self._outstanding: dict[Future, str] = {}  # unresolved commit -> its session
-        self._receipts: list[CommitReceipt] = []
+        self._receipts: list[CommitResult] = []
         self._inv: dict[tuple[tuple[StateKey, ...], torch.device], torch.Tensor] = {}
         self._side: torch.cuda.Stream | None = None
         self._digest_threads = digest_threads  # BLAKE3's own threads for the whole-state digest
@@ -412,7 +412,7 @@ class Committer:
             except BaseException as e:
                 self._fail(job, e)
                 return
-            receipt = CommitReceipt(job.session, index, entry, stack, self.profile.digest, digests, blocks)
+            receipt = CommitResult(job.session, index, entry, stack, self.profile.digest, digests, blocks)
             with self._lock:
                 self._receipts.append(receipt)
             job.future.set_result(receipt)
@@ -420,7 +420,7 @@ class Committer:
         added.add_done_callback(done)
 
     # -- caller side -------------------------------------------------------------------------
-    def flush(self, session: str | None = None, *, timeout: float | None = None) -> list[CommitReceipt]:
+    def flush(self, session: str | None = None, *, timeout: float | None = None) -> list[CommitResult]:
         """Wait for the session's queued commits (all sessions' if None); return their receipts in log order.
 
         Raises CommitError naming that session's failed commits (its .failures holds (session,
@@ -478,4 +478,4 @@ class Committer:
         self.close()
 
 
-__all__ = ["COMMIT_STATE_TYPES", "KV_STATE_TYPES", "Committer", "CommitReceipt", "CommitTicket", "default_digest_workers"]
+__all__ = ["COMMIT_STATE_TYPES", "KV_STATE_TYPES", "Committer", "CommitResult", "CommitTicket", "default_digest_workers"]

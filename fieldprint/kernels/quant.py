@@ -107,7 +107,7 @@ def stack_inverse_scales(profile: DQPProfile, layers: list[int], kind: str, devi
     return torch.from_numpy(inverse_scales(e)).to(device)
 
 
-def quantize(x: torch.Tensor, profile: DQPProfile, layer: int, kind: str) -> QuantizedState:
+def quantize_with_kernel(x: torch.Tensor, profile: DQPProfile, layer: int, kind: str) -> QuantizedState:
     """Quantize with the kernel and wait: codes on the host, DQPError on NaN/Inf (tests, tools)."""
     inv = device_inverse_scales(profile, layer, kind, x.device)
     codes, bad = quantize_async(x, inv)
@@ -118,4 +118,4 @@ def quantize(x: torch.Tensor, profile: DQPProfile, layer: int, kind: str) -> Qua
     return QuantizedState(host, profile.exponents(layer, kind), DTYPE_NAMES[x.dtype], layer, kind, profile.block_size)
 
 
-__all__ = ["quantize", "quantize_async", "device_inverse_scales", "stack_inverse_scales"]
+__all__ = ["quantize_with_kernel", "quantize_async", "device_inverse_scales", "stack_inverse_scales"]
