@@ -26,10 +26,10 @@ from collections.abc import Callable, Collection, Sequence
 
 import numpy as np
 
-from fieldprint.canon import check_label, parse_digest
+from fieldprint.canon import check_label
 from fieldprint.errors import EntryError, StateError
 from fieldprint.memory.pg_store import DEFAULT_SCHEMA, PgConnection, psycopg, sql
-from fieldprint.memory.vectors import Hit, check_rows
+from fieldprint.memory.vectors import Hit, check_rows, checked_state_ids
 from fieldprint.postgres import redact, require_psycopg
 
 
@@ -177,12 +177,7 @@ class PgVectorStore:
 
     def set_promotable(self, state_ids: Sequence[str], promotable: bool) -> int:
         """Set the promotable flag of live rows (a new version even if none changes); return it."""
-        ids = list(state_ids)
-        try:
-            for sid in ids:
-                parse_digest(sid)
-        except EntryError as e:
-            raise StateError(str(e)) from None
+        ids = checked_state_ids(state_ids)
         if not ids:
             return self.version()
         with self._pg.sql("update the promotable flag") as db, db.transaction():

@@ -77,6 +77,17 @@ class VectorStore(Protocol):
     def __len__(self) -> int: ...
 
 
+def checked_state_ids(state_ids: Sequence[str]) -> list[str]:
+    """The ids as a list, each a tagged digest, or StateError naming the first that is not."""
+    ids = list(state_ids)
+    try:
+        for sid in ids:
+            parse_digest(sid)
+    except EntryError as e:
+        raise StateError(str(e)) from None
+    return ids
+
+
 def check_rows(dim: int, state_ids: Sequence[str], vectors: np.ndarray, sessions: Sequence[str],
                state_types: Sequence[str], promotable: Sequence[bool]) -> np.ndarray:
     """Validate a batch of rows for any backend; return the vectors as contiguous float32."""
@@ -231,12 +242,7 @@ class LanceVectorStore:
 
     def set_promotable(self, state_ids: Sequence[str], promotable: bool) -> int:
         """Set the promotable flag of existing rows; return the new version."""
-        ids = list(state_ids)
-        try:
-            for sid in ids:
-                parse_digest(sid)
-        except EntryError as e:
-            raise StateError(str(e)) from None
+        ids = checked_state_ids(state_ids)
         if ids:
             with _lance(self.path, "update the promotable flag"):
                 self._table.update(where=f"state_id IN ({', '.join(_quote(s) for s in ids)})",
