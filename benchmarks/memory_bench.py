@@ -228,8 +228,6 @@ def bench_commit_path_postgres(n_single: int, n_batched: int, batch: int, dsn: s
 
     from fieldprint.ledger.note import generate_key
     from fieldprint.ledger.storage.postgres import open_log
-    from fieldprint.memory.embed import HashingEmbedderForTests
-    from fieldprint.memory.pacemaker import Pacemaker, StateSpec
     from fieldprint.memory.pg_store import PostgresStateStore
     from fieldprint.memory.pgvector import PgVectorStore
     from fieldprint.memory.policy import GateConfig, PromotionGate
@@ -242,26 +240,8 @@ def bench_commit_path_postgres(n_single: int, n_batched: int, batch: int, dsn: s
     log = open_log(dsn, signer, schema=log_schema, batch_wait_ms=0, checkpoint_interval_s=None)
     store, vectors = PostgresStateStore(dsn, schema), PgVectorStore(dsn, schema=schema)
     gate = PromotionGate(store, log, GateConfig(log_keys=[verifier], override_keys=[]))
-    pm = Pacemaker(store, log, vectors, HashingEmbedderForTests(), gate)
     try:
-        t0 = time.perf_counter()
-        ids = [pm.add("user_input", session="bench", creator="bench", text=f"note {i}", sources=["user:bench"]).state_id
-               for i in range(n_single)]
-        single_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for lo in range(0, n_batched, batch):
-            specs = [StateSpec("observation", "bench", "bench", text=f"observed item {i} on shelf {i % 13}",
-                               taint=["web:bench"] if i % 2 else (), sources=["sensor:bench"]) for i in range(lo, lo + batch)]
-            ids += [s.state_id for s in pm.add_many(specs)]
-        batched_s = time.perf_counter() - t0
-        log.checkpoint()
-        cp = gate.checkpoint()
-        t0 = time.perf_counter()
-        anchors = sum(gate.explain(sid, checkpoint=cp).anchor for sid in ids)
-        explain_s = time.perf_counter() - t0
-        assert anchors == n_single + n_batched // 2
-        search_t, hits = timed(lambda i: pm.search(f"observed item {i * 37} on shelf", K, session="bench", anchors_only=True), 20)
-        assert all(len(h) == K and all(not r.state.label.tainted for r in h) for h in hits)
+        timings = time_commit_path(store, log, vectors, gate, n_single, n_batched, batch)
     finally:
         log.close()
         store.close()
@@ -269,10 +249,7 @@ def bench_commit_path_postgres(n_single: int, n_batched: int, batch: int, dsn: s
         with psycopg.connect(dsn, autocommit=True) as db:
             for name in (log_schema, schema):
                 db.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
-    return {"single_adds": n_single, "single_adds_per_s": n_single / single_s, "batched_adds": n_batched, "batch": batch,
-            "batched_adds_per_s": n_batched / batched_s, "explain_per_s": len(ids) / explain_s,
-            "anchor_search_k10_ms": 1e3 * statistics.median(search_t), "states": len(ids),
-            "ledger_durability": "full (synchronous_commit on)"}
+    return {**timings, "ledger_durability": "full (synchronous_commit on)"}
 
 
 def bench_minilm(n_texts: int) -> dict:
@@ -299,8 +276,6 @@ def bench_commit_path(n_single: int, n_batched: int, batch: int, root: str) -> d
     """Pacemaker.add one at a time and add_many in batches (state store + ledger + LanceDB), then explain and anchor search."""
     from fieldprint.ledger.log import TransparencyLog
     from fieldprint.ledger.note import generate_key
-    from fieldprint.memory.embed import HashingEmbedderForTests
-    from fieldprint.memory.pacemaker import Pacemaker, StateSpec
     from fieldprint.memory.policy import GateConfig, PromotionGate
     from fieldprint.memory.store import SQLiteStateStore
 
@@ -309,6 +284,19 @@ def bench_commit_path(n_single: int, n_batched: int, batch: int, root: str) -> d
     store = SQLiteStateStore(os.path.join(root, "states.db"))
     vectors = LanceVectorStore(os.path.join(root, "commit-vectors"))
     gate = PromotionGate(store, log, GateConfig(log_keys=[verifier], override_keys=[]))
+    try:
+        timings = time_commit_path(store, log, vectors, gate, n_single, n_batched, batch)
+    finally:
+        log.close()
+        store.close()
+    return {**timings, "ledger_durability": "full (fsync per ledger batch)"}
+
+
+def time_commit_path(store, log, vectors, gate, n_single: int, n_batched: int, batch: int) -> dict:
+    """Pacemaker.add one at a time, add_many in batches, then explain every state and search anchors."""
+    from fieldprint.memory.embed import HashingEmbedderForTests
+    from fieldprint.memory.pacemaker import Pacemaker, StateSpec
+
     # The test-only embedder keeps the embedder out of these numbers (MiniLM is measured on its own).
     pm = Pacemaker(store, log, vectors, HashingEmbedderForTests(), gate)
     t0 = time.perf_counter()
@@ -329,13 +317,11 @@ def bench_commit_path(n_single: int, n_batched: int, batch: int, root: str) -> d
     assert anchors == n_single + n_batched // 2
     search_t, hits = timed(lambda i: pm.search(f"observed item {i * 37} on shelf", K, session="bench", anchors_only=True), 20)
     assert all(len(h) == K and all(not r.state.label.tainted for r in h) for h in hits)
-    log.close()
-    store.close()
     return {"single_adds": n_single, "single_adds_per_s": n_single / single_s, "compact_every": pm.compact_every,
             "batched_adds": n_batched, "batch": batch, "batched_adds_per_s": n_batched / batched_s,
             "batched_over_single": (n_batched / batched_s) / (n_single / single_s),
             "explain_per_s": len(ids) / explain_s, "anchor_search_k10_ms": 1e3 * statistics.median(search_t),
-            "states": len(ids), "ledger_durability": "full (fsync per ledger batch)"}
+            "states": len(ids)}
 
 
 def print_side_by_side(lance: list[dict], pg: list[dict]) -> None:
