@@ -43,4 +43,4 @@ class PostgresGateMachine(GateMachine):
 
 
 PostgresGateMachine.TestCase.settings = GateMachine.TestCase.settings
-test_gate_machine_on_postgres = PostgresGateMachine.TestCase
+test_gate_machine_on_postgres = pytest.mark.slow(PostgresGateMachine.TestCase)

@@ -171,6 +171,7 @@ class VersionModel:
         return self.make(now)
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=OPS)
 def test_every_version_holds_what_the_model_says(schemas, ops):
