@@ -21,6 +21,7 @@ import base64
 import json
 import os
 import struct
+import time
 from dataclasses import dataclass
 
 import blake3
@@ -181,26 +182,28 @@ class AnchorCompiler:
         ids, _ = split_prompt(self.runner.lm.tokenizer, anchor_text(texts), [{"role": "user", "content": "."}])
         return ids
 
-    def key(self, state_ids: list[str], texts: list[str]) -> str:
-        return set_key(self.runner.lm.model_id, self.encoding, state_ids, token_digest(self.anchor_tokens(texts)))
+    def key(self, state_ids: list[str], texts: list[str], ids: list[int] | None = None) -> str:
+        """The set's cache key (`ids`: the texts' anchor tokens, when already known)."""
+        ids = self.anchor_tokens(texts) if ids is None else ids
+        return set_key(self.runner.lm.model_id, self.encoding, state_ids, token_digest(ids))
 
     def _path(self, key: str) -> str | None:
         return None if self.folder is None else os.path.join(self.folder, key + ".fpas")
 
-    def acquire(self, state_ids: list[str], texts: list[str], parents_taint: tuple[str, ...] = ()) -> CompiledSet:
+    def acquire(self, state_ids: list[str], texts: list[str]) -> CompiledSet:
         """The set for these ordered states, in the pool and verified: reused, reloaded from disk or compiled."""
-        key = self.key(state_ids, texts)
+        ids = self.anchor_tokens(texts)
+        key = self.key(state_ids, texts, ids)
         pool = self.runner.anchor_pool
         if pool.get(key) is not None and key in self.compiled:
             return self.compiled[key]
         path = self._path(key)
         if path and os.path.exists(path):
             return self._load(key, path)
-        return self._compile(key, state_ids, texts)
+        return self._compile(key, state_ids, ids)
 
-    def _compile(self, key: str, state_ids: list[str], texts: list[str]) -> CompiledSet:
+    def _compile(self, key: str, state_ids: list[str], ids: list[int]) -> CompiledSet:
         r = self.runner
-        ids = self.anchor_tokens(texts)
         if len(ids) > r.config.max_anchor_len:
             raise AnchorError(f"the anchors are {len(ids)} tokens; the engine takes at most {r.config.max_anchor_len} "
                               "(max_anchor_len): promote fewer or shorter states")
@@ -225,7 +228,7 @@ class AnchorCompiler:
                 entry, index = result.entry, result.index
             else:
                 entry = StateEntry(sid, ANCHOR_STATE_TYPE, manifest["blocks_root"], None, tuple(state_ids), (),
-                                   ANCHOR_SESSION, _now()).encode()
+                                   ANCHOR_SESSION, time.time_ns()).encode()
                 index = self.log.add(entry).result()
             cs = CompiledSet(key, manifest, entry, index, digests, ids)
             self.log.checkpoint()  # an explicit checkpoint: the set must verify before it is first used
@@ -346,9 +349,3 @@ class AnchorCompiler:
             raise
         self.compiled[key] = cs
         return cs
-
-
-def _now() -> int:
-    import time
-
-    return time.time_ns()
