@@ -11,6 +11,7 @@ entry records it in the log.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -23,6 +24,7 @@ from fieldprint.errors import DQPError, EngineError, EntryError, FieldprintError
 from fieldprint.ledger.entry import encode_entry
 
 OPERATOR_STEM, OPERATOR_NAME = "operator", "fieldprint.local/operator"
+WITHDRAWN_FILE = "withdrawn.json"
 
 
 @dataclass(slots=True)
@@ -64,11 +66,14 @@ def load_or_calibrate_profile(data_dir: str, model_id: str, calibrate) -> DQPPro
 class Memory:
     """Log, state store, vectors, embedder, gate and Pacemaker of one data folder, opened together."""
 
-    def __init__(self, log, store, pacemaker, gate, operator_key: str | None = None) -> None:
+    def __init__(self, log, store, pacemaker, gate, operator_key: str | None = None, data_dir: str | None = None) -> None:
         self.log, self.store, self.pacemaker, self.gate = log, store, pacemaker, gate
         self.operator_key = operator_key  # signs overrides in the demo; a deployment keeps it elsewhere
         self.sessions: dict[str, Session] = {}
-        self.withdrawn: set[str] = set()  # states of rolled-back turns: never candidates again
+        # States of rolled-back turns: never anchor candidates again, also after a restart (the file
+        # is rewritten whole after each rollback entry is logged; the log remains the record).
+        self._withdrawn_file = os.path.join(data_dir, WITHDRAWN_FILE) if data_dir else None
+        self.withdrawn: set[str] = self._load_withdrawn()
         self._lock = threading.Lock()
 
     @classmethod
@@ -100,12 +105,12 @@ class Memory:
                 vectors = LanceVectorStore(os.path.join(data_dir, "vectors"))
             gate = PromotionGate(store, log, GateConfig(log_keys=[log_verifier], override_keys=[op_verifier]))
             pm = Pacemaker(store, log, vectors, embedder or MiniLMEmbedder(), gate)
-        except BaseException:
+            return cls(log, store, pm, gate, op_signer, data_dir)
+        except BaseException:  # nothing stays open (the log's writer lock above all)
             if store is not None:
                 store.close()
             log.close()
             raise
-        return cls(log, store, pm, gate, op_signer)
 
     @property
     def log_key(self) -> str:
@@ -161,9 +166,33 @@ class Memory:
         index = self.log.add(entry).result()
         self.pacemaker.vectors.set_promotable(dropped, False)
         self.withdrawn.update(dropped)
+        self._save_withdrawn()
         s.turns = s.turns[:keep]
         s.history = s.history[: 2 * keep]
         return {"session": session, "to_turn": keep, "log_index": index, "withdrawn": dropped, "kv_commit": kv_index}
+
+    def _load_withdrawn(self) -> set[str]:
+        if self._withdrawn_file is None or not os.path.exists(self._withdrawn_file):
+            return set()
+        try:
+            with open(self._withdrawn_file, encoding="utf-8") as f:
+                ids = json.load(f)
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                raise ValueError("not a list of state ids")
+        except (OSError, ValueError) as e:
+            raise EngineError(f"{self._withdrawn_file} is unreadable or damaged ({e}); the log's rollback entries "
+                              "name every withdrawn state: restore the file from them") from None
+        return set(ids)
+
+    def _save_withdrawn(self) -> None:
+        if self._withdrawn_file is None:
+            return
+        tmp = f"{self._withdrawn_file}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(sorted(self.withdrawn), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._withdrawn_file)
 
     def close(self) -> None:
         try:

@@ -1,0 +1,39 @@
+"""A rollback's withdrawals survive a restart; a damaged record of them is refused, not ignored."""
+
+import pytest
+
+from fieldprint.engine.memory import WITHDRAWN_FILE, Memory
+from fieldprint.errors import EngineError
+from fieldprint.ledger.entry import decode_entry
+from fieldprint.memory.embed import HashingEmbedderForTests
+
+
+def _turn(mem: Memory, session: str, text: str):
+    return mem.record_turn(session, text, f"noted: {text}", {"generation": {"entry": "-"}}, None)
+
+
+def test_withdrawn_states_stay_withdrawn_after_reopening(tmp_path):
+    mem = Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
+    try:
+        mem.new_session("alice")
+        kept = _turn(mem, "alice", "My dog is called Rex.")
+        dropped = _turn(mem, "alice", "My cat is called Tom.")
+        result = mem.rollback("alice")
+        assert decode_entry(mem.log.entry(result["log_index"]))["withdrawn"] == [dropped.user_state, dropped.output_state]
+    finally:
+        mem.close()
+    again = Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
+    try:
+        assert {dropped.user_state, dropped.output_state} <= again.withdrawn
+        assert kept.user_state not in again.withdrawn
+    finally:
+        again.close()
+
+
+def test_a_damaged_withdrawn_file_is_refused(tmp_path):
+    Memory.open(str(tmp_path), embedder=HashingEmbedderForTests()).close()
+    (tmp_path / WITHDRAWN_FILE).write_text('{"not": "a list"}')
+    with pytest.raises(EngineError, match="damaged"):
+        Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
+    (tmp_path / WITHDRAWN_FILE).write_text("[]")  # the refused open released the log: it opens again at once
+    Memory.open(str(tmp_path), embedder=HashingEmbedderForTests()).close()
