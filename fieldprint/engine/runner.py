@@ -69,6 +69,7 @@ class ModelRunner:
         self.max_blocks = cdiv(config.max_model_len, bs)
         self.max_anchor_blocks = cdiv(config.max_anchor_len, bs)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict]] = {}
+        self._graph_pool = None
         self.use_graphs = config.cuda_graphs and self.device.type == "cuda"
         if self.device.type == "cuda" and config.fuse_elementwise:
             fuse_elementwise()
@@ -130,13 +131,12 @@ class ModelRunner:
         return self.model.logits(hidden if last is None else hidden[last])
 
     def _static(self, b: int) -> dict:
-        dev, bs = self.device, self.config.block_size
+        dev = self.device
         z32 = lambda *shape: torch.zeros(shape, dtype=torch.int32, device=dev)  # noqa: E731
         return {"ids": torch.zeros(b, dtype=torch.int64, device=dev), "pos": torch.zeros(b, dtype=torch.int64, device=dev),
                 "slots": torch.zeros(b, dtype=torch.int64, device=dev), "tables": z32(b, self.max_blocks),
                 "lens": z32(b), "cu": torch.arange(b + 1, dtype=torch.int32, device=dev),
-                "atable": z32(b, self.max_anchor_blocks), "alens": z32(b), "which": torch.full((b,), -1, dtype=torch.int32, device=dev),
-                "bs": bs}
+                "atable": z32(b, self.max_anchor_blocks), "alens": z32(b), "which": torch.full((b,), -1, dtype=torch.int32, device=dev)}
 
     def _context(self, st: dict) -> AttentionContext:
         return AttentionContext(self.cache, False, st["slots"], st["tables"], st["lens"], st["cu"], 1,
@@ -150,18 +150,16 @@ class ModelRunner:
             self.model.logits(self.model(st["ids"], st["pos"], ctx))
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._graph_pool):
             st["out"] = self.model.logits(self.model(st["ids"], st["pos"], self._context(st)))
         return graph, st
-
-    _pool = None
 
     def _replay(self, seqs: list[Sequence]) -> torch.Tensor:
         n = len(seqs)
         b = next(x for x in GRAPH_BATCH_SIZES if x >= n)
         if b not in self.graphs:
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
+            if self._graph_pool is None:  # one memory pool for every bucket's graph
+                self._graph_pool = torch.cuda.graph_pool_handle()
             self.graphs[b] = self._capture(b)
         graph, st = self.graphs[b]
         bs = self.config.block_size
@@ -171,7 +169,7 @@ class ModelRunner:
         lens = torch.ones(b, dtype=torch.int32)
         for i, s in enumerate(seqs):
             t = s.num_cached
-            ids[i], pos[i] = s.tokens[t], s.anchor_len + t
+            ids[i], pos[i] = s.token_at(t), s.anchor_len + t
             slots[i] = s.block_table[t // bs] * bs + t % bs
             lens[i] = t + 1
         tables = torch.zeros((b, self.max_blocks), dtype=torch.int32)

@@ -86,6 +86,11 @@ class Sequence:
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def token_at(self, i: int) -> int:
+        """Token i of prompt + output, without building the joined list (the decode step's hot path)."""
+        n = len(self.prompt_ids)
+        return self.prompt_ids[i] if i < n else self.output_ids[i - n]
+
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 

@@ -153,3 +153,11 @@ def test_finish_of_a_waiting_sequence_releases_its_chunk_blocks():
     assert s.status is Status.WAITING and len(s.block_table) == 2
     sched.finish(s)  # the engine does this when a request is abandoned
     assert sched.idle and blocks.num_free == 63 and s.is_finished
+
+
+def test_token_at_is_the_joined_token_list():
+    from fieldprint.engine.sequence import SamplingParams, Sequence
+
+    s = Sequence([5, 6, 7], SamplingParams())
+    s.output_ids += [8, 9]
+    assert [s.token_at(i) for i in range(len(s))] == s.tokens == [5, 6, 7, 8, 9]
