@@ -246,8 +246,12 @@ def test_deleted_rows_are_reported(filled):
     data=st.data(),
 )
 def test_property_log_matches_reference(tmp_path_factory, entries, batch_size, data):
-    db = str(tmp_path_factory.mktemp("prop") / "l.sqlite")
-    with TransparencyLog.open(db, KEYS[0], batch_size=batch_size, batch_wait_ms=0, durability="normal") as log:
+    check_log_matches_reference(str(tmp_path_factory.mktemp("prop") / "l.sqlite"), entries, batch_size, data)
+
+
+def check_log_matches_reference(path: str, entries: list[bytes], batch_size: int, data) -> None:
+    """The log at `path` (any backend) holds `entries` with the root and proofs of an in-memory tree."""
+    with TransparencyLog.open(path, KEYS[0], batch_size=batch_size, batch_wait_ms=0, durability="normal") as log:
         wait_all([log.add(e) for e in entries])
         n = len(entries)
         cp = log.checkpoint()

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from pg import import_psycopg, pg_dsn  # noqa: F401  (pg_dsn: a module fixture, a fresh database)
 from test_log import (  # noqa: F401  (collected here again, over the PostgreSQL `db` below)
     KEYS,
+    check_log_matches_reference,
     test_add_racing_close_resolves_or_fails_every_future,
     test_add_sequences_and_proves,
     test_added_entry_cannot_be_cancelled,
@@ -32,7 +33,7 @@ from test_log import (  # noqa: F401  (collected here again, over the PostgreSQL
 
 from fieldprint.errors import LogError
 from fieldprint.ledger.log import TransparencyLog, wait_all
-from fieldprint.ledger.merkle import leaf_hash, root_hash, verify_consistency, verify_inclusion
+from fieldprint.ledger.merkle import leaf_hash, root_hash, verify_consistency
 from fieldprint.ledger.storage.postgres import DEFAULT_SCHEMA
 
 psycopg = import_psycopg()
@@ -144,15 +145,7 @@ def test_concurrent_producers_over_two_logs(db):
 @given(entries=st.lists(st.binary(max_size=40), min_size=1, max_size=120), batch_size=st.integers(1, 50), data=st.data())
 def test_property_log_matches_reference(pg_dsn, entries, batch_size, data):  # noqa: F811
     _reset(pg_dsn)
-    with TransparencyLog.open(pg_dsn, KEYS[0], batch_size=batch_size, batch_wait_ms=0, durability="normal") as log:
-        wait_all([log.add(e) for e in entries])
-        n = len(entries)
-        cp = log.checkpoint()
-        assert cp.root_hash == root_hash([leaf_hash(e) for e in entries])
-        i = data.draw(st.integers(0, n - 1))
-        verify_inclusion(leaf_hash(entries[i]), i, n, log.inclusion_proof(i, n), cp.root_hash)
-        m = data.draw(st.integers(0, n))
-        verify_consistency(m, n, log.consistency_proof(m, n), root_hash([leaf_hash(e) for e in entries[:m]]), cp.root_hash)
+    check_log_matches_reference(pg_dsn, entries, batch_size, data)
 
 
 def test_connections_lost_while_idle_are_replaced(db):
