@@ -62,6 +62,18 @@ def unit_vectors(n: int, seed: int) -> np.ndarray:
     return out
 
 
+def query_sets(vectors: np.ndarray, queries: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The same query sets for every backend: near-duplicates of stored rows (and which rows), random directions."""
+    rng = np.random.default_rng(1)
+    # Near-duplicate queries (a stored vector plus noise, cosine ~0.9 to it): the nearest row is known.
+    picks = rng.choice(len(vectors), size=queries, replace=False)
+    noise = rng.standard_normal((queries, DIM), dtype=np.float32)
+    near = vectors[picks] + 0.5 * noise / np.linalg.norm(noise, axis=1, keepdims=True)
+    near /= np.linalg.norm(near, axis=1, keepdims=True)
+    # Random queries: no structure to exploit, the hard case for any ANN index.
+    return near, unit_vectors(queries, seed=7), picks
+
+
 def state_id(i: int) -> str:
     """A well-formed stand-in state id for row i (the store only needs it unique and tagged)."""
     return f"blake3:{i:064x}"
@@ -96,14 +108,7 @@ def bench_store(n: int, queries: int, partitions: int, sub_vectors: int, build_i
     store.compact()
     compact_s = time.perf_counter() - t0
 
-    rng = np.random.default_rng(1)
-    # Near-duplicate queries (a stored vector plus noise, cosine ~0.9 to it): the nearest row is known.
-    picks = rng.choice(n, size=queries, replace=False)
-    noise = rng.standard_normal((queries, DIM), dtype=np.float32)
-    near = vectors[picks] + 0.5 * noise / np.linalg.norm(noise, axis=1, keepdims=True)
-    near /= np.linalg.norm(near, axis=1, keepdims=True)
-    # Random queries: no structure to exploit, the hard case for any ANN index.
-    rand = unit_vectors(queries, seed=7)
+    near, rand, picks = query_sets(vectors, queries)
 
     res: dict = {"n": n, "insert_s": insert_s, "insert_rows_per_s": n / insert_s, "compact_s": compact_s,
                  "exact_session_filter_before_compact_ms": 1e3 * statistics.median(raw_t),
@@ -181,12 +186,7 @@ def bench_pgvector(n: int, queries: int, dsn: str, online_rows: int = 2000, onli
         online_s = time.perf_counter() - t0
         assert len(store) == n + online_rows
 
-        rng = np.random.default_rng(1)
-        picks = rng.choice(n, size=queries, replace=False)
-        noise = rng.standard_normal((queries, DIM), dtype=np.float32)
-        near = vectors[picks] + 0.5 * noise / np.linalg.norm(noise, axis=1, keepdims=True)
-        near /= np.linalg.norm(near, axis=1, keepdims=True)
-        rand = unit_vectors(queries, seed=7)
+        near, rand, picks = query_sets(vectors, queries)
         res: dict = {"n": n, "bulk_insert_rows_per_s": n / bulk_s, "index_build_s": build_s,
                      "index": {"type": "HNSW", "m": store.m, "ef_construction": store.ef_construction,
                                "build_memory_mb": store.build_memory_mb},
