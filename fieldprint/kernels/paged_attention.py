@@ -215,8 +215,8 @@ def _splits(tokens: int, items: int, sms: int, block_n: int, min_chunk: int,
     """(number of splits, tokens per split) for `items` independent (sequence, head) pairs.
 
     About 2 programs per multiprocessor; with fewer pairs than multiprocessors at least 20 splits,
-    so that the uneven tail and the anchor items running beside average out (measured on the H100
-    at B=1 and B=8: docs/attention-notes.md, v4 and v5).
+    so that the uneven tail and the anchor items running beside average out (the measurements
+    behind the numbers: docs/attention-notes.md, v4 and v5).
     """
     if want is None:
         want = triton.cdiv(2 * sms, max(items, 1))
@@ -246,11 +246,9 @@ def _decode_reg_cap(int8: bool, tile: int, num_warps: int) -> int | None:
     """Per-thread register cap for the decode launch (None: the compiler's choice).
 
     The int8 code -> bf16 conversion in sharing tiles of <= 8 sequences raises the whole kernel
-    (context items included: one compiled kernel) to 216-226 registers, 2 programs per
-    multiprocessor. Capped at 168 (3 programs, no spills), int8 / bf16 on the H100 went from
-    1.41x to 1.03x at B=1, 128k (0.98x with half-size anchor items) and from 0.98x to 0.88x
-    at B=8, 8k (v6 notes). Tiles of 16 (B >= 16 sharing a set) were 3% slower capped, so
-    they keep the compiler's choice.
+    (context items included: one compiled kernel) to two programs per multiprocessor; a cap of 168
+    gives three with no spills. Tiles of 16 (B >= 16 sharing a set) measured slower capped, so they
+    keep the compiler's choice. The figures: docs/attention-notes.md, v6.
     """
     if int8 and tile <= 8 and num_warps == 4:
         return 168
@@ -331,8 +329,8 @@ def paged_attention_decode(
         max_alen = r.block_table.shape[1] * a.k.shape[1]
         if anchor_splits is None:
             # Anchor items take the context items' token count. int8 anchors that would get fewer
-            # than 8 items per (tile, head) get half-size items instead: measured on the H100 at
-            # B=1, 128k (3 -> 5 items: 5% faster) vs B=8, 8k (19 items: halving cost 12%); v6 notes.
+            # than 8 items per (tile, head) get half-size items instead: more items helped where
+            # there were few and cost where there were many (docs/attention-notes.md, v6).
             per = chunk
             if a.k.dtype == torch.int8 and triton.cdiv(max_alen, chunk) < 8:
                 per = max(block_n, chunk // 2 // block_n * block_n)

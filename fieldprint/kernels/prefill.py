@@ -7,8 +7,8 @@ token, every earlier token, and causally among themselves.
 concat is one softmax over [anchors; context], so it keeps ONE online-softmax state: the anchors
 are attended first (INT8: with the K scale folded into q, and the accumulator multiplied by the
 V scale once the anchors are done, both exact for powers of two), then the context continues the
-same state. One [BLOCK_M, D] fp32 accumulator instead of two cut the 128x128 kernel's spills
-from 240 to 40 bytes, none in the loops (v6, docs/attention-notes.md). gamma needs two states.
+same state: one [BLOCK_M, D] fp32 accumulator instead of two, which keeps the 128x128 kernel's
+registers out of the loops' spills (docs/attention-notes.md, v6). gamma needs two states.
 
 The matrix-product loop differs from the decode one: the softmax scale is applied inside the
 exponent's fused multiply-add (qk * s - m) rather than as a separate multiply on every score, and
