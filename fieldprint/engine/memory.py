@@ -24,7 +24,7 @@ from fieldprint.errors import DQPError, EngineError, EntryError, FieldprintError
 from fieldprint.ledger.entry import encode_entry
 
 OPERATOR_STEM, OPERATOR_NAME = "operator", "fieldprint.local/operator"
-WITHDRAWN_FILE = "withdrawn.json"
+WITHDRAWN_FILE, SESSIONS_FILE = "withdrawn.json", "sessions.json"
 
 
 @dataclass(slots=True)
@@ -33,6 +33,13 @@ class Turn:
     output_state: str
     receipt_entry: str  # the generation entry (base64) of the turn's receipt
     kv_future: object = None  # the committer's future for the turn's K/V (None: not committed)
+    kv_index: int | None = None  # the K/V commit's leaf index, once known (what a restart keeps)
+
+    def kv_commit(self, timeout: float = 60.0) -> int | None:
+        """The leaf index of this turn's K/V commit (waiting for it if still running), or None."""
+        if self.kv_index is None and self.kv_future is not None:
+            self.kv_index = self.kv_future.result(timeout).index
+        return self.kv_index
 
 
 @dataclass(slots=True)
@@ -69,11 +76,21 @@ class Memory:
     def __init__(self, log, store, pacemaker, gate, operator_key: str | None = None, data_dir: str | None = None) -> None:
         self.log, self.store, self.pacemaker, self.gate = log, store, pacemaker, gate
         self.operator_key = operator_key  # signs overrides in the demo; a deployment keeps it elsewhere
-        self.sessions: dict[str, Session] = {}
-        # States of rolled-back turns: never anchor candidates again, also after a restart (the file
-        # is rewritten whole after each rollback entry is logged; the log remains the record).
-        self._withdrawn_file = os.path.join(data_dir, WITHDRAWN_FILE) if data_dir else None
-        self.withdrawn: set[str] = self._load_withdrawn()
+        # Sessions and the states of rolled-back turns (never anchor candidates again) survive a
+        # restart: each file is rewritten whole after every change (the log remains the record).
+        self._dir = data_dir
+        saved, withdrawn = self._read(SESSIONS_FILE, {}), self._read(WITHDRAWN_FILE, [])
+        try:
+            self.sessions: dict[str, Session] = {
+                name: Session(name, list(v["history"]), [Turn(t["user_state"], t["output_state"], t["receipt_entry"], None,
+                                                              t["kv_index"]) for t in v["turns"]])
+                for name, v in saved.items()}
+            if not all(isinstance(i, str) for i in withdrawn):
+                raise TypeError("withdrawn states must be state ids")
+        except (KeyError, TypeError) as e:
+            raise EngineError(f"the session records in {data_dir} are damaged ({e!r}); the log's generation and "
+                              "rollback entries record what they held: restore them from it or remove the files") from None
+        self.withdrawn: set[str] = set(withdrawn)
         self._lock = threading.Lock()
 
     @classmethod
@@ -132,6 +149,7 @@ class Memory:
             if name in self.sessions:
                 raise EngineError(f"session {name!r} already exists")
             self.sessions[name] = Session(name)
+            self._save_sessions()
         return name
 
     def record_turn(self, session: str, user_text: str, output_text: str, receipt: dict, kv_future) -> Turn:
@@ -143,6 +161,7 @@ class Memory:
         turn = Turn(user.state_id, out.state_id, receipt["generation"]["entry"], kv_future)
         s.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": output_text}]
         s.turns.append(turn)
+        self._save_sessions()
         return turn
 
     def rollback(self, session: str, turns: int = 1) -> dict:
@@ -154,45 +173,57 @@ class Memory:
             raise EngineError(f"turns must be an integer in [1, {len(s.turns)}] for session {session!r}")
         keep = len(s.turns) - turns
         to = s.turns[keep - 1] if keep else None
-        kv_index = None
-        if to is not None and to.kv_future is not None:
-            try:
-                kv_index = to.kv_future.result(60).index
-            except FieldprintError as e:
-                raise EngineError(f"turn {keep} of session {session!r} was never committed ({e}); cannot return to it") from None
+        try:
+            kv_index = to.kv_commit() if to is not None else None
+        except FieldprintError as e:
+            raise EngineError(f"turn {keep} of session {session!r} was never committed ({e}); cannot return to it") from None
         dropped = [sid for t in s.turns[keep:] for sid in (t.user_state, t.output_state)]
         entry = encode_entry("rollback", {"session": session, "to_turn": keep, "kv_commit": kv_index,
                                           "withdrawn": dropped, "time_ns": time.time_ns()})
         index = self.log.add(entry).result()
         self.pacemaker.vectors.set_promotable(dropped, False)
         self.withdrawn.update(dropped)
-        self._save_withdrawn()
+        self._write(WITHDRAWN_FILE, sorted(self.withdrawn))
         s.turns = s.turns[:keep]
         s.history = s.history[: 2 * keep]
+        self._save_sessions()
         return {"session": session, "to_turn": keep, "log_index": index, "withdrawn": dropped, "kv_commit": kv_index}
 
-    def _load_withdrawn(self) -> set[str]:
-        if self._withdrawn_file is None or not os.path.exists(self._withdrawn_file):
-            return set()
+    def _read(self, name: str, empty):
+        """One of the folder's JSON records, or `empty` when absent; EngineError when damaged."""
+        path = os.path.join(self._dir, name) if self._dir else None
+        if path is None or not os.path.exists(path):
+            return empty
         try:
-            with open(self._withdrawn_file, encoding="utf-8") as f:
-                ids = json.load(f)
-            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-                raise ValueError("not a list of state ids")
+            with open(path, encoding="utf-8") as f:
+                value = json.load(f)
+            if type(value) is not type(empty):
+                raise ValueError(f"a JSON {type(empty).__name__} was expected")
         except (OSError, ValueError) as e:
-            raise EngineError(f"{self._withdrawn_file} is unreadable or damaged ({e}); the log's rollback entries "
-                              "name every withdrawn state: restore the file from them") from None
-        return set(ids)
+            raise EngineError(f"{path} is unreadable or damaged ({e}); the log's rollback and generation entries "
+                              "record what it held: restore it from them or remove it") from None
+        return value
 
-    def _save_withdrawn(self) -> None:
-        if self._withdrawn_file is None:
+    def _write(self, name: str, value) -> None:
+        """Replace one of the folder's JSON records whole (a crash leaves the old one or the new one)."""
+        if self._dir is None:
             return
-        tmp = f"{self._withdrawn_file}.{os.getpid()}.tmp"
+        path = os.path.join(self._dir, name)
+        tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(sorted(self.withdrawn), f)
+            json.dump(value, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, self._withdrawn_file)
+        os.replace(tmp, path)
+
+    def _save_sessions(self) -> None:
+        for s in self.sessions.values():
+            for t in s.turns:  # keep the K/V commits that have landed; a pending one is read again later
+                if t.kv_index is None and t.kv_future is not None and t.kv_future.done() and not t.kv_future.exception():
+                    t.kv_index = t.kv_future.result().index
+        self._write(SESSIONS_FILE, {n: {"history": s.history, "turns": [
+            {"user_state": t.user_state, "output_state": t.output_state, "receipt_entry": t.receipt_entry,
+             "kv_index": t.kv_index} for t in s.turns]} for n, s in self.sessions.items()})
 
     def close(self) -> None:
         try:

@@ -37,3 +37,38 @@ def test_a_damaged_withdrawn_file_is_refused(tmp_path):
         Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
     (tmp_path / WITHDRAWN_FILE).write_text("[]")  # the refused open released the log: it opens again at once
     Memory.open(str(tmp_path), embedder=HashingEmbedderForTests()).close()
+
+
+def test_sessions_survive_a_restart_and_can_still_be_rolled_back(tmp_path):
+    mem = Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
+    try:
+        mem.new_session("alice")
+        first = _turn(mem, "alice", "My dog is called Rex.")
+        second = _turn(mem, "alice", "My cat is called Tom.")
+    finally:
+        mem.close()
+    mem = Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
+    try:
+        alice = mem.sessions["alice"]
+        assert [t.user_state for t in alice.turns] == [first.user_state, second.user_state]
+        assert [m["content"] for m in alice.history][::2] == ["My dog is called Rex.", "My cat is called Tom."]
+        with pytest.raises(EngineError, match="already exists"):
+            mem.new_session("alice")
+        result = mem.rollback("alice")
+        assert result["withdrawn"] == [second.user_state, second.output_state]
+    finally:
+        mem.close()
+    mem = Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
+    try:
+        assert len(mem.sessions["alice"].turns) == 1 and second.user_state in mem.withdrawn
+    finally:
+        mem.close()
+
+
+def test_a_damaged_sessions_file_is_refused(tmp_path):
+    from fieldprint.engine.memory import SESSIONS_FILE
+
+    Memory.open(str(tmp_path), embedder=HashingEmbedderForTests()).close()
+    (tmp_path / SESSIONS_FILE).write_text('{"alice": {"history": []}}')
+    with pytest.raises(EngineError, match="damaged"):
+        Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
