@@ -67,7 +67,6 @@ class _Request:
     anchor_states: list
     decisions: list[dict]
     session: str | None
-    streamed: int = 0
 
 
 class Engine:

@@ -16,7 +16,7 @@ CPU a token budget.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -98,7 +98,6 @@ class AnchorSetSlot:
     blocks: list[int]
     length: int  # tokens
     refs: int = 0
-    meta: dict = field(default_factory=dict)  # what the compiler keeps with it (manifest, entry, proofs)
 
 
 class AnchorPool:

