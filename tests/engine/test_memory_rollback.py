@@ -85,3 +85,17 @@ def test_a_damaged_profile_file_is_refused_and_kept(tmp_path):
     with pytest.raises(EngineError, match="damaged"):
         load_or_calibrate_profile(str(tmp_path), "blake3:00", lambda: pytest.fail("must not recalibrate over it"))
     assert path.read_bytes() == b'{"dqp": 1'
+
+
+def test_a_second_memory_on_the_same_folder_is_refused_and_the_first_keeps_working(tmp_path):
+    from fieldprint.errors import LogError
+
+    first = Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
+    try:
+        with pytest.raises(LogError, match="another process is writing this log"):
+            Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
+        first.new_session("alice")
+        _turn(first, "alice", "still served")
+        assert first.log.size == 2
+    finally:
+        first.close()
