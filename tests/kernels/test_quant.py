@@ -1,4 +1,8 @@
-"""The Triton quantizer (interpreter on CPU) gives exactly the CPU reference's codes."""
+"""The Triton quantizer (on the GPU, or Triton's interpreter on CPU) gives exactly the CPU reference's codes.
+
+Inputs are drawn on the CPU (the same values on every machine) and moved to DEVICE, where the
+kernel runs; its codes come back to the CPU to be compared with the reference bit for bit.
+"""
 
 import numpy as np
 import pytest
@@ -12,6 +16,7 @@ from fieldprint.errors import DQPError
 from fieldprint.kernels.quant import device_inverse_scales, quantize_async, quantize_with_kernel
 
 H, D = 4, 32
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _profile(layers: int = 2) -> DQPProfile:
@@ -27,7 +32,7 @@ def test_kernel_matches_reference(dtype, t):
     x = (torch.randn(t, H, D) * 6).to(dtype)
     for kind in "KV":
         ref = quantize_ref(x, p, 1, kind)
-        got = quantize_with_kernel(x, p, 1, kind)
+        got = quantize_with_kernel(x.to(DEVICE), p, 1, kind)  # codes come back on the host
         assert torch.equal(got.codes, ref.codes)
         assert got.digest() == ref.digest()
 
@@ -36,9 +41,9 @@ def test_exact_ties_round_half_to_even_like_the_reference():
     e = np.random.default_rng(1).integers(-6, 3, size=(H, D)).astype(np.int32)
     halves = torch.arange(-130, 130, dtype=torch.float32) + 0.5  # every x.5 in range, and beyond it
     x = (halves[:, None, None] * torch.from_numpy(np.ldexp(np.float32(1), e))).contiguous()
-    codes, bad = quantize_async(x, torch.from_numpy(inverse_scales(e)))
+    codes, bad = quantize_async(x.to(DEVICE), torch.from_numpy(inverse_scales(e)).to(DEVICE))
     ref = quantize_codes(x, e)
-    assert int(bad) == 0 and torch.equal(codes, ref)
+    assert int(bad) == 0 and torch.equal(codes.cpu(), ref)
     assert ref[:, 0, 0].tolist()[128:133] == [-2, 0, 0, 2, 2]  # -1.5, -0.5, 0.5, 1.5, 2.5
     assert ref.abs().max() == 127
 
@@ -49,16 +54,16 @@ def test_random_states_and_exponents(t, shift, seed):
     g = torch.Generator().manual_seed(seed)
     e = (torch.randint(-5, 3, (H, D), generator=g) + shift).numpy().astype(np.int32)
     x = (torch.randn(t, H, D, generator=g) * 2.0 ** float(shift + 4)).to(torch.bfloat16)
-    codes, _ = quantize_async(x, torch.from_numpy(inverse_scales(e)))
-    assert torch.equal(codes, quantize_codes(x, e))
+    codes, _ = quantize_async(x.to(DEVICE), torch.from_numpy(inverse_scales(e)).to(DEVICE))
+    assert torch.equal(codes.cpu(), quantize_codes(x, e))
 
 
 def test_strided_views_of_a_cache_quantize_like_contiguous_copies():
     p = _profile()
-    cache = torch.randn(3, H, 50, D).to(torch.float16)  # [B, H, T, D]: a transposed view per sequence
+    cache = torch.randn(3, H, 50, D).to(torch.float16).to(DEVICE)  # [B, H, T, D]: a transposed view per sequence
     view = cache[1, :, 5:45].permute(1, 0, 2)  # [T, H, D] with non-unit strides
-    got, _ = quantize_async(view, device_inverse_scales(p, 0, "K", "cpu"))
-    assert torch.equal(got, quantize_codes(view.contiguous(), p.exponents(0, "K")))
+    got, _ = quantize_async(view, device_inverse_scales(p, 0, "K", DEVICE))
+    assert torch.equal(got.cpu(), quantize_codes(view.contiguous(), p.exponents(0, "K")))
 
 
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
@@ -67,7 +72,8 @@ def test_non_finite_values_are_counted_and_raise(bad_value):
     x = torch.randn(33, H, D)
     x[0, 0, 0] = bad_value
     x[32, 3, 31] = bad_value
-    _, bad = quantize_async(x, device_inverse_scales(p, 0, "V", "cpu"))
+    x = x.to(DEVICE)
+    _, bad = quantize_async(x, device_inverse_scales(p, 0, "V", DEVICE))
     assert int(bad) == 2
     with pytest.raises(DQPError, match="2 NaN/Inf"):
         quantize_with_kernel(x, p, 0, "V")
@@ -75,14 +81,14 @@ def test_non_finite_values_are_counted_and_raise(bad_value):
 
 def test_bad_kernel_inputs():
     p = _profile()
-    inv = device_inverse_scales(p, 0, "K", "cpu")
-    with pytest.raises(DQPError):
-        quantize_async(torch.randn(4, H * D), inv)
-    with pytest.raises(DQPError):
-        quantize_async(torch.randn(4, H, D).double(), inv)
-    with pytest.raises(DQPError):
-        quantize_async(torch.randn(4, H, D), inv.double())
-    codes, bad = quantize_async(torch.randn(0, H, D), inv)
+    inv = device_inverse_scales(p, 0, "K", DEVICE)
+    with pytest.raises(DQPError, match="quantize wants"):
+        quantize_async(torch.randn(4, H * D, device=DEVICE), inv)
+    with pytest.raises(DQPError, match="quantize wants"):
+        quantize_async(torch.randn(4, H, D, device=DEVICE).double(), inv)
+    with pytest.raises(DQPError, match="inverse scales"):
+        quantize_async(torch.randn(4, H, D, device=DEVICE), inv.double())
+    codes, bad = quantize_async(torch.randn(0, H, D, device=DEVICE), inv)
     assert codes.shape == (0, H, D) and int(bad) == 0
 
 
@@ -90,26 +96,26 @@ def test_stacked_launch_uses_each_layers_scales_and_counts_per_layer():
     from fieldprint.kernels.quant import stack_inverse_scales
 
     p = _profile(layers=3)
-    cache = (torch.randn(3, H, 20, D) * 5).to(torch.bfloat16)  # [L, H, T, D]
+    cache = (torch.randn(3, H, 20, D) * 5).to(torch.bfloat16).to(DEVICE)  # [L, H, T, D]
     stack = cache.transpose(1, 2)  # [L, T, H, D], strided
     stack[2, 4, 1, 0] = float("nan")
-    codes, bad = quantize_async(stack, stack_inverse_scales(p, [0, 1, 2], "K", "cpu"))
+    codes, bad = quantize_async(stack, stack_inverse_scales(p, [0, 1, 2], "K", DEVICE))
     assert bad.tolist() == [0, 0, 1]
     for l in range(2):
-        assert torch.equal(codes[l], quantize_codes(stack[l], p.exponents(l, "K")))
+        assert torch.equal(codes[l].cpu(), quantize_codes(stack[l], p.exponents(l, "K")))
     with pytest.raises(DQPError, match="inverse scales"):
-        quantize_async(stack, stack_inverse_scales(p, [0, 1], "K", "cpu"))
+        quantize_async(stack, stack_inverse_scales(p, [0, 1], "K", DEVICE))
 
 
 def test_bad_out_and_counter_buffers_raise_dqp_errors():
     """Caller-given buffers are checked with errors, not asserts (python -O strips those)."""
-    x = torch.randn(5, H, D)
-    inv = torch.ones(H, D)
-    for out, match in [(torch.empty(5, H, D, dtype=torch.int16), "out must be"),
-                       (torch.empty(4, H, D, dtype=torch.int8), "out must be"),
-                       (torch.empty(5, D, H, dtype=torch.int8).transpose(1, 2), "out must be")]:
+    x = torch.randn(5, H, D, device=DEVICE)
+    inv = torch.ones(H, D, device=DEVICE)
+    for out, match in [(torch.empty(5, H, D, dtype=torch.int16, device=DEVICE), "out must be"),
+                       (torch.empty(4, H, D, dtype=torch.int8, device=DEVICE), "out must be"),
+                       (torch.empty(5, D, H, dtype=torch.int8, device=DEVICE).transpose(1, 2), "out must be")]:
         with pytest.raises(DQPError, match=match):
             quantize_async(x, inv, out=out)
-    for bad in [torch.zeros(2, dtype=torch.int32), torch.zeros(1, dtype=torch.int64)]:
+    for bad in [torch.zeros(2, dtype=torch.int32, device=DEVICE), torch.zeros(1, dtype=torch.int64, device=DEVICE)]:
         with pytest.raises(DQPError, match="bad must be"):
             quantize_async(x, inv, bad=bad)
