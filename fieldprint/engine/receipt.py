@@ -215,12 +215,8 @@ def _check_promoted(state: StateEntry, item: dict, cp: Checkpoint, override_keys
     An override a receipt carries is checked even where the default rule alone would promote the
     state (the gate names an override as the basis whenever one is in force).
     """
-    from fieldprint.memory.policy import (
-        DEFAULT_PROMOTABLE,
-        Override,
-        open_record,
-        parse_record_text,
-    )
+    from fieldprint.memory.policy import DEFAULT_PROMOTABLE
+    from fieldprint.memory.records import Override, open_record, parse_record_text
 
     ov = item["override"]
     if ov is None:

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fieldprint.errors import PolicyError, StateError
+from fieldprint.memory.decision import Decision
 from fieldprint.memory.embed import Embedder
-from fieldprint.memory.policy import Decision, PromotionGate
+from fieldprint.memory.policy import PromotionGate
 from fieldprint.memory.state import (
     State,
     TensorRef,

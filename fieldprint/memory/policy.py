@@ -19,164 +19,33 @@ The gate only reads: it verifies against the log's latest stored checkpoint and 
 to sign one (the log signs on its own schedule or on an explicit log.checkpoint()). States and
 records not yet covered by that checkpoint are simply not verified yet.
 
-Overrides and revocations are C2SP signed notes (so any note verifier can check them) whose text is
-a header line and one canonical JSON line; the ledger leaf is that note wrapped in an entry of kind
-`override` or `revocation` (docs/formats.md, "Overrides and revocations"). Nothing here trusts the
-state store: every decision re-verifies signatures, inclusion and time windows from scratch.
+Overrides and revocations are signed records (records.py); which of them decides is a pure rule
+(decision.py). Nothing here trusts the state store: every decision re-verifies signatures,
+inclusion and time windows from scratch.
 """
 
 from __future__ import annotations
 
-import json
-import re
-import secrets
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fieldprint.canon import canonical_json, check_label, is_int, parse_digest
-from fieldprint.errors import (
-    EntryError,
-    FieldprintError,
-    NoteError,
-    PolicyError,
-    StateError,
-)
-from fieldprint.ledger.entry import decode_entry, encode_entry
+from fieldprint.canon import is_int, parse_digest
+from fieldprint.errors import EntryError, FieldprintError, NoteError, PolicyError, StateError
+from fieldprint.ledger.entry import decode_entry
 from fieldprint.ledger.merkle import leaf_hash, verify_inclusion
-from fieldprint.ledger.note import Checkpoint, Verifier, open_note, sign_note
+from fieldprint.ledger.note import Checkpoint, Verifier
+from fieldprint.memory.decision import Check, Decision, ValidRecord, decide, sentence
+from fieldprint.memory.records import Override, Revocation, open_record, record_entry, utc_text
 from fieldprint.memory.state import STATE_TYPES, State
 from fieldprint.memory.store import PolicyRecord, StateStore
 
 if TYPE_CHECKING:
     from fieldprint.ledger.log import TransparencyLog
 
-OVERRIDE_HEADER = "fieldprint/override/v2"
-REVOCATION_HEADER = "fieldprint/revocation/v2"
-_RECORD_ID_RE = re.compile(r"^[0-9a-f]{32}$")
-ACTIONS = ("promote", "demote")
-MAX_REASON_CHARS = 1000
 DEFAULT_MAX_OVERRIDE_NS = 30 * 24 * 3600 * 10**9  # an override is a temporary exception, not a new rule
 DEFAULT_PROMOTABLE = frozenset(t for t, rule in STATE_TYPES.items() if rule.promotable)
-
-
-def _utc(ns: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ns // 10**9))
-
-
-def new_record_id() -> str:
-    """A fresh record id: 128 random bits as 32 lowercase hex digits (makes every signed record unique)."""
-    return secrets.token_hex(16)
-
-
-def _check_common(state_id: object, who: object, reason: object, issued_ns: object, record_id: object) -> None:
-    if not isinstance(record_id, str) or not _RECORD_ID_RE.match(record_id):
-        raise PolicyError(f"record_id must be 32 lowercase hex digits (new_record_id()), got {record_id!r}")
-    try:
-        parse_digest(state_id)
-        check_label(who, "who")
-    except EntryError as e:
-        raise PolicyError(str(e)) from None
-    if not isinstance(reason, str) or not 1 <= len(reason) <= MAX_REASON_CHARS:
-        raise PolicyError(f"reason must be a non-empty string of at most {MAX_REASON_CHARS} characters")
-    try:
-        reason.encode("utf-8")
-    except UnicodeEncodeError:
-        raise PolicyError("reason is not valid Unicode text (lone surrogates)") from None
-    if not is_int(issued_ns) or not 0 <= issued_ns < 2**63:
-        raise PolicyError(f"issued_ns must be a non-negative 64-bit integer, got {issued_ns!r}")
-
-
-@dataclass(frozen=True, slots=True)
-class Override:
-    """A signed exception to the default rule: promote or demote one state until `expires_ns`."""
-
-    state_id: str
-    action: str  # "promote" | "demote"
-    who: str
-    reason: str
-    issued_ns: int
-    expires_ns: int
-    record_id: str = field(default_factory=new_record_id)  # unique per record: a copy is a replay
-
-    def __post_init__(self) -> None:
-        _check_common(self.state_id, self.who, self.reason, self.issued_ns, self.record_id)
-        if self.action not in ACTIONS:
-            raise PolicyError(f"override action {self.action!r} is not one of {ACTIONS}")
-        if not is_int(self.expires_ns) or not self.issued_ns < self.expires_ns < 2**63:
-            raise PolicyError(f"expires_ns must be an integer after issued_ns ({self.issued_ns}), got {self.expires_ns!r}")
-
-    def text(self) -> str:
-        """The note text that gets signed: header line, canonical JSON line."""
-        return f"{OVERRIDE_HEADER}\n{canonical_json(asdict(self)).decode()}\n"
-
-
-@dataclass(frozen=True, slots=True)
-class Revocation:
-    """A signed, permanent withdrawal: of a state's eligibility (override_index None) or of one override."""
-
-    state_id: str
-    who: str
-    reason: str
-    issued_ns: int
-    override_index: int | None  # leaf index of the override it withdraws; None revokes the state itself
-    record_id: str = field(default_factory=new_record_id)  # unique per record: a copy is a replay
-
-    def __post_init__(self) -> None:
-        _check_common(self.state_id, self.who, self.reason, self.issued_ns, self.record_id)
-        oi = self.override_index
-        if oi is not None and (not is_int(oi) or not 0 <= oi < 2**63):
-            raise PolicyError(f"override_index must be a leaf index or null, got {oi!r}")
-
-    def text(self) -> str:
-        """The note text that gets signed: header line, canonical JSON line."""
-        return f"{REVOCATION_HEADER}\n{canonical_json(asdict(self)).decode()}\n"
-
-
-def sign_record(record: Override | Revocation, signer_key: str) -> str:
-    """Sign an override or revocation with an Ed25519 signer key text; return the signed note."""
-    try:
-        return sign_note(record.text(), signer_key)
-    except NoteError as e:
-        raise PolicyError(f"cannot sign: {e}") from None
-
-
-def parse_record_text(text: str) -> Override | Revocation:
-    """Parse verified note text into an Override or Revocation; PolicyError if it is not exactly one."""
-    lines = text.split("\n")
-    if len(lines) != 3 or lines[2] != "" or lines[0] not in (OVERRIDE_HEADER, REVOCATION_HEADER):
-        raise PolicyError(f"note text is not a '{OVERRIDE_HEADER}' or '{REVOCATION_HEADER}' record (header line + one JSON line)")
-    try:
-        fields = json.loads(lines[1])
-    except json.JSONDecodeError as e:
-        raise PolicyError(f"record body is not JSON: {e}") from None
-    cls = Override if lines[0] == OVERRIDE_HEADER else Revocation
-    names = set(cls.__dataclass_fields__)
-    if not isinstance(fields, dict) or set(fields) != names:
-        raise PolicyError(f"{lines[0]} record must have exactly the fields {sorted(names)}")
-    record = cls(**fields)
-    if record.text() != text:
-        raise PolicyError("record body is not in canonical form (key order, spacing or escaping differs)")
-    return record
-
-
-def open_record(note: str, verifier_keys: list[str]) -> Override | Revocation:
-    """Verify a signed override/revocation note against `verifier_keys`, then parse it."""
-    try:
-        text = open_note(note, verifier_keys)
-    except NoteError as e:
-        raise PolicyError(f"override/revocation signature rejected: {e}") from None
-    return parse_record_text(text)
-
-
-def record_entry(note: str, record: Override | Revocation) -> bytes:
-    """The ledger leaf for a signed record: an `override` or `revocation` entry holding the note."""
-    kind = "override" if isinstance(record, Override) else "revocation"
-    try:
-        return encode_entry(kind, {"note": note})
-    except EntryError as e:
-        raise PolicyError(f"cannot log this record: {e}") from None
 
 
 @dataclass(slots=True)
@@ -212,40 +81,6 @@ class GateConfig:
         if self.log_origin is not None and (not isinstance(self.log_origin, str) or not self.log_origin
                                             or "\n" in self.log_origin):
             raise PolicyError(f"log_origin must be a non-empty line of text or None, got {self.log_origin!r}")
-
-
-@dataclass(frozen=True, slots=True)
-class Check:
-    """One step of a decision: its name (ledger, type, taint, override, revocation), outcome, detail."""
-
-    name: str
-    ok: bool
-    detail: str
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """Why a state is or is not an anchor; `sentence` says it in one line for people."""
-
-    state_id: str
-    anchor: bool
-    verified: bool  # check (1): the ledger entry verifies against a signed checkpoint
-    eligible: bool  # the policy part, (2)+(3) or (4), ignoring verification
-    basis: str  # "default" (type + taint), "override", "revocation" or "unknown"
-    record_index: int | None  # leaf index of the override or revocation that decided, if any
-    checks: tuple[Check, ...]
-    rejected: tuple[Check, ...] = field(default=())  # override/revocation records that did not count, and why
-    sentence: str = ""
-
-    def to_dict(self) -> dict:
-        """A JSON-ready form of the decision."""
-        return asdict(self)
-
-
-@dataclass(frozen=True, slots=True)
-class _Valid:
-    index: int
-    record: Override | Revocation
 
 
 _SIGNS = "the log signs one on its schedule or on log.checkpoint()"
@@ -394,9 +229,9 @@ class PromotionGate:
         return None if logged == entry else f"leaf {index} holds another entry"
 
     def _records(self, state_id: str, included: Callable[[bytes, int], str | None],
-                 now: int) -> tuple[list[_Valid], dict[int, str], list[Check]]:
+                 now: int) -> tuple[list[ValidRecord], dict[int, str], list[Check]]:
         # Returns the records that count, the record id at each verified leaf (copies too), and the rejected.
-        valid: list[_Valid] = []
+        valid: list[ValidRecord] = []
         ids_at: dict[int, str] = {}
         first_leaf: dict[str, int] = {}
         rejected: list[Check] = []
@@ -428,10 +263,10 @@ class PromotionGate:
                     continue
                 if not record.issued_ns <= now < record.expires_ns:
                     state = "expired" if now >= record.expires_ns else "not yet valid"
-                    window = f"valid {_utc(record.issued_ns)} to {_utc(record.expires_ns)}, now {_utc(now)}"
+                    window = f"valid {utc_text(record.issued_ns)} to {utc_text(record.expires_ns)}, now {utc_text(now)}"
                     rejected.append(Check("override", False, f"{where} by {record.who} is {state} ({window})"))
                     continue
-            valid.append(_Valid(rec.leaf_index, record))
+            valid.append(ValidRecord(rec.leaf_index, record))
         return valid, ids_at, rejected
 
     def explain(self, state_id: str, *, checkpoint: Checkpoint | None = None, now_ns: int | None = None) -> Decision:
@@ -460,13 +295,13 @@ class PromotionGate:
         def included(entry: bytes, index: int) -> str | None:
             return self._included(entry, index, cp) if cp else (cp_error or "no signed checkpoint")
 
-        eligible, basis, deciding, check, rejected = self._policy(state, *self._records(state_id, included, now))
+        records = self._records(state_id, included, now)
+        eligible, basis, deciding, check, rejected = decide(state, self.config.promotable_types, *records)
         if check is not None:
             checks.append(check)
         anchor = ledger.ok and eligible
-        sentence = self._sentence(state, anchor, ledger, checks, basis)
         return Decision(state_id, anchor, ledger.ok, eligible, basis, deciding.index if deciding else None,
-                        tuple(checks), tuple(rejected), sentence)
+                        tuple(checks), tuple(rejected), sentence(state, anchor, ledger, checks, basis))
 
     def eligible_as_writer(self, state_id: str, now_ns: int | None = None) -> bool:
         """The policy part of a decision with records checked against the log's own leaves (for the index hint).
@@ -478,47 +313,7 @@ class PromotionGate:
         if state is None:
             return False
         now = self.clock() if now_ns is None else now_ns
-        return self._policy(state, *self._records(state_id, self._in_log, now))[0]
-
-    def _policy(self, state: State, valid: list[_Valid], ids_at: dict[int, str],
-                rejected: list[Check]) -> tuple[bool, str, _Valid | None, Check | None, list[Check]]:
-        # (eligible, basis, deciding record, its check, rejected records) from the records that count.
-        type_ok = state.state_type in self.config.promotable_types
-        # A revocation withdraws the override record at its target leaf, and with it every copy of that record.
-        withdrawn = {ids_at[v.record.override_index] for v in valid
-                     if isinstance(v.record, Revocation) and v.record.override_index in ids_at}
-        revocations = [v for v in valid if isinstance(v.record, Revocation) and v.record.override_index is None]
-        overrides = [v for v in valid if isinstance(v.record, Override) and v.record.record_id not in withdrawn]
-        for v in valid:
-            if isinstance(v.record, Override) and v.record.record_id in withdrawn:
-                rejected.append(Check("override", False, f"override at leaf {v.index} was withdrawn by a revocation"))
-        if revocations:
-            v = revocations[0]
-            return False, "revocation", v, Check("revocation", False, f"revoked by {v.record.who} at leaf {v.index}: "
-                                                 f"{v.record.reason}"), rejected
-        if overrides:
-            # The latest issued decides (signed time, so a copy's position in the ledger cannot matter).
-            v = max(overrides, key=lambda v: (v.record.issued_ns, v.index))
-            ok = v.record.action == "promote"
-            return ok, "override", v, Check("override", ok, f"{v.record.action}d by {v.record.who} at leaf {v.index} "
-                                            f"until {_utc(v.record.expires_ns)}: {v.record.reason}"), rejected
-        return type_ok and not state.label.tainted, "default", None, None, rejected
-
-    @staticmethod
-    def _sentence(state: State, anchor: bool, ledger: Check, checks: list[Check], basis: str) -> str:
-        what = f"this {state.state_type}"
-        if not ledger.ok:
-            return f"not an anchor: {what} does not verify against the ledger ({ledger.detail})"
-        last = checks[-1]
-        if basis == "revocation":
-            return f"not an anchor: {what} is {last.detail}"
-        if basis == "override":
-            verdict = "an anchor" if anchor else "not an anchor"
-            return f"{verdict} by override: {what} was {last.detail}; it verifies ({ledger.detail})"
-        failed = [c.detail for c in checks[1:3] if not c.ok]
-        if failed:
-            return f"not an anchor: {what} verifies, but {' and '.join(failed)}; only a signed override could promote it"
-        return f"an anchor: {what} verifies ({ledger.detail}), its type is promotable and it is untainted"
+        return decide(state, self.config.promotable_types, *self._records(state_id, self._in_log, now))[0]
 
     def is_anchor(self, state_id: str) -> bool:
         """True when `state_id` is an anchor now (see explain for why); never writes."""

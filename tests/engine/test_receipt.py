@@ -29,7 +29,7 @@ from fieldprint.ledger import merkle
 from fieldprint.ledger.entry import decode_entry, encode_entry
 from fieldprint.ledger.keys import ensure_key_pair
 from fieldprint.ledger.note import Checkpoint, Signer, generate_key, sign_note
-from fieldprint.memory.policy import Override, sign_record
+from fieldprint.memory.records import Override, sign_record
 
 PROMPT = "What should I cook for Ada tonight? One sentence."
 OTHER_ORIGIN = "other.example/log"

@@ -9,13 +9,8 @@ from memory_harness import LOG_VERIFIER, OPS_SIGNER, OPS_VERIFIER, ROGUE_SIGNER,
 from fieldprint.errors import PolicyError, StateError
 from fieldprint.ledger.entry import decode_entry
 from fieldprint.ledger.note import open_note
-from fieldprint.memory.policy import (
-    GateConfig,
-    Override,
-    Revocation,
-    open_record,
-    sign_record,
-)
+from fieldprint.memory.policy import GateConfig
+from fieldprint.memory.records import Override, Revocation, open_record, sign_record
 
 HOUR = 3600 * 10**9
 
@@ -148,7 +143,7 @@ def test_bad_overrides_are_refused_and_nothing_is_stored(memory, make, match):
 
 def test_malformed_record_bodies_are_refused():
     from fieldprint.ledger.note import sign_note
-    from fieldprint.memory.policy import OVERRIDE_HEADER
+    from fieldprint.memory.records import OVERRIDE_HEADER
 
     sid = "blake3:" + "cd" * 32
     good = Override(sid, "promote", "alice", "r", 1, 2)
@@ -355,7 +350,7 @@ def _run_history(root, replay=None):
     """Apply HISTORY; after step replay[0], replay the note of step replay[1] by replay[2]; decisions per step."""
     from memory_harness import make_memory
 
-    from fieldprint.memory.policy import record_entry
+    from fieldprint.memory.records import record_entry
 
     os.makedirs(root)
     m = make_memory(root)
@@ -479,3 +474,16 @@ def test_labels_given_as_a_string_and_empty_text_are_refused(memory, kwargs, mat
     with pytest.raises(StateError, match="parents must be a list or tuple"):
         memory.pm.add("belief", session="s-1", creator="agent", text="y", parents=parent)
     assert memory.snapshot() == before
+
+
+def test_the_record_format_and_the_decision_rules_touch_no_storage():
+    # records.py (the signed format) and decision.py (pure rules) must stay usable by an offline
+    # verifier: neither reaches the store, the gate's I/O or the Pacemaker.
+    import ast
+
+    from fieldprint.memory import decision, records
+
+    io_modules = {"fieldprint.memory.store", "fieldprint.memory.policy", "fieldprint.memory.pacemaker"}
+    for module in (records, decision):
+        tree = ast.parse(open(module.__file__, encoding="utf-8").read())
+        assert not {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} & io_modules, module

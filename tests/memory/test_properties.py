@@ -29,7 +29,7 @@ from hypothesis.stateful import (
 from memory_harness import OPS_SIGNER, OPS_VERIFIER, ROGUE_SIGNER, make_memory
 
 from fieldprint.errors import PolicyError, StateError
-from fieldprint.memory.policy import (
+from fieldprint.memory.records import (
     Override,
     Revocation,
     open_record,

@@ -6,7 +6,7 @@ import pytest
 from memory_harness import OPS_SIGNER, OPS_VERIFIER, ROGUE_SIGNER, make_memory
 
 from fieldprint.errors import PolicyError, StateError
-from fieldprint.memory.policy import Override, Revocation, sign_record
+from fieldprint.memory.records import Override, Revocation, sign_record
 
 HOUR = 3600 * 10**9
 
