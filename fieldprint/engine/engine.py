@@ -129,11 +129,9 @@ class Engine:
             raise EngineError("anchors must be None, a query string, or a list of state ids")
         promoted, decisions = [], []
         for state in candidates:
-            if state.state_id in mem.withdrawn:
-                if explicit:
-                    raise EngineError(f"state {state.state_id} was withdrawn by a session rollback")
-                continue
             d = mem.gate.explain(state.state_id)
+            if d.basis == "withdrawn" and not explicit:
+                continue  # a withdrawn state left retrieval too: not even a candidate in the receipt
             decisions.append({"state_id": state.state_id, "anchor": d.anchor, "basis": d.basis,
                               "record_index": d.record_index, "why": d.sentence, "type": state.state_type,
                               "taint": sorted(state.label.taint), "text": state.text})

@@ -91,6 +91,9 @@ class Memory:
             raise EngineError(f"the session records in {data_dir} are damaged ({e!r}); the log's generation and "
                               "rollback entries record what they held: restore them from it or remove the files") from None
         self.withdrawn: set[str] = set(withdrawn)
+        # The gate refuses withdrawn states itself, on every path to an anchor; it asks this set
+        # (saved as withdrawn.json) each time, so the set stays the one record of them.
+        gate.why_withdrawn = self.why_withdrawn
         self._lock = threading.Lock()
 
     @classmethod
@@ -128,6 +131,10 @@ class Memory:
                 store.close()
             log.close()
             raise
+
+    def why_withdrawn(self, state_id: str) -> str | None:
+        """Why `state_id` may never be an anchor again (a rollback dropped its turn), or None."""
+        return "withdrawn by a session rollback" if state_id in self.withdrawn else None
 
     @property
     def log_key(self) -> str:

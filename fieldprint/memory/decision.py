@@ -1,9 +1,9 @@
 """What the promotion gate decides from the records that count, and how it says so (pure rules, no I/O).
 
 The gate (policy.py) verifies the ledger and collects the valid override and revocation records;
-the functions here turn those into a decision: a revocation of the state beats everything, a
-revoked override no longer counts, among the active overrides the latest issued decides, and
-otherwise the state's type and taint do.
+the functions here turn those into a decision: the state's withdrawal beats everything, then its
+revocation; a revoked override no longer counts; among the active overrides the latest issued
+decides; otherwise the state's type and taint do.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from fieldprint.memory.state import State
 
 @dataclass(frozen=True, slots=True)
 class Check:
-    """One step of a decision: its name (ledger, type, taint, override, revocation), outcome, detail."""
+    """One step of a decision: its name (ledger, type, taint, override, revocation, withdrawal), outcome, detail."""
 
     name: str
     ok: bool
@@ -31,7 +31,7 @@ class Decision:
     anchor: bool
     verified: bool  # check (1): the ledger entry verifies against a signed checkpoint
     eligible: bool  # the policy part, rules (2)+(3) or (4) of policy.py, ignoring verification
-    basis: str  # "default" (type + taint), "override", "revocation" or "unknown"
+    basis: str  # "default" (type + taint), "override", "revocation", "withdrawn" or "unknown"
     record_index: int | None  # leaf index of the override or revocation that decided, if any
     checks: tuple[Check, ...]
     rejected: tuple[Check, ...] = field(default=())  # override/revocation records that did not count, and why
@@ -51,11 +51,13 @@ class ValidRecord:
 
 
 def decide(state: State, promotable_types: frozenset[str], valid: list[ValidRecord], ids_at: dict[int, str],
-           rejected: list[Check]) -> tuple[bool, str, ValidRecord | None, Check | None, list[Check]]:
+           rejected: list[Check], *, withdrawal: str | None = None,
+           ) -> tuple[bool, str, ValidRecord | None, Check | None, list[Check]]:
     """(eligible, basis, deciding record, its check, rejected records) from the records that count.
 
     `ids_at` maps every verified record leaf (copies too) to its record id; the overrides that a
-    revocation withdrew are added to `rejected`.
+    revocation withdrew are added to `rejected`. `withdrawal` says why the state itself was withdrawn
+(None: it was not).
     """
     type_ok = state.state_type in promotable_types
     # A revocation withdraws the override record at its target leaf, and with it every copy of that record.
@@ -66,6 +68,9 @@ def decide(state: State, promotable_types: frozenset[str], valid: list[ValidReco
     for v in valid:
         if isinstance(v.record, Override) and v.record.record_id in withdrawn:
             rejected.append(Check("override", False, f"override at leaf {v.index} was withdrawn by a revocation"))
+    if withdrawal is not None:
+        # Withdrawal is for good: no record, not even a signed promote override, brings the state back.
+        return False, "withdrawn", None, Check("withdrawal", False, withdrawal), rejected
     if revocations:
         v = revocations[0]
         return False, "revocation", v, Check("revocation", False, f"revoked by {v.record.who} at leaf {v.index}: "
@@ -82,6 +87,8 @@ def decide(state: State, promotable_types: frozenset[str], valid: list[ValidReco
 def sentence(state: State, anchor: bool, ledger: Check, checks: list[Check], basis: str) -> str:
     """The decision in one line for people: what decided, and what failed."""
     what = f"this {state.state_type}"
+    if basis == "withdrawn":  # said first: the one refusal nothing can undo
+        return f"not an anchor: {what} was {checks[-1].detail}; a withdrawn state is never an anchor again, not even by override"
     if not ledger.ok:
         return f"not an anchor: {what} does not verify against the ledger ({ledger.detail})"
     last = checks[-1]

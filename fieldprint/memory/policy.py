@@ -6,9 +6,10 @@ A state is an anchor only when
       the state id; and
   (2) its type is promotable and (3) it is untainted -- or (4) an override allows it: a signed,
       logged, unexpired record by a configured override key.
-A valid revocation of the state overrides everything; a revoked override no longer counts; among
-active overrides the latest issued wins (ties: the later leaf). Overrides never excuse (1):
-provenance is mandatory.
+A state its owner withdrew (`why_withdrawn`: the turns a session rollback dropped) and a state with
+a valid revocation are never anchors, whatever else the records say; a revoked override no longer
+counts; among active overrides the latest issued wins (ties: the later leaf). Overrides never
+excuse (1): provenance is mandatory.
 
 Each record carries a random `record_id` inside its signed body, and a record counts once: apply()
 refuses a record already stored, and a copy logged again (a replay, which needs no key) is listed as
@@ -86,15 +87,26 @@ class GateConfig:
 _SIGNS = "the log signs one on its schedule or on log.checkpoint()"
 
 
+def _never_withdrawn(state_id: str) -> None:
+    return None
+
+
 class PromotionGate:
-    """Decides, explains and records promotion: verify -> revocations -> overrides -> type and taint."""
+    """Decides, explains and records promotion: verify -> withdrawal -> revocations -> overrides -> type and taint.
+
+    `why_withdrawn(state_id)` says why a state was withdrawn, or None: the gate asks it on every
+    decision and keeps no copy, so the owner of the withdrawals (the engine's memory) stays their
+    one record.
+    """
 
     def __init__(self, store: StateStore, log: TransparencyLog, config: GateConfig,
-                 clock: Callable[[], int] = time.time_ns) -> None:
+                 clock: Callable[[], int] = time.time_ns,
+                 why_withdrawn: Callable[[str], str | None] = _never_withdrawn) -> None:
         if config.log_origin is not None and config.log_origin != log.origin:
             raise PolicyError(f"the gate is configured for the log {config.log_origin!r} but was given the log "
                               f"{log.origin!r}; give it that log or change GateConfig.log_origin")
         self.store, self.log, self.config, self.clock = store, log, config, clock
+        self.why_withdrawn = why_withdrawn
         self._verified: tuple[tuple, Checkpoint] | None = None  # the last checkpoint note verified, and under what
 
     @property
@@ -296,7 +308,8 @@ class PromotionGate:
             return self._included(entry, index, cp) if cp else (cp_error or "no signed checkpoint")
 
         records = self._records(state_id, included, now)
-        eligible, basis, deciding, check, rejected = decide(state, self.config.promotable_types, *records)
+        eligible, basis, deciding, check, rejected = decide(state, self.config.promotable_types, *records,
+                                                            withdrawal=self.why_withdrawn(state_id))
         if check is not None:
             checks.append(check)
         anchor = ledger.ok and eligible
@@ -313,7 +326,8 @@ class PromotionGate:
         if state is None:
             return False
         now = self.clock() if now_ns is None else now_ns
-        return decide(state, self.config.promotable_types, *self._records(state_id, self._in_log, now))[0]
+        records = self._records(state_id, self._in_log, now)
+        return decide(state, self.config.promotable_types, *records, withdrawal=self.why_withdrawn(state_id))[0]
 
     def is_anchor(self, state_id: str) -> bool:
         """True when `state_id` is an anchor now (see explain for why); never writes."""

@@ -123,6 +123,25 @@ def test_demotion_latest_override_wins_and_revocations(memory):
     assert not d.anchor and d.basis == "revocation" and "found poisoned" in d.sentence
 
 
+def test_the_gate_itself_refuses_a_withdrawn_state_whatever_the_records_say(memory):
+    # Withdrawal lives in the gate, so every path to an anchor (explain, is_anchor, anchor search,
+    # the index flag after an override) honours it; the owner of the withdrawals is asked each time.
+    s, other = add(memory, text="my cat is called Tom"), add(memory, text="my dog is called Rex")
+    withdrawn = set()
+    memory.gate.why_withdrawn = lambda state_id: "withdrawn by a session rollback" if state_id in withdrawn else None
+    assert memory.gate.is_anchor(s.state_id)
+    withdrawn.add(s.state_id)
+    d = memory.gate.explain(s.state_id)
+    assert not d.anchor and not d.eligible and d.verified and d.basis == "withdrawn" and d.record_index is None
+    assert d.checks[-1].name == "withdrawal" and not d.checks[-1].ok
+    assert "withdrawn by a session rollback" in d.sentence and d.sentence.startswith("not an anchor")
+    d = apply(memory, override(memory, s.state_id, "promote"))  # not even a signed override brings it back
+    assert not d.anchor and d.basis == "withdrawn"
+    assert not memory.gate.eligible_as_writer(s.state_id)
+    assert [h.state.state_id for h in memory.pm.search("my pets", 5, anchors_only=True)] == [other.state_id]
+    assert memory.gate.is_anchor(other.state_id)
+
+
 @pytest.mark.parametrize("make,match", [
     (lambda m, sid: override(m, sid, signer=ROGUE_SIGNER), "no signature by any of the given verifier keys"),
     (lambda m, sid: override(m, sid, issued=T0 - 2 * HOUR), "expired"),

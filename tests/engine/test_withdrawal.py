@@ -1,0 +1,48 @@
+"""A state a rollback withdrew is refused by the memory's gate itself, on every path, before and after a restart."""
+
+import time
+
+from fieldprint.engine.memory import Memory
+from fieldprint.memory.embed import HashingEmbedderForTests
+from fieldprint.memory.records import Override, sign_record
+
+HOUR = 3600 * 10**9
+
+
+def _turn(mem: Memory, session: str, text: str):
+    return mem.record_turn(session, text, f"noted: {text}", {"generation": {"entry": "-"}}, None)
+
+
+def _refused_as_withdrawn(mem: Memory, state_id: str) -> None:
+    mem.ensure_checkpoint()
+    d = mem.gate.explain(state_id)
+    assert not d.anchor and d.verified and d.basis == "withdrawn", d
+    assert "withdrawn by a session rollback" in d.sentence
+    assert not mem.gate.is_anchor(state_id) and not mem.gate.eligible_as_writer(state_id)
+
+
+def test_the_gate_refuses_withdrawn_states_even_with_a_signed_override(tmp_path):
+    mem = Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
+    try:
+        mem.new_session("alice")
+        kept = _turn(mem, "alice", "My dog is called Rex.")
+        dropped = _turn(mem, "alice", "My cat is called Tom.")
+        mem.ensure_checkpoint()
+        assert mem.gate.is_anchor(dropped.user_state)
+        mem.rollback("alice")
+        _refused_as_withdrawn(mem, dropped.user_state)
+        now = time.time_ns()
+        note = sign_record(Override(dropped.user_state, "promote", "ops", "bring it back", now, now + HOUR), mem.operator_key)
+        d = mem.pacemaker.apply(note)  # logged and stored, but the withdrawal wins
+        assert not d.anchor and d.basis == "withdrawn"
+        hits = mem.pacemaker.search("My cat is called Tom.", 5, anchors_only=True)
+        assert dropped.user_state not in {h.state.state_id for h in hits}
+        assert mem.gate.is_anchor(kept.user_state)
+    finally:
+        mem.close()
+    again = Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
+    try:
+        _refused_as_withdrawn(again, dropped.user_state)  # withdrawn.json wires the reopened gate too
+        assert again.gate.is_anchor(kept.user_state)
+    finally:
+        again.close()
