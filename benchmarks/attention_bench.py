@@ -1,9 +1,12 @@
 """PagedFieldprintAttention on the GPU: correctness first (bf16 vs fp32 oracle), then timings.
 
 Sections (by default): check, decode, shared, modes, prefill, naive64k; sweeps on request:
-prefill_tune (tilings x page sizes), int8 (register caps, anchor item sizes, B=1 split counts).
-    python benchmarks/attention_bench.py [--only check,prefill_tune] [--quick] [--out FILE]
-Prints a compact table per section and writes JSON (device, versions, shapes, medians, ratios).
+prefill_tune (tilings x page sizes), int8 (register caps, anchor item sizes, B=1 split counts),
+flashinfer (ours vs FlashInfer 0.5.3 on one shared set of inputs per shape, issue 11; run it with
+benchmarks/gpu/run_attention.sh, which builds FlashInfer's JIT kernels beside it: --fi-build/--fi-status).
+    python benchmarks/attention_bench.py [--only check,prefill_tune] [--quick] [--out FILE] [--budget S]
+Prints a compact table per section and writes JSON (device, versions, shapes, medians, ratios);
+the flashinfer section rewrites it after every shape, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 
 import torch
@@ -102,18 +106,41 @@ def anchor_set(nsets, alen, hkv, d, bs, seq_set, int8=False, dtype=BF, alens=Non
     per = max(1, triton.cdiv(alen, bs))
     nb = nsets * per
     if int8:
-        k = torch.randint(-127, 128, (nb, bs, hkv, d), dtype=torch.int8, device=DEV)
-        v = torch.randint(-127, 128, (nb, bs, hkv, d), dtype=torch.int8, device=DEV)
-        ks = 2.0 ** torch.randint(-9, -5, (hkv, d), device=DEV).float()
-        vs = (2.0 ** torch.randint(-8, -5, (hkv, 1), device=DEV).float()).expand(hkv, d).contiguous()
+        pool = int8_pool(nb, bs, hkv, d)
     else:
-        k = torch.randn(nb, bs, hkv, d, dtype=dtype, device=DEV)
-        v = torch.randn(nb, bs, hkv, d, dtype=dtype, device=DEV)
-        ks = vs = None
+        pool = AnchorPool(torch.randn(nb, bs, hkv, d, dtype=dtype, device=DEV),
+                          torch.randn(nb, bs, hkv, d, dtype=dtype, device=DEV))
     bt = torch.randperm(nb, device=DEV).reshape(nsets, per).to(torch.int32)
     if alens is None:
         alens = torch.full((nsets,), alen, dtype=torch.int32, device=DEV)
-    return AnchorPool(k, v, ks, vs), AnchorRouting(bt, alens, seq_set.to(torch.int32))
+    return pool, AnchorRouting(bt, alens, seq_set.to(torch.int32))
+
+
+# The int8 anchor form: K codes * k_scale (float32 [H_kv, D], per channel) and V codes * 2**v_exp
+# (int8 [num_anchor_blocks, block_size, H_kv], per token and head). A tree still on the older
+# per-channel v_scale gets that form instead (read from AnchorPool's fields), so the bench runs on both.
+V_EXP = "v_exp" in getattr(AnchorPool, "__dataclass_fields__", {})
+
+
+def int8_pool(nb, bs, hkv, d):
+    """Random int8 anchor codes [nb, bs, H_kv, D] with power-of-two scales, as the DQP writes them."""
+    k = torch.randint(-127, 128, (nb, bs, hkv, d), dtype=torch.int8, device=DEV)
+    v = torch.randint(-127, 128, (nb, bs, hkv, d), dtype=torch.int8, device=DEV)
+    ks = 2.0 ** torch.randint(-9, -5, (hkv, d), device=DEV).float()
+    if V_EXP:
+        return AnchorPool(k, v, ks, torch.randint(-8, -5, (nb, bs, hkv), dtype=torch.int8, device=DEV))
+    vs = (2.0 ** torch.randint(-8, -5, (hkv, 1), device=DEV).float()).expand(hkv, d).contiguous()
+    return AnchorPool(k, v, ks, vs)
+
+
+def dequant_pool(pool, dtype=BF):
+    """(K, V) of an int8 AnchorPool as `dtype` values (exact in bf16: 8-bit codes times powers of two)."""
+    k = pool.k.float() * pool.k_scale
+    if V_EXP:
+        v = pool.v.float() * torch.exp2(pool.v_exp.float()).unsqueeze(-1)
+    else:
+        v = pool.v.float() * pool.v_scale
+    return k.to(dtype), v.to(dtype)
 
 
 def relerr(out, ref):
@@ -379,7 +406,7 @@ def section_prefill(quick: bool) -> None:
             paged_attention_prefill(q, cu, k, v, bt, lens, *aa, mode=mode, gamma=0.3, out=out)
             t = med(lambda: paged_attention_prefill(q, cu, k, v, bt, lens, *aa, mode=mode, gamma=0.3,
                                                     check=False, out=out, max_seqlen_q=n))
-            fl = f_causal + (f_anch if aa is not None else 0)
+            fl = f_causal + (f_anch if aa[0] is not None else 0)
             r[name + "_us"] = t
             r[name + "_TFLOPs"] = fl / t / 1e6
         r["ratio_vs_sdpa"] = r["concat_TFLOPs"] / r["sdpa_TFLOPs"]
@@ -611,31 +638,717 @@ def section_naive64k(quick: bool) -> None:
     RESULTS["naive64k"] = r
 
 
+# ----------------------------------------------------------------------------------------------
+# FlashInfer side by side (issue 11): one shared set of inputs per shape, both kernels on it.
+FI_HQ, FI_HKV, FI_D = 32, 8, 128  # Llama-3-8B attention
+FI_WS_BYTES = 512 << 20  # FlashInfer's float workspace (split-KV partials); 128 MB is its usual figure
+OUT_PATH: list[str] = []
+DEADLINE = [float("inf")]  # wall-clock end of this run's budget (--budget)
+
+
+def flush() -> None:
+    """Write RESULTS now (a run cut short keeps what it measured)."""
+    if not OUT_PATH:
+        return
+    path = OUT_PATH[0]
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(RESULTS, f, indent=1, default=str)
+    os.replace(path + ".tmp", path)
+
+
+def time_left() -> float:
+    return DEADLINE[0] - time.time()
+
+
+def _err(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e)[:600]}"
+
+
+def t_events(fn, rep=100) -> float:
+    """Median microseconds of one call: CUDA events (do_bench), or the wall clock on the CPU (smoke)."""
+    if DEV == "cuda":
+        return med(fn, rep=rep)
+    ts = []
+    for _ in range(3):
+        t = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t) * 1e6)
+    return sorted(ts)[1]
+
+
+def t_graph(calls, inner) -> float:
+    """Median microseconds per call under a CUDA graph (med_graph); the wall clock on the CPU (smoke)."""
+    if DEV == "cuda":
+        return med_graph(calls, inner)
+    return t_events(calls[0])
+
+
+def host_cost(fn, n=200, reps=7) -> float:
+    """Median host wall time per call over n back-to-back calls (no graph), microseconds."""
+    fn()
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        if DEV == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        if DEV == "cuda":
+            torch.cuda.synchronize()
+        ts.append((time.perf_counter() - t) / n * 1e6)
+    return sorted(ts)[len(ts) // 2]
+
+
+class FlashInferState:
+    """FlashInfer, when and if usable: it JIT-compiles its kernels with nvcc on first use.
+
+    With a status file (written by `--fi-build` running beside this process), FlashInfer is used only
+    once that build reports the variant built, so no timing waits on nvcc and a failed or cut-short
+    build leaves FlashInfer's columns marked unavailable instead of stalling the run. Without one,
+    FlashInfer is imported here and compiles in-process on first use.
+    """
+
+    def __init__(self, status_path: str | None, disabled: bool):
+        self.status_path = status_path
+        self.fi = None
+        self.failed = "disabled (--no-flashinfer)" if disabled else None
+        self.status: dict = {}
+
+    def _read(self) -> dict:
+        if self.status_path and os.path.exists(self.status_path):
+            try:
+                with open(self.status_path) as f:
+                    self.status = json.load(f)
+            except (OSError, ValueError):
+                pass
+        return self.status
+
+    def built(self, variant: str) -> bool | None:
+        """True/False once the status file says so; None while unknown (no file: True)."""
+        if not self.status_path:
+            return True
+        st = self._read().get("steps", {}).get(variant)
+        if st is not None:
+            return bool(st.get("ok"))
+        return False if self.status.get("done") else None
+
+    def ready(self, variant: str = "fa2") -> bool:
+        """Whether FlashInfer can run `variant` now (never blocks on a build)."""
+        if self.failed:
+            return False
+        b = self.built(variant)
+        if b is None:
+            return False
+        if not b:
+            if variant == "fa2":
+                self.failed = "build failed: " + str(self.status.get("steps", {}).get("fa2", self.status))[:600]
+            return False
+        if self.fi is None:
+            try:
+                import flashinfer
+
+                self.fi = flashinfer
+                RESULTS.setdefault("flashinfer", {})["version"] = getattr(flashinfer, "__version__", "?")
+                try:
+                    import tvm_ffi
+
+                    RESULTS["flashinfer"]["tvm_ffi"] = getattr(tvm_ffi, "__version__", "?")
+                except Exception:  # the fake or a future FlashInfer without it
+                    pass
+            except Exception as e:  # absent or broken: its columns say so
+                self.failed = "import failed: " + _err(e)
+                return False
+        return True
+
+    def pending(self, variant: str = "fa2") -> bool:
+        """True while a build of `variant` is still running (its outcome unknown)."""
+        return not self.failed and self.built(variant) is None
+
+    def wait(self, variant: str, until: float) -> bool:
+        while self.pending(variant) and time.time() < until:
+            time.sleep(2)
+        return self.ready(variant)
+
+    def why(self, variant: str = "fa2") -> str:
+        if self.failed:
+            return self.failed
+        b = self.built(variant)
+        if b is None:
+            return f"{variant} build still running"
+        if b is False:
+            step = self.status.get("steps", {}).get(variant)
+            return f"{variant} build failed: {str(step)[:400]}" if step else f"{variant} not built (not asked for)"
+        return "ok"
+
+
+_FI_WS: list[torch.Tensor] = []
+
+
+def fi_workspace() -> torch.Tensor:
+    if not _FI_WS:
+        _FI_WS.append(torch.zeros(FI_WS_BYTES, dtype=torch.uint8, device=DEV))
+    return _FI_WS[0]
+
+
+def fi_page_lists(bt: torch.Tensor, lens: torch.Tensor, bs: int, anchor_pages: torch.Tensor | None):
+    """FlashInfer's (indptr, indices, last_page_len) for sequences whose pages are [anchor pages; own pages].
+
+    bt: [B, per] own pages; anchor_pages: [A] page ids of the anchor set (whole pages: the set's
+    length is a multiple of the page size), listed first in every sequence's list.
+    """
+    bsz = bt.shape[0]
+    own = ((lens + bs - 1) // bs).tolist()
+    rows = []
+    for b in range(bsz):
+        r = bt[b, : own[b]]
+        rows.append(r if anchor_pages is None else torch.cat([anchor_pages, r]))
+    indices = torch.cat(rows).to(torch.int32)
+    counts = torch.tensor([r.numel() for r in rows], dtype=torch.int32, device=bt.device)
+    indptr = torch.zeros(bsz + 1, dtype=torch.int32, device=bt.device)
+    indptr[1:] = counts.cumsum(0)
+    last = ((lens - 1) % bs + 1).to(torch.int32)
+    return indptr, indices, last
+
+
+def fi_decode_wrapper(fi, indptr, indices, last, bs):
+    """BatchDecodeWithPagedKVCacheWrapper (tensor cores, CUDA-graph mode: fixed buffers), planned once."""
+    w = fi.BatchDecodeWithPagedKVCacheWrapper(
+        fi_workspace(), "NHD", use_cuda_graph=True, use_tensor_cores=True,
+        paged_kv_indptr_buffer=torch.empty_like(indptr), paged_kv_indices_buffer=torch.empty_like(indices),
+        paged_kv_last_page_len_buffer=torch.empty_like(last))
+    w.plan(indptr, indices, last, FI_HQ, FI_HKV, FI_D, bs, q_data_type=BF, kv_data_type=BF)
+    return w
+
+
+def fi_prefill_wrapper(fi, backend, qo_indptr, indptr, indices, last, bs):
+    """BatchPrefillWithPagedKVCacheWrapper (causal; the given backend), planned once."""
+    w = fi.BatchPrefillWithPagedKVCacheWrapper(fi_workspace(), "NHD", backend=backend)
+    w.plan(qo_indptr, indptr, indices, last, FI_HQ, FI_HKV, FI_D, bs, causal=True, q_data_type=BF, kv_data_type=BF)
+    return w
+
+
+def fi_build(status_path: str, variants=("fa2", "fa3")) -> None:
+    """Compile (JIT) and load the FlashInfer variants this bench uses, writing progress to status_path.
+
+    Run beside the bench (the GPU script starts it in the background). The module a tiny problem
+    compiles is the one every shape uses: it depends on dtypes, head dim and options, not on shapes.
+    fa2: the tensor-core decode wrapper and the fa2 prefill wrapper (one module, shared);
+    fa3: the Hopper prefill backend, which the wrapper's "auto" picks on an H200.
+    """
+    st: dict = {"started": time.strftime("%H:%M:%S"), "steps": {}, "done": False}
+
+    def write():
+        with open(status_path + ".tmp", "w") as f:
+            json.dump(st, f, indent=1)
+        os.replace(status_path + ".tmp", status_path)
+
+    t0 = time.time()
+    try:
+        import flashinfer as fi
+
+        st["version"] = getattr(fi, "__version__", "?")
+        st["import_s"] = time.time() - t0
+    except Exception as e:
+        st["import_error"] = _err(e)
+        st["steps"] = {v: {"ok": False, "error": st["import_error"]} for v in variants}
+        st["done"] = True
+        write()
+        return
+    write()
+    bs, ctx, bsz = 16, 40, 2
+    k = torch.randn(16, bs, FI_HKV, FI_D, dtype=BF, device=DEV)
+    v = torch.randn_like(k)
+    bt = torch.arange(6, dtype=torch.int32, device=DEV).reshape(bsz, 3)
+    lens = torch.full((bsz,), ctx, dtype=torch.int32, device=DEV)
+    indptr, indices, last = fi_page_lists(bt, lens, bs, torch.tensor([8, 9], dtype=torch.int32, device=DEV))
+    lock = threading.Lock()
+
+    def build(name):
+        t = time.time()
+        try:
+            if name == "fa2":
+                w = fi_decode_wrapper(fi, indptr, indices, last, bs)
+                w.run(torch.randn(bsz, FI_HQ, FI_D, dtype=BF, device=DEV), (k, v))
+            n = 24
+            qo = torch.tensor([0, n], dtype=torch.int32, device=DEV)
+            ip, ix, la = fi_page_lists(bt[:1], lens[:1], bs, None)
+            w = fi_prefill_wrapper(fi, name, qo, ip, ix, la, bs)
+            w.run(torch.randn(n, FI_HQ, FI_D, dtype=BF, device=DEV), (k, v))
+            if DEV == "cuda":
+                torch.cuda.synchronize()
+            step = {"ok": True, "s": round(time.time() - t, 1)}
+        except Exception as e:
+            step = {"ok": False, "s": round(time.time() - t, 1), "error": _err(e)}
+        with lock:
+            st["steps"][name] = step
+            print(f"flashinfer build {name}: {step}", flush=True)
+            write()
+
+    # The variants compile side by side (each is ~10 nvcc jobs; different modules, different locks).
+    fi_workspace()
+    threads = [threading.Thread(target=build, args=(name,)) for name in variants]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    st["done"] = True
+    st["total_s"] = round(time.time() - t0, 1)
+    write()
+
+
+def _decode_specs(quick: bool, smoke: bool):
+    """Decode shapes in priority order: (B, ctx, page size, anchor tokens, tier)."""
+    if smoke:
+        return [(2, 64, 16, 32, "core"), (1, 48, 16, 32, "core")]
+    k = 1024
+    core = [(1, c, 16, 2 * k) for c in (k, 8 * k, 32 * k)] + [(8, c, 16, 2 * k) for c in (k, 8 * k, 32 * k)] \
+        + [(64, c, 16, 2 * k) for c in (k, 8 * k, 32 * k)]
+    if quick:
+        core = [(1, k, 16, 2 * k), (1, 32 * k, 16, 2 * k), (64, 8 * k, 16, 2 * k), (64, 32 * k, 16, 2 * k)]
+        return [(*s, "core") for s in core] + [(64, 8 * k, 128, 2 * k, "page128")]
+    extra = [(8, 8 * k, 128, 2 * k, "page128"), (64, 8 * k, 128, 2 * k, "page128"), (1, 32 * k, 128, 2 * k, "page128"),
+             (8, 8 * k, 16, 8 * k, "anchors8k"), (64, 8 * k, 16, 8 * k, "anchors8k"),
+             (1, 128 * k, 16, 2 * k, "ctx128k"), (8, 128 * k, 16, 2 * k, "ctx128k"),
+             (256, k, 16, 2 * k, "B256"), (256, 8 * k, 16, 2 * k, "B256"), (256, 32 * k, 16, 2 * k, "B256")]
+    return [(*s, "core") for s in core] + extra
+
+
+def _ref_ok(bsz, ctx, atok) -> bool:
+    """Whether the fp32 reference (one sequence at a time) is cheap enough at this shape."""
+    return bsz * (ctx + atok) <= 300_000 and bsz <= 64
+
+
+def fi_decode_shape(st: FlashInferState, bsz, ctx, bs, atok, tier, hq, hkv, d) -> dict:
+    """One decode shape: ours (bf16 and int8 anchors, and none) vs FlashInfer on one shared K/V pool.
+
+    The pool holds every sequence's own pages and, after them, the anchor set's pages: ours reads
+    the anchors through AnchorPool (a view of those pages) + AnchorRouting (one set shared by the
+    batch); FlashInfer gets them as the first pages of each sequence's page list. Both thus compute
+    softmax(q [K_a; K]^T / sqrt(D)) [V_a; V] (our concat mode).
+    """
+    row = dict(B=bsz, ctx=ctx, page=bs, anchors=atok, tier=tier)
+    use_fi = st.ready("fa2")
+    row["fi"] = "ok" if use_fi else "unavailable: " + st.why("fa2")
+    per = triton.cdiv(ctx, bs)
+    napb = atok // bs
+    nctx = bsz * per
+    bytes_set = 2 * (nctx + napb) * bs * hkv * d * 2
+    ns = n_sets(bytes_set) if DEV == "cuda" else 1
+    row["sets"] = ns
+    bt = torch.randperm(nctx, device=DEV).reshape(bsz, per).to(torch.int32)
+    lens = torch.full((bsz,), ctx, dtype=torch.int32, device=DEV)
+    abt = (nctx + torch.randperm(napb, device=DEV)).to(torch.int32)  # anchor pages in FlashInfer's numbering
+    routing = AnchorRouting((abt - nctx).reshape(1, napb), torch.tensor([atok], dtype=torch.int32, device=DEV),
+                            torch.zeros(bsz, dtype=torch.int32, device=DEV))
+    sets = []
+    for _ in range(ns):
+        kall = torch.randn(nctx + napb, bs, hkv, d, dtype=BF, device=DEV)
+        vall = torch.randn_like(kall)
+        q = torch.randn(bsz, hq, d, dtype=BF, device=DEV)
+        sets.append(dict(kall=kall, vall=vall, k=kall[:nctx], v=vall[:nctx], q=q,
+                         pool=AnchorPool(kall[nctx:], vall[nctx:]), out=torch.empty_like(q), fo=torch.empty_like(q)))
+    inner = max(ns, 10 if bsz * ctx >= 64 * 32768 else 40)
+    w = {}
+    if use_fi:
+        try:
+            for name, ap in (("none", None), ("bf16", abt)):
+                w[name] = fi_decode_wrapper(st.fi, *fi_page_lists(bt, lens, bs, ap), bs)
+        except Exception as e:
+            row["fi"] = "plan failed: " + _err(e)
+            use_fi = False
+    for name in ("none", "bf16"):  # no anchors; bf16 anchors
+        a = (None, None) if name == "none" else None  # anchors: per set
+
+        def ours(s, a=a):
+            aa = a if a is not None else (s["pool"], routing)
+            return lambda: paged_attention_decode(s["q"], s["k"], s["v"], bt, lens, *aa, check=False, out=s["out"])
+
+        s0 = sets[0]
+        aa0 = (None, None) if name == "none" else (s0["pool"], routing)
+        s0["out"].fill_(float("nan"))
+        paged_attention_decode(s0["q"], s0["k"], s0["v"], bt, lens, *aa0, out=s0["out"])  # checked call
+        o_ours = s0["out"].clone()
+        r = {"ours_nan": bool(o_ours.isnan().any())}
+        if _ref_ok(bsz, ctx, atok if name == "bf16" else 0):
+            ref = reference_paged(s0["q"], None, s0["k"], s0["v"], bt, lens, *aa0, dtype=torch.float32)
+            r["ours_relerr_ref"] = relerr(o_ours, ref)
+        else:
+            ref = None
+        r["ours_ev_us"] = t_events(ours(s0))
+        r["ours_us"] = t_graph([ours(s) for s in sets], inner)
+        if use_fi:
+            wr = w[name]
+            try:
+                s0["fo"].fill_(float("nan"))
+                wr.run(s0["q"], (s0["kall"], s0["vall"]), out=s0["fo"])
+                r["maxdiff_vs_fi"] = (o_ours.float() - s0["fo"].float()).abs().max().item()
+                r["relerr_vs_fi"] = relerr(o_ours, s0["fo"])
+                if ref is not None:
+                    r["fi_relerr_ref"] = relerr(s0["fo"], ref)
+                r["fi_ev_us"] = t_events(lambda: wr.run(s0["q"], (s0["kall"], s0["vall"]), out=s0["fo"]))
+                r["ratio_ev"] = r["ours_ev_us"] / r["fi_ev_us"]
+            except Exception as e:
+                r["fi_error"] = _err(e)
+            if "fi_ev_us" in r:
+                try:
+                    r["fi_us"] = t_graph([lambda s=s: wr.run(s["q"], (s["kall"], s["vall"]), out=s["fo"]) for s in sets], inner)
+                    r["ratio"] = r["ours_us"] / r["fi_us"]
+                except Exception as e:  # no graph for FlashInfer: its event timing above still stands
+                    r["fi_graph_error"] = _err(e)
+        ref = None
+        row[name] = r
+    # int8 anchors (ours only; FlashInfer has no int8-anchor path): time against FlashInfer's bf16 run
+    # above, and check the output against FlashInfer on the dequantized (bf16-exact) anchors.
+    try:
+        for s in sets:
+            s["pool8"] = int8_pool(napb, bs, hkv, d)
+        s0 = sets[0]
+        s0["out"].fill_(float("nan"))
+        paged_attention_decode(s0["q"], s0["k"], s0["v"], bt, lens, s0["pool8"], routing, out=s0["out"])
+        o8 = s0["out"].clone()
+        r = {"ours_nan": bool(o8.isnan().any())}
+        r["ours_ev_us"] = t_events(lambda: paged_attention_decode(s0["q"], s0["k"], s0["v"], bt, lens, s0["pool8"], routing,
+                                                                  check=False, out=s0["out"]))
+        r["ours_us"] = t_graph([lambda s=s: paged_attention_decode(s["q"], s["k"], s["v"], bt, lens, s["pool8"], routing,
+                                                                   check=False, out=s["out"]) for s in sets], inner)
+        kd, vd = dequant_pool(s0["pool8"])
+        if _ref_ok(bsz, ctx, atok):
+            ref = reference_paged(s0["q"], None, s0["k"], s0["v"], bt, lens, s0["pool8"], routing, dtype=torch.float32)
+            r["ours_relerr_ref"] = relerr(o8, ref)
+            ref = None
+        fa = row["bf16"]
+        if use_fi and "fi_us" in fa:
+            s0["kall"][nctx:].copy_(kd)
+            s0["vall"][nctx:].copy_(vd)
+            s0["fo"].fill_(float("nan"))
+            w["bf16"].run(s0["q"], (s0["kall"], s0["vall"]), out=s0["fo"])
+            r["maxdiff_vs_fi_dequant"] = (o8.float() - s0["fo"].float()).abs().max().item()
+            r["relerr_vs_fi_dequant"] = relerr(o8, s0["fo"])
+            r["ratio_vs_fi_bf16"] = r["ours_us"] / fa["fi_us"]
+            r["ratio_ev_vs_fi_bf16"] = r["ours_ev_us"] / fa["fi_ev_us"]
+        r["over_ours_bf16"] = r["ours_us"] / row["bf16"]["ours_us"]
+        row["int8"] = r
+    except Exception as e:
+        row["int8"] = {"error": _err(e)}
+    sets = w = None
+    return row
+
+
+def _fmt(x, spec=".1f"):
+    return "-" if x is None else format(x, spec)
+
+
+def _print_decode(row):
+    for name in ("none", "bf16", "int8"):
+        r = row.get(name, {})
+        if "error" in r:
+            print(f"  B={row['B']:3} ctx={row['ctx']:6} page={row['page']:3} {name:7}: error {r['error']}", flush=True)
+            continue
+        fi_us = r.get("fi_us") if name != "int8" else row.get("bf16", {}).get("fi_us")
+        ratio = r.get("ratio", r.get("ratio_vs_fi_bf16"))
+        diff = r.get("maxdiff_vs_fi", r.get("maxdiff_vs_fi_dequant"))
+        print(f"  B={row['B']:3} ctx={row['ctx']:6} page={row['page']:3} anc={row['anchors'] if name != 'none' else 0:5} "
+              f"{name:7}: ours {_fmt(r.get('ours_us')):>8} us (ev {_fmt(r.get('ours_ev_us')):>8})  FI {_fmt(fi_us):>8}"
+              f"  ours/FI {_fmt(ratio, '.3f'):>6}  max|d| vs FI {_fmt(diff, '.2e')}  relerr ref {_fmt(r.get('ours_relerr_ref'), '.1e')}",
+              flush=True)
+
+
+def fi_prefill_shape(st: FlashInferState, n, bs, atok, hq, hkv, d) -> dict:
+    """One sequence, `atok` anchor tokens then n new tokens (causal): ours vs FlashInfer fa2 / fa3."""
+    row = dict(N=n, page=bs, anchors=atok)
+    per = triton.cdiv(n, bs)
+    napb = atok // bs
+    kall = torch.randn(per + napb, bs, hkv, d, dtype=BF, device=DEV)
+    vall = torch.randn_like(kall)
+    k, v = kall[:per], vall[:per]
+    bt = torch.randperm(per, device=DEV).reshape(1, per).to(torch.int32)
+    lens = torch.tensor([n], dtype=torch.int32, device=DEV)
+    abt = (per + torch.randperm(napb, device=DEV)).to(torch.int32)
+    a = (AnchorPool(kall[per:], vall[per:]),
+         AnchorRouting((abt - per).reshape(1, napb), torch.tensor([atok], dtype=torch.int32, device=DEV),
+                       torch.zeros(1, dtype=torch.int32, device=DEV)))
+    cu = torch.tensor([0, n], dtype=torch.int32, device=DEV)
+    q = torch.randn(n, hq, d, dtype=BF, device=DEV)
+    out = torch.full_like(q, float("nan"))
+    flops = 4 * d * hq * (n * n / 2 + n * atok)
+    paged_attention_prefill(q, cu, k, v, bt, lens, *a, out=out)
+    o_ours = out.clone()
+    row["ours_nan"] = bool(o_ours.isnan().any())
+    ref = None
+    if n <= 4096:
+        ref = reference_paged(q, cu, k, v, bt, lens, *a, dtype=torch.float32)
+        row["ours_relerr_ref"] = relerr(o_ours, ref)
+    row["ours_us"] = t_events(lambda: paged_attention_prefill(q, cu, k, v, bt, lens, *a, check=False, out=out, max_seqlen_q=n),
+                              rep=200)
+    row["ours_TFLOPs"] = flops / row["ours_us"] / 1e6
+    for backend in ("fa2", "fa3"):
+        if not st.ready(backend):
+            row[backend] = "unavailable: " + st.why(backend)
+            continue
+        try:
+            w = fi_prefill_wrapper(st.fi, backend, cu, *fi_page_lists(bt, lens, bs, abt), bs)
+            fo = torch.full_like(q, float("nan"))
+            w.run(q, (kall, vall), out=fo)
+            row[backend + "_maxdiff_vs_ours"] = (o_ours.float() - fo.float()).abs().max().item()
+            row[backend + "_relerr_vs_ours"] = relerr(o_ours, fo)
+            if ref is not None:
+                row[backend + "_relerr_ref"] = relerr(fo, ref)
+            t = t_events(lambda: w.run(q, (kall, vall), out=fo), rep=200)
+            row[backend + "_us"] = t
+            row[backend + "_TFLOPs"] = flops / t / 1e6
+            row["ratio_" + backend] = row["ours_us"] / t
+        except Exception as e:
+            row[backend] = "error: " + _err(e)
+    return row
+
+
+def _print_prefill(r):
+    parts = [f"  prefill N={r['N']:6} page={r['page']:3} anc={r['anchors']}: ours {r['ours_TFLOPs']:6.0f} TFLOP/s"]
+    for b in ("fa2", "fa3"):
+        if b + "_TFLOPs" in r:
+            parts.append(f"FI-{b} {r[b + '_TFLOPs']:6.0f} (ours/FI time {r['ratio_' + b]:.3f}, max|d| {r[b + '_maxdiff_vs_ours']:.2e})")
+        else:
+            parts.append(f"FI-{b} {r.get(b, '-')}")
+    print("  ".join(parts), flush=True)
+
+
+def fi_host_cost(st: FlashInferState, hq, hkv, d, bsz=1, ctx=1024, bs=16, atok=2048) -> dict:
+    """Host cost of one decode call without a graph: N back-to-back calls on a tiny shape, wall time / N."""
+    per = triton.cdiv(ctx, bs)
+    napb = atok // bs
+    kall = torch.randn(per * bsz + napb, bs, hkv, d, dtype=BF, device=DEV)
+    vall = torch.randn_like(kall)
+    nctx = per * bsz
+    bt = torch.arange(nctx, dtype=torch.int32, device=DEV).reshape(bsz, per)
+    lens = torch.full((bsz,), ctx, dtype=torch.int32, device=DEV)
+    abt = torch.arange(nctx, nctx + napb, dtype=torch.int32, device=DEV)
+    a = (AnchorPool(kall[nctx:], vall[nctx:]),
+         AnchorRouting((abt - nctx).reshape(1, napb), torch.tensor([atok], dtype=torch.int32, device=DEV),
+                       torch.zeros(bsz, dtype=torch.int32, device=DEV)))
+    q = torch.randn(bsz, hq, d, dtype=BF, device=DEV)
+    out, fo = torch.empty_like(q), torch.empty_like(q)
+    k, v = kall[:nctx], vall[:nctx]
+    n = 200 if DEV == "cuda" else 3
+    r = dict(B=bsz, ctx=ctx, page=bs, anchors=atok, calls=n, fa3_build_running=st.pending("fa3"))
+    r["ours_us"] = host_cost(lambda: paged_attention_decode(q, k, v, bt, lens, check=False, out=out), n=n)
+    r["ours_anchors_us"] = host_cost(lambda: paged_attention_decode(q, k, v, bt, lens, *a, check=False, out=out), n=n)
+    r["ours_checked_us"] = host_cost(lambda: paged_attention_decode(q, k, v, bt, lens, out=out), n=n)
+    r["ours_gpu_us"] = t_graph([lambda: paged_attention_decode(q, k, v, bt, lens, check=False, out=out)], 40)
+    if st.ready("fa2"):
+        try:
+            for name, ap in (("", None), ("_anchors", abt)):
+                w = fi_decode_wrapper(st.fi, *fi_page_lists(bt, lens, bs, ap), bs)
+                r["fi" + name + "_us"] = host_cost(lambda w=w: w.run(q, (kall, vall), out=fo), n=n)
+                if not name:
+                    r["fi_gpu_us"] = t_graph([lambda w=w: w.run(q, (kall, vall), out=fo)], 40)
+            r["ratio"] = r["ours_us"] / r["fi_us"]
+            r["ratio_anchors"] = r["ours_anchors_us"] / r["fi_anchors_us"]
+        except Exception as e:
+            r["fi_error"] = _err(e)
+    else:
+        r["fi"] = "unavailable: " + st.why("fa2")
+    print(f"  host cost per decode call (B={bsz}, ctx={ctx}, no graph, {n} back-to-back calls): ours {r['ours_us']:.1f} us "
+          f"(anchors {r['ours_anchors_us']:.1f}, checked {r['ours_checked_us']:.1f}; GPU {r['ours_gpu_us']:.1f})  FI "
+          f"{_fmt(r.get('fi_us'))} (anchors {_fmt(r.get('fi_anchors_us'))}; GPU {_fmt(r.get('fi_gpu_us'))})  "
+          f"ours/FI {_fmt(r.get('ratio'), '.2f')}", flush=True)
+    return r
+
+
+FI_ARGS: dict = {}
+
+
+def section_flashinfer(quick: bool) -> None:
+    """Ours vs FlashInfer 0.5.3 on Llama-3-8B attention (Hq=32, Hkv=8, D=128, bf16), issue 11.
+
+    Decode: B x context x page size with 2k anchors shared by the batch (and none; int8 anchors
+    ours only), FlashInfer's tensor-core decode wrapper planned once, events and CUDA-graph medians.
+    Prefill: one sequence after 2k anchors, causal, vs FlashInfer's prefill wrapper (fa2, and fa3
+    where built). Host cost of one decode call. Shapes run in priority order until --budget is
+    spent; the rest are recorded as skipped. A shape met before FlashInfer's build is done gets
+    ours measured, and is measured again, FlashInfer included, once it is.
+    """
+    smoke = FI_ARGS.get("smoke", False)
+    hq, hkv, d = (8, 2, 64) if smoke else (FI_HQ, FI_HKV, FI_D)
+    st = FlashInferState(FI_ARGS.get("status"), FI_ARGS.get("disabled", False))
+    res = RESULTS.setdefault("flashinfer", {})
+    res.update(dict(shape=dict(Hq=hq, Hkv=hkv, D=d, dtype="bf16"), int8_v_form="v_exp" if V_EXP else "v_scale",
+                    decode=[], prefill=[], skipped=[], ratio="ours time / FlashInfer time (lower is better)",
+                    fi_decode="BatchDecodeWithPagedKVCacheWrapper(NHD, use_tensor_cores=True, use_cuda_graph=True)",
+                    fi_prefill="BatchPrefillWithPagedKVCacheWrapper(NHD, causal=True), backends fa2 and fa3"))
+    res["dlpack_c_exchange"] = hasattr(torch.Tensor, "__dlpack_c_exchange_api__")
+    flush()
+
+    def status():
+        res["build"] = st._read() if st.status_path else "in-process"
+
+    specs = _decode_specs(quick, smoke)
+    pending: list = []
+    est = {"core": 8, "page128": 8, "anchors8k": 8, "ctx128k": 15, "B256": 25}
+
+    def run_decode(spec, i):
+        bsz, ctx, bs, atok, tier = spec
+        t0 = time.time()
+        try:
+            row = fi_decode_shape(st, bsz, ctx, bs, atok, tier, hq, hkv, d)
+            row["wall_s"] = round(time.time() - t0, 1)
+        except Exception as e:
+            row = dict(B=bsz, ctx=ctx, page=bs, anchors=atok, tier=tier, error=_err(e))
+            print(f"  B={bsz} ctx={ctx} page={bs}: error {row['error']}", flush=True)
+        else:
+            _print_decode(row)
+        if i is None:
+            res["decode"].append(row)
+        else:
+            res["decode"][i] = row
+        status()
+        flush()
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+        return row
+
+    def retry_pending():
+        while pending and st.ready("fa2") and time_left() > 20:
+            i, spec = pending.pop(0)
+            run_decode(spec, i)
+
+    prefill_specs = [(4096, 16), (4096, 128), (16384, 16), (16384, 128)]
+    if quick:
+        prefill_specs = [(4096, 128), (16384, 128)]
+    if smoke:
+        prefill_specs = [(40, 16)]
+    atok_p = 32 if smoke else 2048
+    prefill_done = []
+
+    def run_prefill(i=None, specs=None):
+        for n, bs in specs or prefill_specs:
+            if time_left() < 15:
+                res["skipped"].append(dict(kind="prefill", N=n, page=bs, why="budget"))
+                continue
+            try:
+                row = fi_prefill_shape(st, n, bs, atok_p, hq, hkv, d)
+                _print_prefill(row)
+            except Exception as e:
+                row = dict(N=n, page=bs, anchors=atok_p, error=_err(e))
+                print(f"  prefill N={n} page={bs}: error {row['error']}", flush=True)
+            if i is None:
+                res["prefill"].append(row)
+                prefill_done.append((n, bs))
+            else:
+                j = next(j for j, r in enumerate(res["prefill"]) if r.get("N") == n and r.get("page") == bs)
+                res["prefill"][j] = row
+            status()
+            flush()
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
+
+    core = [s for s in specs if s[4] == "core"]
+    rest = [s for s in specs if s[4] != "core"]
+    for spec in core:
+        retry_pending()
+        if time_left() < est[spec[4]] + 60:  # keep time for prefill and the host cost
+            res["skipped"].append(dict(kind="decode", B=spec[0], ctx=spec[1], page=spec[2], anchors=spec[3], why="budget"))
+            continue
+        row = run_decode(spec, None)
+        if "still running" in str(row.get("fi")) and (st.pending("fa2") or st.ready("fa2")):
+            pending.append((len(res["decode"]) - 1, spec))
+    # FlashInfer still compiling: wait for it (bounded), then measure what was met before it.
+    if pending and st.pending("fa2"):
+        print(f"  waiting for FlashInfer's build (up to {max(0, time_left() - 90):.0f} s)...", flush=True)
+        st.wait("fa2", time.time() + max(0, time_left() - 90))
+    retry_pending()
+    run_prefill()
+    res["host_cost"] = fi_host_cost(st, hq, hkv, d, bs=16, atok=32 if smoke else 2048, ctx=64 if smoke else 1024)
+    flush()
+    for spec in rest:
+        if time_left() < est[spec[4]] + 5:
+            res["skipped"].append(dict(kind="decode", B=spec[0], ctx=spec[1], page=spec[2], anchors=spec[3], why="budget"))
+            continue
+        bsz, ctx, bs, atok, _ = spec
+        need = 2 * (bsz * ctx + atok) * hkv * d * 2 * 2.5  # pool, rotation sets aside, plus slack
+        if DEV == "cuda" and need > torch.cuda.mem_get_info()[0]:
+            res["skipped"].append(dict(kind="decode", B=bsz, ctx=ctx, page=bs, anchors=atok, why="memory"))
+            continue
+        run_decode(spec, None)
+    # fa3 built late: prefill again with it, if time is left.
+    if st.ready("fa3") and any(isinstance(r.get("fa3"), str) and "still running" in r["fa3"] for r in res["prefill"]):
+        run_prefill(i=True, specs=[(r["N"], r["page"]) for r in res["prefill"] if isinstance(r.get("fa3"), str)])
+    status()
+    for r in res["decode"]:  # rows met while the build ran, never re-measured: say why in the end
+        if "still running" in str(r.get("fi", "")) and not st.pending("fa2"):
+            r["fi"] = "not re-measured (budget); FlashInfer: " + st.why("fa2")
+    res["unmeasured_fi"] = [dict(B=r.get("B"), ctx=r.get("ctx"), page=r.get("page")) for r in res["decode"] if r.get("fi") != "ok"]
+    flush()
+
+
 SECTIONS = {"check": section_check, "decode": section_decode, "shared": section_shared,
             "modes": section_modes, "prefill": section_prefill, "naive64k": section_naive64k,
-            "prefill_tune": section_prefill_tune, "int8": section_int8}
+            "prefill_tune": section_prefill_tune, "int8": section_int8, "flashinfer": section_flashinfer}
 
 
 def main() -> None:
-    """Run the chosen sections and write the JSON results."""
+    """Run the chosen sections and write the JSON results (after every section; flashinfer: every shape)."""
+    global DEV, BF
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="check,decode,shared,modes,prefill,naive64k")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "attention_bench.json"))
     ap.add_argument("--batches", default="", help="decode batch sizes, e.g. 1,8 (default 1,8,64)")
+    ap.add_argument("--budget", type=float, default=0.0,
+                    help="seconds for the whole run (flashinfer section: shapes past it are skipped and recorded); 0 = none")
+    ap.add_argument("--keep-going", action="store_true", help="a section that fails is recorded and the next one runs")
+    ap.add_argument("--fi-status", default=None,
+                    help="status file of a FlashInfer build running beside this run (--fi-build); FlashInfer is used once it is built")
+    ap.add_argument("--fi-build", default=None, metavar="STATUS",
+                    help="only compile FlashInfer's kernels (JIT), writing progress to STATUS, then exit")
+    ap.add_argument("--fi-variants", default="fa2,fa3", help="with --fi-build: which FlashInfer variants to compile")
+    ap.add_argument("--no-flashinfer", action="store_true", help="flashinfer section: ours only")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny shapes; runs on the CPU too (TRITON_INTERPRET=1), to check the script's own logic")
     args = ap.parse_args()
+    t_start = time.time()
+    if args.budget > 0:
+        DEADLINE[0] = t_start + args.budget
+    if not torch.cuda.is_available():
+        if not args.smoke:
+            raise SystemExit("no GPU: only --smoke runs on the CPU")
+        DEV = "cpu"
+        BF = torch.float32  # the interpreter has no bf16 arithmetic: the smoke checks logic, not numbers
+    if args.fi_build:
+        fi_build(args.fi_build, tuple(v for v in args.fi_variants.split(",") if v))
+        return
     BATCHES.extend(int(x) for x in args.batches.split(",") if x)
-    props = torch.cuda.get_device_properties(0)
-    RESULTS["meta"] = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
-                           triton=triton.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    FI_ARGS.update(smoke=args.smoke, status=args.fi_status, disabled=args.no_flashinfer)
+    OUT_PATH.append(args.out)
+    if DEV == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        RESULTS["meta"] = dict(device=props.name, sms=props.multi_processor_count)
+    else:
+        RESULTS["meta"] = dict(device="cpu (smoke)", sms=0)
+    RESULTS["meta"].update(torch=torch.__version__, triton=triton.__version__, args=vars(args),
+                           date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     print(RESULTS["meta"], flush=True)
+    flush()
     for name in args.only.split(","):
         t0 = time.time()
-        SECTIONS[name](args.quick)
+        try:
+            SECTIONS[name](args.quick)
+        except (Exception, SystemExit) as e:
+            if not args.keep_going:
+                RESULTS.setdefault("errors", {})[name] = _err(e)
+                flush()
+                raise
+            RESULTS.setdefault("errors", {})[name] = _err(e)
+            print(f"section {name} failed: {_err(e)}", flush=True)
+            if DEV == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
         RESULTS.setdefault("section_seconds", {})[name] = time.time() - t0
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(RESULTS, f, indent=1)
+        flush()
+    RESULTS["total_seconds"] = time.time() - t_start
+    flush()
 
 
 if __name__ == "__main__":
