@@ -5,11 +5,12 @@ facts, each with its own question. For each pair: a greedy continuation of 52 to
 with full-precision anchors; then the prompt plus that continuation is scored (teacher-forced) under
 full-precision anchors and under int8 anchors three ways, side by side:
 
-- `int8`: the engine's path, the int8 pool read by the attention code with the model's calibrated
-  DQP profile (power-of-two scales per channel for K and for V, profile format 2);
-- `v_per_head`: the same, but V with one scale per head (profile format 1, the earlier default);
-- `v_per_token`: K as in `int8`, V with a power-of-two scale per token and head (KIVI's split),
-  which DQP v1's pool layout cannot hold (it keeps one scale per layer, head and channel).
+- `int8`: the engine's path, the int8 pool read by the attention code: K with the model's calibrated
+  power-of-two scales per channel, V with one power-of-two scale per token and head (KIVI's split;
+  DQP profile format 3, the row layout);
+- `v_per_channel`: K as in `int8`, V with calibrated scales per channel (profile format 2, the
+  engine's choice until 2026-12-01);
+- `v_per_head`: the same with one calibrated V scale per head (profile format 1).
 
 The last two are simulated exactly: the codes are dequantized into the full-precision pool.
 Reported: top-1 agreement and KL(full || int8 way) per position, and whether full-precision anchors
@@ -33,7 +34,6 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from fieldprint.dqp import dequantize, quantize_codes  # noqa: E402
-from fieldprint.dqp_profile import exponent_for_bound  # noqa: E402
 from fieldprint.engine.anchors import AnchorCompiler, anchor_text, calibrate_profile, prefill_kv, split_prompt  # noqa: E402
 from fieldprint.engine.loader import load_model  # noqa: E402
 from fieldprint.engine.runner import ModelRunner, RunnerConfig  # noqa: E402
@@ -82,16 +82,11 @@ def greedy(runner, seq: Sequence, n: int) -> list[int]:
         runner.blocks.release(seq.block_table)
 
 
-def v_per_head(profile, v: torch.Tensor, layer: int) -> torch.Tensor:
-    e = profile.exponents(layer, "V")
-    return dequantize(quantize_codes(v, np.repeat(e.max(axis=1, keepdims=True), e.shape[1], axis=1)),
-                      np.repeat(e.max(axis=1, keepdims=True), e.shape[1], axis=1))
-
-
-def v_per_token(v: torch.Tensor) -> torch.Tensor:
-    bound = v.abs().amax(-1, keepdim=True).double().numpy()
-    scale = torch.from_numpy(np.ldexp(1.0, exponent_for_bound(bound).astype(np.int64))).float()
-    return torch.clamp(torch.round(v / scale), -127, 127) * scale
+def fixed_v(e: np.ndarray, v: torch.Tensor, per_head: bool) -> torch.Tensor:
+    """V through fixed exponents e [H, D] (per head: each head's largest, repeated along D), dequantized."""
+    if per_head:
+        e = np.repeat(e.max(axis=1, keepdims=True), e.shape[1], axis=1)
+    return dequantize(quantize_codes(v, e), e)
 
 
 def main() -> None:
@@ -101,10 +96,11 @@ def main() -> None:
     full = ModelRunner(lm, RunnerConfig(anchor_dtype="model", **cfg))
     q8 = ModelRunner(lm, RunnerConfig(anchor_dtype="int8", **cfg))
     profile = calibrate_profile(full, "smollm2")
+    channels = calibrate_profile(full, "smollm2", v_granularity="channel")
     writers = {"full": AnchorCompiler(full, None, None, None, None), "int8": AnchorCompiler(q8, None, None, profile, None)}
     rng = random.Random(20261201)
     tok = lm.tokenizer
-    ways = ("int8", "v_per_head", "v_per_token")
+    ways = ("int8", "v_per_channel", "v_per_head")
     agree, kls = dict.fromkeys(ways, 0), {w: [] for w in ways}
     total = prefix_equal = 0
     per_set = []
@@ -127,8 +123,8 @@ def main() -> None:
         slot = full.anchor_pool.sets[f"set{i}"]
         kq = torch.stack([dequantize(quantize_codes(k[l], profile.exponents(l, "K")), profile.exponents(l, "K"))
                           for l in range(k.shape[0])])
-        for way, vq in (("v_per_head", [v_per_head(profile, v[l], l) for l in range(v.shape[0])]),
-                        ("v_per_token", [v_per_token(v[l]) for l in range(v.shape[0])])):
+        for way, per_head in (("v_per_channel", False), ("v_per_head", True)):
+            vq = [fixed_v(channels.exponents(l, "V"), v[l], per_head) for l in range(v.shape[0])]
             writers["full"]._write(slot.blocks, kq, torch.stack(vq))
             lps[way] = score(full, lm, Sequence(list(seq_ids), SamplingParams(), anchor_key=f"set{i}", anchor_len=len(head)))
         row = {"facts": len(facts), "anchor_tokens": len(head), "positions": a.shape[0], "prefix_equal": as_prefix == cont}

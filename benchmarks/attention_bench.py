@@ -30,6 +30,7 @@ from fieldprint.kernels.paged_attention import (  # noqa: E402
     AnchorRouting,
     paged_attention_decode,
     paged_attention_prefill,
+    plan_decode,
 )
 from fieldprint.kernels.reference import (  # noqa: E402
     naive_decode_batched,
@@ -1136,6 +1137,10 @@ def fi_host_cost(st: FlashInferState, hq, hkv, d, bsz=1, ctx=1024, bs=16, atok=2
     r["ours_us"] = host_cost(lambda: paged_attention_decode(q, k, v, bt, lens, check=False, out=out), n=n)
     r["ours_anchors_us"] = host_cost(lambda: paged_attention_decode(q, k, v, bt, lens, *a, check=False, out=out), n=n)
     r["ours_checked_us"] = host_cost(lambda: paged_attention_decode(q, k, v, bt, lens, out=out), n=n)
+    # The comparable of FlashInfer's plan()/run(): plan once per step, run per call (what the engine does per layer).
+    plan, plan_a = plan_decode(q, k, v, bt, lens, check=False), plan_decode(q, k, v, bt, lens, *a, check=False)
+    r["ours_plan_us"] = host_cost(lambda: plan.run(q, k, v, out=out), n=n)
+    r["ours_plan_anchors_us"] = host_cost(lambda: plan_a.run(q, k, v, a[0], out=out), n=n)
     r["ours_gpu_us"] = t_graph([lambda: paged_attention_decode(q, k, v, bt, lens, check=False, out=out)], 40)
     if st.ready("fa2"):
         try:
@@ -1146,12 +1151,15 @@ def fi_host_cost(st: FlashInferState, hq, hkv, d, bsz=1, ctx=1024, bs=16, atok=2
                     r["fi_gpu_us"] = t_graph([lambda w=w: w.run(q, (kall, vall), out=fo)], 40)
             r["ratio"] = r["ours_us"] / r["fi_us"]
             r["ratio_anchors"] = r["ours_anchors_us"] / r["fi_anchors_us"]
+            r["ratio_plan"] = r["ours_plan_us"] / r["fi_us"]
+            r["ratio_plan_anchors"] = r["ours_plan_anchors_us"] / r["fi_anchors_us"]
         except Exception as e:
             r["fi_error"] = _err(e)
     else:
         r["fi"] = "unavailable: " + st.why("fa2")
     print(f"  host cost per decode call (B={bsz}, ctx={ctx}, no graph, {n} back-to-back calls): ours {r['ours_us']:.1f} us "
-          f"(anchors {r['ours_anchors_us']:.1f}, checked {r['ours_checked_us']:.1f}; GPU {r['ours_gpu_us']:.1f})  FI "
+          f"(anchors {r['ours_anchors_us']:.1f}, checked {r['ours_checked_us']:.1f}; planned {r['ours_plan_us']:.1f}, "
+          f"planned with anchors {r['ours_plan_anchors_us']:.1f}; GPU {r['ours_gpu_us']:.1f})  FI "
           f"{_fmt(r.get('fi_us'))} (anchors {_fmt(r.get('fi_anchors_us'))}; GPU {_fmt(r.get('fi_gpu_us'))})  "
           f"ours/FI {_fmt(r.get('ratio'), '.2f')}", flush=True)
     return r

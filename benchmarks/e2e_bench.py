@@ -242,6 +242,47 @@ def floor_section(lm, runs: dict, p, bandwidth: float, device: torch.device) -> 
     return out
 
 
+def greedy_step(runner: ModelRunner, seq: Sequence, logits: torch.Tensor) -> torch.Tensor:
+    """Append the argmax token and run one decode step of `seq` alone; its logits."""
+    seq.output_ids.append(int(logits.argmax(-1)[0]))
+    logits = runner.forward([seq], [1])
+    seq.num_cached += 1
+    return logits
+
+
+def profile_section(runner: ModelRunner, p, rng: random.Random, cs=None, steps: int = 20) -> dict:
+    """Where a batch-1 decode step's GPU time goes: kernels by time per step (torch.profiler, CUDA graphs
+    replayed as in serving), with and without the anchor set; what the floor gap is made of."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for label, anchor in (("none", None), ("anchors", cs)):
+        (seq,) = requests(rng, 1, p["prompt"], steps + 2, runner.args.vocab_size, anchor)
+        runner.blocks.grow(seq.block_table, len(seq) + steps + 2)
+        try:
+            logits = runner.forward([seq], [len(seq)])
+            seq.num_cached = len(seq)
+            logits = greedy_step(runner, seq, logits)  # the graph for batch 1 is captured outside the profile
+            sync(runner.device)
+            cuda = runner.device.type == "cuda"  # the CPU (--smoke) reports operators' own CPU time instead
+            with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    logits = greedy_step(runner, seq, logits)
+                sync(runner.device)
+        finally:
+            runner.blocks.release(seq.block_table)
+        spent = (lambda e: e.device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+        rows = sorted(((e.key, spent(e) / steps, e.count / steps) for e in prof.key_averages() if spent(e) > 0),
+                      key=lambda r: -r[1])
+        total = sum(r[1] for r in rows)
+        out[label] = {"gpu_us_per_step": total, "kernels_per_step": sum(r[2] for r in rows),
+                      "top": [{"kernel": k[:120], "us_per_step": t, "calls_per_step": c} for k, t, c in rows[:15]]}
+        log(f"  B=1 {label}: {total:.0f} us of kernels per step in {out[label]['kernels_per_step']:.0f} launches; top:")
+        for k, t, c in rows[:12]:
+            log(f"    {t:8.1f} us {c:5.0f}x  {k[:100]}")
+    return out
+
+
 def protocol_section(p, device, dtype, rng) -> dict:
     """nano-vllm's bench.py: 256 requests, lengths uniform in 100..1024, all at once; no anchors, no commits."""
     lo, hi = p["protocol_lengths"]
@@ -304,7 +345,7 @@ def main() -> None:
     ap.add_argument("--hf-compile", action="store_true", help="let HF generate torch.compile its static-cache forward")
     ap.add_argument("--bandwidth", type=float, default=4.27e12, help="B/s for the decode floor (default 4.27e12)")
     ap.add_argument("--model", default=None, help="model of sections 1-3 (default llama-3.2-1b; e.g. llama-3-8b)")
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip: hf, protocol")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: profile, hf, protocol")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "e2e_bench.json"))
     args = ap.parse_args()
     p = dict(SMOKE if args.smoke else FULL)
@@ -341,6 +382,10 @@ def main() -> None:
                 f"{'off' if args.no_commit else 'on'}")
             res["anchors"] = anchors_section(runner, sched, bench, cs, p, rng, not args.no_commit)
             save()
+            if "profile" not in skip:
+                log(f"{p['model']}: where the batch-1 decode step's GPU time goes")
+                res["profile"] = profile_section(runner, p, rng, cs)
+                save()
         finally:
             bench.close()
     log(f"{p['model']}: batch-1 decode step vs the bandwidth floor")

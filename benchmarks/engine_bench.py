@@ -227,7 +227,7 @@ class AnchorBench:
         samples = [{(layer, "K"): k[layer], (layer, "V"): v[layer]} for layer in range(a.num_layers)]
         self.profile = DQPProfile.calibrate(samples, name="bench-random", num_layers=a.num_layers,
                                             num_kv_heads=a.num_kv_heads, head_dim=a.head_dim,
-                                            k_granularity="channel", block_size=BLOCK)
+                                            k_granularity="channel", v_granularity="token", block_size=BLOCK)
         del k, v, samples
         self.committer = Committer(self.log, self.profile)
         int8 = runner.cache.anchor_k.dtype == torch.int8

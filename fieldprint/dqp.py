@@ -6,6 +6,11 @@ calibrated profile (docs/formats.md, "DQP v1"):
 
     code = clamp(round_half_to_even(x / 2**e), -127, 127)        dequantized value = code * 2**e
 
+A profile may instead scale V per (token, head) row (profile format 3): each row's exponent is
+the smallest e with 127 * 2**e >= max |row| (no headroom: the row is its own range), and the state
+is stored in the row layout, every row being its D codes followed by its exponent as one int8
+byte ([T, H, D + 1]); the header then carries no exponents and the layout number ROW_LAYOUT.
+
 Division by a power of two is exact in float32 (the result stays a normal number for every
 exponent the profile allows), so the only rounding is the final round-half-to-even, which every
 IEEE machine does identically: the CPU reference here and the Triton kernel in
@@ -54,6 +59,10 @@ __all__ = [
     "differing_blocks",
     "audit",
     "exponent_for_bound",
+    "row_exponents",
+    "quantize_rows",
+    "dequantize_rows",
+    "ROW_LAYOUT",
 ]
 
 SOURCE_DTYPES = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
@@ -62,6 +71,7 @@ _NAME_TO_DTYPE = {name: dt for dt, name in DTYPE_NAMES.items()}
 HEADER_MAGIC = b"FPDQP"
 _HEADER = struct.Struct("<5sBBBIIIII")  # magic, version, dtype, kind, layer, block, T, H, D
 _STACK_MAGIC = b"FPDQP-stack"
+ROW_LAYOUT = 2  # the header's version byte for a state in the row layout (exponents inside the rows)
 _U32 = 2**32
 
 
@@ -90,12 +100,12 @@ def check_finite(x: torch.Tensor, what: str = "tensor") -> None:
         )
 
 
-def _check_state(x: torch.Tensor, exponents: np.ndarray) -> None:
+def _check_state(x: torch.Tensor, exponents: np.ndarray | None) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise DQPError(f"a K/V state must be a [T, H_kv, D] tensor, got {getattr(x, 'shape', type(x).__name__)}")
     if x.dtype not in SOURCE_DTYPES:
         raise DQPError(f"DQP quantizes bfloat16, float16 or float32 states, got {x.dtype}")
-    if tuple(exponents.shape) != tuple(x.shape[1:]):
+    if exponents is not None and tuple(exponents.shape) != tuple(x.shape[1:]):
         raise DQPError(f"scale exponents of shape {tuple(exponents.shape)} do not fit a state of shape {tuple(x.shape)}")
 
 
@@ -105,6 +115,49 @@ def inverse_scales(exponents: np.ndarray) -> np.ndarray:
     if e.size and (e.min() < EXP_MIN or e.max() > EXP_MAX):
         raise DQPError(f"scale exponents must lie in [{EXP_MIN}, {EXP_MAX}], got [{e.min()}, {e.max()}]")
     return np.ldexp(np.float32(1.0), -e).astype(np.float32)
+
+
+def _pow2(e: torch.Tensor) -> torch.Tensor:
+    """Exact float32 2**e for integer e in [-126, 127], built from its bits (no math library)."""
+    return ((e.to(torch.int32) + 127) << 23).view(torch.float32)
+
+
+def row_exponents(x: torch.Tensor) -> torch.Tensor:
+    """int8 exponents [..., H] of x [..., H, D]: per row the smallest e with 127 * 2**e >= max |row|.
+
+    max |row| = m * 2**E with m in [0.5, 1) (frexp, exact); 127 * 2**(E-7) >= m * 2**E exactly when
+    m <= 127/128, else E-6 is the answer. Integer arithmetic after an exact max: every device
+    agrees. A zero row gets EXP_MIN; exponents clamp to [EXP_MIN, EXP_MAX] as the profile's do.
+    """
+    amax = x.abs().amax(-1).to(torch.float32)
+    m, e = torch.frexp(amax)
+    e = torch.where(m <= 127.0 / 128.0, e - 7, e - 6)
+    e = torch.where(amax > 0, e, EXP_MIN).clamp(EXP_MIN, EXP_MAX)
+    return e.to(torch.int8)
+
+
+def quantize_rows(x: torch.Tensor) -> torch.Tensor:
+    """Row layout [..., H, D + 1] int8 of x [..., H, D] on x's device: each row's codes, then its exponent.
+
+    The same arithmetic as quantize_codes with the row's own exponent (x * 2**-e is exact, clamp,
+    round half to even); torch's round is half-to-even on every device. The caller checks that x
+    is finite (check_finite, or a device-side count): a NaN/Inf row has no canonical codes.
+    """
+    if not isinstance(x, torch.Tensor) or x.dtype not in SOURCE_DTYPES or x.dim() < 2:
+        raise DQPError(f"quantize_rows wants a bfloat16/float16/float32 [..., H, D] tensor, got {getattr(x, 'dtype', type(x))}")
+    e = row_exponents(x)
+    y = torch.clamp(x.to(torch.float32) * _pow2(-e.to(torch.int32))[..., None], -127.0, 127.0)
+    return torch.cat([torch.round(y).to(torch.int8), e[..., None]], dim=-1)
+
+
+def dequantize_rows(packed: torch.Tensor) -> torch.Tensor:
+    """Exact float32 values of a row-layout state [..., H, D + 1]."""
+    if packed.dtype != torch.int8 or packed.dim() < 2 or packed.shape[-1] < 2:
+        raise DQPError(f"a row-layout state is int8 [..., H, D + 1], got {packed.dtype} {tuple(packed.shape)}")
+    e = packed[..., -1].to(torch.int32)
+    if bool(((e < EXP_MIN) | (e > EXP_MAX)).any()):
+        raise DQPError(f"row exponents must lie in [{EXP_MIN}, {EXP_MAX}]")
+    return packed[..., :-1].to(torch.float32) * _pow2(e)[..., None]
 
 
 def quantize_codes(x: torch.Tensor, exponents: np.ndarray) -> torch.Tensor:
@@ -120,8 +173,10 @@ def quantize_codes(x: torch.Tensor, exponents: np.ndarray) -> torch.Tensor:
     return torch.round(y).to(torch.int8).contiguous()
 
 
-def dequantize(codes: torch.Tensor, exponents: np.ndarray) -> torch.Tensor:
-    """Exact float32 values code * 2**e of int8 codes [T, H, D]."""
+def dequantize(codes: torch.Tensor, exponents: np.ndarray | None) -> torch.Tensor:
+    """Exact float32 values code * 2**e of int8 codes [T, H, D] (exponents None: the row layout)."""
+    if exponents is None:
+        return dequantize_rows(codes)
     if codes.dtype != torch.int8 or codes.dim() != 3:
         raise DQPError(f"codes must be an int8 [T, H, D] tensor, got {codes.dtype} {tuple(codes.shape)}")
     scale = torch.from_numpy(np.ldexp(np.float32(1.0), np.asarray(exponents, dtype=np.int32)).astype(np.float32))
@@ -129,9 +184,12 @@ def dequantize(codes: torch.Tensor, exponents: np.ndarray) -> torch.Tensor:
 
 
 def state_header(
-    source_dtype: str, layer: int, kind: str, block_size: int, shape: tuple[int, int, int], exponents: np.ndarray
+    source_dtype: str, layer: int, kind: str, block_size: int, shape: tuple[int, int, int], exponents: np.ndarray | None
 ) -> bytes:
-    """Canonical DQP v1 header bytes: version, source dtype, layer, K|V, block size, shape, exponents."""
+    """Canonical header bytes: version, source dtype, layer, K|V, block size, shape (T, H, D), exponents.
+
+    exponents None: the row layout (version byte ROW_LAYOUT, no exponents: they are in the rows).
+    """
     if source_dtype not in _NAME_TO_DTYPE:
         raise DQPError(f"source dtype {source_dtype!r} is not one of {sorted(_NAME_TO_DTYPE)}")
     kind_code = _kind_code(kind)
@@ -139,10 +197,12 @@ def state_header(
         raise DQPError(f"a state shape is (T, H_kv, D), got {tuple(shape)!r}")
     t, h, d = (_check_u32(n, f"state shape {name}") for n, name in zip(shape, "THD"))
     layer, block_size = _check_u32(layer, "layer"), _check_u32(block_size, "block size")
+    dtype_code = SOURCE_DTYPES[_NAME_TO_DTYPE[source_dtype]]
+    if exponents is None:
+        return _HEADER.pack(HEADER_MAGIC, ROW_LAYOUT, dtype_code, kind_code, layer, block_size, t, h, d)
     e = np.asarray(exponents, dtype=np.int32)
     if e.shape != (h, d):
         raise DQPError(f"scale exponents of shape {e.shape} do not fit a state of shape {(t, h, d)}")
-    dtype_code = SOURCE_DTYPES[_NAME_TO_DTYPE[source_dtype]]
     fixed = _HEADER.pack(HEADER_MAGIC, DQP_VERSION, dtype_code, kind_code, layer, block_size, t, h, d)
     return fixed + e.astype(np.int8).tobytes()
 
@@ -208,8 +268,8 @@ def stack_digest(parts: list[tuple[int, str, str]]) -> str:
 class QuantizedState:
     """Canonical INT8 codes of one (layer, K|V) state plus everything needed to re-derive its digest."""
 
-    codes: torch.Tensor  # int8 [T, H, D], host, contiguous
-    exponents: np.ndarray  # int [H, D]: scale = 2**e per (head, channel)
+    codes: torch.Tensor  # int8 [T, H, D], host, contiguous; the row layout: [T, H, D + 1]
+    exponents: np.ndarray | None  # int [H, D]: scale = 2**e per (head, channel); None: the row layout
     source_dtype: str
     layer: int
     kind: str
@@ -218,7 +278,9 @@ class QuantizedState:
 
     def header(self) -> bytes:
         """Canonical header bytes of this state."""
-        return state_header(self.source_dtype, self.layer, self.kind, self.block_size, tuple(self.codes.shape), self.exponents)
+        t, h, d = self.codes.shape
+        return state_header(self.source_dtype, self.layer, self.kind, self.block_size,
+                            (t, h, d - (self.exponents is None)), self.exponents)
 
     def digest(self, blocks: bool = True, threads: int = 1) -> str:
         """Tagged BLAKE3 digest of header + codes; with `blocks`, also records the per-block digests."""
@@ -233,8 +295,14 @@ class QuantizedState:
 
 def quantize(x: torch.Tensor, profile: DQPProfile, layer: int, kind: str) -> QuantizedState:
     """Quantize one [T, H, D] K or V state of `layer` with `profile` (CPU reference path)."""
-    exponents = profile.exponents(layer, kind)
-    codes = quantize_codes(x, exponents)
+    exponents = profile.fixed(layer, kind)
+    if exponents is None:
+        _check_state(x, None)
+        xf = x.detach().to("cpu")
+        check_finite(xf, "K/V state")
+        codes = quantize_rows(xf).contiguous()
+    else:
+        codes = quantize_codes(x, exponents)
     return QuantizedState(codes, exponents, DTYPE_NAMES[x.dtype], layer, kind, profile.block_size)
 
 
@@ -282,17 +350,28 @@ def audit(
     profile: DQPProfile,
     thresholds: AuditThresholds = AuditThresholds(),
 ) -> AuditReport:
-    """Quantize a recomputed float state with `profile` and compare its codes with committed ones."""
-    expected = profile.exponents(committed.layer, committed.kind)
-    if not np.array_equal(expected, committed.exponents) or committed.block_size != profile.block_size:
+    """Quantize a recomputed float state with `profile` and compare its codes with committed ones.
+
+    The distance is in steps of the committed scale: code distance where the exponents agree (a
+    row-layout row whose exponent moved is measured by its values).
+    """
+    expected = profile.fixed(committed.layer, committed.kind)
+    same = (expected is None) == (committed.exponents is None) and (
+        expected is None or np.array_equal(expected, committed.exponents))
+    if not same or committed.block_size != profile.block_size:
         raise DQPError(
             f"committed layer {committed.layer} {committed.kind} was not made with this profile "
-            "(scale exponents or block size differ): audit with the profile named in its ledger entry"
+            "(scale exponents, layout or block size differ): audit with the profile named in its ledger entry"
         )
-    if tuple(recomputed.shape) != tuple(committed.codes.shape):
+    mine = quantize(recomputed, profile, committed.layer, committed.kind)
+    if tuple(mine.codes.shape) != tuple(committed.codes.shape):
         raise DQPError(f"recomputed state has shape {tuple(recomputed.shape)}, committed {tuple(committed.codes.shape)}")
-    mine = quantize_codes(recomputed, expected).to(torch.int16)
-    dist = (mine - committed.codes.to(torch.int16)).abs()
+    if expected is None:
+        step = _pow2(committed.codes[..., -1].to(torch.int32))[..., None]
+        delta = (mine.dequantize() - committed.dequantize()).abs() / step
+        dist = torch.ceil(delta).to(torch.int32)
+    else:
+        dist = (mine.codes.to(torch.int16) - committed.codes.to(torch.int16)).abs()
     t, h, d = dist.shape
     bs = profile.block_size
     nblocks = (t + bs - 1) // bs

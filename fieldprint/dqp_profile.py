@@ -1,7 +1,8 @@
 """DQP profiles: the static, calibrated, hashed range bounds that fix every scale exponent.
 
 A profile says, for every layer and for K and V, which power-of-two scale each (head, channel)
-uses. It is calibrated once from sample states (max |x| times a documented headroom), encoded
+uses, or (V only, profile format 3) that V is scaled per token and head: each row's exponent is
+then derived from the row itself and stored beside its codes (the row layout, fieldprint/dqp.py). It is calibrated once from sample states (max |x| times a documented headroom), encoded
 canonically (the leaf-entry JSON rules: sorted keys, no whitespace, integers only) and hashed
 with BLAKE3; that tagged digest is what a StateEntry's `profile` field holds, so a verifier
 knows exactly which scales produced the committed codes.
@@ -21,9 +22,12 @@ from fieldprint.canon import canonical_json, check_label, is_int, tag_digest
 from fieldprint.errors import DQPError
 
 DQP_VERSION = 1
-PROFILE_FORMAT = 2  # format 1: V always per head (no v_granularity field); still read and verified
+# Format 1: V per head (no v_granularity field); 2: V per channel; 3: V per token (no V exponents).
+# Every format is still read and verified, and each keeps its exact bytes (so its digest).
+PROFILE_FORMATS = {"head": 1, "channel": 2, "token": 3}
 KINDS = ("K", "V")
-GRANULARITIES = ("channel", "head")  # per (head, channel) or per head, for K and for V
+GRANULARITIES = ("channel", "head")  # fixed exponents per (head, channel) or per head, for K and V
+V_GRANULARITIES = (*GRANULARITIES, "token")  # V may also be scaled per (token, head) row
 # Exponent range: |x| * 2**-e stays a normal float32 for every finite bf16/fp16/fp32 input that
 # is not already below the smallest code step, so the scaling is exact (docs/formats.md).
 EXP_MIN, EXP_MAX = -64, 63
@@ -46,6 +50,13 @@ def exponent_for_bound(bound: np.ndarray | float) -> np.ndarray:
     return np.clip(e, EXP_MIN, EXP_MAX).astype(np.int32)
 
 
+def _check_granularities(k: object, v: object) -> None:
+    if k not in GRANULARITIES:
+        raise DQPError(f"k_granularity must be one of {GRANULARITIES}, got {k!r}")
+    if v not in V_GRANULARITIES:
+        raise DQPError(f"v_granularity must be one of {V_GRANULARITIES}, got {v!r}")
+
+
 @dataclass(slots=True)
 class DQPProfile:
     """Per-layer K/V scale exponents, calibrated from sample data, versioned and hashed."""
@@ -60,8 +71,8 @@ class DQPProfile:
     headroom_pct: int  # bound = calibrated max |x| * headroom_pct / 100
     samples: int  # tokens seen in calibration (provenance, not used in quantization)
     k_exp: np.ndarray  # int32 [L, H, D] (channel) or [L, H] (head)
-    v_exp: np.ndarray  # int32 [L, H, D] (channel) or [L, H] (head)
-    v_granularity: str = "head"  # "channel" needs profile format 2; per-head V is format 1's only choice
+    v_exp: np.ndarray  # int32 [L, H, D] (channel), [L, H] (head) or [0] (token: the rows carry them)
+    v_granularity: str = "head"  # see PROFILE_FORMATS
 
     def __post_init__(self) -> None:
         check_label(self.name, "profile name")
@@ -72,11 +83,9 @@ class DQPProfile:
         ):
             if not is_int(value) or value < lo:
                 raise DQPError(f"profile {what} must be an integer >= {lo}, got {value!r}")
-        for what, g in (("k_granularity", self.k_granularity), ("v_granularity", self.v_granularity)):
-            if g not in GRANULARITIES:
-                raise DQPError(f"{what} must be one of {GRANULARITIES}, got {g!r}")
+        _check_granularities(self.k_granularity, self.v_granularity)
         l, h, d = self.num_layers, self.num_kv_heads, self.head_dim
-        shape = {"channel": (l, h, d), "head": (l, h)}
+        shape = {"channel": (l, h, d), "head": (l, h), "token": (0,)}
         self.k_exp = self._check_exp(self.k_exp, shape[self.k_granularity], "k_exp")
         self.v_exp = self._check_exp(self.v_exp, shape[self.v_granularity], "v_exp")
 
@@ -91,12 +100,23 @@ class DQPProfile:
         arr.setflags(write=False)
         return arr
 
-    def exponents(self, layer: int, kind: str) -> np.ndarray:
-        """Scale exponents [H, D] for one layer's K or V (per-head values repeated along D)."""
-        if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+    def per_row(self, layer: int, kind: str) -> bool:
+        """Whether this layer's K or V is scaled per (token, head) row (no fixed exponents)."""
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.num_layers:
             raise DQPError(f"layer {layer!r} is outside this profile's {self.num_layers} layers")
         if kind not in KINDS:
             raise DQPError(f"kind must be 'K' or 'V', got {kind!r}")
+        return kind == "V" and self.v_granularity == "token"
+
+    def fixed(self, layer: int, kind: str) -> np.ndarray | None:
+        """The fixed exponents [H, D] of one layer's K or V, or None where rows carry their own."""
+        return None if self.per_row(layer, kind) else self.exponents(layer, kind)
+
+    def exponents(self, layer: int, kind: str) -> np.ndarray:
+        """Scale exponents [H, D] for one layer's K or V (per-head values repeated along D)."""
+        if self.per_row(layer, kind):
+            raise DQPError(f"profile {self.name!r} scales V per token: layer {layer} V has no fixed exponents "
+                           "(each row's exponent is stored with its codes)")
         e = self.k_exp[layer] if kind == "K" else self.v_exp[layer]
         if e.ndim == 1:
             e = np.repeat(e[:, None], self.head_dim, axis=1)
@@ -110,7 +130,7 @@ class DQPProfile:
     def encode(self) -> bytes:
         """Canonical bytes: sorted-key JSON, no whitespace, integers only."""
         # Per-head V keeps format 1's exact bytes, so every format-1 profile keeps its digest.
-        fmt = 1 if self.v_granularity == "head" else PROFILE_FORMAT
+        fmt = PROFILE_FORMATS[self.v_granularity]
         record = {
             "dqp": DQP_VERSION,
             "format": fmt,
@@ -126,7 +146,7 @@ class DQPProfile:
             "k_exp": self.k_exp.tolist(),
             "v_exp": self.v_exp.tolist(),
         }
-        if fmt == 2:
+        if fmt > 1:
             record["v_granularity"] = self.v_granularity
         return canonical_json(record)
 
@@ -146,12 +166,15 @@ class DQPProfile:
             raise DQPError(f"profile is not ASCII JSON: {e}") from None
         keys = {"dqp", "format", "name", "revision", "layers", "kv_heads", "head_dim", "k_granularity",
                 "block_size", "headroom_pct", "samples", "k_exp", "v_exp"}
-        if isinstance(r, dict) and r.get("format") == 2:
+        if isinstance(r, dict) and r.get("format") != 1:
             keys = keys | {"v_granularity"}
         if not isinstance(r, dict) or set(r) != keys:
             raise DQPError(f"profile fields must be exactly {sorted(keys)}")
-        if r["dqp"] != DQP_VERSION or r["format"] not in (1, 2) or isinstance(r["format"], bool):
-            raise DQPError(f"profile is DQP v{r['dqp']} format {r['format']}; this code reads v{DQP_VERSION} formats 1 and 2")
+        formats = sorted(PROFILE_FORMATS.values())
+        if r["dqp"] != DQP_VERSION or r["format"] not in formats or isinstance(r["format"], bool):
+            raise DQPError(f"profile is DQP v{r['dqp']} format {r['format']}; this code reads v{DQP_VERSION} formats {formats}")
+        if r.get("v_granularity", "head") not in PROFILE_FORMATS or PROFILE_FORMATS[r.get("v_granularity", "head")] != r["format"]:
+            raise DQPError(f"profile format {r['format']} does not go with v_granularity {r.get('v_granularity')!r}")
         try:
             k_exp, v_exp = np.array(r["k_exp"], dtype=np.int64), np.array(r["v_exp"], dtype=np.int64)
         except (ValueError, TypeError, OverflowError):
@@ -177,10 +200,11 @@ class DQPProfile:
         headroom_pct: int = DEFAULT_HEADROOM_PCT,
         revision: int = 1,
     ) -> DQPProfile:
-        """Calibrate from sample states {(layer, 'K'|'V'): [T, H, D]}: bound = max |x| * headroom."""
-        for what, g in (("k_granularity", k_granularity), ("v_granularity", v_granularity)):
-            if g not in GRANULARITIES:
-                raise DQPError(f"{what} must be one of {GRANULARITIES}, got {g!r}")
+        """Calibrate from sample states {(layer, 'K'|'V'): [T, H, D]}: bound = max |x| * headroom.
+
+        v_granularity "token" records no V exponents (each row gets its own when quantized).
+        """
+        _check_granularities(k_granularity, v_granularity)
         kmax = np.zeros((num_layers, num_kv_heads, head_dim), np.float64)
         vmax = np.zeros((num_layers, num_kv_heads, head_dim), np.float64)
         seen_k, seen_v, tokens = set(), set(), 0
@@ -206,8 +230,9 @@ class DQPProfile:
         if k_granularity == "head":
             kmax = kmax.max(axis=2)
         k_exp = exponent_for_bound(kmax * scale)
-        if v_granularity == "head":
-            vmax = vmax.max(axis=2)
-        v_exp = exponent_for_bound(vmax * scale)
+        if v_granularity == "token":
+            v_exp = np.zeros((0,), np.int32)
+        else:
+            v_exp = exponent_for_bound((vmax.max(axis=2) if v_granularity == "head" else vmax) * scale)
         return cls(name, revision, num_layers, num_kv_heads, head_dim, k_granularity, block_size,
                    headroom_pct, tokens, k_exp, v_exp, v_granularity)

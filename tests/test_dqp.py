@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from fieldprint.canon import parse_digest
 from fieldprint.dqp import (
+    ROW_LAYOUT,
     AuditThresholds,
     DQPProfile,
     QuantizedState,
@@ -16,6 +17,8 @@ from fieldprint.dqp import (
     exponent_for_bound,
     quantize,
     quantize_codes,
+    quantize_rows,
+    row_exponents,
     stack_digest,
     state_header,
 )
@@ -266,3 +269,77 @@ def test_malformed_header_and_stack_inputs_raise_dqp_errors():
     for parts, match in bad:
         with pytest.raises(DQPError, match=match):
             stack_digest(parts)
+
+
+# -- the row layout: V scaled per (token, head) row (profile format 3) -------------------------------
+
+
+def _token_profile(block_size: int = 4):
+    g = torch.Generator().manual_seed(5)
+    sample = {(l, k): torch.randn(32, H, D, generator=g) for l in range(L) for k in "KV"}
+    return DQPProfile.calibrate([sample], name="rows", num_layers=L, num_kv_heads=H, head_dim=D,
+                                v_granularity="token", block_size=block_size)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(min_value=-2.0**70, max_value=2.0**70, allow_nan=False, width=32), min_size=D, max_size=D))
+def test_row_exponents_are_the_profile_rule_applied_to_each_row(row):
+    x = torch.tensor(row, dtype=torch.float32).reshape(1, 1, D)
+    want = int(exponent_for_bound(float(x.abs().max())))
+    assert int(row_exponents(x)[0, 0]) == want
+
+
+def test_row_exponent_edges():
+    x = torch.zeros(1, 4, D)
+    x[0, 1, 3] = 127.0  # exactly 127 * 2**0: fits at e = 0
+    x[0, 2, 0] = -127.0 * 2.0**-20 * (1 + 2.0**-23)  # one ulp over 127 * 2**-20: the next exponent
+    x[0, 3, 5] = 3e38  # past 127 * 2**EXP_MAX: clamps, and the codes saturate
+    assert row_exponents(x)[0].tolist() == [EXP_MIN, 0, -19, EXP_MAX]
+    packed = quantize_rows(x)
+    assert packed.shape == (1, 4, D + 1) and packed.dtype == torch.int8
+    assert packed[0, 1, 3] == 127 and packed[0, 2, 0] == -64 and packed[0, 3, 5] == 127
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quantize_rows_is_quantize_codes_with_each_rows_own_exponent(dtype):
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(9, H, D, generator=g) * torch.logspace(-3, 2, 9)[:, None, None]).to(dtype)
+    packed = quantize_rows(x)
+    e = packed[..., D].to(torch.int64)
+    for t in range(9):
+        for h in range(H):
+            ref = quantize_codes(x[t : t + 1, h : h + 1], np.full((1, D), int(e[t, h])))
+            assert torch.equal(packed[t, h, :D], ref[0, 0])
+    values = dequantize(packed, None)
+    assert (values.abs().amax(-1) > 63.5 * 2.0 ** e.double()).all()  # every row uses the top half of its range
+    assert torch.equal(quantize_rows(values), packed)  # dequantized values quantize back to themselves
+
+
+def test_row_layout_header_and_digest_bind_the_exponents():
+    p = _token_profile()
+    x = torch.randn(10, H, D)
+    qs = quantize(x, p, 1, "V")
+    assert qs.exponents is None and qs.codes.shape == (10, H, D + 1)
+    hdr = qs.header()
+    assert hdr[5] == ROW_LAYOUT and len(hdr) == 5 + 3 + 5 * 4  # no exponent bytes after the fixed fields
+    assert hdr == state_header("float32", 1, "V", 4, (10, H, D), None)
+    assert len(qs.digest() and qs.blocks) == 3
+    moved = qs.codes.clone()
+    moved[6, 0, D] += 1  # one row's exponent (the same codes then mean twice the values)
+    other = QuantizedState(moved, None, "float32", 1, "V", 4)
+    assert other.digest() != qs.digest() and differing_blocks(qs.blocks, other.blocks) == [1]
+    k = quantize(x, p, 1, "K")
+    assert k.exponents is not None and k.codes.shape == (10, H, D)
+
+
+def test_audit_of_the_row_layout_measures_steps_of_the_committed_scale():
+    p = _token_profile()
+    x = torch.randn(12, H, D)
+    committed = quantize(x, p, 0, "V")
+    assert audit(x, committed, p).passed and audit(x, committed, p).differing == 0
+    tampered = committed.codes.clone()
+    tampered[9, 1, :4] += 9
+    report = audit(x, QuantizedState(tampered, None, "float32", 0, "V", 4), p)
+    assert not report.passed and report.max_distance == 9 and report.blocks_over == [2]
+    with pytest.raises(DQPError, match="not made with this profile"):
+        audit(x, committed, _profile(), AuditThresholds())

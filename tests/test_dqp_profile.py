@@ -37,11 +37,36 @@ def test_per_channel_v_is_format_2_and_follows_each_channel():
     assert (per_head.exponents(0, "V") >= e).all() and per_head.digest != p.digest
 
 
-def test_a_format_2_record_claiming_per_head_v_is_not_canonical():
+def _encode(record: dict) -> bytes:
+    return json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+
+
+def test_a_record_whose_format_and_v_granularity_disagree_is_refused():
     p = DQPProfile.calibrate(_samples(), name="m", num_layers=L, num_kv_heads=H, head_dim=D)
     record = json.loads(p.encode())
     record["format"], record["v_granularity"] = 2, "head"
-    with pytest.raises(DQPError, match="canonical"):
-        DQPProfile.decode(json.dumps(record, sort_keys=True, separators=(",", ":")).encode())
+    with pytest.raises(DQPError, match="does not go with v_granularity 'head'"):
+        DQPProfile.decode(_encode(record))
+    record["format"], record["v_granularity"] = 3, "channel"
+    with pytest.raises(DQPError, match="does not go with"):
+        DQPProfile.decode(_encode(record))
     with pytest.raises(DQPError, match="v_granularity"):
-        DQPProfile.calibrate(_samples(), name="m", num_layers=L, num_kv_heads=H, head_dim=D, v_granularity="token")
+        DQPProfile.calibrate(_samples(), name="m", num_layers=L, num_kv_heads=H, head_dim=D, v_granularity="row")
+    with pytest.raises(DQPError, match="k_granularity"):
+        DQPProfile.calibrate(_samples(), name="m", num_layers=L, num_kv_heads=H, head_dim=D, k_granularity="token")
+
+
+def test_per_token_v_is_format_3_with_no_v_exponents():
+    p = DQPProfile.calibrate(_samples(), name="m", num_layers=L, num_kv_heads=H, head_dim=D, v_granularity="token")
+    record = json.loads(p.encode())
+    assert record["format"] == 3 and record["v_granularity"] == "token" and record["v_exp"] == []
+    back = DQPProfile.decode(p.encode())
+    assert back.digest == p.digest and back.per_row(1, "V") and not back.per_row(1, "K")
+    assert back.fixed(0, "V") is None and back.fixed(0, "K").shape == (H, D)
+    with pytest.raises(DQPError, match="no fixed exponents"):
+        p.exponents(0, "V")
+    with pytest.raises(DQPError, match="outside"):
+        p.per_row(L, "V")
+    record["v_exp"] = [[0] * H] * L  # a per-token profile that smuggles V exponents in
+    with pytest.raises(DQPError, match="v_exp"):
+        DQPProfile.decode(_encode(record))

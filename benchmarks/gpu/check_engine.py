@@ -127,7 +127,9 @@ def check_anchors(runner, lm) -> dict:
             cache.anchor_k.copy_(torch.randint(-127, 128, cache.anchor_k.shape, generator=g, device="cuda", dtype=torch.int32).to(torch.int8))
             cache.anchor_v.copy_(torch.randint(-127, 128, cache.anchor_v.shape, generator=g, device="cuda", dtype=torch.int32).to(torch.int8))
             cache.anchor_k_scale.fill_(2.0 ** -6)
-            cache.anchor_v_scale.fill_(2.0 ** -6)
+            # per-row V exponents spread over 2**-12..2**-4, as real rows differ
+            cache.anchor_v_exp.copy_(torch.randint(-12, -3, cache.anchor_v_exp.shape, generator=g, device="cuda",
+                                                   dtype=torch.int32).to(torch.int8))
         else:
             cache.anchor_k.normal_(generator=g)
             cache.anchor_v.normal_(generator=g)

@@ -122,7 +122,9 @@ h = fi.get("host_cost")
 if h:
     print(f"host cost per decode call, no graph (B={h['B']}, ctx={h['ctx']}, {h['calls']} calls): ours {f(h.get('ours_us'))} us"
           f" (2k anchors {f(h.get('ours_anchors_us'))}), FI {f(h.get('fi_us'))} us (anchors {f(h.get('fi_anchors_us'))});"
-          f" ratio {f(h.get('ratio'), '.2f')}; GPU time ours {f(h.get('ours_gpu_us'))} FI {f(h.get('fi_gpu_us'))} us")
+          f" ratio {f(h.get('ratio'), '.2f')}; planned (plan once, run per call) ours {f(h.get('ours_plan_us'))} us"
+          f" (anchors {f(h.get('ours_plan_anchors_us'))}), ratio {f(h.get('ratio_plan'), '.2f')};"
+          f" GPU time ours {f(h.get('ours_gpu_us'))} FI {f(h.get('fi_gpu_us'))} us")
 if fi.get("skipped"):
     print("skipped:", ", ".join(f"{s['kind']} " + " ".join(f"{k}={v}" for k, v in s.items() if k != "kind") for s in fi["skipped"]))
 print(f"section seconds: {res.get('section_seconds')}")

@@ -1,9 +1,9 @@
 """System Anchor Tokens: promoted states compiled into K/V blocks of the anchor pool, and checked.
 
 compile: the states' texts become one system message through the chat template -> tokens ->
-prefill at positions 0..A-1 -> every layer's K and V -> DQP int8 codes with the model's calibrated
-profile (or the model's dtype) written into anchor-pool blocks -> a digest of every (layer, K|V,
-block) and a manifest binding them (an RFC 9162 Merkle root over the block digests) to the model,
+prefill at positions 0..A-1 -> every layer's K and V -> DQP int8 codes (K with the model's
+calibrated per-channel profile, V per token and head in the DQP row layout; or the model's dtype)
+written into anchor-pool blocks -> a digest of every (layer, K|V, block) over its canonical bytes and a manifest binding them (an RFC 9162 Merkle root over the block digests) to the model,
 the profile, the ordered state ids and the anchor tokens -> one `anchor_kv` state entry, logged
 through the asynchronous Committer (int8: it re-quantizes the same K/V and its per-block digests
 must equal the pool's) whose state id is the manifest's digest -> a signed checkpoint covering it.
@@ -29,18 +29,18 @@ import numpy as np
 import torch
 
 from fieldprint.canon import canonical_json, parse_digest, tag_digest
-from fieldprint.dqp import quantize_codes
+from fieldprint.dqp import check_finite, quantize_codes, quantize_rows
 from fieldprint.dqp_profile import DQPProfile
 from fieldprint.errors import AnchorError, DQPError
 from fieldprint.ledger import merkle
 from fieldprint.ledger.entry import StateEntry
 
-MANIFEST_FORMAT = "fieldprint-anchor-set/1"
+MANIFEST_FORMAT = "fieldprint-anchor-set/2"  # /2: int8 V blocks are DQP row-layout bytes
 ANCHOR_STATE_TYPE = "anchor_kv"
 ANCHOR_SESSION = "anchors"
 _KEY_DOMAIN = b"fieldprint/anchor-set-key/v1\x00"
 _MANIFEST_DOMAIN = b"fieldprint/anchor-manifest/v1\x00"
-_FILE_MAGIC = b"FPAS1\n"
+_FILE_MAGIC = b"FPAS2\n"
 CALIBRATION_TEXT = (
     "Calibration passage. The committee met on Tuesday to review the quarterly budget, the hiring plan "
     "and three proposals for the new office. Revenue grew 12% while costs rose 4%; the main risk is supply. "
@@ -114,25 +114,43 @@ class CompiledSet:
 
 
 def _pool_blocks(pool: torch.Tensor, blocks: list[int], length: int) -> torch.Tensor:
-    """One layer's [A, H, D] view of a set's blocks (a copy: blocks need not be adjacent)."""
+    """One layer's [A, ...] view of a set's blocks (a copy: blocks need not be adjacent)."""
     x = pool[blocks]
     return x.reshape(-1, *x.shape[2:])[:length]
+
+
+def set_states(cache, blocks: list[int], length: int):
+    """Each (layer, K then V) state of a set in its canonical form, read from the anchor pool.
+
+    K: the codes (int8) or values [A, H, D]; int8 V: the DQP row layout [A, H, D + 1], each row's
+    codes followed by its exponent, interleaved from the two pools the kernel reads.
+    """
+    for layer in range(cache.anchor_k.shape[0]):
+        yield _pool_blocks(cache.anchor_k[layer], blocks, length)
+        v = _pool_blocks(cache.anchor_v[layer], blocks, length)
+        if cache.anchor_v_exp is not None:
+            v = torch.cat([v, _pool_blocks(cache.anchor_v_exp[layer], blocks, length)[..., None]], dim=-1)
+        yield v
 
 
 def digest_blocks(cache, blocks: list[int], length: int) -> list[bytes]:
     """BLAKE3 of every (layer, K then V, block) of a set as stored in the anchor pool."""
     bs = cache.block_size
     out = []
-    for layer in range(cache.anchor_k.shape[0]):
-        for pool in (cache.anchor_k[layer], cache.anchor_v[layer]):
-            data = _pool_blocks(pool, blocks, length).contiguous().cpu()
-            flat = data.view(torch.uint8).reshape(length, -1).numpy()
-            out += [blake3.blake3(flat[i : i + bs].tobytes()).digest() for i in range(0, length, bs)]
+    for state in set_states(cache, blocks, length):
+        flat = state.contiguous().cpu().view(torch.uint8).reshape(length, -1).numpy()
+        out += [blake3.blake3(flat[i : i + bs].tobytes()).digest() for i in range(0, length, bs)]
     return out
 
 
-def calibrate_profile(runner, name: str) -> DQPProfile:
-    """Calibrate the model's DQP profile on a fixed, varied passage (once per model; cached by the engine)."""
+PROFILE_RECIPE = "k-channel-v-token"  # what calibrate_profile makes: K per channel, V per (token, head) row
+
+
+def calibrate_profile(runner, name: str, v_granularity: str = "token") -> DQPProfile:
+    """Calibrate the model's DQP profile on a fixed, varied passage (once per model; cached by the engine).
+
+    The engine's int8 anchors need V per token (PROFILE_RECIPE); other granularities are for comparisons.
+    """
     tok = runner.lm.tokenizer
     ids = _encode(tok, _template(tok, [{"role": "system", "content": CALIBRATION_TEXT},
                                        {"role": "user", "content": CALIBRATION_TEXT}], True))
@@ -140,7 +158,7 @@ def calibrate_profile(runner, name: str) -> DQPProfile:
     samples = [{(l, "K"): k[l], (l, "V"): v[l]} for l in range(k.shape[0])]
     a = runner.args
     return DQPProfile.calibrate(samples, name=name, num_layers=a.num_layers, num_kv_heads=a.num_kv_heads,
-                                head_dim=a.head_dim, k_granularity="channel", v_granularity="channel",
+                                head_dim=a.head_dim, k_granularity="channel", v_granularity=v_granularity,
                                 block_size=runner.config.block_size)
 
 
@@ -170,10 +188,12 @@ class AnchorCompiler:
         if self.int8:
             if profile is None:
                 raise AnchorError("int8 anchors need the model's DQP profile")
+            if not profile.per_row(0, "V"):
+                raise AnchorError(f"int8 anchors need a profile that scales V per token (format 3); profile "
+                                  f"{profile.name!r} scales it per {profile.v_granularity}: recalibrate")
             c = runner.cache
             for layer in range(c.anchor_k.shape[0]):
                 c.anchor_k_scale[layer] = profile.scales(layer, "K", runner.device)
-                c.anchor_v_scale[layer] = profile.scales(layer, "V", runner.device)
         self.encoding = profile.digest if self.int8 else str(runner.lm.dtype).removeprefix("torch.")
         self.compiled: dict[str, CompiledSet] = {}
 
@@ -242,19 +262,29 @@ class AnchorCompiler:
         return cs
 
     def _write(self, blocks: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
-        c, bs = self.runner.cache, self.runner.config.block_size
-        n = k.shape[1]
         for layer in range(k.shape[0]):
-            for pool, x, kind in ((c.anchor_k, k, "K"), (c.anchor_v, v, "V")):
+            for x, kind in ((k, "K"), (v, "V")):
                 data = x[layer]
                 if self.int8:
                     try:
-                        data = quantize_codes(data, self.profile.exponents(layer, kind)).to(c.anchor_k.device)
-                    except DQPError as e:
-                        raise AnchorError(f"layer {layer} {kind} of the anchors cannot be quantized: {e}") from None
-                padded = torch.zeros((len(blocks) * bs, *data.shape[1:]), dtype=pool.dtype, device=pool.device)
-                padded[:n] = data
-                pool[layer][torch.tensor(blocks, device=pool.device)] = padded.view(len(blocks), bs, *data.shape[1:])
+                        check_finite(data, f"layer {layer} {kind} of the anchors")
+                        e = self.profile.fixed(layer, kind)
+                        data = quantize_rows(data) if e is None else quantize_codes(data, e).to(data.device)
+                    except DQPError as err:
+                        raise AnchorError(f"layer {layer} {kind} of the anchors cannot be quantized: {err}") from None
+                self._put_state(blocks, layer, kind, data)
+
+    def _put_state(self, blocks: list[int], layer: int, kind: str, data: torch.Tensor) -> None:
+        """Write one state in its canonical form (set_states') into the set's pool blocks."""
+        c, bs = self.runner.cache, self.runner.config.block_size
+        parts = [(c.anchor_k if kind == "K" else c.anchor_v, data)]
+        if kind == "V" and c.anchor_v_exp is not None:  # the row layout: codes to one pool, exponents to the other
+            parts = [(c.anchor_v, data[..., :-1]), (c.anchor_v_exp, data[..., -1])]
+        index = torch.tensor(blocks, device=c.anchor_k.device)
+        for pool, x in parts:
+            padded = torch.zeros((len(blocks) * bs, *x.shape[1:]), dtype=pool.dtype, device=pool.device)
+            padded[: x.shape[0]] = x
+            pool[layer][index] = padded.view(len(blocks), bs, *x.shape[1:])
 
     def _manifest(self, state_ids: list[str], ids: list[int], digests: list[bytes]) -> dict:
         a, lm = self.runner.args, self.runner.lm
@@ -302,9 +332,8 @@ class AnchorCompiler:
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "wb") as f:
             f.write(_FILE_MAGIC + canonical_json(head) + b"\n")
-            for layer in range(c.anchor_k.shape[0]):
-                for pool in (c.anchor_k[layer], c.anchor_v[layer]):
-                    f.write(_pool_blocks(pool, slot.blocks, slot.length).contiguous().cpu().view(torch.uint8).numpy().tobytes())
+            for state in set_states(c, slot.blocks, slot.length):
+                f.write(state.contiguous().cpu().view(torch.uint8).numpy().tobytes())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # a set file is whole or absent
@@ -328,21 +357,23 @@ class AnchorCompiler:
         if cs.manifest.get("block_size") != r.config.block_size:
             raise AnchorError(f"anchor set file {path} was compiled with cache block size {cs.manifest.get('block_size')}; "
                               f"this engine uses {r.config.block_size}: delete it to recompile")
-        per = length * c.anchor_k.shape[3] * c.anchor_k.shape[4] * c.anchor_k.element_size()
-        if len(body) != per * 2 * c.anchor_k.shape[0]:
+        _, _, _, h, d = c.anchor_k.shape
+        row_v = c.anchor_v_exp is not None
+        shapes = {"K": (length, h, d), "V": (length, h, d + row_v)}
+        size = {kind: length * h * shape[2] * c.anchor_k.element_size() for kind, shape in shapes.items()}
+        expected = (size["K"] + size["V"]) * c.anchor_k.shape[0]
+        if len(body) != expected:
             raise AnchorError(f"anchor set file {path} is truncated or padded ({len(body)} bytes of K/V, expected "
-                              f"{per * 2 * c.anchor_k.shape[0]}); delete it to recompile")
+                              f"{expected}); delete it to recompile")
         slot = r.anchor_pool.reserve(key, length)
         try:
             raw = torch.from_numpy(np.frombuffer(body, dtype=np.uint8).copy())
+            off = 0
             for layer in range(c.anchor_k.shape[0]):
-                for j, pool in enumerate((c.anchor_k, c.anchor_v)):
-                    off = (2 * layer + j) * per
-                    data = raw[off : off + per].view(pool.dtype).view(length, *pool.shape[3:])
-                    bs = r.config.block_size
-                    padded = torch.zeros((len(slot.blocks) * bs, *pool.shape[3:]), dtype=pool.dtype)
-                    padded[:length] = data
-                    pool[layer][torch.tensor(slot.blocks, device=pool.device)] = padded.view(len(slot.blocks), bs, *pool.shape[3:]).to(pool.device)
+                for kind in ("K", "V"):
+                    data = raw[off : off + size[kind]].view(c.anchor_k.dtype).view(shapes[kind])
+                    off += size[kind]
+                    self._put_state(slot.blocks, layer, kind, data.to(c.anchor_k.device))
             self.verify(cs, slot.blocks)
         except BaseException:
             r.anchor_pool.evict(key)

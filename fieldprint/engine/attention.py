@@ -23,11 +23,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from fieldprint.dqp import dequantize_rows
 from fieldprint.kernels.paged_attention import (
     AnchorPool,
     AnchorRouting,
-    paged_attention_decode,
+    DecodePlan,
+    DecodeWorkspace,
     paged_attention_prefill,
+    plan_decode,
 )
 
 
@@ -36,8 +39,9 @@ class KVCache:
     """Every layer's block pools: sequences' K/V, anchors' K/V (cache dtype or int8 codes) and scales.
 
     k, v: [L, num_blocks, block_size, H_kv, D]; block 0 is never handed out (padding slots of a
-    captured batch write there). anchor_k, anchor_v: [L, num_anchor_blocks, block_size, H_kv, D];
-    anchor_k_scale, anchor_v_scale: float32 [L, H_kv, D] powers of two for int8 anchors, else None.
+    captured batch write there). anchor_k, anchor_v: [L, num_anchor_blocks, block_size, H_kv, D].
+    int8 anchors (else None): anchor_k_scale float32 [L, H_kv, D] powers of two (the profile's, per
+    channel); anchor_v_exp int8 [L, num_anchor_blocks, block_size, H_kv], each V row's exponent.
     """
 
     k: torch.Tensor
@@ -45,13 +49,13 @@ class KVCache:
     anchor_k: torch.Tensor
     anchor_v: torch.Tensor
     anchor_k_scale: torch.Tensor | None = None
-    anchor_v_scale: torch.Tensor | None = None
+    anchor_v_exp: torch.Tensor | None = None
     pools: list[AnchorPool] = field(default_factory=list)  # each layer's kernel view of the anchor pool
 
     def __post_init__(self) -> None:
         int8 = self.anchor_k.dtype == torch.int8
         self.pools = [AnchorPool(self.anchor_k[layer], self.anchor_v[layer],
-                                 self.anchor_k_scale[layer] if int8 else None, self.anchor_v_scale[layer] if int8 else None)
+                                 self.anchor_k_scale[layer] if int8 else None, self.anchor_v_exp[layer] if int8 else None)
                       for layer in range(self.anchor_k.shape[0])]
 
     @property
@@ -74,6 +78,8 @@ class AttentionContext:
     # plan, so the layers after the first reuse it
     routing: AnchorRouting
     check: bool = False  # the kernels' data-dependent input checks (one host sync each): tests only
+    workspace: DecodeWorkspace | None = None  # the runner's decode scratch memory (None: the kernel's default)
+    decode_plan: DecodePlan | None = None  # made by the first layer's decode, run by every layer
 
     def anchors(self, layer: int) -> tuple[AnchorPool | None, AnchorRouting | None]:
         """The kernels' anchor arguments for this layer: its pool and the step's routing (None, None: no sets)."""
@@ -99,8 +105,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
         if ctx.is_prefill:
             return paged_attention_prefill(q, ctx.cu_seqlens_q, c.k[layer], c.v[layer], ctx.block_tables,
                                            ctx.context_lens, pool, routing, max_seqlen_q=ctx.max_seqlen_q, check=ctx.check)
-        return paged_attention_decode(q, c.k[layer], c.v[layer], ctx.block_tables, ctx.context_lens, pool, routing,
-                                      check=ctx.check)
+        if ctx.decode_plan is None:  # checks, splits and the anchor plan once per step, not per layer
+            ctx.decode_plan = plan_decode(q, c.k[layer], c.v[layer], ctx.block_tables, ctx.context_lens, pool,
+                                          routing, check=ctx.check, workspace=ctx.workspace)
+        return ctx.decode_plan.run(q, c.k[layer], c.v[layer], pool)
     return torch_paged_attention(q, layer, ctx)
 
 
@@ -110,7 +118,8 @@ def gather_anchor_kv(cache: KVCache, layer: int, block_row: torch.Tensor, length
     ak = ak.reshape(-1, *ak.shape[2:])[:length]
     av = av.reshape(-1, *av.shape[2:])[:length]
     if ak.dtype == torch.int8:
-        return ak.float() * cache.anchor_k_scale[layer], av.float() * cache.anchor_v_scale[layer]
+        ve = cache.anchor_v_exp[layer][block_row].reshape(-1, av.shape[1])[:length]
+        return ak.float() * cache.anchor_k_scale[layer], dequantize_rows(torch.cat([av, ve[..., None]], dim=-1))
     return ak, av
 
 

@@ -39,6 +39,7 @@ from fieldprint.dqp import (
     check_finite,
     inverse_scales,
     quantize_codes,
+    quantize_rows,
     stack_digest,
     state_header,
 )
@@ -74,7 +75,7 @@ class CommitTicket:
     """Handle returned by submit(): the future receipt and when the inputs may be overwritten."""
 
     future: Future
-    codes: dict[StateKey, torch.Tensor]  # device codes (GPU path), valid once quantization ran
+    codes: dict[StateKey, torch.Tensor]  # device codes (GPU path; [T, H, D + 1] rows for per-row V), valid once quantized
     _event: object = None  # torch.cuda.Event on GPU, threading.Event on CPU
 
     def wait_quantized(self) -> None:
@@ -97,7 +98,7 @@ class _Job:
     dtypes: list[str]  # source dtype of each group
     future: Future
     inputs: list[torch.Tensor] = field(default_factory=list)  # CPU path: [N, T, H, D] states
-    host_codes: list[torch.Tensor] = field(default_factory=list)  # GPU path: pinned [N, T, H, D] codes
+    host_codes: list[torch.Tensor] = field(default_factory=list)  # GPU path: pinned [N, T, H, D (+1: rows)] codes
     host_bad: torch.Tensor | None = None
     copied: object = None  # torch.cuda.Event recorded after the copies
     quantized: threading.Event | None = None
@@ -232,8 +233,8 @@ class Committer:
         parents, taint = _check_meta(session, state_type, parents, taint, state_id, time_ns)
         shape = (self.profile.num_kv_heads, self.profile.head_dim)
         for keys, x in groups:
-            for layer, kind in keys:
-                self.profile.exponents(layer, kind)  # raises DQPError for a key the profile lacks
+            if len({self.profile.per_row(layer, kind) for layer, kind in keys}) > 1:  # DQPError for a key the profile lacks
+                raise CommitError(f"states {keys} stacked in one tensor mix per-row and fixed scales")
             if not isinstance(x, torch.Tensor) or x.dtype not in DTYPE_NAMES or x.dim() not in (3, 4) or tuple(x.shape[-2:]) != shape:
                 raise CommitError(f"state {keys[0]} must be a bf16/fp16/fp32 [T, {shape[0]}, {shape[1]}] tensor, "
                                   f"got {getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
@@ -299,7 +300,11 @@ class Committer:
             device_codes = []
             for keys, x in groups:
                 x.record_stream(self._side)  # the allocator must not hand x's memory out before we read it
-                codes, _ = quantize_async(x, self._inverse_scales(keys, dev), bad=bad[offset : offset + len(keys)])
+                if self.profile.per_row(*keys[0]):
+                    codes = quantize_rows(x)
+                    bad[offset : offset + len(keys)] = (~torch.isfinite(x)).sum(dim=(1, 2, 3), dtype=torch.int32)
+                else:
+                    codes, _ = quantize_async(x, self._inverse_scales(keys, dev), bad=bad[offset : offset + len(keys)])
                 offset += len(keys)
                 device_codes.append(codes)
                 for i, key in enumerate(keys):
@@ -354,18 +359,24 @@ class Committer:
             for keys, x in zip(job.groups, job.inputs):
                 for i, (layer, kind) in enumerate(keys):
                     check_finite(x[i], f"layer {layer} {kind} of session {job.session!r}")
-                out.append(torch.stack([quantize_codes(x[i], self.profile.exponents(l, k)) for i, (l, k) in enumerate(keys)]))
+                out.append(torch.stack([self._quantize_cpu(x[i], layer, kind) for i, (layer, kind) in enumerate(keys)]))
             return out
         finally:
             job.inputs = []
             job.quantized.set()
 
-    def _header(self, layer: int, kind: str, dtype: str, shape: tuple[int, int, int]) -> bytes:
-        key = (layer, kind, dtype, shape)
+    def _quantize_cpu(self, x: torch.Tensor, layer: int, kind: str) -> torch.Tensor:
+        e = self.profile.fixed(layer, kind)
+        return quantize_rows(x) if e is None else quantize_codes(x, e)
+
+    def _header(self, layer: int, kind: str, dtype: str, codes_shape: tuple[int, int, int]) -> bytes:
+        key = (layer, kind, dtype, codes_shape)
         header = self._headers.get(key)
         if header is None:  # built once per shape: the worker's Python time is the forward pass's GIL time
-            header = self._headers[key] = state_header(dtype, layer, kind, self.profile.block_size, shape,
-                                                       self.profile.exponents(layer, kind))
+            e = self.profile.fixed(layer, kind)
+            t, h, d = codes_shape
+            header = self._headers[key] = state_header(dtype, layer, kind, self.profile.block_size,
+                                                       (t, h, d - (e is None)), e)
         return header
 
     def _commit(self, job: _Job) -> None:
@@ -394,7 +405,7 @@ class Committer:
         else:
             for keys, group, dtype in zip(job.groups, codes, job.dtypes):
                 for i, (layer, kind) in enumerate(keys):
-                    qs = QuantizedState(group[i], self.profile.exponents(layer, kind), dtype, layer, kind, self.profile.block_size)
+                    qs = QuantizedState(group[i], self.profile.fixed(layer, kind), dtype, layer, kind, self.profile.block_size)
                     d = qs.digest(blocks=self._block_digests, threads=self._digest_threads)
                     digests[(layer, kind)], blocks[(layer, kind)] = d, qs.blocks
                     parts.append((layer, kind, d))

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fieldprint.engine.anchors import (
+    PROFILE_RECIPE,
     AnchorCompiler,
     CompiledSet,
     anchor_text,
@@ -84,7 +85,8 @@ class Engine:
         self.lm = load_model(model, device=device)
         self.runner = ModelRunner(self.lm, self.config.runner)
         int8 = self.config.runner.anchor_dtype == "int8"
-        self.profile = load_or_calibrate_profile(data_dir, self.lm.model_id, lambda: calibrate_profile(self.runner, "model"))
+        self.profile = load_or_calibrate_profile(data_dir, self.lm.model_id, lambda: calibrate_profile(self.runner, "model"),
+                                                 PROFILE_RECIPE)
         self.committer = Committer(self.log, self.profile)
         self.compiler = AnchorCompiler(self.runner, self.log, self.committer, self.profile if int8 else None,
                                        os.path.join(data_dir, "anchor-sets"))

@@ -4,7 +4,8 @@ Two pools of fixed-size blocks (the block size is also DQP's digest block):
 
 - sequence blocks [L, N, block_size, H_kv, D] in the model's dtype, handed out by `BlockManager`
   (a free list; block 0 is kept back as the write target of a captured batch's padding slots);
-- anchor blocks [L, M, block_size, H_kv, D] in the cache dtype or int8 DQP codes, handed out by
+- anchor blocks [L, M, block_size, H_kv, D] in the cache dtype or int8 DQP codes (with V's per-row
+  exponents [L, M, block_size, H_kv] beside them), handed out by
   `AnchorPool` to compiled anchor sets. A set is pinned while any running sequence reads it
   (reference count) and leaves by least-recent use only once nobody does; a full pool raises
   EngineError and never touches a pinned set.
@@ -31,7 +32,7 @@ def cdiv(a: int, b: int) -> int:
 
 def allocate_cache(args: ModelArgs, *, block_size: int, num_blocks: int, num_anchor_blocks: int,
                    dtype: torch.dtype, anchor_dtype: torch.dtype, device: torch.device, tp_size: int = 1) -> KVCache:
-    """Zeroed pools for every layer; int8 anchors get their (power-of-two) scale tensors too."""
+    """Zeroed pools for every layer; int8 anchors get K's per-channel scales and V's per-row exponents too."""
     if block_size < 1 or block_size & (block_size - 1):
         raise EngineError(f"block_size must be a power of two, got {block_size}")
     h, d, n_layers = args.num_kv_heads // tp_size, args.head_dim, args.num_layers
@@ -42,7 +43,7 @@ def allocate_cache(args: ModelArgs, *, block_size: int, num_blocks: int, num_anc
         torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
         torch.zeros(ashape, dtype=anchor_dtype, device=device), torch.zeros(ashape, dtype=anchor_dtype, device=device),
         torch.ones((n_layers, h, d), dtype=torch.float32, device=device) if int8 else None,
-        torch.ones((n_layers, h, d), dtype=torch.float32, device=device) if int8 else None,
+        torch.zeros(ashape[:4], dtype=torch.int8, device=device) if int8 else None,
     )
 
 

@@ -49,10 +49,14 @@ class Session:
     turns: list[Turn] = field(default_factory=list)
 
 
-def load_or_calibrate_profile(data_dir: str, model_id: str, calibrate) -> DQPProfile:
-    """The model's DQP profile: calibrated once, stored as `profiles/<model id>.json`, reused after."""
+def load_or_calibrate_profile(data_dir: str, model_id: str, calibrate, recipe: str) -> DQPProfile:
+    """The model's DQP profile: calibrated once, stored as `profiles/<model id>.<recipe>.json`, reused after.
+
+    The recipe (which granularities) is in the name, so a profile made by another recipe is kept
+    beside (old commits name it) rather than taken or overwritten.
+    """
     folder = os.path.join(data_dir, "profiles")
-    path = os.path.join(folder, model_id.replace(":", "-") + ".json")
+    path = os.path.join(folder, f"{model_id.replace(':', '-')}.{recipe}.json")
     try:
         with open(path, "rb") as f:
             return DQPProfile.decode(f.read())

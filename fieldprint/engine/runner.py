@@ -25,7 +25,7 @@ from fieldprint.engine.kv_cache import (
 from fieldprint.engine.loader import LoadedModel
 from fieldprint.engine.model import fuse_elementwise
 from fieldprint.engine.sequence import Sequence
-from fieldprint.kernels.paged_attention import AnchorRouting
+from fieldprint.kernels.paged_attention import AnchorRouting, DecodeWorkspace
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
 
@@ -68,6 +68,7 @@ class ModelRunner:
         self.anchor_pool = AnchorPool(config.anchor_blocks, bs)
         self.max_blocks = cdiv(config.max_model_len, bs)
         self.max_anchor_blocks = cdiv(config.max_anchor_len, bs)
+        self.workspace = DecodeWorkspace(self.device)  # attention scratch: allocated once, reused by every step
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict]] = {}
         self._graph_pool = None
         self.use_graphs = config.cuda_graphs and self.device.type == "cuda"
@@ -114,7 +115,7 @@ class ModelRunner:
             block_tables=self._tables(seqs).to(dev, non_blocking=True),
             context_lens=torch.tensor([s.num_cached + n for s, n in zip(seqs, counts)], dtype=torch.int32).to(dev),
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32).to(dev), max_seqlen_q=max(counts),
-            routing=AnchorRouting(table.to(dev), lens.to(dev), which.to(dev)),
+            routing=AnchorRouting(table.to(dev), lens.to(dev), which.to(dev)), workspace=self.workspace,
         )
         return torch.tensor(ids, dtype=torch.int64).to(dev), torch.tensor(pos, dtype=torch.int64).to(dev), ctx
 
@@ -140,7 +141,7 @@ class ModelRunner:
 
     def _context(self, st: dict) -> AttentionContext:
         return AttentionContext(self.cache, False, st["slots"], st["tables"], st["lens"], st["cu"], 1,
-                                AnchorRouting(st["atable"], st["alens"], st["which"]))
+                                AnchorRouting(st["atable"], st["alens"], st["which"]), workspace=self.workspace)
 
     def _capture(self, b: int) -> tuple[torch.cuda.CUDAGraph, dict]:
         st = self._static(b)

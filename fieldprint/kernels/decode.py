@@ -16,6 +16,27 @@ import triton
 import triton.language as tl
 
 NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": empty splits then merge without inf - inf = NaN
+EXP_MIN = tl.constexpr(-64)  # the DQP's smallest scale exponent (fieldprint/dqp_profile.py)
+
+
+@triton.jit
+def _pow2(e):
+    """Exact float32 2**e for int32 e in [-126, 127], from its bits (no approximate exp2)."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _scale_rows(p, ve):
+    """(P with column j times 2**(e_j - top), 2**top) for int8 V rows with exponents e, top = max e.
+
+    value(V row j) = code_j * 2**e_j, so P @ V == 2**top * ((P * 2**(e - top)) @ codes). Taking the
+    tile's largest exponent out keeps every scaled probability <= 1, inside fp16's range too, and
+    both factors are powers of two: no rounding beyond the product's own.
+    """
+    e = ve.to(tl.int32)
+    top = tl.max(e, 0)
+    rel = _pow2(tl.maximum(e - top, -126))
+    return p * rel[None, :], _pow2(top)
 
 
 @triton.jit
@@ -34,26 +55,36 @@ def dot(a, b):
 
 @triton.jit
 def _attend_tile(
-    q, m_i, l_i, acc, start, hi, table_row_ptr, k_ptr, v_ptr, h, H_KV, scale_log2, pos,
+    q, m_i, l_i, acc, start, hi, table_row_ptr, k_ptr, v_ptr, ve_ptr, h, H_KV, scale_log2, pos,
     D: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, MASKED: tl.constexpr,
     CAUSAL: tl.constexpr, INT8: tl.constexpr,
 ):
-    """One BLOCK_N tile of tokens from `start`: gather K/V through the block table, online softmax."""
+    """One BLOCK_N tile of tokens from `start`: gather K/V through the block table, online softmax.
+
+    INT8: K's per-channel scale is already folded into q; V's per-row exponents (ve_ptr, one int8
+    per token and head) scale P's columns before P @ V (see _scale_rows).
+    """
     d = tl.arange(0, D)
     n = start + tl.arange(0, BLOCK_N)
     if MASKED:
         nmask = n < hi
         page = tl.load(table_row_ptr + n // BS, mask=nmask, other=0).to(tl.int64)
-        off = ((page * BS + n % BS) * H_KV + h) * D
+        row = (page * BS + n % BS) * H_KV + h
+        off = row * D
         k = tl.load(k_ptr + off[:, None] + d[None, :], mask=nmask[:, None], other=0)
         v = tl.load(v_ptr + off[:, None] + d[None, :], mask=nmask[:, None], other=0)
+        if INT8:
+            ve = tl.load(ve_ptr + row, mask=nmask, other=EXP_MIN)
     else:
         page = tl.load(table_row_ptr + n // BS).to(tl.int64)
-        off = ((page * BS + n % BS) * H_KV + h) * D
+        row = (page * BS + n % BS) * H_KV + h
+        off = row * D
         k = tl.load(k_ptr + off[:, None] + d[None, :])
         v = tl.load(v_ptr + off[:, None] + d[None, :])
+        if INT8:
+            ve = tl.load(ve_ptr + row)
     if INT8:
-        # Codes are exact in bf16/fp16; the power-of-two scales were folded into q and the output.
+        # Codes are exact in bf16/fp16.
         k = k.to(q.dtype)
         v = v.to(q.dtype)
     qk = dot(q, tl.trans(k)) * scale_log2
@@ -66,13 +97,17 @@ def _attend_tile(
     p = tl.exp2(qk - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v)
+    if INT8:
+        pv, top = _scale_rows(p, ve)
+        acc = acc * alpha[:, None] + dot(pv.to(v.dtype), v) * top
+    else:
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v)
     return m_new, l_i, acc
 
 
 @triton.jit
 def _attend_range(
-    q, m_i, l_i, acc, lo, hi, table_row_ptr, k_ptr, v_ptr, h, H_KV, scale_log2, pos,
+    q, m_i, l_i, acc, lo, hi, table_row_ptr, k_ptr, v_ptr, ve_ptr, h, H_KV, scale_log2, pos,
     D: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, CAUSAL: tl.constexpr,
     INT8: tl.constexpr,
 ):
@@ -83,15 +118,15 @@ def _attend_range(
     hi = tl.maximum(hi, lo)
     if CAUSAL:
         for start in range(lo, hi, BLOCK_N):
-            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, start, hi, table_row_ptr, k_ptr, v_ptr, h,
+            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, start, hi, table_row_ptr, k_ptr, v_ptr, ve_ptr, h,
                                          H_KV, scale_log2, pos, D, BLOCK_N, BS, True, True, INT8)
     else:
         full = lo + (hi - lo) // BLOCK_N * BLOCK_N
         for start in range(lo, full, BLOCK_N):
-            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, start, hi, table_row_ptr, k_ptr, v_ptr, h,
+            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, start, hi, table_row_ptr, k_ptr, v_ptr, ve_ptr, h,
                                          H_KV, scale_log2, pos, D, BLOCK_N, BS, False, False, INT8)
         if full < hi:
-            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, full, hi, table_row_ptr, k_ptr, v_ptr, h,
+            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, full, hi, table_row_ptr, k_ptr, v_ptr, ve_ptr, h,
                                          H_KV, scale_log2, pos, D, BLOCK_N, BS, True, False, INT8)
     return m_i, l_i, acc
 
@@ -179,7 +214,7 @@ def _store_partial(pm_ptr, pl_ptr, pacc_ptr, idx, rmask, m_i, l_i, acc, D: tl.co
 @triton.jit
 def _anchor_item(
     pid, q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr,
-    ak_ptr, av_ptr, abt_ptr, alen_ptr, seqset_ptr, order_ptr, start_ptr, ks_ptr, vs_ptr,
+    ak_ptr, av_ptr, abt_ptr, alen_ptr, seqset_ptr, order_ptr, start_ptr, ks_ptr, ve_ptr,
     gamma_ptr, gamma_val, pm_ptr, pl_ptr, pacc_ptr, cnt_ptr, out_ptr,
     B, H_KV, max_blocks, max_ablocks, chunk, achunk, n_anchor_items, scale_log2,
     sq_b, sq_h, so_b, so_h,
@@ -226,10 +261,8 @@ def _anchor_item(
         l_i = tl.zeros([M_ANC], tl.float32)
         acc = tl.zeros([M_ANC, D], tl.float32)
         m_i, l_i, acc = _attend_range(
-            q, m_i, l_i, acc, lo, hi, abt_ptr + cur.to(tl.int64) * max_ablocks, ak_ptr, av_ptr,
+            q, m_i, l_i, acc, lo, hi, abt_ptr + cur.to(tl.int64) * max_ablocks, ak_ptr, av_ptr, ve_ptr,
             h, H_KV, scale_log2, r, D, BLOCK_N, BSA, False, INT8)
-        if INT8:
-            acc = acc * tl.load(vs_ptr + h * D + d)[None, :]
         idx = (seq_r * (H_KV * GQA) + h * GQA + gi) * (S_CTX + S_ANC) + S_CTX + split
         _store_partial(pm_ptr, pl_ptr, pacc_ptr, idx, rvalid, m_i, l_i, acc, D)
         # Every thread's partial stores must be ordered before the counter bump (release).
@@ -249,7 +282,7 @@ def _anchor_item(
 @triton.jit
 def _context_item(
     cid, q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr,
-    ak_ptr, av_ptr, abt_ptr, alen_ptr, seqset_ptr, order_ptr, start_ptr, ks_ptr, vs_ptr,
+    ak_ptr, av_ptr, abt_ptr, alen_ptr, seqset_ptr, order_ptr, start_ptr, ks_ptr, ve_ptr,
     gamma_ptr, gamma_val, pm_ptr, pl_ptr, pacc_ptr, cnt_ptr, out_ptr,
     B, H_KV, max_blocks, max_ablocks, chunk, achunk, n_anchor_items, scale_log2,
     sq_b, sq_h, so_b, so_h,
@@ -275,7 +308,7 @@ def _context_item(
     lo = split * chunk
     hi = tl.minimum(lo + chunk, ctx)
     m_i, l_i, acc = _attend_range(
-        q, m_i, l_i, acc, lo, hi, bt_ptr + b.to(tl.int64) * max_blocks, k_ptr, v_ptr, h, H_KV,
+        q, m_i, l_i, acc, lo, hi, bt_ptr + b.to(tl.int64) * max_blocks, k_ptr, v_ptr, v_ptr, h, H_KV,
         scale_log2, r, D, BLOCK_N, BS, False, False)
     idx = (b * (H_KV * GQA) + h * GQA + r) * (S_CTX + S_ANC) + split
     _store_partial(pm_ptr, pl_ptr, pacc_ptr, idx, rmask, m_i, l_i, acc, D)
@@ -294,7 +327,7 @@ def _context_item(
 @triton.jit
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr,
-    ak_ptr, av_ptr, abt_ptr, alen_ptr, seqset_ptr, order_ptr, start_ptr, ks_ptr, vs_ptr,
+    ak_ptr, av_ptr, abt_ptr, alen_ptr, seqset_ptr, order_ptr, start_ptr, ks_ptr, ve_ptr,
     gamma_ptr, gamma_val, pm_ptr, pl_ptr, pacc_ptr, cnt_ptr, out_ptr,
     B, H_KV, max_blocks, max_ablocks, chunk, achunk, n_anchor_items, scale_log2,
     sq_b, sq_h, so_b, so_h,
@@ -307,21 +340,21 @@ def _decode_kernel(
     if S_ANC > 0:
         if pid < n_anchor_items:
             _anchor_item(pid, q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, ak_ptr, av_ptr, abt_ptr, alen_ptr,
-                         seqset_ptr, order_ptr, start_ptr, ks_ptr, vs_ptr, gamma_ptr, gamma_val, pm_ptr, pl_ptr,
+                         seqset_ptr, order_ptr, start_ptr, ks_ptr, ve_ptr, gamma_ptr, gamma_val, pm_ptr, pl_ptr,
                          pacc_ptr, cnt_ptr, out_ptr, B, H_KV, max_blocks, max_ablocks, chunk, achunk,
                          n_anchor_items, scale_log2, sq_b, sq_h, so_b, so_h, D, GQA, GQA_PAD, TILE_SEQ,
                          M_CTX, M_ANC, BLOCK_N, BS, BSA, S_CTX, S_ANC, INT8, MODE_GAMMA, GAMMA_PER_HEAD,
                          S_PAD)
         else:
             _context_item(pid - n_anchor_items, q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, ak_ptr, av_ptr, abt_ptr, alen_ptr,
-                         seqset_ptr, order_ptr, start_ptr, ks_ptr, vs_ptr, gamma_ptr, gamma_val, pm_ptr, pl_ptr,
+                         seqset_ptr, order_ptr, start_ptr, ks_ptr, ve_ptr, gamma_ptr, gamma_val, pm_ptr, pl_ptr,
                          pacc_ptr, cnt_ptr, out_ptr, B, H_KV, max_blocks, max_ablocks, chunk, achunk,
                          n_anchor_items, scale_log2, sq_b, sq_h, so_b, so_h, D, GQA, GQA_PAD, TILE_SEQ,
                          M_CTX, M_ANC, BLOCK_N, BS, BSA, S_CTX, S_ANC, INT8, MODE_GAMMA, GAMMA_PER_HEAD,
                          S_PAD)
     else:
         _context_item(pid, q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, ak_ptr, av_ptr, abt_ptr, alen_ptr,
-                         seqset_ptr, order_ptr, start_ptr, ks_ptr, vs_ptr, gamma_ptr, gamma_val, pm_ptr, pl_ptr,
+                         seqset_ptr, order_ptr, start_ptr, ks_ptr, ve_ptr, gamma_ptr, gamma_val, pm_ptr, pl_ptr,
                          pacc_ptr, cnt_ptr, out_ptr, B, H_KV, max_blocks, max_ablocks, chunk, achunk,
                          n_anchor_items, scale_log2, sq_b, sq_h, so_b, so_h, D, GQA, GQA_PAD, TILE_SEQ,
                          M_CTX, M_ANC, BLOCK_N, BS, BSA, S_CTX, S_ANC, INT8, MODE_GAMMA, GAMMA_PER_HEAD,

@@ -2,7 +2,8 @@
 
 Layout (one layer): K and V pools `[num_blocks, block_size, H_kv, D]`, int32 block tables
 `[B, max_blocks]`, int32 context lengths `[B]`. Anchors live in their own pool per layer
-(`AnchorPool`: bf16/fp16, or the DQP's INT8 codes with power-of-two scales); which anchor set each
+(`AnchorPool`: bf16/fp16, or the DQP's INT8 codes: K with a power-of-two scale per channel, V with
+one per token and head, the row layout of fieldprint/dqp.py); which anchor set each
 sequence reads is one `AnchorRouting` per step, shared by every layer (it also keeps the decode
 plan, computed once per step on the device).
 
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import triton
 
+from fieldprint.dqp_profile import EXP_MAX, EXP_MIN
 from fieldprint.errors import KernelInputError
 from fieldprint.kernels.decode import _decode_kernel
 from fieldprint.kernels.prefill import _prefill_kernel
@@ -35,13 +37,15 @@ class AnchorPool:
     """One layer's anchor blocks, fixed for an engine's life.
 
     k, v: [num_anchor_blocks, block_size, H_kv, D], the cache dtype or int8 DQP codes in [-127, 127].
-    k_scale, v_scale: [H_kv, D] float32 powers of two (int8 only): value = code * scale.
+    k_scale: [H_kv, D] float32 powers of two (int8 only): K value = code * k_scale[head, channel].
+    v_exp: [num_anchor_blocks, block_size, H_kv] int8 exponents (int8 only): V value = code * 2**v_exp
+        of its (token, head) row, a DQP row-layout state split into codes and exponents.
     """
 
     k: torch.Tensor
     v: torch.Tensor
     k_scale: torch.Tensor | None = None
-    v_scale: torch.Tensor | None = None
+    v_exp: torch.Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -131,10 +135,16 @@ def _check_shapes(q, k_cache, v_cache, block_tables, context_lens, anchors, rout
     if r.seq_anchor_set.shape[0] != bsz:
         raise _bad(f"routing.seq_anchor_set must have B={bsz} entries, got {r.seq_anchor_set.shape[0]}")
     if a.k.dtype == torch.int8:
-        for name, s in (("k_scale", a.k_scale), ("v_scale", a.v_scale)):
-            if s is None or s.dtype != torch.float32 or tuple(s.shape) != (hkv, d) or s.device != q.device:
-                raise _bad(f"int8 anchors need anchors.{name} as float32 [H_kv={hkv}, D={d}] on "
-                           f"{q.device} (per-channel; repeat a per-head scale along D)")
+        s = a.k_scale
+        if not isinstance(s, torch.Tensor) or s.dtype != torch.float32 or tuple(s.shape) != (hkv, d) or s.device != q.device:
+            raise _bad(f"int8 anchors need anchors.k_scale as float32 [H_kv={hkv}, D={d}] on "
+                       f"{q.device} (per-channel; repeat a per-head scale along D)")
+        e = a.v_exp
+        if (not isinstance(e, torch.Tensor) or e.dtype != torch.int8 or tuple(e.shape) != tuple(a.v.shape[:3])
+                or e.device != q.device or not e.is_contiguous()):
+            raise _bad(f"int8 anchors need anchors.v_exp as a contiguous int8 [num_anchor_blocks, block_size, "
+                       f"H_kv] = {tuple(a.v.shape[:3])} tensor of per-row exponents on {q.device}; got "
+                       f"{getattr(e, 'dtype', type(e))} {tuple(getattr(e, 'shape', ()))}")
 
 
 def _check_values(checks: list[tuple[torch.Tensor, str]]) -> None:
@@ -172,30 +182,58 @@ def _value_checks(k_cache, block_tables, context_lens, anchors, routing, gamma, 
              f"routing.seq_anchor_set entries must be -1 or a set index < {r.lens.shape[0]}"),
         ]
         if a.k.dtype == torch.int8:
-            for name, s in (("k_scale", a.k_scale), ("v_scale", a.v_scale)):
-                mant, _ = torch.frexp(s)
-                out.append(((mant == 0.5).all(), f"anchors.{name} must hold positive powers of two (DQP)"))
+            mant, _ = torch.frexp(a.k_scale)
+            out.append(((mant == 0.5).all(), "anchors.k_scale must hold positive powers of two (DQP)"))
+            out.append((((a.v_exp >= EXP_MIN) & (a.v_exp <= EXP_MAX)).all(),
+                        f"anchors.v_exp must lie in the DQP's exponent range [{EXP_MIN}, {EXP_MAX}]"))
     _check_values(out)
 
 
-_counters: dict[tuple, torch.Tensor] = {}
-# Outgrown counter buffers are kept, never freed: a CUDA graph captured with one still writes to it
-# on every replay, and freed memory could be handed to another tensor.
-_retired_counters: list[torch.Tensor] = []
+class DecodeWorkspace:
+    """Scratch memory of paged_attention_decode, owned by its caller (an engine's runner) and reused.
+
+    Per launch: the split partials (m, l, acc) and one arrival counter per (sequence, KV head). The
+    kernel leaves every counter at zero when it ends, so zeroing once at allocation serves all
+    later launches. It grows when a launch needs more; outgrown buffers are kept, never freed, since
+    a CUDA graph captured with them still writes there on every replay. A runner that warms each
+    graph's shapes up before capturing (as capture needs anyway) never grows it inside a capture.
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self._m = self._l = self._acc = self._cnt = None
+        self._retired: list[torch.Tensor] = []
+
+    def take(self, slots: int, d: int, pairs: int) -> tuple[torch.Tensor, ...]:
+        """(m [slots], l [slots], acc [slots * d] float32, counters [pairs] int32, all zero)."""
+        if self._m is None or self._m.numel() < slots or self._acc.numel() < slots * d:
+            if self._m is not None:
+                self._retired += [self._m, self._l, self._acc]
+            n = max(slots, 2 * (0 if self._m is None else self._m.numel()))
+            self._m = torch.empty(n, dtype=torch.float32, device=self.device)
+            self._l = torch.empty_like(self._m)
+            self._acc = torch.empty(n * d, dtype=torch.float32, device=self.device)
+        if self._cnt is None or self._cnt.numel() < pairs:
+            if self._cnt is not None:
+                self._retired.append(self._cnt)
+            self._cnt = torch.zeros(max(pairs, 4096), dtype=torch.int32, device=self.device)
+        return self._m[:slots], self._l[:slots], self._acc[: slots * d], self._cnt[:pairs]
 
 
-def _counter_buffer(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed per-(sequence, KV head) arrival counters; the kernel leaves them zero when it ends."""
+_workspaces: dict[tuple, DecodeWorkspace] = {}
+
+
+def _default_workspace(device: torch.device) -> DecodeWorkspace:
+    """One workspace per (GPU, stream) for callers that bring none; the CPU gets a fresh one per call."""
     if device.type != "cuda":
-        return torch.zeros(n, dtype=torch.int32, device=device)
+        return DecodeWorkspace(device)
     key = (device.index, torch.cuda.current_stream(device).cuda_stream)
-    buf = _counters.get(key)
-    if buf is None or buf.numel() < n:
-        if buf is not None:
-            _retired_counters.append(buf)
-        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        _counters[key] = buf
-    return buf
+    ws = _workspaces.get(key)
+    if ws is None:
+        ws = _workspaces[key] = DecodeWorkspace(device)
+    return ws
 
 
 _sm_counts: dict[int, int] = {}
@@ -276,7 +314,78 @@ def _anchor_plan(r: AnchorRouting, tile: int) -> tuple[torch.Tensor, torch.Tenso
     return got
 
 
-def paged_attention_decode(
+# Positions in the decode kernel's argument list of what changes from layer to layer.
+_Q, _K, _V, _AK, _AV, _KS, _VE, _OUT = 0, 1, 2, 5, 6, 12, 13, 20
+_PER_LAYER = (_Q, _K, _V, _AK, _AV, _KS, _VE, _OUT)
+
+
+class DecodePlan:
+    """One decode launch prepared once: checks, split sizes, the anchor plan and the argument list.
+
+    plan_decode() does all that depends on the step (the batch's block tables and lengths, the
+    anchor routing, the pools' shapes); run() swaps in the tensors that change per layer (q, the
+    layer's pools, out) and launches, so an engine plans once per step for all its layers and a
+    call costs little more than Triton's own launcher. After the first launch the compiled kernel
+    is called directly; run() keeps that path to calls it was specialized for (the planned shapes
+    and strides, 16-byte aligned tensors) and takes Triton's full launch otherwise.
+    """
+
+    def __init__(self, grid, args: list, constexprs: dict, options: dict, q: torch.Tensor, pool_shape,
+                 anchor_shape) -> None:
+        self.grid, self.args, self.constexprs, self.options = grid, args, constexprs, options
+        self.shape, self.dtype, self.device, self.q_stride = tuple(q.shape), q.dtype, q.device, q.stride()
+        self.pool_shape, self.anchor_shape = pool_shape, anchor_shape
+        self._tail = list(constexprs.values())  # the compiled launcher takes constexprs positionally, last
+        self._compiled = None
+
+    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, anchors: AnchorPool | None = None,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+        """Launch over this layer's q [B, H_q, D] and pools (shaped as planned); returns out."""
+        if q.shape != self.shape or q.dtype != self.dtype or q.stride() != self.q_stride:
+            raise _bad(f"q must be {self.dtype} of shape {self.shape} with strides {self.q_stride}, as planned; got "
+                       f"{q.dtype} {tuple(q.shape)} strides {q.stride()}")
+        if k_cache.shape != self.pool_shape or v_cache.shape != self.pool_shape:
+            raise _bad(f"k_cache and v_cache must have the planned shape {tuple(self.pool_shape)}")
+        if (anchors is None) != (self.anchor_shape is None) or (anchors is not None and anchors.k.shape != self.anchor_shape):
+            raise _bad(f"the anchor pool must be {'absent' if self.anchor_shape is None else tuple(self.anchor_shape)}, as planned")
+        out = _out_buffer(out, q)
+        args = self.args
+        args[_Q], args[_K], args[_V], args[_OUT] = q, k_cache, v_cache, out
+        if anchors is not None:
+            args[_AK], args[_AV] = anchors.k, anchors.v
+            if anchors.k.dtype == torch.int8:
+                args[_KS], args[_VE] = anchors.k_scale, anchors.v_exp
+        else:
+            args[_AK], args[_AV] = k_cache, v_cache
+        args[31], args[32] = out.stride(0), out.stride(1)
+        fast = self._compiled is not None and out.stride() == self.q_stride and all(
+            args[i].data_ptr() % 16 == 0 for i in _PER_LAYER)
+        try:
+            if fast:
+                c = self._compiled
+                c.run(*self.grid, 1, 1, torch.cuda.current_stream(self.device).cuda_stream, c.function,
+                      c.packed_metadata, None, None, None, *args, *self._tail)
+            else:
+                compiled = _decode_kernel[self.grid](*args, **self.constexprs, **self.options)
+                if (q.is_cuda and out.stride() == self.q_stride and _no_launch_hooks()
+                        and all(args[i].data_ptr() % 16 == 0 for i in _PER_LAYER)):
+                    self._compiled = compiled
+        finally:
+            for i in _PER_LAYER:  # the plan keeps no reference to a layer's tensors
+                args[i] = None
+        return out
+
+
+def _no_launch_hooks() -> bool:
+    """Whether no profiler hook wants to see launches (the direct call skips Triton's hooks)."""
+    try:
+        from triton import knobs
+    except ImportError:
+        return False
+    return knobs.runtime.launch_enter_hook is None and knobs.runtime.launch_exit_hook is None
+
+
+def plan_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -289,27 +398,26 @@ def paged_attention_decode(
     gamma: float | torch.Tensor = 0.0,
     sm_scale: float | None = None,
     check: bool = True,
-    out: torch.Tensor | None = None,
     num_splits: int | None = None,
     anchor_splits: int | None = None,
     seq_tile: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
     max_registers: int | None = -1,
-) -> torch.Tensor:
-    """One query per sequence (q [B, H_q, D]) over anchors + paged context, in one kernel launch.
+    workspace: DecodeWorkspace | None = None,
+) -> DecodePlan:
+    """Check and prepare a decode launch for q's shape over these tables, lengths and anchors.
 
-    check=False skips the data-dependent checks (one host sync); out, if given, receives the
-    result (same shape and dtype as q, last dim contiguous); num_splits, anchor_splits and
-    seq_tile override the split-KV and anchor-sharing heuristics (seq_tile=1: no sharing);
-    num_warps/num_stages/max_registers (per-thread register cap, None = none, -1 = heuristic)
-    override the launch configuration.
+    q, k_cache, v_cache and anchors stand for every layer's (same shapes and dtypes); the plan
+    keeps the tables, lengths, routing, gamma and workspace, which must stay unchanged while it
+    is used. Arguments as paged_attention_decode.
     """
     bsz = q.shape[0] if q.dim() == 3 else -1
     _check_shapes(q, k_cache, v_cache, block_tables, context_lens, anchors, routing, mode, gamma, bsz)
     if check:
         _value_checks(k_cache, block_tables, context_lens, anchors, routing, gamma, 1)
-    q = q if q.stride(-1) == 1 else q.contiguous()
+    if q.stride(-1) != 1:
+        raise _bad(f"q's last dimension must be contiguous, got strides {q.stride()}")
     _, bs, hkv, d = k_cache.shape
     hq = q.shape[1]
     gqa = hq // hkv
@@ -341,43 +449,68 @@ def paged_attention_decode(
         n_anchor_items = n_tiles * hkv * s_anc
     s_tot = s_ctx + s_anc
     dev = q.device
-    out = _out_buffer(out, q)
-    pm = torch.empty(bsz * hq * s_tot, dtype=torch.float32, device=dev)
-    pl = torch.empty_like(pm)
-    pacc = torch.empty(bsz * hq * s_tot * d, dtype=torch.float32, device=dev)
-    cnt = _counter_buffer(dev, bsz * hkv)
+    if workspace is not None and workspace.device != dev:
+        raise _bad(f"the workspace is on {workspace.device} but q is on {dev}")
+    pm, pl, pacc, cnt = (workspace or _default_workspace(dev)).take(bsz * hq * s_tot, d, bsz * hkv)
     gptr, gval, g_per_head = _gamma_args(gamma, q)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
+    int8 = a is not None and a.k.dtype == torch.int8
     if a is not None:
-        ak, av, abt, alen, aset = a.k, a.v, r.block_table, r.lens, r.seq_anchor_set
+        abt, alen, aset = r.block_table.contiguous(), r.lens, r.seq_anchor_set
         order, start = _anchor_plan(r, tile)
-        int8 = a.k.dtype == torch.int8
-        ks, vs, bsa = (a.k_scale, a.v_scale, a.k.shape[1]) if int8 else (pm, pm, a.k.shape[1])
+        bsa = a.k.shape[1]
     else:
-        ak, av, abt, alen, aset, order, start, int8, ks, vs, bsa = (
-            k_cache, v_cache, block_tables, context_lens, context_lens, context_lens, context_lens,
-            False, pm, pm, bs)
-    grid = (n_anchor_items + bsz * hkv * s_ctx,)
-    extra = {}
+        abt, alen, aset, order, start, bsa = (block_tables, context_lens, context_lens, context_lens,
+                                              context_lens, bs)
+    options = {"num_warps": num_warps, "num_stages": num_stages}
     if max_registers == -1:
         max_registers = _decode_reg_cap(int8, tile, num_warps)
     if max_registers is not None and on_gpu:
         # The anchor and context items share one compiled kernel, so the int8 conversion's
         # registers would otherwise cut the occupancy of the context items too.
-        extra["maxnreg"] = max_registers
-    _decode_kernel[grid](
-        q, k_cache, v_cache, block_tables.contiguous(), context_lens,
-        ak, av, abt.contiguous(), alen, aset, order, start, ks, vs,
-        gptr if gptr is not None else pm, gval, pm, pl, pacc, cnt, out,
+        options["maxnreg"] = max_registers
+    args = [
+        None, None, None, block_tables.contiguous(), context_lens,  # q, k_cache, v_cache: per layer
+        None, None, abt, alen, aset, order, start, pm, pm,  # anchor k, v, k_scale, v_exp: per layer
+        gptr if gptr is not None else pm, gval, pm, pl, pacc, cnt, None,  # out: per layer
         bsz, hkv, block_tables.shape[1], abt.shape[1], chunk, achunk, n_anchor_items,
-        scale * _LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        scale * _LOG2E, q.stride(0), q.stride(1), q.stride(0), q.stride(1),
+    ]
+    constexprs = dict(
         D=d, GQA=gqa, GQA_PAD=gqa_pad, TILE_SEQ=tile, M_CTX=max(16, gqa_pad),
         M_ANC=max(16, tile * gqa_pad), BLOCK_N=block_n, BS=bs, BSA=bsa, S_CTX=s_ctx, S_ANC=s_anc,
         INT8=int8, MODE_GAMMA=mode == "gamma", GAMMA_PER_HEAD=g_per_head,
-        S_PAD=triton.next_power_of_2(max(s_ctx, s_anc)), num_warps=num_warps, num_stages=num_stages,
-        **extra,
+        S_PAD=triton.next_power_of_2(max(s_ctx, s_anc)),
     )
-    return out
+    grid = (n_anchor_items + bsz * hkv * s_ctx,)
+    return DecodePlan(grid, args, constexprs, options, q, k_cache.shape, None if a is None else a.k.shape)
+
+
+def paged_attention_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    anchors: AnchorPool | None = None,
+    routing: AnchorRouting | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    **options,
+) -> torch.Tensor:
+    """One query per sequence (q [B, H_q, D]) over anchors + paged context, in one kernel launch.
+
+    Options (keywords, see plan_decode): mode, gamma, sm_scale; check=False skips the
+    data-dependent checks (one host sync); out, if given, receives the result (same shape and
+    dtype as q, last dim contiguous); workspace: the caller's scratch memory (default: one per GPU
+    stream); num_splits, anchor_splits and seq_tile override the split-KV and anchor-sharing
+    heuristics (seq_tile=1: no sharing); num_warps/num_stages/max_registers (per-thread register
+    cap, None = none, -1 = heuristic) override the launch configuration. A caller that runs the
+    same step over many layers plans once (plan_decode) and calls DecodePlan.run per layer.
+    """
+    q = q if q.dim() != 3 or q.stride(-1) == 1 else q.contiguous()
+    return plan_decode(q, k_cache, v_cache, block_tables, context_lens, anchors, routing, **options).run(
+        q, k_cache, v_cache, anchors, out)
 
 
 def _tma_ok(k: torch.Tensor, v: torch.Tensor, block_n: int) -> bool:
@@ -454,9 +587,9 @@ def paged_attention_prefill(
     if a is not None:
         int8 = a.k.dtype == torch.int8
         ak, av, abt, alen, aset = a.k, a.v, r.block_table.contiguous(), r.lens, r.seq_anchor_set
-        ks, vs, bsa = (a.k_scale, a.v_scale, a.k.shape[1]) if int8 else (q, q, a.k.shape[1])
+        ks, ve, bsa = (a.k_scale, a.v_exp, a.k.shape[1]) if int8 else (q, q, a.k.shape[1])
     else:
-        int8, ak, av, abt, alen, aset, ks, vs, bsa = (
+        int8, ak, av, abt, alen, aset, ks, ve, bsa = (
             False, k_cache, v_cache, block_tables, context_lens, context_lens, q, q, bs)
     # Pages of at least block_n tokens: each K/V tile is one page, copied by descriptor (TMA on
     # the GPU) instead of per-thread gathers.
@@ -471,7 +604,7 @@ def paged_attention_prefill(
     grid = (bsz, triton.cdiv(max_q, bm), hq)
     _prefill_kernel[grid](
         q, k_arg, v_arg, block_tables.contiguous(), context_lens, cu_seqlens_q,
-        ak, av, abt, alen, aset, ks, vs, gptr if gptr is not None else q, gval, out,
+        ak, av, abt, alen, aset, ks, ve, gptr if gptr is not None else q, gval, out,
         hkv, block_tables.shape[1], abt.shape[1], scale * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         D=d, GQA=hq // hkv, BLOCK_M=bm, BLOCK_N=bn, BS=bs, BSA=bsa, HAS_ANCHORS=a is not None,

@@ -5,10 +5,10 @@ of their sequence (positions context_len - q_len ... context_len - 1) and attend
 token, every earlier token, and causally among themselves.
 
 concat is one softmax over [anchors; context], so it keeps ONE online-softmax state: the anchors
-are attended first (INT8: with the K scale folded into q, and the accumulator multiplied by the
-V scale once the anchors are done, both exact for powers of two), then the context continues the
-same state: one [BLOCK_M, D] fp32 accumulator instead of two, which keeps the 128x128 kernel's
-registers out of the loops' spills (docs/attention-notes.md, v6). gamma needs two states.
+are attended first (INT8: with the K scale folded into q and each V row's power-of-two scale
+applied to P's columns, both exact), then the context continues the same state: one [BLOCK_M, D]
+fp32 accumulator instead of two, which keeps the 128x128 kernel's registers out of the loops'
+spills (docs/attention-notes.md, v6). gamma needs two states.
 
 The matrix-product loop differs from the decode one: the softmax scale is applied inside the
 exponent's fused multiply-add (qk * s - m) rather than as a separate multiply on every score, and
@@ -21,12 +21,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fieldprint.kernels.decode import NEG, dot
+from fieldprint.kernels.decode import EXP_MIN, NEG, _scale_rows, dot
 
 
 @triton.jit
 def _prefill_tile(
-    q, m_i, l_i, acc, start, hi, table_row_ptr, k_ptr, v_ptr, h, H_KV, scale_log2, pos,
+    q, m_i, l_i, acc, start, hi, table_row_ptr, k_ptr, v_ptr, ve_ptr, h, H_KV, scale_log2, pos,
     D: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, MASKED: tl.constexpr,
     CAUSAL: tl.constexpr, INT8: tl.constexpr, TMA: tl.constexpr,
 ):
@@ -34,6 +34,7 @@ def _prefill_tile(
 
     TMA: k_ptr / v_ptr are tensor descriptors over the pool as [blocks * BS, H_kv * D]; a tile
     is one page's rows, copied by the tensor memory accelerator (no per-thread addresses).
+    INT8 (never with TMA): ve_ptr holds one int8 exponent per (token, head) V row.
     """
     d = tl.arange(0, D)
     n = start + tl.arange(0, BLOCK_N)
@@ -61,11 +62,15 @@ def _prefill_tile(
             nmask = n < hi
             k = tl.load(k_ptr + off[:, None] + d[None, :], mask=nmask[:, None], other=0)
             v = tl.load(v_ptr + off[:, None] + d[None, :], mask=nmask[:, None], other=0)
+            if INT8:
+                ve = tl.load(ve_ptr + off // D, mask=nmask, other=EXP_MIN)
         else:
             k = tl.load(k_ptr + off[:, None] + d[None, :])
             v = tl.load(v_ptr + off[:, None] + d[None, :])
+            if INT8:
+                ve = tl.load(ve_ptr + off // D)
     if INT8:
-        # Codes are exact in bf16/fp16; the power-of-two scales are folded into q and acc.
+        # Codes are exact in bf16/fp16; K's scale is folded into q, V's rows scale P (_scale_rows).
         k = k.to(q.dtype)
         v = v.to(q.dtype)
     qk = dot(q, tl.trans(k))
@@ -79,13 +84,17 @@ def _prefill_tile(
     p = tl.exp2(qk * scale_log2 - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + dot(p.to(q.dtype), v)
+    if INT8:
+        pv, top = _scale_rows(p, ve)
+        acc = acc * alpha[:, None] + dot(pv.to(q.dtype), v) * top
+    else:
+        acc = acc * alpha[:, None] + dot(p.to(q.dtype), v)
     return m_new, l_i, acc
 
 
 @triton.jit
 def _prefill_range(
-    q, m_i, l_i, acc, lo, hi, table_row_ptr, k_ptr, v_ptr, h, H_KV, scale_log2, pos,
+    q, m_i, l_i, acc, lo, hi, table_row_ptr, k_ptr, v_ptr, ve_ptr, h, H_KV, scale_log2, pos,
     D: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, CAUSAL: tl.constexpr,
     INT8: tl.constexpr, TMA: tl.constexpr,
 ):
@@ -94,22 +103,22 @@ def _prefill_range(
     if CAUSAL:
         for start in range(lo, hi, BLOCK_N):
             m_i, l_i, acc = _prefill_tile(q, m_i, l_i, acc, start, hi, table_row_ptr, k_ptr, v_ptr,
-                                          h, H_KV, scale_log2, pos, D, BLOCK_N, BS, True, True, INT8, TMA)
+                                          ve_ptr, h, H_KV, scale_log2, pos, D, BLOCK_N, BS, True, True, INT8, TMA)
     else:
         full = lo + (hi - lo) // BLOCK_N * BLOCK_N
         for start in range(lo, full, BLOCK_N):
             m_i, l_i, acc = _prefill_tile(q, m_i, l_i, acc, start, hi, table_row_ptr, k_ptr, v_ptr,
-                                          h, H_KV, scale_log2, pos, D, BLOCK_N, BS, False, False, INT8, TMA)
+                                          ve_ptr, h, H_KV, scale_log2, pos, D, BLOCK_N, BS, False, False, INT8, TMA)
         if full < hi:
             m_i, l_i, acc = _prefill_tile(q, m_i, l_i, acc, full, hi, table_row_ptr, k_ptr, v_ptr,
-                                          h, H_KV, scale_log2, pos, D, BLOCK_N, BS, True, False, INT8, TMA)
+                                          ve_ptr, h, H_KV, scale_log2, pos, D, BLOCK_N, BS, True, False, INT8, TMA)
     return m_i, l_i, acc
 
 
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, cu_ptr,
-    ak_ptr, av_ptr, abt_ptr, alen_ptr, seqset_ptr, ks_ptr, vs_ptr,
+    ak_ptr, av_ptr, abt_ptr, alen_ptr, seqset_ptr, ks_ptr, ve_ptr,
     gamma_ptr, gamma_val, out_ptr,
     H_KV, max_blocks, max_ablocks, scale_log2, sq_t, sq_h, so_t, so_h,
     D: tl.constexpr, GQA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -156,19 +165,15 @@ def _prefill_kernel(
                 m_a = tl.full([BLOCK_M], NEG, tl.float32)
                 l_a = tl.zeros([BLOCK_M], tl.float32)
                 acc_a = tl.zeros([BLOCK_M, D], tl.float32)
-                m_a, l_a, acc_a = _prefill_range(qa, m_a, l_a, acc_a, 0, alen, a_row, ak_ptr, av_ptr,
+                m_a, l_a, acc_a = _prefill_range(qa, m_a, l_a, acc_a, 0, alen, a_row, ak_ptr, av_ptr, ve_ptr,
                                                  h, H_KV, scale_log2, pos, D, BLOCK_N, BSA, False, INT8, TMA_A)
-                if INT8:
-                    acc_a = acc_a * tl.load(vs_ptr + h * D + d)[None, :]
             else:
                 # concat: the anchors open the one softmax state the context then continues.
-                m_i, l_i, acc = _prefill_range(qa, m_i, l_i, acc, 0, alen, a_row, ak_ptr, av_ptr,
+                m_i, l_i, acc = _prefill_range(qa, m_i, l_i, acc, 0, alen, a_row, ak_ptr, av_ptr, ve_ptr,
                                                h, H_KV, scale_log2, pos, D, BLOCK_N, BSA, False, INT8, TMA_A)
-                if INT8:
-                    acc = acc * tl.load(vs_ptr + h * D + d)[None, :]
-        m_i, l_i, acc = _prefill_range(q, m_i, l_i, acc, 0, diag_lo, t_row, k_ptr, v_ptr, h, H_KV,
+        m_i, l_i, acc = _prefill_range(q, m_i, l_i, acc, 0, diag_lo, t_row, k_ptr, v_ptr, v_ptr, h, H_KV,
                                        scale_log2, pos, D, BLOCK_N, BS, False, False, TMA_KV)
-        m_i, l_i, acc = _prefill_range(q, m_i, l_i, acc, diag_lo, hi, t_row, k_ptr, v_ptr, h, H_KV,
+        m_i, l_i, acc = _prefill_range(q, m_i, l_i, acc, diag_lo, hi, t_row, k_ptr, v_ptr, v_ptr, h, H_KV,
                                        scale_log2, pos, D, BLOCK_N, BS, True, False, TMA_KV)
         out = acc / l_i[:, None]
         if HAS_ANCHORS:

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fieldprint.dqp import DTYPE_NAMES, SOURCE_DTYPES, QuantizedState, inverse_scales
+from fieldprint.dqp import DTYPE_NAMES, SOURCE_DTYPES, QuantizedState, inverse_scales, quantize_rows
 from fieldprint.dqp_profile import DQPProfile
 from fieldprint.errors import DQPError
 
@@ -108,14 +108,21 @@ def stack_inverse_scales(profile: DQPProfile, layers: list[int], kind: str, devi
 
 
 def quantize_with_kernel(x: torch.Tensor, profile: DQPProfile, layer: int, kind: str) -> QuantizedState:
-    """Quantize with the kernel and wait: codes on the host, DQPError on NaN/Inf (tests, tools)."""
-    inv = device_inverse_scales(profile, layer, kind, x.device)
-    codes, bad = quantize_async(x, inv)
-    nbad = int(bad.item())
+    """Quantize on x's device and wait: codes on the host, DQPError on NaN/Inf (tests, tools).
+
+    Fixed exponents go through the kernel; a per-row V (profile format 3) through quantize_rows,
+    the same torch arithmetic on every device.
+    """
+    exponents = profile.fixed(layer, kind)
+    if exponents is None:
+        codes, nbad = quantize_rows(x), int((~torch.isfinite(x)).sum())
+    else:
+        codes, bad = quantize_async(x, device_inverse_scales(profile, layer, kind, x.device))
+        nbad = int(bad.item())
     if nbad:
         raise DQPError(f"K/V state of layer {layer} {kind} holds {nbad} NaN/Inf value(s); nothing was quantized")
     host = codes.cpu().contiguous()
-    return QuantizedState(host, profile.exponents(layer, kind), DTYPE_NAMES[x.dtype], layer, kind, profile.block_size)
+    return QuantizedState(host, exponents, DTYPE_NAMES[x.dtype], layer, kind, profile.block_size)
 
 
 __all__ = ["quantize_with_kernel", "quantize_async", "device_inverse_scales", "stack_inverse_scales"]

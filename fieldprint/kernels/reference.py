@@ -31,7 +31,8 @@ def anchor_kv(anchors: AnchorPool, routing: AnchorRouting, set_id: int, dtype: t
     v = gather_pages(anchors.v, routing.block_table[set_id], n).to(dtype)
     if anchors.k.dtype == torch.int8:
         k = k * anchors.k_scale.to(dtype)
-        v = v * anchors.v_scale.to(dtype)
+        e = gather_pages(anchors.v_exp[..., None], routing.block_table[set_id], n)
+        v = v * torch.pow(2.0, e.to(dtype))
     return k, v
 
 

@@ -477,3 +477,23 @@ def test_digest_pool_contracts_raise_commit_errors_not_asserts():
         assert pool.live_bytes == 0
     finally:
         pool.close()
+
+
+@pytest.mark.parametrize("digest_process", [False, True])
+def test_per_row_v_commits_the_reference_row_layout(log, committers, digest_process):
+    g = torch.Generator().manual_seed(3)
+    sample = {(l, k): torch.randn(40, H, D, generator=g) for l in range(L) for k in "KV"}
+    rows = DQPProfile.calibrate([sample], name="rows", num_layers=L, num_kv_heads=H, head_dim=D, block_size=8,
+                                v_granularity="token")
+    k, v = _stack(4)
+    c = committers(log, rows, digest_process=digest_process, digest_workers=2)
+    receipt = c.submit_stack(k, v, session="rows").future.result(timeout=60)
+    for l in range(L):
+        for kind, x in (("K", k), ("V", v)):
+            ref = quantize(x[l], rows, l, kind)
+            assert receipt.states[(l, kind)] == ref.digest() and receipt.blocks[(l, kind)] == ref.blocks
+    assert quantize(v[0], rows, 0, "V").codes.shape == (T, H, D + 1)
+    v[1, 7, 1, 3] = float("nan")
+    c.submit_stack(k, v, session="nan-rows")
+    with pytest.raises(CommitError, match="layer 1 V of session 'nan-rows' holds 1 NaN"):
+        c.flush("nan-rows")

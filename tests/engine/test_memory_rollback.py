@@ -79,11 +79,12 @@ def test_a_damaged_profile_file_is_refused_and_kept(tmp_path):
 
     from fieldprint.engine.memory import load_or_calibrate_profile
 
-    path = tmp_path / "profiles" / "blake3-00.json"
+    path = tmp_path / "profiles" / "blake3-00.k-channel-v-token.json"
     os.makedirs(path.parent)
     path.write_bytes(b'{"dqp": 1')
     with pytest.raises(EngineError, match="damaged"):
-        load_or_calibrate_profile(str(tmp_path), "blake3:00", lambda: pytest.fail("must not recalibrate over it"))
+        load_or_calibrate_profile(str(tmp_path), "blake3:00", lambda: pytest.fail("must not recalibrate over it"),
+                                  "k-channel-v-token")
     assert path.read_bytes() == b'{"dqp": 1'
 
 

@@ -142,8 +142,9 @@ def _attention_case(dtype: torch.dtype, anchors: str, decode: bool):
     if anchors == "int8":
         ak = torch.randint(-127, 128, (L, 8, bs, hkv, d), generator=g, dtype=torch.int8)
         av = torch.randint(-127, 128, (L, 8, bs, hkv, d), generator=g, dtype=torch.int8)
-        scale = lambda: torch.exp2(torch.randint(-9, -5, (L, hkv, d), generator=g).float())  # noqa: E731
-        cache = KVCache(rnd(L, nb, bs, hkv, d), rnd(L, nb, bs, hkv, d), ak, av, scale(), scale())
+        k_scale = torch.exp2(torch.randint(-9, -5, (L, hkv, d), generator=g).float())
+        v_exp = torch.randint(-12, -3, (L, 8, bs, hkv), generator=g, dtype=torch.int8)  # per (token, head) row
+        cache = KVCache(rnd(L, nb, bs, hkv, d), rnd(L, nb, bs, hkv, d), ak, av, k_scale, v_exp)
     else:
         cache = KVCache(rnd(L, nb, bs, hkv, d), rnd(L, nb, bs, hkv, d), rnd(L, 8, bs, hkv, d), rnd(L, 8, bs, hkv, d))
     lens = [13, 30, 7]

@@ -19,8 +19,10 @@ from fieldprint.errors import KernelInputError
 from fieldprint.kernels.paged_attention import (
     AnchorPool,
     AnchorRouting,
+    DecodeWorkspace,
     paged_attention_decode,
     paged_attention_prefill,
+    plan_decode,
 )
 from fieldprint.kernels.reference import reference_paged
 
@@ -42,7 +44,7 @@ def _on_device(x: object) -> object:
     if isinstance(x, torch.Tensor):
         return x.to(DEVICE)
     if isinstance(x, AnchorPool):
-        return AnchorPool(*(_on_device(getattr(x, f)) for f in ("k", "v", "k_scale", "v_scale")))
+        return AnchorPool(*(_on_device(getattr(x, f)) for f in ("k", "v", "k_scale", "v_exp")))
     if isinstance(x, AnchorRouting):
         return AnchorRouting(*(_on_device(getattr(x, f)) for f in ("block_table", "lens", "seq_anchor_set")))
     return x
@@ -92,7 +94,8 @@ def _anchors(alens, seq_set, bs, hkv, d, dtype, gen, int8=False, per_channel=Tru
         v = torch.randint(-127, 128, (nb, bs, hkv, d), generator=gen, dtype=torch.int8)
         e = torch.randint(-9, -4, (hkv, d if per_channel else 1), generator=gen)
         ks = (2.0 ** e.float()).expand(hkv, d).contiguous()
-        vs = (2.0 ** torch.randint(-8, -4, (hkv, 1), generator=gen).float()).expand(hkv, d).contiguous()
+        # Per-row V exponents over a wide span: rows 2**10 apart share every tile.
+        vs = torch.randint(-14, -3, (nb, bs, hkv), generator=gen, dtype=torch.int8)
     else:
         k = torch.randn(nb, bs, hkv, d, generator=gen).to(dtype)
         v = torch.randn(nb, bs, hkv, d, generator=gen).to(dtype)
@@ -268,16 +271,22 @@ def test_gamma_without_anchors_is_plain_attention():
 
 
 def test_int8_anchors_equal_their_dequantized_values():
-    """The kernel reads int8 codes; the result equals fp32 anchors holding code * scale."""
+    """The kernel reads int8 codes; the result equals fp32 anchors holding code * scale (decode and prefill)."""
     gen = torch.Generator().manual_seed(5)
     k, v, bt, cl = _pages([44, 70], 32, 2, 64, torch.float32, gen)
     a8 = _anchors([50], [0, 0], 32, 2, 64, torch.float32, gen, int8=True)
     p8, routing = a8
-    af = (AnchorPool(p8.k.float() * p8.k_scale, p8.v.float() * p8.v_scale), routing)
+    vf = p8.v.float() * torch.pow(2.0, p8.v_exp.float())[..., None]
+    af = (AnchorPool(p8.k.float() * p8.k_scale, vf), routing)
     q = torch.randn(2, 4, 64, generator=gen)
+    qp = torch.randn(30, 4, 64, generator=gen)
+    cu = torch.tensor([0, 10, 30], dtype=torch.int32)
     for mode in ("concat", "gamma"):
         o8 = decode(q, k, v, bt, cl, *a8, mode=mode, gamma=0.3)
         of = decode(q, k, v, bt, cl, *af, mode=mode, gamma=0.3)
+        assert torch.allclose(o8, of, atol=1e-5, rtol=1e-5)
+        o8 = prefill(qp, cu, k, v, bt, cl, *a8, mode=mode, gamma=0.3)
+        of = prefill(qp, cu, k, v, bt, cl, *af, mode=mode, gamma=0.3)
         assert torch.allclose(o8, of, atol=1e-5, rtol=1e-5)
 
 
@@ -328,13 +337,19 @@ def test_anchor_inputs_are_validated():
     with pytest.raises(KernelInputError, match="come together"):
         decode(q, k, v, bt, cl, a, None)
     with pytest.raises(KernelInputError, match="powers of two"):
-        decode(q, k, v, bt, cl, AnchorPool(a.k, a.v, a.k_scale * 3, a.v_scale), r)
+        decode(q, k, v, bt, cl, AnchorPool(a.k, a.v, a.k_scale * 3, a.v_exp), r)
+    with pytest.raises(KernelInputError, match="v_exp as a contiguous int8"):
+        decode(q, k, v, bt, cl, AnchorPool(a.k, a.v, a.k_scale, a.v_exp.float()), r)
+    with pytest.raises(KernelInputError, match="v_exp as a contiguous int8"):
+        decode(q, k, v, bt, cl, AnchorPool(a.k, a.v, a.k_scale, a.v_exp[:, :, :1].contiguous()), r)
+    with pytest.raises(KernelInputError, match="exponent range"):
+        decode(q, k, v, bt, cl, AnchorPool(a.k, a.v, a.k_scale, torch.full_like(a.v_exp, 100)), r)
     with pytest.raises(KernelInputError, match="seq_anchor_set"):
         decode(q, k, v, bt, cl, a, AnchorRouting(r.block_table, r.lens, torch.tensor([0, 4], dtype=torch.int32)))
     with pytest.raises(KernelInputError, match="routing.lens"):
         decode(q, k, v, bt, cl, a, AnchorRouting(r.block_table, torch.tensor([999], dtype=torch.int32), r.seq_anchor_set))
     with pytest.raises(KernelInputError, match="int8 codes"):
-        decode(q, k, v, bt, cl, AnchorPool(a.k.float(), a.v, a.k_scale, a.v_scale), r)
+        decode(q, k, v, bt, cl, AnchorPool(a.k.float(), a.v, a.k_scale, a.v_exp), r)
 
 
 def test_prefill_rejects_bad_layout():
@@ -358,3 +373,48 @@ def test_scale_argument_is_used():
     ref = reference_paged(q, None, k, v, bt, cl, sm_scale=0.05)
     assert _relerr(out, ref) < 2e-5
     assert math.isfinite(out.sum().item())
+
+
+def test_a_callers_workspace_is_reused_grown_and_gives_the_same_results():
+    gen = torch.Generator().manual_seed(12)
+    ws = DecodeWorkspace(DEVICE)
+    small = _pages([9, 30], 16, 2, 64, torch.float32, gen)
+    large = _pages([70, 130, 5, 44], 16, 2, 64, torch.float32, gen)
+    a = _anchors([40], [0, -1, 0, 0], 16, 2, 64, torch.float32, gen, int8=True)
+    for k, v, bt, cl in (small, large, small):  # grows for the second call, then serves a smaller one
+        b = bt.shape[0]
+        q = torch.randn(b, 8, 64, generator=gen)
+        anchors = (a[0], AnchorRouting(a[1].block_table, a[1].lens, a[1].seq_anchor_set[:b]))
+        want = decode(q, k, v, bt, cl, *anchors)
+        assert torch.equal(decode(q, k, v, bt, cl, *anchors, workspace=ws), want)
+        assert torch.equal(decode(q, k, v, bt, cl, *anchors, workspace=ws), want)  # counters were left at zero
+    assert ws._m.numel() >= 4 * 8 * 2 and not ws._cnt.any()
+    with pytest.raises(KernelInputError, match="workspace is on"):
+        paged_attention_decode(*(t.to(DEVICE) for t in (q, k, v, bt, cl)), workspace=DecodeWorkspace("meta"))
+
+
+def test_a_plan_serves_every_layer_like_one_shot_calls():
+    """plan_decode once per step, run per layer: the same results as separate calls (on a GPU, the
+    direct launch of the compiled kernel from the second run on), and layer tensors of another
+    shape are refused."""
+    gen = torch.Generator().manual_seed(21)
+    layers = [_pages([33, 90, 7], 16, 2, 64, torch.float32, torch.Generator().manual_seed(i)) for i in range(3)]
+    bt, cl = layers[0][2], layers[0][3]  # one step: the same tables and lengths for every layer
+    pools = [_anchors([40, 20], [1, -1, 0], 16, 2, 64, torch.float32, torch.Generator().manual_seed(9 + i), int8=True)
+             for i in range(3)]
+    routing = _on_device(pools[0][1])
+    qs = [torch.randn(3, 8, 64, generator=gen) for _ in layers]
+    dev = lambda t: _on_device(t)  # noqa: E731
+    plan = plan_decode(dev(qs[0]), dev(layers[0][0]), dev(layers[0][1]), dev(bt), dev(cl), dev(pools[0][0]), routing,
+                       mode="gamma", gamma=0.4)
+    for _ in range(2):
+        for (k, v, _, _), (pool, _), q in zip(layers, pools, qs):
+            want = decode(q, k, v, bt, cl, pool, pools[0][1], mode="gamma", gamma=0.4)
+            got = plan.run(dev(q), dev(k), dev(v), dev(pool)).cpu()
+            assert torch.equal(got, want)
+    if ON_GPU:
+        assert plan._compiled is not None  # the second and later runs took the direct launch
+    with pytest.raises(KernelInputError, match="as planned"):
+        plan.run(dev(qs[0][:2]), dev(layers[0][0]), dev(layers[0][1]), dev(pools[0][0]))
+    with pytest.raises(KernelInputError, match="anchor pool must be"):
+        plan.run(dev(qs[0]), dev(layers[0][0]), dev(layers[0][1]), None)

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The GPU checks of a kernel or engine change, in one go (about 8 minutes on one H200): the kernel
+# tests on the GPU (fp16/bf16/fp32 against the fp64 oracle, int8 anchors, plans), the engine check
+# (our forward vs HF, CUDA graphs, kernels vs the torch path with bf16 and int8 anchors), the
+# engine bench on Llama-3.2-1B (anchor compile/verify, decode) and the end-to-end bench without
+# HF and the protocol section; then a short table.
+# Usage: OUT=<dir> bash benchmarks/gpu/run_checks.sh      (wheels for missing packages in .whl/)
+set -u -o pipefail
+export PYTHONUNBUFFERED=1
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1
+fi
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw,memory.used --format=csv
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+rc=0
+timeout -k 10 "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tail -n 25 | tee "$OUT/gpu_tests.log" || rc=1
+OUT_DIR="$OUT" timeout -k 10 "${CHECK_TIMEOUT:-120}" python3 benchmarks/gpu/check_engine.py 2>&1 | tail -n 30 | tee "$OUT/check_engine.log" || rc=1
+timeout -k 10 "${ENGINE_TIMEOUT:-120}" python3 benchmarks/engine_bench.py --models llama-3.2-1b --out "$OUT/engine_bench.json" 2>&1 | tail -n 30 | tee "$OUT/engine_bench.log" || rc=1
+timeout -k 10 "${E2E_TIMEOUT:-150}" python3 benchmarks/e2e_bench.py --skip hf,protocol --out "$OUT/e2e_bench.json" 2>&1 | tail -n 30 | tee "$OUT/e2e_bench.log" || rc=1
+exit $rc
