@@ -171,7 +171,7 @@ def section_check(quick: bool) -> None:
         lens[0] = 1
         k, v, bt, lens = paged(bsz, 5000, hkv, d, bs, lens=lens)
         seq_set = torch.randint(-1, 2, (bsz,), device=DEV)
-        a = None
+        a = (None, None)
         if akind:
             alens = torch.tensor([alen, max(1, alen // 3)], dtype=torch.int32, device=DEV)
             a = anchor_set(2, alen, hkv, d, bs, seq_set, int8=akind == "int8", alens=alens)
@@ -1291,7 +1291,68 @@ def section_flashinfer(quick: bool) -> None:
     flush()
 
 
-SECTIONS = {"check": section_check, "decode": section_decode, "shared": section_shared,
+def section_tile(quick: bool) -> None:
+    """Anchor-sharing tile size at small batches (B 1-32, 2k shared anchors): graph-timed decode per seq_tile.
+
+    The tile's last-arriving anchor item merges its sequences' outputs one after another, so a wide tile
+    at a small batch can leave one program working alone at the end; this measures where that costs.
+    """
+    out = []
+    shapes = [(32, 8, 64), (32, 8, 128)]  # Llama-3.2-1B and Llama-3-8B attention
+    for hq, hkv, d in shapes[:1] if quick else shapes:
+        for bsz in (1, 8, 32):
+            for ctx in (1024, 8192):
+                k, v, bt, lens = paged(bsz, ctx, hkv, d, 16, dtype=BF)
+                q = torch.randn(bsz, hq, d, dtype=BF, device=DEV)
+                o = torch.empty_like(q)
+                row = {"hq": hq, "hkv": hkv, "d": d, "B": bsz, "ctx": ctx,
+                       "none_us": t_graph([lambda: paged_attention_decode(q, k, v, bt, lens, check=False, out=o)], 40)}
+                for kind in ("bf16", "int8"):
+                    a = anchor_set(1, 2048, hkv, d, 16, torch.zeros(bsz, device=DEV), int8=kind == "int8", dtype=BF)
+                    default = t_graph([lambda a=a: paged_attention_decode(q, k, v, bt, lens, *a, check=False, out=o)], 40)
+                    tiles = {}
+                    for tile in (1, 2, 4, 8, 16):
+                        if tile > triton.next_power_of_2(bsz):
+                            break
+                        tiles[tile] = t_graph([lambda a=a, t=tile: paged_attention_decode(
+                            q, k, v, bt, lens, *a, check=False, out=o, seq_tile=t)], 40)
+                    best = min(tiles, key=tiles.get)
+                    row[kind] = {"default_us": default, "tiles_us": tiles, "best_tile": best,
+                                 "default_vs_none": default / row["none_us"], "best_vs_none": tiles[best] / row["none_us"]}
+                out.append(row)
+                print(f"  tile D={d} B={bsz:>3} ctx={ctx:>5}: none {row['none_us']:6.1f} us | " + " | ".join(
+                    f"{kind} default {row[kind]['default_us']:6.1f} " + " ".join(
+                        f"t{t}={x:.1f}" for t, x in row[kind]["tiles_us"].items()) for kind in ("bf16", "int8")), flush=True)
+                RESULTS["tile"] = out
+                flush()
+
+
+def section_host(quick: bool) -> None:
+    """Host cost of one decode call without a graph (B=1, 1k context, 2k anchors): one-shot vs planned."""
+    hq, hkv, d, bs = 32, 8, 128, 16
+    k, v, bt, lens = paged(1, 1024, hkv, d, bs, dtype=BF)
+    q = torch.randn(1, hq, d, dtype=BF, device=DEV)
+    o = torch.empty_like(q)
+    n, reps = (200, 7) if DEV == "cuda" else (2, 1)  # the CPU (--smoke) only checks the section's logic
+    r = {}
+    for kind in ("none", "bf16", "int8"):
+        a = (None, None) if kind == "none" else anchor_set(1, 2048, hkv, d, bs, torch.zeros(1, device=DEV),
+                                                           int8=kind == "int8", dtype=BF)
+        plan = plan_decode(q, k, v, bt, lens, *a, check=False)
+        r[kind] = {"one_shot_us": host_cost(lambda a=a: paged_attention_decode(q, k, v, bt, lens, *a, check=False, out=o),
+                                            n, reps),
+                   "planned_us": host_cost(lambda a=a, p=plan: p.run(q, k, v, a[0], out=o), n, reps),
+                   "gpu_us": t_graph([lambda a=a, p=plan: p.run(q, k, v, a[0], out=o)], 40)}
+        want = paged_attention_decode(q, k, v, bt, lens, *a)
+        r[kind]["planned_equals_one_shot"] = bool(torch.equal(plan.run(q, k, v, a[0]), want))
+        print(f"  host cost {kind}: one-shot {r[kind]['one_shot_us']:.1f} us, planned {r[kind]['planned_us']:.1f} us "
+              f"GPU {r[kind]['gpu_us']:.1f} us, "
+              f"planned == one-shot: {r[kind]['planned_equals_one_shot']}", flush=True)
+    RESULTS["host"] = r
+    flush()
+
+
+SECTIONS = {"check": section_check, "tile": section_tile, "host": section_host, "decode": section_decode, "shared": section_shared,
             "modes": section_modes, "prefill": section_prefill, "naive64k": section_naive64k,
             "prefill_tune": section_prefill_tune, "int8": section_int8, "flashinfer": section_flashinfer}
 

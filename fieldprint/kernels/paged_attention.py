@@ -316,7 +316,7 @@ def _anchor_plan(r: AnchorRouting, tile: int) -> tuple[torch.Tensor, torch.Tenso
 
 # Positions in the decode kernel's argument list of what changes from layer to layer.
 _Q, _K, _V, _AK, _AV, _KS, _VE, _OUT = 0, 1, 2, 5, 6, 12, 13, 20
-_PER_LAYER = (_Q, _K, _V, _AK, _AV, _KS, _VE, _OUT)
+_SO_B, _SO_H = 31, 32  # out's strides
 
 
 class DecodePlan:
@@ -325,9 +325,8 @@ class DecodePlan:
     plan_decode() does all that depends on the step (the batch's block tables and lengths, the
     anchor routing, the pools' shapes); run() swaps in the tensors that change per layer (q, the
     layer's pools, out) and launches, so an engine plans once per step for all its layers and a
-    call costs little more than Triton's own launcher. After the first launch the compiled kernel
-    is called directly; run() keeps that path to calls it was specialized for (the planned shapes
-    and strides, 16-byte aligned tensors) and takes Triton's full launch otherwise.
+    call costs Triton's launcher plus a few shape comparisons (H200: 60-76 us per call planned vs
+    141-210 us one-shot; docs/attention.md).
     """
 
     def __init__(self, grid, args: list, constexprs: dict, options: dict, q: torch.Tensor, pool_shape,
@@ -335,8 +334,6 @@ class DecodePlan:
         self.grid, self.args, self.constexprs, self.options = grid, args, constexprs, options
         self.shape, self.dtype, self.device, self.q_stride = tuple(q.shape), q.dtype, q.device, q.stride()
         self.pool_shape, self.anchor_shape = pool_shape, anchor_shape
-        self._tail = list(constexprs.values())  # the compiled launcher takes constexprs positionally, last
-        self._compiled = None
 
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, anchors: AnchorPool | None = None,
             out: torch.Tensor | None = None) -> torch.Tensor:
@@ -349,7 +346,7 @@ class DecodePlan:
         if (anchors is None) != (self.anchor_shape is None) or (anchors is not None and anchors.k.shape != self.anchor_shape):
             raise _bad(f"the anchor pool must be {'absent' if self.anchor_shape is None else tuple(self.anchor_shape)}, as planned")
         out = _out_buffer(out, q)
-        args = self.args
+        args = self.args.copy()  # the plan keeps no reference to a layer's tensors
         args[_Q], args[_K], args[_V], args[_OUT] = q, k_cache, v_cache, out
         if anchors is not None:
             args[_AK], args[_AV] = anchors.k, anchors.v
@@ -357,32 +354,9 @@ class DecodePlan:
                 args[_KS], args[_VE] = anchors.k_scale, anchors.v_exp
         else:
             args[_AK], args[_AV] = k_cache, v_cache
-        args[31], args[32] = out.stride(0), out.stride(1)
-        fast = self._compiled is not None and out.stride() == self.q_stride and all(
-            args[i].data_ptr() % 16 == 0 for i in _PER_LAYER)
-        try:
-            if fast:
-                c = self._compiled
-                c.run(*self.grid, 1, 1, torch.cuda.current_stream(self.device).cuda_stream, c.function,
-                      c.packed_metadata, None, None, None, *args, *self._tail)
-            else:
-                compiled = _decode_kernel[self.grid](*args, **self.constexprs, **self.options)
-                if (q.is_cuda and out.stride() == self.q_stride and _no_launch_hooks()
-                        and all(args[i].data_ptr() % 16 == 0 for i in _PER_LAYER)):
-                    self._compiled = compiled
-        finally:
-            for i in _PER_LAYER:  # the plan keeps no reference to a layer's tensors
-                args[i] = None
+        args[_SO_B], args[_SO_H] = out.stride(0), out.stride(1)
+        _decode_kernel[self.grid](*args, **self.constexprs, **self.options)
         return out
-
-
-def _no_launch_hooks() -> bool:
-    """Whether no profiler hook wants to see launches (the direct call skips Triton's hooks)."""
-    try:
-        from triton import knobs
-    except ImportError:
-        return False
-    return knobs.runtime.launch_enter_hook is None and knobs.runtime.launch_exit_hook is None
 
 
 def plan_decode(
@@ -431,7 +405,12 @@ def plan_decode(
     s_anc, achunk, n_anchor_items, tile = 0, 0, 0, 1
     a, r = anchors, routing
     if a is not None:
-        tile = seq_tile if seq_tile is not None else max(1, 64 // gqa_pad)
+        # Up to 64 query rows per sharing tile, and at B <= 32 at most 4 sequences: a tile's last anchor
+        # item merges its sequences one after another, so a wide tile at a small batch ends the launch
+        # alone (H200, B=8, 2k shared anchors, 1k context: 28 us with tiles of 8, 20 us with tiles of 4,
+        # 10 us without anchors; docs/attention-notes.md, v9).
+        widest = max(1, 64 // gqa_pad)
+        tile = seq_tile if seq_tile is not None else widest if bsz > 32 else min(4, widest)
         tile = min(triton.next_power_of_2(tile), triton.next_power_of_2(bsz))
         n_tiles = bsz  # one potential tile start per sorted position
         max_alen = r.block_table.shape[1] * a.k.shape[1]
