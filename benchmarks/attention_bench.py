@@ -117,30 +117,19 @@ def anchor_set(nsets, alen, hkv, d, bs, seq_set, int8=False, dtype=BF, alens=Non
     return pool, AnchorRouting(bt, alens, seq_set.to(torch.int32))
 
 
-# The int8 anchor form: K codes * k_scale (float32 [H_kv, D], per channel) and V codes * 2**v_exp
-# (int8 [num_anchor_blocks, block_size, H_kv], per token and head). A tree still on the older
-# per-channel v_scale gets that form instead (read from AnchorPool's fields), so the bench runs on both.
-V_EXP = "v_exp" in getattr(AnchorPool, "__dataclass_fields__", {})
-
-
 def int8_pool(nb, bs, hkv, d):
-    """Random int8 anchor codes [nb, bs, H_kv, D] with power-of-two scales, as the DQP writes them."""
+    """Random int8 anchor codes [nb, bs, H_kv, D] as the DQP writes them: K times a power of two per
+    channel (float32 [H_kv, D]), V times 2**v_exp of its row (int8 [nb, bs, H_kv], per token and head)."""
     k = torch.randint(-127, 128, (nb, bs, hkv, d), dtype=torch.int8, device=DEV)
     v = torch.randint(-127, 128, (nb, bs, hkv, d), dtype=torch.int8, device=DEV)
     ks = 2.0 ** torch.randint(-9, -5, (hkv, d), device=DEV).float()
-    if V_EXP:
-        return AnchorPool(k, v, ks, torch.randint(-8, -5, (nb, bs, hkv), dtype=torch.int8, device=DEV))
-    vs = (2.0 ** torch.randint(-8, -5, (hkv, 1), device=DEV).float()).expand(hkv, d).contiguous()
-    return AnchorPool(k, v, ks, vs)
+    return AnchorPool(k, v, ks, torch.randint(-8, -5, (nb, bs, hkv), dtype=torch.int8, device=DEV))
 
 
 def dequant_pool(pool, dtype=BF):
     """(K, V) of an int8 AnchorPool as `dtype` values (exact in bf16: 8-bit codes times powers of two)."""
     k = pool.k.float() * pool.k_scale
-    if V_EXP:
-        v = pool.v.float() * torch.exp2(pool.v_exp.float()).unsqueeze(-1)
-    else:
-        v = pool.v.float() * pool.v_scale
+    v = pool.v.float() * torch.exp2(pool.v_exp.float()).unsqueeze(-1)
     return k.to(dtype), v.to(dtype)
 
 
@@ -1182,7 +1171,7 @@ def section_flashinfer(quick: bool) -> None:
     hq, hkv, d = (8, 2, 64) if smoke else (FI_HQ, FI_HKV, FI_D)
     st = FlashInferState(FI_ARGS.get("status"), FI_ARGS.get("disabled", False))
     res = RESULTS.setdefault("flashinfer", {})
-    res.update(dict(shape=dict(Hq=hq, Hkv=hkv, D=d, dtype="bf16"), int8_v_form="v_exp" if V_EXP else "v_scale",
+    res.update(dict(shape=dict(Hq=hq, Hkv=hkv, D=d, dtype="bf16"), int8_v_form="v_exp",
                     decode=[], prefill=[], skipped=[], ratio="ours time / FlashInfer time (lower is better)",
                     fi_decode="BatchDecodeWithPagedKVCacheWrapper(NHD, use_tensor_cores=True, use_cuda_graph=True)",
                     fi_prefill="BatchPrefillWithPagedKVCacheWrapper(NHD, causal=True), backends fa2 and fa3"))

@@ -140,7 +140,7 @@ class Engine:
             if d.anchor:
                 promoted.append(state)
             elif explicit:
-                raise EngineError(f"state {state.state_id} is not an anchor: {d.sentence}")
+                raise EngineError(f"state {state.state_id} was refused: {d.sentence}")  # the sentence says "not an anchor: why"
         return promoted, decisions
 
     def _request(self, prompt, params: SamplingParams, session: str | None, anchors) -> _Request:

@@ -341,10 +341,13 @@ class DecodePlan:
         if q.shape != self.shape or q.dtype != self.dtype or q.stride() != self.q_stride:
             raise _bad(f"q must be {self.dtype} of shape {self.shape} with strides {self.q_stride}, as planned; got "
                        f"{q.dtype} {tuple(q.shape)} strides {q.stride()}")
-        if k_cache.shape != self.pool_shape or v_cache.shape != self.pool_shape:
-            raise _bad(f"k_cache and v_cache must have the planned shape {tuple(self.pool_shape)}")
-        if (anchors is None) != (self.anchor_shape is None) or (anchors is not None and anchors.k.shape != self.anchor_shape):
-            raise _bad(f"the anchor pool must be {'absent' if self.anchor_shape is None else tuple(self.anchor_shape)}, as planned")
+        if k_cache.shape != self.pool_shape or v_cache.shape != self.pool_shape or k_cache.dtype != self.dtype \
+                or v_cache.dtype != self.dtype:
+            raise _bad(f"k_cache and v_cache must be {self.dtype} of the planned shape {tuple(self.pool_shape)}")
+        if (anchors is None) != (self.anchor_shape is None) or (
+                anchors is not None and (anchors.k.shape, anchors.k.dtype) != self.anchor_shape):
+            want = "absent" if self.anchor_shape is None else "{} {}".format(*self.anchor_shape)
+            raise _bad(f"the anchor pool must be {want}, as planned")
         out = _out_buffer(out, q)
         args = self.args.copy()  # the plan keeps no reference to a layer's tensors
         args[_Q], args[_K], args[_V], args[_OUT] = q, k_cache, v_cache, out
@@ -462,7 +465,7 @@ def plan_decode(
         S_PAD=triton.next_power_of_2(max(s_ctx, s_anc)),
     )
     grid = (n_anchor_items + bsz * hkv * s_ctx,)
-    return DecodePlan(grid, args, constexprs, options, q, k_cache.shape, None if a is None else a.k.shape)
+    return DecodePlan(grid, args, constexprs, options, q, k_cache.shape, None if a is None else (a.k.shape, a.k.dtype))
 
 
 def paged_attention_decode(

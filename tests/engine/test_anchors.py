@@ -115,11 +115,13 @@ def test_a_flipped_byte_in_a_set_file_is_refused_naming_the_block(anchor_dtype, 
     path = _set_file(restarted, cs.key)
     data = bytearray(open(path, "rb").read())
     c = restarted.runner.cache
-    per_token = c.anchor_k.shape[3] * c.anchor_k.shape[4] * c.anchor_k.element_size()
+    h, d, size = c.anchor_k.shape[3], c.anchor_k.shape[4], c.anchor_k.element_size()
+    k_token = h * d * size
+    v_token = h * (d + 1) * size if anchor_dtype == "int8" else k_token  # int8 V: the row layout, D codes + exponent
     length = len(cs.tokens)
     assert length > 20
     layer, kind, token = 1, "V", 20  # token 20 lies in block 1 (16 tokens a block)
-    at = _body_offset(data) + (2 * layer + 1) * length * per_token + token * per_token + 3
+    at = _body_offset(data) + layer * length * (k_token + v_token) + length * k_token + token * v_token + 3
     data[at] ^= 0x10
     open(path, "wb").write(data)
     size = log.size
@@ -185,6 +187,35 @@ def test_a_flipped_byte_in_the_pool_is_refused_naming_the_block(anchor_dtype, ti
     raw[5] ^= 0x01
     with pytest.raises(AnchorError, match=f"anchor set {cs.key[:16]}: layer 0 K block 1 differs .* nothing is attended to"):
         compiler.verify(cs, slot.blocks)
+
+
+def test_a_moved_v_row_exponent_is_refused_in_the_pool_and_in_the_set_file(tiny_model, make_compiler, engine_ops,
+                                                                          log):
+    """The exponents are attended to as much as the codes: each is hashed with its row."""
+    lm, _ = tiny_model("llama")
+    compiler = make_compiler(lm, "int8")
+    cs = _acquire(compiler, engine_ops)
+    slot = compiler.runner.anchor_pool.get(cs.key)
+    v_exp = compiler.runner.cache.anchor_v_exp
+    v_exp[1, slot.blocks[1], 4, 0] += 1  # layer 1, V, the set's second block: that row's values double
+    with pytest.raises(AnchorError, match=f"layer 1 V block 1 differs from what was committed \\(log leaf {cs.index}\\)"):
+        compiler.verify(cs, slot.blocks)
+    v_exp[1, slot.blocks[1], 4, 0] -= 1
+    compiler.verify(cs, slot.blocks)
+
+    restarted = make_compiler(lm, "int8")
+    path = _set_file(restarted, cs.key)
+    data = bytearray(open(path, "rb").read())
+    c = restarted.runner.cache
+    h, d = c.anchor_k.shape[3], c.anchor_k.shape[4]
+    length = len(cs.tokens)
+    # layer 0's K, then its V rows: token 17's first head's exponent is the last byte of that row
+    at = _body_offset(data) + length * h * d + 17 * h * (d + 1) + d
+    data[at] = (data[at] + 1) % 256
+    open(path, "wb").write(data)
+    with pytest.raises(AnchorError, match="layer 0 V block 1 differs"):
+        _acquire(restarted, engine_ops)
+    assert not restarted.runner.anchor_pool.sets
 
 
 def test_anchors_longer_than_max_anchor_len_are_refused_and_nothing_is_logged(tiny_model, make_compiler,

@@ -89,7 +89,7 @@ def test_anchors_condition_the_output(world):
 
 
 def test_explicit_tainted_state_is_refused_naming_why(world):
-    with pytest.raises(EngineError, match=r"is not an anchor: .*tainted by web:forum"):
+    with pytest.raises(EngineError, match=r"was refused: not an anchor: .*tainted by web:forum"):
         world.engine.generate(PROMPT, SHORT, anchors=[world.diet.state_id, world.rumor.state_id])
     _assert_clean(world.engine)
     _serves(world.engine)
@@ -251,7 +251,7 @@ def test_session_turns_become_states_and_rollback_drops_the_last(world):
     mem.ensure_checkpoint()
     assert mem.gate.explain(t2.user_state).anchor is True
     assert mem.gate.explain(t2.output_state).anchor is False  # the model's own words: not promotable by default
-    with pytest.raises(EngineError, match="is not an anchor"):
+    with pytest.raises(EngineError, match="was refused: not an anchor: "):
         eng.generate(PROMPT, SHORT, anchors=[t2.output_state])
 
     result = eng.rollback("alice")

@@ -415,3 +415,9 @@ def test_a_plan_serves_every_layer_like_one_shot_calls():
         plan.run(dev(qs[0][:2]), dev(layers[0][0]), dev(layers[0][1]), dev(pools[0][0]))
     with pytest.raises(KernelInputError, match="anchor pool must be"):
         plan.run(dev(qs[0]), dev(layers[0][0]), dev(layers[0][1]), None)
+    k, v = dev(layers[0][0]), dev(layers[0][1])
+    with pytest.raises(KernelInputError, match="must be torch.float32 of the planned shape"):
+        plan.run(dev(qs[0]), k.half(), v.half(), dev(pools[0][0]))
+    bf = AnchorPool(pools[0][0].k.float(), pools[0][0].v.float())  # a pool of another dtype than planned (int8)
+    with pytest.raises(KernelInputError, match="anchor pool must be .*int8, as planned"):
+        plan.run(dev(qs[0]), k, v, dev(bf))

@@ -102,11 +102,17 @@ def test_second_writer_refused_while_readers_audit_one_snapshot(tmp_path):
         assert log.audit().ok
 
 
+def _ctrl_c_live() -> None:
+    """In the child: SIGINT back to its default, so Python installs its Ctrl-C handler even when the
+    test runner was started with SIGINT ignored (nohup, a background job), which children inherit."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _add_lines_process(d, tmp_path, n, **kwargs):
     lines = tmp_path / "lines"
     lines.write_bytes(b"\n".join(_records(n)) + b"\n")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([*CLI, "ledger", "--data-dir", str(d), "add", "--lines", str(lines)],
+    return subprocess.Popen([*CLI, "ledger", "--data-dir", str(d), "add", "--lines", str(lines)], preexec_fn=_ctrl_c_live,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, **kwargs)
 
 
@@ -159,7 +165,8 @@ def test_closed_pipe_during_add_reports_exactly_what_was_sequenced(tmp_path):
 def test_ctrl_c_while_reading_input_writes_nothing(tmp_path):
     d = tmp_path / "data"
     _, verifier = _init(d)
-    proc = subprocess.Popen([*CLI, "ledger", "--data-dir", str(d), "add", "--lines"], stdin=subprocess.PIPE,
+    proc = subprocess.Popen([*CLI, "ledger", "--data-dir", str(d), "add", "--lines"], preexec_fn=_ctrl_c_live,
+                            stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdin.write(b'{"kind":"state","v":1}\n')
     proc.stdin.flush()
