@@ -332,6 +332,20 @@ def test_row_layout_header_and_digest_bind_the_exponents():
     assert k.exponents is not None and k.codes.shape == (10, H, D)
 
 
+def test_row_layout_inputs_are_checked():
+    packed = quantize_rows(torch.randn(3, H, D))
+    bad = packed.clone()
+    bad[1, 0, D] = 100  # an exponent past EXP_MAX: no DQP value
+    with pytest.raises(DQPError, match="row exponents must lie in"):
+        dequantize(bad, None)
+    with pytest.raises(DQPError, match="int8"):
+        dequantize(packed.float(), None)
+    with pytest.raises(DQPError, match="quantize_rows wants"):
+        quantize_rows(torch.randint(0, 5, (3, H, D)))
+    with pytest.raises(DQPError, match="NaN/Inf"):
+        quantize(torch.full((2, H, D), float("nan")), _token_profile(), 0, "V")
+
+
 def test_audit_of_the_row_layout_measures_steps_of_the_committed_scale():
     p = _token_profile()
     x = torch.randn(12, H, D)

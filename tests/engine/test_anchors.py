@@ -132,10 +132,11 @@ def test_a_flipped_byte_in_a_set_file_is_refused_naming_the_block(anchor_dtype, 
     assert log.size == size  # a refused file is not recompiled behind the caller's back
 
 
-def test_a_truncated_or_damaged_set_file_is_refused(tiny_model, make_compiler, engine_ops):
+@pytest.mark.parametrize("anchor_dtype", ["model", "int8"])
+def test_a_truncated_or_damaged_set_file_is_refused(anchor_dtype, tiny_model, make_compiler, engine_ops):
     lm, _ = tiny_model("llama")
-    cs = _acquire(make_compiler(lm), engine_ops)
-    restarted = make_compiler(lm)
+    cs = _acquire(make_compiler(lm, anchor_dtype), engine_ops)
+    restarted = make_compiler(lm, anchor_dtype)
     path = _set_file(restarted, cs.key)
     data = open(path, "rb").read()
     open(path, "wb").write(data[:-7])
@@ -187,6 +188,14 @@ def test_a_flipped_byte_in_the_pool_is_refused_naming_the_block(anchor_dtype, ti
     raw[5] ^= 0x01
     with pytest.raises(AnchorError, match=f"anchor set {cs.key[:16]}: layer 0 K block 1 differs .* nothing is attended to"):
         compiler.verify(cs, slot.blocks)
+
+
+def test_int8_anchors_refuse_a_profile_without_per_row_v(tiny_model, make_runner, log):
+    lm, _ = tiny_model("llama")
+    runner = make_runner(lm, anchor_dtype="int8", block_size=16)
+    channels = calibrate_profile(runner, "test", v_granularity="channel")
+    with pytest.raises(AnchorError, match="scales V per token \\(format 3\\); profile 'test' scales it per channel"):
+        AnchorCompiler(runner, log, None, channels, None)
 
 
 def test_a_moved_v_row_exponent_is_refused_in_the_pool_and_in_the_set_file(tiny_model, make_compiler, engine_ops,

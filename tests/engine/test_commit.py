@@ -90,7 +90,12 @@ def test_dict_and_stacked_submits_commit_the_same_digest(profile, log):
     assert a.future.result().index != b.future.result().index
 
 
-def test_strided_inputs_commit_like_contiguous_ones(profile, log):
+@pytest.mark.parametrize("v_granularity", ["head", "token"])
+def test_strided_inputs_commit_like_contiguous_ones(log, v_granularity):
+    g = torch.Generator().manual_seed(0)
+    sample = {(l, k): torch.randn(40, H, D, generator=g) for l in range(L) for k in "KV"}
+    profile = DQPProfile.calibrate([sample], name="strided", num_layers=L, num_kv_heads=H, head_dim=D, block_size=8,
+                                   v_granularity=v_granularity)
     cache = torch.randn(L, H, T + 5, D).to(torch.bfloat16)  # a [L, H, T, D] cache; commit a [L, T, H, D] view
     view = cache[:, :, 2 : T + 2].transpose(1, 2)
     with Committer(log, profile) as c:
