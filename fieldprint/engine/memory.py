@@ -7,6 +7,11 @@ returns a session to an earlier committed turn: its history is cut back, the sta
 turns are withdrawn from retrieval (their rows are flagged, never deleted: the log is append-only,
 and no other session's rows are touched, unlike a table-wide version restore), and a `rollback`
 entry records it in the log.
+
+Withdrawals are read back from the log: the gate asks `why_withdrawn`, which first takes in the
+rollback entries logged since it last looked, so engines sharing one log (PostgreSQL) all refuse a
+state any of them withdrew. `withdrawn.json` caches the set and the log size it covers, so a
+restart reads only what came after; without it the whole log is read once.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from fieldprint.canon import check_label
 from fieldprint.config import DEFAULT_ORIGIN, LEDGER_DB, LEDGER_KEY_STEM
 from fieldprint.dqp_profile import DQPProfile
 from fieldprint.errors import DQPError, EngineError, EntryError, FieldprintError
-from fieldprint.ledger.entry import encode_entry
+from fieldprint.ledger.entry import decode_entry, encode_entry
 
 OPERATOR_STEM, OPERATOR_NAME = "operator", "fieldprint.local/operator"
 WITHDRAWN_FILE, SESSIONS_FILE = "withdrawn.json", "sessions.json"
@@ -83,22 +88,26 @@ class Memory:
         # Sessions and the states of rolled-back turns (never anchor candidates again) survive a
         # restart: each file is rewritten whole after every change (the log remains the record).
         self._dir = data_dir
-        saved, withdrawn = self._read(SESSIONS_FILE, {}), self._read(WITHDRAWN_FILE, [])
+        saved, withdrawn = self._read(SESSIONS_FILE, {}), self._read(WITHDRAWN_FILE, {"through": 0, "states": []}, list)
+        if isinstance(withdrawn, list):  # the earlier form, a bare list: kept, and the log read again from 0
+            withdrawn = {"through": 0, "states": withdrawn}
         try:
             self.sessions: dict[str, Session] = {
                 name: Session(name, list(v["history"]), [Turn(t["user_state"], t["output_state"], t["receipt_entry"], None,
                                                               t["kv_index"]) for t in v["turns"]])
                 for name, v in saved.items()}
-            if not all(isinstance(i, str) for i in withdrawn):
-                raise TypeError("withdrawn states must be state ids")
+            through, states = withdrawn["through"], withdrawn["states"]
+            if not (isinstance(through, int) and 0 <= through <= log.size and all(isinstance(i, str) for i in states)):
+                raise TypeError("withdrawn.json holds {'through': a log size, 'states': [state ids]}")
         except (KeyError, TypeError) as e:
             raise EngineError(f"the session records in {data_dir} are damaged ({e!r}); the log's generation and "
                               "rollback entries record what they held: restore them from it or remove the files") from None
-        self.withdrawn: set[str] = set(withdrawn)
-        # The gate refuses withdrawn states itself, on every path to an anchor; it asks this set
-        # (saved as withdrawn.json) each time, so the set stays the one record of them.
+        self.withdrawn: set[str] = set(states)
+        self._withdrawn_through = through  # the log size the set covers
+        self._lock = threading.RLock()
+        self._catch_up()
+        # The gate refuses withdrawn states itself, on every path to an anchor, and asks each time.
         gate.why_withdrawn = self.why_withdrawn
-        self._lock = threading.Lock()
 
     @classmethod
     def open(cls, data_dir: str, embedder=None, database: str | None = None) -> Memory:
@@ -137,8 +146,30 @@ class Memory:
             raise
 
     def why_withdrawn(self, state_id: str) -> str | None:
-        """Why `state_id` may never be an anchor again (a rollback dropped its turn), or None."""
+        """Why `state_id` may never be an anchor again (a rollback, by any engine on this log, dropped its turn)."""
+        self._catch_up()
         return "withdrawn by a session rollback" if state_id in self.withdrawn else None
+
+    def _catch_up(self) -> None:
+        """Take in the rollback entries logged since the set was last brought up to date, and save it."""
+        with self._lock:
+            size = self.log.size
+            if size == self._withdrawn_through:
+                return
+            added = set()
+            for index, data in self.log.entries(self._withdrawn_through, size):
+                # Only rollback entries are parsed: inside a JSON string these bytes would be escaped.
+                if b'"kind":"rollback"' not in data:
+                    continue
+                record = decode_entry(data)
+                ids = record.get("withdrawn") if record["kind"] == "rollback" else []
+                if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                    raise EngineError(f"the rollback entry at log index {index} does not list withdrawn state ids")
+                added.update(ids)
+            self._withdrawn_through = size
+            if added - self.withdrawn or not os.path.exists(os.path.join(self._dir or "", WITHDRAWN_FILE)):
+                self.withdrawn |= added
+                self._write(WITHDRAWN_FILE, {"through": size, "states": sorted(self.withdrawn)})
 
     @property
     def log_key(self) -> str:
@@ -193,22 +224,22 @@ class Memory:
                                           "withdrawn": dropped, "time_ns": time.time_ns()})
         index = self.log.add(entry).result()
         self.pacemaker.vectors.set_promotable(dropped, False)
-        self.withdrawn.update(dropped)
-        self._write(WITHDRAWN_FILE, sorted(self.withdrawn))
+        self._catch_up()  # the rollback entry is integrated: it withdraws its states here as everywhere
         s.turns = s.turns[:keep]
         s.history = s.history[: 2 * keep]
         self._save_sessions()
         return {"session": session, "to_turn": keep, "log_index": index, "withdrawn": dropped, "kv_commit": kv_index}
 
-    def _read(self, name: str, empty):
-        """One of the folder's JSON records, or `empty` when absent; EngineError when damaged."""
+    def _read(self, name: str, empty, older: type | None = None):
+        """One of the folder's JSON records (of empty's type, or an `older` one), or `empty` when absent;
+        EngineError when damaged."""
         path = os.path.join(self._dir, name) if self._dir else None
         if path is None or not os.path.exists(path):
             return empty
         try:
             with open(path, encoding="utf-8") as f:
                 value = json.load(f)
-            if type(value) is not type(empty):
+            if type(value) is not type(empty) and type(value) is not older:
                 raise ValueError(f"a JSON {type(empty).__name__} was expected")
         except (OSError, ValueError) as e:
             raise EngineError(f"{path} is unreadable or damaged ({e}); the log's rollback and generation entries "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from fieldprint.canon import is_int
@@ -129,6 +129,20 @@ class LogReader:
         if data is None:
             raise LogError(f"entry {index} is missing from storage although the log has size {size}; run audit()")
         return data
+
+    def entries(self, start: int, end: int | None = None) -> Iterator[tuple[int, bytes]]:
+        """(index, entry) for start <= index < end (default: the log's size now), read in chunks."""
+        end = self.size if end is None else end
+        self._check_index(end, self.size + 1, "end")
+        self._check_index(start, end + 1, "start")
+        expected = start
+        for index, data, _ in self._storage.leaves(start, end):
+            if index != expected:
+                raise LogError(f"entry {expected} is missing from storage although the log has size {end}; run audit()")
+            yield index, data
+            expected += 1
+        if expected != end:
+            raise LogError(f"entries {expected}..{end - 1} are missing from storage; run audit()")
 
     def root_hash(self, size: int | None = None) -> bytes:
         """Root hash of the tree of the first `size` entries (default: the whole log)."""

@@ -46,3 +46,21 @@ def test_the_gate_refuses_withdrawn_states_even_with_a_signed_override(tmp_path)
         assert again.gate.is_anchor(kept.user_state)
     finally:
         again.close()
+
+
+def test_withdrawals_are_read_back_from_the_log_when_the_cache_file_is_gone(tmp_path):
+    mem = Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
+    try:
+        mem.new_session("alice")
+        _turn(mem, "alice", "My dog is called Rex.")
+        dropped = _turn(mem, "alice", "My cat is called Tom.")
+        mem.rollback("alice")
+    finally:
+        mem.close()
+    (tmp_path / "withdrawn.json").unlink()  # the log stays the record: the set is rebuilt from its rollback entries
+    again = Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
+    try:
+        _refused_as_withdrawn(again, dropped.user_state)
+        assert (tmp_path / "withdrawn.json").exists()
+    finally:
+        again.close()

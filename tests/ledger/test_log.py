@@ -185,6 +185,23 @@ def filled(db):
     return db
 
 
+def test_entries_reads_a_range_in_order_and_checks_its_bounds(filled):
+    with _read(filled) as log:
+        assert [i for i, _ in log.entries(0)] == list(range(63))
+        assert list(log.entries(20, 23)) == [(i, log.entry(i)) for i in range(20, 23)]
+        assert list(log.entries(63)) == [] and list(log.entries(5, 5)) == []
+        for start, end in ((0, 64), (10, 9), (-1, 3)):
+            with pytest.raises(LogError, match="must be an integer in"):
+                list(log.entries(start, end))
+    conn = sqlite3.connect(filled)
+    conn.execute("DELETE FROM leaves WHERE idx = 30")
+    conn.commit()
+    conn.close()
+    with _read(filled) as log:
+        with pytest.raises(LogError, match="entry 30 is missing from storage"):
+            list(log.entries(25, 40))
+
+
 @pytest.mark.parametrize("index,pos", [(0, 0), (20, 3), (62, 7)])
 def test_tampered_leaf_is_reported(filled, index, pos):
     with _open(filled) as log:
