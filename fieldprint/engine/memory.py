@@ -157,15 +157,19 @@ class Memory:
             if size == self._withdrawn_through:
                 return
             added = set()
-            for index, data in self.log.entries(self._withdrawn_through, size):
+            for _, data in self.log.entries(self._withdrawn_through, size):
                 # Only rollback entries are parsed: inside a JSON string these bytes would be escaped.
                 if b'"kind":"rollback"' not in data:
                     continue
-                record = decode_entry(data)
-                ids = record.get("withdrawn") if record["kind"] == "rollback" else []
-                if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-                    raise EngineError(f"the rollback entry at log index {index} does not list withdrawn state ids")
-                added.update(ids)
+                try:
+                    record = decode_entry(data)
+                except EntryError:  # raw bytes someone logged (`ledger add --raw`): no rollback of ours
+                    continue
+                ids = record.get("withdrawn") if record["kind"] == "rollback" else None
+                # A malformed rollback entry withdraws nothing; raising here would refuse every later
+                # decision of every engine on the log, for good (the log keeps the entry).
+                if isinstance(ids, list):
+                    added.update(i for i in ids if isinstance(i, str))
             self._withdrawn_through = size
             if added - self.withdrawn or not os.path.exists(os.path.join(self._dir or "", WITHDRAWN_FILE)):
                 self.withdrawn |= added

@@ -64,3 +64,18 @@ def test_withdrawals_are_read_back_from_the_log_when_the_cache_file_is_gone(tmp_
         assert (tmp_path / "withdrawn.json").exists()
     finally:
         again.close()
+
+
+def test_malformed_or_raw_rollback_entries_withdraw_nothing_and_block_nothing(tmp_path):
+    from fieldprint.ledger.entry import encode_entry
+
+    mem = Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
+    try:
+        mem.new_session("alice")
+        turn = _turn(mem, "alice", "My dog is called Rex.")
+        mem.log.add(encode_entry("rollback", {"withdrawn": "not a list"})).result()
+        mem.log.add(b'{"kind":"rollback", not json').result()  # raw bytes, as `ledger add --raw` may log
+        mem.ensure_checkpoint()
+        assert mem.gate.is_anchor(turn.user_state)  # decisions go on; nothing was withdrawn
+    finally:
+        mem.close()
