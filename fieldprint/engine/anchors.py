@@ -3,7 +3,8 @@
 compile: the states' texts become one system message through the chat template -> tokens ->
 prefill at positions 0..A-1 -> every layer's K and V -> DQP int8 codes (K with the model's
 calibrated per-channel profile, V per token and head in the DQP row layout; or the model's dtype)
-written into anchor-pool blocks -> a digest of every (layer, K|V, block) over its canonical bytes and a manifest binding them (an RFC 9162 Merkle root over the block digests) to the model,
+written into anchor-pool blocks -> a digest of every (layer, K|V, block) over its canonical bytes
+and a manifest binding them (an RFC 9162 Merkle root over the block digests) to the model,
 the profile, the ordered state ids and the anchor tokens -> one `anchor_kv` state entry, logged
 through the asynchronous Committer (int8: it re-quantizes the same K/V and its per-block digests
 must equal the pool's) whose state id is the manifest's digest -> a signed checkpoint covering it.
