@@ -163,7 +163,13 @@ def test_four_processes_and_sigkilled_sequencers_lose_no_acknowledged_entry(pg_d
     try:
         while kills < 12 and time.monotonic() < deadline:
             time.sleep(rng.uniform(0.3, 0.7))
-            pid = w.holder_pid()  # the sequencer of the moment, if one holds the lease: kill it mid-batch
+            # The sequencer of the moment: kill it mid-batch. Between batches nobody may hold the
+            # lease (or a killed process's lease still stands), so wait up to 2 s for a live holder;
+            # on a loaded machine a single look found one too rarely to test takeovers.
+            looked_until, pid = time.monotonic() + 2.0, None
+            while not any(c.pid == pid for c in slots) and time.monotonic() < looked_until:
+                pid = w.holder_pid()
+                time.sleep(0.005)
             slot = next((k for k, c in enumerate(slots) if c.pid == pid), rng.randrange(4))
             before = w.storage.size()
             slots[slot].send_signal(signal.SIGKILL)
