@@ -70,64 +70,6 @@ if [ -f "$PIDF" ]; then kill "$(cat "$PIDF")" 2>/dev/null; fi
 wait
 rm -f "$PIDF"
 tail -n 30 "$OUT/fi_build.log" 2>/dev/null | grep -v '^\s*$' | tail -n 8
-python3 - "$OUT/attention_flashinfer.json" <<'EOF' || rc=1
-import json, sys
-
-
-def load(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        print(f"{path}: no results ({e})")
-        return {}
-
-
-def f(x, spec=".1f"):
-    return "-" if x is None else format(x, spec)
-
-
-res = load(sys.argv[1])
-chk = res.get("check", {})
-print(f"\n=== ours vs FlashInfer {res.get('flashinfer', {}).get('version', '(not loaded)')} on {res.get('meta', {}).get('device')}"
-      f" (ratio = ours time / FlashInfer time, lower is better) ===")
-print(f"correctness check: all ok {chk.get('all_ok')}, worst relerr {f(chk.get('worst'), '.1e')}; section errors: {res.get('errors', {})}")
-fi = res.get("flashinfer", {})
-b = fi.get("build")
-if isinstance(b, dict):
-    print("FlashInfer build:", {k: (v.get("ok"), v.get("s"), (v.get("error") or "")[:160]) for k, v in b.get("steps", {}).items()})
-print(f"{'B':>4}{'ctx':>8}{'page':>5}{'anchors':>10}  {'ours us':>9}{'FI us':>9}{'ratio':>7}  {'ours ev':>9}{'FI ev':>9}{'ratio':>7}"
-      f"  {'max|d| vs FI':>12}")
-for r in fi.get("decode", []):
-    if "error" in r:
-        print(f"{r['B']:>4}{r['ctx']:>8}{r['page']:>5}  error {r['error'][:120]}")
-        continue
-    for name in ("none", "bf16", "int8"):
-        x = r.get(name, {})
-        fb = r.get("bf16", {}) if name == "int8" else x
-        label = "0" if name == "none" else f"{r['anchors']} {name}"
-        print(f"{r['B']:>4}{r['ctx']:>8}{r['page']:>5}{label:>10}  {f(x.get('ours_us')):>9}{f(fb.get('fi_us')):>9}"
-              f"{f(x.get('ratio', x.get('ratio_vs_fi_bf16')), '.2f'):>7}  {f(x.get('ours_ev_us')):>9}{f(fb.get('fi_ev_us')):>9}"
-              f"{f(x.get('ratio_ev', x.get('ratio_ev_vs_fi_bf16')), '.2f'):>7}"
-              f"  {f(x.get('maxdiff_vs_fi', x.get('maxdiff_vs_fi_dequant')), '.1e'):>12}"
-              + ("" if r.get("fi") == "ok" or name != "none" else f"  FI {r.get('fi')}"[:90]))
-for r in fi.get("prefill", []):
-    if "error" in r:
-        print(f"prefill N={r['N']} page={r['page']}: error {r['error'][:120]}")
-        continue
-    print(f"prefill N={r['N']:>6} page={r['page']:>3} +{r['anchors']} anchors: ours {f(r.get('ours_TFLOPs'), '.0f')} TFLOP/s;"
-          f" FI fa2 {f(r.get('fa2_TFLOPs'), '.0f')} (ratio {f(r.get('ratio_fa2'), '.2f')});"
-          f" FI fa3 {f(r.get('fa3_TFLOPs'), '.0f')} (ratio {f(r.get('ratio_fa3'), '.2f')})")
-h = fi.get("host_cost")
-if h:
-    print(f"host cost per decode call, no graph (B={h['B']}, ctx={h['ctx']}, {h['calls']} calls): ours {f(h.get('ours_us'))} us"
-          f" (2k anchors {f(h.get('ours_anchors_us'))}), FI {f(h.get('fi_us'))} us (anchors {f(h.get('fi_anchors_us'))});"
-          f" ratio {f(h.get('ratio'), '.2f')}; planned (plan once, run per call) ours {f(h.get('ours_plan_us'))} us"
-          f" (anchors {f(h.get('ours_plan_anchors_us'))}), ratio {f(h.get('ratio_plan'), '.2f')};"
-          f" GPU time ours {f(h.get('ours_gpu_us'))} FI {f(h.get('fi_gpu_us'))} us")
-if fi.get("skipped"):
-    print("skipped:", ", ".join(f"{s['kind']} " + " ".join(f"{k}={v}" for k, v in s.items() if k != "kind") for s in fi["skipped"]))
-print(f"section seconds: {res.get('section_seconds')}")
-EOF
+python3 benchmarks/gpu/summarize.py attention "$OUT/attention_flashinfer.json" || rc=1
 echo "total $(( $(date +%s) - T0 )) s"
 exit $rc
