@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from fieldprint.canon import check_label
+from fieldprint.canon import check_label, is_int
 from fieldprint.config import DEFAULT_ORIGIN, LEDGER_DB, LEDGER_KEY_STEM
 from fieldprint.dqp_profile import DQPProfile
 from fieldprint.errors import DQPError, EngineError, EntryError, FieldprintError
@@ -30,6 +30,7 @@ from fieldprint.ledger.entry import decode_entry, encode_entry
 
 OPERATOR_STEM, OPERATOR_NAME = "operator", "fieldprint.local/operator"
 WITHDRAWN_FILE, SESSIONS_FILE = "withdrawn.json", "sessions.json"
+RESCAN_LIMIT = 10_000  # log entries a restart may read again to bring the withdrawn set up to date
 
 
 @dataclass(slots=True)
@@ -52,6 +53,20 @@ class Session:
     name: str
     history: list[dict] = field(default_factory=list)  # chat messages of the kept turns
     turns: list[Turn] = field(default_factory=list)
+
+
+def _session_from_record(name: str, record: dict) -> Session:
+    """A session from sessions.json; TypeError or KeyError when a field has the wrong shape or type."""
+    history, turns = record["history"], record["turns"]
+    if not isinstance(history, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in history):
+        raise TypeError(f"session {name!r}: history must be a list of chat messages")
+    if not isinstance(turns, list) or not all(
+            isinstance(t, dict) and isinstance(t["user_state"], str) and isinstance(t["output_state"], str)
+            and (t["kv_index"] is None or is_int(t["kv_index"])) for t in turns):
+        raise TypeError(f"session {name!r}: turns must be a list of turn records")
+    return Session(name, list(history), [Turn(t["user_state"], t["output_state"], t["receipt_entry"], None, t["kv_index"])
+                                         for t in turns])
 
 
 def load_or_calibrate_profile(data_dir: str, model_id: str, calibrate, recipe: str) -> DQPProfile:
@@ -92,19 +107,17 @@ class Memory:
         if isinstance(withdrawn, list):  # the earlier form, a bare list: kept, and the log read again from 0
             withdrawn = {"through": 0, "states": withdrawn}
         try:
-            self.sessions: dict[str, Session] = {
-                name: Session(name, list(v["history"]), [Turn(t["user_state"], t["output_state"], t["receipt_entry"], None,
-                                                              t["kv_index"]) for t in v["turns"]])
-                for name, v in saved.items()}
+            self.sessions: dict[str, Session] = {name: _session_from_record(name, v) for name, v in saved.items()}
             through, states = withdrawn["through"], withdrawn["states"]
-            if not (isinstance(through, int) and 0 <= through <= log.size and all(isinstance(i, str) for i in states)):
+            if not (is_int(through) and 0 <= through <= log.size and isinstance(states, list)
+                    and all(isinstance(i, str) for i in states)):
                 raise TypeError("withdrawn.json holds {'through': a log size, 'states': [state ids]}")
         except (KeyError, TypeError) as e:
             raise EngineError(f"the session records in {data_dir} are damaged ({e!r}); the log's generation and "
                               "rollback entries record what they held: restore them from it or remove the files") from None
         self.withdrawn: set[str] = set(states)
-        self._withdrawn_through = through  # the log size the set covers
-        self._lock = threading.RLock()
+        self._withdrawn_through = self._saved_through = through  # the log size the set covers, and the file
+        self._lock = threading.Lock()
         self._catch_up()
         # The gate refuses withdrawn states itself, on every path to an anchor, and asks each time.
         gate.why_withdrawn = self.why_withdrawn
@@ -156,7 +169,7 @@ class Memory:
             size = self.log.size
             if size == self._withdrawn_through:
                 return
-            added = set()
+            added: set[str] = set()
             for _, data in self.log.entries(self._withdrawn_through, size):
                 # Only rollback entries are parsed: inside a JSON string these bytes would be escaped.
                 if b'"kind":"rollback"' not in data:
@@ -170,10 +183,14 @@ class Memory:
                 # decision of every engine on the log, for good (the log keeps the entry).
                 if isinstance(ids, list):
                     added.update(i for i in ids if isinstance(i, str))
+            grew = not added <= self.withdrawn
+            self.withdrawn |= added
             self._withdrawn_through = size
-            if added - self.withdrawn or not os.path.exists(os.path.join(self._dir or "", WITHDRAWN_FILE)):
-                self.withdrawn |= added
+            # Saved when the set grew, and otherwise every RESCAN_LIMIT entries read: a restart then
+            # re-reads at most that many, and a busy log costs no file write per decision.
+            if grew or size - self._saved_through >= RESCAN_LIMIT:
                 self._write(WITHDRAWN_FILE, {"through": size, "states": sorted(self.withdrawn)})
+                self._saved_through = size
 
     @property
     def log_key(self) -> str:

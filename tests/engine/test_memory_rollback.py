@@ -1,6 +1,7 @@
 """A rollback's withdrawals survive a restart; a damaged record of them is refused, not ignored."""
 
 import pytest
+from turns import record_turn
 
 from fieldprint.engine.memory import WITHDRAWN_FILE, Memory
 from fieldprint.errors import EngineError
@@ -8,16 +9,12 @@ from fieldprint.ledger.entry import decode_entry
 from fieldprint.memory.embed import HashingEmbedderForTests
 
 
-def _turn(mem: Memory, session: str, text: str):
-    return mem.record_turn(session, text, f"noted: {text}", {"generation": {"entry": "-"}}, None)
-
-
 def test_withdrawn_states_stay_withdrawn_after_reopening(tmp_path):
     mem = Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
     try:
         mem.new_session("alice")
-        kept = _turn(mem, "alice", "My dog is called Rex.")
-        dropped = _turn(mem, "alice", "My cat is called Tom.")
+        kept = record_turn(mem, "alice", "My dog is called Rex.")
+        dropped = record_turn(mem, "alice", "My cat is called Tom.")
         result = mem.rollback("alice")
         assert decode_entry(mem.log.entry(result["log_index"]))["withdrawn"] == [dropped.user_state, dropped.output_state]
     finally:
@@ -43,8 +40,8 @@ def test_sessions_survive_a_restart_and_can_still_be_rolled_back(tmp_path):
     mem = Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
     try:
         mem.new_session("alice")
-        first = _turn(mem, "alice", "My dog is called Rex.")
-        second = _turn(mem, "alice", "My cat is called Tom.")
+        first = record_turn(mem, "alice", "My dog is called Rex.")
+        second = record_turn(mem, "alice", "My cat is called Tom.")
     finally:
         mem.close()
     mem = Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
@@ -96,7 +93,43 @@ def test_a_second_memory_on_the_same_folder_is_refused_and_the_first_keeps_worki
         with pytest.raises(LogError, match="another process is writing this log"):
             Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
         first.new_session("alice")
-        _turn(first, "alice", "still served")
+        record_turn(first, "alice", "still served")
         assert first.log.size == 2
     finally:
         first.close()
+
+
+@pytest.mark.parametrize("name, text", [
+    (WITHDRAWN_FILE, '{"through": 0, "states": "blake3:00"}'),  # a string where the list belongs
+    (WITHDRAWN_FILE, '{"through": true, "states": []}'),  # a bool is no log size
+    (WITHDRAWN_FILE, '{"through": 999999, "states": []}'),  # past the log's end: not this log's record
+    ("sessions.json", '{"alice": {"history": "hello", "turns": []}}'),  # a string where the messages belong
+    ("sessions.json", '{"alice": {"history": [], "turns": [{"user_state": 1, "output_state": "b", '
+                      '"receipt_entry": "-", "kv_index": null}]}}'),
+])
+def test_stored_records_of_the_wrong_type_are_refused_not_taken(tmp_path, name, text):
+    Memory.open(str(tmp_path), embedder=HashingEmbedderForTests()).close()
+    (tmp_path / name).write_text(text)
+    with pytest.raises(EngineError, match="damaged"):
+        Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
+
+
+def test_the_withdrawn_cache_keeps_up_with_a_long_log_without_a_write_per_decision(tmp_path, monkeypatch):
+    import json
+
+    from fieldprint.engine import memory as memory_module
+
+    monkeypatch.setattr(memory_module, "RESCAN_LIMIT", 5)
+    mem = Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
+    try:
+        mem.new_session("alice")
+        for i in range(3):  # each turn logs two states: 6 entries, past the limit
+            record_turn(mem, "alice", f"Fact number {i}.")
+        mem.why_withdrawn("blake3:00")
+        saved = json.loads((tmp_path / WITHDRAWN_FILE).read_text())
+        assert saved == {"through": mem.log.size, "states": []}  # a restart re-reads nothing before this
+        record_turn(mem, "alice", "One more fact.")
+        mem.why_withdrawn("blake3:00")
+        assert json.loads((tmp_path / WITHDRAWN_FILE).read_text()) == saved  # 2 entries later: no write
+    finally:
+        mem.close()

@@ -2,15 +2,14 @@
 
 import time
 
+from turns import record_turn
+
 from fieldprint.engine.memory import Memory
 from fieldprint.memory.embed import HashingEmbedderForTests
 from fieldprint.memory.records import Override, sign_record
 
 HOUR = 3600 * 10**9
 
-
-def _turn(mem: Memory, session: str, text: str):
-    return mem.record_turn(session, text, f"noted: {text}", {"generation": {"entry": "-"}}, None)
 
 
 def _refused_as_withdrawn(mem: Memory, state_id: str) -> None:
@@ -25,8 +24,8 @@ def test_the_gate_refuses_withdrawn_states_even_with_a_signed_override(tmp_path)
     mem = Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
     try:
         mem.new_session("alice")
-        kept = _turn(mem, "alice", "My dog is called Rex.")
-        dropped = _turn(mem, "alice", "My cat is called Tom.")
+        kept = record_turn(mem, "alice", "My dog is called Rex.")
+        dropped = record_turn(mem, "alice", "My cat is called Tom.")
         mem.ensure_checkpoint()
         assert mem.gate.is_anchor(dropped.user_state)
         mem.rollback("alice")
@@ -52,8 +51,8 @@ def test_withdrawals_are_read_back_from_the_log_when_the_cache_file_is_gone(tmp_
     mem = Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
     try:
         mem.new_session("alice")
-        _turn(mem, "alice", "My dog is called Rex.")
-        dropped = _turn(mem, "alice", "My cat is called Tom.")
+        record_turn(mem, "alice", "My dog is called Rex.")
+        dropped = record_turn(mem, "alice", "My cat is called Tom.")
         mem.rollback("alice")
     finally:
         mem.close()
@@ -72,7 +71,7 @@ def test_malformed_or_raw_rollback_entries_withdraw_nothing_and_block_nothing(tm
     mem = Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
     try:
         mem.new_session("alice")
-        turn = _turn(mem, "alice", "My dog is called Rex.")
+        turn = record_turn(mem, "alice", "My dog is called Rex.")
         mem.log.add(encode_entry("rollback", {"withdrawn": "not a list"})).result()
         mem.log.add(b'{"kind":"rollback", not json').result()  # raw bytes, as `ledger add --raw` may log
         mem.ensure_checkpoint()

@@ -6,12 +6,10 @@ from pg import import_psycopg, pg_dsn  # noqa: F401  (pg_dsn: a module fixture, 
 
 import_psycopg()
 
+from turns import record_turn  # noqa: E402
+
 from fieldprint.engine.memory import Memory  # noqa: E402
 from fieldprint.memory.embed import HashingEmbedderForTests  # noqa: E402
-
-
-def _turn(mem: Memory, session: str, text: str):
-    return mem.record_turn(session, text, f"noted: {text}", {"generation": {"entry": "-"}}, None)
 
 
 def test_a_rollback_by_one_engine_withdraws_its_states_for_the_others(pg_dsn, tmp_path):  # noqa: F811
@@ -23,8 +21,8 @@ def test_a_rollback_by_one_engine_withdraws_its_states_for_the_others(pg_dsn, tm
     second = Memory.open(str(second_dir), embedder=HashingEmbedderForTests(), database=pg_dsn)
     try:
         first.new_session("alice")
-        kept = _turn(first, "alice", "My dog is called Rex.")
-        dropped = _turn(first, "alice", "My cat is called Tom.")
+        kept = record_turn(first, "alice", "My dog is called Rex.")
+        dropped = record_turn(first, "alice", "My cat is called Tom.")
         first.ensure_checkpoint()
         assert second.gate.is_anchor(dropped.user_state)  # the other engine promotes it while it stands
         first.rollback("alice")
