@@ -1,13 +1,14 @@
 """System Anchor Tokens: promoted states compiled into K/V blocks of the anchor pool, and checked.
 
 compile: the states' texts become one system message through the chat template -> tokens ->
-prefill at positions 0..A-1 -> every layer's K and V -> DQP int8 codes (K with the model's
-calibrated per-channel profile, V per token and head in the DQP row layout; or the model's dtype)
-written into anchor-pool blocks -> a digest of every (layer, K|V, block) over its canonical bytes
-and a manifest binding them (an RFC 9162 Merkle root over the block digests) to the model,
-the profile, the ordered state ids and the anchor tokens -> one `anchor_kv` state entry, logged
-through the asynchronous Committer (int8: it re-quantizes the same K/V and its per-block digests
-must equal the pool's) whose state id is the manifest's digest -> a signed checkpoint covering it.
+prefill at positions 0..A-1 into sequence blocks -> every layer's K and V, read in place by the
+Committer's block-table-aware quantizer (on a GPU, on its side stream: no gathered copy) -> DQP
+int8 codes (K with the model's calibrated per-channel profile, V per token and head in the DQP
+row layout) -> one `anchor_kv` state entry in the log whose state id is the manifest's digest:
+the manifest binds every (layer, K|V, block) digest (an RFC 9162 Merkle root over them) to the
+model, the profile, the ordered state ids and the anchor tokens -> the committed codes written
+into anchor-pool blocks, whose digests must equal the commit's -> a signed checkpoint covering
+the entry. The model-dtype option copies the blocks as they are and logs the same manifest.
 
 Before a set is first attended to, `verify_slot` re-hashes the pool bytes (the very bytes the
 kernel reads), names the first bad (layer, K|V, block) and checks the manifest against the logged
@@ -23,6 +24,7 @@ import json
 import os
 import struct
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import blake3
@@ -30,9 +32,9 @@ import numpy as np
 import torch
 
 from fieldprint.canon import canonical_json, parse_digest, tag_digest
-from fieldprint.dqp import check_finite, quantize_codes, quantize_rows
 from fieldprint.dqp_profile import DQPProfile
-from fieldprint.errors import AnchorError, DQPError
+from fieldprint.engine.commit import CommitResult
+from fieldprint.errors import AnchorError, CommitError
 from fieldprint.ledger import merkle
 from fieldprint.ledger.entry import StateEntry
 
@@ -163,21 +165,34 @@ def calibrate_profile(runner, name: str, v_granularity: str = "token") -> DQPPro
                                 block_size=runner.config.block_size)
 
 
-def prefill_kv(runner, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every layer's K and V [L, A, H, D] of `ids` prefilled at positions 0..A-1 (no anchors)."""
+@contextmanager
+def prefilled(runner, ids: list[int]):
+    """`ids` prefilled at positions 0..A-1 (no anchors) into sequence blocks; yields their block table.
+
+    The blocks go back to the pool on exit: a reader on another stream must be ordered first.
+    """
     from fieldprint.engine.sequence import SamplingParams, Sequence
 
     seq = Sequence(list(ids), SamplingParams())
     runner.blocks.grow(seq.block_table, len(ids))
     try:
         runner.forward([seq], [len(ids)])
-        blocks = torch.tensor(seq.block_table, device=runner.device)
-        c = runner.cache
-        k = c.k[:, blocks].flatten(1, 2)[:, : len(ids)].clone()
-        v = c.v[:, blocks].flatten(1, 2)[:, : len(ids)].clone()
+        yield seq.block_table
     finally:
         runner.blocks.release(seq.block_table)
-    return k, v
+
+
+def prefill_kv(runner, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every layer's K and V [L, A, H, D] of `ids` prefilled at positions 0..A-1 (a copy: calibration, replay)."""
+    with prefilled(runner, ids) as table:
+        blocks, c = torch.tensor(table, device=runner.device), runner.cache
+        return (c.k[:, blocks].flatten(1, 2)[:, : len(ids)].clone(),
+                c.v[:, blocks].flatten(1, 2)[:, : len(ids)].clone())
+
+
+def _pool_order(blocks: dict, layers: int) -> list[bytes]:
+    """A commit's per-block digests in the pool's (layer, K then V, block) order."""
+    return [d for layer in range(layers) for kind in ("K", "V") for d in blocks[(layer, kind)]]
 
 
 class AnchorCompiler:
@@ -228,28 +243,15 @@ class AnchorCompiler:
         if len(ids) > r.config.max_anchor_len:
             raise AnchorError(f"the anchors are {len(ids)} tokens; the engine takes at most {r.config.max_anchor_len} "
                               "(max_anchor_len): promote fewer or shorter states")
-        k, v = prefill_kv(r, ids)
         slot = r.anchor_pool.reserve(key, len(ids))
         try:
-            self._write(slot.blocks, k, v)
-            digests = digest_blocks(r.cache, slot.blocks, len(ids))
+            digests, committed = self._fill(slot.blocks, state_ids, ids)
             manifest = self._manifest(state_ids, ids, digests)
-            sid = manifest_digest(manifest)
-            if self.int8:
-                ticket = self.committer.submit_stack(k, v, session=ANCHOR_SESSION, state_type=ANCHOR_STATE_TYPE,
-                                                     parents=tuple(state_ids), state_id=sid)
-                result = ticket.future.result()
-                ours = iter(digests)
-                for layer in range(k.shape[0]):
-                    for kind in ("K", "V"):
-                        for j, d in enumerate(result.blocks[(layer, kind)]):
-                            if d != next(ours):
-                                raise AnchorError(f"the committer's codes differ from the pool's at layer {layer} {kind} "
-                                                  f"block {j}: nothing is attended to")
-                entry, index = result.entry, result.index
+            if committed is not None:
+                entry, index = committed.entry, committed.index
             else:
-                entry = StateEntry(sid, ANCHOR_STATE_TYPE, manifest["blocks_root"], None, tuple(state_ids), (),
-                                   ANCHOR_SESSION, time.time_ns()).encode()
+                entry = StateEntry(manifest_digest(manifest), ANCHOR_STATE_TYPE, manifest["blocks_root"], None,
+                                   tuple(state_ids), (), ANCHOR_SESSION, time.time_ns()).encode()
                 index = self.log.add(entry).result()
             cs = CompiledSet(key, manifest, entry, index, digests, ids)
             self.log.checkpoint()  # an explicit checkpoint: the set must verify before it is first used
@@ -262,18 +264,51 @@ class AnchorCompiler:
         self.compiled[key] = cs
         return cs
 
-    def _write(self, blocks: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
-        for layer in range(k.shape[0]):
-            for x, kind in ((k, "K"), (v, "V")):
-                data = x[layer]
-                if self.int8:
-                    try:
-                        check_finite(data, f"layer {layer} {kind} of the anchors")
-                        e = self.profile.fixed(layer, kind)
-                        data = quantize_rows(data) if e is None else quantize_codes(data, e).to(data.device)
-                    except DQPError as err:
-                        raise AnchorError(f"layer {layer} {kind} of the anchors cannot be quantized: {err}") from None
-                self._put_state(blocks, layer, kind, data)
+    def _fill(self, blocks: list[int], state_ids: list[str], ids: list[int]) -> tuple[list[bytes], CommitResult | None]:
+        """Prefill the anchor tokens and write their K/V into the set's pool blocks: (the pool's block digests, the commit).
+
+        int8: the committer quantizes straight from the prefill's paged blocks (on a GPU, on its side
+        stream) and logs the anchor_kv entry, whose state id is the manifest's digest over its block
+        digests; the pool receives exactly the committed codes, and its digests must equal the commit's.
+        Model dtype: the blocks are copied as they are.
+        """
+        r, c, n = self.runner, self.runner.cache, len(ids)
+        layers = c.k.shape[0]
+        with prefilled(r, ids) as table:
+            if not self.int8:
+                src = torch.tensor(table, device=c.k.device)
+                dst = torch.tensor(blocks, device=c.k.device)
+                c.anchor_k[:, dst] = c.k[:, src]
+                c.anchor_v[:, dst] = c.v[:, src]
+                return digest_blocks(c, blocks, n), None
+            ticket = self.committer.submit_paged(
+                c.k, c.v, table, n, session=ANCHOR_SESSION, state_type=ANCHOR_STATE_TYPE, parents=tuple(state_ids),
+                state_id=lambda committed: manifest_digest(self._manifest(state_ids, ids, _pool_order(committed, layers))))
+            ticket.wait_quantized()  # the prefill's blocks may be reused once the quantizer has read them
+        try:
+            result = ticket.future.result()
+        except CommitError as e:
+            try:  # collect the failure: it is reported here, not again by the committer's next flush
+                self.committer.flush(ANCHOR_SESSION)
+            except CommitError:
+                pass
+            raise AnchorError(f"the anchors cannot be committed: {e}") from None
+        for layer in range(layers):
+            for kind in ("K", "V"):
+                self._put_state(blocks, layer, kind, ticket.codes[(layer, kind)])
+        digests = digest_blocks(c, blocks, n)
+        committed = _pool_order(result.blocks, layers)
+        if committed != digests:
+            i = next((i for i, (a, b) in enumerate(zip(committed, digests)) if a != b), min(len(committed), len(digests)))
+            raise AnchorError(f"the anchor pool differs from the committed codes at {self._block_name(i, n)} "
+                              f"(log leaf {result.index}); nothing is attended to")
+        return digests, result
+
+    def _block_name(self, i: int, length: int) -> str:
+        """'layer L K|V block B' of the i-th digest in the pool's order."""
+        nb = -(-length // self.runner.config.block_size)
+        layer, rest = divmod(i, 2 * nb)
+        return f"layer {layer} {'K' if rest < nb else 'V'} block {rest % nb}"
 
     def _put_state(self, blocks: list[int], layer: int, kind: str, data: torch.Tensor) -> None:
         """Write one state in its canonical form (set_states') into the set's pool blocks."""
@@ -301,12 +336,9 @@ class AnchorCompiler:
         """Re-hash the pool bytes; check the manifest, the logged entry and its inclusion; AnchorError names the failure."""
         length = cs.manifest["tokens"]
         now = digest_blocks(self.runner.cache, blocks, length)
-        nb = -(-length // self.runner.config.block_size)
         for i, (got, want) in enumerate(zip(now, cs.block_digests)):
             if got != want:
-                layer, rest = divmod(i, 2 * nb)
-                kind, block = ("K", rest) if rest < nb else ("V", rest - nb)
-                raise AnchorError(f"anchor set {cs.key[:16]}: layer {layer} {kind} block {block} differs from what "
+                raise AnchorError(f"anchor set {cs.key[:16]}: {self._block_name(i, length)} differs from what "
                                   f"was committed (log leaf {cs.index}); the set is refused and nothing is attended to")
         if len(now) != len(cs.block_digests) or blocks_root(cs.block_digests) != cs.manifest["blocks_root"]:
             raise AnchorError(f"anchor set {cs.key[:16]}: its block digests do not match the manifest's root")

@@ -25,7 +25,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -72,18 +72,31 @@ class CommitResult:
 
 @dataclass(slots=True)
 class CommitTicket:
-    """Handle returned by submit(): the future receipt and when the inputs may be overwritten."""
+    """Handle returned by submit(): the future receipt, when the inputs may be overwritten, and the codes."""
 
     future: Future
-    codes: dict[StateKey, torch.Tensor]  # device codes (GPU path; [T, H, D + 1] rows for per-row V), valid once quantized
+    codes: dict[StateKey, torch.Tensor]  # each state's codes ([T, H, D + 1] rows for per-row V), valid once quantized
     _event: object = None  # torch.cuda.Event on GPU, threading.Event on CPU
 
     def wait_quantized(self) -> None:
-        """Order the caller after the quantizer's reads of the inputs (GPU: a stream wait, no host sync)."""
+        """Order the caller after the quantizer (GPU: a stream wait, no host sync): the inputs may be
+        overwritten and `codes` read on the caller's stream from then on."""
         if isinstance(self._event, threading.Event):
             self._event.wait()
         elif self._event is not None:
-            torch.cuda.current_stream().wait_event(self._event)
+            stream = torch.cuda.current_stream()
+            stream.wait_event(self._event)
+            for codes in self.codes.values():  # made on the side stream: not reused while this stream reads them
+                codes.record_stream(stream)
+
+
+@dataclass(slots=True)
+class _Paged:
+    """A paged sequence's K or V as submit_paged queues it: pools [L, blocks, page, H, D], its block table."""
+
+    pool: torch.Tensor
+    table: torch.Tensor  # int32 block ids on the pool's device
+    length: int
 
 
 @dataclass(slots=True)
@@ -93,11 +106,12 @@ class _Job:
     parents: tuple[str, ...]
     taint: tuple[str, ...]
     time_ns: int
-    state_id: str | None
+    state_id: str | Callable[[dict[StateKey, list[bytes]]], str] | None
     groups: list[list[StateKey]]  # keys of each stacked tensor, in stack order
     dtypes: list[str]  # source dtype of each group
     future: Future
     inputs: list[torch.Tensor] = field(default_factory=list)  # CPU path: [N, T, H, D] states
+    codes: dict[StateKey, torch.Tensor] = field(default_factory=dict)  # the ticket's: filled by the CPU path
     host_codes: list[torch.Tensor] = field(default_factory=list)  # GPU path: pinned [N, T, H, D (+1: rows)] codes
     host_bad: torch.Tensor | None = None
     copied: object = None  # torch.cuda.Event recorded after the copies
@@ -131,7 +145,7 @@ def _check_meta(session: object, state_type: object, parents: object, taint: obj
             parse_digest(parent)
         for source in taint:
             check_label(source, "taint source")
-        if state_id is not None:
+        if state_id is not None and not callable(state_id):
             parse_digest(state_id)
     except EntryError as e:
         raise CommitError(f"nothing was queued: {e}") from e
@@ -154,6 +168,7 @@ class Committer:
         profile: DQPProfile,
         *,
         max_pending: int = 4,
+        keep_receipts: bool = True,
         digest_threads: int = 1,
         block_digests: bool = True,
         digest_process: bool | None = None,
@@ -182,6 +197,9 @@ class Committer:
         self._side: torch.cuda.Stream | None = None
         self._digest_threads = digest_threads  # BLAKE3's own threads for the whole-state digest
         self._block_digests = block_digests  # per-block digests in receipts (one hash call per block)
+        # False: receipts reach callers through their tickets only, and flush() returns none; a
+        # long-running engine would otherwise keep every receipt it never flushes. Failures are kept either way.
+        self._keep_receipts = keep_receipts
         self._use_process = digest_process  # None: child processes for GPU states, this thread for CPU ones
         self._workers = digest_workers  # digest processes sharing each commit's hashing
         self._digest_timeout = digest_timeout  # + 1 s per 20 MiB: a worker silent for longer is stuck, its commit fails
@@ -197,8 +215,9 @@ class Committer:
         """Queue one K/V stack {(layer, 'K'|'V'): [T, H, D]} for commit as one StateEntry.
 
         Never waits on the GPU. The inputs must not be written in place until
-        ticket.wait_quantized(). Keyword arguments: state_type, parents, taint, state_id,
-        time_ns, timeout (seconds to wait for queue room before raising CommitError).
+        ticket.wait_quantized(). Keyword arguments: state_type, parents, taint, state_id (a digest,
+        or a function of the per-state block digests that returns one, called before the entry is
+        logged), time_ns, timeout (seconds to wait for queue room before raising CommitError).
         """
         if not states:
             raise CommitError("submit() needs at least one (layer, kind) state")
@@ -216,6 +235,33 @@ class Committer:
             raise CommitError(f"layers {layers} must name each of the {k.shape[0]} stacked layers once")
         return self._submit([([(l, "K") for l in layers], k), ([(l, "V") for l in layers], v)], session, **meta)
 
+    def submit_paged(self, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: list[int], length: int, *,
+                     session: str, **meta: object) -> CommitTicket:
+        """Queue the first `length` tokens of a paged sequence's K/V (pools [L, blocks, page, H, D]) as one stack.
+
+        On a GPU the quantizer reads the blocks in place through the table on the side stream: no
+        gathered copy. The blocks must not be written until ticket.wait_quantized() (a stream
+        wait). On a CPU the tokens are gathered here, and the blocks are free at once.
+        """
+        for pool in (k_pool, v_pool):
+            if not isinstance(pool, torch.Tensor) or pool.dim() != 5 or pool.shape != k_pool.shape:
+                raise CommitError(f"submit_paged wants K and V pools of one shape [L, blocks, page, H, D], "
+                                  f"got {tuple(getattr(k_pool, 'shape', ()))} and {tuple(getattr(v_pool, 'shape', ()))}")
+        n, blocks, page = k_pool.shape[:3]
+        if (not isinstance(block_table, list) or not all(is_int(b) and 0 <= b < blocks for b in block_table)
+                or not is_int(length) or not 0 < length <= len(block_table) * page):
+            raise CommitError(f"submit_paged wants a list of block ids below {blocks} holding {length!r} tokens "
+                              f"({page} per block), got {block_table!r}")
+        layers = list(range(n))
+        keys = [[(l, "K") for l in layers], [(l, "V") for l in layers]]
+        if k_pool.device.type == "cuda":
+            table = torch.tensor(block_table, dtype=torch.int32).to(k_pool.device, non_blocking=True)
+            return self._submit([(keys[0], _Paged(k_pool, table, length)), (keys[1], _Paged(v_pool, table, length))],
+                                session, **meta)
+        index = torch.tensor(block_table)
+        return self._submit([(ks, pool[:, index].flatten(1, 2)[:, :length]) for ks, pool in zip(keys, (k_pool, v_pool))],
+                            session, **meta)
+
     def _submit(
         self,
         groups: list[tuple[list[StateKey], torch.Tensor]],
@@ -224,7 +270,7 @@ class Committer:
         state_type: str = "observation",
         parents: tuple[str, ...] = (),
         taint: tuple[str, ...] = (),
-        state_id: str | None = None,
+        state_id: str | Callable[[dict[StateKey, list[bytes]]], str] | None = None,
         time_ns: int | None = None,
         timeout: float | None = None,
     ) -> CommitTicket:
@@ -235,17 +281,19 @@ class Committer:
         for keys, x in groups:
             if len({self.profile.per_row(layer, kind) for layer, kind in keys}) > 1:  # DQPError for a key the profile lacks
                 raise CommitError(f"states {keys} stacked in one tensor mix per-row and fixed scales")
-            if not isinstance(x, torch.Tensor) or x.dtype not in DTYPE_NAMES or x.dim() not in (3, 4) or tuple(x.shape[-2:]) != shape:
+            t, dims = (x.pool, (5,)) if isinstance(x, _Paged) else (x, (3, 4))
+            if not isinstance(t, torch.Tensor) or t.dtype not in DTYPE_NAMES or t.dim() not in dims or tuple(t.shape[-2:]) != shape:
                 raise CommitError(f"state {keys[0]} must be a bf16/fp16/fp32 [T, {shape[0]}, {shape[1]}] tensor, "
-                                  f"got {getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
-        groups = [(keys, x if x.dim() == 4 else x.unsqueeze(0)) for keys, x in groups]
-        devices = {x.device for _, x in groups}
+                                  f"got {getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+        groups = [(keys, x if isinstance(x, _Paged) or x.dim() == 4 else x.unsqueeze(0)) for keys, x in groups]
+        sources = [x.pool if isinstance(x, _Paged) else x for _, x in groups]
+        devices = {x.device for x in sources}
         if len(devices) != 1:
             raise CommitError(f"all states of one submit must live on one device, got {sorted(map(str, devices))}")
         (dev,) = devices
         job = _Job(session, state_type, parents, taint, time.time_ns() if time_ns is None else time_ns,
-                   state_id, [keys for keys, _ in groups], [DTYPE_NAMES[x.dtype] for _, x in groups], Future())
-        ticket = CommitTicket(job.future, {})
+                   state_id, [keys for keys, _ in groups], [DTYPE_NAMES[x.dtype] for x in sources], Future())
+        ticket = CommitTicket(job.future, job.codes)
         if dev.type == "cuda":
             self._launch_gpu(job, groups, dev, ticket)
         else:
@@ -285,7 +333,7 @@ class Committer:
         return inv
 
     def _launch_gpu(self, job: _Job, groups: list, dev: torch.device, ticket: CommitTicket) -> None:
-        from fieldprint.kernels.quant import quantize_async
+        from fieldprint.kernels.quant import quantize_async, quantize_paged
 
         if self._side is None:
             self._side = torch.cuda.Stream(device=dev)
@@ -299,12 +347,15 @@ class Committer:
             bad = torch.zeros(sum(len(keys) for keys, _ in groups), dtype=torch.int32, device=dev)
             device_codes = []
             for keys, x in groups:
-                x.record_stream(self._side)  # the allocator must not hand x's memory out before we read it
-                if self.profile.per_row(*keys[0]):
-                    codes = quantize_rows(x)
-                    bad[offset : offset + len(keys)] = (~torch.isfinite(x)).sum(dim=(1, 2, 3), dtype=torch.int32)
+                inv = None if self.profile.per_row(*keys[0]) else self._inverse_scales(keys, dev)
+                counts = bad[offset : offset + len(keys)]
+                # The allocator must not hand the inputs' memory out before this stream read them.
+                if isinstance(x, _Paged):
+                    x.table.record_stream(self._side)
+                    codes, _ = quantize_paged(x.pool, x.table, x.length, inv, bad=counts)
                 else:
-                    codes, _ = quantize_async(x, self._inverse_scales(keys, dev), bad=bad[offset : offset + len(keys)])
+                    x.record_stream(self._side)
+                    codes, _ = quantize_async(x, inv, bad=counts)
                 offset += len(keys)
                 device_codes.append(codes)
                 for i, key in enumerate(keys):
@@ -360,6 +411,7 @@ class Committer:
                 for i, (layer, kind) in enumerate(keys):
                     check_finite(x[i], f"layer {layer} {kind} of session {job.session!r}")
                 out.append(torch.stack([self._quantize_cpu(x[i], layer, kind) for i, (layer, kind) in enumerate(keys)]))
+                job.codes.update((key, out[-1][i]) for i, key in enumerate(keys))
             return out
         finally:
             job.inputs = []
@@ -411,8 +463,9 @@ class Committer:
                     parts.append((layer, kind, d))
         job.host_codes = []
         stack = stack_digest(parts)  # raises DQPError if one (layer, kind) came twice
+        state_id = job.state_id(blocks) if callable(job.state_id) else job.state_id or stack
         entry = StateEntry(
-            state_id=job.state_id or stack, state_type=job.state_type, digest=stack, profile=self.profile.digest,
+            state_id=state_id, state_type=job.state_type, digest=stack, profile=self.profile.digest,
             parents=job.parents, taint=job.taint, session=job.session, time_ns=job.time_ns,
         ).encode()
         added = self.log.add(entry)
@@ -424,8 +477,9 @@ class Committer:
                 self._fail(job, e)
                 return
             receipt = CommitResult(job.session, index, entry, stack, self.profile.digest, digests, blocks)
-            with self._lock:
-                self._receipts.append(receipt)
+            if self._keep_receipts:
+                with self._lock:
+                    self._receipts.append(receipt)
             job.future.set_result(receipt)
 
         added.add_done_callback(done)

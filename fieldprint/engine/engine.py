@@ -18,8 +18,6 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import torch
-
 from fieldprint.engine.anchors import (
     PROFILE_RECIPE,
     AnchorCompiler,
@@ -87,7 +85,7 @@ class Engine:
         int8 = self.config.runner.anchor_dtype == "int8"
         self.profile = load_or_calibrate_profile(data_dir, self.lm.model_id, lambda: calibrate_profile(self.runner, "model"),
                                                  PROFILE_RECIPE)
-        self.committer = Committer(self.log, self.profile)
+        self.committer = Committer(self.log, self.profile, keep_receipts=False)  # results reach us through tickets
         self.compiler = AnchorCompiler(self.runner, self.log, self.committer, self.profile if int8 else None,
                                        os.path.join(data_dir, "anchor-sets"))
         self.scheduler = Scheduler(self.runner.blocks, max_num_seqs=self.config.max_num_seqs,
@@ -256,15 +254,20 @@ class Engine:
         return Output(text, list(s.output_ids), s.finish_reason, receipt, [st.state_id for st in r.anchor_states], r.decisions)
 
     def _commit_kv(self, s: Sequence) -> None:
-        """Queue a session turn's K/V for an asynchronous commit: a device copy, then the committer's side stream."""
+        """Queue a session turn's K/V for an asynchronous commit, read from its blocks in place.
+
+        On a GPU the committer's side stream quantizes the blocks; the forward stream waits for
+        that read (a stream wait, no host sync) before anything can write the freed blocks again.
+        """
         session = self._sessions_of.pop(s.seq_id, None)
         if session is None or not self.config.commit_session_kv or s.num_cached == 0:
             return
         c = self.runner.cache
-        blocks = torch.tensor(s.block_table, device=self.runner.device)
-        k = c.k[:, blocks].flatten(1, 2)[:, : s.num_cached]
-        v = c.v[:, blocks].flatten(1, 2)[:, : s.num_cached]
-        self._kv_tickets[s.seq_id] = self.committer.submit_stack(k, v, session=session, state_type="session_kv")
+        ticket = self.committer.submit_paged(c.k, c.v, s.block_table, s.num_cached, session=session,
+                                             state_type="session_kv")
+        if c.k.is_cuda:
+            ticket.wait_quantized()
+        self._kv_tickets[s.seq_id] = ticket
 
     def generate(self, prompts, params: SamplingParams | None = None, *, session: str | None = None,
                  anchors=None) -> list[Output]:
@@ -328,7 +331,7 @@ class Engine:
 
     def rollback(self, session: str, turns: int = 1) -> dict:
         """Return `session` to before its last `turns` turns (to a committed turn); logged as a rollback entry."""
-        self.committer.flush()
+        self.committer.flush(session)
         return self.memory.rollback(session, turns)
 
     def close(self) -> None:

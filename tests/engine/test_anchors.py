@@ -238,3 +238,25 @@ def test_anchors_longer_than_max_anchor_len_are_refused_and_nothing_is_logged(ti
     assert log.size == size
     assert not compiler.runner.anchor_pool.sets and compiler.runner.anchor_pool.num_blocks == len(compiler.runner.anchor_pool.free)
     assert not glob.glob(str(tmp_path / "anchor-sets" / "*"))
+
+
+def test_anchors_that_cannot_be_committed_are_refused_and_nothing_is_logged(tiny_model, make_compiler, engine_ops,
+                                                                           log, tmp_path):
+    """A NaN in one layer's V (a poisoned weight): the committer refuses the stack, the compile fails naming
+    the layer, and neither the log, the anchor pool nor the sequence pool keeps anything of it."""
+    lm, _ = tiny_model("llama")
+    compiler = make_compiler(lm, "int8")
+    runner = compiler.runner
+    weight = lm.model.layers[1].self_attn.qkv_proj.weight
+    saved = weight.clone()
+    free, size = runner.blocks.num_free, log.size
+    try:
+        weight[-1] = float("nan")  # the last V channel of layer 1
+        with pytest.raises(AnchorError, match=r"cannot be committed: .*layer 1 V .* NaN"):
+            _acquire(compiler, engine_ops)
+    finally:
+        weight.copy_(saved)
+    log.flush()
+    assert log.size == size and runner.blocks.num_free == free
+    assert not runner.anchor_pool.sets and not glob.glob(str(tmp_path / "anchor-sets" / "*"))
+    assert _acquire(compiler, engine_ops).index >= size  # the same set compiles once the weights are whole

@@ -502,3 +502,82 @@ def test_per_row_v_commits_the_reference_row_layout(log, committers, digest_proc
     c.submit_stack(k, v, session="nan-rows")
     with pytest.raises(CommitError, match="layer 1 V of session 'nan-rows' holds 1 NaN"):
         c.flush("nan-rows")
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("v_granularity", ["head", "token"])
+def test_paged_submit_reads_blocks_through_the_table_and_commits_like_the_gathered_stack(log, committers, v_granularity):
+    """On a GPU the side stream reads the blocks in place; once wait_quantized() ordered this stream after
+    that read, overwriting the blocks cannot change what is committed."""
+    g = torch.Generator().manual_seed(5)
+    sample = {(l, k): torch.randn(40, H, D, generator=g) for l in range(L) for k in "KV"}
+    profile = DQPProfile.calibrate([sample], name="paged", num_layers=L, num_kv_heads=H, head_dim=D, block_size=8,
+                                   v_granularity=v_granularity)
+    k_pool, v_pool = (torch.randn(L, 7, 8, H, D, generator=g).to(torch.bfloat16) for _ in "KV")
+    table = [5, 1, 3]  # 21 tokens: the last block partly used
+    gathered = [pool[:, table].flatten(1, 2)[:, :T] for pool in (k_pool, v_pool)]
+    c = committers(log, profile)
+    pk, pv = k_pool.to(DEVICE), v_pool.to(DEVICE)
+    paged = c.submit_paged(pk, pv, table, T, session="paged")
+    paged.wait_quantized()
+    pk.fill_(float("nan"))
+    pv.fill_(float("nan"))
+    stacked = c.submit_stack(*gathered, session="gathered")
+    a, b = paged.future.result(timeout=60), stacked.future.result(timeout=60)
+    assert a.digest == b.digest and a.blocks == b.blocks and a.states == b.states
+    for l in range(L):
+        for kind, x in zip("KV", gathered):
+            assert torch.equal(paged.codes[(l, kind)].cpu(), quantize(x[l], profile, l, kind).codes)
+
+
+def test_bad_paged_submits_are_refused_before_anything_is_queued(profile, log, committers):
+    c = committers(log, profile)
+    k_pool = torch.randn(L, 4, 8, H, D)
+    for args, match in [((k_pool, k_pool[:, :3], [1], 8), "one shape"),
+                        ((k_pool[0], k_pool[0], [1], 8), "one shape"),
+                        ((k_pool, k_pool, [4], 8), "block ids below 4"),
+                        ((k_pool, k_pool, [-1], 8), "block ids below 4"),
+                        ((k_pool, k_pool, (1, 2), 8), "list of block ids"),
+                        ((k_pool, k_pool, [1, 2], 17), "holding 17 tokens"),
+                        ((k_pool, k_pool, [1, 2], 0), "holding 0 tokens"),
+                        ((k_pool, k_pool, [1, 2], True), "holding True tokens")]:
+        with pytest.raises(CommitError, match=match):
+            c.submit_paged(*args, session="bad")
+    assert c.flush() == [] and log.size == 0
+
+
+def test_state_id_may_be_made_from_the_commits_block_digests(profile, log, committers):
+    """The anchor compiler's entry names its manifest, which binds the very block digests the committer makes."""
+    from fieldprint.canon import tag_digest
+
+    k, v = _stack(6)
+    c = committers(log, profile)
+    seen = {}
+
+    def state_id(blocks):
+        seen.update(blocks)
+        return tag_digest("blake3", b"".join(d for key in sorted(blocks) for d in blocks[key])[:32])
+
+    receipt = c.submit_stack(k, v, session="made", state_id=state_id).future.result(timeout=60)
+    assert seen == receipt.blocks and StateEntry.decode(receipt.entry).state_id == state_id(receipt.blocks)
+    size = log.size
+    c.submit_stack(k, v, session="bad-id", state_id=lambda blocks: "not a digest")
+    with pytest.raises(CommitError, match="bad-id"):
+        c.flush("bad-id")
+    assert log.size == size  # nothing logged
+
+
+def test_without_kept_receipts_results_come_through_tickets_and_failures_still_reach_flush(profile, log, committers):
+    """An engine's committer runs for days: it keeps no receipt nobody flushes, and still loses no failure."""
+    k, v = _stack(7)
+    c = committers(log, profile, keep_receipts=False)
+    tickets = [c.submit_stack(k, v, session="long") for _ in range(3)]
+    assert c.flush("long") == [] and not c._receipts
+    assert [t.future.result().index for t in tickets] == sorted({t.future.result().index for t in tickets})
+    bad_v = v.clone()
+    bad_v[0, 0, 0, 0] = float("inf")
+    c.submit_stack(k, bad_v, session="long")
+    with pytest.raises(CommitError, match="layer 0 V of session 'long'"):
+        c.flush("long")

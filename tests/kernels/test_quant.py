@@ -119,3 +119,75 @@ def test_bad_out_and_counter_buffers_raise_dqp_errors():
     for bad in [torch.zeros(2, dtype=torch.int32, device=DEVICE), torch.zeros(1, dtype=torch.int64, device=DEVICE)]:
         with pytest.raises(DQPError, match="bad must be"):
             quantize_async(x, inv, bad=bad)
+
+
+def _row_edge_values(t: int, g: torch.Generator) -> torch.Tensor:
+    """[t, H, D] rows whose maxima sit on every exponent boundary: 127/128 and 1 times powers of two, zeros, tiny and huge."""
+    x = torch.randn(t, H, D, generator=g)
+    x = x / x.abs().amax(-1, keepdim=True)  # each row's max is exactly 1
+    e = torch.randint(-70, 70, (t, H, 1), generator=g).float()
+    m = torch.tensor([127 / 128, 1.0, 0.75, 0.5, 0.9999, 127.5 / 128])[torch.randint(0, 6, (t, H, 1), generator=g)]
+    x = x * m * torch.exp2(e)
+    x[0, 0] = 0.0  # a zero row takes EXP_MIN
+    if t > 1:
+        x[1, 1] = 1e-40  # subnormal maximum
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_row_layout_kernel_matches_quantize_rows(dtype):
+    from fieldprint.dqp import quantize_rows
+
+    g = torch.Generator().manual_seed(5)
+    x = _row_edge_values(40, g).to(dtype)
+    x = torch.where(torch.isfinite(x), x, torch.zeros(()).to(dtype))  # fp16 overflows the largest rows
+    codes, bad = quantize_async(x.to(DEVICE), None)
+    assert int(bad) == 0 and codes.shape == (40, H, D + 1)
+    assert torch.equal(codes.cpu(), quantize_rows(x))
+
+
+@pytest.mark.parametrize("page", [4, 16])
+@pytest.mark.parametrize("rows", [False, True])
+def test_paged_quantizer_reads_blocks_through_the_table_like_a_gathered_copy(page, rows):
+    from fieldprint.dqp import quantize_rows
+    from fieldprint.kernels.quant import quantize_paged, stack_inverse_scales
+
+    p = _profile(layers=3)
+    g = torch.Generator().manual_seed(page + rows)
+    pool = (torch.randn(3, 9, page, H, D, generator=g) * 5).to(torch.bfloat16)  # [L, blocks, page, H, D]
+    table = [7, 2, 5, 0]
+    length = 3 * page + 1  # the last block only partly used
+    gathered = pool[:, table].flatten(1, 2)[:, :length]
+    inv = None if rows else stack_inverse_scales(p, [0, 1, 2], "K", DEVICE)
+    codes, bad = quantize_paged(pool.to(DEVICE), torch.tensor(table, dtype=torch.int32, device=DEVICE), length, inv)
+    assert bad.tolist() == [0, 0, 0]
+    for l in range(3):
+        want = quantize_rows(gathered[l]) if rows else quantize_codes(gathered[l], p.exponents(l, "K"))
+        assert torch.equal(codes[l].cpu(), want)
+
+
+def test_paged_quantizer_counts_non_finite_values_in_the_blocks_it_reads_only():
+    from fieldprint.kernels.quant import quantize_paged
+
+    pool = torch.randn(2, 4, 8, H, D)
+    pool[0, 3, 0, 0, 0] = float("nan")  # a block the table does not name
+    pool[1, 1, 2, 3, 5] = float("inf")
+    _, bad = quantize_paged(pool.to(DEVICE), torch.tensor([1, 2], device=DEVICE), 16, None)
+    assert bad.tolist() == [0, 1]
+
+
+def test_bad_paged_quantizer_inputs():
+    from fieldprint.kernels.quant import quantize_paged
+
+    pool = torch.randn(2, 4, 8, H, D, device=DEVICE)
+    table = torch.tensor([1, 2], device=DEVICE)
+    with pytest.raises(DQPError, match="pool"):
+        quantize_paged(pool[0], table, 8, None)
+    with pytest.raises(DQPError, match="block table"):
+        quantize_paged(pool, table.float(), 8, None)
+    with pytest.raises(DQPError, match="length must be"):
+        quantize_paged(pool, table, 17, None)  # two blocks of 8 hold 16 tokens
+    with pytest.raises(DQPError, match="length must be"):
+        quantize_paged(pool, table, True, None)
+    codes, bad = quantize_paged(pool, table, 0, None)
+    assert codes.shape == (2, 0, H, D + 1) and bad.tolist() == [0, 0]
