@@ -32,6 +32,7 @@ from fieldprint.kernels.paged_attention import (
     paged_attention_prefill,
     plan_decode,
 )
+from fieldprint.kernels.store_kv import paged_store_kv
 
 
 @dataclass(slots=True)
@@ -89,8 +90,11 @@ class AttentionContext:
 
 
 def store_kv(ctx: AttentionContext, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Write the new tokens' K/V [T, H_kv, D] into their slots of this layer's pool."""
+    """Write the new tokens' K/V [T, H_kv, D] (strided views too) into their slots of this layer's pool."""
     c = ctx.cache
+    if k.is_cuda:  # K and V in one launch
+        paged_store_kv(k, v, c.k[layer], c.v[layer], ctx.slot_mapping)
+        return
     _, nb, bs, h, d = c.k.shape
     c.k[layer].view(nb * bs, h, d).index_copy_(0, ctx.slot_mapping, k)
     c.v[layer].view(nb * bs, h, d).index_copy_(0, ctx.slot_mapping, v)

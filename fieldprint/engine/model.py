@@ -135,10 +135,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE of x [T, H, D] with cos/sin [T, 1, D/2], computed in fp32."""
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual): a sublayer's residual add and the next norm in one step."""
+    residual = x + residual
+    return rms_norm(residual, weight, eps), residual
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half RoPE of q [T, H, D] and k [T, H_kv, D] with cos/sin [T, 1, D/2], computed in fp32."""
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -148,16 +158,22 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 # The elementwise steps around the GEMMs: as written above, each is 5-10 small kernels per call
 # (about fifty per layer), which bounds a batch-1 decode step even inside a CUDA graph. On CUDA,
-# `fuse_elementwise()` swaps in torch.compile'd versions (one generated kernel each, same math);
-# the CPU keeps the eager functions.
-_FUSED = {"rms_norm": rms_norm, "rope": rope, "silu_mul": silu_mul}
+# `fuse_elementwise()` swaps in torch.compile'd versions (one call each, the residual add inside
+# the norm's kernel, q and k turned by one call; same math); the CPU keeps the eager functions.
+_EAGER = {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "rope": rope, "silu_mul": silu_mul}
+_FUSED = dict(_EAGER)
 
 
 def fuse_elementwise() -> None:
-    """Compile RMSNorm, RoPE and SiLU-mul into one kernel each (CUDA; shapes stay dynamic)."""
-    for name, fn in (("rms_norm", rms_norm), ("rope", rope), ("silu_mul", silu_mul)):
+    """Compile RMSNorm (alone and after the residual add), RoPE and SiLU-mul (CUDA; shapes stay dynamic)."""
+    for name, fn in _EAGER.items():
         if _FUSED[name] is fn:
             _FUSED[name] = torch.compile(fn, dynamic=True, fullgraph=True)
+
+
+def _fn(name: str, x: torch.Tensor):
+    """The compiled version of an elementwise step for CUDA tensors, the eager one on the CPU."""
+    return (_FUSED if x.is_cuda else _EAGER)[name]
 
 
 class RMSNorm(nn.Module):
@@ -167,7 +183,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (_FUSED["rms_norm"] if x.is_cuda else rms_norm)(x, self.weight, self.eps)
+        return _fn("rms_norm", x)(x, self.weight, self.eps)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this norm of x + residual, x + residual)."""
+        return _fn("add_rms_norm", x)(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
@@ -188,19 +208,17 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
-    """cos/sin tables for every position, applied to q and k in the rotate-half layout."""
+    """cos/sin tables for every position, side by side in one table so that a step gathers them at once."""
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         pos = torch.arange(args.max_position, dtype=torch.float32)
         freqs = torch.outer(pos, rope_inv_freq(args))
-        self.register_buffer("cos", freqs.cos(), persistent=False)
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        self.register_buffer("cos_sin", torch.cat((freqs.cos(), freqs.sin()), dim=-1), persistent=False)
 
-    def forward(self, positions: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
-        fn = _FUSED["rope"] if positions.is_cuda else rope
-        return tuple(fn(x, cos, sin) for x in xs)
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, D/2] of the positions: gathered once per step, applied by every layer."""
+        return self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
 
 
 class Attention(nn.Module):
@@ -219,15 +237,15 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(args.head_dim, args.rms_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(args.head_dim, args.rms_eps) if args.qk_norm else None
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, ctx: AttentionContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], ctx: AttentionContext) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.heads, self.head_dim)
         k = k.view(-1, self.kv_heads, self.head_dim)
-        v = v.view(-1, self.kv_heads, self.head_dim)
+        v = v.view(-1, self.kv_heads, self.head_dim)  # a column slice of the GEMM's output: the store reads it in place
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
-        o = paged_attention(q, k, v.contiguous(), self.layer, ctx)
+        q, k = _fn("rope", q)(q, k, *cos_sin)
+        o = paged_attention(q, k, v, self.layer, ctx)
         return self.o_proj(o.reshape(-1, self.q_size))
 
 
@@ -239,7 +257,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.gate_up_proj(x)
-        return self.down_proj((_FUSED["silu_mul"] if h.is_cuda else silu_mul)(h))
+        return self.down_proj(_fn("silu_mul", h)(h))
 
 
 class DecoderLayer(nn.Module):
@@ -250,9 +268,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, ctx: AttentionContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(MLP output, residual stream): their sum is the layer's output, left to the next norm to add
+        in its own kernel. The first layer gets the embeddings as h and no residual."""
+        if residual is None:
+            x, residual = self.input_layernorm(h), h
+        else:
+            x, residual = self.input_layernorm.add(h, residual)
+        x, residual = self.post_attention_layernorm.add(self.self_attn(x, cos_sin, ctx), residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -271,10 +296,11 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """Hidden states [T, hidden] of a flat batch of new tokens at their absolute positions."""
-        x = self.embed_tokens(input_ids)
+        h, residual = self.embed_tokens(input_ids), None
+        cos_sin = self.rotary(positions)
         for layer in self.layers:
-            x = layer(x, positions, self.rotary, ctx)
-        return self.norm(x)
+            h, residual = layer(h, residual, cos_sin, ctx)
+        return self.norm.add(h, residual)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits [N, vocab] of the given hidden states (the last token of each sequence)."""
