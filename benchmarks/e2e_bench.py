@@ -53,6 +53,7 @@ from engine_bench import (
     weight_bytes,
 )
 
+from fieldprint.engine.engine import commit_kv
 from fieldprint.engine.kv_cache import cdiv
 from fieldprint.engine.runner import ModelRunner, RunnerConfig
 from fieldprint.engine.scheduler import Scheduler
@@ -70,15 +71,6 @@ GOALS = {"anchors_vs_none": 0.95, "vs_hf": 3.0, "step_vs_floor": 1.3}
 def ms(xs: list[float], q: float) -> float | None:
     """The q-th percentile of durations in seconds, in milliseconds (None for no samples)."""
     return float(np.percentile(xs, q)) * 1e3 if xs else None
-
-
-def commit_kv(runner: ModelRunner, committer, seq: Sequence, session: str):
-    """Queue a finished sequence's K/V for an asynchronous commit, as Engine._commit_kv does."""
-    c = runner.cache
-    blocks = torch.tensor(seq.block_table, device=runner.device)
-    k = c.k[:, blocks].flatten(1, 2)[:, : seq.num_cached]
-    v = c.v[:, blocks].flatten(1, 2)[:, : seq.num_cached]
-    return committer.submit_stack(k, v, session=session, state_type="session_kv")
 
 
 def serve(runner: ModelRunner, sched: Scheduler, seqs: list[Sequence], committer=None, session: str = "bench") -> dict:
@@ -119,7 +111,7 @@ def serve(runner: ModelRunner, sched: Scheduler, seqs: list[Sequence], committer
             if len(s.output_ids) >= s.params.max_tokens:
                 s.finish_reason = "length"
                 if committer is not None:
-                    commit_kv(runner, committer, s, session)
+                    commit_kv(committer, runner.cache, s, session)
                 sched.finish(s)
                 if s.anchor_key:
                     runner.anchor_pool.unpin(s.anchor_key)

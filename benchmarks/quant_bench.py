@@ -57,6 +57,33 @@ def identity_check(dev: str, layers: int, h: int, d: int) -> list[dict]:
     return rows
 
 
+def paged_commit_cost(k: torch.Tensor, v: torch.Tensor, inv: torch.Tensor, page: int = 16) -> dict:
+    """What committing one sequence costs the forward stream: before, a gathered copy of its K and V out of
+    the paged cache (the quantizer then read the copy on the side stream); now, the wait for the
+    block-table quantizer reading the blocks in place (K per channel, V per row). Codes must agree."""
+    import triton.testing
+
+    from fieldprint.kernels.quant import quantize_paged
+
+    L, T, h, d = k.shape
+    nb = T // page
+    order = torch.randperm(2 * nb, device=k.device)[:nb]  # the sequence's blocks, scattered over a pool twice its size
+    pools = []
+    for x in (k, v):
+        pool = torch.zeros(L, 2 * nb, page, h, d, dtype=x.dtype, device=x.device)
+        pool[:, order] = x.view(L, nb, page, h, d)
+        pools.append(pool)
+    table = order.to(torch.int32)
+    gather_ms = triton.testing.do_bench(lambda: [p[:, order].flatten(1, 2)[:, :T] for p in pools], warmup=20, rep=200,
+                                        return_mode="median")
+    paged_ms = triton.testing.do_bench(lambda: (quantize_paged(pools[0], table, T, inv), quantize_paged(pools[1], table, T, None)),
+                                       warmup=20, rep=200, return_mode="median")
+    same = (torch.equal(quantize_paged(pools[0], table, T, inv)[0], quantize_async(k, inv)[0])
+            and torch.equal(quantize_paged(pools[1], table, T, None)[0], quantize_async(v, None)[0]))
+    return dict(gather_copy_us=gather_ms * 1e3, paged_quantize_us=paged_ms * 1e3, ratio=paged_ms / gather_ms,
+                codes_equal_contiguous=same)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
@@ -93,6 +120,7 @@ def main() -> None:
         floor_ms = k.numel() * 3 / copy_bw / 1e6  # the quantizer moves 2 bytes in + 1 byte out per element
         kernel = dict(ms=ms, input_GBps=in_bytes / ms / 1e6, moved_GBps=k.numel() * 3 / ms / 1e6,
                       copy_GBps=copy_bw, floor_ms=floor_ms, fraction_of_floor=floor_ms / ms)
+        kernel["paged"] = paged_commit_cost(k, v, inv)
 
     # Stages on their own: pinned D2H of the codes and BLAKE3 block digests by thread count.
     codes, _ = quantize_async(k, inv)
@@ -192,6 +220,11 @@ def main() -> None:
     if kernel:
         print(f"kernel: {kernel['ms'] * 1e3:.0f} us, {kernel['input_GBps']:.0f} GB/s bf16 in, {kernel['moved_GBps']:.0f} GB/s moved; "
               f"copy floor {kernel['floor_ms'] * 1e3:.0f} us ({kernel['fraction_of_floor']:.2f} of floor)")
+    if kernel:
+        pg = kernel["paged"]
+        print(f"forward-stream cost of one sequence's commit (K+V): gathered copy {pg['gather_copy_us']:.0f} us before, "
+              f"block-table quantizer {pg['paged_quantize_us']:.0f} us now ({pg['ratio']:.2f}x); codes equal: "
+              f"{pg['codes_equal_contiguous']}")
     print(f"pinned D2H of codes: {out['d2h']['GBps']:.1f} GB/s; digest stage in one process, GB/s of codes: "
           + ", ".join(f"{n} {r['codes_GBps']:.2f}" for n, r in digest.items()))
     print(f"end to end through the committer, K+V {2 * in_bytes / 1e6:.0f} MB bf16, goal 5 GB/s; {os.cpu_count()} host cores")

@@ -35,6 +35,19 @@ from fieldprint.errors import EngineError, FieldprintError
 MAX_PROMPT_CHARS = 1 << 20
 
 
+def commit_kv(committer, cache, seq: Sequence, session: str):
+    """Queue a sequence's K/V as a `session_kv` commit read from its blocks in place; its ticket.
+
+    On a GPU the committer's side stream quantizes the blocks; the forward stream waits for that
+    read (a stream wait, no host sync) before anything can write the freed blocks again.
+    """
+    ticket = committer.submit_paged(cache.k, cache.v, seq.block_table, seq.num_cached, session=session,
+                                    state_type="session_kv")
+    if cache.k.is_cuda:
+        ticket.wait_quantized()
+    return ticket
+
+
 @dataclass(slots=True)
 class EngineConfig:
     """Everything the engine reads besides the model path and the data folder."""
@@ -254,20 +267,11 @@ class Engine:
         return Output(text, list(s.output_ids), s.finish_reason, receipt, [st.state_id for st in r.anchor_states], r.decisions)
 
     def _commit_kv(self, s: Sequence) -> None:
-        """Queue a session turn's K/V for an asynchronous commit, read from its blocks in place.
-
-        On a GPU the committer's side stream quantizes the blocks; the forward stream waits for
-        that read (a stream wait, no host sync) before anything can write the freed blocks again.
-        """
+        """Queue a finished session turn's K/V for an asynchronous commit (commit_kv)."""
         session = self._sessions_of.pop(s.seq_id, None)
         if session is None or not self.config.commit_session_kv or s.num_cached == 0:
             return
-        c = self.runner.cache
-        ticket = self.committer.submit_paged(c.k, c.v, s.block_table, s.num_cached, session=session,
-                                             state_type="session_kv")
-        if c.k.is_cuda:
-            ticket.wait_quantized()
-        self._kv_tickets[s.seq_id] = ticket
+        self._kv_tickets[s.seq_id] = commit_kv(self.committer, self.runner.cache, s, session)
 
     def generate(self, prompts, params: SamplingParams | None = None, *, session: str | None = None,
                  anchors=None) -> list[Output]:
