@@ -80,8 +80,13 @@ def paged_commit_cost(k: torch.Tensor, v: torch.Tensor, inv: torch.Tensor, page:
                                        warmup=20, rep=200, return_mode="median")
     same = (torch.equal(quantize_paged(pools[0], table, T, inv)[0], quantize_async(k, inv)[0])
             and torch.equal(quantize_paged(pools[1], table, T, None)[0], quantize_async(v, None)[0]))
+    parts = {  # each launch alone, us: fixed per-channel K and per-row V, contiguous and paged
+        name: triton.testing.do_bench(fn, warmup=20, rep=200, return_mode="median") * 1e3 for name, fn in [
+            ("k_contiguous", lambda: quantize_async(k, inv)), ("v_rows_contiguous", lambda: quantize_async(v, None)),
+            ("k_paged", lambda: quantize_paged(pools[0], table, T, inv)),
+            ("v_rows_paged", lambda: quantize_paged(pools[1], table, T, None))]}
     return dict(gather_copy_us=gather_ms * 1e3, paged_quantize_us=paged_ms * 1e3, ratio=paged_ms / gather_ms,
-                codes_equal_contiguous=same)
+                codes_equal_contiguous=same, launches_us=parts)
 
 
 def main() -> None:
@@ -224,7 +229,7 @@ def main() -> None:
         pg = kernel["paged"]
         print(f"forward-stream cost of one sequence's commit (K+V): gathered copy {pg['gather_copy_us']:.0f} us before, "
               f"block-table quantizer {pg['paged_quantize_us']:.0f} us now ({pg['ratio']:.2f}x); codes equal: "
-              f"{pg['codes_equal_contiguous']}")
+              f"{pg['codes_equal_contiguous']}; alone, us: " + ", ".join(f"{n} {t:.0f}" for n, t in pg["launches_us"].items()))
     print(f"pinned D2H of codes: {out['d2h']['GBps']:.1f} GB/s; digest stage in one process, GB/s of codes: "
           + ", ".join(f"{n} {r['codes_GBps']:.2f}" for n, r in digest.items()))
     print(f"end to end through the committer, K+V {2 * in_bytes / 1e6:.0f} MB bf16, goal 5 GB/s; {os.cpu_count()} host cores")

@@ -44,7 +44,7 @@ class RunnerConfig:
     anchor_dtype: str = "int8"  # "int8" (DQP codes) or "model" (the model's dtype, e.g. bf16)
     max_batch: int = 256
     cuda_graphs: bool = True
-    fuse_elementwise: bool = True  # CUDA: RMSNorm, RoPE and SiLU-mul compiled into one kernel each
+    fuse_elementwise: bool = True  # CUDA: RMSNorm (with the residual add), RoPE and SiLU-mul compiled
 
 
 class ModelRunner:
