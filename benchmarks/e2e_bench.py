@@ -60,7 +60,7 @@ from fieldprint.engine.scheduler import Scheduler
 from fieldprint.engine.sequence import SamplingParams, Sequence
 
 FULL = {"model": "llama-3.2-1b", "batches": (1, 8, 32, 128), "hf_batches": (1, 8, 32), "prompt": 512, "new": 128,
-        "anchors": 2048, "anchor_states": 8, "repeats": 2, "hf_repeats": 3, "protocol_model": "qwen3-0.6b",
+        "anchors": 2048, "anchor_states": 8, "repeats": 5, "hf_repeats": 3, "protocol_model": "qwen3-0.6b",
         "protocol_requests": 256, "protocol_lengths": (100, 1024), "max_num_seqs": 256, "max_num_batched_tokens": 8192}
 SMOKE = {"model": "tiny-llama", "batches": (1, 2, 4, 8), "hf_batches": (1, 2), "prompt": 24, "new": 6,
          "anchors": 48, "anchor_states": 3, "repeats": 1, "hf_repeats": 1, "protocol_model": "tiny-qwen3",
@@ -170,18 +170,22 @@ def anchors_section(runner, sched, bench, cs, p, rng, commit: bool) -> dict:
     out = {}
     vocab = runner.args.vocab_size
     for b in p["batches"]:
-        row = {}
-        for label, anchor in (("none", None), ("anchors", cs)):
-            runs = []
-            for r in range(p["repeats"]):
+        # Interleaved pairs, the order alternating: two runs of one configuration minutes apart
+        # differed by up to 15%, as much as the effect measured; a pair's runs are seconds apart.
+        runs = {"none": [], "anchors": []}
+        for r in range(p["repeats"]):
+            pair = (("none", None), ("anchors", cs))
+            for label, anchor in pair if r % 2 == 0 else pair[::-1]:
                 seqs = requests(rng, b, p["prompt"], p["new"], vocab, anchor)
-                runs.append(summarize(serve(runner, sched, seqs, bench.committer if commit else None,
-                                            session=f"b{b}-{label}-{r}")))
-            row[label] = median_run(runs)
-        row["anchors_vs_none"] = row["anchors"]["tok_s"] / row["none"]["tok_s"]
+                runs[label].append(summarize(serve(runner, sched, seqs, bench.committer if commit else None,
+                                                   session=f"b{b}-{label}-{r}")))
+        row = {label: median_run(rs) for label, rs in runs.items()}
+        row["pair_ratios"] = [a["tok_s"] / n["tok_s"] for a, n in zip(runs["anchors"], runs["none"])]
+        row["anchors_vs_none"] = statistics.median(row["pair_ratios"])
         out[str(b)] = row
         log(f"  B={b:>4}: none {row['none']['tok_s']:>9.0f} tok/s  anchors {row['anchors']['tok_s']:>9.0f} tok/s  "
-            f"ratio {row['anchors_vs_none']:.3f}  (commits done {row['anchors']['commit_after_s']:.2f} s after)")
+            f"ratio {row['anchors_vs_none']:.3f} (median of {len(row['pair_ratios'])} interleaved pairs, "
+            f"{min(row['pair_ratios']):.3f}-{max(row['pair_ratios']):.3f})  (commits done {row['anchors']['commit_after_s']:.2f} s after)")
     return out
 
 
