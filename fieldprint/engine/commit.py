@@ -111,7 +111,7 @@ class _Job:
     dtypes: list[str]  # source dtype of each group
     future: Future
     inputs: list[torch.Tensor] = field(default_factory=list)  # CPU path: [N, T, H, D] states
-    codes: dict[StateKey, torch.Tensor] = field(default_factory=dict)  # the ticket's: filled by the CPU path
+    codes: dict[StateKey, torch.Tensor] = field(default_factory=dict)  # CPU path: the ticket's, filled here
     host_codes: list[torch.Tensor] = field(default_factory=list)  # GPU path: pinned [N, T, H, D (+1: rows)] codes
     host_bad: torch.Tensor | None = None
     copied: object = None  # torch.cuda.Event recorded after the copies
@@ -293,11 +293,12 @@ class Committer:
         (dev,) = devices
         job = _Job(session, state_type, parents, taint, time.time_ns() if time_ns is None else time_ns,
                    state_id, [keys for keys, _ in groups], [DTYPE_NAMES[x.dtype] for x in sources], Future())
-        ticket = CommitTicket(job.future, job.codes)
+        ticket = CommitTicket(job.future, {})
         if dev.type == "cuda":
             self._launch_gpu(job, groups, dev, ticket)
         else:
             job.inputs = [x for _, x in groups]
+            job.codes = ticket.codes  # filled by the worker (on a GPU the ticket alone holds the device codes)
             job.quantized = threading.Event()
             ticket._event = job.quantized
         full = CommitError(f"committer still has {self._queue.maxsize} commits queued after {timeout}s; "
