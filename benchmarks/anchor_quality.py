@@ -34,10 +34,18 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from fieldprint.dqp import dequantize, quantize_codes  # noqa: E402
-from fieldprint.engine.anchors import AnchorCompiler, anchor_text, calibrate_profile, prefill_kv, split_prompt  # noqa: E402
+from fieldprint.engine.anchors import (  # noqa: E402
+    AnchorCompiler,
+    anchor_text,
+    calibrate_profile,
+    prefill_kv,
+    quantize_stack,
+    split_prompt,
+)
 from fieldprint.engine.loader import load_model  # noqa: E402
 from fieldprint.engine.runner import ModelRunner, RunnerConfig  # noqa: E402
 from fieldprint.engine.sequence import SamplingParams, Sequence  # noqa: E402
+from fieldprint.engine.tp import put_anchor_states  # noqa: E402
 
 FACTS = [
     "The user's name is Ada and she lives in Zurich.", "Ada is vegetarian and allergic to peanuts.",
@@ -97,7 +105,7 @@ def main() -> None:
     q8 = ModelRunner(lm, RunnerConfig(anchor_dtype="int8", **cfg))
     profile = calibrate_profile(full, "smollm2")
     channels = calibrate_profile(full, "smollm2", v_granularity="channel")
-    writers = {"full": AnchorCompiler(full, None, None, None, None), "int8": AnchorCompiler(q8, None, None, profile, None)}
+    AnchorCompiler(q8, None, None, profile, None)  # sets the int8 pool's K scales
     rng = random.Random(20261201)
     tok = lm.tokenizer
     ways = ("int8", "v_per_channel", "v_per_head")
@@ -109,9 +117,9 @@ def main() -> None:
         question = QUESTIONS[i % len(QUESTIONS)]
         head, own = split_prompt(tok, anchor_text(facts), [{"role": "user", "content": question}])
         k, v = prefill_kv(full, head)
-        for name, runner in (("full", full), ("int8", q8)):
+        for runner, states in ((full, (k, v)), (q8, quantize_stack(k, v, profile))):
             slot = runner.anchor_pool.reserve(f"set{i}", len(head))
-            writers[name]._write(slot.blocks, k, v)
+            put_anchor_states(runner, slot.blocks, *states)
         cont = greedy(full, Sequence(list(own), SamplingParams(), anchor_key=f"set{i}", anchor_len=len(head)), CONTINUATION)
         as_prefix = greedy(full, Sequence(head + own, SamplingParams()), CONTINUATION)
         prefix_equal += as_prefix == cont
@@ -125,7 +133,7 @@ def main() -> None:
                           for l in range(k.shape[0])])
         for way, per_head in (("v_per_channel", False), ("v_per_head", True)):
             vq = [fixed_v(channels.exponents(l, "V"), v[l], per_head) for l in range(v.shape[0])]
-            writers["full"]._write(slot.blocks, kq, torch.stack(vq))
+            put_anchor_states(full, slot.blocks, kq, torch.stack(vq))
             lps[way] = score(full, lm, Sequence(list(seq_ids), SamplingParams(), anchor_key=f"set{i}", anchor_len=len(head)))
         row = {"facts": len(facts), "anchor_tokens": len(head), "positions": a.shape[0], "prefix_equal": as_prefix == cont}
         for way in ways:

@@ -111,7 +111,7 @@ def serve(runner: ModelRunner, sched: Scheduler, seqs: list[Sequence], committer
             if len(s.output_ids) >= s.params.max_tokens:
                 s.finish_reason = "length"
                 if committer is not None:
-                    commit_kv(committer, runner.cache, s, session)
+                    commit_kv(committer, runner, s, session)
                 sched.finish(s)
                 if s.anchor_key:
                     runner.anchor_pool.unpin(s.anchor_key)

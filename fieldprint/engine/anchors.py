@@ -32,8 +32,10 @@ import numpy as np
 import torch
 
 from fieldprint.canon import canonical_json, parse_digest, tag_digest
+from fieldprint.dqp import quantize
 from fieldprint.dqp_profile import DQPProfile
 from fieldprint.engine.commit import CommitResult
+from fieldprint.engine.tp import anchor_states, copy_blocks, put_anchor_states, sequence_kv, set_anchor_k_scales
 from fieldprint.errors import AnchorError, CommitError
 from fieldprint.ledger import merkle
 from fieldprint.ledger.entry import StateEntry
@@ -116,34 +118,28 @@ class CompiledSet:
     tokens: list[int]
 
 
-def _pool_blocks(pool: torch.Tensor, blocks: list[int], length: int) -> torch.Tensor:
-    """One layer's [A, ...] view of a set's blocks (a copy: blocks need not be adjacent)."""
-    x = pool[blocks]
-    return x.reshape(-1, *x.shape[2:])[:length]
+def quantize_stack(k: torch.Tensor, v: torch.Tensor, profile: DQPProfile) -> tuple[torch.Tensor, torch.Tensor]:
+    """Canonical DQP codes of stacked K and V [L, A, H, D] under `profile`, on their device (the CPU
+    reference: the same codes the committer makes), for a pool filled without a commit (replays, benches)."""
+    return tuple(torch.stack([quantize(x[layer], profile, layer, kind).codes for layer in range(x.shape[0])]).to(x.device)
+                 for kind, x in (("K", k), ("V", v)))
 
 
-def set_states(cache, blocks: list[int], length: int):
-    """Each (layer, K then V) state of a set in its canonical form, read from the anchor pool.
-
-    K: the codes (int8) or values [A, H, D]; int8 V: the DQP row layout [A, H, D + 1], each row's
-    codes followed by its exponent, interleaved from the two pools the kernel reads.
-    """
-    for layer in range(cache.anchor_k.shape[0]):
-        yield _pool_blocks(cache.anchor_k[layer], blocks, length)
-        v = _pool_blocks(cache.anchor_v[layer], blocks, length)
-        if cache.anchor_v_exp is not None:
-            v = torch.cat([v, _pool_blocks(cache.anchor_v_exp[layer], blocks, length)[..., None]], dim=-1)
-        yield v
-
-
-def digest_blocks(cache, blocks: list[int], length: int) -> list[bytes]:
-    """BLAKE3 of every (layer, K then V, block) of a set as stored in the anchor pool."""
-    bs = cache.block_size
+def digest_blocks(runner, blocks: list[int], length: int) -> list[bytes]:
+    """BLAKE3 of every (layer, K then V, block) of a set as stored in the anchor pool (every rank's heads)."""
+    bs = runner.config.block_size
     out = []
-    for state in set_states(cache, blocks, length):
+    for state in _by_layer(*anchor_states(runner, blocks, length)):
         flat = state.contiguous().cpu().view(torch.uint8).reshape(length, -1).numpy()
         out += [blake3.blake3(flat[i : i + bs].tobytes()).digest() for i in range(0, length, bs)]
     return out
+
+
+def _by_layer(k: torch.Tensor, v: torch.Tensor):
+    """(layer, K then V) states of stacked K and V: the order of block digests and of set files."""
+    for layer in range(k.shape[0]):
+        yield k[layer]
+        yield v[layer]
 
 
 PROFILE_RECIPE = "k-channel-v-token"  # what calibrate_profile makes: K per channel, V per (token, head) row
@@ -185,9 +181,7 @@ def prefilled(runner, ids: list[int]):
 def prefill_kv(runner, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Every layer's K and V [L, A, H, D] of `ids` prefilled at positions 0..A-1 (a copy: calibration, replay)."""
     with prefilled(runner, ids) as table:
-        blocks, c = torch.tensor(table, device=runner.device), runner.cache
-        return (c.k[:, blocks].flatten(1, 2)[:, : len(ids)].clone(),
-                c.v[:, blocks].flatten(1, 2)[:, : len(ids)].clone())
+        return sequence_kv(runner, table, len(ids))
 
 
 def _pool_order(blocks: dict, layers: int) -> list[bytes]:
@@ -207,9 +201,8 @@ class AnchorCompiler:
             if not profile.per_row(0, "V"):
                 raise AnchorError(f"int8 anchors need a profile that scales V per token (format 3); profile "
                                   f"{profile.name!r} scales it per {profile.v_granularity}: recalibrate")
-            c = runner.cache
-            for layer in range(c.anchor_k.shape[0]):
-                c.anchor_k_scale[layer] = profile.scales(layer, "K", runner.device)
+            set_anchor_k_scales(runner, torch.stack([profile.scales(layer, "K", runner.device)
+                                                     for layer in range(runner.args.num_layers)]))
         self.encoding = profile.digest if self.int8 else str(runner.lm.dtype).removeprefix("torch.")
         self.compiled: dict[str, CompiledSet] = {}
 
@@ -270,20 +263,21 @@ class AnchorCompiler:
         int8: the committer quantizes straight from the prefill's paged blocks (on a GPU, on its side
         stream) and logs the anchor_kv entry, whose state id is the manifest's digest over its block
         digests; the pool receives exactly the committed codes, and its digests must equal the commit's.
-        Model dtype: the blocks are copied as they are.
+        Model dtype: the blocks are copied as they are. Under tensor parallelism the heads live on
+        several devices: they are gathered (a copy) and committed whole, and each rank's pool gets its heads.
         """
         r, c, n = self.runner, self.runner.cache, len(ids)
         layers = c.k.shape[0]
         with prefilled(r, ids) as table:
             if not self.int8:
-                src = torch.tensor(table, device=c.k.device)
-                dst = torch.tensor(blocks, device=c.k.device)
-                c.anchor_k[:, dst] = c.k[:, src]
-                c.anchor_v[:, dst] = c.v[:, src]
-                return digest_blocks(c, blocks, n), None
-            ticket = self.committer.submit_paged(
-                c.k, c.v, table, n, session=ANCHOR_SESSION, state_type=ANCHOR_STATE_TYPE, parents=tuple(state_ids),
-                state_id=lambda committed: manifest_digest(self._manifest(state_ids, ids, _pool_order(committed, layers))))
+                copy_blocks(r, table, blocks)
+                return digest_blocks(r, blocks, n), None
+            meta = dict(session=ANCHOR_SESSION, state_type=ANCHOR_STATE_TYPE, parents=tuple(state_ids),
+                        state_id=lambda done: manifest_digest(self._manifest(state_ids, ids, _pool_order(done, layers))))
+            if r.tp_size == 1:
+                ticket = self.committer.submit_paged(c.k, c.v, table, n, **meta)
+            else:
+                ticket = self.committer.submit_stack(*sequence_kv(r, table, n), **meta)
             ticket.wait_quantized()  # the prefill's blocks may be reused once the quantizer has read them
         try:
             result = ticket.future.result()
@@ -293,10 +287,8 @@ class AnchorCompiler:
             except CommitError:
                 pass
             raise AnchorError(f"the anchors cannot be committed: {e}") from None
-        for layer in range(layers):
-            for kind in ("K", "V"):
-                self._put_state(blocks, layer, kind, ticket.codes[(layer, kind)])
-        digests = digest_blocks(c, blocks, n)
+        put_anchor_states(r, blocks, *(torch.stack([ticket.codes[(layer, kind)] for layer in range(layers)]) for kind in "KV"))
+        digests = digest_blocks(r, blocks, n)
         committed = _pool_order(result.blocks, layers)
         if committed != digests:
             i = next((i for i, (a, b) in enumerate(zip(committed, digests)) if a != b), min(len(committed), len(digests)))
@@ -309,18 +301,6 @@ class AnchorCompiler:
         nb = -(-length // self.runner.config.block_size)
         layer, rest = divmod(i, 2 * nb)
         return f"layer {layer} {'K' if rest < nb else 'V'} block {rest % nb}"
-
-    def _put_state(self, blocks: list[int], layer: int, kind: str, data: torch.Tensor) -> None:
-        """Write one state in its canonical form (set_states') into the set's pool blocks."""
-        c, bs = self.runner.cache, self.runner.config.block_size
-        parts = [(c.anchor_k if kind == "K" else c.anchor_v, data)]
-        if kind == "V" and c.anchor_v_exp is not None:  # the row layout: codes to one pool, exponents to the other
-            parts = [(c.anchor_v, data[..., :-1]), (c.anchor_v_exp, data[..., -1])]
-        index = torch.tensor(blocks, device=c.anchor_k.device)
-        for pool, x in parts:
-            padded = torch.zeros((len(blocks) * bs, *x.shape[1:]), dtype=pool.dtype, device=pool.device)
-            padded[: x.shape[0]] = x
-            pool[layer][index] = padded.view(len(blocks), bs, *x.shape[1:])
 
     def _manifest(self, state_ids: list[str], ids: list[int], digests: list[bytes]) -> dict:
         a, lm = self.runner.args, self.runner.lm
@@ -335,7 +315,7 @@ class AnchorCompiler:
     def verify(self, cs: CompiledSet, blocks: list[int]) -> None:
         """Re-hash the pool bytes; check the manifest, the logged entry and its inclusion; AnchorError names the failure."""
         length = cs.manifest["tokens"]
-        now = digest_blocks(self.runner.cache, blocks, length)
+        now = digest_blocks(self.runner, blocks, length)
         for i, (got, want) in enumerate(zip(now, cs.block_digests)):
             if got != want:
                 raise AnchorError(f"anchor set {cs.key[:16]}: {self._block_name(i, length)} differs from what "
@@ -357,7 +337,7 @@ class AnchorCompiler:
 
     # -- persistence ---------------------------------------------------------------------------
     def _save(self, cs: CompiledSet) -> None:
-        c, slot = self.runner.cache, self.runner.anchor_pool.sets[cs.key]
+        slot = self.runner.anchor_pool.sets[cs.key]
         head = {"key": cs.key, "manifest": cs.manifest, "entry": base64.b64encode(cs.entry).decode(), "index": cs.index,
                 "blocks": [d.hex() for d in cs.block_digests], "tokens": cs.tokens}
         path = self._path(cs.key)
@@ -365,7 +345,7 @@ class AnchorCompiler:
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "wb") as f:
             f.write(_FILE_MAGIC + canonical_json(head) + b"\n")
-            for state in set_states(c, slot.blocks, slot.length):
+            for state in _by_layer(*anchor_states(self.runner, slot.blocks, slot.length)):
                 f.write(state.contiguous().cpu().view(torch.uint8).numpy().tobytes())
             f.flush()
             os.fsync(f.fileno())
@@ -390,23 +370,20 @@ class AnchorCompiler:
         if cs.manifest.get("block_size") != r.config.block_size:
             raise AnchorError(f"anchor set file {path} was compiled with cache block size {cs.manifest.get('block_size')}; "
                               f"this engine uses {r.config.block_size}: delete it to recompile")
-        _, _, _, h, d = c.anchor_k.shape
+        layers, h, d = r.args.num_layers, r.args.num_kv_heads, r.args.head_dim  # every rank's heads
         row_v = c.anchor_v_exp is not None
         shapes = {"K": (length, h, d), "V": (length, h, d + row_v)}
         size = {kind: length * h * shape[2] * c.anchor_k.element_size() for kind, shape in shapes.items()}
-        expected = (size["K"] + size["V"]) * c.anchor_k.shape[0]
+        expected = (size["K"] + size["V"]) * layers
         if len(body) != expected:
             raise AnchorError(f"anchor set file {path} is truncated or padded ({len(body)} bytes of K/V, expected "
                               f"{expected}); delete it to recompile")
         slot = r.anchor_pool.reserve(key, length)
         try:
-            raw = torch.from_numpy(np.frombuffer(body, dtype=np.uint8).copy())
-            off = 0
-            for layer in range(c.anchor_k.shape[0]):
-                for kind in ("K", "V"):
-                    data = raw[off : off + size[kind]].view(c.anchor_k.dtype).view(shapes[kind])
-                    off += size[kind]
-                    self._put_state(slot.blocks, layer, kind, data.to(c.anchor_k.device))
+            per_layer = torch.from_numpy(np.frombuffer(body, dtype=np.uint8).copy()).view(layers, -1)  # K, then V
+            k, v = ((part.contiguous().view(c.anchor_k.dtype).view(layers, *shapes[kind]).to(c.anchor_k.device))
+                    for kind, part in zip("KV", per_layer.split([size["K"], size["V"]], dim=1)))
+            put_anchor_states(r, slot.blocks, k, v)
             self.verify(cs, slot.blocks)
         except BaseException:
             r.anchor_pool.evict(key)

@@ -18,6 +18,9 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import torch
+
+from fieldprint.canon import is_int
 from fieldprint.engine.anchors import (
     PROFILE_RECIPE,
     AnchorCompiler,
@@ -30,20 +33,25 @@ from fieldprint.engine.receipt import build_receipt, generation_entry
 from fieldprint.engine.runner import ModelRunner, RunnerConfig
 from fieldprint.engine.scheduler import Scheduler
 from fieldprint.engine.sequence import SamplingParams, Sequence
+from fieldprint.engine.tp import TensorParallel, sequence_kv
 from fieldprint.errors import EngineError, FieldprintError
 
 MAX_PROMPT_CHARS = 1 << 20
 
 
-def commit_kv(committer, cache, seq: Sequence, session: str):
+def commit_kv(committer, runner, seq: Sequence, session: str):
     """Queue a sequence's K/V as a `session_kv` commit read from its blocks in place; its ticket.
 
     On a GPU the committer's side stream quantizes the blocks; the forward stream waits for that
-    read (a stream wait, no host sync) before anything can write the freed blocks again.
+    read (a stream wait, no host sync) before anything can write the freed blocks again. Under
+    tensor parallelism every rank's heads are gathered first (a copy) and committed whole.
     """
-    ticket = committer.submit_paged(cache.k, cache.v, seq.block_table, seq.num_cached, session=session,
-                                    state_type="session_kv")
-    if cache.k.is_cuda:
+    c, meta = runner.cache, dict(session=session, state_type="session_kv")
+    if runner.tp_size > 1:
+        ticket = committer.submit_stack(*sequence_kv(runner, seq.block_table, seq.num_cached), **meta)
+    else:
+        ticket = committer.submit_paged(c.k, c.v, seq.block_table, seq.num_cached, **meta)
+    if c.k.is_cuda:
         ticket.wait_quantized()
     return ticket
 
@@ -85,16 +93,34 @@ class Engine:
     """Serves generations conditioned on verified, promoted memory, over one log and one memory."""
 
     def __init__(self, model: str = "smollm2", *, data_dir: str, config: EngineConfig | None = None,
-                 memory=None, device: str | None = None, database: str | None = None) -> None:
+                 memory=None, device: str | None = None, database: str | None = None, tp_size: int = 1) -> None:
+        """`tp_size` > 1: the model split over that many devices (GPUs 0..tp_size-1, or CPU processes),
+        one process each; this process is rank 0 and serves (fieldprint/engine/tp.py)."""
         from fieldprint.engine.commit import Committer
         from fieldprint.engine.loader import load_model
         from fieldprint.engine.memory import Memory, load_or_calibrate_profile
 
         self.config = config or EngineConfig()
+        if not is_int(tp_size) or tp_size < 1:
+            raise EngineError(f"tp_size must be a positive int, got {tp_size!r}")
+        self.tp = None
         self.memory = memory or Memory.open(data_dir, database=database)
         self.log = self.memory.log
-        self.lm = load_model(model, device=device)
-        self.runner = ModelRunner(self.lm, self.config.runner)
+        try:
+            if tp_size > 1:
+                dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+                self.tp = TensorParallel(model, tp_size, dev, self.config.runner)
+                device = str(self.tp.device)
+            self.lm = load_model(model, device=device)
+            self.runner = ModelRunner(self.lm, self.config.runner)
+            if self.tp is not None:
+                self.tp.attach(self.runner)
+        except BaseException:
+            if self.tp is not None:
+                self.tp.close()
+            if memory is None:
+                self.memory.close()
+            raise
         int8 = self.config.runner.anchor_dtype == "int8"
         self.profile = load_or_calibrate_profile(data_dir, self.lm.model_id, lambda: calibrate_profile(self.runner, "model"),
                                                  PROFILE_RECIPE)
@@ -271,7 +297,7 @@ class Engine:
         session = self._sessions_of.pop(s.seq_id, None)
         if session is None or not self.config.commit_session_kv or s.num_cached == 0:
             return
-        self._kv_tickets[s.seq_id] = commit_kv(self.committer, self.runner.cache, s, session)
+        self._kv_tickets[s.seq_id] = commit_kv(self.committer, self.runner, s, session)
 
     def generate(self, prompts, params: SamplingParams | None = None, *, session: str | None = None,
                  anchors=None) -> list[Output]:
@@ -340,7 +366,7 @@ class Engine:
 
     def close(self) -> None:
         errors = []
-        for closer in (self.committer.close, self.memory.close):
+        for closer in (self.committer.close, self.memory.close, *((self.tp.close,) if self.tp else ())):
             try:
                 closer()
             except FieldprintError as e:

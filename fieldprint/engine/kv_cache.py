@@ -91,6 +91,33 @@ class BlockManager:
         table.clear()
 
 
+def read_anchor_states(cache, blocks: list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A set's K and V [L, A, H, ...] in their canonical forms, read from this device's anchor pool (a copy).
+
+    K: the codes (int8) or values [L, A, H, D]; int8 V: the DQP row layout [L, A, H, D + 1], each
+    row's codes followed by its exponent, interleaved from the two pools the kernel reads.
+    """
+    idx = torch.tensor(blocks, device=cache.anchor_k.device)
+    k = cache.anchor_k[:, idx].flatten(1, 2)[:, :length]
+    v = cache.anchor_v[:, idx].flatten(1, 2)[:, :length]
+    if cache.anchor_v_exp is not None:
+        v = torch.cat([v, cache.anchor_v_exp[:, idx].flatten(1, 2)[:, :length, :, None]], dim=-1)
+    return k, v
+
+
+def write_anchor_states(cache, blocks: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+    """Write a set's K and V (read_anchor_states' forms) into its blocks of this device's pool; the last block's tail is zeroed."""
+    parts = [(cache.anchor_k, k), (cache.anchor_v, v)]
+    if cache.anchor_v_exp is not None:  # the row layout: codes to one pool, exponents to the other
+        parts = [(cache.anchor_k, k), (cache.anchor_v, v[..., :-1]), (cache.anchor_v_exp, v[..., -1])]
+    idx = torch.tensor(blocks, device=cache.anchor_k.device)
+    bs = cache.block_size
+    for pool, x in parts:
+        padded = torch.zeros((x.shape[0], len(blocks) * bs, *x.shape[2:]), dtype=pool.dtype, device=pool.device)
+        padded[:, : x.shape[1]] = x
+        pool[:, idx] = padded.view(x.shape[0], len(blocks), bs, *x.shape[2:])
+
+
 @dataclass(slots=True)
 class AnchorSetSlot:
     """A compiled anchor set's place in the anchor pool."""

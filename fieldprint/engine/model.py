@@ -81,7 +81,8 @@ class ModelArgs:
         return args
 
 
-def _tp() -> tuple[int, int]:
+def tp_group() -> tuple[int, int]:
+    """(this rank, ranks) of the tensor-parallel group: the default torch.distributed group, or (0, 1)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -92,7 +93,7 @@ class ColumnParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
-        self.tp_rank, self.tp_size = _tp()
+        self.tp_rank, self.tp_size = tp_group()
         if out_features % self.tp_size:
             raise ModelError(f"{out_features} output features do not split over {self.tp_size} ranks")
         self.weight = nn.Parameter(torch.empty(out_features // self.tp_size, in_features), requires_grad=False)
@@ -112,7 +113,7 @@ class RowParallelLinear(ColumnParallelLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         nn.Module.__init__(self)
-        self.tp_rank, self.tp_size = _tp()
+        self.tp_rank, self.tp_size = tp_group()
         if in_features % self.tp_size:
             raise ModelError(f"{in_features} input features do not split over {self.tp_size} ranks")
         self.weight = nn.Parameter(torch.empty(out_features, in_features // self.tp_size), requires_grad=False)
@@ -224,7 +225,7 @@ class Rotary(nn.Module):
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int) -> None:
         super().__init__()
-        _, tp = _tp()
+        _, tp = tp_group()
         if args.num_kv_heads % tp:
             raise ModelError(f"{args.num_kv_heads} KV heads do not split over {tp} ranks")
         self.layer = layer

@@ -21,10 +21,12 @@ from fieldprint.engine.anchors import (
     calibrate_profile,
     digest_blocks,
     prefill_kv,
+    quantize_stack,
     token_digest,
 )
 from fieldprint.engine.runner import ModelRunner, RunnerConfig
 from fieldprint.engine.sequence import SamplingParams, Sequence
+from fieldprint.engine.tp import put_anchor_states
 from fieldprint.errors import ReceiptError
 
 
@@ -75,9 +77,11 @@ def replay_receipt(receipt: dict, model: str, device: str | None = None) -> Repl
         if token_digest(ids) != manifest["token_digest"]:
             raise ReceiptError("this tokenizer renders the anchors into other tokens than the receipt's anchor set")
         k, v = prefill_kv(runner, ids)
+        if int8:
+            k, v = quantize_stack(k, v, profile)
         slot = runner.anchor_pool.reserve("replay", len(ids))
-        compiler._write(slot.blocks, k, v)
-        bitwise = blocks_root(digest_blocks(runner.cache, slot.blocks, len(ids))) == manifest["blocks_root"]
+        put_anchor_states(runner, slot.blocks, k, v)
+        bitwise = blocks_root(digest_blocks(runner, slot.blocks, len(ids))) == manifest["blocks_root"]
         seq.anchor_key, seq.anchor_len = "replay", len(ids)
     runner.blocks.grow(seq.block_table, length)
     with torch.inference_mode():

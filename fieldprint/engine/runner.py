@@ -23,11 +23,30 @@ from fieldprint.engine.kv_cache import (
     cdiv,
 )
 from fieldprint.engine.loader import LoadedModel
-from fieldprint.engine.model import fuse_elementwise
+from fieldprint.engine.model import fuse_elementwise, tp_group
 from fieldprint.engine.sequence import Sequence
 from fieldprint.kernels.paged_attention import AnchorRouting, DecodeWorkspace
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
+
+
+@dataclass(slots=True)
+class StepInputs:
+    """One step's inputs on the host: what the runner, and every tensor-parallel rank, runs."""
+
+    graph: int  # the captured batch bucket that runs it (rows padded to it), or 0: eager
+    ids: torch.Tensor  # int64 [T]: the new tokens, flat
+    pos: torch.Tensor  # int64 [T]: their absolute positions
+    slots: torch.Tensor  # int64 [T]: their cache slots
+    tables: torch.Tensor  # int32 [B, W]: block tables
+    lens: torch.Tensor  # int32 [B]: each sequence's own tokens, the new ones included
+    cu: torch.Tensor  # int32 [B + 1]: new tokens per sequence, cumulative
+    max_seqlen_q: int
+    is_prefill: bool
+    atable: torch.Tensor  # int32 [S, W_a]: anchor sets' block tables
+    alens: torch.Tensor  # int32 [S]
+    which: torch.Tensor  # int32 [B]: each sequence's anchor set row, or -1
+    rows: int  # the real sequences (the rest is padding)
 
 
 @dataclass(slots=True)
@@ -57,13 +76,15 @@ class ModelRunner:
         if config.num_blocks is not None:
             num_blocks = config.num_blocks
         elif self.device.type == "cuda":
-            num_blocks = blocks_for_memory(self.args, bs, lm.dtype, config.gpu_memory_utilization, self.device)
+            num_blocks = blocks_for_memory(self.args, bs, lm.dtype, config.gpu_memory_utilization, self.device,
+                                           tp_group()[1])
         else:
             num_blocks = cdiv(config.cpu_cache_tokens, bs) + 1
         anchor_dtype = torch.int8 if config.anchor_dtype == "int8" else lm.dtype
+        self.tp_size = tp_group()[1]  # this rank's cache holds 1/tp_size of the KV heads
         self.cache: KVCache = allocate_cache(self.args, block_size=bs, num_blocks=num_blocks,
                                              num_anchor_blocks=config.anchor_blocks, dtype=lm.dtype,
-                                             anchor_dtype=anchor_dtype, device=self.device)
+                                             anchor_dtype=anchor_dtype, device=self.device, tp_size=self.tp_size)
         self.blocks = BlockManager(num_blocks, bs)
         self.anchor_pool = AnchorPool(config.anchor_blocks, bs)
         self.max_blocks = cdiv(config.max_model_len, bs)
@@ -72,6 +93,7 @@ class ModelRunner:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict]] = {}
         self._graph_pool = None
         self.use_graphs = config.cuda_graphs and self.device.type == "cuda"
+        self.tp = None  # the tensor-parallel leader (fieldprint/engine/tp.py) on rank 0 of a group, else None
         if self.device.type == "cuda" and config.fuse_elementwise:
             fuse_elementwise()
 
@@ -89,47 +111,70 @@ class ModelRunner:
         which = torch.tensor([row.get(s.anchor_key, -1) for s in seqs], dtype=torch.int32)
         return table, lens, which
 
-    def _tables(self, seqs: list[Sequence], width: int | None = None) -> torch.Tensor:
+    def _tables(self, seqs: list[Sequence], width: int | None = None, rows: int | None = None) -> torch.Tensor:
         w = width or max(len(s.block_table) for s in seqs)
-        t = torch.zeros((len(seqs), w), dtype=torch.int32)
+        t = torch.zeros((rows or len(seqs), w), dtype=torch.int32)
         for i, s in enumerate(seqs):
             t[i, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
         return t
 
-    def prepare(self, seqs: list[Sequence], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor, AttentionContext]:
-        """Flat inputs for `counts[i]` new tokens of each sequence (prefill, chunked prefill or decode)."""
+    def inputs(self, seqs: list[Sequence], counts: list[int], graphs: bool = True) -> StepInputs:
+        """The step's inputs on the host: `counts[i]` new tokens of each sequence (prefill, chunked
+        prefill or decode); a decode step that a captured graph runs is padded to its batch bucket."""
         bs = self.config.block_size
+        n = len(seqs)
+        decode = all(c == 1 and s.num_cached > 0 for s, c in zip(seqs, counts))
+        graph = 0
+        if decode and graphs and self.use_graphs and n <= GRAPH_BATCH_SIZES[-1] and n <= self.config.max_batch:
+            graph = next(x for x in GRAPH_BATCH_SIZES if x >= n)
+        rows = graph or n
         ids, pos, slots, cu = [], [], [], [0]
-        for s, n in zip(seqs, counts):
+        for s, c in zip(seqs, counts):
             start = s.num_cached
-            toks = s.tokens[start : start + n]
-            ids += toks
-            pos += range(s.anchor_len + start, s.anchor_len + start + n)
-            slots += [s.block_table[i // bs] * bs + i % bs for i in range(start, start + n)]
-            cu.append(cu[-1] + n)
-        table, lens, which = self._anchor_routing(seqs)
+            ids += s.tokens[start : start + c]
+            pos += range(s.anchor_len + start, s.anchor_len + start + c)
+            slots += [s.block_table[i // bs] * bs + i % bs for i in range(start, start + c)]
+            cu.append(cu[-1] + c)
+        pad = rows - n  # a captured batch's padding rows write into block 0, never handed out
+        table, alens, which = self._anchor_routing(seqs, rows=rows if graph else None)
+        return StepInputs(
+            graph, torch.tensor(ids + [0] * pad, dtype=torch.int64), torch.tensor(pos + [0] * pad, dtype=torch.int64),
+            torch.tensor(slots + [0] * pad, dtype=torch.int64),
+            self._tables(seqs, self.max_blocks if graph else None, rows),
+            torch.tensor([s.num_cached + c for s, c in zip(seqs, counts)] + [1] * pad, dtype=torch.int32),
+            torch.tensor(cu + list(range(cu[-1] + 1, cu[-1] + 1 + pad)), dtype=torch.int32), max(counts),
+            not decode, table, alens, torch.cat([which, torch.full((pad,), -1, dtype=torch.int32)]), n)
+
+    def prepare(self, seqs: list[Sequence], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor, AttentionContext]:
+        """The step's inputs on the device, run eagerly: (token ids, positions, attention context)."""
+        return self._device(self.inputs(seqs, counts, graphs=False))
+
+    def _device(self, x: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionContext]:
         dev = self.device
-        ctx = AttentionContext(
-            self.cache, is_prefill=any(n != 1 or s.num_cached == 0 for s, n in zip(seqs, counts)),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
-            block_tables=self._tables(seqs).to(dev, non_blocking=True),
-            context_lens=torch.tensor([s.num_cached + n for s, n in zip(seqs, counts)], dtype=torch.int32).to(dev),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32).to(dev), max_seqlen_q=max(counts),
-            routing=AnchorRouting(table.to(dev), lens.to(dev), which.to(dev)), workspace=self.workspace,
-        )
-        return torch.tensor(ids, dtype=torch.int64).to(dev), torch.tensor(pos, dtype=torch.int64).to(dev), ctx
+        to = lambda t: t.to(dev, non_blocking=True)  # noqa: E731
+        ctx = AttentionContext(self.cache, x.is_prefill, to(x.slots), to(x.tables), to(x.lens), to(x.cu), x.max_seqlen_q,
+                               AnchorRouting(to(x.atable), to(x.alens), to(x.which)), workspace=self.workspace)
+        return to(x.ids), to(x.pos), ctx
 
     # -- running -----------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, seqs: list[Sequence], counts: list[int]) -> torch.Tensor:
         """Run one step; return fp32 logits [B, vocab] at each sequence's last new token."""
-        decode = all(n == 1 and s.num_cached > 0 for s, n in zip(seqs, counts))
-        if decode and self.use_graphs and len(seqs) <= GRAPH_BATCH_SIZES[-1] and len(seqs) <= self.config.max_batch:
-            return self._replay(seqs)
-        ids, pos, ctx = self.prepare(seqs, counts)
+        x = self.inputs(seqs, counts)
+        if self.tp is not None:
+            self.tp.run(x)  # every other rank runs the same step
+        return self.run(x)
+
+    @torch.inference_mode()
+    def run(self, x: StepInputs) -> torch.Tensor:
+        """Run a step's inputs: a captured graph's replay, or the model eagerly."""
+        if x.graph:
+            return self._replay(x)
+        ids, pos, ctx = self._device(x)
         hidden = self.model(ids, pos, ctx)
-        last = torch.tensor([c - 1 for c in ctx.cu_seqlens_q[1:].tolist()], device=self.device) if not decode else None
-        return self.model.logits(hidden if last is None else hidden[last])
+        if x.is_prefill:
+            hidden = hidden[(ctx.cu_seqlens_q[1:] - 1).long()]
+        return self.model.logits(hidden)
 
     def _static(self, b: int) -> dict:
         dev = self.device
@@ -155,33 +200,18 @@ class ModelRunner:
             st["out"] = self.model.logits(self.model(st["ids"], st["pos"], self._context(st)))
         return graph, st
 
-    def _replay(self, seqs: list[Sequence]) -> torch.Tensor:
-        n = len(seqs)
-        b = next(x for x in GRAPH_BATCH_SIZES if x >= n)
+    def _replay(self, x: StepInputs) -> torch.Tensor:
+        b = x.graph
         if b not in self.graphs:
             if self._graph_pool is None:  # one memory pool for every bucket's graph
                 self._graph_pool = torch.cuda.graph_pool_handle()
             self.graphs[b] = self._capture(b)
         graph, st = self.graphs[b]
-        bs = self.config.block_size
-        ids = torch.zeros(b, dtype=torch.int64)
-        pos = torch.zeros(b, dtype=torch.int64)
-        slots = torch.zeros(b, dtype=torch.int64)  # padding rows write into block 0, never handed out
-        lens = torch.ones(b, dtype=torch.int32)
-        for i, s in enumerate(seqs):
-            t = s.num_cached
-            ids[i], pos[i] = s.token_at(t), s.anchor_len + t
-            slots[i] = s.block_table[t // bs] * bs + t % bs
-            lens[i] = t + 1
-        tables = torch.zeros((b, self.max_blocks), dtype=torch.int32)
-        tables[:n] = self._tables(seqs, self.max_blocks)
-        atable, alens, which = self._anchor_routing(seqs, rows=b)
-        which = torch.cat([which, torch.full((b - n,), -1, dtype=torch.int32)])
-        for name, host in (("ids", ids), ("pos", pos), ("slots", slots), ("lens", lens), ("tables", tables),
-                           ("atable", atable), ("alens", alens), ("which", which)):
+        for name, host in (("ids", x.ids), ("pos", x.pos), ("slots", x.slots), ("lens", x.lens), ("tables", x.tables),
+                           ("atable", x.atable), ("alens", x.alens), ("which", x.which)):
             st[name].copy_(host, non_blocking=True)
         graph.replay()
-        return st["out"][:n]
+        return st["out"][: x.rows]
 
     # -- sampling ----------------------------------------------------------------------------
     def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:

@@ -83,3 +83,81 @@ def test_two_ranks_equal_one(tmp_path):
     d = (split - single).abs().max().item()
     assert split.shape == single.shape and d < 1e-4, f"TP=2 logits differ from TP=1 by {d:.3g}"
     assert (split.argmax(-1) == single.argmax(-1)).all()
+
+
+FACTS = ["The user's name is Ada.", "Ada is allergic to peanuts.", "Ada lives in Lisbon."]
+
+
+def _serve(path: str, data_dir: str, tp_size: int, anchor_dtype: str, session: str = "t", ids: list | None = None) -> dict:
+    """One engine's answers (with the anchors, and a session turn) and what it committed; closed after.
+    `ids`: anchor states already in its memory (a restart), else the facts are added."""
+    from fieldprint.engine.engine import Engine, EngineConfig
+    from fieldprint.engine.receipt import verify_receipt
+    from fieldprint.engine.runner import RunnerConfig
+    from fieldprint.engine.sequence import SamplingParams
+
+    config = EngineConfig(runner=RunnerConfig(block_size=4, cpu_cache_tokens=1024, max_model_len=512, anchor_blocks=128,
+                                              max_anchor_len=256, anchor_dtype=anchor_dtype, cuda_graphs=False))
+    engine = Engine(path, data_dir=data_dir, config=config, device="cpu", tp_size=tp_size)
+    try:
+        pm = engine.memory.pacemaker
+        ids = ids or [pm.add("belief", session="s", creator="agent", sources=["agent"], text=t).state_id for t in FACTS]
+        greedy = SamplingParams(max_tokens=8, ignore_eos=True)
+        outs = engine.generate(["Where do I live?", "What should I not eat?"], greedy, anchors=ids)
+        engine.new_session(session)
+        turn = engine.generate("Hello, I am Ada.", greedy, session=session)[0]
+        kv = engine.memory.sessions[session].turns[0].kv_commit()
+        for out in [*outs, turn]:
+            engine.bind(out.receipt)
+            verify_receipt(out.receipt, engine.memory.log_key)
+        anchor = outs[0].receipt["anchors"]
+        assert engine.runner.tp_size == tp_size and engine.runner.cache.k.shape[3] == 2 // tp_size
+        blocks = engine.runner.blocks
+        assert blocks.num_free == blocks.num_blocks - 1  # every block back, on rank 0 as on the mirror
+        return {"tokens": [o.token_ids for o in outs] + [turn.token_ids], "anchor_tokens": anchor["set"]["manifest"]["tokens"],
+                "kv_commit": engine.log.entry(kv), "anchor_entry": anchor["set"]["entry"], "ids": ids}
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("anchor_dtype", ["int8", "model"])
+def test_an_engine_split_over_two_ranks_serves_what_one_device_serves(tiny_model, tmp_path, anchor_dtype):
+    """Rank 0 schedules and commits; rank 1 mirrors every step, holds its KV heads and its heads of the anchor
+    pool. Answers, anchors and receipts match one device's; the set file reloads into a restarted split engine."""
+    from fieldprint.ledger.entry import StateEntry
+
+    lm, _ = tiny_model("llama")  # 2 KV heads: one per rank
+    one = _serve(lm.source, str(tmp_path / "one"), 1, anchor_dtype)
+    two = _serve(lm.source, str(tmp_path / "two"), 2, anchor_dtype)
+    assert two["tokens"] == one["tokens"] and two["anchor_tokens"] == one["anchor_tokens"]
+    kv = StateEntry.decode(two["kv_commit"])
+    assert kv.state_type == "session_kv" and kv.digest == StateEntry.decode(one["kv_commit"]).digest  # all heads, once
+    again = _serve(lm.source, str(tmp_path / "two"), 2, anchor_dtype, "u", two["ids"])  # the set file, not a new compile
+    assert again["tokens"] == two["tokens"] and again["anchor_entry"] == two["anchor_entry"]
+
+
+def test_a_split_engine_refuses_bad_sizes_and_a_dead_rank_with_clear_errors(tiny_model, tmp_path):
+    from fieldprint.engine.engine import Engine, EngineConfig
+    from fieldprint.engine.runner import RunnerConfig
+    from fieldprint.errors import EngineError, ModelError
+
+    config = EngineConfig(runner=RunnerConfig(block_size=4, cpu_cache_tokens=1024, max_model_len=512, anchor_blocks=16,
+                                              cuda_graphs=False))
+    for bad in (0, 1.5, True):
+        with pytest.raises(EngineError, match="tp_size must be a positive int"):
+            Engine(tiny_model("llama")[0].source, data_dir=str(tmp_path / "bad"), config=config, device="cpu", tp_size=bad)
+    one_kv_head = tiny_model("llama3-rope")[0].source
+    with pytest.raises(ModelError, match="do not split over 2 ranks"):
+        Engine(one_kv_head, data_dir=str(tmp_path / "split"), config=config, device="cpu", tp_size=2)
+    assert not mp.active_children()  # the other rank is gone too
+
+    engine = Engine(tiny_model("llama")[0].source, data_dir=str(tmp_path / "dead"), config=config, device="cpu", tp_size=2)
+    from fieldprint.engine.sequence import SamplingParams
+
+    assert engine.generate("Hello.", SamplingParams(max_tokens=2))[0].token_ids
+    engine.tp.procs[0].kill()
+    engine.tp.procs[0].join()
+    with pytest.raises(EngineError, match=r"rank process\(es\) \['fieldprint-tp-1'\] died"):
+        engine.generate("Hello again.", SamplingParams(max_tokens=2))
+    engine.close()
+    assert not mp.active_children()
