@@ -69,6 +69,7 @@ CONFIGS = {
     "llama-3.2-1b": arch("llama", 2048, 16, 32, 8, 64, 8192, 128256, 131072, LLAMA3_ROPE, tied=True),
     "llama-3-8b": arch("llama", 4096, 32, 32, 8, 128, 14336, 128256, 8192, rope(500000.0), tied=False),
     "qwen3-0.6b": arch("qwen3", 1024, 28, 16, 8, 128, 3072, 151936, 40960, rope(1000000.0), tied=True, eps=1e-6),
+    "llama-3-70b": arch("llama", 8192, 80, 64, 8, 128, 28672, 128256, 8192, rope(500000.0), tied=False),  # tp_bench, TP=2
     # --smoke: the same families (llama3 RoPE, untied head, q/k norm), small enough for a CPU; the untied one's
     # 128-token context is shorter than its longest prefill after the anchors, so that skip is exercised too
     "tiny-llama": arch("llama", 64, 2, 4, 2, 16, 128, 1024, 16384, LLAMA3_ROPE, tied=True),

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import blake3
@@ -192,42 +193,52 @@ def read_tensors(folder: str, gguf: str | None, hf_config) -> dict[str, torch.Te
         raise ModelError(f"cannot de-quantize GGUF file {path}: {e}") from None
 
 
-def build_model(args: ModelArgs, tensors: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> LlamaModel:
-    """Our model with `tensors` (HF names) placed in it: q/k/v and gate/up stacked, shards per rank."""
+def build_model(args: ModelArgs, tensors: Mapping[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> LlamaModel:
+    """Our model with `tensors` (HF names) placed in it: q/k/v and gate/up stacked, shards per rank.
+
+    Each tensor is read once, when its turn comes, and only this rank's shard is kept (on `device`):
+    a lazy mapping (memory-mapped files, tensors made on demand) never holds the whole model at once.
+    """
     with torch.device("meta"):
         model = LlamaModel(args)
-    t = {k.removeprefix("model."): v for k, v in tensors.items()}
+    t = {k.removeprefix("model."): k for k in tensors}
     used = set()
 
     def take(name: str) -> torch.Tensor:
         if name not in t:
             raise ModelError(f"the weights lack tensor {name!r} (a truncated or mismatched checkpoint?)")
         used.add(name)
-        return t[name]
+        return tensors[t[name]]
 
-    sd = {"embed_tokens.weight": take("embed_tokens.weight"), "norm.weight": take("norm.weight")}
+    sd = {}
+
+    def keep(key: str, x: torch.Tensor) -> None:  # this rank's part, on the device: the full tensor can go
+        sd[key] = x.to(device=device, dtype=dtype).contiguous()
+
+    keep("embed_tokens.weight", take("embed_tokens.weight"))
+    keep("norm.weight", take("norm.weight"))
     if model.lm_head is not None:
         if "lm_head.weight" not in t:
             raise ModelError("the weights lack lm_head.weight and the config does not tie it to the embeddings")
-        sd["lm_head"] = take("lm_head.weight")
+        keep("lm_head", take("lm_head.weight"))
     for i, layer in enumerate(model.layers):
         p = f"layers.{i}."
         a, m = layer.self_attn, layer.mlp
-        sd[p + "self_attn.qkv_proj.weight"] = torch.cat([a.qkv_proj.shard(take(p + f"self_attn.{x}_proj.weight")) for x in "qkv"])
+        keep(p + "self_attn.qkv_proj.weight", torch.cat([a.qkv_proj.shard(take(p + f"self_attn.{x}_proj.weight")) for x in "qkv"]))
         if a.qkv_proj.bias is not None:
-            sd[p + "self_attn.qkv_proj.bias"] = torch.cat([a.qkv_proj.shard(take(p + f"self_attn.{x}_proj.bias")) for x in "qkv"])
-        sd[p + "self_attn.o_proj.weight"] = a.o_proj.shard(take(p + "self_attn.o_proj.weight"))
+            keep(p + "self_attn.qkv_proj.bias", torch.cat([a.qkv_proj.shard(take(p + f"self_attn.{x}_proj.bias")) for x in "qkv"]))
+        keep(p + "self_attn.o_proj.weight", a.o_proj.shard(take(p + "self_attn.o_proj.weight")))
         if a.q_norm is not None:
             for x in ("q_norm", "k_norm"):
-                sd[p + f"self_attn.{x}.weight"] = take(p + f"self_attn.{x}.weight")
-        sd[p + "mlp.gate_up_proj.weight"] = torch.cat([m.gate_up_proj.shard(take(p + f"mlp.{x}_proj.weight")) for x in ("gate", "up")])
-        sd[p + "mlp.down_proj.weight"] = m.down_proj.shard(take(p + "mlp.down_proj.weight"))
+                keep(p + f"self_attn.{x}.weight", take(p + f"self_attn.{x}.weight"))
+        keep(p + "mlp.gate_up_proj.weight",
+             torch.cat([m.gate_up_proj.shard(take(p + f"mlp.{x}_proj.weight")) for x in ("gate", "up")]))
+        keep(p + "mlp.down_proj.weight", m.down_proj.shard(take(p + "mlp.down_proj.weight")))
         for norm in ("input_layernorm", "post_attention_layernorm"):
-            sd[p + norm + ".weight"] = take(p + norm + ".weight")
+            keep(p + norm + ".weight", take(p + norm + ".weight"))
     leftover = sorted(k for k in t if k not in used and "rotary_emb" not in k and not (k == "lm_head.weight" and args.tie_embeddings))
     if leftover:
         raise ModelError(f"the weights hold tensors this architecture does not use: {leftover[:4]}")
-    sd = {k: v.to(device=device, dtype=dtype).contiguous() for k, v in sd.items()}
     try:
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:

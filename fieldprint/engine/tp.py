@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fieldprint.engine.kv_cache import read_anchor_states, write_anchor_states
+from fieldprint.engine.loader import load_model
 from fieldprint.errors import EngineError
 
 
@@ -137,15 +138,14 @@ _OPS = {"sequence_kv": sequence_kv, "anchor_states": anchor_states, "copy_blocks
         "put_anchor_states": lambda runner, blocks, length: put_anchor_states(runner, blocks, None, None, length)}
 
 
-def worker_main(rank: int, world: int, port: int, model: str, device: str, config, timeout_s: float) -> None:
+def worker_main(rank: int, world: int, port: int, model: str, device: str, config, timeout_s: float, loader) -> None:
     """Rank `rank`'s process: load its shard, build its runner, then run what rank 0 sends until 'stop'."""
-    from fieldprint.engine.loader import load_model
     from fieldprint.engine.runner import ModelRunner
 
     dev = torch.device(device)
     _init(rank, world, port, dev, timeout_s)
     try:
-        lm = load_model(model, device=dev)
+        lm = loader(model, device=dev)
         runner = ModelRunner(lm, replace(config, num_blocks=_broadcast()))
         while True:
             op, *args = _broadcast()
@@ -162,7 +162,10 @@ def worker_main(rank: int, world: int, port: int, model: str, device: str, confi
 class TensorParallel:
     """Rank 0's side of a tensor-parallel group: starts the other ranks and sends them every step."""
 
-    def __init__(self, model: str, size: int, device: torch.device, config, timeout_s: float = 600.0) -> None:
+    def __init__(self, model: str, size: int, device: torch.device, config, timeout_s: float = 600.0,
+                 loader=None) -> None:
+        """Start ranks 1..size-1, each loading `model` with `loader` (a module-level function like
+        loader.load_model, the default: it crosses to the new processes by name) on its device."""
         if dist.is_initialized():
             raise EngineError("a torch.distributed group already exists in this process; one engine per process "
                               "may use tensor parallelism")
@@ -172,8 +175,8 @@ class TensorParallel:
         port = _free_port()
         ctx = mp.get_context("spawn")
         devices = [torch.device("cuda", r) if device.type == "cuda" else device for r in range(size)]
-        self.procs = [ctx.Process(target=worker_main, args=(r, size, port, model, str(devices[r]), config, timeout_s),
-                                  name=f"fieldprint-tp-{r}", daemon=True) for r in range(1, size)]
+        args = [(r, size, port, model, str(devices[r]), config, timeout_s, loader or load_model) for r in range(1, size)]
+        self.procs = [ctx.Process(target=worker_main, args=a, name=f"fieldprint-tp-{a[0]}", daemon=True) for a in args]
         for p in self.procs:
             p.start()
         self.device = devices[0]
