@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print text, decisions and the receipt path as JSON")
     gen.set_defaults(func=run_generate_command)
     gen.add_argument("--database", metavar="URL", help="a postgresql:// URL: the log and memory shared by many engines")
+    gen.add_argument("--tp-size", type=int, default=1, metavar="N",
+                     help="split the model over N GPUs (tensor parallelism; one process each, this one serves)")
     init = subparsers.add_parser("init", help="create the log's and the memory's schema in PostgreSQL (many engines share it)")
     init.add_argument("--database", required=True, metavar="URL", help="postgresql://user@host:port/db")
     init.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help=f"where the keys live (default {DEFAULT_DATA_DIR})")
@@ -92,7 +94,7 @@ def run_generate_command(args: argparse.Namespace) -> int:
     from fieldprint.engine.sequence import SamplingParams
 
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
-    with Engine(args.model, data_dir=args.data_dir, database=args.database) as engine:
+    with Engine(args.model, data_dir=args.data_dir, database=args.database, tp_size=args.tp_size) as engine:
         if args.session:
             engine.new_session(args.session)
         out = engine.generate(args.prompt, params, session=args.session, anchors=args.anchors)[0]

@@ -161,3 +161,40 @@ def test_a_split_engine_refuses_bad_sizes_and_a_dead_rank_with_clear_errors(tiny
         engine.generate("Hello again.", SamplingParams(max_tokens=2))
     engine.close()
     assert not mp.active_children()
+
+
+SERVE_AND_WAIT = """
+import sys, time
+from fieldprint.engine.engine import Engine, EngineConfig
+from fieldprint.engine.runner import RunnerConfig
+config = EngineConfig(runner=RunnerConfig(block_size=4, cpu_cache_tokens=1024, max_model_len=512, anchor_blocks=16, cuda_graphs=False))
+engine = Engine(sys.argv[1], data_dir=sys.argv[2], config=config, device="cpu", tp_size=2)
+print(engine.tp.procs[0].pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_other_ranks_exit_when_rank_0_is_killed(tiny_model, tmp_path):
+    """SIGKILL of the serving process runs no cleanup: the mirror rank must notice and exit on its own."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", SERVE_AND_WAIT, tiny_model("llama")[0].source, str(tmp_path / "d")],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(proc.stdout.readline())
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            os.kill(worker, signal.SIGKILL)
+            pytest.fail("rank 1 outlived the killed rank 0 by a minute")
+    finally:
+        proc.kill()
