@@ -14,7 +14,8 @@ them again. The log, the receipts, the set files and the DQP profile are therefo
 single device makes, and verify without knowing how many devices served them.
 
 Every message is a torch.distributed broadcast from rank 0 on the default group, in the one order
-all ranks follow; a rank that dies makes the others' next collective fail after `timeout_s`.
+all ranks follow (a step: two int64 tensors; anything else: a pickled tuple); a rank that dies makes
+the others' next collective fail (at once over gloo, after `timeout_s` over NCCL at worst).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch.multiprocessing as mp
 
 from fieldprint.engine.kv_cache import read_anchor_states, write_anchor_states
 from fieldprint.engine.loader import load_model
+from fieldprint.engine.runner import ModelRunner, StepInputs
 from fieldprint.errors import EngineError
 
 
@@ -52,6 +54,38 @@ def _broadcast(message: object = None) -> object:
     box = [message]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+# A step travels as two int64 tensors (a header of sizes, then every input in one vector): two plain
+# broadcasts, where broadcast_object_list would pickle its tensors and send their sizes first.
+_HEADER = 10  # [kind (0: a step; 1: a pickled message follows), graph, T, B, W, S, W_a, max_seqlen_q, is_prefill, rows]
+
+
+def _send_header(header: list[int], device: torch.device) -> None:
+    dist.broadcast(torch.tensor(header, dtype=torch.int64, device=device), src=0)
+
+
+def _send_step(x: StepInputs, device: torch.device) -> None:
+    _send_header([0, x.graph, x.ids.numel(), *x.tables.shape, *x.atable.shape, x.max_seqlen_q, int(x.is_prefill), x.rows],
+                 device)
+    parts = (x.ids, x.pos, x.slots, x.tables.flatten(), x.lens, x.cu, x.atable.flatten(), x.alens, x.which)
+    dist.broadcast(torch.cat([t.to(torch.int64) for t in parts]).to(device), src=0)
+
+
+def _receive(device: torch.device) -> StepInputs | tuple:
+    """A worker's next message: a step's inputs (on `device`), or an (op, *args) tuple."""
+    header = torch.empty(_HEADER, dtype=torch.int64, device=device)
+    dist.broadcast(header, src=0)
+    kind, graph, t, b, w, s, wa, max_q, prefill, rows = header.tolist()
+    if kind:
+        return _broadcast()
+    sizes = [t, t, t, b * w, b, b + 1, s * wa, s, b]
+    payload = torch.empty(sum(sizes), dtype=torch.int64, device=device)
+    dist.broadcast(payload, src=0)
+    ids, pos, slots, tables, lens, cu, atable, alens, which = payload.split(sizes)
+    i32 = torch.int32
+    return StepInputs(graph, ids, pos, slots, tables.view(b, w).to(i32), lens.to(i32), cu.to(i32), max_q, bool(prefill),
+                      atable.view(s, wa).to(i32), alens.to(i32), which.to(i32), rows)
 
 
 # -- what every rank does for one message (rank 0 takes part with its own runner) ----------------------
@@ -140,7 +174,6 @@ _OPS = {"sequence_kv": sequence_kv, "anchor_states": anchor_states, "copy_blocks
 
 def worker_main(rank: int, world: int, port: int, model: str, device: str, config, timeout_s: float, loader) -> None:
     """Rank `rank`'s process: load its shard, build its runner, then run what rank 0 sends until 'stop'."""
-    from fieldprint.engine.runner import ModelRunner
 
     dev = torch.device(device)
     _init(rank, world, port, dev, timeout_s)
@@ -148,13 +181,14 @@ def worker_main(rank: int, world: int, port: int, model: str, device: str, confi
         lm = loader(model, device=dev)
         runner = ModelRunner(lm, replace(config, num_blocks=_broadcast()))
         while True:
-            op, *args = _broadcast()
+            message = _receive(dev)
+            if isinstance(message, StepInputs):
+                runner.run(message)
+                continue
+            op, *args = message
             if op == "stop":
                 return
-            if op == "run":
-                runner.run(args[0])
-            else:
-                _OPS[op](runner, *args)
+            _OPS[op](runner, *args)
     finally:
         dist.destroy_process_group()
 
@@ -192,16 +226,23 @@ class TensorParallel:
         _broadcast(runner.blocks.num_blocks)
         runner.tp = self
 
-    def send(self, message: tuple) -> None:
+    def _check(self) -> None:
         if not self._open:
             raise EngineError("the tensor-parallel group is closed")
         dead = [p.name for p in self.procs if not p.is_alive()]
         if dead:
             raise EngineError(f"tensor-parallel rank process(es) {dead} died; the engine cannot run without them")
+
+    def send(self, message: tuple) -> None:
+        """An (op, *args) message every other rank runs (its part of a gather or scatter, a block copy, 'stop')."""
+        self._check()
+        _send_header([1] + [0] * (_HEADER - 1), self.device)
         _broadcast(message)
 
-    def run(self, inputs) -> None:
-        self.send(("run", inputs))
+    def run(self, inputs: StepInputs) -> None:
+        """A step every other rank runs with its shard."""
+        self._check()
+        _send_step(inputs, self.device)
 
     def _stop_procs(self) -> None:
         for p in self.procs:
@@ -215,6 +256,7 @@ class TensorParallel:
         self._open = False
         try:
             if all(p.is_alive() for p in self.procs):
+                _send_header([1] + [0] * (_HEADER - 1), self.device)
                 _broadcast(("stop",))
         except RuntimeError:
             pass  # a rank already failed (its own error is what the caller sees): it is stopped below
