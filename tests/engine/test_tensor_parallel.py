@@ -123,7 +123,8 @@ def _serve(path: str, data_dir: str, tp_size: int, anchor_dtype: str, session: s
 @pytest.mark.parametrize("anchor_dtype", ["int8", "model"])
 def test_an_engine_split_over_two_ranks_serves_what_one_device_serves(tiny_model, tmp_path, anchor_dtype):
     """Rank 0 schedules and commits; rank 1 mirrors every step, holds its KV heads and its heads of the anchor
-    pool. Answers, anchors and receipts match one device's; the set file reloads into a restarted split engine."""
+    pool. Answers, anchors and receipts match one device's; a set file reloads into a restarted split engine,
+    and one compiled on one device loads into a split one."""
     from fieldprint.ledger.entry import StateEntry
 
     lm, _ = tiny_model("llama")  # 2 KV heads: one per rank
@@ -134,6 +135,8 @@ def test_an_engine_split_over_two_ranks_serves_what_one_device_serves(tiny_model
     assert kv.state_type == "session_kv" and kv.digest == StateEntry.decode(one["kv_commit"]).digest  # all heads, once
     again = _serve(lm.source, str(tmp_path / "two"), 2, anchor_dtype, "u", two["ids"])  # the set file, not a new compile
     assert again["tokens"] == two["tokens"] and again["anchor_entry"] == two["anchor_entry"]
+    moved = _serve(lm.source, str(tmp_path / "one"), 2, anchor_dtype, "u", one["ids"])  # one device's set file, split
+    assert moved["tokens"] == one["tokens"] and moved["anchor_entry"] == one["anchor_entry"]
 
 
 def test_a_split_engine_refuses_bad_sizes_and_a_dead_rank_with_clear_errors(tiny_model, tmp_path):
