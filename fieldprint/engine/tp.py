@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 from dataclasses import replace
 
 import torch
@@ -32,7 +33,7 @@ import torch.multiprocessing as mp
 from fieldprint.engine.kv_cache import read_anchor_states, write_anchor_states
 from fieldprint.engine.loader import load_model
 from fieldprint.engine.runner import ModelRunner, StepInputs
-from fieldprint.errors import EngineError
+from fieldprint.errors import EngineError, FieldprintError
 
 
 def _free_port() -> int:
@@ -178,7 +179,11 @@ def worker_main(rank: int, world: int, port: int, model: str, device: str, confi
     dev = torch.device(device)
     _init(rank, world, port, dev, timeout_s)
     try:
-        lm = loader(model, device=dev)
+        try:
+            lm = loader(model, device=dev)
+        except FieldprintError as e:  # rank 0 meets the same error in its own load and reports it: one line here
+            print(f"fieldprint: tensor-parallel rank {rank}: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
         runner = ModelRunner(lm, replace(config, num_blocks=_broadcast()))
         while True:
             message = _receive(dev)
