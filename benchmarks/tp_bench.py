@@ -134,7 +134,7 @@ def throughput(name: str, tp: int, device: torch.device, p: dict) -> dict:
                 t0 = time.perf_counter()
                 cs, _ = bench.compile(p["anchors"], p["anchor_states"])
                 compile_s = time.perf_counter() - t0
-                warm(runner, sched, b_max, rng, cs)
+                warm(runner, sched, b_max, rng, cs, p["prompt"])
                 rows = {}
                 for b in p["batches"]:
                     run = serve(runner, sched, requests(rng, b, p["prompt"], p["new"], runner.args.vocab_size, cs),
