@@ -103,10 +103,10 @@ class Engine:
         self.config = config or EngineConfig()
         if not is_int(tp_size) or tp_size < 1:
             raise EngineError(f"tp_size must be a positive int, got {tp_size!r}")
-        self.tp = None
+        self.tp = self.committer = None
         self.memory = memory or Memory.open(data_dir, database=database)
         self.log = self.memory.log
-        try:
+        try:  # a failure leaves nothing running: no rank process, no committer thread, no open memory of ours
             if tp_size > 1:
                 dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
                 self.tp = TensorParallel(model, tp_size, dev, self.config.runner)
@@ -115,18 +115,20 @@ class Engine:
             self.runner = ModelRunner(self.lm, self.config.runner)
             if self.tp is not None:
                 self.tp.attach(self.runner)
+            int8 = self.config.runner.anchor_dtype == "int8"
+            self.profile = load_or_calibrate_profile(data_dir, self.lm.model_id,
+                                                     lambda: calibrate_profile(self.runner, "model"), PROFILE_RECIPE)
+            self.committer = Committer(self.log, self.profile, keep_receipts=False)  # results come through tickets
+            self.compiler = AnchorCompiler(self.runner, self.log, self.committer, self.profile if int8 else None,
+                                           os.path.join(data_dir, "anchor-sets"))
         except BaseException:
+            if self.committer is not None:
+                self.committer.close()
             if self.tp is not None:
                 self.tp.close()
             if memory is None:
                 self.memory.close()
             raise
-        int8 = self.config.runner.anchor_dtype == "int8"
-        self.profile = load_or_calibrate_profile(data_dir, self.lm.model_id, lambda: calibrate_profile(self.runner, "model"),
-                                                 PROFILE_RECIPE)
-        self.committer = Committer(self.log, self.profile, keep_receipts=False)  # results reach us through tickets
-        self.compiler = AnchorCompiler(self.runner, self.log, self.committer, self.profile if int8 else None,
-                                       os.path.join(data_dir, "anchor-sets"))
         self.scheduler = Scheduler(self.runner.blocks, max_num_seqs=self.config.max_num_seqs,
                                    max_num_batched_tokens=self.config.max_num_batched_tokens)
         tok = self.lm.tokenizer

@@ -153,6 +153,10 @@ def test_a_split_engine_refuses_bad_sizes_and_a_dead_rank_with_clear_errors(tiny
     with pytest.raises(ModelError, match="do not split over 2 ranks"):
         Engine(one_kv_head, data_dir=str(tmp_path / "split"), config=config, device="cpu", tp_size=2)
     assert not mp.active_children()  # the other rank is gone too
+    small = EngineConfig(runner=RunnerConfig(block_size=4, cpu_cache_tokens=64, max_model_len=32, cuda_graphs=False))
+    with pytest.raises(EngineError, match="the KV cache is full"):  # the profile's calibration passage does not fit
+        Engine(tiny_model("llama")[0].source, data_dir=str(tmp_path / "small"), config=small, device="cpu", tp_size=2)
+    assert not mp.active_children() and not torch.distributed.is_initialized()
 
     engine = Engine(tiny_model("llama")[0].source, data_dir=str(tmp_path / "dead"), config=config, device="cpu", tp_size=2)
     from fieldprint.engine.sequence import SamplingParams
