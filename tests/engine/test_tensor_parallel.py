@@ -205,3 +205,36 @@ def test_the_other_ranks_exit_when_rank_0_is_killed(tiny_model, tmp_path):
             pytest.fail("rank 1 outlived the killed rank 0 by a minute")
     finally:
         proc.kill()
+
+
+def test_a_split_engine_refuses_a_set_file_flipped_in_the_other_ranks_heads(tiny_model, tmp_path):
+    """The byte lies in KV head 1, which only rank 1's pool holds: the check before use gathers every rank's
+    heads and names the block."""
+    import glob
+
+    from fieldprint.engine.engine import Engine, EngineConfig
+    from fieldprint.engine.runner import RunnerConfig
+    from fieldprint.engine.sequence import SamplingParams
+    from fieldprint.errors import AnchorError
+
+    lm = tiny_model("llama")[0]
+    folder = str(tmp_path / "two")
+    first = _serve(lm.source, folder, 2, "int8")
+    (path,) = glob.glob(os.path.join(folder, "anchor-sets", "*.fpas"))
+    data = bytearray(open(path, "rb").read())
+    body = data.index(b"\n", data.index(b"\n") + 1) + 1
+    h, d, length = lm.args.num_kv_heads, lm.args.head_dim, first["anchor_tokens"]
+    k_token, v_token = h * d, h * (d + 1)  # int8: V rows carry their exponent
+    layer, token = 1, 20  # block 5 of 4-token blocks
+    data[body + layer * length * (k_token + v_token) + length * k_token + token * v_token + (d + 1) + 3] ^= 0x10
+    open(path, "wb").write(data)
+    config = EngineConfig(runner=RunnerConfig(block_size=4, cpu_cache_tokens=1024, max_model_len=512, anchor_blocks=128,
+                                              max_anchor_len=256, cuda_graphs=False))
+    engine = Engine(lm.source, data_dir=folder, config=config, device="cpu", tp_size=2)
+    try:
+        with pytest.raises(AnchorError, match=f"layer {layer} V block 5 differs from what was committed"):
+            engine.generate("Where do I live?", SamplingParams(max_tokens=2), anchors=first["ids"])
+        assert not engine.runner.anchor_pool.sets
+        assert engine.generate("Hello.", SamplingParams(max_tokens=2))[0].token_ids  # both ranks still serve
+    finally:
+        engine.close()
