@@ -3,17 +3,10 @@
 # Usage: OUT=<dir for json/logs> bash benchmarks/gpu/run_all.sh [--quant-only]   (wheels for missing packages in .whl/)
 #   --quant-only: quant_bench alone (identity, kernel, quantize + digest end to end), about 2 minutes.
 set -u -o pipefail
-export PYTHONUNBUFFERED=1
 quant_only=0
 [ "${1:-}" = "--quant-only" ] && quant_only=1
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1
-fi
-OUT=${OUT:-benchmarks/results}
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$OUT/gpu_state.txt"
-df -h /dev/shm | tee -a "$OUT/gpu_state.txt"; nproc
-python3 -c "import blake3, cryptography, torch, triton; print('blake3', blake3.__version__, 'torch', torch.__version__, 'triton', triton.__version__)"
+. benchmarks/gpu/env.sh gpu_state.txt
+python3 -c "import blake3, cryptography; print('blake3', blake3.__version__)"
 rc=0
 python3 benchmarks/quant_bench.py --out "$OUT/quant_bench.json" 2>&1 | tee "$OUT/quant_bench.log" || rc=1
 if [ $quant_only = 1 ]; then

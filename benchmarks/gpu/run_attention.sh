@@ -12,7 +12,6 @@
 #   bench (BENCH_ARGS=--smoke ATTN_SECTIONS=flashinfer: tiny shapes, runs on the CPU with
 #   TRITON_INTERPRET=1, to check the script and this summary anywhere).
 set -u -o pipefail
-export PYTHONUNBUFFERED=1
 T0=$(date +%s)
 QUICK=""
 if [ "${1:-}" = "--quick" ]; then QUICK="--quick"; fi
@@ -21,13 +20,8 @@ BUDGET=${ATTN_BUDGET:-$([ -n "$QUICK" ] && echo 190 || echo 320)}
 VARIANTS=${FI_VARIANTS:-$([ -n "$QUICK" ] && echo fa2 || echo fa2,fa3)}
 TIMEOUT=${ATTN_TIMEOUT:-$((BUDGET + 50))}
 BUILD_TIMEOUT=${FI_BUILD_TIMEOUT:-$BUDGET}
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1
-fi
-OUT=${OUT:-benchmarks/results}
-mkdir -p "$OUT"
-# FlashInfer's JIT: its cache in /tmp, ninja from the Python environment, some cores left to the bench;
-# the build starts first, the GPU state and versions print while it runs.
+. benchmarks/gpu/env.sh gpu_state_attention.txt
+# FlashInfer's JIT: its cache in /tmp, ninja from the Python environment, some cores left to the bench.
 export FLASHINFER_WORKSPACE_BASE=${FLASHINFER_WORKSPACE_BASE:-/tmp/fi_ws}
 export MAX_JOBS=${MAX_JOBS:-12}
 PATH="$(python3 -c 'import os, sys; print(os.path.dirname(sys.executable))'):$PATH"
@@ -60,9 +54,7 @@ if not st.get("done"):
 PY
   echo "FlashInfer build finished (exit status $brc) after $(( $(date +%s) - T0 )) s"
 ) &
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw,memory.used --format=csv 2>&1 | tee "$OUT/gpu_state_attention.txt"
-echo "nvcc: $(command -v nvcc || echo missing)  ninja: $(command -v ninja || echo missing)  nproc: $(nproc)"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+echo "nvcc: $(command -v nvcc || echo missing)  ninja: $(command -v ninja || echo missing)"
 rc=0
 timeout -k 20 "$TIMEOUT" python3 benchmarks/attention_bench.py --only "${ATTN_SECTIONS:-check,flashinfer}" $QUICK --keep-going \
   --budget "$BUDGET" --fi-status "$STATUS" --out "$OUT/attention_flashinfer.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/attention_flashinfer.log" || rc=1

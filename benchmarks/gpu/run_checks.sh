@@ -7,14 +7,7 @@
 # 200 s on the H200, so the whole file wants a call of its own (TEST_TIMEOUT, default 500 s).
 # Usage: [TESTS=1] OUT=<dir> bash benchmarks/gpu/run_checks.sh      (wheels for missing packages in .whl/)
 set -u -o pipefail
-export PYTHONUNBUFFERED=1
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1
-fi
-OUT=${OUT:-benchmarks/results}
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw,memory.used --format=csv
-python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+. benchmarks/gpu/env.sh
 rc=0
 if [ "${TESTS:-0}" = 1 ]; then
   timeout -k 10 "${TEST_TIMEOUT:-500}" python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tail -n 25 | tee "$OUT/gpu_tests.log" || rc=1

@@ -8,14 +8,7 @@
 #   JSON as they go, so a script cut short still leaves what it measured. BENCH_ARGS is passed to both
 #   (BENCH_ARGS=--smoke: tiny configs on the CPU, to check the scripts and this summary anywhere).
 set -u -o pipefail
-export PYTHONUNBUFFERED=1
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1
-fi
-OUT=${OUT:-benchmarks/results}
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw,memory.used --format=csv | tee "$OUT/gpu_state_engine.txt"
-python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+. benchmarks/gpu/env.sh gpu_state_engine.txt
 rc=0
 timeout -k 20 "${ENGINE_TIMEOUT:-300}" python3 benchmarks/engine_bench.py ${BENCH_ARGS:-} --out "$OUT/engine_bench.json" 2>&1 | tee "$OUT/engine_bench.log" || rc=1
 timeout -k 20 "${E2E_TIMEOUT:-270}" python3 benchmarks/e2e_bench.py ${BENCH_ARGS:-} --out "$OUT/e2e_bench.json" 2>&1 | tee "$OUT/e2e_bench.log" || rc=1
