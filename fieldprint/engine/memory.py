@@ -293,3 +293,9 @@ class Memory:
             self.store.close()
         finally:
             self.log.close()
+
+    def __enter__(self) -> Memory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

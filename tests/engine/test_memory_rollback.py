@@ -1,51 +1,40 @@
 """A rollback's withdrawals survive a restart; a damaged record of them is refused, not ignored."""
 
 import pytest
-from turns import record_turn
+from turns import memory, record_turn
 
-from fieldprint.engine.memory import WITHDRAWN_FILE, Memory
+from fieldprint.engine.memory import WITHDRAWN_FILE
 from fieldprint.errors import EngineError
 from fieldprint.ledger.entry import decode_entry
-from fieldprint.memory.embed import HashingEmbedderForTests
 
 
 def test_withdrawn_states_stay_withdrawn_after_reopening(tmp_path):
-    mem = Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
-    try:
+    with memory(tmp_path) as mem:
         mem.new_session("alice")
         kept = record_turn(mem, "alice", "My dog is called Rex.")
         dropped = record_turn(mem, "alice", "My cat is called Tom.")
         result = mem.rollback("alice")
         assert decode_entry(mem.log.entry(result["log_index"]))["withdrawn"] == [dropped.user_state, dropped.output_state]
-    finally:
-        mem.close()
-    again = Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
-    try:
+    with memory(tmp_path) as again:
         assert {dropped.user_state, dropped.output_state} <= again.withdrawn
         assert kept.user_state not in again.withdrawn
-    finally:
-        again.close()
 
 
 def test_a_damaged_withdrawn_file_is_refused(tmp_path):
-    Memory.open(str(tmp_path), embedder=HashingEmbedderForTests()).close()
+    memory(tmp_path).close()
     (tmp_path / WITHDRAWN_FILE).write_text('{"not": "a list"}')
     with pytest.raises(EngineError, match="damaged"):
-        Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
+        memory(tmp_path)
     (tmp_path / WITHDRAWN_FILE).write_text("[]")  # the refused open released the log: it opens again at once
-    Memory.open(str(tmp_path), embedder=HashingEmbedderForTests()).close()
+    memory(tmp_path).close()
 
 
 def test_sessions_survive_a_restart_and_can_still_be_rolled_back(tmp_path):
-    mem = Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
-    try:
+    with memory(tmp_path) as mem:
         mem.new_session("alice")
         first = record_turn(mem, "alice", "My dog is called Rex.")
         second = record_turn(mem, "alice", "My cat is called Tom.")
-    finally:
-        mem.close()
-    mem = Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
-    try:
+    with memory(tmp_path) as mem:
         alice = mem.sessions["alice"]
         assert [t.user_state for t in alice.turns] == [first.user_state, second.user_state]
         assert [m["content"] for m in alice.history][::2] == ["My dog is called Rex.", "My cat is called Tom."]
@@ -53,22 +42,17 @@ def test_sessions_survive_a_restart_and_can_still_be_rolled_back(tmp_path):
             mem.new_session("alice")
         result = mem.rollback("alice")
         assert result["withdrawn"] == [second.user_state, second.output_state]
-    finally:
-        mem.close()
-    mem = Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
-    try:
+    with memory(tmp_path) as mem:
         assert len(mem.sessions["alice"].turns) == 1 and second.user_state in mem.withdrawn
-    finally:
-        mem.close()
 
 
 def test_a_damaged_sessions_file_is_refused(tmp_path):
     from fieldprint.engine.memory import SESSIONS_FILE
 
-    Memory.open(str(tmp_path), embedder=HashingEmbedderForTests()).close()
+    memory(tmp_path).close()
     (tmp_path / SESSIONS_FILE).write_text('{"alice": {"history": []}}')
     with pytest.raises(EngineError, match="damaged"):
-        Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
+        memory(tmp_path)
 
 
 def test_a_damaged_profile_file_is_refused_and_kept(tmp_path):
@@ -88,15 +72,12 @@ def test_a_damaged_profile_file_is_refused_and_kept(tmp_path):
 def test_a_second_memory_on_the_same_folder_is_refused_and_the_first_keeps_working(tmp_path):
     from fieldprint.errors import LogError
 
-    first = Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
-    try:
+    with memory(tmp_path) as first:
         with pytest.raises(LogError, match="another process is writing this log"):
-            Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
+            memory(tmp_path)
         first.new_session("alice")
         record_turn(first, "alice", "still served")
         assert first.log.size == 2
-    finally:
-        first.close()
 
 
 @pytest.mark.parametrize("name, text", [
@@ -108,10 +89,10 @@ def test_a_second_memory_on_the_same_folder_is_refused_and_the_first_keeps_worki
                       '"receipt_entry": "-", "kv_index": null}]}}'),
 ])
 def test_stored_records_of_the_wrong_type_are_refused_not_taken(tmp_path, name, text):
-    Memory.open(str(tmp_path), embedder=HashingEmbedderForTests()).close()
+    memory(tmp_path).close()
     (tmp_path / name).write_text(text)
     with pytest.raises(EngineError, match="damaged"):
-        Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
+        memory(tmp_path)
 
 
 def test_the_withdrawn_cache_keeps_up_with_a_long_log_without_a_write_per_decision(tmp_path, monkeypatch):
@@ -120,8 +101,7 @@ def test_the_withdrawn_cache_keeps_up_with_a_long_log_without_a_write_per_decisi
     from fieldprint.engine import memory as memory_module
 
     monkeypatch.setattr(memory_module, "RESCAN_LIMIT", 5)
-    mem = Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
-    try:
+    with memory(tmp_path) as mem:
         mem.new_session("alice")
         for i in range(3):  # each turn logs two states: 6 entries, past the limit
             record_turn(mem, "alice", f"Fact number {i}.")
@@ -131,5 +111,3 @@ def test_the_withdrawn_cache_keeps_up_with_a_long_log_without_a_write_per_decisi
         record_turn(mem, "alice", "One more fact.")
         mem.why_withdrawn("blake3:00")
         assert json.loads((tmp_path / WITHDRAWN_FILE).read_text()) == saved  # 2 entries later: no write
-    finally:
-        mem.close()

@@ -2,10 +2,9 @@
 
 import time
 
-from turns import record_turn
+from turns import memory, record_turn
 
 from fieldprint.engine.memory import Memory
-from fieldprint.memory.embed import HashingEmbedderForTests
 from fieldprint.memory.records import Override, sign_record
 
 HOUR = 3600 * 10**9
@@ -21,8 +20,7 @@ def _refused_as_withdrawn(mem: Memory, state_id: str) -> None:
 
 
 def test_the_gate_refuses_withdrawn_states_even_with_a_signed_override(tmp_path):
-    mem = Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
-    try:
+    with memory(tmp_path) as mem:
         mem.new_session("alice")
         kept = record_turn(mem, "alice", "My dog is called Rex.")
         dropped = record_turn(mem, "alice", "My cat is called Tom.")
@@ -37,44 +35,30 @@ def test_the_gate_refuses_withdrawn_states_even_with_a_signed_override(tmp_path)
         hits = mem.pacemaker.search("My cat is called Tom.", 5, anchors_only=True)
         assert dropped.user_state not in {h.state.state_id for h in hits}
         assert mem.gate.is_anchor(kept.user_state)
-    finally:
-        mem.close()
-    again = Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
-    try:
+    with memory(tmp_path) as again:
         _refused_as_withdrawn(again, dropped.user_state)  # withdrawn.json wires the reopened gate too
         assert again.gate.is_anchor(kept.user_state)
-    finally:
-        again.close()
 
 
 def test_withdrawals_are_read_back_from_the_log_when_the_cache_file_is_gone(tmp_path):
-    mem = Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
-    try:
+    with memory(tmp_path) as mem:
         mem.new_session("alice")
         record_turn(mem, "alice", "My dog is called Rex.")
         dropped = record_turn(mem, "alice", "My cat is called Tom.")
         mem.rollback("alice")
-    finally:
-        mem.close()
     (tmp_path / "withdrawn.json").unlink()  # the log stays the record: the set is rebuilt from its rollback entries
-    again = Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
-    try:
+    with memory(tmp_path) as again:
         _refused_as_withdrawn(again, dropped.user_state)
         assert (tmp_path / "withdrawn.json").exists()
-    finally:
-        again.close()
 
 
 def test_malformed_or_raw_rollback_entries_withdraw_nothing_and_block_nothing(tmp_path):
     from fieldprint.ledger.entry import encode_entry
 
-    mem = Memory.open(str(tmp_path), embedder=HashingEmbedderForTests())
-    try:
+    with memory(tmp_path) as mem:
         mem.new_session("alice")
         turn = record_turn(mem, "alice", "My dog is called Rex.")
         mem.log.add(encode_entry("rollback", {"withdrawn": "not a list"})).result()
         mem.log.add(b'{"kind":"rollback", not json').result()  # raw bytes, as `ledger add --raw` may log
         mem.ensure_checkpoint()
         assert mem.gate.is_anchor(turn.user_state)  # decisions go on; nothing was withdrawn
-    finally:
-        mem.close()

@@ -1,4 +1,12 @@
-"""A session turn recorded straight into an engine's memory, without a model (the memory tests)."""
+"""The memory tests' helpers: an engine memory on a folder, and a session turn recorded into it without a model."""
+
+from fieldprint.engine.memory import Memory
+from fieldprint.memory.embed import HashingEmbedderForTests
+
+
+def memory(folder) -> Memory:
+    """The engine memory of `folder` with the hashing embedder (no model load); use it in a `with`."""
+    return Memory.open(str(folder), embedder=HashingEmbedderForTests())
 
 
 def record_turn(mem, session: str, text: str):
