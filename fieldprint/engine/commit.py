@@ -38,8 +38,7 @@ from fieldprint.dqp import (
     QuantizedState,
     check_finite,
     inverse_scales,
-    quantize_codes,
-    quantize_rows,
+    quantize,
     stack_digest,
     state_header,
 )
@@ -411,16 +410,12 @@ class Committer:
             for keys, x in zip(job.groups, job.inputs):
                 for i, (layer, kind) in enumerate(keys):
                     check_finite(x[i], f"layer {layer} {kind} of session {job.session!r}")
-                out.append(torch.stack([self._quantize_cpu(x[i], layer, kind) for i, (layer, kind) in enumerate(keys)]))
+                out.append(torch.stack([quantize(x[i], self.profile, layer, kind).codes for i, (layer, kind) in enumerate(keys)]))
                 job.codes.update((key, out[-1][i]) for i, key in enumerate(keys))
             return out
         finally:
             job.inputs = []
             job.quantized.set()
-
-    def _quantize_cpu(self, x: torch.Tensor, layer: int, kind: str) -> torch.Tensor:
-        e = self.profile.fixed(layer, kind)
-        return quantize_rows(x) if e is None else quantize_codes(x, e)
 
     def _header(self, layer: int, kind: str, dtype: str, codes_shape: tuple[int, int, int]) -> bytes:
         key = (layer, kind, dtype, codes_shape)
