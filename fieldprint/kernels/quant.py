@@ -101,7 +101,8 @@ def _launch(pool: torch.Tensor, table: torch.Tensor | None, n: int, t: int, h: i
         raise DQPError(f"bad must be an int32 [{n}] counter on {dev}, got {bad.dtype} {tuple(bad.shape)} on {bad.device}")
     if n and t and h and d:
         # Tiles of 4,096 elements over 4 warps for fixed scales; the row layout's stores (D + 1 bytes a
-        # row, unaligned) went fastest in tiles of 2,048 on one warp (H200, Llama-3-8B shapes: V 120 -> 94 us).
+        # row, unaligned) go faster in tiles of 2,048 on one warp (benchmarks/quant_bench.py, H200,
+        # Llama-3-8B shapes, 2,048 tokens: per-row V 122 -> 97 us paged, 154 -> 91 us contiguous).
         block_d = triton.next_power_of_2(d)
         block_t = max(1, min(triton.next_power_of_2(t), (2048 if rows else 4096) // block_d))
         _dqp_quant_kernel[(triton.cdiv(t, block_t), h, n)](
@@ -148,8 +149,10 @@ def quantize_paged(
     """quantize_async for the first `length` tokens of a paged sequence, read in place.
 
     `pool` is the cache's [N, P, page, H, D] (N layers of P blocks; any strided view), `table` an
-    int32/int64 tensor of the sequence's block ids on the pool's device. Codes [N, length, H, D]
-    (or D + 1: the row layout). Blocks the table names must stay unwritten until the stream has run.
+    int32/int64 tensor of the sequence's block ids on the pool's device, each below P (not checked
+    here: that would read the table back; Committer.submit_paged checks the ids on the host). Codes
+    [N, length, H, D] (or D + 1: the row layout). The named blocks must stay unwritten until the
+    stream has run.
     """
     if not isinstance(pool, torch.Tensor) or pool.dim() != 5 or pool.dtype not in SOURCE_DTYPES:
         raise DQPError(f"quantize_paged wants a bfloat16/float16/float32 [N, blocks, page, H, D] pool, "
