@@ -76,6 +76,7 @@ class CommitTicket:
     future: Future
     codes: dict[StateKey, torch.Tensor]  # each state's codes ([T, H, D + 1] rows for per-row V), valid once quantized
     _event: object = None  # torch.cuda.Event on GPU, threading.Event on CPU
+    _stacks: list = field(default_factory=list)  # GPU: the stacked code tensors `codes` views into
 
     def wait_quantized(self) -> None:
         """Order the caller after the quantizer (GPU: a stream wait, no host sync): the inputs may be
@@ -85,7 +86,7 @@ class CommitTicket:
         elif self._event is not None:
             stream = torch.cuda.current_stream()
             stream.wait_event(self._event)
-            for codes in self.codes.values():  # made on the side stream: not reused while this stream reads them
+            for codes in self._stacks:  # made on the side stream: not reused while this stream reads them
                 codes.record_stream(stream)
 
 
@@ -371,7 +372,7 @@ class Committer:
             copied = torch.cuda.Event()
             copied.record(self._side)
         job.copied = copied
-        ticket._event = read
+        ticket._event, ticket._stacks = read, device_codes
 
     # -- background side ---------------------------------------------------------------------
     def _run(self) -> None:
