@@ -53,7 +53,7 @@ from engine_bench import (
     weight_bytes,
 )
 
-from fieldprint.engine.engine import commit_kv
+from fieldprint.engine.anchors import commit_sequence
 from fieldprint.engine.kv_cache import cdiv
 from fieldprint.engine.runner import ModelRunner, RunnerConfig
 from fieldprint.engine.scheduler import Scheduler
@@ -111,7 +111,8 @@ def serve(runner: ModelRunner, sched: Scheduler, seqs: list[Sequence], committer
             if len(s.output_ids) >= s.params.max_tokens:
                 s.finish_reason = "length"
                 if committer is not None:
-                    commit_kv(committer, runner, s, session)
+                    commit_sequence(committer, runner, s.block_table, s.num_cached, session=session,
+                                    state_type="session_kv")
                 sched.finish(s)
                 if s.anchor_key:
                     runner.anchor_pool.unpin(s.anchor_key)

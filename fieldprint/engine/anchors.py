@@ -184,6 +184,23 @@ def prefill_kv(runner, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         return sequence_kv(runner, table, len(ids))
 
 
+def commit_sequence(committer, runner, table: list[int], length: int, **meta):
+    """Queue the K/V of the sequence in `table` (its first `length` tokens) as one commit; its ticket.
+
+    One device: the committer reads the blocks in place (on a GPU on its side stream, and this
+    stream waits for that read, no host sync, before anything can write those blocks again).
+    Tensor parallelism: every rank's heads are gathered first (a copy) and committed whole.
+    """
+    c = runner.cache
+    if runner.tp_size > 1:
+        ticket = committer.submit_stack(*sequence_kv(runner, table, length), **meta)
+    else:
+        ticket = committer.submit_paged(c.k, c.v, table, length, **meta)
+    if c.k.is_cuda:
+        ticket.wait_quantized()
+    return ticket
+
+
 def _pool_order(blocks: dict, layers: int) -> list[bytes]:
     """A commit's per-block digests in the pool's (layer, K then V, block) order."""
     return [d for layer in range(layers) for kind in ("K", "V") for d in blocks[(layer, kind)]]
@@ -272,13 +289,9 @@ class AnchorCompiler:
             if not self.int8:
                 copy_blocks(r, table, blocks)
                 return digest_blocks(r, blocks, n), None
-            meta = dict(session=ANCHOR_SESSION, state_type=ANCHOR_STATE_TYPE, parents=tuple(state_ids),
-                        state_id=lambda done: manifest_digest(self._manifest(state_ids, ids, _pool_order(done, layers))))
-            if r.tp_size == 1:
-                ticket = self.committer.submit_paged(c.k, c.v, table, n, **meta)
-            else:
-                ticket = self.committer.submit_stack(*sequence_kv(r, table, n), **meta)
-            ticket.wait_quantized()  # the prefill's blocks may be reused once the quantizer has read them
+            ticket = commit_sequence(
+                self.committer, r, table, n, session=ANCHOR_SESSION, state_type=ANCHOR_STATE_TYPE, parents=tuple(state_ids),
+                state_id=lambda done: manifest_digest(self._manifest(state_ids, ids, _pool_order(done, layers))))
         try:
             result = ticket.future.result()
         except CommitError as e:
@@ -287,7 +300,7 @@ class AnchorCompiler:
             except CommitError:
                 pass
             raise AnchorError(f"the anchors cannot be committed: {e}") from None
-        put_anchor_states(r, blocks, *(torch.stack([ticket.codes[(layer, kind)] for layer in range(layers)]) for kind in "KV"))
+        put_anchor_states(r, blocks, *ticket.stacks)  # K [L, A, H, D] and V [L, A, H, D + 1] codes, as committed
         digests = digest_blocks(r, blocks, n)
         committed = _pool_order(result.blocks, layers)
         if committed != digests:

@@ -74,9 +74,10 @@ class CommitTicket:
     """Handle returned by submit(): the future receipt, when the inputs may be overwritten, and the codes."""
 
     future: Future
-    codes: dict[StateKey, torch.Tensor]  # each state's codes ([T, H, D + 1] rows for per-row V), valid once quantized
+    codes: dict[StateKey, torch.Tensor] = field(default_factory=dict)  # each state's codes ([T, H, D + 1] rows
+    # for per-row V), valid once quantized; views into `stacks`, one [N, T, H, D (+1)] tensor per stacked input
+    stacks: list[torch.Tensor] = field(default_factory=list)
     _event: object = None  # torch.cuda.Event on GPU, threading.Event on CPU
-    _stacks: list = field(default_factory=list)  # GPU: the stacked code tensors `codes` views into
 
     def wait_quantized(self) -> None:
         """Order the caller after the quantizer (GPU: a stream wait, no host sync): the inputs may be
@@ -86,7 +87,7 @@ class CommitTicket:
         elif self._event is not None:
             stream = torch.cuda.current_stream()
             stream.wait_event(self._event)
-            for codes in self._stacks:  # made on the side stream: not reused while this stream reads them
+            for codes in self.stacks:  # made on the side stream: not reused while this stream reads them
                 codes.record_stream(stream)
 
 
@@ -111,7 +112,7 @@ class _Job:
     dtypes: list[str]  # source dtype of each group
     future: Future
     inputs: list[torch.Tensor] = field(default_factory=list)  # CPU path: [N, T, H, D] states
-    codes: dict[StateKey, torch.Tensor] = field(default_factory=dict)  # CPU path: the ticket's, filled here
+    ticket: CommitTicket | None = None  # CPU path: its codes are filled here (on a GPU the ticket alone holds them)
     host_codes: list[torch.Tensor] = field(default_factory=list)  # GPU path: pinned [N, T, H, D (+1: rows)] codes
     host_bad: torch.Tensor | None = None
     copied: object = None  # torch.cuda.Event recorded after the copies
@@ -293,12 +294,12 @@ class Committer:
         (dev,) = devices
         job = _Job(session, state_type, parents, taint, time.time_ns() if time_ns is None else time_ns,
                    state_id, [keys for keys, _ in groups], [DTYPE_NAMES[x.dtype] for x in sources], Future())
-        ticket = CommitTicket(job.future, {})
+        ticket = CommitTicket(job.future)
         if dev.type == "cuda":
             self._launch_gpu(job, groups, dev, ticket)
         else:
             job.inputs = [x for _, x in groups]
-            job.codes = ticket.codes  # filled by the worker (on a GPU the ticket alone holds the device codes)
+            job.ticket = ticket
             job.quantized = threading.Event()
             ticket._event = job.quantized
         full = CommitError(f"committer still has {self._queue.maxsize} commits queued after {timeout}s; "
@@ -372,7 +373,7 @@ class Committer:
             copied = torch.cuda.Event()
             copied.record(self._side)
         job.copied = copied
-        ticket._event, ticket._stacks = read, device_codes
+        ticket._event, ticket.stacks = read, device_codes
 
     # -- background side ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -412,7 +413,8 @@ class Committer:
                 for i, (layer, kind) in enumerate(keys):
                     check_finite(x[i], f"layer {layer} {kind} of session {job.session!r}")
                 out.append(torch.stack([quantize(x[i], self.profile, layer, kind).codes for i, (layer, kind) in enumerate(keys)]))
-                job.codes.update((key, out[-1][i]) for i, key in enumerate(keys))
+                job.ticket.stacks.append(out[-1])
+                job.ticket.codes.update((key, out[-1][i]) for i, key in enumerate(keys))
             return out
         finally:
             job.inputs = []

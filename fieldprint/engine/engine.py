@@ -27,33 +27,17 @@ from fieldprint.engine.anchors import (
     CompiledSet,
     anchor_text,
     calibrate_profile,
+    commit_sequence,
     split_prompt,
 )
 from fieldprint.engine.receipt import build_receipt, generation_entry
 from fieldprint.engine.runner import ModelRunner, RunnerConfig
 from fieldprint.engine.scheduler import Scheduler
 from fieldprint.engine.sequence import SamplingParams, Sequence
-from fieldprint.engine.tp import TensorParallel, sequence_kv
+from fieldprint.engine.tp import TensorParallel
 from fieldprint.errors import EngineError, FieldprintError
 
 MAX_PROMPT_CHARS = 1 << 20
-
-
-def commit_kv(committer, runner, seq: Sequence, session: str):
-    """Queue a sequence's K/V as a `session_kv` commit read from its blocks in place; its ticket.
-
-    On a GPU the committer's side stream quantizes the blocks; the forward stream waits for that
-    read (a stream wait, no host sync) before anything can write the freed blocks again. Under
-    tensor parallelism every rank's heads are gathered first (a copy) and committed whole.
-    """
-    c, meta = runner.cache, dict(session=session, state_type="session_kv")
-    if runner.tp_size > 1:
-        ticket = committer.submit_stack(*sequence_kv(runner, seq.block_table, seq.num_cached), **meta)
-    else:
-        ticket = committer.submit_paged(c.k, c.v, seq.block_table, seq.num_cached, **meta)
-    if c.k.is_cuda:
-        ticket.wait_quantized()
-    return ticket
 
 
 @dataclass(slots=True)
@@ -295,11 +279,12 @@ class Engine:
         return Output(text, list(s.output_ids), s.finish_reason, receipt, [st.state_id for st in r.anchor_states], r.decisions)
 
     def _commit_kv(self, s: Sequence) -> None:
-        """Queue a finished session turn's K/V for an asynchronous commit (commit_kv)."""
+        """Queue a finished session turn's K/V for an asynchronous commit, read from its blocks."""
         session = self._sessions_of.pop(s.seq_id, None)
         if session is None or not self.config.commit_session_kv or s.num_cached == 0:
             return
-        self._kv_tickets[s.seq_id] = commit_kv(self.committer, self.runner, s, session)
+        self._kv_tickets[s.seq_id] = commit_sequence(self.committer, self.runner, s.block_table, s.num_cached,
+                                                     session=session, state_type="session_kv")
 
     def generate(self, prompts, params: SamplingParams | None = None, *, session: str | None = None,
                  anchors=None) -> list[Output]:
