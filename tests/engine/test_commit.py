@@ -540,6 +540,8 @@ def test_bad_paged_submits_are_refused_before_anything_is_queued(profile, log, c
                         ((k_pool, k_pool, [4], 8), "block ids below 4"),
                         ((k_pool, k_pool, [-1], 8), "block ids below 4"),
                         ((k_pool, k_pool, (1, 2), 8), "list of block ids"),
+                        ((k_pool, k_pool, "12", 8), "list of block ids"),
+                        ((k_pool, k_pool, [1, "2"], 8), "list of block ids"),
                         ((k_pool, k_pool, [1, 2], 17), "holding 17 tokens"),
                         ((k_pool, k_pool, [1, 2], 0), "holding 0 tokens"),
                         ((k_pool, k_pool, [1, 2], True), "holding True tokens")]:

@@ -185,6 +185,8 @@ def test_bad_paged_quantizer_inputs():
         quantize_paged(pool[0], table, 8, None)
     with pytest.raises(DQPError, match="block table"):
         quantize_paged(pool, table.float(), 8, None)
+    with pytest.raises(DQPError, match="block table"):
+        quantize_paged(pool, [1, 2], 8, None)
     with pytest.raises(DQPError, match="length must be"):
         quantize_paged(pool, table, 17, None)  # two blocks of 8 hold 16 tokens
     with pytest.raises(DQPError, match="length must be"):
