@@ -1316,6 +1316,69 @@ def section_tile(quick: bool) -> None:
                 flush()
 
 
+def section_splits(quick: bool) -> None:
+    """Split-KV count, pipeline stages, warps, register cap and sharing tile where we trail FlashInfer
+    (docs/attention.md: long contexts at B=1 and 8, anchors at B=8 and 64 with 8k of context) and where
+    anchors cost the engine most (Llama-3.2-1B's D=64 at B=32 and 128, 1k of context). Graph-timed, us
+    per call; every variant's output is compared with the default's (same math, other split points:
+    within bf16 rounding)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if DEV == "cuda" else 4
+    l8, l1 = (32, 8, 128), (32, 8, 64)  # Llama-3-8B, Llama-3.2-1B attention (H_q, H_kv, D)
+    specs = [(32, 1024, None, l1), (32, 1024, "int8", l1), (128, 1024, None, l1), (128, 1024, "int8", l1),
+             (1, 32768, None, l8), (1, 131072, None, l8), (8, 32768, None, l8), (8, 131072, None, l8),
+             (8, 8192, "int8", l8), (64, 8192, "bf16", l8), (64, 8192, "int8", l8)]
+    if DEV != "cuda":
+        specs = [(1, 256, None, (8, 2, 64)), (2, 128, "int8", (8, 2, 64))]
+    out = []
+    for bsz, ctx, kind, (hq, hkv, d) in specs[:3] if quick else specs:
+        if time_left() < 30:
+            out.append({"B": bsz, "ctx": ctx, "anchors": kind, "d": d, "skipped": "budget"})
+            continue
+        k, v, bt, lens = paged(bsz, ctx, hkv, d, 16, dtype=BF)
+        q = torch.randn(bsz, hq, d, dtype=BF, device=DEV)
+        a = (None, None) if kind is None else anchor_set(1, 2048, hkv, d, 16, torch.zeros(bsz, device=DEV),
+                                                          int8=kind == "int8", dtype=BF)
+        plan = plan_decode(q, k, v, bt, lens, *a, check=False)
+        s_default = plan.launch.constexprs["S_CTX"]
+        variants = {"default": {}}
+        for f in (0.5, 1.5, 2, 3, 4, 6):
+            n = max(1, round(s_default * f))
+            if f < 1 or n > s_default:
+                variants[f"splits x{f}"] = {"num_splits": n}
+        variants.update({"stages 3": {"num_stages": 3}, "splits x2 stages 3": {"num_splits": 2 * s_default, "num_stages": 3}})
+        if kind is not None:
+            s_anc, tile = plan.launch.constexprs["S_ANC"], plan.launch.constexprs["TILE_SEQ"]
+            variants.update({f"anchor splits x{f}": {"anchor_splits": max(1, round(s_anc * f))} for f in (0.5, 2)})
+            variants.update({f"tile {t}": {"seq_tile": t} for t in (1, 2, 4, 8, 16) if t != tile and t <= bsz})
+            variants.update({"regs none": {"max_registers": None}, "regs 128": {"max_registers": 128}})
+        o = torch.empty_like(q)
+        want = paged_attention_decode(q, k, v, bt, lens, *a, check=False)
+        row = {"B": bsz, "ctx": ctx, "anchors": kind, "hq": hq, "hkv": hkv, "d": d, "sms": sms,
+               "default_splits": s_default, "us": {}, "max_diff": {}}
+        for name, kw in variants.items():
+            if time_left() < 10:
+                row["us"][name] = "skipped: budget"
+                continue
+            try:
+                p = plan_decode(q, k, v, bt, lens, *a, check=False, **kw)
+                row["max_diff"][name] = float((p.run(q, k, v, a[0]) - want).abs().max())
+                row["us"][name] = t_graph([lambda p=p: p.run(q, k, v, a[0], out=o)], 20)
+            except Exception as e:  # e.g. a configuration over the shared memory: recorded, the sweep goes on
+                row["us"][name] = _err(e)
+        times = {n: t for n, t in row["us"].items() if isinstance(t, float)}
+        row["best"] = min(times, key=times.get)
+        row["best_vs_default"] = times[row["best"]] / times["default"]
+        out.append(row)
+        print(f"  splits D={d} B={bsz:>3} ctx={ctx:>6} anchors={kind} (S={s_default}): " + " | ".join(
+            f"{n} {t:.1f}" if isinstance(t, float) else f"{n} failed" for n, t in row["us"].items())
+            + f"  -> best {row['best']} ({row['best_vs_default']:.2f}x)", flush=True)
+        RESULTS["splits"] = out
+        flush()
+        del k, v, bt, lens, q, a, plan
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+
+
 def section_host(quick: bool) -> None:
     """Host cost of one decode call without a graph (B=1, 1k context, 2k anchors): one-shot vs planned."""
     hq, hkv, d, bs = 32, 8, 128, 16
@@ -1334,14 +1397,27 @@ def section_host(quick: bool) -> None:
                    "gpu_us": t_graph([lambda a=a, p=plan: p.run(q, k, v, a[0], out=o)], 40)}
         want = paged_attention_decode(q, k, v, bt, lens, *a)
         r[kind]["planned_equals_one_shot"] = bool(torch.equal(plan.run(q, k, v, a[0]), want))
+        r[kind]["planned_direct"] = plan.launch.direct or plan.launch.why_not_direct
+        if plan.launch.direct:
+            # The floor under any launch from Python: the compiled kernel's launcher, arguments ready.
+            pl, c = plan.launch, plan.launch._compiled
+            ready = pl._direct.copy()
+            for i, t in zip(pl.slots, (q, k, v, *((k, v, q, q) if a[0] is None else (a[0].k, a[0].v, q, q)), o)):
+                ready[i] = t.data_ptr()
+            if kind == "int8":
+                ready[pl.slots[5]], ready[pl.slots[6]] = a[0].k_scale.data_ptr(), a[0].v_exp.data_ptr()
+            stream = torch.cuda.current_stream().cuda_stream
+            r[kind]["launcher_only_us"] = host_cost(lambda: c.run(pl.grid[0], 1, 1, stream, c.function, c.packed_metadata,
+                                                                  None, None, None, *ready), n, reps)
         print(f"  host cost {kind}: one-shot {r[kind]['one_shot_us']:.1f} us, planned {r[kind]['planned_us']:.1f} us "
-              f"GPU {r[kind]['gpu_us']:.1f} us, "
+              f"GPU {r[kind]['gpu_us']:.1f} us, direct: {r[kind]['planned_direct']} "
+              f"(the launcher alone {r[kind].get('launcher_only_us', float('nan')):.1f} us), "
               f"planned == one-shot: {r[kind]['planned_equals_one_shot']}", flush=True)
     RESULTS["host"] = r
     flush()
 
 
-SECTIONS = {"check": section_check, "tile": section_tile, "host": section_host, "decode": section_decode, "shared": section_shared,
+SECTIONS = {"check": section_check, "tile": section_tile, "host": section_host, "splits": section_splits, "decode": section_decode, "shared": section_shared,
             "modes": section_modes, "prefill": section_prefill, "naive64k": section_naive64k,
             "prefill_tune": section_prefill_tune, "int8": section_int8, "flashinfer": section_flashinfer}
 

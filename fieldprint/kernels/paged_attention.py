@@ -26,6 +26,7 @@ import triton
 from fieldprint.dqp_profile import EXP_MAX, EXP_MIN
 from fieldprint.errors import KernelInputError
 from fieldprint.kernels.decode import _decode_kernel
+from fieldprint.kernels.launch import PreparedLaunch
 from fieldprint.kernels.prefill import _prefill_kernel
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -249,28 +250,35 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _splits(tokens: int, items: int, sms: int, block_n: int, min_chunk: int,
-            want: int | None) -> tuple[int, int]:
+            want: int | None, fill_wave: bool = False) -> tuple[int, int]:
     """(number of splits, tokens per split) for `items` independent (sequence, head) pairs.
 
     About 2 programs per multiprocessor; with fewer pairs than multiprocessors at least 20 splits,
-    so that the uneven tail and the anchor items running beside average out (the measurements
-    behind the numbers: docs/attention-notes.md, v4 and v5).
+    so that the uneven tail and the anchor items running beside average out (docs/attention-notes.md,
+    v4 and v5). fill_wave (no anchor items beside): with very few pairs (B=1 or 2 at 8 KV heads) one
+    full wave instead: the decode kernel runs three programs per multiprocessor, and a grid just past
+    a wave waits on its stragglers (H200, B=1, 32k: 256 programs 44.9 us, 384 41.9; at 128k 400
+    programs 193 us vs 152 with 264; v10). With anchors their items would push it past the wave.
     """
     if want is None:
         want = triton.cdiv(2 * sms, max(items, 1))
         if items < sms:
-            want = max(want, 20)
+            want = max(want, 20, (3 * sms) // max(items, 1) if fill_wave else 0)
     s = min(max(want, 1), max(1, triton.cdiv(tokens, min_chunk)))
     chunk = triton.cdiv(triton.cdiv(tokens, s), block_n) * block_n
     return triton.cdiv(tokens, chunk), chunk
 
 
-def _out_buffer(out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+def _out_buffer(out: torch.Tensor | None, q: torch.Tensor, strides: tuple | None = None) -> torch.Tensor:
+    """out, checked, or a new buffer like q; strides: the ones out must have (a decode plan's, q's)."""
     if out is None:
-        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        return torch.empty_strided(q.shape, strides, dtype=q.dtype, device=q.device) if strides else \
+            torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
         raise _bad(f"out must be a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device} with a "
                    f"contiguous last dimension; got {out.dtype} {tuple(out.shape)} on {out.device}")
+    if strides is not None and out.stride() != strides:
+        raise _bad(f"out must have the planned strides {strides} (q's), got {out.stride()}")
     return out
 
 
@@ -280,17 +288,21 @@ def _gamma_args(gamma, q):
     return None, float(gamma), False
 
 
-def _decode_reg_cap(int8: bool, tile: int, num_warps: int) -> int | None:
+def _decode_reg_cap(int8: bool, tile: int, num_warps: int, d: int) -> int | None:
     """Per-thread register cap for the decode launch (None: the compiler's choice).
 
-    The int8 code -> bf16 conversion in sharing tiles of <= 8 sequences raises the whole kernel
-    (context items included: one compiled kernel) to two programs per multiprocessor; a cap of 168
-    gives three with no spills. Tiles of 16 (B >= 16 sharing a set) measured slower capped, so they
-    keep the compiler's choice. The figures: docs/attention-notes.md, v6.
+    The int8 code -> 16-bit conversion raises the whole kernel's registers (context items included:
+    one compiled kernel), cutting programs per multiprocessor. At D=128 a cap of 168 in sharing tiles
+    of <= 8 sequences gives three with no spills; tiles of 16 measured slower capped, so they keep the
+    compiler's choice (docs/attention-notes.md, v6). At D=64 a cap of 128 wins at every tile
+    (H200, Llama-3.2-1B shapes, 2k int8 anchors, 1k context: B=32 50.2 -> 40.2 us, B=128 151.7 ->
+    110.1 us; attention_bench --only splits, v10).
     """
-    if int8 and tile <= 8 and num_warps == 4:
-        return 168
-    return None
+    if not int8 or num_warps != 4:
+        return None
+    if d <= 64:
+        return 128
+    return 168 if tile <= 8 else None
 
 
 def _anchor_plan(r: AnchorRouting, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,9 +326,9 @@ def _anchor_plan(r: AnchorRouting, tile: int) -> tuple[torch.Tensor, torch.Tenso
     return got
 
 
-# Positions in the decode kernel's argument list of what changes from layer to layer.
-_Q, _K, _V, _AK, _AV, _KS, _VE, _OUT = 0, 1, 2, 5, 6, 12, 13, 20
-_SO_B, _SO_H = 31, 32  # out's strides
+# Positions in the decode kernel's argument list of what changes from layer to layer: q, k, v, the
+# anchor pool's k, v, k_scale, v_exp (unused ones get a placeholder tensor) and out.
+_PER_LAYER = (0, 1, 2, 5, 6, 12, 13, 20)
 
 
 class DecodePlan:
@@ -324,14 +336,13 @@ class DecodePlan:
 
     plan_decode() does all that depends on the step (the batch's block tables and lengths, the
     anchor routing, the pools' shapes); run() swaps in the tensors that change per layer (q, the
-    layer's pools, out) and launches, so an engine plans once per step for all its layers and a
-    call costs Triton's launcher plus a few shape comparisons (H200: 60-76 us per call planned vs
-    141-210 us one-shot; docs/attention.md).
+    layer's pools, out) and launches, so an engine plans once per step for all its layers. After
+    the first run the compiled kernel's launcher is called directly (fieldprint/kernels/launch.py),
+    so a call costs a few shape comparisons and the launch itself, not Triton's argument binding.
     """
 
-    def __init__(self, grid, args: list, constexprs: dict, options: dict, q: torch.Tensor, pool_shape,
-                 anchor_shape) -> None:
-        self.grid, self.args, self.constexprs, self.options = grid, args, constexprs, options
+    def __init__(self, launch: PreparedLaunch, q: torch.Tensor, pool_shape, anchor_shape) -> None:
+        self.launch = launch
         self.shape, self.dtype, self.device, self.q_stride = tuple(q.shape), q.dtype, q.device, q.stride()
         self.pool_shape, self.anchor_shape = pool_shape, anchor_shape
 
@@ -342,23 +353,20 @@ class DecodePlan:
             raise _bad(f"q must be {self.dtype} of shape {self.shape} with strides {self.q_stride}, as planned; got "
                        f"{q.dtype} {tuple(q.shape)} strides {q.stride()}")
         if k_cache.shape != self.pool_shape or v_cache.shape != self.pool_shape or k_cache.dtype != self.dtype \
-                or v_cache.dtype != self.dtype:
-            raise _bad(f"k_cache and v_cache must be {self.dtype} of the planned shape {tuple(self.pool_shape)}")
+                or v_cache.dtype != self.dtype or not k_cache.is_contiguous() or not v_cache.is_contiguous():
+            raise _bad(f"k_cache and v_cache must be contiguous {self.dtype} of the planned shape {tuple(self.pool_shape)}")
         if (anchors is None) != (self.anchor_shape is None) or (
                 anchors is not None and (anchors.k.shape, anchors.k.dtype) != self.anchor_shape):
             want = "absent" if self.anchor_shape is None else "{} {}".format(*self.anchor_shape)
             raise _bad(f"the anchor pool must be {want}, as planned")
-        out = _out_buffer(out, q)
-        args = self.args.copy()  # the plan keeps no reference to a layer's tensors
-        args[_Q], args[_K], args[_V], args[_OUT] = q, k_cache, v_cache, out
-        if anchors is not None:
-            args[_AK], args[_AV] = anchors.k, anchors.v
-            if anchors.k.dtype == torch.int8:
-                args[_KS], args[_VE] = anchors.k_scale, anchors.v_exp
+        # out shares q's strides (the kernel's output strides are planned from q's)
+        out = _out_buffer(out, q, self.q_stride)
+        if anchors is None:
+            self.launch.launch(q, k_cache, v_cache, k_cache, v_cache, q, q, out)
+        elif anchors.k.dtype == torch.int8:
+            self.launch.launch(q, k_cache, v_cache, anchors.k, anchors.v, anchors.k_scale, anchors.v_exp, out)
         else:
-            args[_AK], args[_AV] = k_cache, v_cache
-        args[_SO_B], args[_SO_H] = out.stride(0), out.stride(1)
-        _decode_kernel[self.grid](*args, **self.constexprs, **self.options)
+            self.launch.launch(q, k_cache, v_cache, anchors.k, anchors.v, q, q, out)
         return out
 
 
@@ -404,7 +412,7 @@ def plan_decode(
     sms = _num_sms(q.device)
     max_ctx = block_tables.shape[1] * bs
     min_chunk = 4 * block_n if on_gpu else block_n
-    s_ctx, chunk = _splits(max_ctx, bsz * hkv, sms, block_n, min_chunk, num_splits)
+    s_ctx, chunk = _splits(max_ctx, bsz * hkv, sms, block_n, min_chunk, num_splits, fill_wave=anchors is None)
     s_anc, achunk, n_anchor_items, tile = 0, 0, 0, 1
     a, r = anchors, routing
     if a is not None:
@@ -446,17 +454,17 @@ def plan_decode(
                                               context_lens, bs)
     options = {"num_warps": num_warps, "num_stages": num_stages}
     if max_registers == -1:
-        max_registers = _decode_reg_cap(int8, tile, num_warps)
+        max_registers = _decode_reg_cap(int8, tile, num_warps, d)
     if max_registers is not None and on_gpu:
         # The anchor and context items share one compiled kernel, so the int8 conversion's
         # registers would otherwise cut the occupancy of the context items too.
         options["maxnreg"] = max_registers
     args = [
         None, None, None, block_tables.contiguous(), context_lens,  # q, k_cache, v_cache: per layer
-        None, None, abt, alen, aset, order, start, pm, pm,  # anchor k, v, k_scale, v_exp: per layer
+        None, None, abt, alen, aset, order, start, None, None,  # anchor k, v, k_scale, v_exp: per layer
         gptr if gptr is not None else pm, gval, pm, pl, pacc, cnt, None,  # out: per layer
         bsz, hkv, block_tables.shape[1], abt.shape[1], chunk, achunk, n_anchor_items,
-        scale * _LOG2E, q.stride(0), q.stride(1), q.stride(0), q.stride(1),
+        scale * _LOG2E, q.stride(0), q.stride(1), q.stride(0), q.stride(1),  # out's strides are q's
     ]
     constexprs = dict(
         D=d, GQA=gqa, GQA_PAD=gqa_pad, TILE_SEQ=tile, M_CTX=max(16, gqa_pad),
@@ -465,7 +473,8 @@ def plan_decode(
         S_PAD=triton.next_power_of_2(max(s_ctx, s_anc)),
     )
     grid = (n_anchor_items + bsz * hkv * s_ctx,)
-    return DecodePlan(grid, args, constexprs, options, q, k_cache.shape, None if a is None else (a.k.shape, a.k.dtype))
+    launch = PreparedLaunch(_decode_kernel, grid, args, constexprs, options, _PER_LAYER, dev)
+    return DecodePlan(launch, q, k_cache.shape, None if a is None else (a.k.shape, a.k.dtype))
 
 
 def paged_attention_decode(
@@ -491,8 +500,11 @@ def paged_attention_decode(
     same step over many layers plans once (plan_decode) and calls DecodePlan.run per layer.
     """
     q = q if q.dim() != 3 or q.stride(-1) == 1 else q.contiguous()
-    return plan_decode(q, k_cache, v_cache, block_tables, context_lens, anchors, routing, **options).run(
-        q, k_cache, v_cache, anchors, out)
+    plan = plan_decode(q, k_cache, v_cache, block_tables, context_lens, anchors, routing, **options)
+    if out is not None and out.stride() != q.stride():
+        # The launch writes with q's strides (planned); an out laid out otherwise receives a copy.
+        return _out_buffer(out, q).copy_(plan.run(q, k_cache, v_cache, anchors))
+    return plan.run(q, k_cache, v_cache, anchors, out)
 
 
 def _tma_ok(k: torch.Tensor, v: torch.Tensor, block_n: int) -> bool:

@@ -375,6 +375,49 @@ def test_scale_argument_is_used():
     assert math.isfinite(out.sum().item())
 
 
+def test_a_one_shot_decode_fills_an_out_laid_out_unlike_q():
+    q, k, v, bt, cl = _base()
+    want = decode(q, k, v, bt, cl)
+    out = torch.full((q.shape[1], q.shape[0], q.shape[2]), float("nan")).transpose(0, 1)  # [B, H, D], other strides
+    assert torch.equal(decode(q, k, v, bt, cl, out=out), want) and torch.equal(out, want)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the direct launch is of a compiled kernel: needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["none", "bf16", "int8"])
+def test_a_plan_launches_the_compiled_kernel_directly_with_the_same_results(kind):
+    """After its first run, a plan calls the compiled kernel's launcher itself: the outputs are Triton's
+    own launch's bit for bit, eagerly and in a CUDA graph; a misaligned tensor takes Triton's path."""
+    gen = torch.Generator().manual_seed(31)
+    layers = [_pages([1, 300, 17, 64], 16, 2, 64, torch.bfloat16, torch.Generator().manual_seed(i)) for i in range(3)]
+    bt, cl = _on_device(layers[0][2]), _on_device(layers[0][3])
+    pools = [None] * 3 if kind == "none" else [
+        _anchors([40, 20], [1, -1, 0, 0], 16, 2, 64, torch.bfloat16, torch.Generator().manual_seed(9 + i),
+                 int8=kind == "int8") for i in range(3)]
+    routing = None if kind == "none" else _on_device(pools[0][1])
+    pools = [None if p is None else _on_device(p[0]) for p in pools]
+    qs = [torch.randn(4, 8, 64, generator=gen).to(DEVICE, torch.bfloat16) for _ in layers]
+    ks = [(_on_device(k), _on_device(v)) for k, v, _, _ in layers]
+    # Triton's own launch, a fresh plan per call: what the direct calls must equal.
+    want = [paged_attention_decode(q, k, v, bt, cl, p, routing) for q, (k, v), p in zip(qs, ks, pools)]
+    plan = plan_decode(qs[0], *ks[0], bt, cl, pools[0], routing)
+    assert not plan.launch.direct
+    got = [plan.run(q, k, v, p) for q, (k, v), p in zip(qs, ks, pools)]
+    assert plan.launch.direct, plan.launch.why_not_direct
+    got += [plan.run(q, k, v, p) for q, (k, v), p in zip(qs, ks, pools)]
+    assert all(torch.equal(g, w) for g, w in zip(got, want + want))
+    outs = [torch.full_like(q, float("nan")) for q in qs]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for q, (k, v), p, o in zip(qs, ks, pools, outs):
+            plan.run(q, k, v, p, out=o)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(o, w) for o, w in zip(outs, want))
+    shifted = torch.empty(qs[0].numel() + 1, dtype=qs[0].dtype, device=DEVICE)[1:].view_as(qs[0])  # 2 bytes off
+    shifted.copy_(qs[0])
+    assert torch.equal(plan.run(shifted, *ks[0], pools[0]), want[0])
+
+
 def test_a_callers_workspace_is_reused_grown_and_gives_the_same_results():
     gen = torch.Generator().manual_seed(12)
     ws = DecodeWorkspace(DEVICE)
@@ -416,8 +459,12 @@ def test_a_plan_serves_every_layer_like_one_shot_calls():
     with pytest.raises(KernelInputError, match="anchor pool must be"):
         plan.run(dev(qs[0]), dev(layers[0][0]), dev(layers[0][1]), None)
     k, v = dev(layers[0][0]), dev(layers[0][1])
-    with pytest.raises(KernelInputError, match="must be torch.float32 of the planned shape"):
+    with pytest.raises(KernelInputError, match="must be contiguous torch.float32 of the planned shape"):
         plan.run(dev(qs[0]), k.half(), v.half(), dev(pools[0][0]))
+    with pytest.raises(KernelInputError, match="must be contiguous"):  # the kernel indexes the pools densely
+        plan.run(dev(qs[0]), k.transpose(1, 2).contiguous().transpose(1, 2), v, dev(pools[0][0]))
+    with pytest.raises(KernelInputError, match="planned strides"):  # the launch writes out with q's strides
+        plan.run(dev(qs[0]), k, v, dev(pools[0][0]), out=torch.empty(8, 3, 64, device=k.device).transpose(0, 1))
     bf = AnchorPool(pools[0][0].k.float(), pools[0][0].v.float())  # a pool of another dtype than planned (int8)
     with pytest.raises(KernelInputError, match="anchor pool must be .*int8, as planned"):
         plan.run(dev(qs[0]), k, v, dev(bf))
