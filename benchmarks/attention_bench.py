@@ -1362,7 +1362,7 @@ def section_splits(quick: bool) -> None:
             try:
                 p = plan_decode(q, k, v, bt, lens, *a, check=False, **kw)
                 row["max_diff"][name] = float((p.run(q, k, v, a[0]) - want).abs().max())
-                row["us"][name] = t_graph([lambda p=p: p.run(q, k, v, a[0], out=o)], 20)
+                row["us"][name] = t_graph([lambda p=p, q=q, k=k, v=v, a=a, o=o: p.run(q, k, v, a[0], out=o)], 20)
             except Exception as e:  # e.g. a configuration over the shared memory: recorded, the sweep goes on
                 row["us"][name] = _err(e)
         times = {n: t for n, t in row["us"].items() if isinstance(t, float)}
