@@ -1417,7 +1417,8 @@ def section_host(quick: bool) -> None:
     flush()
 
 
-SECTIONS = {"check": section_check, "tile": section_tile, "host": section_host, "splits": section_splits, "decode": section_decode, "shared": section_shared,
+SECTIONS = {"check": section_check, "tile": section_tile, "host": section_host, "splits": section_splits,
+            "decode": section_decode, "shared": section_shared,
             "modes": section_modes, "prefill": section_prefill, "naive64k": section_naive64k,
             "prefill_tune": section_prefill_tune, "int8": section_int8, "flashinfer": section_flashinfer}
 
