@@ -9,8 +9,9 @@ built once: the fixed tensors as their device addresses (the launcher takes inte
 the constexprs in their places. A later call swaps in the per-call tensors' addresses and launches.
 
 What the compiled kernel assumed must still hold for a direct call, so one is made only when:
-- every per-call tensor is on the planned device and 16-byte aligned, as at the first call (Triton
-  specializes pointers on 16-byte alignment; a first call that saw one misaligned keeps Triton's path);
+- every per-call tensor is on the planned device, which is the current one, and 16-byte aligned, as
+  at the first call (Triton specializes pointers on 16-byte alignment; a first call that saw one
+  misaligned keeps Triton's path);
 - no launch hook is installed (profilers such as Proton see launches through those hooks);
 - the compiled kernel exposes the launcher this module calls (`run`, `function`, `packed_metadata`).
 Anything else takes Triton's full path, which is always correct. The launch keeps its fixed tensors
@@ -19,7 +20,10 @@ referenced (their addresses are baked into it); the caller must not resize or re
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+import triton.language as tl
 
 
 def _runtime_knobs():
@@ -44,6 +48,16 @@ def _hooks_idle() -> bool:
     return True
 
 
+def _constexpr_names(fn) -> list[str]:
+    """The kernel's tl.constexpr parameters, in order (a JIT function or, under TRITON_INTERPRET, its interpreted one)."""
+    names = []
+    for name, p in inspect.signature(fn.fn).parameters.items():
+        a = p.annotation
+        if a is tl.constexpr or (isinstance(a, str) and a.split(".")[-1] == "constexpr"):
+            names.append(name)
+    return names
+
+
 class PreparedLaunch:
     """One kernel's launch with fixed arguments, `slots` of which are per-call tensors.
 
@@ -56,8 +70,10 @@ class PreparedLaunch:
                  slots: tuple[int, ...], device: torch.device) -> None:
         names = list(fn.arg_names)
         tail = names[len(args):]
-        if [n for n in tail if n not in constexprs] or [n for n in constexprs if n not in tail]:
-            raise ValueError(f"{names}: the constexprs must be exactly the arguments after the {len(args)} positional ones")
+        declared = _constexpr_names(fn)
+        if tail != declared or sorted(constexprs) != sorted(tail):
+            raise ValueError(f"{names}: the constexprs must be exactly the arguments after the {len(args)} positional "
+                             f"ones, the kernel's constexprs {declared}; got {sorted(constexprs)}")
         self.fn, self.args, self.constexprs, self.options, self.slots = fn, args, constexprs, options, slots
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
         self.device = device
@@ -73,8 +89,10 @@ class PreparedLaunch:
         return self._compiled is not None
 
     def launch(self, *tensors: torch.Tensor) -> None:
+        if len(tensors) != len(self.slots):
+            raise ValueError(f"this launch takes {len(self.slots)} tensors (its slots {self.slots}), got {len(tensors)}")
         c = self._compiled
-        if c is not None and _hooks_idle():
+        if c is not None and _hooks_idle() and torch.cuda.current_device() == self.device.index:
             a = self._direct.copy()
             index = self.device.index
             for i, t in zip(self.slots, tensors):
