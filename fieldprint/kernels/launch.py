@@ -20,6 +20,7 @@ referenced (their addresses are baked into it); the caller must not resize or re
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -48,6 +49,7 @@ def _hooks_idle() -> bool:
     return True
 
 
+@functools.cache  # per kernel: inspecting a signature costs tens of microseconds, and a plan is made per step
 def _constexpr_names(fn) -> list[str]:
     """The kernel's tl.constexpr parameters, in order (a JIT function or, under TRITON_INTERPRET, its interpreted one)."""
     names = []
@@ -71,7 +73,7 @@ class PreparedLaunch:
         names = list(fn.arg_names)
         tail = names[len(args):]
         declared = _constexpr_names(fn)
-        if tail != declared or sorted(constexprs) != sorted(tail):
+        if tail != declared or sorted(constexprs) != sorted(declared):
             raise ValueError(f"{names}: the constexprs must be exactly the arguments after the {len(args)} positional "
                              f"ones, the kernel's constexprs {declared}; got {sorted(constexprs)}")
         self.fn, self.args, self.constexprs, self.options, self.slots = fn, args, constexprs, options, slots
