@@ -15,13 +15,17 @@ def _scale(x_ptr, out_ptr, n, factor, BLOCK: tl.constexpr):
 
 
 def test_a_launch_fills_its_slots_in_order_and_refuses_a_wrong_count():
-    x, out = torch.arange(40, dtype=torch.float32), torch.empty(40)
-    launch = PreparedLaunch(_scale, (3,), [None, None, 40, 2.0], {"BLOCK": 16}, {}, (0, 1), x.device)
-    launch.launch(x, out)
-    assert torch.equal(out, x * 2)
+    """The first launch goes through Triton; on a GPU the later ones call the compiled kernel directly."""
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    x = torch.arange(40, dtype=torch.float32, device=dev)
+    launch = PreparedLaunch(_scale, (3,), [None, None, 40, 2.0], {"BLOCK": 16}, {}, (0, 1), dev)
+    for i in range(3):
+        out = torch.full_like(x, float("nan"))
+        launch.launch(x + i, out)
+        assert torch.equal(out, (x + i) * 2)
+        assert launch.direct == (dev.type == "cuda"), launch.why_not_direct
     with pytest.raises(ValueError, match="takes 2 tensors"):
         launch.launch(x)
-    assert not launch.direct  # direct calls are for compiled kernels on a GPU
 
 
 def test_a_launch_refuses_constexprs_that_do_not_match_the_kernel():
