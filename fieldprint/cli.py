@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from fieldprint.atomic import replace_file
 from fieldprint.config import (
     DEFAULT_DATA_DIR,
     DEFAULT_ORIGIN,
@@ -101,10 +102,7 @@ def run_generate_command(args: argparse.Namespace) -> int:
         receipt = engine.bind(out.receipt)
     path = args.receipt or os.path.join(args.data_dir, "receipts", time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(dump_receipt(receipt))
-    os.replace(tmp, path)
+    replace_file(path, dump_receipt(receipt), mode=0o644)  # a receipt is for anyone to verify
     if args.json:
         print(json.dumps({"text": out.text, "finish_reason": out.finish_reason, "anchors": out.anchors,
                           "decisions": out.decisions, "receipt": path}, indent=2))

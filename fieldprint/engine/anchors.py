@@ -31,6 +31,7 @@ import blake3
 import numpy as np
 import torch
 
+from fieldprint.atomic import replace_file, sweep_temporaries
 from fieldprint.canon import canonical_json, parse_digest, tag_digest
 from fieldprint.dqp import quantize
 from fieldprint.dqp_profile import DQPProfile
@@ -211,6 +212,8 @@ class AnchorCompiler:
 
     def __init__(self, runner, log, committer, profile: DQPProfile | None, folder: str | None) -> None:
         self.runner, self.log, self.committer, self.profile, self.folder = runner, log, committer, profile, folder
+        if folder is not None:
+            sweep_temporaries(folder)  # set files a killed writer left half-written
         self.int8 = runner.cache.anchor_k.dtype == torch.int8
         if self.int8:
             if profile is None:
@@ -353,16 +356,14 @@ class AnchorCompiler:
         slot = self.runner.anchor_pool.sets[cs.key]
         head = {"key": cs.key, "manifest": cs.manifest, "entry": base64.b64encode(cs.entry).decode(), "index": cs.index,
                 "blocks": [d.hex() for d in cs.block_digests], "tokens": cs.tokens}
-        path = self._path(cs.key)
         os.makedirs(self.folder, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
+
+        def write(f) -> None:
             f.write(_FILE_MAGIC + canonical_json(head) + b"\n")
             for state in _by_layer(*anchor_states(self.runner, slot.blocks, slot.length)):
                 f.write(state.contiguous().cpu().view(torch.uint8).numpy().tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # a set file is whole or absent
+
+        replace_file(self._path(cs.key), write)  # a set file is whole or absent
 
     def _load(self, key: str, path: str) -> CompiledSet:
         c, r = self.runner.cache, self.runner

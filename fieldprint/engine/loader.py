@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import blake3
 import torch
 
+from fieldprint.atomic import replace_file, sweep_temporaries, temporary_dir
 from fieldprint.canon import canonical_json, parse_digest, tag_digest
 from fieldprint.engine.model import LlamaModel, ModelArgs
 from fieldprint.errors import EntryError, ModelError
@@ -127,14 +128,18 @@ def load_tokenizer(folder: str, gguf: str | None, cache: str):
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"cannot load the tokenizer from {folder}: {e}") from None
     if gguf:
-        tmp = f"{tok_dir}.{os.getpid()}.tmp"
+        tmp = None
         try:
+            os.makedirs(cache, exist_ok=True)
+            sweep_temporaries(cache)
+            tmp = temporary_dir(cache, "tokenizer")
             tok.save_pretrained(tmp)
             os.replace(tmp, tok_dir)  # a folder appears whole; another process may have put one first
         except OSError:
             pass  # a cache, not a requirement: the next load converts again
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
     if tok.chat_template is None:
         raise ModelError(f"the tokenizer of {folder} has no chat template; Fieldprint renders anchors as a system message")
     return tok
@@ -266,10 +271,8 @@ def load_model(path: str = SMOLLM2, *, device: str | torch.device | None = None,
         wd = weights_digest(tensors)
         try:
             os.makedirs(cache, exist_ok=True)
-            tmp = f"{ids_file}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                json.dump({"weights": wd}, f)
-            os.replace(tmp, ids_file)
+            sweep_temporaries(cache)
+            replace_file(ids_file, json.dumps({"weights": wd}), mode=0o644, durable=False)  # a cache
         except OSError:
             pass  # not cached: computed again next time
     td = tokenizer_digest(tok)

@@ -22,6 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from fieldprint.atomic import replace_file, sweep_temporaries
 from fieldprint.canon import check_label, is_int
 from fieldprint.config import DEFAULT_ORIGIN, LEDGER_DB, LEDGER_KEY_STEM
 from fieldprint.dqp_profile import DQPProfile
@@ -87,10 +88,8 @@ def load_or_calibrate_profile(data_dir: str, model_id: str, calibrate, recipe: s
                           "(anchor sets compiled with it will then recompile)") from None
     profile = calibrate()
     os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(profile.encode())
-    os.replace(tmp, path)
+    sweep_temporaries(folder)
+    replace_file(path, profile.encode())
     return profile
 
 
@@ -103,6 +102,8 @@ class Memory:
         # Sessions and the states of rolled-back turns (never anchor candidates again) survive a
         # restart: each file is rewritten whole after every change (the log remains the record).
         self._dir = data_dir
+        if data_dir is not None:
+            sweep_temporaries(data_dir)  # records a killed writer left half-written
         saved, withdrawn = self._read(SESSIONS_FILE, {}), self._read(WITHDRAWN_FILE, {"through": 0, "states": []}, list)
         if isinstance(withdrawn, list):  # the earlier form, a bare list: kept, and the log read again from 0
             withdrawn = {"through": 0, "states": withdrawn}
@@ -271,13 +272,7 @@ class Memory:
         """Replace one of the folder's JSON records whole (a crash leaves the old one or the new one)."""
         if self._dir is None:
             return
-        path = os.path.join(self._dir, name)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(value, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace_file(os.path.join(self._dir, name), json.dumps(value))
 
     def _save_sessions(self) -> None:
         for s in self.sessions.values():

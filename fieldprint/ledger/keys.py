@@ -9,9 +9,9 @@ new key would no longer verify the checkpoints the old one signed).
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 
+from fieldprint.atomic import remove_quietly, sweep_temporaries, sync_dir, temporary
 from fieldprint.errors import NoteError
 from fieldprint.ledger.note import Signer, generate_key
 
@@ -43,6 +43,7 @@ def ensure_key_pair(
             f"half a key pair: {present} exists but {missing} does not (an interrupted creation?); "
             f"restore {missing} from a backup, or remove {present} to create a new key pair"
         )
+    sweep_temporaries(folder)  # key files a killed creation left under temporary names
     signer, verifier = generate_key(name)  # NoteError on a bad name, before any file exists
     temps: list[str] = []
     published: list[str] = []
@@ -67,8 +68,8 @@ def ensure_key_pair(
         done = True
     finally:
         for path in temps + ([] if done else published):
-            _remove_quietly(path)
-    _sync_dir(folder)
+            remove_quietly(path)
+    sync_dir(folder)
     return signer, verifier
 
 
@@ -84,7 +85,7 @@ def _load(key_file: str, pub_file: str) -> tuple[str, str]:
 
 
 def _write_temp(folder: str | os.PathLike, final: str, text: str, mode: int, temps: list[str]) -> str:
-    fd, path = tempfile.mkstemp(prefix=f".{final}.", suffix=".tmp", dir=folder)
+    fd, path = temporary(folder, final)
     temps.append(path)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         os.fchmod(f.fileno(), mode)
@@ -92,24 +93,3 @@ def _write_temp(folder: str | os.PathLike, final: str, text: str, mode: int, tem
         f.flush()
         os.fsync(f.fileno())
     return path
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
-def _sync_dir(folder: str | os.PathLike) -> None:
-    """Make the renames durable (best effort: not every platform can fsync a directory)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+from fieldprint.atomic import sweep_temporaries
 from fieldprint.canon import is_int
 from fieldprint.errors import EntryError, LogError
 from fieldprint.ledger.entry import MAX_ENTRY_BYTES
@@ -152,6 +153,7 @@ class TransparencyLog(LogReader):
             why = f"the log published a checkpoint ({published})" if os.path.exists(published) else "this log exists"
             raise LogError(f"the log database {path} is missing or empty but {why}: restore it from a backup. "
                            f"Nothing was written")
+        sweep_temporaries(os.path.dirname(os.path.abspath(published)))  # checkpoint files a killed writer left
         storage = SQLiteStorage(path, durability=durability)
         try:
             return cls(storage, signer_key, batch_size=batch_size, batch_wait_ms=batch_wait_ms,

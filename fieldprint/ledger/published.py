@@ -12,9 +12,9 @@ from it would contradict a checkpoint the log has already handed out.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 
+from fieldprint.atomic import replace_file
 from fieldprint.errors import LogError, NoteError
 from fieldprint.ledger.note import Checkpoint
 
@@ -46,25 +46,7 @@ def read_checkpoint_file(path: str, verifier_key: str, origin: str) -> Checkpoin
 
 def write_checkpoint_file(path: str, note: str) -> None:
     """Replace `path` with `note` atomically and durably (temporary file, fsync, rename, fsync folder)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(note)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    replace_file(path, note, mode=0o644)  # a checkpoint is public: anyone may verify against it
 
 
 def check_against(db_path: str, size: int, root_at: Callable[[int], bytes], cp: Checkpoint, where: str) -> None:

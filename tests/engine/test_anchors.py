@@ -6,6 +6,8 @@ from __future__ import annotations
 import glob
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -90,8 +92,15 @@ def test_sets_are_reused_and_reloaded_without_recompiling(anchor_dtype, tiny_mod
     assert _acquire(first, engine_ops) is cs and log.size == size  # reused from the pool
     assert _acquire(first, engine_ops, FACTS[::-1]).key != cs.key  # order matters: another set
     size = log.size
+    # A writer killed while saving a set left its temporary; the restart sweeps it and reads the whole file.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = os.path.join(first.folder, f".{cs.key}.fpas.{dead.pid}.a1b2c3d4.tmp")
+    with open(leftover, "wb") as f:
+        f.write(b"half a set")
     again = _acquire(make_compiler(lm, anchor_dtype), engine_ops)  # a restart: read from its file and verified
     assert log.size == size and (again.key, again.index, again.entry) == (cs.key, cs.index, cs.entry)
+    assert not os.path.exists(leftover)
 
 
 # -- 5. tampering ---------------------------------------------------------------------------------------
