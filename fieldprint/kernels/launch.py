@@ -26,6 +26,8 @@ import inspect
 import torch
 import triton.language as tl
 
+from fieldprint.errors import KernelInputError
+
 
 def _runtime_knobs():
     try:
@@ -106,6 +108,10 @@ class PreparedLaunch:
                 g = self.grid
                 c.run(g[0], g[1], g[2], self._stream(index), c.function, c.packed_metadata, None, None, None, *a)
                 return
+        for n, t in enumerate(tensors):
+            if not isinstance(t, torch.Tensor) or t.device != self.device:
+                where = t.device if isinstance(t, torch.Tensor) else type(t).__name__
+                raise KernelInputError(f"per-call tensor {n} must be a tensor on {self.device}, got {where}")
         args = self.args.copy()
         for i, t in zip(self.slots, tensors):
             args[i] = t

@@ -349,6 +349,10 @@ class DecodePlan:
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, anchors: AnchorPool | None = None,
             out: torch.Tensor | None = None) -> torch.Tensor:
         """Launch over this layer's q [B, H_q, D] and pools (shaped as planned); returns out."""
+        if not (isinstance(q, torch.Tensor) and isinstance(k_cache, torch.Tensor) and isinstance(v_cache, torch.Tensor)
+                and (anchors is None or isinstance(anchors, AnchorPool)) and (out is None or isinstance(out, torch.Tensor))):
+            raise _bad(f"q, k_cache, v_cache (and out) must be tensors and anchors an AnchorPool or None; got "
+                       f"{', '.join(type(x).__name__ for x in (q, k_cache, v_cache, anchors, out))}")
         if q.shape != self.shape or q.dtype != self.dtype or q.stride() != self.q_stride:
             raise _bad(f"q must be {self.dtype} of shape {self.shape} with strides {self.q_stride}, as planned; got "
                        f"{q.dtype} {tuple(q.shape)} strides {q.stride()}")

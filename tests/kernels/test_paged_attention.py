@@ -463,6 +463,12 @@ def test_a_plan_serves_every_layer_like_one_shot_calls():
         plan.run(dev(qs[0]), k.half(), v.half(), dev(pools[0][0]))
     with pytest.raises(KernelInputError, match="must be contiguous"):  # the kernel indexes the pools densely
         plan.run(dev(qs[0]), k.transpose(1, 2).contiguous().transpose(1, 2), v, dev(pools[0][0]))
+    with pytest.raises(KernelInputError, match="must be tensors"):
+        plan.run(dev(qs[0]).cpu().numpy(), k, v, dev(pools[0][0]))
+    with pytest.raises(KernelInputError, match="AnchorPool or None"):
+        plan.run(dev(qs[0]), k, v, "pool")
+    with pytest.raises(KernelInputError, match="per-call tensor 1 must be a tensor on"):
+        plan.run(dev(qs[0]), k.to("meta"), v, dev(pools[0][0]))
     with pytest.raises(KernelInputError, match="planned strides"):  # the launch writes out with q's strides
         plan.run(dev(qs[0]), k, v, dev(pools[0][0]), out=torch.empty(8, 3, 64, device=k.device).transpose(0, 1))
     bf = AnchorPool(pools[0][0].k.float(), pools[0][0].v.float())  # a pool of another dtype than planned (int8)
