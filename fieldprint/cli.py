@@ -498,17 +498,17 @@ def ledger_consistency(args: argparse.Namespace) -> int:
 
 
 def _emit(path: str | None, text: str) -> None:
-    """Write `text` to standard output, or to `path` (on failure: remove what this call created, LogError)."""
+    """Write `text` to standard output, or to `path`, whole (on failure the old file stays as it was: LogError)."""
     if path is None:
         sys.stdout.write(text)
         return
-    existed = os.path.exists(path)
     try:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
+        if os.path.exists(path) and not os.path.isfile(path):  # a pipe or a device (/dev/stdout): written as it is
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+        else:
+            replace_file(path, text, mode=0o644, durable=False)
     except OSError as exc:
-        if not existed and os.path.isfile(path):
-            os.remove(path)  # never leave a half-written bundle behind
         raise LogError(f"cannot write the bundle to {path}: {exc.strerror or exc}; choose another -o path") from None
 
 

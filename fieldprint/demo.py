@@ -17,6 +17,7 @@ import json
 import os
 import time
 
+from fieldprint.atomic import replace_file
 from fieldprint.config import VERIFIER_KEY_FILE
 
 QUESTION = "I'm cooking dinner for Ada tonight. What should I make? Answer in two sentences."
@@ -78,8 +79,7 @@ def run_demo(data_dir: str, say=print, model: str = "smollm2") -> dict:
         say("\n4. The receipt, verified offline with only the log's public key")
         receipt = engine.bind(anchored.receipt)
         path = os.path.join(data_dir, f"receipt-{session}.json")
-        with open(path, "w") as f:
-            f.write(dump_receipt(receipt))
+        replace_file(path, dump_receipt(receipt), mode=0o644)
         with open(os.path.join(data_dir, VERIFIER_KEY_FILE)) as f:
             log_key = f.read().strip()
         with open(path) as f:

@@ -148,6 +148,26 @@ def test_verify_and_prove_io_errors_are_reported(tmp_path, capsys):
     assert rc == 1 and "cannot write the bundle" in err and not target.exists()
 
 
+def test_a_bundle_written_over_an_old_file_replaces_it_whole_or_not_at_all(tmp_path, capsys, monkeypatch):
+    d = str(tmp_path / "data")
+    assert run(capsys, "ledger", "--data-dir", d, "init")[0] == 0
+    (tmp_path / "e").write_bytes(b"entry")
+    assert run(capsys, "ledger", "--data-dir", d, "add", "--raw", str(tmp_path / "e"))[0] == 0
+    target = tmp_path / "b.json"
+    target.write_text("the old bundle")
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("fieldprint.atomic.os.replace", full_disk)
+    rc, _, err = run(capsys, "ledger", "--data-dir", d, "prove", "0", "-o", str(target))
+    assert rc == 1 and "No space left" in err
+    assert target.read_text() == "the old bundle" and sorted(os.listdir(tmp_path)) == ["b.json", "data", "e"]
+    monkeypatch.undo()
+    assert run(capsys, "ledger", "--data-dir", d, "prove", "0", "-o", str(target))[0] == 0
+    assert json.loads(target.read_text())["index"] == 0
+
+
 def test_add_lines_skips_blank_lines(tmp_path, capsys):
     d = str(tmp_path / "data")
     assert run(capsys, "ledger", "--data-dir", d, "init")[0] == 0
