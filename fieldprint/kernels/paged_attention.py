@@ -331,6 +331,21 @@ def _anchor_plan(r: AnchorRouting, tile: int) -> tuple[torch.Tensor, torch.Tenso
 _PER_LAYER = (0, 1, 2, 5, 6, 12, 13, 20)
 
 
+def _pool_layout(a: AnchorPool) -> tuple:
+    """What a plan assumes of every layer's anchor pool: each tensor's shape and dtype (and all dense)."""
+    ts = (a.k, a.v, a.k_scale, a.v_exp) if a.k.dtype == torch.int8 else (a.k, a.v)
+    return tuple((t.shape, t.dtype) if isinstance(t, torch.Tensor) else None for t in ts)
+
+
+def _has_layout(a: AnchorPool, layout: tuple) -> bool:
+    """Whether a layer's pool has the planned layout (per call, so without building tuples)."""
+    ts = (a.k, a.v, a.k_scale, a.v_exp) if len(layout) == 4 else (a.k, a.v)
+    for t, (shape, dtype) in zip(ts, layout):
+        if not isinstance(t, torch.Tensor) or t.shape != shape or t.dtype != dtype or not t.is_contiguous():
+            return False
+    return True
+
+
 class DecodePlan:
     """One decode launch prepared once: checks, split sizes, the anchor plan and the argument list.
 
@@ -360,9 +375,12 @@ class DecodePlan:
                 or v_cache.dtype != self.dtype or not k_cache.is_contiguous() or not v_cache.is_contiguous():
             raise _bad(f"k_cache and v_cache must be contiguous {self.dtype} of the planned shape {tuple(self.pool_shape)}")
         if (anchors is None) != (self.anchor_shape is None) or (
-                anchors is not None and (anchors.k.shape, anchors.k.dtype) != self.anchor_shape):
-            want = "absent" if self.anchor_shape is None else "{} {}".format(*self.anchor_shape)
-            raise _bad(f"the anchor pool must be {want}, as planned")
+                anchors is not None and not _has_layout(anchors, self.anchor_shape)):
+            if self.anchor_shape is None:
+                raise _bad("the anchor pool must be absent, as planned")
+            got = "absent" if anchors is None else _pool_layout(anchors)
+            raise _bad(f"the anchor pool must be laid out as planned (k, v[, k_scale, v_exp] as (shape, dtype), "
+                       f"dense): {self.anchor_shape}; got {got}")
         # out shares q's strides (the kernel's output strides are planned from q's)
         out = _out_buffer(out, q, self.q_stride)
         if anchors is None:
@@ -478,7 +496,7 @@ def plan_decode(
     )
     grid = (n_anchor_items + bsz * hkv * s_ctx,)
     launch = PreparedLaunch(_decode_kernel, grid, args, constexprs, options, _PER_LAYER, dev)
-    return DecodePlan(launch, q, k_cache.shape, None if a is None else (a.k.shape, a.k.dtype))
+    return DecodePlan(launch, q, k_cache.shape, None if a is None else _pool_layout(a))
 
 
 def paged_attention_decode(

@@ -472,5 +472,10 @@ def test_a_plan_serves_every_layer_like_one_shot_calls():
     with pytest.raises(KernelInputError, match="planned strides"):  # the launch writes out with q's strides
         plan.run(dev(qs[0]), k, v, dev(pools[0][0]), out=torch.empty(8, 3, 64, device=k.device).transpose(0, 1))
     bf = AnchorPool(pools[0][0].k.float(), pools[0][0].v.float())  # a pool of another dtype than planned (int8)
-    with pytest.raises(KernelInputError, match="anchor pool must be .*int8, as planned"):
+    with pytest.raises(KernelInputError, match="anchor pool must be laid out as planned"):
         plan.run(dev(qs[0]), k, v, dev(bf))
+    p0 = dev(pools[0][0])
+    for other in (AnchorPool(p0.k, p0.v[:1], p0.k_scale, p0.v_exp), AnchorPool(p0.k, p0.v, p0.k_scale.half(), p0.v_exp),
+                  AnchorPool(p0.k, p0.v, p0.k_scale, None), AnchorPool(p0.k, p0.v, p0.k_scale.t().contiguous().t(), p0.v_exp)):
+        with pytest.raises(KernelInputError, match="anchor pool must be laid out as planned"):
+            plan.run(dev(qs[0]), k, v, other)
