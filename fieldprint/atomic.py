@@ -4,6 +4,9 @@ A crash leaves the old file or the new one, never a mix. A process killed while 
 temporary behind, so temporaries are named `.<final name>.<writer's pid>.<random>.tmp` and
 `sweep_temporaries(folder)`, called when a folder's owner opens it, removes those whose writer no
 longer runs (and never one that a live process may still be writing: its own, or another's).
+Pids are this host's: where one folder is shared across hosts or containers with their own pid
+namespaces, a sweep may remove another's temporary mid-write, whose rename then fails with an
+error (nothing half-written is ever renamed into place).
 """
 
 from __future__ import annotations
