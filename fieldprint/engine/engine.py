@@ -118,7 +118,6 @@ class Engine:
         tok = self.lm.tokenizer
         self.eos = {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|eot_id|>"))
                     if isinstance(i, int) and i >= 0 and i != tok.unk_token_id}
-        self.sessions = self.memory.sessions
         self._sessions_of: dict[int, str] = {}  # running sequence -> its session (for the K/V commit)
         self._kv_tickets: dict[int, object] = {}
 
@@ -169,11 +168,8 @@ class Engine:
     def _request(self, prompt, params: SamplingParams, session: str | None, anchors) -> _Request:
         if not isinstance(params, SamplingParams):
             raise EngineError(f"params must be SamplingParams, got {type(params).__name__}")
-        if session is not None and session not in self.sessions:
-            raise EngineError(f"session {session!r} does not exist; create it with engine.new_session({session!r})")
-        messages = self._messages(prompt)
-        if session is not None:
-            messages = self.sessions[session].history + messages
+        history = self.memory.session(session).history if session is not None else []  # EngineError if none
+        messages = history + self._messages(prompt)
         states, decisions = self._anchors(anchors, session, messages[-1]["content"])
         cs = None
         if states:

@@ -6,7 +6,8 @@ override), and the turn's K/V goes through the asynchronous committer. `rollback
 returns a session to an earlier committed turn: its history is cut back, the states of the dropped
 turns are withdrawn from retrieval (their rows are flagged, never deleted: the log is append-only,
 and no other session's rows are touched, unlike a table-wide version restore), and a `rollback`
-entry records it in the log.
+entry records it in the log. Where sessions are kept (a file, or PostgreSQL for engines sharing a
+memory): fieldprint/engine/sessions.py.
 
 Withdrawals are read back from the log: the gate asks `why_withdrawn`, which first takes in the
 rollback entries logged since it last looked, so engines sharing one log (PostgreSQL) all refuse a
@@ -20,54 +21,18 @@ import json
 import os
 import threading
 import time
-from dataclasses import dataclass, field
 
 from fieldprint.atomic import replace_file, sweep_temporaries
 from fieldprint.canon import check_label, is_int
 from fieldprint.config import DEFAULT_ORIGIN, LEDGER_DB, LEDGER_KEY_STEM
 from fieldprint.dqp_profile import DQPProfile
+from fieldprint.engine.sessions import FileSessions, PostgresSessions, Session, Turn
 from fieldprint.errors import DQPError, EngineError, EntryError, FieldprintError
 from fieldprint.ledger.entry import decode_entry, encode_entry
 
 OPERATOR_STEM, OPERATOR_NAME = "operator", "fieldprint.local/operator"
 WITHDRAWN_FILE, SESSIONS_FILE = "withdrawn.json", "sessions.json"
 RESCAN_LIMIT = 10_000  # log entries a restart may read again to bring the withdrawn set up to date
-
-
-@dataclass(slots=True)
-class Turn:
-    user_state: str
-    output_state: str
-    receipt_entry: str  # the generation entry (base64) of the turn's receipt
-    kv_future: object = None  # the committer's future for the turn's K/V (None: not committed)
-    kv_index: int | None = None  # the K/V commit's leaf index, once known (what a restart keeps)
-
-    def kv_commit(self, timeout: float = 60.0) -> int | None:
-        """The leaf index of this turn's K/V commit (waiting for it if still running), or None."""
-        if self.kv_index is None and self.kv_future is not None:
-            self.kv_index = self.kv_future.result(timeout).index
-        return self.kv_index
-
-
-@dataclass(slots=True)
-class Session:
-    name: str
-    history: list[dict] = field(default_factory=list)  # chat messages of the kept turns
-    turns: list[Turn] = field(default_factory=list)
-
-
-def _session_from_record(name: str, record: dict) -> Session:
-    """A session from sessions.json; TypeError or KeyError when a field has the wrong shape or type."""
-    history, turns = record["history"], record["turns"]
-    if not isinstance(history, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in history):
-        raise TypeError(f"session {name!r}: history must be a list of chat messages")
-    if not isinstance(turns, list) or not all(
-            isinstance(t, dict) and isinstance(t["user_state"], str) and isinstance(t["output_state"], str)
-            and (t["kv_index"] is None or is_int(t["kv_index"])) for t in turns):
-        raise TypeError(f"session {name!r}: turns must be a list of turn records")
-    return Session(name, list(history), [Turn(t["user_state"], t["output_state"], t["receipt_entry"], None, t["kv_index"])
-                                         for t in turns])
 
 
 def load_or_calibrate_profile(data_dir: str, model_id: str, calibrate, recipe: str) -> DQPProfile:
@@ -96,11 +61,13 @@ def load_or_calibrate_profile(data_dir: str, model_id: str, calibrate, recipe: s
 class Memory:
     """Log, state store, vectors, embedder, gate and Pacemaker of one data folder, opened together."""
 
-    def __init__(self, log, store, pacemaker, gate, operator_key: str | None = None, data_dir: str | None = None) -> None:
+    def __init__(self, log, store, pacemaker, gate, operator_key: str | None = None, data_dir: str | None = None,
+                 sessions: PostgresSessions | None = None) -> None:
         self.log, self.store, self.pacemaker, self.gate = log, store, pacemaker, gate
         self.operator_key = operator_key  # signs overrides in the demo; a deployment keeps it elsewhere
-        # Sessions and the states of rolled-back turns (never anchor candidates again) survive a
-        # restart: each file is rewritten whole after every change (the log remains the record).
+        # Sessions (in the folder's sessions.json, or `sessions` shared on PostgreSQL) and the states of
+        # rolled-back turns (never anchor candidates again) survive a restart; each file is rewritten
+        # whole after every change (the log remains the record).
         self._dir = data_dir
         if data_dir is not None:
             sweep_temporaries(data_dir)  # records a killed writer left half-written
@@ -108,7 +75,11 @@ class Memory:
         if isinstance(withdrawn, list):  # the earlier form, a bare list: kept, and the log read again from 0
             withdrawn = {"through": 0, "states": withdrawn}
         try:
-            self.sessions: dict[str, Session] = {name: _session_from_record(name, v) for name, v in saved.items()}
+            if sessions is None:
+                self.sessions = FileSessions(saved, lambda records: self._write(SESSIONS_FILE, records))
+            else:  # a folder's sessions from before it moved to the shared database go there, once
+                sessions.import_records(saved)
+                self.sessions = sessions
             through, states = withdrawn["through"], withdrawn["states"]
             if not (is_int(through) and 0 <= through <= log.size and isinstance(states, list)
                     and all(isinstance(i, str) for i in states)):
@@ -119,6 +90,7 @@ class Memory:
         self.withdrawn: set[str] = set(states)
         self._withdrawn_through = self._saved_through = through  # the log size the set covers, and the file
         self._lock = threading.Lock()
+        self._kv_pending: dict[str, object] = {}  # a turn's output state -> its K/V commit's future, until it lands
         self._catch_up()
         # The gate refuses withdrawn states itself, on every path to an anchor, and asks each time.
         gate.why_withdrawn = self.why_withdrawn
@@ -140,20 +112,23 @@ class Memory:
         log_signer, log_verifier = ensure_key_pair(data_dir, LEDGER_KEY_STEM, DEFAULT_ORIGIN)
         op_signer, op_verifier = ensure_key_pair(data_dir, OPERATOR_STEM, OPERATOR_NAME)
         log = TransparencyLog.open(database or os.path.join(data_dir, LEDGER_DB), log_signer, checkpoint_interval_s=None)
-        store = None
+        store = sessions = None
         try:
             if database:
                 from fieldprint.memory.pg_store import PostgresStateStore
                 from fieldprint.memory.pgvector import PgVectorStore
 
                 store, vectors = PostgresStateStore(database), PgVectorStore(database)
+                sessions = PostgresSessions(database)
             else:
                 store = SQLiteStateStore(os.path.join(data_dir, "states.sqlite"))
                 vectors = LanceVectorStore(os.path.join(data_dir, "vectors"))
             gate = PromotionGate(store, log, GateConfig(log_keys=[log_verifier], override_keys=[op_verifier]))
             pm = Pacemaker(store, log, vectors, embedder or MiniLMEmbedder(), gate)
-            return cls(log, store, pm, gate, op_signer, data_dir)
+            return cls(log, store, pm, gate, op_signer, data_dir, sessions)
         except BaseException:  # nothing stays open (the log's writer lock above all)
+            if sessions is not None:
+                sessions.close()
             if store is not None:
                 store.close()
             log.close()
@@ -209,47 +184,101 @@ class Memory:
             check_label(name, "session")
         except EntryError as e:
             raise EngineError(str(e)) from None
-        with self._lock:
-            if name in self.sessions:
-                raise EngineError(f"session {name!r} already exists")
-            self.sessions[name] = Session(name)
-            self._save_sessions()
+        self.sessions.create(name)
         return name
 
+    def session(self, name: str) -> Session:
+        """The session as stored now (a copy); EngineError if there is none of that name."""
+        s = self.sessions.get(name)
+        if s is None:
+            raise EngineError(f"session {name!r} does not exist; create it with new_session({name!r})")
+        return self._as_logged(s)
+
+    def _as_logged(self, s: Session) -> Session:
+        """The session cut where the log says it was rolled back: a rollback is logged before the stored
+        session is cut, so a write that failed in between (a full disk, a lost connection) leaves turns
+        whose states the log withdrew; they are dropped here, on every read and before every change."""
+        self._catch_up()
+        cut = next((i for i, t in enumerate(s.turns) if t.user_state in self.withdrawn), None)
+        if cut is not None:
+            s.turns, s.history = s.turns[:cut], s.history[: 2 * cut]
+        return s
+
     def record_turn(self, session: str, user_text: str, output_text: str, receipt: dict, kv_future) -> Turn:
-        """The turn's user input and model output become states; the history grows by one exchange."""
-        s = self.sessions[session]
+        """The turn's user input and model output become states; the history grows by one exchange.
+
+        kv_future: the turn's K/V commit (a future of its CommitResult), or None; its leaf index is
+        stored with the turn once it lands."""
+        self.session(session)  # refused before any state is added
         user = self.pacemaker.add("user_input", session=session, creator="user", sources=["user"], text=user_text)
         out = self.pacemaker.add("model_output", session=session, creator="model", parents=[user.state_id],
                                  text=output_text or "(empty answer)")
-        turn = Turn(user.state_id, out.state_id, receipt["generation"]["entry"], kv_future)
-        s.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": output_text}]
-        s.turns.append(turn)
-        self._save_sessions()
+        turn = Turn(user.state_id, out.state_id, receipt["generation"]["entry"])
+
+        def append(s: Session) -> None:
+            self._as_logged(s)
+            s.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": output_text}]
+            s.turns.append(turn)
+
+        self.sessions.change(session, append)
+        if kv_future is not None:
+            self._kv_pending[turn.output_state] = kv_future
+            kv_future.add_done_callback(lambda f: self._kv_landed(session, turn, f))
         return turn
+
+    def _kv_landed(self, session: str, turn: Turn, future) -> None:
+        """Store a turn's K/V commit index with the turn (on the committer's thread, when the commit is logged)."""
+        if future.cancelled() or future.exception() is not None:
+            return  # kv_commit() reports the failure to whoever rolls back to this turn here
+        index = turn.kv_index = future.result().index
+        output_state = turn.output_state
+
+        def note(s: Session) -> None:
+            for t in s.turns:
+                if t.output_state == output_state:
+                    t.kv_index = index
+
+        try:
+            self.sessions.change(session, note)
+            self._kv_pending.pop(output_state, None)
+        except FieldprintError:
+            pass  # not stored (the database is unreachable?): this process still knows it from the future
+
+    def kv_commit(self, turn: Turn, timeout: float = 60.0) -> int | None:
+        """The leaf index of a turn's K/V commit: stored, or awaited when this process's commit is still
+        running; None when the turn had none (or another engine's commit has not been stored yet)."""
+        if turn.kv_index is not None:
+            return turn.kv_index
+        future = self._kv_pending.get(turn.output_state)
+        return None if future is None else future.result(timeout).index
 
     def rollback(self, session: str, turns: int = 1) -> dict:
         """Drop the session's last `turns` turns; the turn it returns to must have its K/V committed."""
-        s = self.sessions.get(session)
-        if s is None:
-            raise EngineError(f"session {session!r} does not exist")
+        s = self.session(session)
         if not isinstance(turns, int) or isinstance(turns, bool) or not 1 <= turns <= len(s.turns):
             raise EngineError(f"turns must be an integer in [1, {len(s.turns)}] for session {session!r}")
         keep = len(s.turns) - turns
-        to = s.turns[keep - 1] if keep else None
-        try:
-            kv_index = to.kv_commit() if to is not None else None
+        try:  # waited for here, before the session is locked: a commit may take a while
+            kv_index = self.kv_commit(s.turns[keep - 1]) if keep else None
         except FieldprintError as e:
             raise EngineError(f"turn {keep} of session {session!r} was never committed ({e}); cannot return to it") from None
-        dropped = [sid for t in s.turns[keep:] for sid in (t.user_state, t.output_state)]
-        entry = encode_entry("rollback", {"session": session, "to_turn": keep, "kv_commit": kv_index,
-                                          "withdrawn": dropped, "time_ns": time.time_ns()})
-        index = self.log.add(entry).result()
+        seen = [t.output_state for t in s.turns]
+
+        def cut(cur: Session) -> tuple[int, list[str]]:
+            if [t.output_state for t in self._as_logged(cur).turns] != seen:
+                raise EngineError(f"session {session!r} changed (a turn was added or rolled back elsewhere) while this "
+                                  "rollback was prepared; nothing was rolled back: look at it again and retry")
+            dropped = [sid for t in cur.turns[keep:] for sid in (t.user_state, t.output_state)]
+            entry = encode_entry("rollback", {"session": session, "to_turn": keep, "kv_commit": kv_index,
+                                              "withdrawn": dropped, "time_ns": time.time_ns()})
+            index = self.log.add(entry).result()  # logged before the session is cut: the log is the record
+            cur.turns = cur.turns[:keep]
+            cur.history = cur.history[: 2 * keep]
+            return index, dropped
+
+        index, dropped = self.sessions.change(session, cut)
         self.pacemaker.vectors.set_promotable(dropped, False)
         self._catch_up()  # the rollback entry is integrated: it withdraws its states here as everywhere
-        s.turns = s.turns[:keep]
-        s.history = s.history[: 2 * keep]
-        self._save_sessions()
         return {"session": session, "to_turn": keep, "log_index": index, "withdrawn": dropped, "kv_commit": kv_index}
 
     def _read(self, name: str, empty, older: type | None = None):
@@ -274,17 +303,9 @@ class Memory:
             return
         replace_file(os.path.join(self._dir, name), json.dumps(value))
 
-    def _save_sessions(self) -> None:
-        for s in self.sessions.values():
-            for t in s.turns:  # keep the K/V commits that have landed; a pending one is read again later
-                if t.kv_index is None and t.kv_future is not None and t.kv_future.done() and not t.kv_future.exception():
-                    t.kv_index = t.kv_future.result().index
-        self._write(SESSIONS_FILE, {n: {"history": s.history, "turns": [
-            {"user_state": t.user_state, "output_state": t.output_state, "receipt_entry": t.receipt_entry,
-             "kv_index": t.kv_index} for t in s.turns]} for n, s in self.sessions.items()})
-
     def close(self) -> None:
         try:
+            self.sessions.close()
             self.store.close()
         finally:
             self.log.close()

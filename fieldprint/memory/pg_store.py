@@ -324,13 +324,16 @@ class PostgresStateStore(StateStore):
 
 
 def create_memory(url: str, schema: str = DEFAULT_SCHEMA, dim: int = 384) -> dict[str, int]:
-    """Create or migrate a memory's tables (state store and pgvector index) in `schema`; return each schema version.
+    """Create or migrate a memory's tables (state store, sessions, pgvector index) in `schema`; each schema version.
 
-    What `fieldprint init --database URL` needs for the memory; opening either store does the same for its part.
+    What `fieldprint init --database URL` needs for the memory (and the engines' sessions); opening each
+    store does the same for its part.
     """
+    from fieldprint.engine.sessions import PostgresSessions
     from fieldprint.memory.pgvector import PgVectorStore
 
     PostgresStateStore(url, schema).close()
+    PostgresSessions(url, schema).close()
     vectors = PgVectorStore(url, dim=dim, schema=schema)
     try:
         with vectors._pg.sql("read its schema versions") as db:

@@ -240,7 +240,7 @@ def test_session_turns_become_states_and_rollback_drops_the_last(world):
     bob = eng.generate("My bird is called Kiwi.", SHORT, session="bob")[0]
     # the second turn's prompt carries the first turn (the session's history)
     assert len(second.receipt["prompt"]["token_ids"]) > len(first.receipt["prompt"]["token_ids"]) + 10
-    alice = mem.sessions["alice"]
+    alice = mem.session("alice")
     assert len(alice.turns) == 2 and len(alice.history) == 4
     t1, t2 = alice.turns
     for turn, user_text, out in ((t1, "My dog is called Rex.", first), (t2, "My cat is called Tom.", second)):
@@ -260,6 +260,7 @@ def test_session_turns_become_states_and_rollback_drops_the_last(world):
     assert logged["kind"] == "rollback" and logged["session"] == "alice" and logged["to_turn"] == 1
     assert logged["withdrawn"] == [t2.user_state, t2.output_state]
     assert logged["kv_commit"] is not None  # returned to a turn whose K/V was committed
+    alice = mem.session("alice")
     assert alice.turns == [t1] and alice.history[-2]["content"] == "My dog is called Rex." and len(alice.history) == 2
 
     # the withdrawn input is no candidate any more, by query or by id; the kept turn and bob's still are
@@ -267,8 +268,8 @@ def test_session_turns_become_states_and_rollback_drops_the_last(world):
     assert t2.user_state not in {d["state_id"] for d in hits.decisions}
     with pytest.raises(EngineError, match="withdrawn by a session rollback"):
         eng.generate(PROMPT, SHORT, anchors=[t2.user_state])
-    bob_turn = mem.sessions["bob"].turns[0]
-    assert len(mem.sessions["bob"].turns) == 1 and mem.sessions["bob"].history[0]["content"] == "My bird is called Kiwi."
+    bob_turn = mem.session("bob").turns[0]
+    assert len(mem.session("bob").turns) == 1 and mem.session("bob").history[0]["content"] == "My bird is called Kiwi."
     kept = eng.generate("What are my pets called?", SHORT, anchors=[t1.user_state, bob_turn.user_state])[0]
     assert kept.anchors == [t1.user_state, bob_turn.user_state]
     assert bob.receipt["generation"]["entry"] == bob_turn.receipt_entry
@@ -305,7 +306,7 @@ def test_rollback_of_every_turn_returns_the_session_to_empty(world):
     eng.generate("I like cake.", SHORT, session="dave")
     result = eng.rollback("dave", turns=2)
     assert result["to_turn"] == 0 and result["kv_commit"] is None and len(result["withdrawn"]) == 4
-    assert eng.memory.sessions["dave"].turns == [] and eng.memory.sessions["dave"].history == []
+    assert eng.memory.session("dave").turns == [] and eng.memory.session("dave").history == []
     fresh = eng.generate("I like tea.", SHORT, session="dave")[0]  # the same first prompt as before: no history now
     first_alone = eng.generate("I like tea.", SHORT)[0]
     assert fresh.receipt["prompt"]["token_ids"] == first_alone.receipt["prompt"]["token_ids"]

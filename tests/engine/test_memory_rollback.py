@@ -35,7 +35,7 @@ def test_sessions_survive_a_restart_and_can_still_be_rolled_back(tmp_path):
         first = record_turn(mem, "alice", "My dog is called Rex.")
         second = record_turn(mem, "alice", "My cat is called Tom.")
     with memory(tmp_path) as mem:
-        alice = mem.sessions["alice"]
+        alice = mem.session("alice")
         assert [t.user_state for t in alice.turns] == [first.user_state, second.user_state]
         assert [m["content"] for m in alice.history][::2] == ["My dog is called Rex.", "My cat is called Tom."]
         with pytest.raises(EngineError, match="already exists"):
@@ -43,7 +43,7 @@ def test_sessions_survive_a_restart_and_can_still_be_rolled_back(tmp_path):
         result = mem.rollback("alice")
         assert result["withdrawn"] == [second.user_state, second.output_state]
     with memory(tmp_path) as mem:
-        assert len(mem.sessions["alice"].turns) == 1 and second.user_state in mem.withdrawn
+        assert len(mem.session("alice").turns) == 1 and second.user_state in mem.withdrawn
 
 
 def test_a_damaged_sessions_file_is_refused(tmp_path):
@@ -111,3 +111,42 @@ def test_the_withdrawn_cache_keeps_up_with_a_long_log_without_a_write_per_decisi
         record_turn(mem, "alice", "One more fact.")
         mem.why_withdrawn("blake3:00")
         assert json.loads((tmp_path / WITHDRAWN_FILE).read_text()) == saved  # 2 entries later: no write
+
+
+def test_a_turn_whose_session_file_cannot_be_written_leaves_the_session_as_it_was(tmp_path, monkeypatch):
+    with memory(tmp_path) as mem:
+        mem.new_session("alice")
+        kept = record_turn(mem, "alice", "My dog is called Rex.")
+
+        def full_disk(path, data, **kw):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr("fieldprint.engine.memory.replace_file", full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            record_turn(mem, "alice", "My cat is called Tom.")
+        monkeypatch.undo()
+        assert [t.output_state for t in mem.session("alice").turns] == [kept.output_state]
+    with memory(tmp_path) as mem:  # and so does the file
+        assert [t.output_state for t in mem.session("alice").turns] == [kept.output_state]
+
+
+def test_a_rollback_logged_but_not_written_to_the_session_still_holds(tmp_path, monkeypatch):
+    """The log is the record: a rollback whose session write failed after it was logged is in force anyway."""
+    with memory(tmp_path) as mem:
+        mem.new_session("alice")
+        kept = record_turn(mem, "alice", "My dog is called Rex.")
+        dropped = record_turn(mem, "alice", "My cat is called Tom.")
+
+        def full_disk(path, data, **kw):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr("fieldprint.engine.memory.replace_file", full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            mem.rollback("alice")
+        monkeypatch.undo()
+        assert [t.output_state for t in mem.session("alice").turns] == [kept.output_state]
+        after = record_turn(mem, "alice", "My horse is called Ed.")  # follows the kept turn, not the dropped one
+        assert [t.output_state for t in mem.session("alice").turns] == [kept.output_state, after.output_state]
+        assert dropped.user_state in mem.withdrawn
+    with memory(tmp_path) as mem:
+        assert [t.output_state for t in mem.session("alice").turns] == [kept.output_state, after.output_state]

@@ -106,7 +106,7 @@ def _serve(path: str, data_dir: str, tp_size: int, anchor_dtype: str, session: s
         outs = engine.generate(["Where do I live?", "What should I not eat?"], greedy, anchors=ids)
         engine.new_session(session)
         turn = engine.generate("Hello, I am Ada.", greedy, session=session)[0]
-        kv = engine.memory.sessions[session].turns[0].kv_commit()
+        kv = engine.memory.kv_commit(engine.memory.session(session).turns[0])
         for out in [*outs, turn]:
             engine.bind(out.receipt)
             verify_receipt(out.receipt, engine.memory.log_key)

@@ -345,12 +345,12 @@ def test_without_psycopg_the_backends_say_what_to_install():
     assert out.stdout.splitlines() == ["the PostgreSQL backends need psycopg 3: pip install 'fieldprint[postgres]'"] * 2, out
 
 
-def test_create_memory_makes_both_stores_once(schemas):
+def test_create_memory_makes_its_stores_once(schemas):
     from fieldprint.memory.pg_store import create_memory
 
     schema = schemas.new()
-    assert create_memory(schemas.url, schema) == {"states": 1, "vectors": 1}
-    assert create_memory(schemas.url, schema) == {"states": 1, "vectors": 1}  # again: nothing to do
+    assert create_memory(schemas.url, schema) == {"sessions": 1, "states": 1, "vectors": 1}
+    assert create_memory(schemas.url, schema) == {"sessions": 1, "states": 1, "vectors": 1}  # again: nothing to do
     with pytest.raises(StateError, match="holds 384-d vectors, not 768-d"):
         create_memory(schemas.url, schema, dim=768)
     store, vectors = PostgresStateStore(schemas.url, schema), PgVectorStore(schemas.url, schema=schema)

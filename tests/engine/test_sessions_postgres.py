@@ -1,0 +1,136 @@
+"""Engines sharing one PostgreSQL memory share its sessions: any engine continues or rolls back any session."""
+
+import shutil
+import threading
+from concurrent.futures import Future
+
+import pytest
+from pg import import_psycopg, pg_dsn  # noqa: F401  (pg_dsn: a module fixture, a fresh database)
+
+import_psycopg()
+
+from turns import memory, record_turn  # noqa: E402
+
+from fieldprint.engine.commit import CommitResult  # noqa: E402
+from fieldprint.engine.memory import Memory  # noqa: E402
+from fieldprint.errors import EngineError  # noqa: E402
+from fieldprint.memory.embed import HashingEmbedderForTests  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    """One log key and one operator key for the module: its tests share one database, hence one log."""
+    from fieldprint.config import DEFAULT_ORIGIN, LEDGER_KEY_STEM
+    from fieldprint.engine.memory import OPERATOR_NAME, OPERATOR_STEM
+    from fieldprint.ledger.keys import ensure_key_pair
+
+    folder = tmp_path_factory.mktemp("keys")
+    ensure_key_pair(folder, LEDGER_KEY_STEM, DEFAULT_ORIGIN)
+    ensure_key_pair(folder, OPERATOR_STEM, OPERATOR_NAME)
+    return folder
+
+
+def _engines(pg_dsn, keys, tmp_path, n=2):  # noqa: F811
+    """The memories of n engines on one database, each with its own data folder holding the shared keys."""
+    out = []
+    for i in range(n):
+        d = tmp_path / f"e{i}"
+        d.mkdir(exist_ok=True)
+        for name in ("ledger.key", "ledger.pub", "operator.key", "operator.pub"):
+            shutil.copy(keys / name, d / name)
+        out.append(Memory.open(str(d), embedder=HashingEmbedderForTests(), database=pg_dsn))
+    return out
+
+
+def _close(*mems):
+    for m in mems:
+        m.close()
+
+
+def test_a_session_begun_on_one_engine_is_continued_and_rolled_back_on_another(pg_dsn, keys, tmp_path):  # noqa: F811
+    a, b = _engines(pg_dsn, keys, tmp_path)
+    try:
+        a.new_session("alice")
+        with pytest.raises(EngineError, match="already exists"):
+            b.new_session("alice")
+        first = record_turn(a, "alice", "My dog is called Rex.")
+        assert [m["content"] for m in b.session("alice").history] == ["My dog is called Rex.", "noted: My dog is called Rex."]
+        second = record_turn(b, "alice", "My cat is called Tom.")
+        assert [t.output_state for t in a.session("alice").turns] == [first.output_state, second.output_state]
+        a.ensure_checkpoint()
+        result = a.rollback("alice")  # a drops the turn b added
+        assert result["withdrawn"] == [second.user_state, second.output_state]
+        assert [t.output_state for t in b.session("alice").turns] == [first.output_state]
+        assert b.gate.explain(second.user_state).basis == "withdrawn"
+        with pytest.raises(EngineError, match="does not exist"):
+            b.session("nobody")
+    finally:
+        _close(b, a)
+
+
+def test_turns_added_by_two_engines_at_once_all_land(pg_dsn, keys, tmp_path):  # noqa: F811
+    a, b = _engines(pg_dsn, keys, tmp_path)
+    try:
+        a.new_session("bob")
+        errors = []
+
+        def add(mem, who):
+            try:
+                for i in range(6):
+                    record_turn(mem, "bob", f"{who} says {i}")
+            except Exception as e:  # noqa: BLE001  (reported by the assertion below)
+                errors.append(e)
+
+        threads = [threading.Thread(target=add, args=(m, w)) for m, w in ((a, "a"), (b, "b"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        s = a.session("bob")
+        said = [m["content"] for m in s.history if m["role"] == "user"]
+        assert sorted(said) == sorted(f"{w} says {i}" for w in "ab" for i in range(6)) and len(s.turns) == 12
+        for w in "ab":  # each engine's own turns keep their order
+            assert [x for x in said if x.startswith(w)] == [f"{w} says {i}" for i in range(6)]
+    finally:
+        _close(b, a)
+
+
+def test_a_turns_commit_lands_for_every_engine_and_a_stale_rollback_is_refused(pg_dsn, keys, tmp_path, monkeypatch):  # noqa: F811
+    a, b = _engines(pg_dsn, keys, tmp_path)
+    try:
+        a.new_session("carol")
+        kv = Future()
+        turn = a.record_turn("carol", "Hello.", "Hi.", {"generation": {"entry": "-"}}, kv)
+        assert b.session("carol").turns[0].kv_index is None  # not landed yet
+        kv.set_result(CommitResult("carol", 41, b"", "", "", {}, {}))
+        assert b.session("carol").turns[0].kv_index == 41 and a.kv_commit(turn) == 41
+        record_turn(a, "carol", "Bye.")
+        size = a.log.size
+        # While b prepares its rollback, a adds a turn: b's rollback, prepared on what it read, is refused whole.
+        real = b.kv_commit
+
+        def meanwhile(t, timeout=60.0):
+            record_turn(a, "carol", "One more.")
+            return real(t, timeout)
+
+        monkeypatch.setattr(b, "kv_commit", meanwhile)
+        with pytest.raises(EngineError, match="changed .* while this rollback was prepared; nothing was rolled back"):
+            b.rollback("carol")
+        assert len(a.session("carol").turns) == 3 and a.log.size > size  # a's turn states, no rollback entry
+        assert not [i for i in range(size, a.log.size) if b'"kind":"rollback"' in a.log.entry(i)]
+        monkeypatch.undo()
+        assert b.rollback("carol", turns=2)["kv_commit"] == 41  # back to the committed first turn
+    finally:
+        _close(b, a)
+
+
+def test_a_folders_sessions_move_to_the_shared_database_once(pg_dsn, keys, tmp_path):  # noqa: F811
+    with memory(tmp_path / "e0") as mem:
+        mem.new_session("old")
+        kept = record_turn(mem, "old", "Remember me.")
+    a, b = _engines(pg_dsn, keys, tmp_path)
+    try:
+        assert [t.output_state for t in b.session("old").turns] == [kept.output_state]
+    finally:
+        _close(b, a)
