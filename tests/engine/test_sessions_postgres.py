@@ -134,3 +134,21 @@ def test_a_folders_sessions_move_to_the_shared_database_once(pg_dsn, keys, tmp_p
         assert [t.output_state for t in b.session("old").turns] == [kept.output_state]
     finally:
         _close(b, a)
+
+
+def test_a_damaged_session_row_is_refused_naming_it(pg_dsn, keys, tmp_path):  # noqa: F811
+    import psycopg
+
+    a, b = _engines(pg_dsn, keys, tmp_path)
+    try:
+        a.new_session("erin")
+        record_turn(a, "erin", "Hello.")
+        with psycopg.connect(pg_dsn, autocommit=True) as db:
+            db.execute("UPDATE memory.sessions SET record = '{\"history\": 1, \"turns\": []}' WHERE name = 'erin'")
+        for mem in (a, b):
+            with pytest.raises(EngineError, match="stored record of session 'erin' .* is damaged"):
+                mem.session("erin")
+            with pytest.raises(EngineError, match="damaged"):
+                record_turn(mem, "erin", "Again.")
+    finally:
+        _close(b, a)
