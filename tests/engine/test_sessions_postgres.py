@@ -152,3 +152,22 @@ def test_a_damaged_session_row_is_refused_naming_it(pg_dsn, keys, tmp_path):  # 
                 record_turn(mem, "erin", "Again.")
     finally:
         _close(b, a)
+
+
+def test_engines_sharing_one_data_folder_keep_each_others_sessions(pg_dsn, keys, tmp_path):  # noqa: F811
+    """N engines of one host on one folder (docs/scale-out.md): each one's sessions survive the others' writes."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    for name in ("ledger.key", "ledger.pub", "operator.key", "operator.pub"):
+        shutil.copy(keys / name, folder / name)
+    a, b = (Memory.open(str(folder), embedder=HashingEmbedderForTests(), database=pg_dsn) for _ in range(2))
+    try:
+        a.new_session("frank")
+        b.new_session("grace")
+        record_turn(a, "frank", "I am Frank.")
+        record_turn(b, "grace", "I am Grace.")
+    finally:
+        _close(b, a)
+    with Memory.open(str(folder), embedder=HashingEmbedderForTests(), database=pg_dsn) as c:
+        assert c.session("frank").history[0]["content"] == "I am Frank."
+        assert c.session("grace").history[0]["content"] == "I am Grace."
