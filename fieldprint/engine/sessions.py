@@ -86,7 +86,11 @@ class FileSessions:
             if name in self._sessions:
                 raise EngineError(f"session {name!r} already exists")
             self._sessions[name] = Session(name)
-            self._flush()
+            try:
+                self._flush()
+            except BaseException:
+                del self._sessions[name]  # not written: it does not exist
+                raise
 
     def change(self, name: str, fn: Callable[[Session], T]) -> T:
         with self._lock:

@@ -124,7 +124,11 @@ def test_a_turn_whose_session_file_cannot_be_written_leaves_the_session_as_it_wa
         monkeypatch.setattr("fieldprint.engine.memory.replace_file", full_disk)
         with pytest.raises(OSError, match="No space left"):
             record_turn(mem, "alice", "My cat is called Tom.")
+        with pytest.raises(OSError, match="No space left"):
+            mem.new_session("bob")
         monkeypatch.undo()
+        with pytest.raises(EngineError, match="'bob' does not exist"):
+            mem.session("bob")
         assert [t.output_state for t in mem.session("alice").turns] == [kept.output_state]
     with memory(tmp_path) as mem:  # and so does the file
         assert [t.output_state for t in mem.session("alice").turns] == [kept.output_state]
