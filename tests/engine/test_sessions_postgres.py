@@ -171,3 +171,49 @@ def test_engines_sharing_one_data_folder_keep_each_others_sessions(pg_dsn, keys,
     with Memory.open(str(folder), embedder=HashingEmbedderForTests(), database=pg_dsn) as c:
         assert c.session("frank").history[0]["content"] == "I am Frank."
         assert c.session("grace").history[0]["content"] == "I am Grace."
+
+
+def test_an_engine_killed_inside_a_session_change_leaves_it_unchanged_and_unlocked(pg_dsn, keys, tmp_path):  # noqa: F811
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    import psycopg
+
+    (a,) = _engines(pg_dsn, keys, tmp_path, n=1)
+    try:
+        a.new_session("hank")
+        kept = record_turn(a, "hank", "Keep this.")
+        code = textwrap.dedent(f"""
+            import time
+            from fieldprint.engine.sessions import PostgresSessions
+            store = PostgresSessions({pg_dsn!r})
+            def slow(s):
+                s.turns.clear()
+                s.history.clear()
+                print("locked", flush=True)
+                time.sleep(60)
+            store.change("hank", slow)
+        """)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+        try:
+            assert child.stdout.readline().strip() == "locked"  # it holds the row, its change not committed
+            with psycopg.connect(pg_dsn, autocommit=True) as db:
+                db.execute("SET lock_timeout = '300ms'")
+                with pytest.raises(psycopg.errors.LockNotAvailable):
+                    db.execute("SELECT 1 FROM memory.sessions WHERE name = 'hank' FOR UPDATE")
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+        finally:
+            child.kill()
+            child.stdout.close()
+        t = time.monotonic()
+        after = record_turn(a, "hank", "And this.")  # the row lock went with the killed engine's connection
+        assert time.monotonic() - t < 10
+        assert [x.output_state for x in a.session("hank").turns] == [kept.output_state, after.output_state]
+    finally:
+        a.close()
