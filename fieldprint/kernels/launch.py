@@ -45,7 +45,7 @@ def _hooks_idle() -> bool:
     if _RUNTIME is None:
         return False
     for hook in (_RUNTIME.launch_enter_hook, _RUNTIME.launch_exit_hook):
-        # Triton 3.4+ keeps hooks in a HookChain (never None); older releases hold a callable or None.
+        # Triton 3.6 and 3.9 keep hooks in a HookChain (never None); a plain callable or None is handled too.
         if hook is not None and (not hasattr(hook, "calls") or hook.calls):
             return False
     return True
