@@ -81,8 +81,7 @@ class PreparedLaunch:
         self.fn, self.args, self.constexprs, self.options, self.slots = fn, args, constexprs, options, slots
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
         self.device = device
-        # The launcher takes every argument in signature order, constexprs included (it skips them).
-        self._direct = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args] + [constexprs[n] for n in tail]
+        self._direct: list = []  # the launcher's argument list, made when a direct call is first possible
         self._compiled = None
         self._stream = None
         self.why_not_direct = "no launch yet"
@@ -131,5 +130,8 @@ class PreparedLaunch:
             from triton.runtime import driver
 
             self._stream = driver.active.get_current_stream
+            # Every argument in signature order, constexprs included (the launcher skips them).
+            self._direct = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in self.args] + [
+                self.constexprs[n] for n in list(self.fn.arg_names)[len(self.args):]]
             self._compiled = compiled
             self.why_not_direct = ""

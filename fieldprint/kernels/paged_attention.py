@@ -33,7 +33,7 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class AnchorPool:
     """One layer's anchor blocks, fixed for an engine's life.
 
@@ -41,12 +41,21 @@ class AnchorPool:
     k_scale: [H_kv, D] float32 powers of two (int8 only): K value = code * k_scale[head, channel].
     v_exp: [num_anchor_blocks, block_size, H_kv] int8 exponents (int8 only): V value = code * 2**v_exp
         of its (token, head) row, a DQP row-layout state split into codes and exponents.
+    layout: each tensor's (shape, dtype), None for one that is not a dense tensor; taken once here
+        (the pool is frozen), so a decode plan compares every layer's pool with its own in one step.
     """
 
     k: torch.Tensor
     v: torch.Tensor
     k_scale: torch.Tensor | None = None
     v_exp: torch.Tensor | None = None
+    layout: tuple = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        int8 = isinstance(self.k, torch.Tensor) and self.k.dtype == torch.int8
+        ts = (self.k, self.v, self.k_scale, self.v_exp) if int8 else (self.k, self.v)
+        object.__setattr__(self, "layout", tuple(
+            (t.shape, t.dtype) if isinstance(t, torch.Tensor) and t.is_contiguous() else None for t in ts))
 
 
 @dataclass(slots=True)
@@ -331,21 +340,6 @@ def _anchor_plan(r: AnchorRouting, tile: int) -> tuple[torch.Tensor, torch.Tenso
 _PER_LAYER = (0, 1, 2, 5, 6, 12, 13, 20)
 
 
-def _pool_layout(a: AnchorPool) -> tuple:
-    """What a plan assumes of every layer's anchor pool: each tensor's shape and dtype (and all dense)."""
-    ts = (a.k, a.v, a.k_scale, a.v_exp) if a.k.dtype == torch.int8 else (a.k, a.v)
-    return tuple((t.shape, t.dtype) if isinstance(t, torch.Tensor) else None for t in ts)
-
-
-def _has_layout(a: AnchorPool, layout: tuple) -> bool:
-    """Whether a layer's pool has the planned layout (per call, so without building tuples)."""
-    ts = (a.k, a.v, a.k_scale, a.v_exp) if len(layout) == 4 else (a.k, a.v)
-    for t, (shape, dtype) in zip(ts, layout):
-        if not isinstance(t, torch.Tensor) or t.shape != shape or t.dtype != dtype or not t.is_contiguous():
-            return False
-    return True
-
-
 class DecodePlan:
     """One decode launch prepared once: checks, split sizes, the anchor plan and the argument list.
 
@@ -356,10 +350,10 @@ class DecodePlan:
     so a call costs a few shape comparisons and the launch itself, not Triton's argument binding.
     """
 
-    def __init__(self, launch: PreparedLaunch, q: torch.Tensor, pool_shape, anchor_shape) -> None:
+    def __init__(self, launch: PreparedLaunch, q: torch.Tensor, pool_shape, anchor_layout) -> None:
         self.launch = launch
         self.shape, self.dtype, self.device, self.q_stride = tuple(q.shape), q.dtype, q.device, q.stride()
-        self.pool_shape, self.anchor_shape = pool_shape, anchor_shape
+        self.pool_shape, self.anchor_layout = pool_shape, anchor_layout
 
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, anchors: AnchorPool | None = None,
             out: torch.Tensor | None = None) -> torch.Tensor:
@@ -374,13 +368,13 @@ class DecodePlan:
         if k_cache.shape != self.pool_shape or v_cache.shape != self.pool_shape or k_cache.dtype != self.dtype \
                 or v_cache.dtype != self.dtype or not k_cache.is_contiguous() or not v_cache.is_contiguous():
             raise _bad(f"k_cache and v_cache must be contiguous {self.dtype} of the planned shape {tuple(self.pool_shape)}")
-        if (anchors is None) != (self.anchor_shape is None) or (
-                anchors is not None and not _has_layout(anchors, self.anchor_shape)):
-            if self.anchor_shape is None:
+        if (anchors is None) != (self.anchor_layout is None) or (
+                anchors is not None and anchors.layout != self.anchor_layout):
+            if self.anchor_layout is None:
                 raise _bad("the anchor pool must be absent, as planned")
-            got = "absent" if anchors is None else _pool_layout(anchors)
+            got = "absent" if anchors is None else anchors.layout
             raise _bad(f"the anchor pool must be laid out as planned (k, v[, k_scale, v_exp] as (shape, dtype), "
-                       f"dense): {self.anchor_shape}; got {got}")
+                       f"dense): {self.anchor_layout}; got {got}")
         # out shares q's strides (the kernel's output strides are planned from q's)
         out = _out_buffer(out, q, self.q_stride)
         if anchors is None:
@@ -496,7 +490,7 @@ def plan_decode(
     )
     grid = (n_anchor_items + bsz * hkv * s_ctx,)
     launch = PreparedLaunch(_decode_kernel, grid, args, constexprs, options, _PER_LAYER, dev)
-    return DecodePlan(launch, q, k_cache.shape, None if a is None else _pool_layout(a))
+    return DecodePlan(launch, q, k_cache.shape, None if a is None else a.layout)
 
 
 def paged_attention_decode(
