@@ -131,7 +131,6 @@ def load_tokenizer(folder: str, gguf: str | None, cache: str):
         tmp = None
         try:
             os.makedirs(cache, exist_ok=True)
-            sweep_temporaries(cache)
             tmp = temporary_dir(cache, "tokenizer")
             tok.save_pretrained(tmp)
             os.replace(tmp, tok_dir)  # a folder appears whole; another process may have put one first
@@ -260,6 +259,7 @@ def load_model(path: str = SMOLLM2, *, device: str | torch.device | None = None,
     hf_config = _hf_config(folder, gguf)
     args = ModelArgs.from_hf(hf_config)
     cache = _cache_dir(folder, gguf)
+    sweep_temporaries(cache)  # what a load killed while writing this cache left behind
     tok = load_tokenizer(folder, gguf, cache)
     tensors = read_tensors(folder, gguf, hf_config)
     ids_file = os.path.join(cache, "model-id.json")
@@ -271,7 +271,6 @@ def load_model(path: str = SMOLLM2, *, device: str | torch.device | None = None,
         wd = weights_digest(tensors)
         try:
             os.makedirs(cache, exist_ok=True)
-            sweep_temporaries(cache)
             replace_file(ids_file, json.dumps({"weights": wd}), mode=0o644, durable=False)  # a cache
         except OSError:
             pass  # not cached: computed again next time
