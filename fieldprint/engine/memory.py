@@ -189,10 +189,15 @@ class Memory:
 
     def session(self, name: str) -> Session:
         """The session as stored now (a copy); EngineError if there is none of that name."""
+        return self._as_logged(self._stored(name))
+
+    def _stored(self, name: str) -> Session:
+        if not isinstance(name, str):
+            raise EngineError(f"a session is named by a string, got {type(name).__name__}")
         s = self.sessions.get(name)
         if s is None:
             raise EngineError(f"session {name!r} does not exist; create it with new_session({name!r})")
-        return self._as_logged(s)
+        return s
 
     def _as_logged(self, s: Session) -> Session:
         """The session cut where the log says it was rolled back: a rollback is logged before the stored
@@ -209,7 +214,7 @@ class Memory:
 
         kv_future: the turn's K/V commit (a future of its CommitResult), or None; its leaf index is
         stored with the turn once it lands."""
-        self.session(session)  # refused before any state is added
+        self._stored(session)  # refused before any state is added
         user = self.pacemaker.add("user_input", session=session, creator="user", sources=["user"], text=user_text)
         out = self.pacemaker.add("model_output", session=session, creator="model", parents=[user.state_id],
                                  text=output_text or "(empty answer)")

@@ -154,3 +154,32 @@ def test_a_rollback_logged_but_not_written_to_the_session_still_holds(tmp_path, 
         assert dropped.user_state in mem.withdrawn
     with memory(tmp_path) as mem:
         assert [t.output_state for t in mem.session("alice").turns] == [kept.output_state, after.output_state]
+
+
+def test_a_replayed_rollback_entry_cuts_nothing_more(tmp_path):
+    """The same rollback bytes appended again (`ledger add --raw`) withdraw the same states, and nothing
+    of what the session said after them."""
+    with memory(tmp_path) as mem:
+        mem.new_session("alice")
+        kept = record_turn(mem, "alice", "My dog is called Rex.")
+        record_turn(mem, "alice", "My cat is called Tom.")
+        index = mem.rollback("alice")["log_index"]
+        later = record_turn(mem, "alice", "My horse is called Ed.")
+        withdrawn = set(mem.withdrawn)
+        mem.log.add(mem.log.entry(index)).result()
+        assert [t.output_state for t in mem.session("alice").turns] == [kept.output_state, later.output_state]
+        assert mem.withdrawn == withdrawn
+
+
+def test_a_session_named_by_anything_but_a_string_is_refused(tmp_path):
+    with memory(tmp_path) as mem:
+        mem.new_session("alice")
+        for bad in (["alice"], None, 7):
+            with pytest.raises(EngineError, match="session"):
+                mem.session(bad)
+            with pytest.raises(EngineError, match="session"):
+                record_turn(mem, bad, "Hello.")
+            with pytest.raises(EngineError, match="session"):
+                mem.rollback(bad)
+            with pytest.raises(EngineError, match="session"):
+                mem.new_session(bad)
