@@ -3,6 +3,7 @@
 import shutil
 import threading
 from concurrent.futures import Future
+from contextlib import ExitStack, contextmanager
 
 import pytest
 from pg import import_psycopg, pg_dsn  # noqa: F401  (pg_dsn: a module fixture, a fresh database)
@@ -30,26 +31,22 @@ def keys(tmp_path_factory):
     return folder
 
 
-def _engines(pg_dsn, keys, tmp_path, n=2):  # noqa: F811
-    """The memories of n engines on one database, each with its own data folder holding the shared keys."""
-    out = []
-    for i in range(n):
-        d = tmp_path / f"e{i}"
-        d.mkdir(exist_ok=True)
-        for name in ("ledger.key", "ledger.pub", "operator.key", "operator.pub"):
-            shutil.copy(keys / name, d / name)
-        out.append(Memory.open(str(d), embedder=HashingEmbedderForTests(), database=pg_dsn))
-    return out
-
-
-def _close(*mems):
-    for m in mems:
-        m.close()
+@contextmanager
+def _engines(pg_dsn, keys, tmp_path, n=2, folders=None):  # noqa: F811
+    """The memories of n engines on one database, each on its own data folder (or on `folders`) holding the
+    shared keys; closed on the way out, last opened first."""
+    with ExitStack() as stack:
+        out = []
+        for d in folders or [tmp_path / f"e{i}" for i in range(n)]:
+            d.mkdir(exist_ok=True)
+            for name in ("ledger.key", "ledger.pub", "operator.key", "operator.pub"):
+                shutil.copy(keys / name, d / name)
+            out.append(stack.enter_context(Memory.open(str(d), embedder=HashingEmbedderForTests(), database=pg_dsn)))
+        yield out
 
 
 def test_a_session_begun_on_one_engine_is_continued_and_rolled_back_on_another(pg_dsn, keys, tmp_path):  # noqa: F811
-    a, b = _engines(pg_dsn, keys, tmp_path)
-    try:
+    with _engines(pg_dsn, keys, tmp_path) as (a, b):
         a.new_session("alice")
         with pytest.raises(EngineError, match="already exists"):
             b.new_session("alice")
@@ -64,13 +61,10 @@ def test_a_session_begun_on_one_engine_is_continued_and_rolled_back_on_another(p
         assert b.gate.explain(second.user_state).basis == "withdrawn"
         with pytest.raises(EngineError, match="does not exist"):
             b.session("nobody")
-    finally:
-        _close(b, a)
 
 
 def test_turns_added_by_two_engines_at_once_all_land(pg_dsn, keys, tmp_path):  # noqa: F811
-    a, b = _engines(pg_dsn, keys, tmp_path)
-    try:
+    with _engines(pg_dsn, keys, tmp_path) as (a, b):
         a.new_session("bob")
         errors = []
 
@@ -92,13 +86,10 @@ def test_turns_added_by_two_engines_at_once_all_land(pg_dsn, keys, tmp_path):  #
         assert sorted(said) == sorted(f"{w} says {i}" for w in "ab" for i in range(6)) and len(s.turns) == 12
         for w in "ab":  # each engine's own turns keep their order
             assert [x for x in said if x.startswith(w)] == [f"{w} says {i}" for i in range(6)]
-    finally:
-        _close(b, a)
 
 
 def test_a_turns_commit_lands_for_every_engine_and_a_stale_rollback_is_refused(pg_dsn, keys, tmp_path, monkeypatch):  # noqa: F811
-    a, b = _engines(pg_dsn, keys, tmp_path)
-    try:
+    with _engines(pg_dsn, keys, tmp_path) as (a, b):
         a.new_session("carol")
         kv = Future()
         turn = a.record_turn("carol", "Hello.", "Hi.", {"generation": {"entry": "-"}}, kv)
@@ -121,26 +112,20 @@ def test_a_turns_commit_lands_for_every_engine_and_a_stale_rollback_is_refused(p
         assert not [i for i in range(size, a.log.size) if b'"kind":"rollback"' in a.log.entry(i)]
         monkeypatch.undo()
         assert b.rollback("carol", turns=2)["kv_commit"] == 41  # back to the committed first turn
-    finally:
-        _close(b, a)
 
 
 def test_a_folders_sessions_move_to_the_shared_database_once(pg_dsn, keys, tmp_path):  # noqa: F811
     with memory(tmp_path / "e0") as mem:
         mem.new_session("old")
         kept = record_turn(mem, "old", "Remember me.")
-    a, b = _engines(pg_dsn, keys, tmp_path)
-    try:
+    with _engines(pg_dsn, keys, tmp_path) as (a, b):
         assert [t.output_state for t in b.session("old").turns] == [kept.output_state]
-    finally:
-        _close(b, a)
 
 
 def test_a_damaged_session_row_is_refused_naming_it(pg_dsn, keys, tmp_path):  # noqa: F811
     import psycopg
 
-    a, b = _engines(pg_dsn, keys, tmp_path)
-    try:
+    with _engines(pg_dsn, keys, tmp_path) as (a, b):
         a.new_session("erin")
         record_turn(a, "erin", "Hello.")
         with psycopg.connect(pg_dsn, autocommit=True) as db:
@@ -150,25 +135,17 @@ def test_a_damaged_session_row_is_refused_naming_it(pg_dsn, keys, tmp_path):  # 
                 mem.session("erin")
             with pytest.raises(EngineError, match="damaged"):
                 record_turn(mem, "erin", "Again.")
-    finally:
-        _close(b, a)
 
 
 def test_engines_sharing_one_data_folder_keep_each_others_sessions(pg_dsn, keys, tmp_path):  # noqa: F811
     """N engines of one host on one folder (docs/scale-out.md): each one's sessions survive the others' writes."""
     folder = tmp_path / "shared"
-    folder.mkdir()
-    for name in ("ledger.key", "ledger.pub", "operator.key", "operator.pub"):
-        shutil.copy(keys / name, folder / name)
-    a, b = (Memory.open(str(folder), embedder=HashingEmbedderForTests(), database=pg_dsn) for _ in range(2))
-    try:
+    with _engines(pg_dsn, keys, tmp_path, folders=[folder, folder]) as (a, b):
         a.new_session("frank")
         b.new_session("grace")
         record_turn(a, "frank", "I am Frank.")
         record_turn(b, "grace", "I am Grace.")
-    finally:
-        _close(b, a)
-    with Memory.open(str(folder), embedder=HashingEmbedderForTests(), database=pg_dsn) as c:
+    with _engines(pg_dsn, keys, tmp_path, folders=[folder]) as (c,):
         assert c.session("frank").history[0]["content"] == "I am Frank."
         assert c.session("grace").history[0]["content"] == "I am Grace."
 
@@ -183,8 +160,7 @@ def test_an_engine_killed_inside_a_session_change_leaves_it_unchanged_and_unlock
 
     import psycopg
 
-    (a,) = _engines(pg_dsn, keys, tmp_path, n=1)
-    try:
+    with _engines(pg_dsn, keys, tmp_path, n=1) as (a,):
         a.new_session("hank")
         kept = record_turn(a, "hank", "Keep this.")
         code = textwrap.dedent(f"""
@@ -215,5 +191,3 @@ def test_an_engine_killed_inside_a_session_change_leaves_it_unchanged_and_unlock
         after = record_turn(a, "hank", "And this.")  # the row lock went with the killed engine's connection
         assert time.monotonic() - t < 10
         assert [x.output_state for x in a.session("hank").turns] == [kept.output_state, after.output_state]
-    finally:
-        a.close()
