@@ -78,7 +78,13 @@ class Memory:
             if sessions is None:
                 self.sessions = FileSessions(saved, lambda records: self._write(SESSIONS_FILE, records))
             else:  # a folder's sessions from before it moved to the shared database go there, once
-                sessions.import_records(saved)
+                if saved:
+                    sessions.import_records(saved)
+                    path = os.path.join(data_dir, SESSIONS_FILE)  # kept under another name, not read again
+                    try:
+                        os.replace(path, path.removesuffix(".json") + ".imported.json")
+                    except FileNotFoundError:  # another engine on this folder moved it first
+                        pass
                 self.sessions = sessions
             through, states = withdrawn["through"], withdrawn["states"]
             if not (is_int(through) and 0 <= through <= log.size and isinstance(states, list)

@@ -120,6 +120,10 @@ def test_a_folders_sessions_move_to_the_shared_database_once(pg_dsn, keys, tmp_p
         kept = record_turn(mem, "old", "Remember me.")
     with _engines(pg_dsn, keys, tmp_path) as (a, b):
         assert [t.output_state for t in b.session("old").turns] == [kept.output_state]
+        record_turn(b, "old", "And then this.")
+    assert sorted(p.name for p in (tmp_path / "e0").glob("sessions*")) == ["sessions.imported.json"]
+    with _engines(pg_dsn, keys, tmp_path) as (a, b):  # opened again: the database holds the session, not the file
+        assert len(a.session("old").turns) == 2
 
 
 def test_a_damaged_session_row_is_refused_naming_it(pg_dsn, keys, tmp_path):  # noqa: F811
