@@ -177,6 +177,10 @@ def anchors_section(runner, sched, bench, cs, p, rng, commit: bool) -> dict:
         # Interleaved pairs, the order alternating: two runs of one configuration minutes apart
         # differed by up to 15%, as much as the effect measured; a pair's runs are seconds apart.
         runs = {"none": [], "anchors": []}
+        # An untimed pair first: decode graphs are captured per (batch, context, anchor) bucket, and
+        # kernels compiled per split count, on first use; a server pays that once, not per request.
+        for anchor in (None, cs):
+            serve(runner, sched, requests(rng, b, p["prompt"], p["new"], vocab, anchor))
         for r in range(p["repeats"]):
             pair = (("none", None), ("anchors", cs))
             for label, anchor in pair if r % 2 == 0 else pair[::-1]:
@@ -242,48 +246,56 @@ def floor_section(lm, runs: dict, p, bandwidth: float, device: torch.device) -> 
     return out
 
 
-def greedy_step(runner: ModelRunner, seq: Sequence, logits: torch.Tensor) -> torch.Tensor:
-    """Append the argmax token and run one decode step of `seq` alone; its logits."""
-    seq.output_ids.append(int(logits.argmax(-1)[0]))
-    logits = runner.forward([seq], [1])
-    seq.num_cached += 1
+def greedy_step(runner: ModelRunner, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+    """Append each sequence's argmax token and run one decode step of the batch; its logits."""
+    for s, tok in zip(seqs, logits.argmax(-1).tolist()):
+        s.output_ids.append(tok)
+    logits = runner.forward(seqs, [1] * len(seqs))
+    for s in seqs:
+        s.num_cached += 1
     return logits
 
 
 def profile_section(runner: ModelRunner, p, rng: random.Random, cs=None, steps: int = 20) -> dict:
-    """Where a batch-1 decode step's GPU time goes: kernels by time per step (torch.profiler, CUDA graphs
-    replayed as in serving), with and without the anchor set; what the floor gap is made of."""
+    """Where a decode step's GPU time goes, at batch 1 and at the largest batch: kernels by time per
+    step (torch.profiler, CUDA graphs replayed as in serving), with and without the anchor set."""
     from torch.profiler import ProfilerActivity, profile
 
     out = {}
-    for label, anchor in (("none", None), ("anchors", cs)):
-        (seq,) = requests(rng, 1, p["prompt"], steps + 2, runner.args.vocab_size, anchor)
-        runner.blocks.grow(seq.block_table, len(seq) + steps + 2)
-        try:
-            logits = runner.forward([seq], [len(seq)])
-            seq.num_cached = len(seq)
-            logits = greedy_step(runner, seq, logits)  # the graph for batch 1 is captured outside the profile
-            sync(runner.device)
-            cuda = runner.device.type == "cuda"  # the CPU (--smoke) reports operators' own CPU time instead
-            with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-                for _ in range(steps):
-                    logits = greedy_step(runner, seq, logits)
+    for b in sorted({1, max(p["batches"])}):
+        for label, anchor in (("none", None), ("anchors", cs)):
+            seqs = requests(rng, b, p["prompt"], steps + 2, runner.args.vocab_size, anchor)
+            for s in seqs:
+                runner.blocks.grow(s.block_table, len(s) + steps + 2)
+            try:
+                logits = runner.forward(seqs, [len(s) for s in seqs])
+                for s in seqs:
+                    s.num_cached = len(s)
+                logits = greedy_step(runner, seqs, logits)  # the step's graph is captured outside the profile
                 sync(runner.device)
-        finally:
-            runner.blocks.release(seq.block_table)
-        spent = (lambda e: e.device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
-        rows = sorted(((e.key, spent(e) / steps, e.count / steps) for e in prof.key_averages() if spent(e) > 0),
-                      key=lambda r: -r[1])
-        total = sum(r[1] for r in rows)
-        out[label] = {"gpu_us_per_step": total, "kernels_per_step": sum(r[2] for r in rows),
-                      "top": [{"kernel": k[:120], "us_per_step": t, "calls_per_step": c} for k, t, c in rows[:15]]}
-        log(f"  B=1 {label}: {total:.0f} us of kernels per step in {out[label]['kernels_per_step']:.0f} launches; top:")
-        for k, t, c in rows[:12]:
-            log(f"    {t:8.1f} us {c:5.0f}x  {k[:100]}")
+                cuda = runner.device.type == "cuda"  # the CPU (--smoke) reports operators' own CPU time instead
+                with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+                    for _ in range(steps):
+                        logits = greedy_step(runner, seqs, logits)
+                    sync(runner.device)
+            finally:
+                for s in seqs:
+                    runner.blocks.release(s.block_table)
+            spent = (lambda e: e.device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+            rows = sorted(((e.key, spent(e) / steps, e.count / steps) for e in prof.key_averages() if spent(e) > 0),
+                          key=lambda r: -r[1])
+            total = sum(r[1] for r in rows)
+            name = label if b == 1 else f"b{b}_{label}"
+            out[name] = {"batch": b, "gpu_us_per_step": total, "kernels_per_step": sum(r[2] for r in rows),
+                         "top": [{"kernel": k[:120], "us_per_step": t, "calls_per_step": c} for k, t, c in rows[:15]]}
+            log(f"  B={b} {label}: {total:.0f} us of kernels per step in {out[name]['kernels_per_step']:.0f} "
+                "launches; top:")
+            for k, t, c in rows[:12]:
+                log(f"    {t:8.1f} us {c:5.0f}x  {k[:100]}")
     return out
 
 
-def protocol_section(p, device, dtype, rng) -> dict:
+def protocol_section(p, device, dtype) -> dict:
     """nano-vllm's bench.py: 256 requests, lengths uniform in 100..1024, all at once; no anchors, no commits."""
     lo, hi = p["protocol_lengths"]
     n = p["protocol_requests"]
@@ -298,10 +310,14 @@ def protocol_section(p, device, dtype, rng) -> dict:
     runner = make_runner(lm, seq_tokens=need, max_model_len=2 * hi, anchor_tokens=RunnerConfig().max_anchor_len,
                          anchor_sets=1)
     sched = Scheduler(runner.blocks, max_num_seqs=p["max_num_seqs"], max_num_batched_tokens=p["max_num_batched_tokens"])
-    log(f"{p['protocol_model']}: warming graphs up to batch {min(n, p['max_num_seqs'])}")
-    warm(runner, sched, min(n, p["max_num_seqs"]), rng)
     vocab = lm.args.vocab_size
-    seqs = [Sequence(random_ids(prng, i, vocab), SamplingParams(max_tokens=o, ignore_eos=True)) for i, o in lens]
+    make = lambda: [Sequence(random_ids(prng, i, vocab), SamplingParams(max_tokens=o, ignore_eos=True))  # noqa: E731
+                    for i, o in lens]
+    # The same lengths once untimed: every (batch, context) bucket's decode graph the run meets is
+    # captured and every kernel variant compiled, as a server that has run a while has them
+    log(f"{p['protocol_model']}: the workload once untimed (graphs, kernels)")
+    serve(runner, sched, make())
+    seqs = make()
     log(f"{p['protocol_model']}: {n} requests, {sum(i for i, _ in lens)} prompt and {sum(o for _, o in lens)} output tokens")
     run = summarize(serve(runner, sched, seqs))
     run.update(model=p["protocol_model"], requests=n, lengths=[lo, hi], prompt_tokens=sum(i for i, _ in lens))
@@ -383,7 +399,7 @@ def main() -> None:
             res["anchors"] = anchors_section(runner, sched, bench, cs, p, rng, not args.no_commit)
             save()
             if "profile" not in skip:
-                log(f"{p['model']}: where the batch-1 decode step's GPU time goes")
+                log(f"{p['model']}: where a decode step's GPU time goes")
                 res["profile"] = profile_section(runner, p, rng, cs)
                 save()
         finally:
@@ -401,7 +417,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     sync(device)
     if "protocol" not in skip:
-        res["protocol"] = protocol_section(p, device, dtype, rng)
+        res["protocol"] = protocol_section(p, device, dtype)
         save()
     print_table(res)
     log(f"e2e_bench done in {time.time() - t0:.0f} s; JSON in {args.out}")

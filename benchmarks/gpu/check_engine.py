@@ -96,9 +96,10 @@ def main() -> None:
         agree = lambda a, b: next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))  # noqa: E731
         # kernel vs torch path, with int8 anchors, on one layer's attention
         _, _, D = lm.args.num_kv_heads, 0, lm.args.head_dim
+        graph_anchors = check_graph_anchors(runner, lm)
         anchor_check = check_anchors(runner, lm)
         r = {"max_dlogit_vs_hf": dl, "top1_vs_hf": top1, "graph_eq_eager_tokens": agree(outs["graph"], outs["eager"]),
-             "graph_vs_hf_first_divergence": agree(outs["graph"], hf_out), **anchor_check}
+             "graph_vs_hf_first_divergence": agree(outs["graph"], hf_out), **graph_anchors, **anchor_check}
         results[name] = r
         rows.append((name, r))
         del hf, runner, lm
@@ -109,6 +110,45 @@ def main() -> None:
         json.dump(results, f, indent=2)
     for name, r in rows:
         print(name, json.dumps(r))
+
+
+def check_graph_anchors(runner, lm, new: int = 48) -> dict:
+    """Greedy decode of three sequences (two reading an anchor set of random bf16 K/V, one none; padded
+    to the batch bucket of 4) through captured graphs vs eager steps, across a context bucket (the
+    graphs are captured per (batch, context, anchor) bucket): max |dlogit| and the tokens' agreement."""
+    g = torch.Generator(device="cuda").manual_seed(5)
+    slot = runner.anchor_pool.reserve("graph-check", 333)
+    for t in (runner.cache.anchor_k, runner.cache.anchor_v):
+        t[:, slot.blocks] = torch.randn(t[:, slot.blocks].shape, generator=g, device="cuda").to(t.dtype)
+    runner.anchor_pool.pin("graph-check")
+    prompts = [torch.randint(0, lm.args.vocab_size, (n,), generator=g, device="cuda").tolist() for n in (230, 31, 250)]
+    runs = {}
+    for mode in ("graph", "eager"):
+        runner.use_graphs = mode == "graph"
+        seqs = [Sequence(list(p), SamplingParams(max_tokens=new, ignore_eos=True), anchor_key=k, anchor_len=a)
+                for p, k, a in zip(prompts, ("graph-check", None, "graph-check"), (333, 0, 333))]
+        for s in seqs:
+            runner.blocks.grow(s.block_table, len(s) + new)
+        steps = [runner.forward(seqs, [len(s) for s in seqs]).clone()]
+        for s in seqs:
+            s.num_cached = len(s)
+        for _ in range(new):
+            for s, tok in zip(seqs, runner.sample(seqs, steps[-1])):
+                s.output_ids.append(tok)
+            steps.append(runner.forward(seqs, [1] * len(seqs)).clone())
+            for s in seqs:
+                s.num_cached += 1
+        runs[mode] = ([list(s.output_ids) for s in seqs], torch.stack(steps))
+        for s in seqs:
+            runner.blocks.release(s.block_table)
+    runner.use_graphs = True
+    runner.anchor_pool.unpin("graph-check")
+    agree = min(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+                for a, b in zip(runs["graph"][0], runs["eager"][0]))
+    # only the steps before the first token that differs see the same inputs
+    dl = (runs["graph"][1][: agree + 1] - runs["eager"][1][: agree + 1]).abs().max().item()
+    return {"graph_anchors_eq_eager_tokens": agree, "graph_anchors_max_dlogit": dl,
+            "graph_keys": sorted(runner.graphs)}
 
 
 def check_anchors(runner, lm) -> dict:

@@ -303,7 +303,9 @@ class LlamaModel(nn.Module):
             h, residual = layer(h, residual, cos_sin, ctx)
         return self.norm.add(h, residual)[0]
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """fp32 logits [N, vocab] of the given hidden states (the last token of each sequence)."""
+    def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 logits [N, vocab] of the given hidden states (the last token of each sequence), into
+        `out` when given (the cast to fp32 is the copy)."""
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head
-        return F.linear(hidden, w).float()
+        y = F.linear(hidden, w)
+        return y.float() if out is None else out.copy_(y)

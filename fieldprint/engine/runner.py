@@ -1,17 +1,20 @@
 """The model runner: owns the model, the KV pools and the step's buffers; turns a batch into tokens.
 
 A prefill step packs every scheduled sequence's new tokens into one flat batch (chunked: a
-sequence may bring only part of its prompt); a decode step brings one token per sequence. On
-CUDA, decode steps replay CUDA graphs captured once per batch-size bucket over static buffers
-(the routing tensors every layer reads), so a step costs one graph launch and the one host sync
-that reads the sampled tokens back.
+sequence may bring only part of its prompt); a decode step brings one token per sequence. A step's
+inputs travel in one packed buffer (one copy to the device). On CUDA, decode steps replay CUDA
+graphs captured once per (batch size, context, anchor set) bucket over static buffers (the
+routing tensors every layer reads), so a step costs one copy, one graph launch and the one host
+sync that reads the sampled tokens back.
 """
 
 from __future__ import annotations
 
+import itertools
 import secrets
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from fieldprint.engine.attention import AttentionContext, KVCache
@@ -30,23 +33,76 @@ from fieldprint.kernels.paged_attention import AnchorRouting, DecodeWorkspace
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
 
 
+def graph_bucket(need: int, cap: int, smallest: int = 16) -> int:
+    """The width a captured decode graph is planned for: the next power of two >= need (at least
+    `smallest`), at most `cap`. Graphs are captured per (batch, context, anchor) bucket so that the
+    attention kernel splits the context the batch has, not the longest one the engine allows."""
+    return min(cap, max(smallest, 1 << (max(need, 1) - 1).bit_length()))
+
+
+@dataclass(frozen=True, slots=True)
+class StepLayout:
+    """Where each of a step's input tensors lies in one packed byte buffer (one copy to the device).
+
+    int64 first (ids, positions, slots: [T] each), then int32: block tables [B, W], lengths [B],
+    cu_seqlens [B + 1], anchor block tables [S, W_a], anchor lengths [S], each sequence's set row [B].
+    """
+
+    tokens: int
+    seqs: int
+    width: int
+    sets: int
+    anchor_width: int
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        t, b = self.tokens, self.seqs
+        return t, t, t, b * self.width, b, b + 1, self.sets * self.anchor_width, self.sets, b
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """Each tensor's byte offset: 16-byte aligned, so kernels see the alignment every step."""
+        out, at = [], 0
+        for i, n in enumerate(self.sizes):
+            out.append(at)
+            at += -(-n * (8 if i < 3 else 4) // 16) * 16
+        return (*out, at)
+
+    @property
+    def nbytes(self) -> int:
+        return self.offsets[-1]
+
+    def views(self, buf):
+        """(ids, pos, slots, tables, lens, cu, atable, alens, which) over a uint8 buffer of nbytes: a
+        torch tensor (on any device) or a numpy array (the host side fills one: its views are cheap)."""
+        i64, i32 = (np.int64, np.int32) if isinstance(buf, np.ndarray) else (torch.int64, torch.int32)
+        out = [buf[at : at + n * (8 if i < 3 else 4)].view(i64 if i < 3 else i32)
+               for i, (at, n) in enumerate(zip(self.offsets, self.sizes))]
+        out[3] = out[3].reshape(self.seqs, self.width)
+        out[6] = out[6].reshape(self.sets, self.anchor_width)
+        return tuple(out)
+
+
 @dataclass(slots=True)
 class StepInputs:
     """One step's inputs on the host: what the runner, and every tensor-parallel rank, runs."""
 
     graph: int  # the captured batch bucket that runs it (rows padded to it), or 0: eager
-    ids: torch.Tensor  # int64 [T]: the new tokens, flat
-    pos: torch.Tensor  # int64 [T]: their absolute positions
-    slots: torch.Tensor  # int64 [T]: their cache slots
-    tables: torch.Tensor  # int32 [B, W]: block tables
-    lens: torch.Tensor  # int32 [B]: each sequence's own tokens, the new ones included
-    cu: torch.Tensor  # int32 [B + 1]: new tokens per sequence, cumulative
+    layout: StepLayout
+    packed: torch.Tensor  # uint8 [layout.nbytes]: ids, positions, slots, tables... (StepLayout)
     max_seqlen_q: int
     is_prefill: bool
-    atable: torch.Tensor  # int32 [S, W_a]: anchor sets' block tables
-    alens: torch.Tensor  # int32 [S]
-    which: torch.Tensor  # int32 [B]: each sequence's anchor set row, or -1
     rows: int  # the real sequences (the rest is padding)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """(ids, pos, slots, tables, lens, cu, atable, alens, which), views of `packed`."""
+        return self.layout.views(self.packed)
+
+    @property
+    def graph_key(self) -> tuple[int, int, int, int]:
+        """The captured graph that runs this step: (batch bucket, context width, anchor sets, anchor width)."""
+        x = self.layout
+        return self.graph, x.width, x.sets, x.anchor_width
 
 
 @dataclass(slots=True)
@@ -90,76 +146,88 @@ class ModelRunner:
         self.max_blocks = cdiv(config.max_model_len, bs)
         self.max_anchor_blocks = cdiv(config.max_anchor_len, bs)
         self.workspace = DecodeWorkspace(self.device)  # attention scratch: allocated once, reused by every step
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict]] = {}
+        self.graphs: dict[tuple[int, int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_pool = None
+        self._logits: torch.Tensor | None = None  # the captured graphs' shared output
         self.use_graphs = config.cuda_graphs and self.device.type == "cuda"
         self.tp = None  # the tensor-parallel leader (fieldprint/engine/tp.py) on rank 0 of a group, else None
         if self.device.type == "cuda" and config.fuse_elementwise:
             fuse_elementwise()
 
     # -- inputs ------------------------------------------------------------------------------
-    def _anchor_routing(self, seqs: list[Sequence], rows: int | None = None):
-        """(anchor block table [S, W], lens [S], each sequence's row or -1) for the batch's sets."""
-        keys = sorted({s.anchor_key for s in seqs if s.anchor_key is not None})
-        row = {k: i for i, k in enumerate(keys)}
-        table = torch.zeros((rows or len(keys), self.max_anchor_blocks), dtype=torch.int32)
-        lens = torch.zeros(rows or len(keys), dtype=torch.int32)
-        for k, i in row.items():
-            slot = self.anchor_pool.sets[k]
-            table[i, : len(slot.blocks)] = torch.tensor(slot.blocks, dtype=torch.int32)
-            lens[i] = slot.length
-        which = torch.tensor([row.get(s.anchor_key, -1) for s in seqs], dtype=torch.int32)
-        return table, lens, which
-
-    def _tables(self, seqs: list[Sequence], width: int | None = None, rows: int | None = None) -> torch.Tensor:
-        w = width or max(len(s.block_table) for s in seqs)
-        t = torch.zeros((rows or len(seqs), w), dtype=torch.int32)
-        for i, s in enumerate(seqs):
-            t[i, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
-        return t
-
     def inputs(self, seqs: list[Sequence], counts: list[int], graphs: bool = True) -> StepInputs:
         """The step's inputs on the host: `counts[i]` new tokens of each sequence (prefill, chunked
-        prefill or decode); a decode step that a captured graph runs is padded to its batch bucket."""
+        prefill or decode). A decode step that a captured graph runs is padded to its batch bucket,
+        and its block tables to its context bucket (graph_bucket)."""
         bs = self.config.block_size
         n = len(seqs)
         decode = all(c == 1 and s.num_cached > 0 for s, c in zip(seqs, counts))
+        need = max(cdiv(s.num_cached + c, bs) for s, c in zip(seqs, counts))
+        keys = sorted({s.anchor_key for s in seqs if s.anchor_key is not None})
+        sets = [self.anchor_pool.sets[k] for k in keys]
+        anchor_need = max((len(x.blocks) for x in sets), default=0)
         graph = 0
-        if decode and graphs and self.use_graphs and n <= GRAPH_BATCH_SIZES[-1] and n <= self.config.max_batch:
+        if (decode and graphs and self.use_graphs and n <= min(GRAPH_BATCH_SIZES[-1], self.config.max_batch)
+                and need <= self.max_blocks and anchor_need <= self.max_anchor_blocks):
             graph = next(x for x in GRAPH_BATCH_SIZES if x >= n)
         rows = graph or n
-        ids, pos, slots, cu = [], [], [], [0]
-        for s, c in zip(seqs, counts):
-            start = s.num_cached
-            ids += s.tokens[start : start + c]
-            pos += range(s.anchor_len + start, s.anchor_len + start + c)
-            slots += [s.block_table[i // bs] * bs + i % bs for i in range(start, start + c)]
-            cu.append(cu[-1] + c)
+        if graph:
+            width = graph_bucket(need, self.max_blocks)
+            set_rows, anchor_width = (rows, graph_bucket(anchor_need, self.max_anchor_blocks)) if sets else (0, 1)
+        else:
+            width = max(len(s.block_table) for s in seqs)
+            set_rows, anchor_width = len(sets), max(anchor_need, 1)
         pad = rows - n  # a captured batch's padding rows write into block 0, never handed out
-        table, alens, which = self._anchor_routing(seqs, rows=rows if graph else None)
-        return StepInputs(
-            graph, torch.tensor(ids + [0] * pad, dtype=torch.int64), torch.tensor(pos + [0] * pad, dtype=torch.int64),
-            torch.tensor(slots + [0] * pad, dtype=torch.int64),
-            self._tables(seqs, self.max_blocks if graph else None, rows),
-            torch.tensor([s.num_cached + c for s, c in zip(seqs, counts)] + [1] * pad, dtype=torch.int32),
-            torch.tensor(cu + list(range(cu[-1] + 1, cu[-1] + 1 + pad)), dtype=torch.int32), max(counts),
-            not decode, table, alens, torch.cat([which, torch.full((pad,), -1, dtype=torch.int32)]), n)
+        layout = StepLayout(sum(counts) + pad, rows, width, set_rows, anchor_width)
+        packed = np.zeros(layout.nbytes, dtype=np.uint8)
+        ids, pos, slots, tables, lens, cu, atable, alens, which = layout.views(packed)
+        if decode:  # one token each: no per-token loop
+            at = [s.num_cached for s in seqs]
+            ids[:n] = [s.token_at(i) for s, i in zip(seqs, at)]
+            pos[:n] = [s.anchor_len + i for s, i in zip(seqs, at)]
+            slots[:n] = [s.block_table[i // bs] * bs + i % bs for s, i in zip(seqs, at)]
+        else:
+            t = 0
+            for s, c in zip(seqs, counts):
+                start = s.num_cached
+                ids[t : t + c] = s.tokens[start : start + c]
+                pos[t : t + c] = range(s.anchor_len + start, s.anchor_len + start + c)
+                slots[t : t + c] = [s.block_table[i // bs] * bs + i % bs for i in range(start, start + c)]
+                t += c
+        for i, s in enumerate(seqs):
+            bt = s.block_table  # blocks past the context bucket hold nothing yet
+            tables[i, : min(len(bt), width)] = bt[:width]
+        lens[:n] = [s.num_cached + c for s, c in zip(seqs, counts)]
+        lens[n:] = 1
+        cu[1 : n + 1] = list(itertools.accumulate(counts))
+        cu[n + 1 :] = range(cu[n] + 1, cu[n] + 1 + pad)
+        row = {}
+        for j, (key, slot) in enumerate(zip(keys, sets)):
+            atable[j, : len(slot.blocks)] = slot.blocks
+            alens[j] = slot.length
+            row[key] = j
+        which[:n] = [row.get(s.anchor_key, -1) for s in seqs]
+        which[n:] = -1
+        return StepInputs(graph, layout, torch.from_numpy(packed), max(counts), not decode, n)
 
     def prepare(self, seqs: list[Sequence], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor, AttentionContext]:
         """The step's inputs on the device, run eagerly: (token ids, positions, attention context)."""
         return self._device(self.inputs(seqs, counts, graphs=False))
 
+    def _context(self, x: StepLayout, packed: torch.Tensor, is_prefill: bool, max_seqlen_q: int):
+        """(token ids, positions, attention context) over a packed buffer on the device."""
+        ids, pos, slots, tables, lens, cu, atable, alens, which = x.views(packed)
+        return ids, pos, AttentionContext(self.cache, is_prefill, slots, tables, lens, cu, max_seqlen_q,
+                                          AnchorRouting(atable, alens, which), workspace=self.workspace)
+
     def _device(self, x: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionContext]:
-        dev = self.device
-        to = lambda t: t.to(dev, non_blocking=True)  # noqa: E731
-        ctx = AttentionContext(self.cache, x.is_prefill, to(x.slots), to(x.tables), to(x.lens), to(x.cu), x.max_seqlen_q,
-                               AnchorRouting(to(x.atable), to(x.alens), to(x.which)), workspace=self.workspace)
-        return to(x.ids), to(x.pos), ctx
+        return self._context(x.layout, x.packed.to(self.device, non_blocking=True), x.is_prefill, x.max_seqlen_q)
 
     # -- running -----------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, seqs: list[Sequence], counts: list[int]) -> torch.Tensor:
-        """Run one step; return fp32 logits [B, vocab] at each sequence's last new token."""
+        """Run one step; return fp32 logits [B, vocab] at each sequence's last new token (valid until
+        the next step: captured graphs share one output buffer)."""
         x = self.inputs(seqs, counts)
         if self.tp is not None:
             self.tp.run(x)  # every other rank runs the same step
@@ -176,42 +244,37 @@ class ModelRunner:
             hidden = hidden[(ctx.cu_seqlens_q[1:] - 1).long()]
         return self.model.logits(hidden)
 
-    def _static(self, b: int) -> dict:
-        dev = self.device
-        z32 = lambda *shape: torch.zeros(shape, dtype=torch.int32, device=dev)  # noqa: E731
-        return {"ids": torch.zeros(b, dtype=torch.int64, device=dev), "pos": torch.zeros(b, dtype=torch.int64, device=dev),
-                "slots": torch.zeros(b, dtype=torch.int64, device=dev), "tables": z32(b, self.max_blocks),
-                "lens": z32(b), "cu": torch.arange(b + 1, dtype=torch.int32, device=dev),
-                "atable": z32(b, self.max_anchor_blocks), "alens": z32(b), "which": torch.full((b,), -1, dtype=torch.int32, device=dev)}
-
-    def _context(self, st: dict) -> AttentionContext:
-        return AttentionContext(self.cache, False, st["slots"], st["tables"], st["lens"], st["cu"], 1,
-                                AnchorRouting(st["atable"], st["alens"], st["which"]), workspace=self.workspace)
-
-    def _capture(self, b: int) -> tuple[torch.cuda.CUDAGraph, dict]:
-        st = self._static(b)
-        st["lens"].fill_(1)
-        ctx = self._context(st)
+    def _capture(self, x: StepLayout) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """A decode step's graph for this layout, over a packed input buffer of its own (returned)."""
+        b = x.seqs
+        if self._logits is None:  # every graph's logits land in one buffer: [256, vocab] fp32 is 130 MB
+            most = next(g for g in GRAPH_BATCH_SIZES if g >= min(self.config.max_batch, GRAPH_BATCH_SIZES[-1]))
+            self._logits = torch.empty((most, self.args.vocab_size), dtype=torch.float32, device=self.device)
+        packed = torch.zeros(x.nbytes, dtype=torch.uint8, device=self.device)
+        _, _, _, _, lens, cu, _, _, which = x.views(packed)
+        lens.fill_(1)
+        cu.copy_(torch.arange(b + 1, dtype=torch.int32))
+        which.fill_(-1)
         for _ in range(2):  # warm up: compile the kernels outside the capture
-            self.model.logits(self.model(st["ids"], st["pos"], ctx))
+            ids, pos, ctx = self._context(x, packed, False, 1)
+            self.model.logits(self.model(ids, pos, ctx))
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            st["out"] = self.model.logits(self.model(st["ids"], st["pos"], self._context(st)))
-        return graph, st
+            ids, pos, ctx = self._context(x, packed, False, 1)
+            self.model.logits(self.model(ids, pos, ctx), out=self._logits[:b])
+        return graph, packed
 
     def _replay(self, x: StepInputs) -> torch.Tensor:
-        b = x.graph
-        if b not in self.graphs:
+        key = x.graph_key
+        if key not in self.graphs:
             if self._graph_pool is None:  # one memory pool for every bucket's graph
                 self._graph_pool = torch.cuda.graph_pool_handle()
-            self.graphs[b] = self._capture(b)
-        graph, st = self.graphs[b]
-        for name, host in (("ids", x.ids), ("pos", x.pos), ("slots", x.slots), ("lens", x.lens), ("tables", x.tables),
-                           ("atable", x.atable), ("alens", x.alens), ("which", x.which)):
-            st[name].copy_(host, non_blocking=True)
+            self.graphs[key] = self._capture(x.layout)
+        graph, packed = self.graphs[key]
+        packed.copy_(x.packed, non_blocking=True)
         graph.replay()
-        return st["out"][: x.rows]
+        return self._logits[: x.rows]
 
     # -- sampling ----------------------------------------------------------------------------
     def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:

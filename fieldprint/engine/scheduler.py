@@ -61,9 +61,10 @@ class Scheduler:
         if seqs:
             return seqs, counts
         for seq in list(self.running):
-            while seq in self.running and not self.blocks.can_grow(seq.block_table, len(seq)):
+            # preempt() marks a sequence WAITING: the status answers "still running?" in O(1)
+            while seq.status is Status.RUNNING and not self.blocks.can_grow(seq.block_table, len(seq)):
                 self.preempt(self.running[-1])
-            if seq in self.running:
+            if seq.status is Status.RUNNING:
                 self.blocks.grow(seq.block_table, len(seq))
         return list(self.running), [1] * len(self.running)
 

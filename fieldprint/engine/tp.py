@@ -32,7 +32,7 @@ import torch.multiprocessing as mp
 
 from fieldprint.engine.kv_cache import read_anchor_states, write_anchor_states
 from fieldprint.engine.loader import load_model
-from fieldprint.engine.runner import ModelRunner, StepInputs
+from fieldprint.engine.runner import ModelRunner, StepInputs, StepLayout
 from fieldprint.errors import EngineError, FieldprintError
 
 
@@ -57,8 +57,9 @@ def _broadcast(message: object = None) -> object:
     return box[0]
 
 
-# A step travels as two int64 tensors (a header of sizes, then every input in one vector): two plain
-# broadcasts, where broadcast_object_list would pickle its tensors and send their sizes first.
+# A step travels as two tensors: a header of sizes (int64), then its packed inputs (StepInputs.packed,
+# uint8): two plain broadcasts, where broadcast_object_list would pickle its tensors and send their
+# sizes first.
 _HEADER = 10  # [kind (0: a step; 1: a pickled message follows), graph, T, B, W, S, W_a, max_seqlen_q, is_prefill, rows]
 
 
@@ -67,10 +68,10 @@ def _send_header(header: list[int], device: torch.device) -> None:
 
 
 def _send_step(x: StepInputs, device: torch.device) -> None:
-    _send_header([0, x.graph, x.ids.numel(), *x.tables.shape, *x.atable.shape, x.max_seqlen_q, int(x.is_prefill), x.rows],
-                 device)
-    parts = (x.ids, x.pos, x.slots, x.tables.flatten(), x.lens, x.cu, x.atable.flatten(), x.alens, x.which)
-    dist.broadcast(torch.cat([t.to(torch.int64) for t in parts]).to(device), src=0)
+    y = x.layout
+    _send_header([0, x.graph, y.tokens, y.seqs, y.width, y.sets, y.anchor_width, x.max_seqlen_q, int(x.is_prefill),
+                  x.rows], device)
+    dist.broadcast(x.packed.to(device), src=0)
 
 
 def _receive(device: torch.device) -> StepInputs | tuple:
@@ -80,13 +81,10 @@ def _receive(device: torch.device) -> StepInputs | tuple:
     kind, graph, t, b, w, s, wa, max_q, prefill, rows = header.tolist()
     if kind:
         return _broadcast()
-    sizes = [t, t, t, b * w, b, b + 1, s * wa, s, b]
-    payload = torch.empty(sum(sizes), dtype=torch.int64, device=device)
-    dist.broadcast(payload, src=0)
-    ids, pos, slots, tables, lens, cu, atable, alens, which = payload.split(sizes)
-    i32 = torch.int32
-    return StepInputs(graph, ids, pos, slots, tables.view(b, w).to(i32), lens.to(i32), cu.to(i32), max_q, bool(prefill),
-                      atable.view(s, wa).to(i32), alens.to(i32), which.to(i32), rows)
+    layout = StepLayout(t, b, w, s, wa)
+    packed = torch.empty(layout.nbytes, dtype=torch.uint8, device=device)
+    dist.broadcast(packed, src=0)
+    return StepInputs(graph, layout, packed, max_q, bool(prefill), rows)
 
 
 # -- what every rank does for one message (rank 0 takes part with its own runner) ----------------------
