@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from fieldprint.kernels.paged_attention import (  # noqa: E402
     AnchorPool,
     AnchorRouting,
+    _splits,
     paged_attention_decode,
     paged_attention_prefill,
     plan_decode,
@@ -1323,16 +1324,33 @@ def section_tile(quick: bool) -> None:
                 flush()
 
 
+def _v10_rule(bsz: int, ctx: int, hkv: int, kind, sms: int) -> dict:
+    """The split plan before v11, as explicit arguments: context splits of at least 256 tokens; anchor
+    splits of the context split's size, halved for int8 anchors when that gave fewer than 8."""
+    s, chunk = _splits(ctx, bsz * hkv, sms, 64, 256, None, fill_wave=kind is None)
+    kw = {"min_chunk": 256}
+    if kind is not None:
+        per = chunk
+        if kind == "int8" and -(-2048 // chunk) < 8:
+            per = max(64, chunk // 2 // 64 * 64)
+        kw["anchor_splits"] = -(-2048 // min(per, 2048))
+    return kw
+
+
 def section_splits(quick: bool) -> None:
-    """Split-KV count, pipeline stages, warps, register cap and sharing tile where we trail FlashInfer
-    (docs/attention.md: long contexts at B=1 and 8, anchors at B=8 and 64 with 8k of context) and where
-    anchors cost the engine most (Llama-3.2-1B's D=64 at B=32 and 128, 1k of context). Graph-timed, us
-    per call; every variant's output is compared with the default's (same math, other split points:
-    within bf16 rounding)."""
+    """Split-KV counts against the plan's defaults: the end-to-end bench's decode steps (Llama-3.2-1B's
+    D=64, 640 tokens of context, B=1/8/32/128, none and 2k int8 anchors), where anchors cost the engine
+    most (D=64 at B=32 and 128, 1k of context), and where we trail FlashInfer (docs/attention.md: long
+    contexts at B=1 and 8, anchors at B=8 and 64 with 8k of context). "v10 rule" is the plan before
+    v11's short-context and anchor split rules. Graph-timed, us per call; every variant's output is
+    compared with the default's (same math, other split points: within bf16 rounding). The earlier
+    sweeps of stages, warps, register caps and sharing tiles are in results/attention_splits_*.json."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count if DEV == "cuda" else 4
     l8, l1 = (32, 8, 128), (32, 8, 64)  # Llama-3-8B, Llama-3.2-1B attention (H_q, H_kv, D)
-    specs = [(32, 1024, None, l1), (32, 1024, "int8", l1), (128, 1024, None, l1), (128, 1024, "int8", l1),
-             (1, 32768, None, l8), (1, 131072, None, l8), (8, 32768, None, l8), (8, 131072, None, l8),
+    specs = [(1, 640, None, l1), (1, 640, "int8", l1), (8, 640, None, l1), (8, 640, "int8", l1),
+             (32, 640, None, l1), (32, 640, "int8", l1), (128, 640, None, l1), (128, 640, "int8", l1),
+             (32, 1024, "int8", l1), (128, 1024, "int8", l1),
+             (1, 32768, None, l8), (8, 32768, None, l8), (1, 8192, "int8", l8),
              (8, 8192, "int8", l8), (64, 8192, "bf16", l8), (64, 8192, "int8", l8)]
     if DEV != "cuda":
         specs = [(1, 256, None, (8, 2, 64)), (2, 128, "int8", (8, 2, 64))]
@@ -1348,16 +1366,14 @@ def section_splits(quick: bool) -> None:
         plan = plan_decode(q, k, v, bt, lens, *a, check=False)
         s_default = plan.launch.constexprs["S_CTX"]
         variants = {"default": {}}
-        for f in (0.5, 1.5, 2, 3, 4, 6):
-            n = max(1, round(s_default * f))
-            if f < 1 or n > s_default:
-                variants[f"splits x{f}"] = {"num_splits": n}
-        variants.update({"stages 3": {"num_stages": 3}, "splits x2 stages 3": {"num_splits": 2 * s_default, "num_stages": 3}})
+        if DEV == "cuda":
+            variants["v10 rule"] = _v10_rule(bsz, ctx, hkv, kind, sms)
+        variants.update({f"splits x{f}": {"num_splits": max(1, round(s_default * f))} for f in (0.5, 2)})
+        if ctx <= 4096:  # short contexts: splits of fewer tokens
+            variants.update({f"min chunk {c}": {"min_chunk": c} for c in (64, 128, 256)})
         if kind is not None:
-            s_anc, tile = plan.launch.constexprs["S_ANC"], plan.launch.constexprs["TILE_SEQ"]
+            s_anc = plan.launch.constexprs["S_ANC"]
             variants.update({f"anchor splits x{f}": {"anchor_splits": max(1, round(s_anc * f))} for f in (0.5, 2)})
-            variants.update({f"tile {t}": {"seq_tile": t} for t in (1, 2, 4, 8, 16) if t != tile and t <= bsz})
-            variants.update({"regs none": {"max_registers": None}, "regs 128": {"max_registers": 128}})
         o = torch.empty_like(q)
         want = paged_attention_decode(q, k, v, bt, lens, *a, check=False)
         row = {"B": bsz, "ctx": ctx, "anchors": kind, "hq": hq, "hkv": hkv, "d": d, "sms": sms,

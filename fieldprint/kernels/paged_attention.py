@@ -278,6 +278,31 @@ def _splits(tokens: int, items: int, sms: int, block_n: int, min_chunk: int,
     return triton.cdiv(tokens, chunk), chunk
 
 
+def _short_chunk(tokens: int, items: int, sms: int, block_n: int) -> int:
+    """Fewest tokens per context split: 4 key blocks, but smaller where even that many splits fill no
+    more than one wave of three programs per multiprocessor (short contexts at small batches, no
+    anchors: their items fill the wave instead). H200, Llama-3.2-1B shapes, 640 tokens of context:
+    B=1 8.1 -> 5.7 us, B=8 9.6 -> 8.1; with int8 anchors at B=8 the same splits took 21.8 us against
+    14.6 with the 4-block ones. Long contexts and large batches are unchanged (docs/attention-notes.md,
+    v11)."""
+    for c in (block_n, 2 * block_n):
+        if items * triton.cdiv(tokens, c) <= 3 * sms:
+            return c
+    return 4 * block_n
+
+
+def _anchor_splits(anchor_tokens: int, pairs: int, rows: int, sms: int, block_n: int) -> tuple[int, int]:
+    """(splits, tokens per split) of an anchor set: about four programs per multiprocessor over the
+    (sharing tile, KV head) pairs, half as many for tiles of 64 query rows, each of at least two key
+    blocks. H200, 2k int8 anchors, graph-timed (the rule before, the context split's size halved below
+    8 splits, in brackets): D=64 with 640 tokens of context, B=8 14.6 us (21.8), B=32 32.9 (38.5),
+    B=128 84.2 (85.4); D=128 B=64 8k, bf16 anchors, 562 (588); docs/attention-notes.md, v11."""
+    want = (4 * sms) // (max(pairs, 1) * max(1, rows // 32))
+    s = max(1, min(triton.cdiv(anchor_tokens, 2 * block_n), want))
+    chunk = triton.cdiv(triton.cdiv(anchor_tokens, s), block_n) * block_n
+    return triton.cdiv(anchor_tokens, chunk), chunk
+
+
 def _out_buffer(out: torch.Tensor | None, q: torch.Tensor, strides: tuple | None = None) -> torch.Tensor:
     """out, checked, or a new buffer like q; strides: the ones out must have (a decode plan's, q's)."""
     if out is None:
@@ -405,6 +430,7 @@ def plan_decode(
     num_warps: int = 4,
     num_stages: int = 2,
     max_registers: int | None = -1,
+    min_chunk: int | None = None,
     workspace: DecodeWorkspace | None = None,
 ) -> DecodePlan:
     """Check and prepare a decode launch for q's shape over these tables, lengths and anchors.
@@ -427,7 +453,11 @@ def plan_decode(
     block_n = 64 if on_gpu else 16
     sms = _num_sms(q.device)
     max_ctx = block_tables.shape[1] * bs
-    min_chunk = 4 * block_n if on_gpu else block_n
+    if min_chunk is None:
+        min_chunk = block_n if not on_gpu else 4 * block_n if anchors is not None else _short_chunk(
+            max_ctx, bsz * hkv, sms, block_n)
+    elif not (isinstance(min_chunk, int) and min_chunk >= block_n and min_chunk % block_n == 0):
+        raise _bad(f"min_chunk must be a multiple of {block_n} tokens, got {min_chunk!r}")
     s_ctx, chunk = _splits(max_ctx, bsz * hkv, sms, block_n, min_chunk, num_splits, fill_wave=anchors is None)
     s_anc, achunk, n_anchor_items, tile = 0, 0, 0, 1
     a, r = anchors, routing
@@ -442,14 +472,8 @@ def plan_decode(
         n_tiles = bsz  # one potential tile start per sorted position
         max_alen = r.block_table.shape[1] * a.k.shape[1]
         if anchor_splits is None:
-            # Anchor items take the context items' token count. int8 anchors that would get fewer
-            # than 8 items per (tile, head) get half-size items instead: more items helped where
-            # there were few and cost where there were many (docs/attention-notes.md, v6).
-            per = chunk
-            if a.k.dtype == torch.int8 and triton.cdiv(max_alen, chunk) < 8:
-                per = max(block_n, chunk // 2 // block_n * block_n)
-            achunk = min(per, triton.cdiv(max_alen, block_n) * block_n)
-            s_anc = triton.cdiv(max_alen, achunk)
+            # The common case, one set shared by the batch: its sequences fill cdiv(B, tile) tiles
+            s_anc, achunk = _anchor_splits(max_alen, triton.cdiv(bsz, tile) * hkv, tile * gqa_pad, sms, block_n)
         else:
             s_anc, achunk = _splits(max_alen, n_tiles * hkv, sms, block_n, block_n, anchor_splits)
         n_anchor_items = n_tiles * hkv * s_anc

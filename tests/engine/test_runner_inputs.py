@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from fieldprint.engine.runner import StepLayout, graph_bucket
+from fieldprint.engine.runner import StepLayout, argmax_rows, chunked_argmax, graph_bucket
 
 
 def test_graph_bucket_is_the_next_power_of_two_within_its_bounds():
@@ -81,3 +81,17 @@ def test_a_context_past_the_longest_graph_runs_eagerly(tiny_model, make_runner, 
         s.output_ids.append(3)
     assert runner.inputs([short], [1]).graph == 1
     assert runner.inputs([short, long], [1, 1]).graph == 0
+
+
+def test_chunked_argmax_is_argmax_ties_and_tails_included():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4096 * 5 + 77, generator=g)
+    x[1, 9000] = x[1, 4096 * 5 + 3] = 100.0  # a tie across chunks: the first index wins
+    x[2, -1] = 100.0  # the maximum in the tail past the last whole chunk
+    want = x.argmax(-1)
+    assert want.tolist()[1:] == [9000, x.shape[1] - 1]
+    assert chunked_argmax(x).tolist() == want.tolist()
+    assert chunked_argmax(x[:, : 4096 * 5]).tolist() == x[:, : 4096 * 5].argmax(-1).tolist()  # no tail
+    assert argmax_rows(x).tolist() == want.tolist()
+    if torch.cuda.is_available():  # the chunked path is CUDA's
+        assert argmax_rows(x.cuda()).tolist() == want.tolist()

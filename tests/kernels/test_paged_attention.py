@@ -20,6 +20,8 @@ from fieldprint.kernels.paged_attention import (
     AnchorPool,
     AnchorRouting,
     DecodeWorkspace,
+    _anchor_splits,
+    _short_chunk,
     paged_attention_decode,
     paged_attention_prefill,
     plan_decode,
@@ -479,3 +481,13 @@ def test_a_plan_serves_every_layer_like_one_shot_calls():
                   AnchorPool(p0.k, p0.v, p0.k_scale, None), AnchorPool(p0.k, p0.v, p0.k_scale.t().contiguous().t(), p0.v_exp)):
         with pytest.raises(KernelInputError, match="anchor pool must be laid out as planned"):
             plan.run(dev(qs[0]), k, v, other)
+
+
+@pytest.mark.parametrize("tokens", [64, 640, 2048, 2049, 131072])
+@pytest.mark.parametrize("pairs", [1, 8, 64, 1024])
+def test_split_plans_cover_every_token_once_in_whole_key_blocks(tokens, pairs):
+    """Anchor and short-context split plans: whole 64-token blocks, no empty split, all tokens covered."""
+    s, chunk = _anchor_splits(tokens, pairs, 64, 132, 64)
+    assert chunk % 64 == 0 and (s - 1) * chunk < tokens <= s * chunk and chunk >= min(128, -(-tokens // 64) * 64)
+    c = _short_chunk(tokens, pairs, 132, 64)
+    assert c in (64, 128, 256) and (c == 256 or pairs * -(-tokens // c) <= 3 * 132)
