@@ -94,10 +94,6 @@ class StepInputs:
     is_prefill: bool
     rows: int  # the real sequences (the rest is padding)
 
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        """(ids, pos, slots, tables, lens, cu, atable, alens, which), views of `packed`."""
-        return self.layout.views(self.packed)
-
     @property
     def graph_key(self) -> tuple[int, int, int, int]:
         """The captured graph that runs this step: (batch bucket, context width, anchor sets, anchor width)."""

@@ -79,7 +79,6 @@ class Sequence:
     finish_reason: str | None = None  # "stop", "length", or "error"
     error: str | None = None
     generator: torch.Generator | None = None
-    text: str = ""  # decoded output so far (stop strings are matched here)
     preemptions: int = 0
 
     @property

@@ -58,7 +58,7 @@ def test_a_step_padded_to_its_graph_buckets_computes_what_the_plain_step_does(ti
     assert plain.graph == 0 and padded.graph == 4 and padded.rows == 3
     assert padded.graph_key == (4, graph_bucket(18, runner.max_blocks), 4, graph_bucket(23, runner.max_anchor_blocks))
     assert (plain.layout.width, plain.layout.sets, plain.layout.anchor_width) == (18, 2, 23)
-    ids, pos, slots, tables, lens, cu, atable, alens, which = padded.tensors()
+    ids, pos, slots, tables, lens, cu, atable, alens, which = padded.layout.views(padded.packed)
     assert ids[3] == 0 and slots[3] == 0 and lens[3] == 1 and which[3] == -1 and cu.tolist() == [0, 1, 2, 3, 4]
     assert pos[:3].tolist() == [37 + 21, 70, 90 + 9]
     padded.graph = 0  # what the captured graph computes, run eagerly

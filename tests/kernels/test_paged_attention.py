@@ -321,6 +321,9 @@ def _base(gen=None):
     (lambda a: a.update(gamma=1.5), "gamma must lie"),
     (lambda a: a.update(gamma=torch.full((3,), 0.5)), "per-head gamma"),
     (lambda a: a.update(gamma=torch.full((4,), 2.0)), "per-head gamma must lie"),
+    (lambda a: a.update(min_chunk=24), "min_chunk must be a multiple"),
+    (lambda a: a.update(min_chunk="64"), "min_chunk must be a multiple"),
+    (lambda a: a.update(min_chunk=True), "min_chunk must be a multiple"),
 ])
 def test_decode_rejects_bad_inputs(mutate, needle):
     q, k, v, bt, cl = _base()
