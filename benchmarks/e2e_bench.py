@@ -14,6 +14,8 @@ written out in engine_bench.py.
 3. Batch-1 decode step (median over the run's decode steps, host work included) vs the bandwidth
    floor: (weight bytes + K/V bytes read at the mean context) / bandwidth, for 4.27e12 B/s and for
    a measured device-to-device copy. Goal: <= 1.3x.
+   Beside it, sampled generation (temperature 0.8, top-k 50, top-p 0.95, a seed per request) vs
+   greedy at the same batches: what the sampler costs per token.
 4. nano-vllm's throughput protocol: 256 requests, input and output lengths uniform in 100..1024
    (seed 0), all submitted at once, Qwen3-0.6B shapes: output tokens/s, p50/p99 time to first
    token and inter-token latency.
@@ -129,10 +131,35 @@ def serve(runner: ModelRunner, sched: Scheduler, seqs: list[Sequence], committer
             "preemptions": sum(s.preemptions for s in seqs)}
 
 
-def requests(rng: random.Random, n: int, prompt: int, new: int, vocab: int, anchor=None) -> list[Sequence]:
-    return [Sequence(random_ids(rng, prompt, vocab), SamplingParams(max_tokens=new, ignore_eos=True),
+SAMPLED = {"temperature": 0.8, "top_p": 0.95, "top_k": 50}
+
+
+def requests(rng: random.Random, n: int, prompt: int, new: int, vocab: int, anchor=None, sampled: bool = False,
+             ) -> list[Sequence]:
+    """n requests of random prompt tokens, greedy (or sampled with SAMPLED, each seeded) and ignoring EOS."""
+    return [Sequence(random_ids(rng, prompt, vocab),
+                     SamplingParams(max_tokens=new, ignore_eos=True, **(SAMPLED | {"seed": i} if sampled else {})),
                      anchor_key=anchor.key if anchor else None, anchor_len=len(anchor.tokens) if anchor else 0)
-            for _ in range(n)]
+            for i in range(n)]
+
+
+def sampling_section(runner, sched, p, rng) -> dict:
+    """Sampled generation (temperature, top-k and top-p, a seeded generator per request) against greedy,
+    no anchors, as interleaved pairs after an untimed one: what sampling costs per token."""
+    out, vocab = {}, runner.args.vocab_size
+    for b in p["batches"]:
+        runs = {"greedy": [], "sampled": []}
+        for r in range(p["repeats"] + 1):
+            for label in ("greedy", "sampled") if r % 2 == 0 else ("sampled", "greedy"):
+                run = serve(runner, sched, requests(rng, b, p["prompt"], p["new"], vocab, sampled=label == "sampled"))
+                if r:  # the first pair is untimed
+                    runs[label].append(run["tok_s"])
+        ratios = [s / g for s, g in zip(runs["sampled"], runs["greedy"])]
+        out[str(b)] = {"greedy_tok_s": statistics.median(runs["greedy"]), "sampled_tok_s": statistics.median(runs["sampled"]),
+                       "pair_ratios": ratios, "sampled_vs_greedy": statistics.median(ratios)}
+        log(f"  B={b:>4}: greedy {out[str(b)]['greedy_tok_s']:>9.0f} tok/s  sampled {out[str(b)]['sampled_tok_s']:>9.0f}"
+            f"  ratio {out[str(b)]['sampled_vs_greedy']:.3f} ({SAMPLED})")
+    return out
 
 
 def warm(runner: ModelRunner, sched: Scheduler, max_batch: int, rng: random.Random, anchor=None,
@@ -363,6 +390,8 @@ def print_table(res: dict) -> None:
     for b, r in res.get("anchors", {}).items():
         row(f"B={b} tokens/s anchors / none", r["anchors_vs_none"], GOALS["anchors_vs_none"])
         row("  the best any kernel could do (bound)", r["bound"]["bound"])
+    for b, r in res.get("sampling", {}).items():
+        row(f"B={b} tokens/s sampled / greedy", r["sampled_vs_greedy"])
     for b, r in res.get("hf", {}).items():
         row(f"B={b} tokens/s ours / HF generate", r["ours_vs_hf"], GOALS["vs_hf"])
     for label in ("none", "anchors"):
@@ -386,7 +415,7 @@ def main() -> None:
     ap.add_argument("--hf-compile", action="store_true", help="let HF generate torch.compile its static-cache forward")
     ap.add_argument("--bandwidth", type=float, default=4.27e12, help="B/s for the decode floor (default 4.27e12)")
     ap.add_argument("--model", default=None, help="model of sections 1-3 (default llama-3.2-1b; e.g. llama-3-8b)")
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip: profile, hf, protocol")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: sampling, profile, hf, protocol")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "e2e_bench.json"))
     args = ap.parse_args()
     p = dict(SMOKE if args.smoke else FULL)
@@ -423,6 +452,10 @@ def main() -> None:
                 f"{'off' if args.no_commit else 'on'}")
             res["anchors"] = anchors_section(runner, sched, bench, cs, p, rng, not args.no_commit)
             save()
+            if "sampling" not in skip:
+                log(f"{p['model']}: sampled generation vs greedy")
+                res["sampling"] = sampling_section(runner, sched, p, rng)
+                save()
             if "profile" not in skip:
                 log(f"{p['model']}: where a decode step's GPU time goes")
                 res["profile"] = profile_section(runner, p, rng, cs)

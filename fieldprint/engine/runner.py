@@ -295,22 +295,37 @@ class ModelRunner:
     def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         """Next token of each sequence: greedy rows by argmax, the others by their own seeded generator."""
         out = argmax_rows(logits)
-        for i, s in enumerate(seqs):
-            p = s.params
-            if p.greedy:
-                continue
-            row = logits[i] / p.temperature
-            if p.top_k:
-                kth = torch.topk(row, min(p.top_k, row.shape[-1])).values[-1]
-                row = row.masked_fill(row < kth, float("-inf"))
-            probs = torch.softmax(row, -1)
-            if p.top_p < 1:
-                sp, si = torch.sort(probs, descending=True)
-                cut = torch.cumsum(sp, -1) - sp > p.top_p  # keep the smallest prefix whose mass reaches top_p
-                probs = torch.zeros_like(probs).scatter_(0, si, sp.masked_fill(cut, 0))
-            if s.generator is None:
-                s.generator = torch.Generator(device=logits.device)
-                # an unseeded request draws its own seed: torch.seed() would reseed the caller's global generator
-                s.generator.manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
-            out[i] = torch.multinomial(probs, 1, generator=s.generator)[0]
+        rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if rows:
+            for i in rows:
+                s = seqs[i]
+                if s.generator is None:
+                    s.generator = torch.Generator(device=logits.device)
+                    # an unseeded request draws its own seed: torch.seed() would reseed the caller's global generator
+                    s.generator.manual_seed(s.params.seed if s.params.seed is not None else secrets.randbits(63))
+            drawn = sample_rows(logits[rows], [seqs[i].params for i in rows], [seqs[i].generator for i in rows])
+            out[torch.tensor(rows, device=out.device)] = drawn
         return out.tolist()
+
+
+def sample_rows(logits: torch.Tensor, params: list, generators: list[torch.Generator]) -> torch.Tensor:
+    """One token per row of fp32 logits [R, V], each row with its own temperature, top-k, top-p and
+    generator. Temperature, top-k and top-p run on the whole batch at once (a row at a time, they
+    were ten small kernels per sampled sequence and step); only the draw is per row, from the row's
+    own generator, so a seeded request samples what it would alone."""
+    dev, v = logits.device, logits.shape[1]
+    x = logits / torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=dev)[:, None]
+    ks = [min(p.top_k, v) for p in params]
+    if any(ks):  # each limited row's k-th largest value, from one top-k of the largest k
+        top = torch.topk(x, max(ks), dim=-1).values
+        kth = top.gather(1, torch.tensor([max(k, 1) - 1 for k in ks], device=dev)[:, None])
+        limited = torch.tensor([k > 0 for k in ks], device=dev)[:, None]
+        x = x.masked_fill(limited & (x < kth), float("-inf"))
+    probs = torch.softmax(x, -1)
+    if any(p.top_p < 1 for p in params):
+        # rows without a limit keep every token (a cumulative sum may pass 1.0 by a rounding)
+        top_p = torch.tensor([p.top_p if p.top_p < 1 else float("inf") for p in params], dtype=probs.dtype, device=dev)
+        sp, si = torch.sort(probs, dim=-1, descending=True)
+        cut = torch.cumsum(sp, -1) - sp > top_p[:, None]  # keep the smallest prefix whose mass reaches top_p
+        probs = torch.zeros_like(probs).scatter_(1, si, sp.masked_fill(cut, 0))
+    return torch.cat([torch.multinomial(probs[j], 1, generator=g) for j, g in enumerate(generators)])
