@@ -365,8 +365,9 @@ class StreamText:
     """An output's text as its tokens come, decoding a short window per token, not the whole output
     (0.4 ms per token at 512 tokens): the window starts at the tokens of the previous piece, so that a
     token's text is read in context (a SentencePiece leading space, a character split over tokens),
-    and the text grows only by whole characters. A window that would not extend the text it read
-    before falls back to decoding the whole output."""
+    and the text grows only by whole characters. A window that changes the text it read before
+    instead of extending it (a tokenizer that composes characters) falls back to decoding the whole
+    output."""
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer, self.text = tokenizer, ""
@@ -376,7 +377,7 @@ class StreamText:
         """The text of `ids` (the whole output so far) up to its last whole character."""
         decode = lambda part: self.tokenizer.decode(part, skip_special_tokens=True)  # noqa: E731
         before, now = decode(ids[self._start : self._read]), decode(ids[self._start :])
-        if len(now) > len(before) and not now.endswith("\ufffd"):
+        if now != before and not now.endswith("\ufffd"):
             if now.startswith(before):
                 self.text += now[len(before) :]
             else:

@@ -60,3 +60,22 @@ def test_the_streamed_text_is_the_whole_text_in_whole_characters(smollm2_tokeniz
         assert whole.startswith(got)
         if not whole.endswith("\ufffd"):
             assert got == whole, f"after {k} tokens"
+
+
+class _ComposingTokenizer:
+    """A tokenizer whose decoding composes characters (NFC): a later token can change the text before it."""
+
+    pieces = {0: "caf", 1: "e", 2: "\u0301", 3: " ok", 4: "!"}
+
+    def decode(self, ids, skip_special_tokens=True):
+        import unicodedata
+
+        return unicodedata.normalize("NFC", "".join(self.pieces[i] for i in ids))
+
+
+def test_a_window_that_rewrites_its_text_falls_back_to_the_whole_decode():
+    tok, ids = _ComposingTokenizer(), [0, 1, 2, 3, 4]
+    text = StreamText(tok)
+    got = [text.update(ids[:k]) for k in range(1, len(ids) + 1)]
+    assert got == [tok.decode(ids[:k]) for k in range(1, len(ids) + 1)]
+    assert got[2] == "café" and got[-1] == "café ok!"
