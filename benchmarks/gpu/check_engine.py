@@ -94,10 +94,8 @@ def main() -> None:
             hf_out = hf.generate(torch.tensor([ids[:64]], device=dev), max_new_tokens=64, do_sample=False,
                                  min_new_tokens=64)[0, 64:].tolist()
         agree = lambda a, b: next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))  # noqa: E731
-        # kernel vs torch path, with int8 anchors, on one layer's attention
-        _, _, D = lm.args.num_kv_heads, 0, lm.args.head_dim
         graph_anchors = check_graph_anchors(runner, lm)
-        anchor_check = check_anchors(runner, lm)
+        anchor_check = check_anchors(runner, lm)  # kernels vs the torch path, bf16 and int8 anchors, one layer
         r = {"max_dlogit_vs_hf": dl, "top1_vs_hf": top1, "graph_eq_eager_tokens": agree(outs["graph"], outs["eager"]),
              "graph_vs_hf_first_divergence": agree(outs["graph"], hf_out), **graph_anchors, **anchor_check}
         results[name] = r
