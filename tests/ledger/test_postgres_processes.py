@@ -101,9 +101,11 @@ class Writers:
         acked = {}
         for path in self.results:
             with open(path, "rb") as f:
-                for line in f.read().split(b"\n"):
+                # Only whole lines: a kill can cut a write() between pages, leaving the last line without
+                # its newline and its hex cut short; such a line is not an acknowledgement.
+                for line in f.read().split(b"\n")[:-1]:
                     parts = line.split(b" ")
-                    if len(parts) == 2 and parts[1]:  # a line cut by the kill is not an acknowledgement
+                    if len(parts) == 2 and parts[1]:
                         index, entry = int(parts[0]), bytes.fromhex(parts[1].decode())
                         assert index not in acked, f"index {index} acknowledged twice"
                         acked[index] = entry
