@@ -230,7 +230,9 @@ class Engine:
             s.num_cached += n
             if s.num_cached == len(s):
                 ready.append(i)
-        tokens = self.runner.sample([seqs[i] for i in ready], logits[ready]) if ready else []
+        # a decode step samples every row: no gather of [B, vocab] logits (65 MB at B=128 with 128k tokens)
+        rows = logits if len(ready) == len(seqs) else logits[ready]
+        tokens = self.runner.sample([seqs[i] for i in ready], rows) if ready else []
         done = []
         for i, tok in zip(ready, tokens):
             s = seqs[i]
