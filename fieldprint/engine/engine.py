@@ -118,6 +118,7 @@ class Engine:
         tok = self.lm.tokenizer
         self.eos = {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|eot_id|>"))
                     if isinstance(i, int) and i >= 0 and i != tok.unk_token_id}
+        self._special = frozenset(tok.all_special_ids)  # read once: the tokenizer rebuilds the list per call
         self._sessions_of: dict[int, str] = {}  # running sequence -> its session (for the K/V commit)
         self._kv_tickets: dict[int, object] = {}
 
@@ -252,7 +253,7 @@ class Engine:
         if tok in self.eos and not p.ignore_eos:
             s.output_ids.pop()  # the end-of-turn token is not part of the answer
             return "stop"
-        if p.stop and tail_has_stop(self.lm.tokenizer, s.output_ids, p.stop):
+        if p.stop and tail_has_stop(self.lm.tokenizer, s.output_ids, p.stop, self._special):
             return "stop"
         if len(s.output_ids) >= p.max_tokens or len(s) >= self.config.runner.max_model_len:
             return "length"
@@ -388,18 +389,18 @@ class StreamText:
         return self.text
 
 
-def tail_has_stop(tokenizer, ids: list[int], stops: tuple[str, ...]) -> bool:
+def tail_has_stop(tokenizer, ids: list[int], stops: tuple[str, ...], special: frozenset[int]) -> bool:
     """Whether the output's decoded text holds a stop string, checked after every token so that the
     newest token completes any stop found: only the tail is decoded (the whole output per token cost
     O(n^2): 0.1-0.4 ms per sequence and step at 512 tokens, which at B=128 is more than the decode
     step's GPU time).
 
     A stop of L characters (UTF-8: at most 4L bytes) spans at most 4L tokens that decode to text, since
-    each yields at least a byte; skipped special tokens add to the window. The window starts 4 tokens
-    further back, so the stop never touches the tail's first token, whose decoding alone can differ
-    (a SentencePiece leading space dropped, a split character's replacement mark)."""
+    each yields at least a byte; skipped special tokens (`special`: the tokenizer's ids) add to the
+    window. The window starts 4 tokens further back, so the stop never touches the tail's first token,
+    whose decoding alone can differ (a SentencePiece leading space dropped, a split character's
+    replacement mark)."""
     want = 4 * max(len(x) for x in stops) + 4
-    special = set(getattr(tokenizer, "all_special_ids", ()))
     n = want
     while n < len(ids) and n - sum(t in special for t in ids[-n:]) < want:
         n += want

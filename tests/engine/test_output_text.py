@@ -38,13 +38,14 @@ def test_the_tail_finds_the_first_stop_where_the_whole_text_does(smollm2_tokeniz
     whole = lambda prefix: any(s in tok.decode(prefix, skip_special_tokens=True) for s in stops)  # noqa: E731
     want = _first_stop(ids, whole)
     assert want is not None
-    assert _first_stop(ids, lambda prefix: tail_has_stop(tok, prefix, stops)) == want
+    assert _first_stop(ids, lambda prefix: tail_has_stop(tok, prefix, stops, frozenset(tok.all_special_ids))) == want
 
 
 def test_no_stop_is_seen_in_text_that_has_none(smollm2_tokenizer):
     tok = smollm2_tokenizer
     ids = list(tok(TEXT * 3, add_special_tokens=False)["input_ids"])
-    assert not any(tail_has_stop(tok, ids[:k], ("Assistant:", "🌧")) for k in range(1, len(ids) + 1))
+    special = frozenset(tok.all_special_ids)
+    assert not any(tail_has_stop(tok, ids[:k], ("Assistant:", "🌧"), special) for k in range(1, len(ids) + 1))
 
 
 @pytest.mark.parametrize("seed", range(8))
