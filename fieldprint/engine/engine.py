@@ -366,11 +366,11 @@ class Engine:
 
 class StreamText:
     """An output's text as its tokens come, decoding a short window per token, not the whole output
-    (0.1-0.4 ms per token at 512 tokens with SmolLM2's tokenizer): the window starts at the tokens of the previous piece, so that a
-    token's text is read in context (a SentencePiece leading space, a character split over tokens),
-    and the text grows only by whole characters. A window that changes the text it read before
-    instead of extending it (a tokenizer that composes characters) falls back to decoding the whole
-    output."""
+    (65-72 us against 6 us per token over a 512-token stream, benchmarks/host_bench.py): the window
+    starts at the tokens of the previous piece, so that a token's text is read in context (a
+    SentencePiece leading space, a character split over tokens), and the text grows only by whole
+    characters. A window that changes the text it read before instead of extending it (a tokenizer
+    that composes characters) falls back to decoding the whole output."""
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer, self.text = tokenizer, ""
@@ -392,8 +392,8 @@ class StreamText:
 def tail_has_stop(tokenizer, ids: list[int], stops: tuple[str, ...], special: frozenset[int]) -> bool:
     """Whether the output's decoded text holds a stop string, checked after every token so that the
     newest token completes any stop found: only the tail is decoded (the whole output per token cost
-    O(n^2): 0.1-0.4 ms per sequence and step at 512 tokens, which at B=128 is more than the decode
-    step's GPU time).
+    O(n^2): 0.2-0.3 ms per sequence and step at 512 tokens, benchmarks/host_bench.py, which at B=128
+    is more than the decode step's GPU time).
 
     A stop of L characters (UTF-8: at most 4L bytes) spans at most 4L tokens that decode to text, since
     each yields at least a byte; skipped special tokens (`special`: the tokenizer's ids) add to the
