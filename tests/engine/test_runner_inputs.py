@@ -83,6 +83,22 @@ def test_a_context_past_the_longest_graph_runs_eagerly(tiny_model, make_runner, 
     assert runner.inputs([short, long], [1, 1]).graph == 0
 
 
+def test_an_anchor_set_past_the_longest_graph_runs_eagerly(tiny_model, make_runner, engine_ops):
+    lm, _ = tiny_model("llama")
+    runner = make_runner(lm, max_anchor_len=32)
+    runner.use_graphs = True
+    _anchor_set(runner, "long", 40, 3)  # the pool holds it; no captured graph's anchor table is that wide
+    _anchor_set(runner, "short", 30, 4)
+    seqs = [engine_ops.new_seq(list(range(10, 30)), anchor_key=k, anchor_len=n) for k, n in (("short", 30), ("long", 40))]
+    for s in seqs:
+        runner.blocks.grow(s.block_table, len(s) + 1)
+        s.num_cached = len(s)
+        s.output_ids.append(3)
+    assert runner.inputs(seqs[:1], [1]).graph == 1
+    x = runner.inputs(seqs, [1, 1])
+    assert x.graph == 0 and x.layout.anchor_width == 10  # eager, with the exact table width
+
+
 def test_chunked_argmax_is_argmax_ties_and_tails_included():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4096 * 5 + 77, generator=g)
