@@ -311,7 +311,7 @@ class ModelRunner:
 def sample_rows(logits: torch.Tensor, params: list, generators: list[torch.Generator]) -> torch.Tensor:
     """One token per row of fp32 logits [R, V], each row with its own temperature, top-k, top-p and
     generator. Temperature, top-k and top-p run on the whole batch at once (a row at a time, they
-    were ten small kernels per sampled sequence and step); only the draw is per row, from the row's
+    were about ten tensor operations per sampled sequence and step); only the draw is per row, from the row's
     own generator, so a seeded request samples what it would alone."""
     dev, v = logits.device, logits.shape[1]
     x = logits / torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=dev)[:, None]
