@@ -214,7 +214,7 @@ def _store_partial(pm_ptr, pl_ptr, pacc_ptr, idx, rmask, m_i, l_i, acc, D: tl.co
 @triton.jit
 def _anchor_item(
     pid, q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr,
-    ak_ptr, av_ptr, abt_ptr, alen_ptr, seqset_ptr, order_ptr, tile_ptr, ks_ptr, ve_ptr,
+    ak_ptr, av_ptr, abt_ptr, alen_ptr, seqset_ptr, order_ptr, start_ptr, ks_ptr, ve_ptr,
     gamma_ptr, gamma_val, pm_ptr, pl_ptr, pacc_ptr, cnt_ptr, out_ptr,
     B, H_KV, max_blocks, max_ablocks, chunk, achunk, n_anchor_items, scale_log2,
     sq_b, sq_h, so_b, so_h,
@@ -225,15 +225,15 @@ def _anchor_item(
 ):
     """Anchor work item: (run of up to TILE_SEQ sequences sharing one anchor set, KV head, split).
 
-    tile_ptr holds each sharing tile's first sorted position, -1 past the step's tiles: the grid is sized
-    for the most tiles the batch's sets can make, without reading the sets back to the host.
+    Items exist for every sorted position; only those the plan marks as a run's tile start work,
+    the rest return at once (the grid is sized without reading the sets back to the host).
     """
     d = tl.arange(0, D)
     split = pid % S_ANC
     t = pid // S_ANC
     h = t % H_KV
-    p0 = tl.load(tile_ptr + t // H_KV)
-    if p0 >= 0:
+    p0 = t // H_KV
+    if tl.load(start_ptr + p0) != 0:
         cur = tl.load(seqset_ptr + tl.load(order_ptr + p0))
         r = tl.arange(0, M_ANC)
         j = r // GQA_PAD
@@ -282,7 +282,7 @@ def _anchor_item(
 @triton.jit
 def _context_item(
     cid, q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr,
-    ak_ptr, av_ptr, abt_ptr, alen_ptr, seqset_ptr, order_ptr, tile_ptr, ks_ptr, ve_ptr,
+    ak_ptr, av_ptr, abt_ptr, alen_ptr, seqset_ptr, order_ptr, start_ptr, ks_ptr, ve_ptr,
     gamma_ptr, gamma_val, pm_ptr, pl_ptr, pacc_ptr, cnt_ptr, out_ptr,
     B, H_KV, max_blocks, max_ablocks, chunk, achunk, n_anchor_items, scale_log2,
     sq_b, sq_h, so_b, so_h,
@@ -327,7 +327,7 @@ def _context_item(
 @triton.jit
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr,
-    ak_ptr, av_ptr, abt_ptr, alen_ptr, seqset_ptr, order_ptr, tile_ptr, ks_ptr, ve_ptr,
+    ak_ptr, av_ptr, abt_ptr, alen_ptr, seqset_ptr, order_ptr, start_ptr, ks_ptr, ve_ptr,
     gamma_ptr, gamma_val, pm_ptr, pl_ptr, pacc_ptr, cnt_ptr, out_ptr,
     B, H_KV, max_blocks, max_ablocks, chunk, achunk, n_anchor_items, scale_log2,
     sq_b, sq_h, so_b, so_h,
@@ -340,21 +340,21 @@ def _decode_kernel(
     if S_ANC > 0:
         if pid < n_anchor_items:
             _anchor_item(pid, q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, ak_ptr, av_ptr, abt_ptr, alen_ptr,
-                         seqset_ptr, order_ptr, tile_ptr, ks_ptr, ve_ptr, gamma_ptr, gamma_val, pm_ptr, pl_ptr,
+                         seqset_ptr, order_ptr, start_ptr, ks_ptr, ve_ptr, gamma_ptr, gamma_val, pm_ptr, pl_ptr,
                          pacc_ptr, cnt_ptr, out_ptr, B, H_KV, max_blocks, max_ablocks, chunk, achunk,
                          n_anchor_items, scale_log2, sq_b, sq_h, so_b, so_h, D, GQA, GQA_PAD, TILE_SEQ,
                          M_CTX, M_ANC, BLOCK_N, BS, BSA, S_CTX, S_ANC, INT8, MODE_GAMMA, GAMMA_PER_HEAD,
                          S_PAD)
         else:
             _context_item(pid - n_anchor_items, q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, ak_ptr, av_ptr, abt_ptr, alen_ptr,
-                         seqset_ptr, order_ptr, tile_ptr, ks_ptr, ve_ptr, gamma_ptr, gamma_val, pm_ptr, pl_ptr,
+                         seqset_ptr, order_ptr, start_ptr, ks_ptr, ve_ptr, gamma_ptr, gamma_val, pm_ptr, pl_ptr,
                          pacc_ptr, cnt_ptr, out_ptr, B, H_KV, max_blocks, max_ablocks, chunk, achunk,
                          n_anchor_items, scale_log2, sq_b, sq_h, so_b, so_h, D, GQA, GQA_PAD, TILE_SEQ,
                          M_CTX, M_ANC, BLOCK_N, BS, BSA, S_CTX, S_ANC, INT8, MODE_GAMMA, GAMMA_PER_HEAD,
                          S_PAD)
     else:
         _context_item(pid, q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, ak_ptr, av_ptr, abt_ptr, alen_ptr,
-                         seqset_ptr, order_ptr, tile_ptr, ks_ptr, ve_ptr, gamma_ptr, gamma_val, pm_ptr, pl_ptr,
+                         seqset_ptr, order_ptr, start_ptr, ks_ptr, ve_ptr, gamma_ptr, gamma_val, pm_ptr, pl_ptr,
                          pacc_ptr, cnt_ptr, out_ptr, B, H_KV, max_blocks, max_ablocks, chunk, achunk,
                          n_anchor_items, scale_log2, sq_b, sq_h, so_b, so_h, D, GQA, GQA_PAD, TILE_SEQ,
                          M_CTX, M_ANC, BLOCK_N, BS, BSA, S_CTX, S_ANC, INT8, MODE_GAMMA, GAMMA_PER_HEAD,

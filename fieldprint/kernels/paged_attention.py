@@ -340,32 +340,22 @@ def _decode_reg_cap(int8: bool, tile: int, num_warps: int, d: int) -> int | None
 
 
 def _anchor_plan(r: AnchorRouting, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequences sorted by anchor set, and each sharing tile's first sorted position (-1 past the last tile).
+    """Sequences sorted by anchor set, and which sorted positions start a sharing tile.
 
-    A run of sequences with one set is cut into tiles of `tile`. Computed with device ops only: the
-    tile list has room for the most tiles B sequences over the routing's S sets can make,
-    min(B, cdiv(B, tile) + S - 1) (each set's last tile may be partial), so the grid needs no host
-    sync. It used to have one potential tile per sequence, and the idle programs are not free: the
-    anchor items of B=128 over 2k int8 anchors in tiles of 32 sequences, run as a launch of their own,
-    took 37.1 us in 4,096 programs for 128 items and 20.8 us in 128 (H200, docs/attention-notes.md, v12).
+    A run of sequences with one set is cut into tiles of `tile`; computed with device ops only, so
+    the grid (one potential tile per position) needs no host sync.
     """
     got = r.plan.get(tile)
     if got is None:
         s = r.seq_anchor_set
-        n = s.shape[0]
         order = torch.sort(s, stable=True).indices
         ss = s[order]
-        idx = torch.arange(n, device=s.device)
+        idx = torch.arange(s.shape[0], device=s.device)
         new_run = torch.ones_like(ss, dtype=torch.bool)
         new_run[1:] = ss[1:] != ss[:-1]
         run_start = torch.cummax(torch.where(new_run, idx, 0), 0).values
         start = (((idx - run_start) % tile) == 0) & (ss >= 0)
-        n_tiles = max(1, min(n, triton.cdiv(n, tile) + max(r.lens.shape[0], 1) - 1))
-        # Tile starts in order; every other position writes into one spare slot past the list.
-        slot = torch.where(start, torch.cumsum(start, 0) - 1, n_tiles)
-        tiles = torch.full((n_tiles + 1,), -1, dtype=torch.int32, device=s.device)
-        tiles.scatter_(0, slot, idx.to(torch.int32))
-        got = (order.to(torch.int32), tiles[:n_tiles])
+        got = (order.to(torch.int32), start.to(torch.int32))
         r.plan[tile] = got
     return got
 
@@ -479,12 +469,14 @@ def plan_decode(
         widest = max(1, 64 // gqa_pad)
         tile = seq_tile if seq_tile is not None else widest if bsz > 32 else min(4, widest)
         tile = min(triton.next_power_of_2(tile), triton.next_power_of_2(bsz))
+        n_tiles = bsz  # one potential tile start per sorted position
         max_alen = r.block_table.shape[1] * a.k.shape[1]
         if anchor_splits is None:
             # The common case, one set shared by the batch: its sequences fill cdiv(B, tile) tiles
             s_anc, achunk = _anchor_splits(max_alen, triton.cdiv(bsz, tile) * hkv, tile * gqa_pad, sms, block_n)
         else:
-            s_anc, achunk = _splits(max_alen, triton.cdiv(bsz, tile) * hkv, sms, block_n, block_n, anchor_splits)
+            s_anc, achunk = _splits(max_alen, n_tiles * hkv, sms, block_n, block_n, anchor_splits)
+        n_anchor_items = n_tiles * hkv * s_anc
     s_tot = s_ctx + s_anc
     dev = q.device
     if workspace is not None and workspace.device != dev:
@@ -495,11 +487,10 @@ def plan_decode(
     int8 = a is not None and a.k.dtype == torch.int8
     if a is not None:
         abt, alen, aset = r.block_table.contiguous(), r.lens, r.seq_anchor_set
-        order, tiles = _anchor_plan(r, tile)
-        n_anchor_items = tiles.shape[0] * hkv * s_anc
+        order, start = _anchor_plan(r, tile)
         bsa = a.k.shape[1]
     else:
-        abt, alen, aset, order, tiles, bsa = (block_tables, context_lens, context_lens, context_lens,
+        abt, alen, aset, order, start, bsa = (block_tables, context_lens, context_lens, context_lens,
                                               context_lens, bs)
     options = {"num_warps": num_warps, "num_stages": num_stages}
     if max_registers == -1:
@@ -510,7 +501,7 @@ def plan_decode(
         options["maxnreg"] = max_registers
     args = [
         None, None, None, block_tables.contiguous(), context_lens,  # q, k_cache, v_cache: per layer
-        None, None, abt, alen, aset, order, tiles, None, None,  # anchor k, v, k_scale, v_exp: per layer
+        None, None, abt, alen, aset, order, start, None, None,  # anchor k, v, k_scale, v_exp: per layer
         gptr if gptr is not None else pm, gval, pm, pl, pacc, cnt, None,  # out: per layer
         bsz, hkv, block_tables.shape[1], abt.shape[1], chunk, achunk, n_anchor_items,
         scale * _LOG2E, q.stride(0), q.stride(1), q.stride(0), q.stride(1),  # out's strides are q's

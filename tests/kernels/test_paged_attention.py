@@ -20,7 +20,6 @@ from fieldprint.kernels.paged_attention import (
     AnchorPool,
     AnchorRouting,
     DecodeWorkspace,
-    _anchor_plan,
     _anchor_splits,
     _short_chunk,
     paged_attention_decode,
@@ -495,20 +494,3 @@ def test_split_plans_cover_every_token_once_in_whole_key_blocks(tokens, pairs):
     assert chunk % 64 == 0 and (s - 1) * chunk < tokens <= s * chunk and chunk >= min(128, -(-tokens // 64) * 64)
     c = _short_chunk(tokens, pairs, 132, 64)
     assert c in (64, 128, 256) and (c == 256 or pairs * -(-tokens // c) <= 3 * 132)
-
-
-@pytest.mark.parametrize("tile", [1, 2, 4, 16])
-def test_the_anchor_plan_lists_every_sharing_tile_in_a_grid_sized_by_its_bound(tile):
-    """Random routings (sets of every size, sequences without anchors, unused sets): the plan's tile list
-    holds each run's cut points in sorted order, then -1, in min(B, cdiv(B, tile) + S - 1) entries."""
-    gen = torch.Generator().manual_seed(tile)
-    for _ in range(50):
-        b = int(torch.randint(1, 40, (1,), generator=gen))
-        sets = int(torch.randint(1, 6, (1,), generator=gen))
-        seq_set = torch.randint(-1, sets, (b,), generator=gen, dtype=torch.int32)
-        r = AnchorRouting(torch.zeros(sets, 1, dtype=torch.int32), torch.full((sets,), 16, dtype=torch.int32), seq_set)
-        order, tiles = _anchor_plan(r, tile)
-        ss = seq_set[order.long()].tolist()
-        want = [p for p in range(b) if ss[p] >= 0 and (p - ss.index(ss[p])) % tile == 0]
-        assert tiles.shape[0] == max(1, min(b, -(-b // tile) + sets - 1))
-        assert tiles.tolist() == want + [-1] * (tiles.shape[0] - len(want)), (seq_set.tolist(), tile)
