@@ -11,7 +11,6 @@ sync that reads the sampled tokens back.
 from __future__ import annotations
 
 import itertools
-import secrets
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +26,7 @@ from fieldprint.engine.kv_cache import (
 )
 from fieldprint.engine.loader import LoadedModel
 from fieldprint.engine.model import fuse_elementwise, tp_group
+from fieldprint.engine.sampling import next_tokens
 from fieldprint.engine.sequence import Sequence
 from fieldprint.kernels.paged_attention import AnchorRouting, DecodeWorkspace
 
@@ -116,25 +116,6 @@ class RunnerConfig:
     max_batch: int = 256
     cuda_graphs: bool = True
     fuse_elementwise: bool = True  # CUDA: RMSNorm (with the residual add), RoPE and SiLU-mul compiled
-
-
-def argmax_rows(x: torch.Tensor) -> torch.Tensor:
-    """x.argmax(-1) of a [B, V] tensor. CUDA reduces each row with one block: Llama-3's 128k vocabulary
-    at B=1 took 28 us on the H200, so there a large vocabulary is reduced in chunks first."""
-    return chunked_argmax(x) if x.is_cuda and x.shape[1] >= 4 * 4096 else x.argmax(-1)
-
-
-def chunked_argmax(x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """x.argmax(-1) in two passes: each chunk's maximum, then the first chunk holding the largest (the
-    first maximum's index, as argmax gives)."""
-    b, v = x.shape
-    n = v // chunk
-    vals, idx = x[:, : n * chunk].reshape(b, n, chunk).max(-1)  # max(dim) also returns the first maximum
-    if n * chunk < v:
-        tv, ti = x[:, n * chunk :].max(-1, keepdim=True)
-        vals, idx = torch.cat([vals, tv], 1), torch.cat([idx, ti], 1)
-    best = vals.argmax(-1, keepdim=True)
-    return (best * chunk + idx.gather(1, best)).squeeze(1)
 
 
 class ModelRunner:
@@ -293,39 +274,5 @@ class ModelRunner:
 
     # -- sampling ----------------------------------------------------------------------------
     def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        """Next token of each sequence: greedy rows by argmax, the others by their own seeded generator."""
-        out = argmax_rows(logits)
-        rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
-        if rows:
-            for i in rows:
-                s = seqs[i]
-                if s.generator is None:
-                    s.generator = torch.Generator(device=logits.device)
-                    # an unseeded request draws its own seed: torch.seed() would reseed the caller's global generator
-                    s.generator.manual_seed(s.params.seed if s.params.seed is not None else secrets.randbits(63))
-            drawn = sample_rows(logits[rows], [seqs[i].params for i in rows], [seqs[i].generator for i in rows])
-            out[torch.tensor(rows, device=out.device)] = drawn
-        return out.tolist()
-
-
-def sample_rows(logits: torch.Tensor, params: list, generators: list[torch.Generator]) -> torch.Tensor:
-    """One token per row of fp32 logits [R, V], each row with its own temperature, top-k, top-p and
-    generator. Temperature, top-k and top-p run on the whole batch at once (a row at a time, they
-    were about ten tensor operations per sampled sequence and step); only the draw is per row, from the row's
-    own generator, so a seeded request samples what it would alone."""
-    dev, v = logits.device, logits.shape[1]
-    x = logits / torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=dev)[:, None]
-    ks = [min(p.top_k, v) for p in params]
-    if any(ks):  # each limited row's k-th largest value, from one top-k of the largest k
-        top = torch.topk(x, max(ks), dim=-1).values
-        kth = top.gather(1, torch.tensor([max(k, 1) - 1 for k in ks], device=dev)[:, None])
-        limited = torch.tensor([k > 0 for k in ks], device=dev)[:, None]
-        x = x.masked_fill(limited & (x < kth), float("-inf"))
-    probs = torch.softmax(x, -1)
-    if any(p.top_p < 1 for p in params):
-        # rows without a limit keep every token (a cumulative sum may pass 1.0 by a rounding)
-        top_p = torch.tensor([p.top_p if p.top_p < 1 else float("inf") for p in params], dtype=probs.dtype, device=dev)
-        sp, si = torch.sort(probs, dim=-1, descending=True)
-        cut = torch.cumsum(sp, -1) - sp > top_p[:, None]  # keep the smallest prefix whose mass reaches top_p
-        probs = torch.zeros_like(probs).scatter_(1, si, sp.masked_fill(cut, 0))
-    return torch.cat([torch.multinomial(probs[j], 1, generator=g) for j, g in enumerate(generators)])
+        """Next token of each sequence (fieldprint/engine/sampling.py)."""
+        return next_tokens(seqs, logits)

@@ -7,8 +7,6 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
-import torch
-
 from fieldprint.canon import is_int
 from fieldprint.errors import EngineError
 
@@ -78,7 +76,7 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop", "length", or "error"
     error: str | None = None
-    generator: torch.Generator | None = None
+    sample_seed: int | None = None  # its draws' seed: params.seed, or one drawn at its first sampled token
     preemptions: int = 0
 
     @property

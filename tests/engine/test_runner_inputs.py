@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from fieldprint.engine.runner import StepLayout, argmax_rows, chunked_argmax, graph_bucket
+from fieldprint.engine.runner import StepLayout, graph_bucket
+from fieldprint.engine.sampling import argmax_rows, chunked_argmax
 
 
 def test_graph_bucket_is_the_next_power_of_two_within_its_bounds():

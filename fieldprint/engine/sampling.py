@@ -1,0 +1,114 @@
+"""Picking each sequence's next token: greedy argmax, or a seeded draw under temperature, top-k and top-p.
+
+A sampled token is one inverse-CDF draw: u in [0, 1) picks the first token, in token-id order, whose
+cumulative kept probability exceeds u times the kept mass. u is splitmix64's output number n for the
+request's seed, n the index of the token in its output: a pure function of (seed, n), computed for the
+whole batch at once. So a seeded request samples the same tokens alone or in any batch, after a
+preemption too, and the batch needs no per-row generator: the whole draw is a few batched tensor
+operations. (The sampler before drew each row from its own torch.Generator, one multinomial call per
+sampled sequence and step; with a full-vocabulary sort for top-p, Llama-3.2-1B's sampled decode ran at
+0.22-0.57 of greedy's tokens per second on the H200, results/e2e_bench_tiles.json.)
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import numpy as np
+import torch
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # splitmix64's increment
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(-1) of a [B, V] tensor. CUDA reduces each row with one block: Llama-3's 128k vocabulary
+    at B=1 took 28 us on the H200, so there a large vocabulary is reduced in chunks first."""
+    return chunked_argmax(x) if x.is_cuda and x.shape[1] >= 4 * 4096 else x.argmax(-1)
+
+
+def chunked_argmax(x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """x.argmax(-1) in two passes: each chunk's maximum, then the first chunk holding the largest (the
+    first maximum's index, as argmax gives)."""
+    b, v = x.shape
+    n = v // chunk
+    vals, idx = x[:, : n * chunk].reshape(b, n, chunk).max(-1)  # max(dim) also returns the first maximum
+    if n * chunk < v:
+        tv, ti = x[:, n * chunk :].max(-1, keepdim=True)
+        vals, idx = torch.cat([vals, tv], 1), torch.cat([idx, ti], 1)
+    best = vals.argmax(-1, keepdim=True)
+    return (best * chunk + idx.gather(1, best)).squeeze(1)
+
+
+def splitmix64(seeds: list[int], counters: list[int]) -> np.ndarray:
+    """Output number counter + 1 of splitmix64 started at each seed (uint64): mix(seed + (counter + 1) * golden)."""
+    z = np.asarray(seeds, dtype=np.uint64) + (np.asarray(counters, dtype=np.uint64) + np.uint64(1)) * _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+def uniforms(seeds: list[int], counters: list[int]) -> np.ndarray:
+    """The draw in [0, 1) of token `counter` of a request seeded `seed`: splitmix64's top 53 bits."""
+    return (splitmix64(seeds, counters) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def sample_rows(logits: torch.Tensor, params: list, u: np.ndarray) -> torch.Tensor:
+    """One token per row of logits [R, V] (temperature > 0), each row with its own temperature, top-k,
+    top-p and draw u[row] in [0, 1).
+
+    A row keeps the tokens at least as likely as its k-th most likely, then those at least as likely as
+    the last of the smallest (most likely first) prefix whose mass reaches top_p; ties at either edge
+    are all kept. It draws from what it kept, renormalized, by an inverse CDF in token-id order. Both
+    the kept set and that order depend on the row's values alone, never on how the batch's other rows
+    are limited, so a row draws the same token in any batch. Only sorted values are needed: of the
+    largest max(k) logits when every row has a top-k, else (a top-p on a row without one) of the whole
+    vocabulary; with no limit on any row, nothing is sorted.
+    """
+    dev, v = logits.device, logits.shape[1]
+    ks = [min(p.top_k, v) for p in params]
+    limit_p = any(p.top_p < 1 for p in params)
+    # One copy to the device: temperature, top-k (0: none), top-p (inf: none, since a cumulative sum may
+    # pass 1.0 by a rounding) and the draw, per row.
+    host = np.array([[p.temperature for p in params], ks, [p.top_p if p.top_p < 1 else np.inf for p in params], u],
+                    dtype=np.float64)
+    temp, k, top_p, draw = torch.from_numpy(host).to(dev).to(torch.float32)
+    x = logits.float() / temp[:, None]
+    vals = None
+    if any(ks) or limit_p:
+        vals = torch.topk(x, max(ks), dim=-1).values if all(ks) else torch.sort(x, dim=-1, descending=True).values
+    if any(ks):
+        kth = vals.gather(1, (k.clamp(min=1) - 1).long()[:, None])
+        x = x.masked_fill((k[:, None] > 0) & (x < kth), float("-inf"))
+        vals = vals.masked_fill((k[:, None] > 0) & (vals < kth), float("-inf"))
+    lse = torch.logsumexp(x, -1, keepdim=True)
+    probs = torch.exp(x - lse)
+    if limit_p:
+        ps = torch.exp(vals - lse)  # the kept probabilities, most likely first (the same values as probs')
+        kept = ((torch.cumsum(ps, -1) - ps) <= top_p[:, None]).sum(-1, keepdim=True)  # >= 1: the first always
+        probs = probs.masked_fill(probs < ps.gather(1, kept - 1), 0)
+    cdf = torch.cumsum(probs, -1)  # non-decreasing, as searchsorted needs
+    total = cdf[:, -1:]
+    j = torch.searchsorted(cdf, draw[:, None] * total, right=True)
+    # u * total can round up to the total itself: then the last token with any mass.
+    return torch.minimum(j, (cdf < total).sum(-1, keepdim=True)).squeeze(1)
+
+
+def next_tokens(seqs: list, logits: torch.Tensor) -> list[int]:
+    """Next token of each sequence (one logits row each): greedy rows by argmax, the others drawn.
+
+    An unseeded request draws its seed once, at its first sampled token (torch.seed() would reseed the
+    caller's global generator)."""
+    rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+    if not rows:
+        return argmax_rows(logits).tolist()
+    for i in rows:
+        s = seqs[i]
+        if s.sample_seed is None:
+            s.sample_seed = s.params.seed if s.params.seed is not None else secrets.randbits(63)
+    u = uniforms([seqs[i].sample_seed for i in rows], [len(seqs[i].output_ids) for i in rows])
+    if len(rows) == len(seqs):
+        return sample_rows(logits, [s.params for s in seqs], u).tolist()
+    out = argmax_rows(logits)
+    out[torch.tensor(rows, device=out.device)] = sample_rows(logits[rows], [seqs[i].params for i in rows], u)
+    return out.tolist()
