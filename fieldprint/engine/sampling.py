@@ -19,6 +19,8 @@ import torch
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # splitmix64's increment
 _MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+# The smallest temperature used: a smaller one (down to 5e-324 passes validation) would be 0 in float32.
+_TINY = float(np.finfo(np.float32).tiny)
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
@@ -70,10 +72,13 @@ def sample_rows(logits: torch.Tensor, params: list, u: np.ndarray) -> torch.Tens
     limit_p = any(p.top_p < 1 for p in params)
     # One copy to the device: temperature, top-k (0: none), top-p (inf: none, since a cumulative sum may
     # pass 1.0 by a rounding) and the draw, per row.
-    host = np.array([[p.temperature for p in params], ks, [p.top_p if p.top_p < 1 else np.inf for p in params], u],
-                    dtype=np.float64)
+    host = np.array([[max(p.temperature, _TINY) for p in params], ks,
+                     [p.top_p if p.top_p < 1 else np.inf for p in params], u], dtype=np.float64)
     temp, k, top_p, draw = torch.from_numpy(host).to(dev).to(torch.float32)
-    x = logits.float() / temp[:, None]
+    # Shifted so that each row's largest is 0: a tiny temperature then sends the others to -inf, never
+    # the largest to inf (inf - inf would make every probability NaN).
+    x = logits.float()
+    x = (x - x.amax(-1, keepdim=True)) / temp[:, None]
     vals = None
     if any(ks) or limit_p:
         vals = torch.topk(x, max(ks), dim=-1).values if all(ks) else torch.sort(x, dim=-1, descending=True).values

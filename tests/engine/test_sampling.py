@@ -104,3 +104,15 @@ def test_next_tokens_mixes_greedy_and_seeded_rows_and_seeds_each_request_once():
     seqs[2].output_ids.append(got[2])
     next_tokens(seqs, logits)
     assert seqs[2].sample_seed == drawn  # drawn once per request, then kept
+
+
+@pytest.mark.parametrize("t", [1e-30, 1e-40, 5e-324])
+def test_a_vanishing_temperature_samples_the_most_likely_token(t):
+    """Temperatures down to the smallest float validation lets through: the argmax, whatever the limits
+    (logits / t overflowed to inf, and inf - inf gave NaN probabilities: token 0, or an index error)."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 1000, generator=g) * 5
+    for p in (SamplingParams(temperature=t), SamplingParams(temperature=t, top_k=5), SamplingParams(temperature=t, top_p=0.5)):
+        assert sample_rows(logits, [p] * 3, uniforms([1, 2, 3], [0, 0, 0])).tolist() == logits.argmax(-1).tolist()
+    hot = sample_rows(logits.repeat(200, 1), [SamplingParams(temperature=1e30)] * 600, uniforms(list(range(600)), [0] * 600))
+    assert len(set(hot.tolist())) > 300  # and a huge one is uniform: most of 600 draws over 1000 tokens differ
