@@ -76,12 +76,10 @@ def main() -> None:
     g = torch.Generator(device=device).manual_seed(0)
     for b in batches:
         logits = (torch.randn(b, vocab, generator=g, device=device) * 3).to(dtype)
-        row = {"greedy_ms": ms_per_call(lambda: argmax_rows(logits).tolist(), device, reps)}
+        row = {"greedy_ms": ms_per_call(lambda logits=logits: argmax_rows(logits).tolist(), device, reps)}
         for name, p in KINDS.items():
-            seqs = [Sequence([1], p) for _ in range(b)]
-            for i, s in enumerate(seqs):
-                s.sample_seed = i
-            row[name + "_ms"] = ms_per_call(lambda seqs=seqs: next_tokens(seqs, logits), device, reps)
+            seqs = [Sequence([1], p, sample_seed=i) for i in range(b)]
+            row[name + "_ms"] = ms_per_call(lambda seqs=seqs, logits=logits: next_tokens(seqs, logits), device, reps)
             row[name + "_vs_greedy"] = row[name + "_ms"] / row["greedy_ms"]
         res["batches"][str(b)] = row
         print(f"B={b:>4}: greedy {row['greedy_ms']:.3f} ms | " + " | ".join(
