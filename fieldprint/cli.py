@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--log-key", required=True, metavar="KEY_FILE", help="the log's verifier key file (e.g. ledger.pub)")
     ver.add_argument("--origin", help="the log origin to expect (default: the key's name)")
     ver.add_argument("--model", help="with --replay: the weights (an HF folder, a .gguf, or smollm2)")
-    ver.add_argument("--replay", action="store_true", help="re-run the greedy generation and compare its output (same hardware)")
+    ver.add_argument("--replay", action="store_true", help="re-run the generation (greedy, or sampled with its seed) and compare its output (same hardware)")
     ver.set_defaults(func=run_verify_command)
     return parser
 

@@ -1,10 +1,13 @@
-"""Replay a receipt: re-run its greedy generation from the receipt alone and compare the output.
+"""Replay a receipt: re-run its generation from the receipt alone and compare the output.
 
 A receipt carries everything a replay needs besides the weights: the model id, the anchor states'
 texts (checked against their logged digests by `verify_receipt`), the anchor set's manifest (its
 tokens, encoding and DQP profile digest), the prompt's token ids and the sampling parameters. The
 replay recompiles the anchors without a log (same texts -> same tokens -> prefill -> the profile
-calibrated the same way -> codes), then decodes greedily. Floating-point results depend on the
+calibrated the same way -> codes), then decodes: greedily, or with the receipt's sampling parameters
+and seed (a sampled token's draw depends on the seed and the token's index alone,
+fieldprint/engine/sampling.py; an unseeded request's seed was drawn and is in no receipt, so it cannot
+be replayed). Floating-point results depend on the
 hardware and the kernels: the report says whether the recomputed anchor blocks are bitwise the
 committed ones and where the output first differs; on the hardware that generated it, both match.
 """
@@ -27,7 +30,7 @@ from fieldprint.engine.anchors import (
 from fieldprint.engine.runner import ModelRunner, RunnerConfig
 from fieldprint.engine.sequence import SamplingParams, Sequence
 from fieldprint.engine.tp import put_anchor_states
-from fieldprint.errors import ReceiptError
+from fieldprint.errors import EngineError, ReceiptError
 
 
 @dataclass(slots=True)
@@ -45,13 +48,23 @@ class ReplayReport:
         return f"replay: output differs from token {self.first_difference} of {self.tokens}{anchors}"
 
 
+def _replay_params(sampling: dict, tokens: int) -> SamplingParams:
+    """The receipt's sampling parameters, to draw exactly `tokens` tokens (stops and EOS then do not end it)."""
+    if float(sampling["temperature"]) != 0.0 and sampling.get("seed") is None:
+        raise ReceiptError("an unseeded sampled generation cannot be replayed: its seed was drawn at random and "
+                           "no receipt holds it (pass seed= to sample reproducibly)")
+    try:
+        return SamplingParams(temperature=float(sampling["temperature"]), top_p=float(sampling["top_p"]),
+                              top_k=sampling["top_k"], seed=sampling.get("seed"), max_tokens=max(1, tokens), ignore_eos=True)
+    except EngineError as e:
+        raise ReceiptError(f"the receipt's sampling parameters cannot be replayed: {e}") from None
+
+
 def replay_receipt(receipt: dict, model: str, device: str | None = None) -> ReplayReport:
-    """Re-run a verified receipt's greedy generation with `model` (a path, or 'smollm2')."""
+    """Re-run a verified receipt's generation (greedy, or sampled with a seed) with `model` (a path, or 'smollm2')."""
     from fieldprint.engine.loader import load_model
 
-    sampling = receipt["sampling"]
-    if float(sampling["temperature"]) != 0.0:
-        raise ReceiptError("only a greedy generation (temperature 0) can be replayed")
+    params = _replay_params(receipt["sampling"], len(receipt["output"]["token_ids"]))
     lm = load_model(model, device=device)
     if lm.model_id != receipt["model"]["id"]:
         raise ReceiptError(f"model {model} has id {lm.model_id}; the receipt's output came from {receipt['model']['id']}")
@@ -65,7 +78,7 @@ def replay_receipt(receipt: dict, model: str, device: str | None = None) -> Repl
                                           max_model_len=length, max_anchor_len=manifest["tokens"] if manifest else 16,
                                           anchor_blocks=-(-manifest["tokens"] // manifest["block_size"]) if manifest else 1,
                                           anchor_dtype="int8" if int8 else "model"))
-    seq = Sequence(prompt, SamplingParams(max_tokens=max(1, len(output)), ignore_eos=True))
+    seq = Sequence(prompt, params)
     bitwise = None
     if manifest is not None:
         profile = calibrate_profile(runner, "model") if int8 else None

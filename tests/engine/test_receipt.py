@@ -22,6 +22,7 @@ from fieldprint.config import DEFAULT_ORIGIN, LEDGER_KEY_STEM
 from fieldprint.engine.anchors import token_digest
 from fieldprint.engine.engine import Engine, EngineConfig
 from fieldprint.engine.receipt import dump_receipt, text_digest, verify_receipt
+from fieldprint.engine.replay import _replay_params, replay_receipt
 from fieldprint.engine.runner import RunnerConfig
 from fieldprint.engine.sequence import SamplingParams
 from fieldprint.errors import ReceiptError
@@ -71,6 +72,9 @@ def world(tmp_path_factory):
 
     plain = engine.generate(PROMPT, params)[0]
     engine.bind(plain.receipt)
+    sampled = engine.generate(PROMPT, SamplingParams(max_tokens=6, temperature=0.9, top_k=40, top_p=0.9, seed=11),
+                              anchors=[name.state_id, diet.state_id])[0]
+    unseeded = engine.generate(PROMPT, SamplingParams(max_tokens=2, temperature=0.9))[0]
 
     log_signer, _ = ensure_key_pair(data_dir, LEDGER_KEY_STEM, DEFAULT_ORIGIN)
     yield SimpleNamespace(
@@ -79,6 +83,7 @@ def world(tmp_path_factory):
         states=SimpleNamespace(name=name, diet=diet, rumor=rumor),
         unbound=unbound, bound=_json(out.receipt), output=out,
         promoted=_json(promoted.receipt), promoted_output=promoted, plain=_json(plain.receipt),
+        sampled=_json(sampled.receipt), unseeded=_json(unseeded.receipt),
     )
     engine.close()
 
@@ -334,3 +339,23 @@ def test_every_single_byte_change_is_refused_or_meaningless(world, which):
             continue
         pytest.fail(f"byte {pos} ({chr(text[pos])!r} -> {chr(mutated[pos])!r}) changed {where} and the receipt still verified")
     assert seen["refused"] >= 50, seen  # about half the printable changes still parse: the verifier, not the parser, refuses them
+
+
+@pytest.mark.slow  # SmolLM2 on the CPU, twice: the anchors compiled again and six tokens decoded (about 40 s)
+def test_a_seeded_sampled_generation_replays_to_the_same_tokens_and_an_unseeded_one_is_refused(world):
+    verify_receipt(world.sampled, world.log_key)
+    report = replay_receipt(world.sampled, "smollm2")
+    assert report.output_equal and report.anchors_bitwise_equal, report.summary()
+    changed = copy.deepcopy(world.sampled)
+    changed["sampling"]["seed"] = 12  # another seed draws other tokens (the receipt no longer verifies either)
+    assert not replay_receipt(changed, "smollm2").output_equal
+    with pytest.raises(ReceiptError, match="unseeded sampled generation cannot be replayed"):
+        replay_receipt(world.unseeded, "smollm2")
+
+
+def test_replay_refuses_sampling_parameters_it_cannot_run():
+    ok = {"temperature": "0.7", "top_p": "0.9", "top_k": 5, "seed": 3}
+    assert _replay_params(ok, 4) == SamplingParams(temperature=0.7, top_p=0.9, top_k=5, seed=3, max_tokens=4, ignore_eos=True)
+    for bad in ({"top_p": "2.0"}, {"top_k": -1}, {"seed": "3"}, {"temperature": "-1.0"}):
+        with pytest.raises(ReceiptError, match="cannot be replayed"):
+            _replay_params(ok | bad, 4)
