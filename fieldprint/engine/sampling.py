@@ -3,9 +3,9 @@
 A sampled token is one inverse-CDF draw: u in [0, 1) picks the first token, in token-id order, whose
 cumulative kept probability exceeds u times the kept mass. u is splitmix64's output number n for the
 request's seed, n the index of the token in its output: a pure function of (seed, n), computed for the
-whole batch at once. So a seeded request samples the same tokens alone or in any batch, after a
-preemption too, and the batch needs no per-row generator: the whole draw is a few batched tensor
-operations. (The sampler before drew each row from its own torch.Generator, one multinomial call per
+whole batch at once. So, given the same logits (a batch may round them otherwise than a lone
+sequence), a seeded request draws the same tokens alone or in any batch, after a preemption too, and
+the batch needs no per-row generator: the whole draw is a few batched tensor operations. (The sampler before drew each row from its own torch.Generator, one multinomial call per
 sampled sequence and step; with a full-vocabulary sort for top-p, Llama-3.2-1B's sampled decode ran at
 0.22-0.57 of greedy's tokens per second on the H200, results/e2e_bench_tiles.json.)
 """
@@ -61,7 +61,8 @@ def sample_rows(logits: torch.Tensor, params: list, u: np.ndarray) -> torch.Tens
 
     A row keeps the tokens at least as likely as its k-th most likely, then those at least as likely as
     the last of the smallest (most likely first) prefix whose mass reaches top_p; ties at either edge
-    are all kept. It draws from what it kept, renormalized, by an inverse CDF in token-id order. Both
+    are all kept. It draws from what it kept, renormalized, by an inverse CDF in token-id order (in
+float32: a draw resolves about 6e-8 of the kept mass). Both
     the kept set and that order depend on the row's values alone, never on how the batch's other rows
     are limited, so a row draws the same token in any batch. Only sorted values are needed: of the
     largest max(k) logits when every row has a top-k, else (a top-p on a row without one) of the whole
