@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -263,11 +263,13 @@ class Engine:
         s = r.seq
         tok = self.lm.tokenizer
         text = _cut_at_stop(tok.decode(s.output_ids, skip_special_tokens=True), s.params.stop)
+        # A sampled request without a seed is logged with the one it drew: its output can be replayed too.
+        params = s.params if s.sample_seed is None else replace(s.params, seed=s.sample_seed)
         entry = generation_entry(self.lm.model_id, self.lm.tokenizer_digest, r.anchor_set, s.prompt_ids, s.output_ids,
-                                 text, s.params, r.session)
+                                 text, params, r.session)
         future = self.log.add(entry)  # sequenced in the background; receipts are bound once it is
         receipt = build_receipt(self.memory, self.lm, r.anchor_set, r.anchor_states, r.decisions,
-                                s.prompt_ids, s.output_ids, text, s.params, entry)
+                                s.prompt_ids, s.output_ids, text, params, entry)
         receipt["_future"] = future
         if r.session is not None:
             ticket = self._kv_tickets.pop(s.seq_id, None)

@@ -6,8 +6,8 @@ tokens, encoding and DQP profile digest), the prompt's token ids and the samplin
 replay recompiles the anchors without a log (same texts -> same tokens -> prefill -> the profile
 calibrated the same way -> codes), then decodes: greedily, or with the receipt's sampling parameters
 and seed (a sampled token's draw depends on the seed and the token's index alone,
-fieldprint/engine/sampling.py; an unseeded request's seed was drawn and is in no receipt, so it cannot
-be replayed). Floating-point results depend on the
+fieldprint/engine/sampling.py; the engine logs the seed a request without one drew, so only receipts
+from before that lack it). Floating-point results depend on the
 hardware and the kernels: the report says whether the recomputed anchor blocks are bitwise the
 committed ones and where the output first differs; on the hardware that generated it, both match.
 """
@@ -51,8 +51,8 @@ class ReplayReport:
 def _replay_params(sampling: dict, tokens: int) -> SamplingParams:
     """The receipt's sampling parameters, to draw exactly `tokens` tokens (stops and EOS then do not end it)."""
     if float(sampling["temperature"]) != 0.0 and sampling.get("seed") is None:
-        raise ReceiptError("an unseeded sampled generation cannot be replayed: its seed was drawn at random and "
-                           "no receipt holds it (pass seed= to sample reproducibly)")
+        raise ReceiptError("an unseeded sampled generation cannot be replayed: this receipt does not hold the seed "
+                           "its draws came from (made by an engine from before drawn seeds were recorded)")
     try:
         return SamplingParams(temperature=float(sampling["temperature"]), top_p=float(sampling["top_p"]),
                               top_k=sampling["top_k"], seed=sampling.get("seed"), max_tokens=max(1, tokens), ignore_eos=True)

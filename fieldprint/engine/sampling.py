@@ -5,8 +5,9 @@ cumulative kept probability exceeds u times the kept mass. u is splitmix64's out
 request's seed, n the index of the token in its output: a pure function of (seed, n), computed for the
 whole batch at once. So, given the same logits (a batch may round them otherwise than a lone
 sequence), a seeded request draws the same tokens alone or in any batch, after a preemption too, and
-the batch needs no per-row generator: the whole draw is a few batched tensor operations. (The sampler before drew each row from its own torch.Generator, one multinomial call per
-sampled sequence and step; with a full-vocabulary sort for top-p, Llama-3.2-1B's sampled decode ran at
+the batch needs no per-row generator: the whole draw is a few batched tensor operations. (The
+sampler before drew each row from its own torch.Generator, one multinomial call per sampled sequence
+and step; with a full-vocabulary sort for top-p, Llama-3.2-1B's sampled decode ran at
 0.22-0.57 of greedy's tokens per second on the H200, results/e2e_bench_tiles.json.)
 """
 

@@ -341,16 +341,20 @@ def test_every_single_byte_change_is_refused_or_meaningless(world, which):
     assert seen["refused"] >= 50, seen  # about half the printable changes still parse: the verifier, not the parser, refuses them
 
 
-@pytest.mark.slow  # SmolLM2 on the CPU, twice: the anchors compiled again and six tokens decoded (about 40 s)
-def test_a_seeded_sampled_generation_replays_to_the_same_tokens_and_an_unseeded_one_is_refused(world):
+@pytest.mark.slow  # SmolLM2 on the CPU, three times: the anchors compiled again and the tokens decoded (about a minute)
+def test_sampled_generations_replay_to_the_same_tokens_seeded_or_not(world):
     verify_receipt(world.sampled, world.log_key)
     report = replay_receipt(world.sampled, "smollm2")
     assert report.output_equal and report.anchors_bitwise_equal, report.summary()
     changed = copy.deepcopy(world.sampled)
     changed["sampling"]["seed"] = 12  # another seed draws other tokens (the receipt no longer verifies either)
     assert not replay_receipt(changed, "smollm2").output_equal
-    with pytest.raises(ReceiptError, match="unseeded sampled generation cannot be replayed"):
-        replay_receipt(world.unseeded, "smollm2")
+    # a request without a seed is logged with the seed it drew, in its entry and its receipt alike
+    seed = world.unseeded["sampling"]["seed"]
+    assert isinstance(seed, int) and 0 <= seed < 2**63
+    verify_receipt(world.unseeded, world.log_key)
+    assert replay_receipt(world.unseeded, "smollm2").output_equal
+    assert world.plain["sampling"]["seed"] is None  # greedy draws nothing
 
 
 def test_replay_refuses_sampling_parameters_it_cannot_run():
@@ -359,3 +363,5 @@ def test_replay_refuses_sampling_parameters_it_cannot_run():
     for bad in ({"top_p": "2.0"}, {"top_k": -1}, {"seed": "3"}, {"temperature": "-1.0"}):
         with pytest.raises(ReceiptError, match="cannot be replayed"):
             _replay_params(ok | bad, 4)
+    with pytest.raises(ReceiptError, match="unseeded sampled generation cannot be replayed"):
+        _replay_params(ok | {"seed": None}, 4)  # a receipt from before the engine logged drawn seeds
