@@ -365,3 +365,10 @@ def test_replay_refuses_sampling_parameters_it_cannot_run():
             _replay_params(ok | bad, 4)
     with pytest.raises(ReceiptError, match="unseeded sampled generation cannot be replayed"):
         _replay_params(ok | {"seed": None}, 4)  # a receipt from before the engine logged drawn seeds
+
+
+def test_an_edited_seed_is_refused(world):
+    for r in (world.sampled, world.unseeded):
+        changed = copy.deepcopy(r)
+        changed["sampling"]["seed"] += 1
+        _refused(changed, world.log_key, "sampling parameters differ from the generation entry")
