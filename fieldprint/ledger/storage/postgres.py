@@ -17,7 +17,9 @@ and the head only moves by a committed batch. A process killed mid-batch loses i
 PostgreSQL rolls its transaction back: nothing of the batch remains. The lease it held stays
 recorded until `lease_until`, so another process takes over at the latest one lease time later. A
 sequencer that hangs inside a transaction (stopped, partitioned) is cut off by the server after one
-lease time (idle_in_transaction_session_timeout), which releases the row lock.
+lease time (idle_in_transaction_session_timeout), which releases the row lock; one stopped while
+sending a statement is not idle, and its statement is cut off after `statement_timeout_s` (10 lease
+times, at least 30 s).
 
 A holder keeps the lease while it has work (no hand-over per batch) and releases it when its queue
 runs empty, or in its next commit once another process has asked for it (`wanted_at`), so busy
@@ -109,6 +111,9 @@ class PostgresStorage(LogStorage):
         self._dsn, self.schema, self.readonly = dsn, schema, readonly
         self.path = f"{redact(dsn)} (schema {schema})"  # what messages call this log
         self.lease_s, self.lease_wait_s = float(lease_s), float(lease_wait_s)
+        # How long a writer statement may run: the backstop for a holder stopped while sending one (not
+        # idle, so the idle-in-transaction timeout of one lease does not apply).
+        self.statement_timeout_s = max(10 * self.lease_s, 30.0)
         self._sync = DURABILITY[durability]
         # Who this process is in the lease row; the random part tells apart two logs opened by one process.
         self.holder = f"{socket.gethostname()} pid {os.getpid()} ({secrets.token_hex(3)})"
@@ -141,7 +146,7 @@ class PostgresStorage(LogStorage):
                 # A session stuck inside a transaction for a whole lease is cut off, which frees the head row.
                 conn.execute(f"SET idle_in_transaction_session_timeout = {int(self.lease_s * 1000)}")
                 # The backstop for a client stopped while still sending a statement (no longer idle).
-                conn.execute(f"SET statement_timeout = {int(max(10 * self.lease_s, 30.0) * 1000)}")
+                conn.execute(f"SET statement_timeout = {int(self.statement_timeout_s * 1000)}")
                 conn.execute(f"SET synchronous_commit = {self._sync}")
             else:
                 conn.execute("SET default_transaction_read_only = on")
@@ -400,7 +405,8 @@ class PostgresStorage(LogStorage):
                 action = "refuses to sequence" if self.lease_wait_s == 0 else f"waited {self.lease_wait_s:g} s and refused"
                 raise LogError(f"another sequencer holds the lease of {self.path}: {holder}{when}; this process "
                                f"({self.holder}) {action} this batch, nothing was written. The lease passes on "
-                               f"when its holder goes idle or closes, or at the latest {self.lease_s:g} s after it stops")
+                               f"when its holder goes idle or closes, or at the latest {self.lease_s:g} s after it stops "
+                               f"({self.statement_timeout_s:g} s if it stopped while sending a statement)")
             if not told and time.monotonic() - began > _QUIET_WAIT_S:  # turns taken batch by batch are not news
                 _logger.warning("%s: waiting for the sequencer lease held by %s%s", self.path, holder, when)
                 told = True
