@@ -17,9 +17,8 @@ and the head only moves by a committed batch. A process killed mid-batch loses i
 PostgreSQL rolls its transaction back: nothing of the batch remains. The lease it held stays
 recorded until `lease_until`, so another process takes over at the latest one lease time later. A
 sequencer that hangs inside a transaction (stopped, partitioned) is cut off by the server after one
-lease time (idle_in_transaction_session_timeout), which releases the row lock; one stopped while
-sending a statement is not idle, and its statement is cut off after `statement_timeout_s` (10 lease
-times, at least 30 s).
+lease time (idle_in_transaction_session_timeout), which releases the row lock, wherever it stopped:
+the writer sends each statement as one simple-protocol message (see `_connect`).
 
 A holder keeps the lease while it has work (no hand-over per batch) and releases it when its queue
 runs empty, or in its next commit once another process has asked for it (`wanted_at`), so busy
@@ -39,7 +38,7 @@ import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from itertools import count
+from itertools import accumulate, count
 
 from fieldprint.errors import LogError
 from fieldprint.ledger.merkle import EMPTY_ROOT
@@ -84,6 +83,29 @@ INSERT INTO {s}.head (size, root) VALUES (0, {empty_root});
 }
 
 
+def _simple(conn, statement: str):
+    """Run one statement on the writer as one simple-protocol message (no parameters, never prepared).
+
+    With parameters a statement is several extended-protocol messages (Parse, Bind, Execute, Sync),
+    and libpq sends more than 8 KB of them in more than one write. A holder stopped between two writes
+    leaves its backend waiting for the rest, where neither the idle-in-transaction timeout (armed
+    only before a statement's first message) nor statement_timeout (ignored while the server reads a
+    command) fires: the head row stayed locked for as long as the process lived (PostgreSQL 16,
+    measured; tests/ledger/test_postgres_storage.py cuts an INSERT in half through a proxy). Stopped
+    anywhere in one simple message, the backend is idle in its transaction and the lease-long timeout
+    cuts it off. Values go in as literals built here from ints and bytes only (and sql.Literal).
+    """
+    return conn.execute(statement)
+
+
+def _hex(data: bytes | None) -> str:
+    return "NULL" if data is None else f"'\\x{bytes(data).hex()}'::bytea"
+
+
+def _ints(values) -> str:
+    return "'{" + ",".join(str(int(v)) for v in values) + "}'"
+
+
 class PostgresStorage(LogStorage):
     """A transparency log in one PostgreSQL schema, shared by every process that opens it."""
 
@@ -111,9 +133,6 @@ class PostgresStorage(LogStorage):
         self._dsn, self.schema, self.readonly = dsn, schema, readonly
         self.path = f"{redact(dsn)} (schema {schema})"  # what messages call this log
         self.lease_s, self.lease_wait_s = float(lease_s), float(lease_wait_s)
-        # How long a writer statement may run: the backstop for a holder stopped while sending one (not
-        # idle, so the idle-in-transaction timeout of one lease does not apply).
-        self.statement_timeout_s = max(10 * self.lease_s, 30.0)
         self._sync = DURABILITY[durability]
         # Who this process is in the lease row; the random part tells apart two logs opened by one process.
         self.holder = f"{socket.gethostname()} pid {os.getpid()} ({secrets.token_hex(3)})"
@@ -143,10 +162,13 @@ class PostgresStorage(LogStorage):
             # cross jit_above_cost, and compiling it (~7 ms) would cost 20x the proof itself.
             conn.execute("SET jit = off")
             if writer:
+                # Statements without parameters go out as one simple-protocol message each, never
+                # prepared (see _simple).
+                conn.prepare_threshold = None
                 # A session stuck inside a transaction for a whole lease is cut off, which frees the head row.
                 conn.execute(f"SET idle_in_transaction_session_timeout = {int(self.lease_s * 1000)}")
-                # The backstop for a client stopped while still sending a statement (no longer idle).
-                conn.execute(f"SET statement_timeout = {int(self.statement_timeout_s * 1000)}")
+                # For a runaway statement; a stopped client is the idle timeout's (see above).
+                conn.execute(f"SET statement_timeout = {int(max(10 * self.lease_s, 30.0) * 1000)}")
                 conn.execute(f"SET synchronous_commit = {self._sync}")
             else:
                 conn.execute("SET default_transaction_read_only = on")
@@ -302,24 +324,28 @@ class PostgresStorage(LogStorage):
             self._copy_rows(self._writer, start, entries, leaf_hashes, nodes)
             return
         with self._transaction() as conn:
-            moved = conn.execute(f"UPDATE {self._t['head']} SET size = %s, root = NULL WHERE size = %s",
-                                 (start + len(entries), start)).rowcount
+            moved = _simple(conn, f"UPDATE {self._t['head']} SET size = {int(start + len(entries))}, root = NULL "
+                                  f"WHERE size = {int(start)}").rowcount
             if moved != 1:
                 raise LogError(f"append at {start} but the log holds {self.size()} entries; nothing was written")
             self._copy_rows(conn, start, entries, leaf_hashes, nodes)
 
     def _copy_rows(self, conn, start: int, entries, leaf_hashes, nodes) -> None:
-        # One statement per table with binary array parameters (as fast as COPY here): the server has
-        # the whole batch before it runs, so a client that stops mid-batch leaves its session idle in
-        # the transaction, where the lease-long idle timeout cuts it off; a stopped COPY would not be.
-        cur = conn.cursor(binary=True)
-        cur.execute(f"INSERT INTO {self._t['leaves']} (idx, hash, data) "
-                    f"SELECT * FROM unnest(%b::int8[], %b::bytea[], %b::bytea[])",
-                    (list(range(start, start + len(entries))), list(leaf_hashes), list(entries)))
+        # One statement per table, the batch as one hex literal that the server cuts into rows (see
+        # _simple); a stopped COPY could not be cut off at all.
+        if any(len(h) != 32 for h in leaf_hashes) or any(len(n[2]) != 32 for n in nodes):
+            raise LogError("leaf and node hashes must be 32 bytes; nothing was written")
+        lens = [len(e) for e in entries]
+        starts = [0, *accumulate(lens)][:-1]
+        _simple(conn, f"INSERT INTO {self._t['leaves']} (idx, hash, data) "
+                      f"SELECT {int(start)} + i - 1, substring(b.h FROM i::int4 * 32 - 31 FOR 32), substring(b.d FROM o + 1 FOR n) "
+                      f"FROM (SELECT {_hex(b''.join(leaf_hashes))} AS h, {_hex(b''.join(entries))} AS d) AS b, "
+                      f"unnest({_ints(starts)}::int4[], {_ints(lens)}::int4[]) WITH ORDINALITY AS t(o, n, i)")
         if nodes:
             levels, idxs, hashes = zip(*nodes)
-            cur.execute(f"INSERT INTO {self._t['nodes']} (level, idx, hash) "
-                        f"SELECT * FROM unnest(%b::int2[], %b::int8[], %b::bytea[])", (list(levels), list(idxs), list(hashes)))
+            _simple(conn, f"INSERT INTO {self._t['nodes']} (level, idx, hash) "
+                          f"SELECT l, x, substring(b.h FROM i::int4 * 32 - 31 FOR 32) FROM (SELECT {_hex(b''.join(hashes))} AS h) AS b, "
+                          f"unnest({_ints(levels)}::int2[], {_ints(idxs)}::int8[]) WITH ORDINALITY AS t(l, x, i)")
 
     def add_checkpoint(self, size: int, note: str) -> None:
         """Durably store a checkpoint note (one per size: Ed25519 makes re-signing identical)."""
@@ -354,11 +380,12 @@ class PostgresStorage(LogStorage):
             try:
                 yield head
                 t = self._t["head"]
-                swapped = conn.execute(
-                    f"UPDATE {t} SET size = %s, root = %s, holder = %s, wanted_at = NULL, "
-                    f"lease_until = clock_timestamp() + make_interval(secs => %s) "
-                    f"WHERE size = %s AND root IS NOT DISTINCT FROM %s",
-                    (head.size, head.root, None if release else self.holder, self.lease_s, *began),
+                holder = "NULL" if release else sql.Literal(self.holder).as_string(conn)
+                swapped = _simple(
+                    conn,
+                    f"UPDATE {t} SET size = {int(head.size)}, root = {_hex(head.root)}, holder = {holder}, "
+                    f"wanted_at = NULL, lease_until = clock_timestamp() + make_interval(secs => {float(self.lease_s)!r}) "
+                    f"WHERE size = {int(began[0])} AND root IS NOT DISTINCT FROM {_hex(began[1])}",
                 ).rowcount
                 if swapped != 1:
                     raise LogError(f"the tree head of {self.path} moved during this turn (another sequencer?); "
@@ -405,8 +432,7 @@ class PostgresStorage(LogStorage):
                 action = "refuses to sequence" if self.lease_wait_s == 0 else f"waited {self.lease_wait_s:g} s and refused"
                 raise LogError(f"another sequencer holds the lease of {self.path}: {holder}{when}; this process "
                                f"({self.holder}) {action} this batch, nothing was written. The lease passes on "
-                               f"when its holder goes idle or closes, or at the latest {self.lease_s:g} s after it stops "
-                               f"({self.statement_timeout_s:g} s if it stopped while sending a statement)")
+                               f"when its holder goes idle or closes, or at the latest {self.lease_s:g} s after it stops")
             if not told and time.monotonic() - began > _QUIET_WAIT_S:  # turns taken batch by batch are not news
                 _logger.warning("%s: waiting for the sequencer lease held by %s%s", self.path, holder, when)
                 told = True
