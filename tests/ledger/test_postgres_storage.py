@@ -299,7 +299,9 @@ def test_a_sequencer_cut_off_in_the_middle_of_a_statement_loses_the_row_within_a
     lease = 0.5
     url = urlsplit(pg_dsn)
     proxy = _FreezingProxy(url.hostname, url.port)
-    cut_dsn = url._replace(netloc=f"{url.username}@127.0.0.1:{proxy.port}").geturl() + "?sslmode=disable&gssencmode=disable"
+    user = url.netloc.rpartition("@")[0]  # name and password, as given
+    query = "&".join(filter(None, [url.query, "sslmode=disable&gssencmode=disable"]))  # the proxy parses plain messages
+    cut_dsn = url._replace(netloc=f"{user}@127.0.0.1:{proxy.port}", query=query).geturl()
     a = PostgresStorage(cut_dsn, schema="cut", lease_s=lease)
     b = PostgresStorage(pg_dsn, schema="cut", lease_s=lease, lease_wait_s=30)
     entries = [bytes([i]) * 1024 for i in range(32)]  # one INSERT of about 64 KB of hex
