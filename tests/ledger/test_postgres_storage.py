@@ -189,6 +189,17 @@ def test_meta_of_a_shared_log_is_write_once(pg_dsn):  # noqa: F811
         s.close()
 
 
+def _take_over(b: PostgresStorage) -> float:
+    """b's turn on the empty log, once the server has cut the stuck holder off; the seconds it waited."""
+    t0 = time.monotonic()
+    with b.sequencer_turn(0, EMPTY_ROOT) as head:  # waits for the row, gets it once the server cuts a off
+        waited = time.monotonic() - t0
+        assert (head.size, head.root) == (0, EMPTY_ROOT)  # nothing of a's batch is there
+        b.append(0, [b"from b"], [leaf_hash(b"from b")], [])
+        head.advance(1, root_hash([leaf_hash(b"from b")]))
+    return waited
+
+
 def test_a_sequencer_stuck_in_its_transaction_is_cut_off_and_another_takes_over(pg_dsn):  # noqa: F811
     lease = 0.5
     a = PostgresStorage(pg_dsn, schema="stuck", lease_s=lease)
@@ -209,12 +220,7 @@ def test_a_sequencer_stuck_in_its_transaction_is_cut_off_and_another_takes_over(
     t.start()
     try:
         assert entered.wait(30)
-        t0 = time.monotonic()
-        with b.sequencer_turn(0, EMPTY_ROOT) as head:  # waits for the row, gets it once the server cuts a off
-            waited = time.monotonic() - t0
-            assert (head.size, head.root) == (0, EMPTY_ROOT)  # nothing of a's batch is there
-            b.append(0, [b"from b"], [leaf_hash(b"from b")], [])
-            head.advance(1, root_hash([leaf_hash(b"from b")]))
+        waited = _take_over(b)
         holder, left = b.lease()
         assert holder == b.holder and 0 < left <= lease  # b holds the lease for one lease time after its commit
         t.join(30)
@@ -319,12 +325,7 @@ def test_a_sequencer_cut_off_in_the_middle_of_a_statement_loses_the_row_within_a
     t.start()
     try:
         assert proxy.froze.wait(30), "the large INSERT never started"
-        t0 = time.monotonic()
-        with b.sequencer_turn(0, EMPTY_ROOT) as head:  # waits for the row, gets it once the server cuts a off
-            waited = time.monotonic() - t0
-            assert (head.size, head.root) == (0, EMPTY_ROOT)  # nothing of a's batch is there
-            b.append(0, [b"from b"], [leaf_hash(b"from b")], [])
-            head.advance(1, root_hash([leaf_hash(b"from b")]))
+        waited = _take_over(b)
         assert waited < lease * 3 + 2, waited
         t.join(30)
         assert "nothing was written" in str(outcome.get("a")), outcome
