@@ -50,14 +50,16 @@ class ReplayReport:
 
 def _replay_params(sampling: dict, tokens: int) -> SamplingParams:
     """The receipt's sampling parameters, to draw exactly `tokens` tokens (stops and EOS then do not end it)."""
-    if float(sampling["temperature"]) != 0.0 and sampling.get("seed") is None:
+    try:
+        params = SamplingParams(temperature=float(sampling["temperature"]), top_p=float(sampling["top_p"]),
+                                top_k=sampling["top_k"], seed=sampling.get("seed"), max_tokens=max(1, tokens),
+                                ignore_eos=True)
+    except (EngineError, KeyError, TypeError, ValueError) as e:
+        raise ReceiptError(f"the receipt's sampling parameters cannot be replayed: {e!r}") from None
+    if not params.greedy and params.seed is None:
         raise ReceiptError("an unseeded sampled generation cannot be replayed: this receipt does not hold the seed "
                            "its draws came from (made by an engine from before drawn seeds were recorded)")
-    try:
-        return SamplingParams(temperature=float(sampling["temperature"]), top_p=float(sampling["top_p"]),
-                              top_k=sampling["top_k"], seed=sampling.get("seed"), max_tokens=max(1, tokens), ignore_eos=True)
-    except EngineError as e:
-        raise ReceiptError(f"the receipt's sampling parameters cannot be replayed: {e}") from None
+    return params
 
 
 def replay_receipt(receipt: dict, model: str, device: str | None = None) -> ReplayReport:

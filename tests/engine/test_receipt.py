@@ -360,11 +360,14 @@ def test_sampled_generations_replay_to_the_same_tokens_seeded_or_not(world):
 def test_replay_refuses_sampling_parameters_it_cannot_run():
     ok = {"temperature": "0.7", "top_p": "0.9", "top_k": 5, "seed": 3}
     assert _replay_params(ok, 4) == SamplingParams(temperature=0.7, top_p=0.9, top_k=5, seed=3, max_tokens=4, ignore_eos=True)
-    for bad in ({"top_p": "2.0"}, {"top_k": -1}, {"seed": "3"}, {"temperature": "-1.0"}):
+    for bad in ({"top_p": "2.0"}, {"top_k": -1}, {"seed": "3"}, {"temperature": "-1.0"}, {"temperature": "warm"},
+                {"top_p": None}):
         with pytest.raises(ReceiptError, match="cannot be replayed"):
             _replay_params(ok | bad, 4)
     with pytest.raises(ReceiptError, match="unseeded sampled generation cannot be replayed"):
         _replay_params(ok | {"seed": None}, 4)  # a receipt from before the engine logged drawn seeds
+    with pytest.raises(ReceiptError, match="cannot be replayed"):
+        _replay_params({"temperature": "0.5"}, 4)  # fields missing
 
 
 def test_an_edited_seed_is_refused(world):
