@@ -146,7 +146,7 @@ def requests(rng: random.Random, n: int, prompt: int, new: int, vocab: int, anch
 
 
 def sampling_section(runner, sched, p, rng) -> dict:
-    """Sampled generation (temperature, top-k and top-p, a seeded generator per request) against greedy,
+    """Sampled generation (temperature, top-k and top-p, each request seeded) against greedy,
     no anchors, as interleaved pairs after an untimed one: what sampling costs per token."""
     out, vocab = {}, runner.args.vocab_size
     for b in p["batches"]:

@@ -82,6 +82,28 @@ def test_append_with_mismatched_hashes_is_refused_and_writes_nothing(make_storag
     assert s.size() == 0
 
 
+def test_entries_of_any_bytes_round_trip_and_hashes_of_another_length_are_refused(pg_dsn):  # noqa: F811
+    """The rows go to the server as one hex literal per table that it cuts by lengths: every byte value,
+    empty entries and an empty batch come back as stored; a hash that is not 32 bytes would shift every
+    later cut, so it is refused before anything is sent."""
+    s = PostgresStorage(pg_dsn, schema="literal_rows")
+    try:
+        entries = [bytes(range(256)), b"", b"'\\x00\\'--", b"", bytes([0]) * 5000]
+        hashes = [leaf_hash(e) for e in entries]
+        s.append(0, entries, hashes, [(1, 0, bytes(range(32))), (2, 0, b"\x00" * 32)])
+        s.append(len(entries), [], [], [])
+        assert list(s.leaves(0, len(entries))) == [(i, e, h) for i, (e, h) in enumerate(zip(entries, hashes))]
+        assert s.nodes([(1, 0), (2, 0)]) == [bytes(range(32)), bytes(32)]
+        for bad in ([hashes[0][:31]], [hashes[0] + b"x"]):
+            with pytest.raises(LogError, match="must be 32 bytes; nothing was written"):
+                s.append(len(entries), [b"next"], bad, [])
+        with pytest.raises(LogError, match="must be 32 bytes; nothing was written"):
+            s.append(len(entries), [b"next"], [leaf_hash(b"next")], [(1, 9, b"short")])
+        assert s.size() == len(entries) and s.entry(len(entries)) is None
+    finally:
+        s.close()
+
+
 def test_failed_append_writes_nothing(make_storage):
     s = make_storage()
     entries, hashes = _leaves(3)

@@ -18,7 +18,8 @@ PostgreSQL rolls its transaction back: nothing of the batch remains. The lease i
 recorded until `lease_until`, so another process takes over at the latest one lease time later. A
 sequencer that hangs inside a transaction (stopped, partitioned) is cut off by the server after one
 lease time (idle_in_transaction_session_timeout), which releases the row lock, wherever it stopped:
-the writer sends each statement as one simple-protocol message (see `_connect`).
+every statement that runs while it holds the head row goes out as one simple-protocol message
+(see `_simple`).
 
 A holder keeps the lease while it has work (no hand-over per batch) and releases it when its queue
 runs empty, or in its next commit once another process has asked for it (`wanted_at`), so busy
@@ -318,6 +319,9 @@ class PostgresStorage(LogStorage):
         """
         if len(entries) != len(leaf_hashes):
             raise LogError(f"append got {len(entries)} entries but {len(leaf_hashes)} leaf hashes; nothing was written")
+        if any(len(h) != 32 for h in leaf_hashes) or any(len(n[2]) != 32 for n in nodes):
+            # the rows are cut out of one literal at 32-byte steps (_copy_rows): one odd hash shifts the rest
+            raise LogError("leaf and node hashes must be 32 bytes; nothing was written")
         if self._turn is not None and self._turn.thread == threading.get_ident():
             if start != self._turn.size:
                 raise LogError(f"append at {start} but the tree head is at {self._turn.size}; nothing was written")
@@ -333,8 +337,6 @@ class PostgresStorage(LogStorage):
     def _copy_rows(self, conn, start: int, entries, leaf_hashes, nodes) -> None:
         # One statement per table, the batch as one hex literal that the server cuts into rows (see
         # _simple); a stopped COPY could not be cut off at all.
-        if any(len(h) != 32 for h in leaf_hashes) or any(len(n[2]) != 32 for n in nodes):
-            raise LogError("leaf and node hashes must be 32 bytes; nothing was written")
         lens = [len(e) for e in entries]
         starts = [0, *accumulate(lens)][:-1]
         _simple(conn, f"INSERT INTO {self._t['leaves']} (idx, hash, data) "
