@@ -567,6 +567,68 @@ def section_int8(quick: bool) -> None:
     RESULTS["int8"] = {"modes": rows, "b1_8k_8k": small}
 
 
+def section_anchor_cost(quick: bool) -> None:
+    """What shared anchors cost: decode with none / bf16 / int8 anchors (2k tokens, one set shared by
+    the batch) at the engine's shapes (Llama-3.2-1B: H_q 32, H_kv 8, D 64, 640 tokens of context,
+    B=1/8/32/128) and issue 11's (Llama-3-8B: D 128, 8k of context, B=1/8/64), graph-timed with the
+    default plans; and prefill of 4k new tokens after them (16-token pages). Each anchor row's output
+    is checked against the same anchors dequantized to bf16. With --baseline (this section's JSON from
+    another build on the same machine) every time is printed beside the baseline's, with the ratio."""
+    l1, l8 = (32, 8, 64), (32, 8, 128)
+    specs = [(1, 640, l1), (8, 640, l1), (32, 640, l1), (128, 640, l1), (1, 8192, l8), (8, 8192, l8), (64, 8192, l8)]
+    if DEV != "cuda":
+        specs = [(2, 128, (8, 2, 64))]
+    rows = []
+    for bsz, ctx, (hq, hkv, d) in specs[:2] if quick else specs:
+        k, v, bt, lens = paged(bsz, ctx, hkv, d, 16, dtype=BF)
+        q = torch.randn(bsz, hq, d, dtype=BF, device=DEV)
+        ai = anchor_set(1, 2048, hkv, d, 16, torch.zeros(bsz, device=DEV), int8=True)
+        ab = (AnchorPool(*dequant_pool(ai[0], BF)), ai[1])
+        out = torch.empty_like(q)
+        r = {"kind": "decode", "B": bsz, "ctx": ctx, "d": d}
+        want = paged_attention_decode(q, k, v, bt, lens, *ab)
+        for name, a in (("none", (None, None)), ("bf16", ab), ("int8", ai)):
+            if a[0] is not None:
+                r[name + "_err"] = relerr(paged_attention_decode(q, k, v, bt, lens, *a), want)
+                assert r[name + "_err"] < 1e-2, r
+            p = plan_decode(q, k, v, bt, lens, *a, check=False)
+            r[name + "_us"] = t_graph([lambda p=p, a=a: p.run(q, k, v, a[0], out=out)], 20)
+        rows.append(r)
+        del k, v, bt, lens, q, ai, ab
+    n, hq, hkv, d = (4096, 32, 8, 128) if DEV == "cuda" else (64, 8, 2, 64)
+    k, v, bt, lens = paged(1, n, hkv, d, 16, dtype=BF)
+    cu = torch.tensor([0, n], dtype=torch.int32, device=DEV)
+    q = torch.randn(n, hq, d, dtype=BF, device=DEV)
+    ai = anchor_set(1, 2048, hkv, d, 16, torch.zeros(1, device=DEV), int8=True)
+    ab = (AnchorPool(*dequant_pool(ai[0], BF)), ai[1])
+    out = torch.empty_like(q)
+    r = {"kind": "prefill", "B": 1, "ctx": n, "d": d}
+    want = paged_attention_prefill(q, cu, k, v, bt, lens, *ab)
+    for name, a in (("none", (None, None)), ("bf16", ab), ("int8", ai)):
+        if a[0] is not None:
+            r[name + "_err"] = relerr(paged_attention_prefill(q, cu, k, v, bt, lens, *a), want)
+            assert r[name + "_err"] < 1e-2, r
+        r[name + "_us"] = t_events(lambda a=a: paged_attention_prefill(q, cu, k, v, bt, lens, *a, check=False,
+                                                                        out=out, max_seqlen_q=n))
+    rows.append(r)
+    base = {}
+    if BASELINE:
+        with open(BASELINE[0]) as f:
+            base = {(b["kind"], b["B"], b["ctx"], b["d"]): b for b in json.load(f).get("anchor_cost", [])}
+    print("\n== anchor cost (2k shared anchors, us; decode graph-timed, prefill events) ==")
+    for r in rows:
+        b = base.get((r["kind"], r["B"], r["ctx"], r["d"]), {})
+        for name in ("none", "bf16", "int8"):
+            if name + "_us" in b:
+                r[name + "_vs_baseline"] = r[name + "_us"] / b[name + "_us"]
+        r["int8_over_bf16"] = r["int8_us"] / r["bf16_us"]
+        print(f"  {r['kind']:7} D={r['d']:3} B={r['B']:3} ctx={r['ctx']:5}: " + "  ".join(
+            f"{name} {r[name + '_us']:7.1f}" + (f" (base {b[name + '_us']:7.1f}, {r[name + '_vs_baseline']:.3f})"
+                                                 if name + "_us" in b else "")
+            for name in ("none", "bf16", "int8")) + f"  int8/bf16 {r['int8_over_bf16']:.3f}")
+    RESULTS["anchor_cost"] = rows
+
+
 def section_naive64k(quick: bool) -> None:
     """The original estimate: naive dual attention at 64k materializes ~8 GB of scores per head.
 
@@ -642,6 +704,7 @@ FI_HQ, FI_HKV, FI_D = 32, 8, 128  # Llama-3-8B attention
 FI_WS_BYTES = 512 << 20  # FlashInfer's float workspace (split-KV partials); 128 MB is its usual figure
 OUT_PATH: list[str] = []
 DEADLINE = [float("inf")]  # wall-clock end of this run's budget (--budget)
+BASELINE: list[str] = []  # --baseline: a JSON of this bench from another build, printed beside this run
 
 
 def flush() -> None:
@@ -1443,7 +1506,8 @@ def section_host(quick: bool) -> None:
 SECTIONS = {"check": section_check, "tile": section_tile, "host": section_host, "splits": section_splits,
             "decode": section_decode, "shared": section_shared,
             "modes": section_modes, "prefill": section_prefill, "naive64k": section_naive64k,
-            "prefill_tune": section_prefill_tune, "int8": section_int8, "flashinfer": section_flashinfer}
+            "prefill_tune": section_prefill_tune, "int8": section_int8, "flashinfer": section_flashinfer,
+            "anchor_cost": section_anchor_cost}
 
 
 def main() -> None:
@@ -1465,7 +1529,11 @@ def main() -> None:
     ap.add_argument("--no-flashinfer", action="store_true", help="flashinfer section: ours only")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes; runs on the CPU too (TRITON_INTERPRET=1), to check the script's own logic")
+    ap.add_argument("--baseline", default=None,
+                    help="anchor_cost section: this bench's JSON from another build on the same machine, shown beside")
     args = ap.parse_args()
+    if args.baseline:
+        BASELINE.append(args.baseline)
     t_start = time.time()
     if args.budget > 0:
         DEADLINE[0] = t_start + args.budget
@@ -1485,7 +1553,9 @@ def main() -> None:
         RESULTS["meta"] = dict(device=props.name, sms=props.multi_processor_count)
     else:
         RESULTS["meta"] = dict(device="cpu (smoke)", sms=0)
-    RESULTS["meta"].update(torch=torch.__version__, triton=triton.__version__, args=vars(args),
+    # Paths as file names: where a run wrote its files says nothing about the run.
+    recorded = {k: os.path.basename(v) if k in ("out", "baseline", "fi_status") and v else v for k, v in vars(args).items()}
+    RESULTS["meta"].update(torch=torch.__version__, triton=triton.__version__, args=recorded,
                            date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     print(RESULTS["meta"], flush=True)
     flush()

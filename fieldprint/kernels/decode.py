@@ -30,13 +30,44 @@ def _scale_rows(p, ve):
     """(P with column j times 2**(e_j - top), 2**top) for int8 V rows with exponents e, top = max e.
 
     value(V row j) = code_j * 2**e_j, so P @ V == 2**top * ((P * 2**(e - top)) @ codes). Taking the
-    tile's largest exponent out keeps every scaled probability <= 1, inside fp16's range too, and
-    both factors are powers of two: no rounding beyond the product's own.
+    tile's largest exponent out keeps every scaled probability <= 1, inside fp16's range, and
+    both factors are powers of two: no rounding beyond the product's own. Only fp16 needs this
+    (see _int8_operands).
     """
     e = ve.to(tl.int32)
     top = tl.max(e, 0)
     rel = _pow2(tl.maximum(e - top, -126))
     return p * rel[None, :], _pow2(top)
+
+
+@triton.jit
+def _int8_operands(k, v, ve, dtype):
+    """DQP codes of a K and a V tile as `dtype` operands; V's rows carry their 2**e where exact.
+
+    Codes (|c| <= 127) are exact in every 16-bit float. code * 2**e with e in the DQP's [-64, 63] is
+    exact in bf16 and fp32 (8-bit exponents), so V is dequantized here, in the layout it was loaded
+    in: one exponent per loaded row. fp16 cannot hold 2**-64, so for fp16 V stays codes and P's
+    columns are scaled instead (_scale_rows), which needs each exponent in P's layout: a gather per
+    column that cost more issue slots than the matrix work (docs/attention-notes.md, v13).
+    """
+    k = k.to(dtype)
+    if dtype == tl.float16:
+        v = v.to(dtype)
+    else:
+        # A product by a power of two in range: exact in `dtype` itself (no fp32 round trip).
+        v = v.to(dtype) * _pow2(ve.to(tl.int32)).to(dtype)[:, None]
+    return k, v
+
+
+@triton.jit
+def _pv(acc, alpha, p, v, ve, INT8: tl.constexpr):
+    """acc * alpha + P @ V, V as _int8_operands left it (fp16 int8 codes: P's columns scaled)."""
+    if INT8 and v.dtype == tl.float16:
+        pv, top = _scale_rows(p, ve)
+        acc = acc * alpha[:, None] + dot(pv.to(v.dtype), v) * top
+    else:
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v)
+    return acc
 
 
 @triton.jit
@@ -57,51 +88,65 @@ def dot(a, b):
 def _attend_tile(
     q, m_i, l_i, acc, start, hi, table_row_ptr, k_ptr, v_ptr, ve_ptr, h, H_KV, scale_log2, pos,
     D: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, MASKED: tl.constexpr,
-    CAUSAL: tl.constexpr, INT8: tl.constexpr,
+    CAUSAL: tl.constexpr, INT8: tl.constexpr, TMA: tl.constexpr,
 ):
-    """One BLOCK_N tile of tokens from `start`: gather K/V through the block table, online softmax.
+    """One BLOCK_N tile of paged tokens from `start`: scores, online softmax (base 2), P @ V.
 
-    INT8: K's per-channel scale is already folded into q; V's per-row exponents (ve_ptr, one int8
-    per token and head) scale P's columns before P @ V (see _scale_rows).
+    TMA: k_ptr / v_ptr are tensor descriptors over the pool as [blocks * BS, H_kv * D]; a tile
+    is one page's rows, copied by the tensor memory accelerator (no per-thread addresses).
+    INT8 (never with TMA): K's per-channel scale is already folded into q; ve_ptr holds one int8
+    exponent per (token, head) V row, which scales V's rows, or P's columns for fp16
+    (_int8_operands).
     """
     d = tl.arange(0, D)
     n = start + tl.arange(0, BLOCK_N)
-    if MASKED:
-        nmask = n < hi
-        page = tl.load(table_row_ptr + n // BS, mask=nmask, other=0).to(tl.int64)
-        row = (page * BS + n % BS) * H_KV + h
-        off = row * D
-        k = tl.load(k_ptr + off[:, None] + d[None, :], mask=nmask[:, None], other=0)
-        v = tl.load(v_ptr + off[:, None] + d[None, :], mask=nmask[:, None], other=0)
-        if INT8:
-            ve = tl.load(ve_ptr + row, mask=nmask, other=EXP_MIN)
+    nmask = n < hi
+    ve = 0
+    if TMA:
+        row = tl.load(table_row_ptr + start // BS) * BS + start % BS
+        k = k_ptr.load([row, h * D])
+        v = v_ptr.load([row, h * D])
+        if MASKED:
+            # Rows past hi are another token's (or unwritten) data: scores are masked below,
+            # and V rows are zeroed so that 0 * (inf or NaN) cannot reach the output.
+            v = tl.where(nmask[:, None], v, 0)
     else:
-        page = tl.load(table_row_ptr + n // BS).to(tl.int64)
-        row = (page * BS + n % BS) * H_KV + h
+        # Unsigned, so that // and % by the power-of-two page size are a shift and a mask (signed
+        # division adds a sign fix-up per row).
+        nu = n.to(tl.uint32)
+        if BS >= BLOCK_N:
+            # The whole tile lies in one page (start is a multiple of BLOCK_N, BLOCK_N divides BS).
+            page = tl.load(table_row_ptr + start // BS).to(tl.int64)
+        elif MASKED:
+            page = tl.load(table_row_ptr + nu // BS, mask=nmask, other=0).to(tl.int64)
+        else:
+            page = tl.load(table_row_ptr + nu // BS).to(tl.int64)
+        row = (page * BS + (nu % BS).to(tl.int64)) * H_KV + h
         off = row * D
-        k = tl.load(k_ptr + off[:, None] + d[None, :])
-        v = tl.load(v_ptr + off[:, None] + d[None, :])
-        if INT8:
-            ve = tl.load(ve_ptr + row)
+        if MASKED:
+            k = tl.load(k_ptr + off[:, None] + d[None, :], mask=nmask[:, None], other=0)
+            v = tl.load(v_ptr + off[:, None] + d[None, :], mask=nmask[:, None], other=0)
+            if INT8:
+                ve = tl.load(ve_ptr + row, mask=nmask, other=EXP_MIN)
+        else:
+            k = tl.load(k_ptr + off[:, None] + d[None, :])
+            v = tl.load(v_ptr + off[:, None] + d[None, :])
+            if INT8:
+                ve = tl.load(ve_ptr + row)
     if INT8:
-        # Codes are exact in bf16/fp16.
-        k = k.to(q.dtype)
-        v = v.to(q.dtype)
-    qk = dot(q, tl.trans(k)) * scale_log2
+        k, v = _int8_operands(k, v, ve, q.dtype)
+    qk = dot(q, tl.trans(k))
     if MASKED:
         valid = nmask[None, :]
         if CAUSAL:
             valid = valid & (n[None, :] <= pos[:, None])
         qk = tl.where(valid, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.exp2(qk - m_new[:, None])
+    # max(qk) * s == max(qk * s) for s > 0; the scale then rides in one FMA per score.
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
+    p = tl.exp2(qk * scale_log2 - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if INT8:
-        pv, top = _scale_rows(p, ve)
-        acc = acc * alpha[:, None] + dot(pv.to(v.dtype), v) * top
-    else:
-        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v)
+    acc = _pv(acc, alpha, p, v, ve, INT8)
     return m_new, l_i, acc
 
 
@@ -109,25 +154,25 @@ def _attend_tile(
 def _attend_range(
     q, m_i, l_i, acc, lo, hi, table_row_ptr, k_ptr, v_ptr, ve_ptr, h, H_KV, scale_log2, pos,
     D: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, CAUSAL: tl.constexpr,
-    INT8: tl.constexpr,
+    INT8: tl.constexpr, TMA: tl.constexpr,
 ):
-    """Online softmax of q over tokens [lo, hi) of one paged sequence (pages named by table_row).
-
-    Whole tiles run without masks; only the last partial tile (and causal tiles) pay for them.
+    """Online softmax of q over tokens [lo, hi) of one paged sequence (pages named by table_row;
+    lo a multiple of BLOCK_N). Whole tiles run without masks; only the last partial tile (and
+    causal tiles) pay for them. Decode and prefill (fieldprint/kernels/prefill.py) both run it.
     """
     hi = tl.maximum(hi, lo)
     if CAUSAL:
         for start in range(lo, hi, BLOCK_N):
             m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, start, hi, table_row_ptr, k_ptr, v_ptr, ve_ptr, h,
-                                         H_KV, scale_log2, pos, D, BLOCK_N, BS, True, True, INT8)
+                                         H_KV, scale_log2, pos, D, BLOCK_N, BS, True, True, INT8, TMA)
     else:
         full = lo + (hi - lo) // BLOCK_N * BLOCK_N
         for start in range(lo, full, BLOCK_N):
             m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, start, hi, table_row_ptr, k_ptr, v_ptr, ve_ptr, h,
-                                         H_KV, scale_log2, pos, D, BLOCK_N, BS, False, False, INT8)
+                                         H_KV, scale_log2, pos, D, BLOCK_N, BS, False, False, INT8, TMA)
         if full < hi:
             m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, full, hi, table_row_ptr, k_ptr, v_ptr, ve_ptr, h,
-                                         H_KV, scale_log2, pos, D, BLOCK_N, BS, True, False, INT8)
+                                         H_KV, scale_log2, pos, D, BLOCK_N, BS, True, False, INT8, TMA)
     return m_i, l_i, acc
 
 
@@ -262,7 +307,7 @@ def _anchor_item(
         acc = tl.zeros([M_ANC, D], tl.float32)
         m_i, l_i, acc = _attend_range(
             q, m_i, l_i, acc, lo, hi, abt_ptr + cur.to(tl.int64) * max_ablocks, ak_ptr, av_ptr, ve_ptr,
-            h, H_KV, scale_log2, r, D, BLOCK_N, BSA, False, INT8)
+            h, H_KV, scale_log2, r, D, BLOCK_N, BSA, False, INT8, False)
         idx = (seq_r * (H_KV * GQA) + h * GQA + gi) * (S_CTX + S_ANC) + S_CTX + split
         _store_partial(pm_ptr, pl_ptr, pacc_ptr, idx, rvalid, m_i, l_i, acc, D)
         # Every thread's partial stores must be ordered before the counter bump (release).
@@ -309,7 +354,7 @@ def _context_item(
     hi = tl.minimum(lo + chunk, ctx)
     m_i, l_i, acc = _attend_range(
         q, m_i, l_i, acc, lo, hi, bt_ptr + b.to(tl.int64) * max_blocks, k_ptr, v_ptr, v_ptr, h, H_KV,
-        scale_log2, r, D, BLOCK_N, BS, False, False)
+        scale_log2, r, D, BLOCK_N, BS, False, False, False)
     idx = (b * (H_KV * GQA) + h * GQA + r) * (S_CTX + S_ANC) + split
     _store_partial(pm_ptr, pl_ptr, pacc_ptr, idx, rmask, m_i, l_i, acc, D)
     target = S_CTX

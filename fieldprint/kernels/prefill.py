@@ -6,14 +6,13 @@ token, every earlier token, and causally among themselves.
 
 concat is one softmax over [anchors; context], so it keeps ONE online-softmax state: the anchors
 are attended first (INT8: with the K scale folded into q and each V row's power-of-two scale
-applied to P's columns, both exact), then the context continues the same state: one [BLOCK_M, D]
-fp32 accumulator instead of two, which keeps the 128x128 kernel's registers out of the loops'
-spills (docs/attention-notes.md, v6). gamma needs two states.
+applied to V's rows, or to P's columns for fp16, all exact), then the context continues the same
+state: one [BLOCK_M, D] fp32 accumulator instead of two, which keeps the 128x128 kernel's
+registers out of the loops' spills (docs/attention-notes.md, v6). gamma needs two states.
 
-The matrix-product loop differs from the decode one: the softmax scale is applied inside the
-exponent's fused multiply-add (qk * s - m) rather than as a separate multiply on every score, and
-when a page holds at least BLOCK_N tokens a K/V tile is one page of one head, copied through a
-tensor descriptor (TMA on the H100: v7) instead of gathered row by row through the block table.
+The tile loop is the decode kernel's (fieldprint/kernels/decode.py, _attend_range); when a page
+holds at least BLOCK_N tokens, prefill reads a K/V tile, one page of one head, through a tensor
+descriptor (TMA on the H100: v7) instead of gathering it row by row through the block table.
 """
 
 from __future__ import annotations
@@ -21,98 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fieldprint.kernels.decode import EXP_MIN, NEG, _scale_rows, dot
-
-
-@triton.jit
-def _prefill_tile(
-    q, m_i, l_i, acc, start, hi, table_row_ptr, k_ptr, v_ptr, ve_ptr, h, H_KV, scale_log2, pos,
-    D: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, MASKED: tl.constexpr,
-    CAUSAL: tl.constexpr, INT8: tl.constexpr, TMA: tl.constexpr,
-):
-    """One BLOCK_N tile of paged tokens from `start`: scores, online softmax (base 2), P @ V.
-
-    TMA: k_ptr / v_ptr are tensor descriptors over the pool as [blocks * BS, H_kv * D]; a tile
-    is one page's rows, copied by the tensor memory accelerator (no per-thread addresses).
-    INT8 (never with TMA): ve_ptr holds one int8 exponent per (token, head) V row.
-    """
-    d = tl.arange(0, D)
-    n = start + tl.arange(0, BLOCK_N)
-    if TMA:
-        row = tl.load(table_row_ptr + start // BS) * BS + start % BS
-        k = k_ptr.load([row, h * D])
-        v = v_ptr.load([row, h * D])
-        if MASKED:
-            nmask = n < hi
-            # Rows past hi are another token's (or unwritten) data: scores are masked below,
-            # and V rows are zeroed so that 0 * (inf or NaN) cannot reach the output.
-            v = tl.where(nmask[:, None], v, 0)
-    elif BS >= BLOCK_N:
-        # The whole tile lies in one page (start is a multiple of BLOCK_N, BLOCK_N divides BS).
-        page = tl.load(table_row_ptr + start // BS).to(tl.int64)
-        off = ((page * BS + n % BS) * H_KV + h) * D
-    else:
-        if MASKED:
-            page = tl.load(table_row_ptr + n // BS, mask=n < hi, other=0).to(tl.int64)
-        else:
-            page = tl.load(table_row_ptr + n // BS).to(tl.int64)
-        off = ((page * BS + n % BS) * H_KV + h) * D
-    if not TMA:
-        if MASKED:
-            nmask = n < hi
-            k = tl.load(k_ptr + off[:, None] + d[None, :], mask=nmask[:, None], other=0)
-            v = tl.load(v_ptr + off[:, None] + d[None, :], mask=nmask[:, None], other=0)
-            if INT8:
-                ve = tl.load(ve_ptr + off // D, mask=nmask, other=EXP_MIN)
-        else:
-            k = tl.load(k_ptr + off[:, None] + d[None, :])
-            v = tl.load(v_ptr + off[:, None] + d[None, :])
-            if INT8:
-                ve = tl.load(ve_ptr + off // D)
-    if INT8:
-        # Codes are exact in bf16/fp16; K's scale is folded into q, V's rows scale P (_scale_rows).
-        k = k.to(q.dtype)
-        v = v.to(q.dtype)
-    qk = dot(q, tl.trans(k))
-    if MASKED:
-        valid = nmask[None, :]
-        if CAUSAL:
-            valid = valid & (n[None, :] <= pos[:, None])
-        qk = tl.where(valid, qk, float("-inf"))
-    # max(qk) * s == max(qk * s) for s > 0; the scale then rides in one FMA per score.
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
-    p = tl.exp2(qk * scale_log2 - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if INT8:
-        pv, top = _scale_rows(p, ve)
-        acc = acc * alpha[:, None] + dot(pv.to(q.dtype), v) * top
-    else:
-        acc = acc * alpha[:, None] + dot(p.to(q.dtype), v)
-    return m_new, l_i, acc
-
-
-@triton.jit
-def _prefill_range(
-    q, m_i, l_i, acc, lo, hi, table_row_ptr, k_ptr, v_ptr, ve_ptr, h, H_KV, scale_log2, pos,
-    D: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, CAUSAL: tl.constexpr,
-    INT8: tl.constexpr, TMA: tl.constexpr,
-):
-    """Tokens [lo, hi) (lo a multiple of BLOCK_N): whole tiles unmasked, the rest masked."""
-    hi = tl.maximum(hi, lo)
-    if CAUSAL:
-        for start in range(lo, hi, BLOCK_N):
-            m_i, l_i, acc = _prefill_tile(q, m_i, l_i, acc, start, hi, table_row_ptr, k_ptr, v_ptr,
-                                          ve_ptr, h, H_KV, scale_log2, pos, D, BLOCK_N, BS, True, True, INT8, TMA)
-    else:
-        full = lo + (hi - lo) // BLOCK_N * BLOCK_N
-        for start in range(lo, full, BLOCK_N):
-            m_i, l_i, acc = _prefill_tile(q, m_i, l_i, acc, start, hi, table_row_ptr, k_ptr, v_ptr,
-                                          ve_ptr, h, H_KV, scale_log2, pos, D, BLOCK_N, BS, False, False, INT8, TMA)
-        if full < hi:
-            m_i, l_i, acc = _prefill_tile(q, m_i, l_i, acc, full, hi, table_row_ptr, k_ptr, v_ptr,
-                                          ve_ptr, h, H_KV, scale_log2, pos, D, BLOCK_N, BS, True, False, INT8, TMA)
-    return m_i, l_i, acc
+from fieldprint.kernels.decode import NEG, _attend_range
 
 
 @triton.jit
@@ -165,15 +73,15 @@ def _prefill_kernel(
                 m_a = tl.full([BLOCK_M], NEG, tl.float32)
                 l_a = tl.zeros([BLOCK_M], tl.float32)
                 acc_a = tl.zeros([BLOCK_M, D], tl.float32)
-                m_a, l_a, acc_a = _prefill_range(qa, m_a, l_a, acc_a, 0, alen, a_row, ak_ptr, av_ptr, ve_ptr,
+                m_a, l_a, acc_a = _attend_range(qa, m_a, l_a, acc_a, 0, alen, a_row, ak_ptr, av_ptr, ve_ptr,
                                                  h, H_KV, scale_log2, pos, D, BLOCK_N, BSA, False, INT8, TMA_A)
             else:
                 # concat: the anchors open the one softmax state the context then continues.
-                m_i, l_i, acc = _prefill_range(qa, m_i, l_i, acc, 0, alen, a_row, ak_ptr, av_ptr, ve_ptr,
+                m_i, l_i, acc = _attend_range(qa, m_i, l_i, acc, 0, alen, a_row, ak_ptr, av_ptr, ve_ptr,
                                                h, H_KV, scale_log2, pos, D, BLOCK_N, BSA, False, INT8, TMA_A)
-        m_i, l_i, acc = _prefill_range(q, m_i, l_i, acc, 0, diag_lo, t_row, k_ptr, v_ptr, v_ptr, h, H_KV,
+        m_i, l_i, acc = _attend_range(q, m_i, l_i, acc, 0, diag_lo, t_row, k_ptr, v_ptr, v_ptr, h, H_KV,
                                        scale_log2, pos, D, BLOCK_N, BS, False, False, TMA_KV)
-        m_i, l_i, acc = _prefill_range(q, m_i, l_i, acc, diag_lo, hi, t_row, k_ptr, v_ptr, v_ptr, h, H_KV,
+        m_i, l_i, acc = _attend_range(q, m_i, l_i, acc, diag_lo, hi, t_row, k_ptr, v_ptr, v_ptr, h, H_KV,
                                        scale_log2, pos, D, BLOCK_N, BS, True, False, TMA_KV)
         out = acc / l_i[:, None]
         if HAS_ANCHORS:

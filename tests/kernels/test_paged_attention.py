@@ -292,6 +292,33 @@ def test_int8_anchors_equal_their_dequantized_values():
         assert torch.allclose(o8, of, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16,
+                                   pytest.param(torch.bfloat16, marks=GPU_ONLY)])
+def test_int8_v_exponents_at_the_ends_of_the_dqp_range(dtype):
+    """V rows of 2**-64 .. 2**-56 in one KV head and 2**55 .. 2**63 in the other (fp16, whose range
+    holds neither output: -24 .. -14 and -8 .. 1), mixed within every tile: each head's output
+    matches the fp64 oracle on its own scale, in decode and prefill. The context's V is zero, so
+    the outputs are the anchors' alone."""
+    gen = torch.Generator().manual_seed(23)
+    k, v, bt, cl = _pages([70, 9], 16, 2, 64, dtype, gen)
+    v.zero_()
+    pool, routing = _anchors([90], [0, 0], 16, 2, 64, dtype, gen, int8=True)
+    bands = [(-24, -14), (-8, 1)] if dtype == torch.float16 else [(-64, -56), (55, 63)]
+    ve = torch.stack([torch.randint(lo, hi + 1, pool.v_exp.shape[:2], generator=gen) for lo, hi in bands], -1)
+    a = (AnchorPool(pool.k, pool.v, pool.k_scale, ve.to(torch.int8).contiguous()), routing)
+    q = torch.randn(2, 8, 64, generator=gen).to(dtype)
+    qp = torch.randn(30, 8, 64, generator=gen).to(dtype)
+    cu = torch.tensor([0, 21, 30], dtype=torch.int32)
+    for mode in ("concat", "gamma"):
+        for out, ref in ((decode(q, k, v, bt, cl, *a, mode=mode, gamma=0.5),
+                          reference_paged(q, None, k, v, bt, cl, *a, mode=mode, gamma=0.5)),
+                         (prefill(qp, cu, k, v, bt, cl, *a, mode=mode, gamma=0.5),
+                          reference_paged(qp, cu, k, v, bt, cl, *a, mode=mode, gamma=0.5))):
+            for head in range(2):  # query heads 4h .. 4h+3 read KV head h
+                err = _relerr(out[:, 4 * head:4 * head + 4], ref[:, 4 * head:4 * head + 4])
+                assert err < TOL[dtype], (mode, head, err)
+
+
 def test_decode_is_deterministic():
     gen = torch.Generator().manual_seed(9)
     k, v, bt, cl = _pages([77, 120, 5], 16, 2, 64, torch.float32, gen)
