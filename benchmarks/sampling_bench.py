@@ -6,8 +6,9 @@ LM head leaves them): the time of `argmax_rows` and of `next_tokens` under four 
 the rows' parameters, reading the tokens back, as in an engine step). Wall time per call, median of
 repeats after a warm-up, with ratios to greedy. Then torch.profiler's kernels for one B=1 and one B=128
 call of the engine's default kind (both limits): which operation costs what.
-    python benchmarks/sampling_bench.py [--smoke] [--out FILE]
---smoke runs tiny shapes on the CPU to check the script (its times mean nothing).
+    python benchmarks/sampling_bench.py [--smoke] [--out FILE] [--baseline FILE]
+--smoke runs tiny shapes on the CPU to check the script (its times mean nothing). --baseline: this
+bench's JSON from another build on the same machine; each time is printed beside it, with the ratio.
 """
 
 from __future__ import annotations
@@ -66,12 +67,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "sampling_bench.json"))
+    ap.add_argument("--baseline", default=None, help="this bench's JSON from another build, shown beside")
     args = ap.parse_args()
+    base = {}
+    if args.baseline:
+        with open(args.baseline) as f:
+            base = json.load(f)["batches"]
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     vocab, batches, reps = (1000, (1, 8), 5) if args.smoke else (128256, (1, 8, 32, 128, 256), 50)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     res = {"meta": {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)",
-                    "torch": torch.__version__, "vocab": vocab, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
+                    "torch": torch.__version__, "vocab": vocab,
+                    "baseline": os.path.basename(args.baseline) if args.baseline else None,
+                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
            "batches": {}}
     g = torch.Generator(device=device).manual_seed(0)
     for b in batches:
@@ -81,9 +89,15 @@ def main() -> None:
             seqs = [Sequence([1], p, sample_seed=i) for i in range(b)]
             row[name + "_ms"] = ms_per_call(lambda seqs=seqs, logits=logits: next_tokens(seqs, logits), device, reps)
             row[name + "_vs_greedy"] = row[name + "_ms"] / row["greedy_ms"]
+        was = base.get(str(b), {})
+        for n in ["greedy", *KINDS]:
+            if n + "_ms" in was:
+                row[n + "_vs_baseline"] = row[n + "_ms"] / was[n + "_ms"]
         res["batches"][str(b)] = row
         print(f"B={b:>4}: greedy {row['greedy_ms']:.3f} ms | " + " | ".join(
-            f"{n} {row[n + '_ms']:.3f} ({row[n + '_vs_greedy']:.1f}x)" for n in KINDS), flush=True)
+            f"{n} {row[n + '_ms']:.3f} ({row[n + '_vs_greedy']:.1f}x"
+            + (f"; base {was[n + '_ms']:.3f}, {row[n + '_vs_baseline']:.2f}" if n + "_ms" in was else "") + ")"
+            for n in KINDS), flush=True)
     res["profile"] = {}
     for b in (1, 128 if 128 in batches else batches[-1]):
         logits = (torch.randn(b, vocab, generator=g, device=device) * 3).to(dtype)
