@@ -15,6 +15,10 @@ import os
 import re
 import secrets
 import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -115,3 +119,40 @@ def pg_dsn(request):
     dsn, drop = fresh_database(request.module.__name__)
     yield dsn
     drop()
+
+
+@contextmanager
+def stopped_lock_holder(code: str):
+    """A child process running `code`, which takes a lock, prints "locked" and SIGSTOPs itself (alive,
+    never answering: what a hung or debugged engine looks like to the database); killed on exit."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        yield child
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+
+
+def seconds_blocked(fn, limit: float):
+    """(seconds fn took, its result), fn run on a thread; fails the test if it is not done within `limit`."""
+    out = {}
+
+    def run():
+        t = time.monotonic()
+        try:
+            out["result"] = fn()
+        except BaseException as e:  # re-raised on the test's thread
+            out["error"] = e
+        out["seconds"] = time.monotonic() - t
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(limit)
+    if worker.is_alive():
+        pytest.fail(f"still blocked after {limit} s: the stopped holder's lock was never released")
+    if "error" in out:
+        raise out["error"]
+    return out["seconds"], out["result"]

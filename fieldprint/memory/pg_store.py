@@ -85,6 +85,11 @@ def qmark_to_pyformat(query: str) -> str:
 class PgConnection:
     """One connection for a memory backend: schema on the search path, re-opened after a drop, errors as StateErrors."""
 
+    # How long a transaction that waits on the log inside it (a state's leaf index, a rollback's entry)
+    # may sit between statements, holding locks other writers wait for, before the server ends it
+    # (bound_idle): longer than a log append's longest wait for the log's lease (60 s by default).
+    log_wait_idle_s = 300.0
+
     def __init__(self, url: str, schema: str, what: str, on_connect: Callable | None = None) -> None:
         require_psycopg(StateError)
         if not isinstance(schema, str) or not _SCHEMA_RE.match(schema):
@@ -128,6 +133,15 @@ class PgConnection:
                 yield db
             except psycopg.Error as e:
                 raise StateError(self.failure(what, e)) from e
+
+    @staticmethod
+    def bound_idle(db: psycopg.Connection, seconds: float) -> None:
+        """In a transaction that takes a lock other writers wait for: should this client stop for
+        `seconds` between two statements (a stopped or hung process), the server ends the transaction,
+        rolling it back and releasing the lock, and the others go on. Without it they would wait for as
+        long as the stopped process lives. (A client stopped in the middle of sending a statement is
+        not covered: the server arms this timeout only between statements.)"""
+        db.execute(f"SET LOCAL idle_in_transaction_session_timeout = {int(seconds * 1000)}")
 
     def failure(self, what: str, e: BaseException) -> str:
         """A message naming the store, what it could not do, and what to do about it."""
@@ -255,15 +269,15 @@ class PostgresStateStore(StateStore):
         with self._pg.sql("store states") as db:
             try:
                 with db.transaction():
+                    self._pg.bound_idle(db, self._pg.log_wait_idle_s)  # the digests' locks, should this engine stop
                     self._check_no_laundering(db, states)
                     self._insert_new(db, states)
                     indices = sequence()
                     if len(indices) != len(states):
                         raise StateError(f"the ledger returned {len(indices)} leaf indices for {len(states)} states; "
                                          f"nothing was stored")
-                    with db.cursor() as cur:
-                        cur.executemany("UPDATE states SET leaf_index = %s WHERE state_id = %s",
-                                        [(i, st.state_id) for i, st in zip(indices, states, strict=True)])
+                    db.execute("UPDATE states SET leaf_index = u.i FROM unnest(%s::text[], %s::bigint[]) AS u(id, i) "
+                               "WHERE state_id = u.id", ([st.state_id for st in states], list(indices)))
             except psycopg.Error as e:
                 lost = isinstance(e, psycopg.OperationalError) and db.broken
                 raise StateError(self._pg.failure("store states", e) + (
@@ -286,21 +300,21 @@ class PostgresStateStore(StateStore):
                                  f"carry that taint); nothing was stored")
 
     def _insert_new(self, db: psycopg.Connection, states: Sequence[State]) -> None:
-        rows = [(s.state_id, s.state_type, s.text, s.tensor.digest if s.tensor else None,
-                 s.tensor.profile if s.tensor else None, json.dumps(list(s.parents)), s.session, s.creator, s.time_ns,
-                 json.dumps(sorted(s.label.sources)), json.dumps(sorted(s.label.taint)), None, s.digest)
-                for s in states]
-        with db.cursor() as cur:
-            # ON CONFLICT keeps the transaction usable; a racing writer's insert of the same id waits for
-            # that writer's commit here and then counts as already stored.
-            cur.executemany(f"INSERT INTO states ({_STATE_COLUMNS}, digest) VALUES "
-                            f"(%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT (state_id) DO NOTHING "
-                            f"RETURNING state_id", rows, returning=True)
-            stored = set()
-            while True:
-                stored.update(r[0] for r in cur.fetchall())
-                if not cur.nextset():
-                    break
+        cols = list(zip(*[(s.state_id, s.state_type, s.text, s.tensor.digest if s.tensor else None,
+                           s.tensor.profile if s.tensor else None, json.dumps(list(s.parents)), s.session, s.creator,
+                           s.time_ns, json.dumps(sorted(s.label.sources)), json.dumps(sorted(s.label.taint)), s.digest)
+                          for s in states], strict=True))
+        # One statement, the rows as arrays (and so the leaf indices' update above): after psycopg's
+        # executemany the server did not arm the idle timeout (bound_idle) until another statement ran,
+        # so a writer stopped there held the content's lock for good (measured on PostgreSQL 16 with
+        # psycopg 3.3). ON CONFLICT keeps the transaction usable; a racing writer's insert of the same
+        # id waits for that writer's commit here and then counts as already stored.
+        types = ["text"] * 8 + ["bigint"] + ["text"] * 3
+        rows = db.execute(f"INSERT INTO states ({_STATE_COLUMNS}, digest) SELECT c1, c2, c3, c4, c5, c6, c7, c8, c9, "
+                          f"c10, c11, NULL, c12 FROM unnest({', '.join(f'%s::{t}[]' for t in types)}) "
+                          f"AS r(c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12) "
+                          f"ON CONFLICT (state_id) DO NOTHING RETURNING state_id", [list(c) for c in cols]).fetchall()
+        stored = {r[0] for r in rows}
         for state in states:
             if state.state_id not in stored:
                 raise StateError(f"state {state.state_id} is already stored (same content, parents, session, "

@@ -12,7 +12,9 @@ contents of any version are one query away and history is never rewritten:
   since `v`, not the size of the table.
 
 Writers take the version counter's row lock, so versions are made one at a time across all engines
-and a version's contents never change once it is committed. Search runs on an HNSW index (cosine)
+and a version's contents never change once it is committed; a writer that stops while holding it (a
+stopped or hung process) loses its transaction after HEAD_IDLE_S between statements, and the others
+go on. Search runs on an HNSW index (cosine)
 over the live rows, with pgvector's iterative scan so that filters (session, type, promotable) still
 return k rows when they are selective; `exact=True` bypasses the index.
 
@@ -31,6 +33,11 @@ from fieldprint.errors import EntryError, StateError
 from fieldprint.memory.pg_store import DEFAULT_SCHEMA, PgConnection, psycopg, sql
 from fieldprint.memory.vectors import Hit, check_rows, checked_state_ids
 from fieldprint.postgres import redact, require_psycopg
+
+# How long a writer holding the version counter's row lock may sit between two statements before the
+# server ends its transaction (PgConnection.bound_idle): the writes under it are a few statements
+# with nothing else in between.
+HEAD_IDLE_S = 10.0
 
 
 def _migrations(dim: int) -> tuple[str, ...]:
@@ -117,8 +124,14 @@ class PgVectorStore:
         # strict_order: iterative scans keep going until k rows pass the filters, best first.
         db.execute("SET hnsw.iterative_scan = strict_order")
 
+    def _lock_head(self, db: psycopg.Connection) -> int:
+        """The current version, its row locked until the transaction ends (bounded: HEAD_IDLE_S)."""
+        self._pg.bound_idle(db, HEAD_IDLE_S)
+        return db.execute("SELECT version FROM vector_head FOR UPDATE").fetchone()[0]
+
     def _next_version(self, db: psycopg.Connection, op: str) -> int:
         # The head row's lock is held to commit: one writer at a time makes a version, in order.
+        self._pg.bound_idle(db, HEAD_IDLE_S)
         version = db.execute("UPDATE vector_head SET version = version + 1 RETURNING version").fetchone()[0]
         db.execute("INSERT INTO vector_versions (version, op) VALUES (%s, %s)", (version, op))
         return version
@@ -196,7 +209,7 @@ class PgVectorStore:
     def rollback(self, version: int) -> int:
         """Make the contents those of `version` again, as a new version (history is kept); return it."""
         with self._pg.sql(f"roll back to version {version}") as db, db.transaction():
-            head = db.execute("SELECT version FROM vector_head FOR UPDATE").fetchone()[0]
+            head = self._lock_head(db)
             self._check_version(version, head)
             new = self._next_version(db, f"rollback to {version}")
             db.execute("UPDATE vectors SET removed_in = %s WHERE removed_in IS NULL AND added_in > %s", (new, version))
@@ -208,7 +221,7 @@ class PgVectorStore:
     def revert(self, version: int) -> int:
         """Undo only what `version` did (its rows ended, the rows it ended live again), as a new version."""
         with self._pg.sql(f"revert version {version}") as db, db.transaction():
-            head = db.execute("SELECT version FROM vector_head FOR UPDATE").fetchone()[0]
+            head = self._lock_head(db)
             self._check_version(version, head)
             new = self._next_version(db, f"revert {version}")
             db.execute("UPDATE vectors SET removed_in = %s WHERE removed_in IS NULL AND added_in = %s", (new, version))

@@ -6,7 +6,7 @@ from concurrent.futures import Future
 from contextlib import ExitStack, contextmanager
 
 import pytest
-from pg import import_psycopg, pg_dsn  # noqa: F401  (pg_dsn: a module fixture, a fresh database)
+from pg import import_psycopg, pg_dsn, seconds_blocked, stopped_lock_holder  # noqa: F401  (pg_dsn: a module fixture, a fresh database)
 
 import_psycopg()
 
@@ -195,3 +195,26 @@ def test_an_engine_killed_inside_a_session_change_leaves_it_unchanged_and_unlock
         after = record_turn(a, "hank", "And this.")  # the row lock went with the killed engine's connection
         assert time.monotonic() - t < 10
         assert [x.output_state for x in a.session("hank").turns] == [kept.output_state, after.output_state]
+
+
+def test_an_engine_stopped_inside_a_session_change_holds_it_for_seconds_not_forever(pg_dsn, keys, tmp_path):  # noqa: F811
+    """An engine SIGSTOPped while its change holds the session's row (a bound of 1 s in that process
+    instead of 300): the server ends its transaction, its change is not applied, and the next turn lands."""
+    with _engines(pg_dsn, keys, tmp_path, n=1) as (a,):
+        a.new_session("ivan")
+        kept = record_turn(a, "ivan", "Keep this.")
+        code = f"""
+import os, signal
+from fieldprint.engine import sessions
+from fieldprint.memory.pg_store import PgConnection
+PgConnection.log_wait_idle_s = 1.0
+def stop(s):
+    s.turns.clear()
+    print("locked", flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)
+sessions.PostgresSessions({pg_dsn!r}).change("ivan", stop)
+"""
+        with stopped_lock_holder(code):
+            waited, after = seconds_blocked(lambda: record_turn(a, "ivan", "And this."), 30)
+        assert waited < 20
+        assert [x.output_state for x in a.session("ivan").turns] == [kept.output_state, after.output_state]

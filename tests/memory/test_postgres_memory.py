@@ -18,7 +18,7 @@ import pytest
 import test_policy
 import test_store_failures
 from memory_harness import LOG_SIGNER, LOG_VERIFIER, OPS_VERIFIER, Clock, Memory
-from pg import import_psycopg, pg_dsn, unavailable  # noqa: F401  (pg_dsn: a fresh database per module)
+from pg import import_psycopg, pg_dsn, seconds_blocked, stopped_lock_holder, unavailable  # noqa: F401  (pg_dsn: a fresh database per module)
 from test_policy import (  # noqa: F401  (collected here, against PostgreSQL)
     test_a_checkpoint_of_another_origin_signed_by_a_configured_key_is_refused,
     test_a_failed_ledger_append_leaves_no_state_behind,
@@ -273,6 +273,32 @@ def test_a_dropped_connection_fails_one_call_and_the_next_reconnects(memory, sch
     memory.store.close()
     with pytest.raises(StateError, match="is closed"):
         memory.store.get(s.state_id)
+
+
+def test_a_writer_stopped_while_its_leaf_is_sequenced_holds_up_same_content_writers_for_seconds(schemas):
+    """A writer SIGSTOPped inside insert_committed, waiting for its leaf with the content's lock held
+    (a bound of 1 s in that process instead of 300): the server ends its transaction, nothing of it is
+    stored, and another writer of the same content stores its state."""
+    from fieldprint.memory.state import new_state
+
+    schema = schemas.new()
+    store = PostgresStateStore(schemas.url, schema)
+    code = f"""
+import os, signal
+from fieldprint.memory.pg_store import PgConnection, PostgresStateStore
+from fieldprint.memory.state import new_state
+PgConnection.log_wait_idle_s = 1.0
+def stop():
+    print("locked", flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)
+state = new_state("observation", session="a", creator="engine", text="same", sources=("user",), time_ns=1)
+PostgresStateStore({schemas.url!r}, {schema!r}).insert_committed([state], stop)
+"""
+    mine = new_state("observation", session="b", creator="engine", text="same", sources=("user",), time_ns=2)
+    with stopped_lock_holder(code):
+        waited, stored = seconds_blocked(lambda: store.insert_committed([mine], lambda: [7]), 20)
+    assert waited < 10 and [s.leaf_index for s in stored] == [7] and len(store) == 1
+    store.close()
 
 
 def test_text_with_a_nul_character_is_refused_before_the_ledger(memory):

@@ -13,7 +13,7 @@ import pytest
 import test_vectors
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pg import pg_dsn  # noqa: F401,I001  (a fresh database per module)
+from pg import pg_dsn, seconds_blocked, stopped_lock_holder  # noqa: F401,I001  (a fresh database per module)
 from test_postgres_memory import Schemas, require_pgvector
 from test_vectors import (  # noqa: F401  (collected here, against pgvector)
     sid,
@@ -108,6 +108,28 @@ def test_two_engines_share_one_store(schemas):
     assert len(a) == 1 and [h.promotable for h in a.search(v[1], 1)] == [False]
     a.close()
     b.close()
+
+
+def test_a_writer_stopped_holding_the_version_lock_holds_the_others_up_for_seconds_not_forever(schemas):
+    """A writer SIGSTOPped between two statements of an add, the version counter locked: after
+    HEAD_IDLE_S (1 s in that process) the server ends its transaction, and another engine's add goes
+    through, as version 1: the stopped writer's version was rolled back with everything else it did."""
+    schema = schemas.new()
+    a = PgVectorStore(schemas.url, schema=schema)
+    code = f"""
+import os, signal
+from fieldprint.memory import pgvector
+pgvector.HEAD_IDLE_S = 1.0
+s = pgvector.PgVectorStore({schemas.url!r}, schema={schema!r})
+with s._pg.sql("hold") as db, db.transaction():
+    s._next_version(db, "add")
+    print("locked", flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)
+"""
+    with stopped_lock_holder(code):
+        waited, version = seconds_blocked(lambda: a.add([sid(1)], unit_rows(1), ["s"], ["belief"], [False]), 20)
+    assert 0.3 < waited < 10 and version == 1 and len(a) == 1
+    a.close()
 
 
 def test_versions_are_checked(store):
