@@ -76,7 +76,9 @@ float32: a draw resolves about 6e-8 of the kept mass). Both
     # pass 1.0 by a rounding) and the draw, per row.
     host = np.array([[max(p.temperature, _TINY) for p in params], ks,
                      [p.top_p if p.top_p < 1 else np.inf for p in params], u], dtype=np.float64)
-    temp, k, top_p, draw = torch.from_numpy(host).to(dev).to(torch.float32)
+    # Not blocking: a blocking copy waits for the stream, i.e. for the step's forward pass, before the
+    # host may queue the draw's kernels behind it (reading the tokens is the step's one sync).
+    temp, k, top_p, draw = torch.from_numpy(host).to(dev, non_blocking=True).to(torch.float32)
     # Shifted so that each row's largest is 0: a tiny temperature then sends the others to -inf, never
     # the largest to inf (inf - inf would make every probability NaN).
     x = logits.float()
@@ -117,5 +119,5 @@ def next_tokens(seqs: list, logits: torch.Tensor) -> list[int]:
     if len(rows) == len(seqs):
         return sample_rows(logits, [s.params for s in seqs], u).tolist()
     out = argmax_rows(logits)
-    out[torch.tensor(rows, device=out.device)] = sample_rows(logits[rows], [seqs[i].params for i in rows], u)
+    out[torch.tensor(rows).to(out.device, non_blocking=True)] = sample_rows(logits[rows], [seqs[i].params for i in rows], u)
     return out.tolist()
