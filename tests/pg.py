@@ -122,13 +122,14 @@ def pg_dsn(request):
 
 
 @contextmanager
-def stopped_lock_holder(code: str):
-    """A child process running `code`, which takes a lock, prints "locked" and SIGSTOPs itself (alive,
-    never answering: what a hung or debugged engine looks like to the database); killed on exit."""
+def stopped_writer(code: str):
+    """A child process running `code`, which prints "stopping" where a writer is to stop (holding a
+    lock, say) and SIGSTOPs itself: alive, never answering, what a hung or debugged engine looks like
+    to the database. Killed on exit."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
     try:
-        assert child.stdout.readline().strip() == "locked"
+        assert child.stdout.readline().strip() == "stopping"
         yield child
     finally:
         child.kill()
@@ -152,7 +153,7 @@ def seconds_blocked(fn, limit: float):
     worker.start()
     worker.join(limit)
     if worker.is_alive():
-        pytest.fail(f"still blocked after {limit} s: the stopped holder's lock was never released")
+        pytest.fail(f"still blocked after {limit} s: the stopped writer's lock was never released")
     if "error" in out:
         raise out["error"]
     return out["seconds"], out["result"]

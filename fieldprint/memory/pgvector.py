@@ -14,7 +14,7 @@ contents of any version are one query away and history is never rewritten:
 Writers take the version counter's row lock, so versions are made one at a time across all engines
 and a version's contents never change once it is committed; a writer that stops while holding it (a
 stopped or hung process) loses its transaction after HEAD_IDLE_S between statements, and the others
-go on. Search runs on an HNSW index (cosine)
+go on (an add copies its rows in before it takes the lock, so no COPY runs under it). Search runs on an HNSW index (cosine)
 over the live rows, with pgvector's iterative scan so that filters (session, type, promotable) still
 return k rows when they are selective; `exact=True` bypasses the index.
 
@@ -62,7 +62,7 @@ CREATE INDEX vectors_hnsw ON vectors USING hnsw (embedding vector_cosine_ops) WH
 """,)
 
 
-_COPY_COLUMNS = "state_id, session, state_type, promotable, embedding, added_in"
+_ROW_COLUMNS = "state_id, session, state_type, promotable, embedding, added_in"
 
 
 def _ensure_extension(db: psycopg.Connection, schema: str, name: str) -> None:
@@ -99,6 +99,7 @@ class PgVectorStore:
         self.build_memory_mb = build_memory_mb
         require_psycopg(StateError)
         self._schema, self._name = schema, redact(url)  # what _on_connect needs before _pg exists
+        self._staged_on = None  # the connection whose session has add()'s temporary table
         self._pg = PgConnection(url, schema, "vector store", on_connect=self._on_connect)
         self.path = self._pg.name
         try:
@@ -142,17 +143,29 @@ class PgVectorStore:
         vectors = check_rows(self.dim, state_ids, vectors, sessions, state_types, promotable)
         if len(state_ids) == 0:
             return self.version()
-        with self._pg.sql(f"add {len(state_ids)} rows") as db, db.transaction():
-            version = self._next_version(db, "add")
-            # A state id is a content address: a live row with it is the same state's row. On one engine
-            # that only happens by mistake; among many it is what an engine killed between its vector add
-            # and its state commit leaves behind, and the state's next add must not be blocked by it.
-            db.execute("UPDATE vectors SET removed_in = %s WHERE removed_in IS NULL AND state_id = ANY(%s)",
-                       (version, list(state_ids)))
-            with db.cursor() as cur, cur.copy(f"COPY vectors ({_COPY_COLUMNS}) FROM STDIN WITH (FORMAT BINARY)") as copy:
-                copy.set_types(["text", "text", "text", "bool", "vector", "int8"])
+        with self._pg.sql(f"add {len(state_ids)} rows") as db:
+            # The rows go to a temporary table first, before the version counter is locked: a writer
+            # stopped in the middle of a COPY leaves the server waiting for the rest with no timeout
+            # armed, so under the lock only short statements run, which bound_idle covers.
+            if self._staged_on is not db:
+                db.execute(f"CREATE TEMP TABLE IF NOT EXISTS vector_stage (state_id TEXT, session TEXT, "
+                           f"state_type TEXT, promotable BOOLEAN, embedding vector({self.dim}))")
+                self._staged_on = db
+            db.execute("TRUNCATE pg_temp.vector_stage")
+            with db.cursor() as cur, cur.copy("COPY pg_temp.vector_stage FROM STDIN WITH (FORMAT BINARY)") as copy:
+                copy.set_types(["text", "text", "text", "bool", "vector"])
                 for row in zip(state_ids, sessions, state_types, promotable, vectors, strict=True):
-                    copy.write_row((*row[:3], bool(row[3]), row[4], version))
+                    copy.write_row((*row[:3], bool(row[3]), row[4]))
+            with db.transaction():
+                version = self._next_version(db, "add")
+                # A state id is a content address: a live row with it is the same state's row. On one
+                # engine that only happens by mistake; among many it is what an engine killed between its
+                # vector add and its state commit leaves behind, and the state's next add must not be
+                # blocked by it.
+                db.execute("UPDATE vectors SET removed_in = %s WHERE removed_in IS NULL AND state_id IN "
+                           "(SELECT state_id FROM pg_temp.vector_stage)", (version,))
+                db.execute(f"INSERT INTO vectors ({_ROW_COLUMNS}) SELECT state_id, session, state_type, promotable, "
+                           f"embedding, %s FROM pg_temp.vector_stage", (version,))
         return version
 
     def search(self, query: np.ndarray, k: int, *, session: str | None = None, state_type: str | None = None,
@@ -197,7 +210,7 @@ class PgVectorStore:
             version = self._next_version(db, "set_promotable")
             db.execute(f"WITH ended AS (UPDATE vectors SET removed_in = %(v)s WHERE removed_in IS NULL "
                        f"AND state_id = ANY(%(ids)s) AND promotable <> %(p)s RETURNING *) "
-                       f"INSERT INTO vectors ({_COPY_COLUMNS}) SELECT state_id, session, state_type, %(p)s, embedding, "
+                       f"INSERT INTO vectors ({_ROW_COLUMNS}) SELECT state_id, session, state_type, %(p)s, embedding, "
                        f"%(v)s FROM ended", {"v": version, "ids": ids, "p": bool(promotable)})
         return version
 
@@ -213,7 +226,7 @@ class PgVectorStore:
             self._check_version(version, head)
             new = self._next_version(db, f"rollback to {version}")
             db.execute("UPDATE vectors SET removed_in = %s WHERE removed_in IS NULL AND added_in > %s", (new, version))
-            db.execute(f"INSERT INTO vectors ({_COPY_COLUMNS}) SELECT state_id, session, state_type, promotable, "
+            db.execute(f"INSERT INTO vectors ({_ROW_COLUMNS}) SELECT state_id, session, state_type, promotable, "
                        f"embedding, %s FROM vectors WHERE added_in <= %s AND removed_in > %s AND removed_in < %s",
                        (new, version, version, new))
         return new
@@ -226,7 +239,7 @@ class PgVectorStore:
             new = self._next_version(db, f"revert {version}")
             db.execute("UPDATE vectors SET removed_in = %s WHERE removed_in IS NULL AND added_in = %s", (new, version))
             # Rows that `version` ended come back, unless a later version made their state live again.
-            db.execute(f"INSERT INTO vectors ({_COPY_COLUMNS}) SELECT o.state_id, o.session, o.state_type, o.promotable, "
+            db.execute(f"INSERT INTO vectors ({_ROW_COLUMNS}) SELECT o.state_id, o.session, o.state_type, o.promotable, "
                        f"o.embedding, %s FROM vectors o WHERE o.removed_in = %s AND NOT EXISTS (SELECT 1 FROM vectors l "
                        f"WHERE l.state_id = o.state_id AND l.removed_in IS NULL)", (new, version))
         return new

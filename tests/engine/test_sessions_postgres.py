@@ -6,7 +6,7 @@ from concurrent.futures import Future
 from contextlib import ExitStack, contextmanager
 
 import pytest
-from pg import import_psycopg, pg_dsn, seconds_blocked, stopped_lock_holder  # noqa: F401  (pg_dsn: a module fixture, a fresh database)
+from pg import import_psycopg, pg_dsn, seconds_blocked, stopped_writer  # noqa: F401  (pg_dsn: a module fixture, a fresh database)
 
 import_psycopg()
 
@@ -174,7 +174,7 @@ def test_an_engine_killed_inside_a_session_change_leaves_it_unchanged_and_unlock
             def slow(s):
                 s.turns.clear()
                 s.history.clear()
-                print("locked", flush=True)
+                print("stopping", flush=True)
                 time.sleep(60)
             store.change("hank", slow)
         """)
@@ -210,11 +210,11 @@ from fieldprint.memory.pg_store import PgConnection
 PgConnection.log_wait_idle_s = 1.0
 def stop(s):
     s.turns.clear()
-    print("locked", flush=True)
+    print("stopping", flush=True)
     os.kill(os.getpid(), signal.SIGSTOP)
 sessions.PostgresSessions({pg_dsn!r}).change("ivan", stop)
 """
-        with stopped_lock_holder(code):
+        with stopped_writer(code):
             waited, after = seconds_blocked(lambda: record_turn(a, "ivan", "And this."), 30)
         assert waited < 20
         assert [x.output_state for x in a.session("ivan").turns] == [kept.output_state, after.output_state]

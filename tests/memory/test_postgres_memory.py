@@ -18,7 +18,7 @@ import pytest
 import test_policy
 import test_store_failures
 from memory_harness import LOG_SIGNER, LOG_VERIFIER, OPS_VERIFIER, Clock, Memory
-from pg import import_psycopg, pg_dsn, seconds_blocked, stopped_lock_holder, unavailable  # noqa: F401  (pg_dsn: a fresh database per module)
+from pg import import_psycopg, pg_dsn, seconds_blocked, stopped_writer, unavailable  # noqa: F401  (pg_dsn: a fresh database per module)
 from test_policy import (  # noqa: F401  (collected here, against PostgreSQL)
     test_a_checkpoint_of_another_origin_signed_by_a_configured_key_is_refused,
     test_a_failed_ledger_append_leaves_no_state_behind,
@@ -289,13 +289,13 @@ from fieldprint.memory.pg_store import PgConnection, PostgresStateStore
 from fieldprint.memory.state import new_state
 PgConnection.log_wait_idle_s = 1.0
 def stop():
-    print("locked", flush=True)
+    print("stopping", flush=True)
     os.kill(os.getpid(), signal.SIGSTOP)
 state = new_state("observation", session="a", creator="engine", text="same", sources=("user",), time_ns=1)
 PostgresStateStore({schemas.url!r}, {schema!r}).insert_committed([state], stop)
 """
     mine = new_state("observation", session="b", creator="engine", text="same", sources=("user",), time_ns=2)
-    with stopped_lock_holder(code):
+    with stopped_writer(code):
         waited, stored = seconds_blocked(lambda: store.insert_committed([mine], lambda: [7]), 20)
     assert waited < 10 and [s.leaf_index for s in stored] == [7] and len(store) == 1
     store.close()

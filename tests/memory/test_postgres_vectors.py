@@ -13,7 +13,7 @@ import pytest
 import test_vectors
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pg import pg_dsn, seconds_blocked, stopped_lock_holder  # noqa: F401,I001  (a fresh database per module)
+from pg import pg_dsn, seconds_blocked, stopped_writer  # noqa: F401,I001  (a fresh database per module)
 from test_postgres_memory import Schemas, require_pgvector
 from test_vectors import (  # noqa: F401  (collected here, against pgvector)
     sid,
@@ -123,12 +123,34 @@ pgvector.HEAD_IDLE_S = 1.0
 s = pgvector.PgVectorStore({schemas.url!r}, schema={schema!r})
 with s._pg.sql("hold") as db, db.transaction():
     s._next_version(db, "add")
-    print("locked", flush=True)
+    print("stopping", flush=True)
     os.kill(os.getpid(), signal.SIGSTOP)
 """
-    with stopped_lock_holder(code):
+    with stopped_writer(code):
         waited, version = seconds_blocked(lambda: a.add([sid(1)], unit_rows(1), ["s"], ["belief"], [False]), 20)
     assert 0.3 < waited < 10 and version == 1 and len(a) == 1
+    a.close()
+
+
+def test_a_writer_stopped_while_it_sends_its_rows_holds_no_lock(schemas):
+    """A writer SIGSTOPped in the middle of sending an add's rows (a COPY, where the server waits with
+    no timeout armed): the others' adds go through at once, because the rows go in before the
+    version counter is locked."""
+    schema = schemas.new()
+    a = PgVectorStore(schemas.url, schema=schema)
+    code = f"""
+import os, signal, psycopg
+from fieldprint.memory import pgvector
+def stop(self, row):
+    print("stopping", flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)
+psycopg.Copy.write_row = stop
+s = pgvector.PgVectorStore({schemas.url!r}, schema={schema!r})
+s.add(["blake3:" + "1" * 64], {unit_rows(1, seed=3).tolist()!r}, ["s"], ["belief"], [False])
+"""
+    with stopped_writer(code):
+        waited, version = seconds_blocked(lambda: a.add([sid(2)], unit_rows(1), ["s"], ["belief"], [False]), 20)
+    assert waited < 5 and version == 1 and len(a) == 1
     a.close()
 
 
