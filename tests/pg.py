@@ -157,3 +157,82 @@ def seconds_blocked(fn, limit: float):
     if "error" in out:
         raise out["error"]
     return out["seconds"], out["result"]
+
+
+class FreezingProxy:
+    """A TCP proxy in front of PostgreSQL that forwards the client's messages until one longer than
+    `longer_than` bytes starts, forwards `keep` bytes of it and then nothing more from that client: the
+    server sees a statement cut off mid-send, as from a client stopped between two of libpq's writes.
+    `dsn`: the same database, user and options as `url`, through the proxy."""
+
+    def __init__(self, url: str, longer_than: int = 8192, keep: int = 4096) -> None:
+        import socket
+        from urllib.parse import urlsplit
+
+        u = urlsplit(url)
+        self._target, self.longer_than, self.keep = (u.hostname, u.port), longer_than, keep
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.froze = threading.Event()
+        self._sockets = []
+        user = u.netloc.rpartition("@")[0]  # name and password, as given
+        query = "&".join(filter(None, [u.query, "sslmode=disable&gssencmode=disable"]))  # it parses plain messages
+        self.dsn = u._replace(netloc=f"{user}@127.0.0.1:{self.port}", query=query).geturl()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self._target)
+            self._sockets += [client, server]
+            threading.Thread(target=self._pump, args=(server, client), daemon=True).start()
+            threading.Thread(target=self._client_to_server, args=(client, server), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            s.close()
+
+    def _client_to_server(self, client, server) -> None:
+        buf, typed = b"", False  # the startup message has no type byte; every later one has
+        try:
+            while data := client.recv(65536):
+                buf += data
+                while True:
+                    head = 5 if typed else 4
+                    if len(buf) < head:
+                        break
+                    length = int.from_bytes(buf[head - 4 : head], "big") + head - 4
+                    if typed and length > self.longer_than:
+                        server.sendall(buf[: self.keep])
+                        self.froze.set()
+                        return  # the rest never arrives; the client's socket stays open
+                    if len(buf) < length:
+                        break
+                    server.sendall(buf[:length])
+                    buf, typed = buf[length:], True
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Stop listening and drop every connection: the server then ends a cut-off session (and its
+        locks) at once, so a test that failed does not leave threads blocked behind them."""
+        import socket
+
+        self._listener.close()
+        for s in self._sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)  # close() alone neither wakes a thread in recv nor sends FIN
+            except OSError:
+                pass
+            s.close()

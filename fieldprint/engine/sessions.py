@@ -180,8 +180,9 @@ class PostgresSessions:
                 raise _missing(name)
             work = self._session(name, row[0])
             result = fn(work)
-            db.execute("UPDATE sessions SET record = %s, changed_ns = %s WHERE name = %s",
-                       (_jsonb(session_record(work)), time.time_ns(), name))
+            # As literals: a long session's record is a large statement, run under the row's lock.
+            self._pg.run_literal(db, "UPDATE sessions SET record = {}, changed_ns = {} WHERE name = {}",
+                                 _jsonb(session_record(work)), time.time_ns(), name)
             return result
 
     def close(self) -> None:

@@ -135,6 +135,18 @@ class PgConnection:
                 raise StateError(self.failure(what, e)) from e
 
     @staticmethod
+    def run_literal(db: psycopg.Connection, query: str, *values) -> psycopg.Cursor:
+        """Run `query`, its {} filled with `values` as SQL literals, as one simple-protocol message.
+
+        For a statement that may be large, run while this writer holds a lock others wait for. With
+        parameters a statement is several extended-protocol messages, and libpq sends more than 8 KB
+        of them in more than one write; a writer stopped between two writes leaves the server waiting
+        for the rest with no timeout armed. Stopped anywhere in one simple message, the transaction is
+        idle and bound_idle's timeout ends it (measured with the log's writer: docs/scale-out.md).
+        """
+        return db.execute(sql.SQL(query).format(*(sql.Literal(v) for v in values)))
+
+    @staticmethod
     def bound_idle(db: psycopg.Connection, seconds: float) -> None:
         """In a transaction that takes a lock other writers wait for: should this client stop for
         `seconds` between two statements (a stopped or hung process), the server ends the transaction,
@@ -276,8 +288,9 @@ class PostgresStateStore(StateStore):
                     if len(indices) != len(states):
                         raise StateError(f"the ledger returned {len(indices)} leaf indices for {len(states)} states; "
                                          f"nothing was stored")
-                    db.execute("UPDATE states SET leaf_index = u.i FROM unnest(%s::text[], %s::bigint[]) AS u(id, i) "
-                               "WHERE state_id = u.id", ([st.state_id for st in states], list(indices)))
+                    self._pg.run_literal(db, "UPDATE states SET leaf_index = u.i FROM unnest({}::text[], {}::bigint[]) "
+                                         "AS u(id, i) WHERE state_id = u.id", [st.state_id for st in states],
+                                         [int(i) for i in indices])
             except psycopg.Error as e:
                 lost = isinstance(e, psycopg.OperationalError) and db.broken
                 raise StateError(self._pg.failure("store states", e) + (
@@ -304,16 +317,19 @@ class PostgresStateStore(StateStore):
                            s.tensor.profile if s.tensor else None, json.dumps(list(s.parents)), s.session, s.creator,
                            s.time_ns, json.dumps(sorted(s.label.sources)), json.dumps(sorted(s.label.taint)), s.digest)
                           for s in states], strict=True))
-        # One statement, the rows as arrays (and so the leaf indices' update above): after psycopg's
-        # executemany the server did not arm the idle timeout (bound_idle) until another statement ran,
-        # so a writer stopped there held the content's lock for good (measured on PostgreSQL 16 with
-        # psycopg 3.3). ON CONFLICT keeps the transaction usable; a racing writer's insert of the same
-        # id waits for that writer's commit here and then counts as already stored.
+        # One statement, the rows as array literals (and so the leaf indices' update above), run while
+        # the content's lock is held: after psycopg's executemany the server did not arm the idle
+        # timeout (bound_idle) until another statement ran, so a writer stopped there held the lock
+        # for good (measured on PostgreSQL 16 with psycopg 3.3); and a large statement with parameters
+        # can be cut off mid-send (run_literal). ON CONFLICT keeps the transaction usable; a racing
+        # writer's insert of the same id waits for that writer's commit here and then counts as
+        # already stored.
         types = ["text"] * 8 + ["bigint"] + ["text"] * 3
-        rows = db.execute(f"INSERT INTO states ({_STATE_COLUMNS}, digest) SELECT c1, c2, c3, c4, c5, c6, c7, c8, c9, "
-                          f"c10, c11, NULL, c12 FROM unnest({', '.join(f'%s::{t}[]' for t in types)}) "
-                          f"AS r(c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12) "
-                          f"ON CONFLICT (state_id) DO NOTHING RETURNING state_id", [list(c) for c in cols]).fetchall()
+        arrays = ", ".join(f"{{}}::{t}[]" for t in types)
+        rows = self._pg.run_literal(
+            db, f"INSERT INTO states ({_STATE_COLUMNS}, digest) SELECT c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, "
+                f"NULL, c12 FROM unnest({arrays}) AS r(c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12) "
+                f"ON CONFLICT (state_id) DO NOTHING RETURNING state_id", *[list(c) for c in cols]).fetchall()
         stored = {r[0] for r in rows}
         for state in states:
             if state.state_id not in stored:

@@ -208,10 +208,11 @@ class PgVectorStore:
             return self.version()
         with self._pg.sql("update the promotable flag") as db, db.transaction():
             version = self._next_version(db, "set_promotable")
-            db.execute(f"WITH ended AS (UPDATE vectors SET removed_in = %(v)s WHERE removed_in IS NULL "
-                       f"AND state_id = ANY(%(ids)s) AND promotable <> %(p)s RETURNING *) "
-                       f"INSERT INTO vectors ({_ROW_COLUMNS}) SELECT state_id, session, state_type, %(p)s, embedding, "
-                       f"%(v)s FROM ended", {"v": version, "ids": ids, "p": bool(promotable)})
+            # Literals: many ids make a large statement, and it runs under the version lock (run_literal).
+            self._pg.run_literal(db, "WITH ended AS (UPDATE vectors SET removed_in = {} WHERE removed_in IS NULL "
+                                 "AND state_id = ANY({}::text[]) AND promotable <> {} RETURNING *) "
+                                 f"INSERT INTO vectors ({_ROW_COLUMNS}) SELECT state_id, session, state_type, {{}}, "
+                                 "embedding, {} FROM ended", version, ids, bool(promotable), bool(promotable), version)
         return version
 
     def version(self) -> int:
@@ -263,8 +264,8 @@ class PgVectorStore:
         if unstored:
             with self._pg.sql("sweep unstored rows") as db, db.transaction():
                 version = self._next_version(db, "sweep")
-                db.execute("UPDATE vectors SET removed_in = %s WHERE removed_in IS NULL AND state_id = ANY(%s)",
-                           (version, unstored))
+                self._pg.run_literal(db, "UPDATE vectors SET removed_in = {} WHERE removed_in IS NULL AND "
+                                     "state_id = ANY({}::text[])", version, unstored)
         return len(unstored)
 
     def _check_version(self, version: int, head: int) -> None:

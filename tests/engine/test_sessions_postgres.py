@@ -6,7 +6,7 @@ from concurrent.futures import Future
 from contextlib import ExitStack, contextmanager
 
 import pytest
-from pg import import_psycopg, pg_dsn, seconds_blocked, stopped_writer  # noqa: F401  (pg_dsn: a module fixture, a fresh database)
+from pg import FreezingProxy, import_psycopg, pg_dsn, seconds_blocked, stopped_writer  # noqa: F401  (pg_dsn: a module fixture, a fresh database)
 
 import_psycopg()
 
@@ -174,7 +174,7 @@ def test_an_engine_killed_inside_a_session_change_leaves_it_unchanged_and_unlock
             def slow(s):
                 s.turns.clear()
                 s.history.clear()
-                print("stopping", flush=True)
+                print("locked", flush=True)
                 time.sleep(60)
             store.change("hank", slow)
         """)
@@ -218,3 +218,41 @@ sessions.PostgresSessions({pg_dsn!r}).change("ivan", stop)
             waited, after = seconds_blocked(lambda: record_turn(a, "ivan", "And this."), 30)
         assert waited < 20
         assert [x.output_state for x in a.session("ivan").turns] == [kept.output_state, after.output_state]
+
+
+def test_a_session_change_cut_off_mid_send_holds_the_row_only_for_its_bound(pg_dsn, monkeypatch):  # noqa: F811
+    """A change whose statement (a 20 KB record) stops arriving halfway, as from an engine stopped
+    between two of libpq's writes: the record goes as one simple-protocol message, so the server sees
+    an idle transaction and ends it after the bound (1 s here); the other engine's change lands and
+    the cut one is not applied. (With parameters the cut fell between extended-protocol messages,
+    where no timeout is armed.)"""
+    from fieldprint.engine.sessions import PostgresSessions
+    from fieldprint.errors import FieldprintError
+    from fieldprint.memory.pg_store import PgConnection
+
+    monkeypatch.setattr(PgConnection, "log_wait_idle_s", 1.0)
+    proxy = FreezingProxy(pg_dsn)
+    store, cut = PostgresSessions(pg_dsn), PostgresSessions(proxy.dsn)
+    store.create("judy")
+    outcome = {}
+
+    def long_change():
+        try:
+            cut.change("judy", lambda s: s.history.append({"role": "user", "content": "x" * 20000}))
+        except FieldprintError as e:
+            outcome["cut"] = e
+
+    t = threading.Thread(target=long_change, daemon=True)
+    t.start()
+    try:
+        assert proxy.froze.wait(30), "the large UPDATE never started"
+        waited, _ = seconds_blocked(lambda: store.change("judy", lambda s: s.history.append(
+            {"role": "user", "content": "short"})), 20)
+        t.join(30)
+        assert waited < 10 and "cut" in outcome
+        assert [h["content"] for h in store.get("judy").history] == ["short"]
+    finally:
+        proxy.close()  # first: a cut-off session still holding its lock ends with its connection
+        t.join(30)
+        store.close()
+        cut.close()

@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from pg import import_psycopg, pg_dsn  # noqa: F401  (pg_dsn: a module fixture, a fresh database)
+from pg import FreezingProxy, import_psycopg, pg_dsn  # noqa: F401  (pg_dsn: a module fixture, a fresh database)
 
 from fieldprint.errors import LogError
 from fieldprint.ledger.merkle import EMPTY_ROOT, leaf_hash, root_hash
@@ -256,81 +256,14 @@ def test_a_sequencer_stuck_in_its_transaction_is_cut_off_and_another_takes_over(
     assert PostgresStorage(pg_dsn, schema="stuck").lease() == (None, 0.0)  # close() handed it back
 
 
-class _FreezingProxy:
-    """A TCP proxy in front of PostgreSQL that forwards the client's messages until one longer than
-    `longer_than` bytes starts, forwards `keep` bytes of it and then nothing more from that client: the
-    server sees a statement cut off mid-send, as from a client stopped between two of libpq's writes."""
-
-    def __init__(self, host: str, port: int, longer_than: int = 8192, keep: int = 4096) -> None:
-        import socket
-
-        self._target, self.longer_than, self.keep = (host, port), longer_than, keep
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self.froze = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        import socket
-
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(self._target)
-            threading.Thread(target=self._pump, args=(server, client), daemon=True).start()
-            threading.Thread(target=self._client_to_server, args=(client, server), daemon=True).start()
-
-    @staticmethod
-    def _pump(src, dst) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            s.close()
-
-    def _client_to_server(self, client, server) -> None:
-        buf, typed = b"", False  # the startup message has no type byte; every later one has
-        try:
-            while data := client.recv(65536):
-                buf += data
-                while True:
-                    head = 5 if typed else 4
-                    if len(buf) < head:
-                        break
-                    length = int.from_bytes(buf[head - 4 : head], "big") + head - 4
-                    if typed and length > self.longer_than:
-                        server.sendall(buf[: self.keep])
-                        self.froze.set()
-                        return  # the rest never arrives; the client's socket stays open
-                    if len(buf) < length:
-                        break
-                    server.sendall(buf[:length])
-                    buf, typed = buf[length:], True
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self._listener.close()
-
-
 def test_a_sequencer_cut_off_in_the_middle_of_a_statement_loses_the_row_within_a_lease(pg_dsn):  # noqa: F811
     """The holder's session stops receiving in the middle of a large INSERT of its turn. The writer sends
     each statement as one simple-protocol message, so the server holds an idle transaction and cuts it
     off after one lease. (Through the extended protocol the same cut fell between Parse and Bind, where
     PostgreSQL arms no timeout: the head row stayed locked for as long as the client lived.)"""
-    from urllib.parse import urlsplit
-
     lease = 0.5
-    url = urlsplit(pg_dsn)
-    proxy = _FreezingProxy(url.hostname, url.port)
-    user = url.netloc.rpartition("@")[0]  # name and password, as given
-    query = "&".join(filter(None, [url.query, "sslmode=disable&gssencmode=disable"]))  # the proxy parses plain messages
-    cut_dsn = url._replace(netloc=f"{user}@127.0.0.1:{proxy.port}", query=query).geturl()
-    a = PostgresStorage(cut_dsn, schema="cut", lease_s=lease)
+    proxy = FreezingProxy(pg_dsn)
+    a = PostgresStorage(proxy.dsn, schema="cut", lease_s=lease)
     b = PostgresStorage(pg_dsn, schema="cut", lease_s=lease, lease_wait_s=30)
     entries = [bytes([i]) * 1024 for i in range(32)]  # one INSERT of about 64 KB of hex
     outcome = {}

@@ -18,7 +18,7 @@ import pytest
 import test_policy
 import test_store_failures
 from memory_harness import LOG_SIGNER, LOG_VERIFIER, OPS_VERIFIER, Clock, Memory
-from pg import import_psycopg, pg_dsn, seconds_blocked, stopped_writer, unavailable  # noqa: F401  (pg_dsn: a fresh database per module)
+from pg import FreezingProxy, import_psycopg, pg_dsn, seconds_blocked, stopped_writer, unavailable  # noqa: F401  (pg_dsn: a fresh database per module)
 from test_policy import (  # noqa: F401  (collected here, against PostgreSQL)
     test_a_checkpoint_of_another_origin_signed_by_a_configured_key_is_refused,
     test_a_failed_ledger_append_leaves_no_state_behind,
@@ -299,6 +299,44 @@ PostgresStateStore({schemas.url!r}, {schema!r}).insert_committed([state], stop)
         waited, stored = seconds_blocked(lambda: store.insert_committed([mine], lambda: [7]), 20)
     assert waited < 10 and [s.leaf_index for s in stored] == [7] and len(store) == 1
     store.close()
+
+
+def test_a_state_insert_cut_off_mid_send_holds_the_contents_lock_only_for_its_bound(schemas, monkeypatch):
+    """A writer whose INSERT (a 20 KB text) stops arriving halfway, as from an engine stopped between
+    two of libpq's writes, with the content's lock held: the rows go as one simple-protocol message,
+    so the server ends the idle transaction after the bound (1 s here), nothing of it is stored, and a
+    writer of the same content stores its state."""
+    from fieldprint.memory.pg_store import PgConnection
+    from fieldprint.memory.state import new_state
+
+    monkeypatch.setattr(PgConnection, "log_wait_idle_s", 1.0)
+    schema = schemas.new()
+    proxy = FreezingProxy(schemas.url)
+    store, cut = PostgresStateStore(schemas.url, schema), PostgresStateStore(proxy.dsn, schema)
+    text = "the same long content " * 1000
+    mine, theirs = (new_state("observation", session=s, creator="engine", text=text, sources=("user",), time_ns=1)
+                    for s in ("mine", "theirs"))
+    outcome = {}
+
+    def cut_insert():
+        try:
+            cut.insert_committed([theirs], lambda: [1])
+        except StateError as e:
+            outcome["cut"] = e
+
+    t = threading.Thread(target=cut_insert, daemon=True)
+    t.start()
+    try:
+        assert proxy.froze.wait(30), "the large INSERT never started"
+        waited, stored = seconds_blocked(lambda: store.insert_committed([mine], lambda: [2]), 20)
+        t.join(30)
+        assert waited < 10 and "cut" in outcome
+        assert [s.state_id for s in stored] == [mine.state_id] and len(store) == 1
+    finally:
+        proxy.close()  # first: a cut-off session still holding its lock ends with its connection
+        t.join(30)
+        store.close()
+        cut.close()
 
 
 def test_text_with_a_nul_character_is_refused_before_the_ledger(memory):
