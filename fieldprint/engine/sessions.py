@@ -173,9 +173,10 @@ class PostgresSessions:
         # One transaction: the row stays locked from the read to the write, so changes to one session by
         # any number of engines apply one after another; other sessions are not held up.
         with self._pg.sql(f"change session {name!r}") as db, db.transaction():
-            # A stopped engine holds the row this long at most; a rollback's change waits for its log entry.
-            self._pg.bound_idle(db, self._pg.log_wait_idle_s)
-            row = db.execute("SELECT record FROM sessions WHERE name = %s FOR UPDATE", (name,)).fetchone()
+            # A stopped engine holds the row this long at most (a rollback's change waits for its log
+            # entry in between): the bound is set by the statement that takes the lock.
+            row = db.execute(f"SELECT record, {self._pg.idle_bound(self._pg.log_wait_idle_s)} FROM sessions "
+                             "WHERE name = %s FOR UPDATE", (name,)).fetchone()
             if row is None:
                 raise _missing(name)
             work = self._session(name, row[0])

@@ -87,7 +87,7 @@ class PgConnection:
 
     # How long a transaction that waits on the log inside it (a state's leaf index, a rollback's entry)
     # may sit between statements, holding locks other writers wait for, before the server ends it
-    # (bound_idle): longer than a log append's longest wait for the log's lease (60 s by default).
+    # (idle_bound): longer than a log append's longest wait for the log's lease (60 s by default).
     log_wait_idle_s = 300.0
 
     def __init__(self, url: str, schema: str, what: str, on_connect: Callable | None = None) -> None:
@@ -142,18 +142,19 @@ class PgConnection:
         parameters a statement is several extended-protocol messages, and libpq sends more than 8 KB
         of them in more than one write; a writer stopped between two writes leaves the server waiting
         for the rest with no timeout armed. Stopped anywhere in one simple message, the transaction is
-        idle and bound_idle's timeout ends it (measured with the log's writer: docs/scale-out.md).
+        idle and the idle bound ends it (idle_bound; measured with the log's writer: docs/scale-out.md).
         """
         return db.execute(sql.SQL(query).format(*(sql.Literal(v) for v in values)))
 
     @staticmethod
-    def bound_idle(db: psycopg.Connection, seconds: float) -> None:
-        """In a transaction that takes a lock other writers wait for: should this client stop for
+    def idle_bound(seconds: float) -> str:
+        """An SQL expression to put in the statement that takes a lock other writers wait for: it sets
+        the transaction's idle_in_transaction_session_timeout, so that should this client stop for
         `seconds` between two statements (a stopped or hung process), the server ends the transaction,
         rolling it back and releasing the lock, and the others go on. Without it they would wait for as
-        long as the stopped process lives. (A client stopped in the middle of sending a statement is
-        not covered: the server arms this timeout only between statements.)"""
-        db.execute(f"SET LOCAL idle_in_transaction_session_timeout = {int(seconds * 1000)}")
+        long as the stopped process lives. (The server arms this timeout only between statements; for a
+        client stopped in the middle of sending one, see run_literal.)"""
+        return f"set_config('idle_in_transaction_session_timeout', '{int(seconds * 1000)}', true)"
 
     def failure(self, what: str, e: BaseException) -> str:
         """A message naming the store, what it could not do, and what to do about it."""
@@ -281,7 +282,6 @@ class PostgresStateStore(StateStore):
         with self._pg.sql("store states") as db:
             try:
                 with db.transaction():
-                    self._pg.bound_idle(db, self._pg.log_wait_idle_s)  # the digests' locks, should this engine stop
                     self._check_no_laundering(db, states)
                     self._insert_new(db, states)
                     indices = sequence()
@@ -303,8 +303,11 @@ class PostgresStateStore(StateStore):
         # writer in another process may have stored the same content, tainted, since. Lock each digest
         # (sorted, so two writers never wait on each other crosswise) and re-read under the lock.
         digests = sorted({s.digest for s in states})
+        # Each lock statement also bounds the transaction's idle time (idle_bound): the sequencing of the
+        # leaves happens inside it, and a stopped engine would hold these locks that long at most.
+        bound = self._pg.idle_bound(self._pg.log_wait_idle_s)
         for digest in digests:
-            db.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 1))", (f"fieldprint:digest:{digest}",))
+            db.execute(f"SELECT pg_advisory_xact_lock(hashtextextended(%s, 1)), {bound}", (f"fieldprint:digest:{digest}",))
         for state in states:
             missing = self._taint(db, state.digest) - state.label.taint
             if missing:
@@ -319,7 +322,7 @@ class PostgresStateStore(StateStore):
                           for s in states], strict=True))
         # One statement, the rows as array literals (and so the leaf indices' update above), run while
         # the content's lock is held: after psycopg's executemany the server did not arm the idle
-        # timeout (bound_idle) until another statement ran, so a writer stopped there held the lock
+        # timeout (idle_bound) until another statement ran, so a writer stopped there held the lock
         # for good (measured on PostgreSQL 16 with psycopg 3.3); and a large statement with parameters
         # can be cut off mid-send (run_literal). ON CONFLICT keeps the transaction usable; a racing
         # writer's insert of the same id waits for that writer's commit here and then counts as

@@ -35,7 +35,7 @@ from fieldprint.memory.vectors import Hit, check_rows, checked_state_ids
 from fieldprint.postgres import redact, require_psycopg
 
 # How long a writer holding the version counter's row lock may sit between two statements before the
-# server ends its transaction (PgConnection.bound_idle): the writes under it are a few statements
+# server ends its transaction (PgConnection.idle_bound): the writes under it are a few statements
 # with nothing else in between.
 HEAD_IDLE_S = 10.0
 
@@ -127,15 +127,15 @@ class PgVectorStore:
 
     def _lock_head(self, db: psycopg.Connection) -> int:
         """The current version, its row locked until the transaction ends (bounded: HEAD_IDLE_S)."""
-        self._pg.bound_idle(db, HEAD_IDLE_S)
-        return db.execute("SELECT version FROM vector_head FOR UPDATE").fetchone()[0]
+        return db.execute(f"SELECT version, {PgConnection.idle_bound(HEAD_IDLE_S)} FROM vector_head "
+                          "FOR UPDATE").fetchone()[0]
 
     def _next_version(self, db: psycopg.Connection, op: str) -> int:
-        # The head row's lock is held to commit: one writer at a time makes a version, in order.
-        self._pg.bound_idle(db, HEAD_IDLE_S)
-        version = db.execute("UPDATE vector_head SET version = version + 1 RETURNING version").fetchone()[0]
-        db.execute("INSERT INTO vector_versions (version, op) VALUES (%s, %s)", (version, op))
-        return version
+        # The head row's lock is held to commit: one writer at a time makes a version, in order; the
+        # transaction's idle bound (HEAD_IDLE_S) is set by the same statement.
+        return db.execute(f"WITH v AS (UPDATE vector_head SET version = version + 1 RETURNING version) "
+                          f"INSERT INTO vector_versions (version, op) SELECT version, %s FROM v "
+                          f"RETURNING version, {PgConnection.idle_bound(HEAD_IDLE_S)}", (op,)).fetchone()[0]
 
     def add(self, state_ids: Sequence[str], vectors: np.ndarray, sessions: Sequence[str],
             state_types: Sequence[str], promotable: Sequence[bool]) -> int:
@@ -144,19 +144,18 @@ class PgVectorStore:
         if len(state_ids) == 0:
             return self.version()
         with self._pg.sql(f"add {len(state_ids)} rows") as db:
-            # The rows go to a temporary table first, before the version counter is locked: a writer
-            # stopped in the middle of a COPY leaves the server waiting for the rest with no timeout
-            # armed, so under the lock only short statements run, which bound_idle covers.
             if self._staged_on is not db:
                 db.execute(f"CREATE TEMP TABLE IF NOT EXISTS vector_stage (state_id TEXT, session TEXT, "
-                           f"state_type TEXT, promotable BOOLEAN, embedding vector({self.dim}))")
+                           f"state_type TEXT, promotable BOOLEAN, embedding vector({self.dim})) ON COMMIT DELETE ROWS")
                 self._staged_on = db
-            db.execute("TRUNCATE pg_temp.vector_stage")
-            with db.cursor() as cur, cur.copy("COPY pg_temp.vector_stage FROM STDIN WITH (FORMAT BINARY)") as copy:
-                copy.set_types(["text", "text", "text", "bool", "vector"])
-                for row in zip(state_ids, sessions, state_types, promotable, vectors, strict=True):
-                    copy.write_row((*row[:3], bool(row[3]), row[4]))
             with db.transaction():
+                # The rows go to a temporary table first, before the version counter is locked: a writer
+                # stopped in the middle of a COPY leaves the server waiting for the rest with no timeout
+                # armed, so under the lock only short statements run, which the idle bound covers.
+                with db.cursor() as cur, cur.copy("COPY pg_temp.vector_stage FROM STDIN WITH (FORMAT BINARY)") as copy:
+                    copy.set_types(["text", "text", "text", "bool", "vector"])
+                    for row in zip(state_ids, sessions, state_types, promotable, vectors, strict=True):
+                        copy.write_row((*row[:3], bool(row[3]), row[4]))
                 version = self._next_version(db, "add")
                 # A state id is a content address: a live row with it is the same state's row. On one
                 # engine that only happens by mistake; among many it is what an engine killed between its
