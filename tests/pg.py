@@ -224,6 +224,22 @@ class FreezingProxy:
         except OSError:
             pass
 
+    def start_cut(self, fn, what: str):
+        """Run `fn`, whose large statement this proxy will cut, on a thread, and wait (30 s at most)
+        for the cut; (thread, outcome), outcome["error"] being what fn raised once it ends."""
+        outcome = {}
+
+        def run():
+            try:
+                fn()
+            except Exception as e:  # read by the test
+                outcome["error"] = e
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        assert self.froze.wait(30), f"the large {what} never started"
+        return t, outcome
+
     def close(self) -> None:
         """Stop listening and drop every connection: the server then ends a cut-off session (and its
         locks) at once, so a test that failed does not leave threads blocked behind them."""

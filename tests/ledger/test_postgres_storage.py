@@ -266,24 +266,17 @@ def test_a_sequencer_cut_off_in_the_middle_of_a_statement_loses_the_row_within_a
     a = PostgresStorage(proxy.dsn, schema="cut", lease_s=lease)
     b = PostgresStorage(pg_dsn, schema="cut", lease_s=lease, lease_wait_s=30)
     entries = [bytes([i]) * 1024 for i in range(32)]  # one INSERT of about 64 KB of hex
-    outcome = {}
-
     def cut_sequencer():
-        try:
-            with a.sequencer_turn(0, EMPTY_ROOT) as head:
-                a.append(0, entries, [leaf_hash(e) for e in entries], [])
-                head.advance(len(entries), root_hash([leaf_hash(e) for e in entries]))
-        except LogError as exc:
-            outcome["a"] = exc
+        with a.sequencer_turn(0, EMPTY_ROOT) as head:
+            a.append(0, entries, [leaf_hash(e) for e in entries], [])
+            head.advance(len(entries), root_hash([leaf_hash(e) for e in entries]))
 
-    t = threading.Thread(target=cut_sequencer, daemon=True)
-    t.start()
+    t, outcome = proxy.start_cut(cut_sequencer, "INSERT")
     try:
-        assert proxy.froze.wait(30), "the large INSERT never started"
         waited = _take_over(b)
         assert waited < lease * 3 + 2, waited
         t.join(30)
-        assert "nothing was written" in str(outcome.get("a")), outcome
+        assert isinstance(outcome.get("error"), LogError) and "nothing was written" in str(outcome["error"]), outcome
         assert b.size() == 1 and b.entry(0) == b"from b"
     finally:
         t.join(30)

@@ -316,21 +316,11 @@ def test_a_state_insert_cut_off_mid_send_holds_the_contents_lock_only_for_its_bo
     text = "the same long content " * 1000
     mine, theirs = (new_state("observation", session=s, creator="engine", text=text, sources=("user",), time_ns=1)
                     for s in ("mine", "theirs"))
-    outcome = {}
-
-    def cut_insert():
-        try:
-            cut.insert_committed([theirs], lambda: [1])
-        except StateError as e:
-            outcome["cut"] = e
-
-    t = threading.Thread(target=cut_insert, daemon=True)
-    t.start()
+    t, outcome = proxy.start_cut(lambda: cut.insert_committed([theirs], lambda: [1]), "INSERT")
     try:
-        assert proxy.froze.wait(30), "the large INSERT never started"
         waited, stored = seconds_blocked(lambda: store.insert_committed([mine], lambda: [2]), 20)
         t.join(30)
-        assert waited < 10 and "cut" in outcome
+        assert waited < 10 and isinstance(outcome.get("error"), StateError), outcome
         assert [s.state_id for s in stored] == [mine.state_id] and len(store) == 1
     finally:
         proxy.close()  # first: a cut-off session still holding its lock ends with its connection
