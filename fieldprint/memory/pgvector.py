@@ -14,9 +14,10 @@ contents of any version are one query away and history is never rewritten:
 Writers take the version counter's row lock, so versions are made one at a time across all engines
 and a version's contents never change once it is committed; a writer that stops while holding it (a
 stopped or hung process) loses its transaction after HEAD_IDLE_S between statements, and the others
-go on (an add copies its rows in before it takes the lock, so no COPY runs under it). Search runs on an HNSW index (cosine)
-over the live rows, with pgvector's iterative scan so that filters (session, type, promotable) still
-return k rows when they are selective; `exact=True` bypasses the index.
+go on (an add copies its rows in before it takes the lock, so no COPY runs under it). Search runs
+on an HNSW index (cosine) over the live rows, with pgvector's iterative scan so that filters
+(session, type, promotable) still return k rows when they are selective; `exact=True` bypasses the
+index.
 
 A rollback makes the whole store look like an earlier version, including other engines' writes made
 since; `revert(v)` undoes only what version `v` did (what a writer whose transaction failed wants).
