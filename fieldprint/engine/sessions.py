@@ -21,6 +21,7 @@ from typing import TypeVar
 
 from fieldprint.canon import is_int
 from fieldprint.errors import EngineError
+from fieldprint.postgres import execute_simple
 
 T = TypeVar("T")
 
@@ -182,7 +183,7 @@ class PostgresSessions:
             work = self._session(name, row[0])
             result = fn(work)
             # As literals: a long session's record is a large statement, run under the row's lock.
-            self._pg.run_literal(db, "UPDATE sessions SET record = {}, changed_ns = {} WHERE name = {}",
+            execute_simple(db, "UPDATE sessions SET record = {}, changed_ns = {} WHERE name = {}",
                                  _jsonb(session_record(work)), time.time_ns(), name)
             return result
 

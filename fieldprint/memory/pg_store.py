@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from fieldprint.errors import StateError
 from fieldprint.memory.state import State
 from fieldprint.memory.store import PolicyRecord, StateStore, _json_strings, row_to_state
-from fieldprint.postgres import redact, require_psycopg
+from fieldprint.postgres import execute_simple, redact, require_psycopg
 
 try:
     import psycopg
@@ -135,25 +135,13 @@ class PgConnection:
                 raise StateError(self.failure(what, e)) from e
 
     @staticmethod
-    def run_literal(db: psycopg.Connection, query: str, *values) -> psycopg.Cursor:
-        """Run `query`, its {} filled with `values` as SQL literals, as one simple-protocol message.
-
-        For a statement that may be large, run while this writer holds a lock others wait for. With
-        parameters a statement is several extended-protocol messages, and libpq sends more than 8 KB
-        of them in more than one write; a writer stopped between two writes leaves the server waiting
-        for the rest with no timeout armed. Stopped anywhere in one simple message, the transaction is
-        idle and the idle bound ends it (idle_bound; measured with the log's writer: docs/scale-out.md).
-        """
-        return db.execute(sql.SQL(query).format(*(sql.Literal(v) for v in values)))
-
-    @staticmethod
     def idle_bound(seconds: float) -> str:
         """An SQL expression to put in the statement that takes a lock other writers wait for: it sets
         the transaction's idle_in_transaction_session_timeout, so that should this client stop for
         `seconds` between two statements (a stopped or hung process), the server ends the transaction,
         rolling it back and releasing the lock, and the others go on. Without it they would wait for as
         long as the stopped process lives. (The server arms this timeout only between statements; for a
-        client stopped in the middle of sending one, see run_literal.)"""
+        client stopped in the middle of sending one, see fieldprint.postgres.execute_simple.)"""
         return f"set_config('idle_in_transaction_session_timeout', '{int(seconds * 1000)}', true)"
 
     def failure(self, what: str, e: BaseException) -> str:
@@ -288,7 +276,7 @@ class PostgresStateStore(StateStore):
                     if len(indices) != len(states):
                         raise StateError(f"the ledger returned {len(indices)} leaf indices for {len(states)} states; "
                                          f"nothing was stored")
-                    self._pg.run_literal(db, "UPDATE states SET leaf_index = u.i FROM unnest({}::text[], {}::bigint[]) "
+                    execute_simple(db, "UPDATE states SET leaf_index = u.i FROM unnest({}::text[], {}::bigint[]) "
                                          "AS u(id, i) WHERE state_id = u.id", [st.state_id for st in states],
                                          [int(i) for i in indices])
             except psycopg.Error as e:
@@ -324,12 +312,12 @@ class PostgresStateStore(StateStore):
         # the content's lock is held: after psycopg's executemany the server did not arm the idle
         # timeout (idle_bound) until another statement ran, so a writer stopped there held the lock
         # for good (measured on PostgreSQL 16 with psycopg 3.3); and a large statement with parameters
-        # can be cut off mid-send (run_literal). ON CONFLICT keeps the transaction usable; a racing
+        # can be cut off mid-send (execute_simple). ON CONFLICT keeps the transaction usable; a racing
         # writer's insert of the same id waits for that writer's commit here and then counts as
         # already stored.
         types = ["text"] * 8 + ["bigint"] + ["text"] * 3
         arrays = ", ".join(f"{{}}::{t}[]" for t in types)
-        rows = self._pg.run_literal(
+        rows = execute_simple(
             db, f"INSERT INTO states ({_STATE_COLUMNS}, digest) SELECT c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, "
                 f"NULL, c12 FROM unnest({arrays}) AS r(c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12) "
                 f"ON CONFLICT (state_id) DO NOTHING RETURNING state_id", *[list(c) for c in cols]).fetchall()

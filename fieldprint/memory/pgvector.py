@@ -33,7 +33,7 @@ from fieldprint.canon import check_label
 from fieldprint.errors import EntryError, StateError
 from fieldprint.memory.pg_store import DEFAULT_SCHEMA, PgConnection, psycopg, sql
 from fieldprint.memory.vectors import Hit, check_rows, checked_state_ids
-from fieldprint.postgres import redact, require_psycopg
+from fieldprint.postgres import execute_simple, redact, require_psycopg
 
 # How long a writer holding the version counter's row lock may sit between two statements before the
 # server ends its transaction (PgConnection.idle_bound): the writes under it are a few statements
@@ -208,8 +208,8 @@ class PgVectorStore:
             return self.version()
         with self._pg.sql("update the promotable flag") as db, db.transaction():
             version = self._next_version(db, "set_promotable")
-            # Literals: many ids make a large statement, and it runs under the version lock (run_literal).
-            self._pg.run_literal(db, "WITH ended AS (UPDATE vectors SET removed_in = {} WHERE removed_in IS NULL "
+            # Literals: many ids make a large statement, and it runs under the version lock (execute_simple).
+            execute_simple(db, "WITH ended AS (UPDATE vectors SET removed_in = {} WHERE removed_in IS NULL "
                                  "AND state_id = ANY({}::text[]) AND promotable <> {} RETURNING *) "
                                  f"INSERT INTO vectors ({_ROW_COLUMNS}) SELECT state_id, session, state_type, {{}}, "
                                  "embedding, {} FROM ended", version, ids, bool(promotable), bool(promotable), version)
@@ -264,7 +264,7 @@ class PgVectorStore:
         if unstored:
             with self._pg.sql("sweep unstored rows") as db, db.transaction():
                 version = self._next_version(db, "sweep")
-                self._pg.run_literal(db, "UPDATE vectors SET removed_in = {} WHERE removed_in IS NULL AND "
+                execute_simple(db, "UPDATE vectors SET removed_in = {} WHERE removed_in IS NULL AND "
                                      "state_id = ANY({}::text[])", version, unstored)
         return len(unstored)
 

@@ -19,7 +19,7 @@ recorded until `lease_until`, so another process takes over at the latest one le
 sequencer that hangs inside a transaction (stopped, partitioned) is cut off by the server after one
 lease time (idle_in_transaction_session_timeout), which releases the row lock, wherever it stopped:
 every statement that runs while it holds the head row goes out as one simple-protocol message
-(see `_simple`).
+(`fieldprint.postgres.execute_simple`).
 
 A holder keeps the lease while it has work (no hand-over per batch) and releases it when its queue
 runs empty, or in its next commit once another process has asked for it (`wanted_at`), so busy
@@ -44,7 +44,7 @@ from itertools import accumulate, count
 from fieldprint.errors import LogError
 from fieldprint.ledger.merkle import EMPTY_ROOT
 from fieldprint.ledger.storage.base import LogStorage, NodeRow, TreeHead
-from fieldprint.postgres import redact, require_psycopg
+from fieldprint.postgres import execute_simple, redact, require_psycopg
 
 try:
     import psycopg
@@ -82,21 +82,6 @@ CREATE TABLE {s}.head (
 INSERT INTO {s}.head (size, root) VALUES (0, {empty_root});
 """,
 }
-
-
-def _simple(conn, statement: str):
-    """Run one statement on the writer as one simple-protocol message (no parameters, never prepared).
-
-    With parameters a statement is several extended-protocol messages (Parse, Bind, Execute, Sync),
-    and libpq sends more than 8 KB of them in more than one write. A holder stopped between two writes
-    leaves its backend waiting for the rest, where neither the idle-in-transaction timeout (armed
-    only before a statement's first message) nor statement_timeout (ignored while the server reads a
-    command) fires: the head row stayed locked for as long as the process lived (PostgreSQL 16,
-    measured; tests/ledger/test_postgres_storage.py cuts an INSERT in half through a proxy). Stopped
-    anywhere in one simple message, the backend is idle in its transaction and the lease-long timeout
-    cuts it off. Values go in as literals built here from ints and bytes only (and sql.Literal).
-    """
-    return conn.execute(statement)
 
 
 def _hex(data: bytes | None) -> str:
@@ -163,9 +148,6 @@ class PostgresStorage(LogStorage):
             # cross jit_above_cost, and compiling it (~7 ms) would cost 20x the proof itself.
             conn.execute("SET jit = off")
             if writer:
-                # Statements without parameters go out as one simple-protocol message each, never
-                # prepared (see _simple).
-                conn.prepare_threshold = None
                 # A session stuck inside a transaction for a whole lease is cut off, which frees the head row.
                 conn.execute(f"SET idle_in_transaction_session_timeout = {int(self.lease_s * 1000)}")
                 # For a runaway statement; a stopped client is the idle timeout's (see above).
@@ -328,7 +310,7 @@ class PostgresStorage(LogStorage):
             self._copy_rows(self._writer, start, entries, leaf_hashes, nodes)
             return
         with self._transaction() as conn:
-            moved = _simple(conn, f"UPDATE {self._t['head']} SET size = {int(start + len(entries))}, root = NULL "
+            moved = execute_simple(conn, f"UPDATE {self._t['head']} SET size = {int(start + len(entries))}, root = NULL "
                                   f"WHERE size = {int(start)}").rowcount
             if moved != 1:
                 raise LogError(f"append at {start} but the log holds {self.size()} entries; nothing was written")
@@ -336,16 +318,16 @@ class PostgresStorage(LogStorage):
 
     def _copy_rows(self, conn, start: int, entries, leaf_hashes, nodes) -> None:
         # One statement per table, the batch as one hex literal that the server cuts into rows (see
-        # _simple); a stopped COPY could not be cut off at all.
+        # execute_simple); a stopped COPY could not be cut off at all.
         lens = [len(e) for e in entries]
         starts = [0, *accumulate(lens)][:-1]
-        _simple(conn, f"INSERT INTO {self._t['leaves']} (idx, hash, data) "
+        execute_simple(conn, f"INSERT INTO {self._t['leaves']} (idx, hash, data) "
                       f"SELECT {int(start)} + i - 1, substring(b.h FROM i::int4 * 32 - 31 FOR 32), substring(b.d FROM o + 1 FOR n) "
                       f"FROM (SELECT {_hex(b''.join(leaf_hashes))} AS h, {_hex(b''.join(entries))} AS d) AS b, "
                       f"unnest({_ints(starts)}::int4[], {_ints(lens)}::int4[]) WITH ORDINALITY AS t(o, n, i)")
         if nodes:
             levels, idxs, hashes = zip(*nodes)
-            _simple(conn, f"INSERT INTO {self._t['nodes']} (level, idx, hash) "
+            execute_simple(conn, f"INSERT INTO {self._t['nodes']} (level, idx, hash) "
                           f"SELECT l, x, substring(b.h FROM i::int4 * 32 - 31 FOR 32) FROM (SELECT {_hex(b''.join(hashes))} AS h) AS b, "
                           f"unnest({_ints(levels)}::int2[], {_ints(idxs)}::int8[]) WITH ORDINALITY AS t(l, x, i)")
 
@@ -383,7 +365,7 @@ class PostgresStorage(LogStorage):
                 yield head
                 t = self._t["head"]
                 holder = "NULL" if release else sql.Literal(self.holder).as_string(conn)
-                swapped = _simple(
+                swapped = execute_simple(
                     conn,
                     f"UPDATE {t} SET size = {int(head.size)}, root = {_hex(head.root)}, holder = {holder}, "
                     f"wanted_at = NULL, lease_until = clock_timestamp() + make_interval(secs => {float(self.lease_s)!r}) "
