@@ -1,7 +1,7 @@
 """The engine's host work per step, side by side, on the CPU (no GPU needed; times are this host's).
 
 1. A decode step's inputs (`ModelRunner.inputs`, one packed buffer) at B = 1/8/128, 512 tokens of
-   context, graph-bucketed as on CUDA.
+   context, graph-bucketed as on CUDA, without and with a 2k-token anchor set shared by the batch.
 2. Stop strings: the whole output decoded after every token vs `tail_has_stop`, at 64 and 512 output
    tokens (SmolLM2's tokenizer; real text and random ids).
 3. Streaming text: the whole output decoded per token vs `StreamText.update`, per token of a
@@ -43,17 +43,25 @@ def inputs_section() -> dict:
     _, lm = build_pair("tiny-llama", torch.device("cpu"), torch.float32)
     runner = make_runner(lm, seq_tokens=200_000, max_model_len=4096, anchor_tokens=4096)
     runner.use_graphs = True  # plan the step as CUDA would: padded to its batch and context buckets
+    # A 2k-token anchor set shared by the batch: what anchors add to a step's inputs (its routing rows).
+    shared = runner.anchor_pool.reserve("shared", 2048) if hasattr(runner, "anchor_pool") else None
     rng, out = random.Random(0), {}
     for b in (1, 8, 128):
-        seqs = [Sequence(random_ids(rng, 512, lm.args.vocab_size), SamplingParams(max_tokens=64)) for _ in range(b)]
-        for s in seqs:
-            runner.blocks.grow(s.block_table, 513)
-            s.num_cached = 512
-            s.output_ids.append(1)
-        out[str(b)] = {"inputs_us": us(lambda seqs=seqs, b=b: runner.inputs(seqs, [1] * b), 20 if b > 8 else 200)}
-        log(f"  decode inputs B={b:>3}: {out[str(b)]['inputs_us']:8.1f} us")
-        for s in seqs:
-            runner.blocks.release(s.block_table)
+        out[str(b)] = {}
+        for label, key in (("inputs_us", None), ("inputs_anchors_us", "shared" if shared else None)):
+            if label == "inputs_anchors_us" and key is None:
+                continue  # an older tree without anchor sets in its runner
+            seqs = [Sequence(random_ids(rng, 512, lm.args.vocab_size), SamplingParams(max_tokens=64), anchor_key=key,
+                             anchor_len=2048 if key else 0) for _ in range(b)]
+            for s in seqs:
+                runner.blocks.grow(s.block_table, 513)
+                s.num_cached = 512
+                s.output_ids.append(1)
+            out[str(b)][label] = us(lambda seqs=seqs, b=b: runner.inputs(seqs, [1] * b), 20 if b > 8 else 200)
+            for s in seqs:
+                runner.blocks.release(s.block_table)
+        log(f"  decode inputs B={b:>3}: {out[str(b)]['inputs_us']:8.1f} us" + (
+            f", with a shared 2k anchor set {out[str(b)]['inputs_anchors_us']:8.1f} us" if shared else ""))
     return out
 
 
