@@ -77,8 +77,15 @@ class VectorStore(Protocol):
     def __len__(self) -> int: ...
 
 
+def _not_one_string(column, name: str) -> None:
+    # A string is a sequence too: iterated, its characters would be refused one by one as odd ids.
+    if isinstance(column, (str, bytes)):
+        raise StateError(f"{name} must be a list with one item per row, not one string ({column[:80]!r})")
+
+
 def checked_state_ids(state_ids: Sequence[str]) -> list[str]:
     """The ids as a list, each a tagged digest, or StateError naming the first that is not."""
+    _not_one_string(state_ids, "state_ids")
     ids = list(state_ids)
     try:
         for sid in ids:
@@ -91,6 +98,8 @@ def checked_state_ids(state_ids: Sequence[str]) -> list[str]:
 def check_rows(dim: int, state_ids: Sequence[str], vectors: np.ndarray, sessions: Sequence[str],
                state_types: Sequence[str], promotable: Sequence[bool]) -> np.ndarray:
     """Validate a batch of rows for any backend; return the vectors as contiguous float32."""
+    for name, column in (("state_ids", state_ids), ("sessions", sessions), ("state_types", state_types)):
+        _not_one_string(column, name)
     vectors = np.asarray(vectors)
     if vectors.ndim != 2 or vectors.shape[1] != dim:
         raise StateError(f"vectors must have shape (n, {dim}), got {vectors.shape}")

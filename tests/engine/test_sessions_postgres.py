@@ -247,3 +247,20 @@ def test_a_session_change_cut_off_mid_send_holds_the_row_only_for_its_bound(pg_d
         t.join(30)
         store.close()
         cut.close()
+
+
+def test_a_session_record_written_as_a_sql_literal_reads_back_exactly(pg_dsn):  # noqa: F811
+    """The record goes in as an SQL literal: quotes, backslashes, braces and SQL come back as they
+    were; a NUL character (which JSONB cannot hold) is refused by name and changes nothing."""
+    from fieldprint.engine.sessions import PostgresSessions
+    from fieldprint.errors import StateError
+
+    weird = "it's a \\ \"q\" {NULL,} $$ ;DROP TABLE sessions;-- ' E'x'"
+    store = PostgresSessions(pg_dsn)
+    store.create("kim")
+    store.change("kim", lambda s: s.history.append({"role": "user", "content": weird}))
+    assert store.get("kim").history == [{"role": "user", "content": weird}]
+    with pytest.raises(StateError, match="could not change session 'kim'"):
+        store.change("kim", lambda s: s.history.append({"role": "user", "content": "a\x00b"}))
+    assert store.get("kim").history == [{"role": "user", "content": weird}]
+    store.close()

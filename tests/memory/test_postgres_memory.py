@@ -329,6 +329,24 @@ def test_a_state_insert_cut_off_mid_send_holds_the_contents_lock_only_for_its_bo
         cut.close()
 
 
+WEIRD = "it's a \\ \"q\" {NULL,} , NULL e\u0301 \u6771 $$ ;DROP TABLE states;-- \\x00 ' E'x'"
+
+
+def test_state_rows_written_as_sql_literals_read_back_exactly(schemas):
+    """The rows go in as SQL literals (one simple-protocol message): quotes, backslashes, braces, the
+    word NULL, dollar quotes and SQL come back as they were, with a real NULL beside them."""
+    from fieldprint.memory.state import new_state
+
+    store = PostgresStateStore(schemas.url, schemas.new())
+    states = [new_state("observation", session="s", creator="e", text=t, sources=("user",), time_ns=i)
+              for i, t in enumerate([WEIRD, "NULL", " ", "{}"])]
+    store.insert_committed(states, lambda: [10, 11, 12, 13])
+    got = [store.get(s.state_id) for s in states]
+    assert [g.text for g in got] == [WEIRD, "NULL", " ", "{}"] and [g.leaf_index for g in got] == [10, 11, 12, 13]
+    assert all(g.tensor is None for g in got)
+    store.close()
+
+
 def test_text_with_a_nul_character_is_refused_before_the_ledger(memory):
     test_store_failures.add(memory, "user_input", text="meet at noon")
     before = memory.snapshot()

@@ -73,6 +73,8 @@ def test_versions_and_rollback(store):
     (lambda a: a.update(state_ids=["x", sid(2)]), "digest"),
     (lambda a: a.update(sessions=["ok", "not ok"]), "session"),
     (lambda a: a.update(promotable=[True]), "disagree"),
+    (lambda a: a.update(state_ids=sid(1)[:2]), "not one string"),
+    (lambda a: a.update(sessions="ss"), "not one string"),
 ])
 def test_bad_rows_are_refused_and_nothing_is_stored(store, mutate, match):
     args = {"state_ids": [sid(1), sid(2)], "vectors": unit_rows(2), "sessions": ["s", "s"], "state_types": ["belief"] * 2,
@@ -86,6 +88,8 @@ def test_bad_rows_are_refused_and_nothing_is_stored(store, mutate, match):
         store.search(np.zeros(10, dtype=np.float32), 3)
     with pytest.raises(StateError, match="session"):
         store.search(unit_rows(1)[0], 3, session="a' OR '1'='1")
+    with pytest.raises(StateError, match="not one string"):
+        store.set_promotable(sid(1), False)
 
 
 def test_ann_index_search_agrees_with_exact_search(store):
