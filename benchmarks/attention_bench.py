@@ -1435,8 +1435,11 @@ def section_splits(quick: bool) -> None:
         if ctx <= 4096:  # short contexts: splits of fewer tokens
             variants.update({f"min chunk {c}": {"min_chunk": c} for c in (64, 128, 256)})
         if kind is not None:
-            s_anc = plan.launch.constexprs["S_ANC"]
+            s_anc, tile = plan.launch.constexprs["S_ANC"], plan.launch.constexprs["TILE_SEQ"]
             variants.update({f"anchor splits x{f}": {"anchor_splits": max(1, round(s_anc * f))} for f in (0.5, 2)})
+            variants.update({f"sharing tile {t}": {"seq_tile": t} for t in (tile // 2, tile * 2) if 1 <= t <= 32})
+            if kind == "int8":
+                variants["anchor items uncapped"] = {"max_registers": None}
         o = torch.empty_like(q)
         want = paged_attention_decode(q, k, v, bt, lens, *a, check=False)
         row = {"B": bsz, "ctx": ctx, "anchors": kind, "hq": hq, "hkv": hkv, "d": d, "sms": sms,

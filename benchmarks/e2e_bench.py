@@ -25,6 +25,7 @@ written out in engine_bench.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -75,12 +76,15 @@ def ms(xs: list[float], q: float) -> float | None:
     return float(np.percentile(xs, q)) * 1e3 if xs else None
 
 
-def serve(runner: ModelRunner, sched: Scheduler, seqs: list[Sequence], committer=None, session: str = "bench") -> dict:
+def serve(runner: ModelRunner, sched: Scheduler, seqs: list[Sequence], committer=None, session: str = "bench",
+          marks: bool = False) -> dict:
     """Submit every sequence at once and step until all finish; per-token times and step times.
 
     The loop is Engine.step's: schedule, forward, count cached tokens, sample the sequences whose
     prompt is in, append, finish at max_tokens (commit the K/V, free the blocks, unpin the set).
+    marks: name each step's phases for a profiler's timeline (timeline_section).
     """
+    mark = torch.profiler.record_function if marks else (lambda _name: contextlib.nullcontext())
     t0 = time.perf_counter()
     for s in seqs:
         sched.add(s)
@@ -91,35 +95,28 @@ def serve(runner: ModelRunner, sched: Scheduler, seqs: list[Sequence], committer
     steps = 0
     while not sched.idle:
         start = time.perf_counter()
-        batch, counts = sched.schedule()
+        with mark("schedule"):
+            batch, counts = sched.schedule()
         if not batch:
             raise SystemExit("the scheduler returned an empty step with requests pending")
         decode = all(n == 1 and s.num_cached > 0 for s, n in zip(batch, counts))
-        logits = runner.forward(batch, counts)
+        with mark("forward:decode" if decode else "forward:prefill"):
+            logits = runner.forward(batch, counts)
         ready = []
         for i, (s, n) in enumerate(zip(batch, counts)):
             s.num_cached += n
             if s.num_cached == len(s):
                 ready.append(i)
-        # a decode step samples every row: no gather of [B, vocab] logits (65 MB at B=128 with 128k tokens)
-        rows = logits if len(ready) == len(batch) else logits[ready]
-        tokens = runner.sample([batch[i] for i in ready], rows) if ready else []
+        with mark("sample"):
+            # a decode step samples every row: no gather of [B, vocab] logits (65 MB at B=128 with 128k tokens)
+            rows = logits if len(ready) == len(batch) else logits[ready]
+            tokens = runner.sample([batch[i] for i in ready], rows) if ready else []
         now = time.perf_counter()  # sample() read the tokens back: the step is done on the device
         steps += 1
         if decode:
             decode_steps.append((len(batch), now - start))
-        for i, tok in zip(ready, tokens):
-            s = batch[i]
-            s.output_ids.append(tok)
-            times[s.seq_id].append(now)
-            if len(s.output_ids) >= s.params.max_tokens:
-                s.finish_reason = "length"
-                if committer is not None:
-                    commit_sequence(committer, runner, s.block_table, s.num_cached, session=session,
-                                    state_type="session_kv")
-                sched.finish(s)
-                if s.anchor_key:
-                    runner.anchor_pool.unpin(s.anchor_key)
+        with mark("append"):
+            append(runner, sched, batch, ready, tokens, times, now, committer, session)
     last = max(t[-1] for t in times.values())
     if committer is not None:
         committer.flush(session)
@@ -131,6 +128,23 @@ def serve(runner: ModelRunner, sched: Scheduler, seqs: list[Sequence], committer
             "commit_after_s": done - last, "tok_s_commit_done": outputs / (done - t0),
             "ttft_s": ttft, "itl_s": itl, "decode_steps": decode_steps,
             "preemptions": sum(s.preemptions for s in seqs)}
+
+
+def append(runner, sched, batch, ready, tokens, times, now, committer, session) -> None:
+    """serve's step end: append each sampled token, finish at max_tokens (commit the K/V, free the
+    blocks, unpin the anchor set)."""
+    for i, tok in zip(ready, tokens):
+        s = batch[i]
+        s.output_ids.append(tok)
+        times[s.seq_id].append(now)
+        if len(s.output_ids) >= s.params.max_tokens:
+            s.finish_reason = "length"
+            if committer is not None:
+                commit_sequence(committer, runner, s.block_table, s.num_cached, session=session,
+                                state_type="session_kv")
+            sched.finish(s)
+            if s.anchor_key:
+                runner.anchor_pool.unpin(s.anchor_key)
 
 
 SAMPLED = {"temperature": 0.8, "top_p": 0.95, "top_k": 50}
@@ -348,6 +362,76 @@ def profile_section(runner: ModelRunner, p, rng: random.Random, cs=None, steps: 
     return out
 
 
+PHASES = ("schedule", "forward:decode", "sample", "append")
+GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def step_timeline(trace: dict) -> list[dict]:
+    """Each decode step of a profiled serve() (a Chrome trace with its phase marks), in us: the
+    host's time in each phase, and the device's busy and idle time between the step's first mark and
+    its last (busy: the union of the kernels, copies and memsets running in that window)."""
+    events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
+    marks = sorted((e for e in events if e.get("cat") == "user_annotation" and e["name"] in PHASES + ("forward:prefill",)),
+                   key=lambda e: e["ts"])
+    gpu = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in GPU_WORK)
+    steps, current = [], []
+    for e in marks:
+        if e["name"] == "schedule" and current:
+            steps.append(current)
+            current = []
+        current.append(e)
+    steps.append(current)
+    out = []
+    for step in steps:
+        names = [e["name"] for e in step]
+        if names != list(PHASES):  # a prefill step, or the last (nothing left to append)
+            continue
+        lo, hi = step[0]["ts"], step[-1]["ts"] + step[-1]["dur"]
+        busy, edge = 0.0, lo
+        for a, b in gpu:  # sorted by start: the union of the intervals clipped to [lo, hi]
+            a, b = max(a, edge), min(b, hi)
+            if b > a:
+                busy += b - a
+                edge = b
+        row = {name: e["dur"] for name, e in zip(names, step)}
+        first = next((a for a, b in gpu if a >= lo), hi)
+        row.update(wall=hi - lo, gpu_busy=busy, gpu_idle=hi - lo - busy, host_lead=min(first, hi) - lo)
+        out.append(row)
+    return out
+
+
+def timeline_section(runner, sched, p, rng, cs, steps: int = 24, keep: str | None = None) -> dict:
+    """Where a decode step's wall time goes, at batch 1 and at the largest batch, without and with the
+    anchor set: serve() under torch.profiler (host and device activity), each step split into the host's
+    phases (schedule, forward: inputs and graph launch, sample: the draw and the token read-back,
+    append) and the device's busy and idle time. Medians over the decode steps; profiling slows the
+    host a little, the same for both. keep: a folder for the raw traces."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runner.device.type == "cuda" else [])
+    out = {}
+    for b in sorted({1, max(p["batches"])}):
+        for label, anchor in (("none", None), ("anchors", cs)):
+            seqs = requests(rng, b, p["prompt"], steps, runner.args.vocab_size, anchor)
+            with profile(activities=activities) as prof:
+                serve(runner, sched, seqs, marks=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(keep or tmp, f"timeline_b{b}_{label}.json")
+                prof.export_chrome_trace(path)
+                with open(path) as f:
+                    rows = step_timeline(json.load(f))
+            if not rows:
+                raise SystemExit(f"timeline: no decode step found in the trace of B={b} {label}")
+            med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+            name = f"b{b}_{label}"
+            out[name] = {"batch": b, "decode_steps": len(rows), "median_us": med}
+            log(f"  B={b:>4} {label:8}: step {med['wall']:7.0f} us = device busy {med['gpu_busy']:7.0f} + idle "
+                f"{med['gpu_idle']:6.0f} (first kernel after {med['host_lead']:5.0f}); host: schedule "
+                f"{med['schedule']:5.0f}, forward {med['forward:decode']:5.0f}, sample {med['sample']:6.0f}, "
+                f"append {med['append']:5.0f}")
+    return out
+
+
 def protocol_section(p, device, dtype) -> dict:
     """nano-vllm's bench.py: 256 requests, lengths uniform in 100..1024, all at once; no anchors, no commits."""
     lo, hi = p["protocol_lengths"]
@@ -417,7 +501,9 @@ def main() -> None:
     ap.add_argument("--hf-compile", action="store_true", help="let HF generate torch.compile its static-cache forward")
     ap.add_argument("--bandwidth", type=float, default=4.27e12, help="B/s for the decode floor (default 4.27e12)")
     ap.add_argument("--model", default=None, help="model of sections 1-3 (default llama-3.2-1b; e.g. llama-3-8b)")
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip: sampling, profile, hf, protocol")
+    ap.add_argument("--skip", default="",
+                    help="comma-separated sections to skip: anchors, sampling, profile, timeline, hf, protocol")
+    ap.add_argument("--traces", default=None, help="a folder to keep the timeline section's profiler traces in")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "e2e_bench.json"))
     args = ap.parse_args()
     p = dict(SMOKE if args.smoke else FULL)
@@ -452,8 +538,9 @@ def main() -> None:
             warm(runner, sched, max(p["batches"]), rng, cs, p["prompt"])
             log(f"{p['model']}: {p['prompt']}-token prompts, {p['new']} new tokens, commit "
                 f"{'off' if args.no_commit else 'on'}")
-            res["anchors"] = anchors_section(runner, sched, bench, cs, p, rng, not args.no_commit)
-            save()
+            if "anchors" not in skip:
+                res["anchors"] = anchors_section(runner, sched, bench, cs, p, rng, not args.no_commit)
+                save()
             if "sampling" not in skip:
                 log(f"{p['model']}: sampled generation vs greedy")
                 res["sampling"] = sampling_section(runner, sched, p, rng)
@@ -462,12 +549,17 @@ def main() -> None:
                 log(f"{p['model']}: where a decode step's GPU time goes")
                 res["profile"] = profile_section(runner, p, rng, cs)
                 save()
+            if "timeline" not in skip:
+                log(f"{p['model']}: where a decode step's wall time goes")
+                res["timeline"] = timeline_section(runner, sched, p, rng, cs, keep=args.traces)
+                save()
         finally:
             bench.close()
-    log(f"{p['model']}: batch-1 decode step vs the bandwidth floor")
-    res["floor"] = floor_section(lm, res["anchors"], p, args.bandwidth, device)
-    save()
-    if "hf" not in skip:
+    if "anchors" in res:  # the floor and HF generate compare with its runs
+        log(f"{p['model']}: batch-1 decode step vs the bandwidth floor")
+        res["floor"] = floor_section(lm, res["anchors"], p, args.bandwidth, device)
+        save()
+    if "hf" not in skip and "anchors" in res:
         log(f"{p['model']}: HF generate (static cache{', torch.compile' if args.hf_compile else ', eager'})")
         res["hf"] = hf_section(hf, p, device, res["anchors"], args.hf_compile)
         save()
