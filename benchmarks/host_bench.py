@@ -1,7 +1,9 @@
 """The engine's host work per step, side by side, on the CPU (no GPU needed; times are this host's).
 
 1. A decode step's inputs (`ModelRunner.inputs`, one packed buffer) at B = 1/8/128, 512 tokens of
-   context, graph-bucketed as on CUDA, without and with a 2k-token anchor set shared by the batch.
+   context, graph-bucketed as on CUDA, without and with a 2k-token anchor set shared by the batch;
+   and the host's whole scheduling work per decode step: `Scheduler.schedule()` (a block for each
+   sequence every 16 tokens), `inputs()` and the token bookkeeping, over 64 consecutive steps.
 2. Stop strings: the whole output decoded after every token vs `tail_has_stop`, at 64 and 512 output
    tokens (SmolLM2's tokenizer; real text and random ids).
 3. Streaming text: the whole output decoded per token vs `StreamText.update`, per token of a
@@ -28,6 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from engine_bench import build_pair, log, make_runner, meta, random_ids  # noqa: E402
 
 from fieldprint.engine import loader  # noqa: E402
+from fieldprint.engine.scheduler import Scheduler  # noqa: E402
 from fieldprint.engine.sequence import SamplingParams, Sequence  # noqa: E402
 
 TEXT = ("The quick brown fox jumps over the lazy dog, and then Grüße aus Köln, 東京の天気は晴れ. " * 40)
@@ -62,6 +65,43 @@ def inputs_section() -> dict:
                 runner.blocks.release(s.block_table)
         log(f"  decode inputs B={b:>3}: {out[str(b)]['inputs_us']:8.1f} us" + (
             f", with a shared 2k anchor set {out[str(b)]['inputs_anchors_us']:8.1f} us" if shared else ""))
+    return out
+
+
+def steps_section(steps: int = 64) -> dict:
+    """schedule() + inputs() + appending the token, per decode step, B = 1/8/128 after 512-token prompts."""
+    _, lm = build_pair("tiny-llama", torch.device("cpu"), torch.float32)
+    runner = make_runner(lm, seq_tokens=200_000, max_model_len=4096, anchor_tokens=4096)
+    runner.use_graphs = True
+    runner.anchor_pool.reserve("shared", 2048)
+    rng, out = random.Random(1), {}
+    for b in (1, 8, 128):
+        out[str(b)] = {}
+        for label, key in (("step_us", None), ("step_anchors_us", "shared")):
+            sched = Scheduler(runner.blocks, max_num_seqs=256, max_num_batched_tokens=8192)
+            seqs = [Sequence(random_ids(rng, 512, lm.args.vocab_size), SamplingParams(max_tokens=4 * steps), anchor_key=key,
+                             anchor_len=2048 if key else 0) for _ in range(b)]
+            for s in seqs:
+                sched.add(s)
+            while sched.waiting:  # the prompts, as prefill steps
+                for s, n in zip(*sched.schedule()):
+                    s.num_cached += n
+            for s in seqs:
+                s.output_ids.append(1)
+
+            def decode_steps(sched=sched) -> None:
+                for _ in range(steps):
+                    batch, counts = sched.schedule()
+                    runner.inputs(batch, counts)
+                    for s in batch:
+                        s.num_cached += 1
+                        s.output_ids.append(1)
+
+            out[str(b)][label] = us(decode_steps, 1) / steps
+            for s in seqs:
+                sched.finish(s)
+        log(f"  decode step's host work B={b:>3}: {out[str(b)]['step_us']:8.1f} us, with a shared 2k anchor set "
+            f"{out[str(b)]['step_anchors_us']:8.1f} us (schedule, inputs, bookkeeping)")
     return out
 
 
@@ -109,6 +149,7 @@ def main() -> None:
     log("host work per decode step (CPU)")
     if args.only != "text":
         res["inputs"] = inputs_section()
+        res["steps"] = steps_section()
     if args.only != "inputs":
         res.update(text_sections())
     with open(args.out, "w") as f:

@@ -64,6 +64,9 @@ class BlockManager:
         self.block_size = block_size
         self.free: list[int] = list(range(num_blocks - 1, 0, -1))  # block 0 is the padding target
         self.num_blocks = num_blocks
+        # Tables only grow at their end between releases: a reader that saw this count unchanged
+        # (the runner's block-table rows) needs to look only at each table's new entries.
+        self.releases = 0
 
     @property
     def num_free(self) -> int:
@@ -89,6 +92,7 @@ class BlockManager:
         """Return a table's blocks to the free list and empty it."""
         self.free.extend(reversed(table))
         table.clear()
+        self.releases += 1
 
 
 def read_anchor_states(cache, blocks: list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:

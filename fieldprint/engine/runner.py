@@ -101,6 +101,15 @@ class StepInputs:
         return self.graph, x.width, x.sets, x.anchor_width
 
 
+def _fill_tables(rows: np.ndarray, seqs: list[Sequence]) -> np.ndarray:
+    """Each sequence's block table into its row of `rows` (blocks past the row's width hold nothing yet)."""
+    width = rows.shape[1]
+    for i, s in enumerate(seqs):
+        bt = s.block_table
+        rows[i, : min(len(bt), width)] = bt[:width]
+    return rows
+
+
 @dataclass(slots=True)
 class RunnerConfig:
     """What the runner allocates: pool sizes, block size, anchor dtype, graph capture."""
@@ -146,6 +155,7 @@ class ModelRunner:
         self._graph_pool = None
         self._logits: torch.Tensor | None = None  # the captured graphs' shared output
         self.use_graphs = config.cuda_graphs and self.device.type == "cuda"
+        self._rows = None  # the last captured decode step's block tables (_table_rows)
         self.tp = None  # the tensor-parallel leader (fieldprint/engine/tp.py) on rank 0 of a group, else None
         if self.device.type == "cuda" and config.fuse_elementwise:
             fuse_elementwise()
@@ -190,9 +200,10 @@ class ModelRunner:
                 pos[t : t + c] = range(s.anchor_len + start, s.anchor_len + start + c)
                 slots[t : t + c] = [s.block_table[i // bs] * bs + i % bs for i in range(start, start + c)]
                 t += c
-        for i, s in enumerate(seqs):
-            bt = s.block_table  # blocks past the context bucket hold nothing yet
-            tables[i, : min(len(bt), width)] = bt[:width]
+        if graph:
+            tables[:n] = self._table_rows(seqs, width)
+        else:
+            _fill_tables(tables, seqs)
         lens[:n] = [s.num_cached + c for s, c in zip(seqs, counts)]
         lens[n:] = 1
         cu[1 : n + 1] = list(itertools.accumulate(counts))
@@ -205,6 +216,27 @@ class ModelRunner:
         which[:n] = [row.get(s.anchor_key, -1) for s in seqs]
         which[n:] = -1
         return StepInputs(graph, layout, torch.from_numpy(packed), max(counts), not decode, n)
+
+    def _table_rows(self, seqs: list[Sequence], width: int) -> np.ndarray:
+        """A captured decode step's block tables [B, width], kept from the step before and patched.
+
+        Between two decode steps of the same batch a table can only have grown at its end (blocks
+        are replaced only through BlockManager.release, which the count `releases` records), so only
+        the rows whose length changed are rewritten: at B=128 filling every row from its list cost
+        more than the rest of the step's inputs (host_bench.py)."""
+        key = (width, self.blocks.releases, [s.seq_id for s in seqs])
+        kept = self._rows
+        if kept is None or kept[0] != key:
+            rows = _fill_tables(np.zeros((len(seqs), width), np.int32), seqs)
+            self._rows = (key, [len(s.block_table) for s in seqs], rows)
+            return rows
+        _, lens, rows = kept
+        for i, s in enumerate(seqs):
+            bt = s.block_table
+            if len(bt) != lens[i]:
+                rows[i, : min(len(bt), width)] = bt[:width]
+                lens[i] = len(bt)
+        return rows
 
     def prepare(self, seqs: list[Sequence], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor, AttentionContext]:
         """The step's inputs on the device, run eagerly: (token ids, positions, attention context)."""

@@ -100,6 +100,45 @@ def test_an_anchor_set_past_the_longest_graph_runs_eagerly(tiny_model, make_runn
     assert x.graph == 0 and x.layout.anchor_width == 10  # eager, with the exact table width
 
 
+def test_a_graph_steps_block_tables_follow_every_change_of_the_tables(tiny_model, make_runner, engine_ops):
+    """Captured decode steps reuse the last step's table rows and rewrite only what changed: tables that
+    grew a block, a table released and grown again to the same length with other blocks, another order."""
+    lm, _ = tiny_model("llama")
+    runner = make_runner(lm)  # 4-token blocks
+    runner.use_graphs = True
+    seqs = [engine_ops.new_seq(list(range(10, 10 + n))) for n in (5, 11, 3)]
+    for s in seqs:
+        runner.blocks.grow(s.block_table, len(s))
+        s.num_cached = len(s) - 1
+
+    def tables_of(batch):
+        x = runner.inputs(batch, [1] * len(batch))
+        assert x.graph, "planned as a captured decode step"
+        return x.layout.views(x.packed)[3]
+
+    def assert_rows(batch):
+        t = tables_of(batch)
+        for row, s in zip(t, batch):
+            assert row[: len(s.block_table)].tolist() == s.block_table and not row[len(s.block_table) :].any()
+
+    for _ in range(9):  # every sequence crosses block boundaries at its own step
+        assert_rows(seqs)
+        for s in seqs:
+            s.output_ids.append(1)
+            s.num_cached += 1
+            runner.blocks.grow(s.block_table, len(s))
+    assert_rows(seqs)
+    a, b, c = seqs
+    old = list(b.block_table)
+    runner.blocks.release(b.block_table)
+    runner.blocks.grow(c.block_table, len(c) + 2 * runner.blocks.block_size)  # takes blocks b gave back
+    runner.blocks.grow(b.block_table, len(b))  # the same length as before, other blocks
+    assert len(b.block_table) == len(old) and b.block_table != old
+    assert_rows(seqs)
+    assert_rows([c, a, b])
+    assert_rows(seqs[:2])
+
+
 def test_chunked_argmax_is_argmax_ties_and_tails_included():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4096 * 5 + 77, generator=g)
