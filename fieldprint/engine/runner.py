@@ -28,6 +28,7 @@ from fieldprint.engine.loader import LoadedModel
 from fieldprint.engine.model import fuse_elementwise, tp_group
 from fieldprint.engine.sampling import next_tokens
 from fieldprint.engine.sequence import Sequence
+from fieldprint.errors import EngineError
 from fieldprint.kernels.paged_attention import AnchorRouting, DecodeWorkspace
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
@@ -167,8 +168,9 @@ class ModelRunner:
         and its block tables to its context bucket (graph_bucket)."""
         bs = self.config.block_size
         n = len(seqs)
-        decode = all(c == 1 and s.num_cached > 0 for s, c in zip(seqs, counts))
-        need = max(cdiv(s.num_cached + c, bs) for s, c in zip(seqs, counts))
+        at = np.fromiter((s.num_cached for s in seqs), np.int64, n)  # each sequence's first new token
+        decode = counts.count(1) == n and at.min() > 0
+        need = cdiv(int(at.max()) + 1, bs) if decode else max(cdiv(s.num_cached + c, bs) for s, c in zip(seqs, counts))
         keys = sorted({s.anchor_key for s in seqs if s.anchor_key is not None})
         sets = [self.anchor_pool.sets[k] for k in keys]
         anchor_need = max((len(x.blocks) for x in sets), default=0)
@@ -187,11 +189,20 @@ class ModelRunner:
         layout = StepLayout(sum(counts) + pad, rows, width, set_rows, anchor_width)
         packed = np.zeros(layout.nbytes, dtype=np.uint8)
         ids, pos, slots, tables, lens, cu, atable, alens, which = layout.views(packed)
-        if decode:  # one token each: no per-token loop
-            at = [s.num_cached for s in seqs]
-            ids[:n] = [s.token_at(i) for s, i in zip(seqs, at)]
-            pos[:n] = [s.anchor_len + i for s, i in zip(seqs, at)]
-            slots[:n] = [s.block_table[i // bs] * bs + i % bs for s, i in zip(seqs, at)]
+        if graph:
+            tables[:n] = self._table_rows(seqs, width)
+        else:
+            _fill_tables(tables, seqs)
+        if decode:  # one token each: array arithmetic, the slots from the tables just filled
+            short = at // bs >= np.fromiter((len(s.block_table) for s in seqs), np.int64, n)
+            if short.any():  # its row would read as block 0 (the padding target): never write there
+                s = seqs[int(short.argmax())]
+                raise EngineError(f"sequence {s.seq_id} has no cache block for token {s.num_cached} "
+                                  f"({len(s.block_table)} blocks of {bs}): grow its table before the step")
+            ids[:n] = [s.token_at(i) for s, i in zip(seqs, at.tolist())]
+            pos[:n] = np.fromiter((s.anchor_len for s in seqs), np.int64, n) + at
+            slots[:n] = tables[np.arange(n), at // bs].astype(np.int64) * bs + at % bs
+            lens[:n] = at + 1
         else:
             t = 0
             for s, c in zip(seqs, counts):
@@ -200,11 +211,7 @@ class ModelRunner:
                 pos[t : t + c] = range(s.anchor_len + start, s.anchor_len + start + c)
                 slots[t : t + c] = [s.block_table[i // bs] * bs + i % bs for i in range(start, start + c)]
                 t += c
-        if graph:
-            tables[:n] = self._table_rows(seqs, width)
-        else:
-            _fill_tables(tables, seqs)
-        lens[:n] = [s.num_cached + c for s, c in zip(seqs, counts)]
+            lens[:n] = at + counts
         lens[n:] = 1
         cu[1 : n + 1] = list(itertools.accumulate(counts))
         cu[n + 1 :] = range(cu[n] + 1, cu[n] + 1 + pad)

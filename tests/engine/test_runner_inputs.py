@@ -7,10 +7,12 @@ the same tables, lengths and anchor routing that the graph's kernels read.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fieldprint.engine.runner import StepLayout, graph_bucket
 from fieldprint.engine.sampling import argmax_rows, chunked_argmax
+from fieldprint.errors import EngineError
 
 
 def test_graph_bucket_is_the_next_power_of_two_within_its_bounds():
@@ -137,6 +139,23 @@ def test_a_graph_steps_block_tables_follow_every_change_of_the_tables(tiny_model
     assert_rows(seqs)
     assert_rows([c, a, b])
     assert_rows(seqs[:2])
+
+
+def test_a_decode_step_without_a_block_for_its_token_is_refused(tiny_model, make_runner, engine_ops):
+    """A table one block short would read as block 0, the padding target: the step is refused instead."""
+    lm, _ = tiny_model("llama")
+    runner = make_runner(lm)  # 4-token blocks
+    ok, short = engine_ops.new_seq(list(range(10, 17))), engine_ops.new_seq(list(range(10, 18)))
+    for s in (ok, short):
+        runner.blocks.grow(s.block_table, len(s))
+        s.num_cached = len(s)
+        s.output_ids.append(3)  # token 7 of `ok` fits its second block; token 8 of `short` needs a third
+    for graphs in (False, True):
+        runner.use_graphs = graphs
+        with pytest.raises(EngineError, match=f"sequence {short.seq_id} has no cache block for token 8"):
+            runner.inputs([ok, short], [1, 1])
+    runner.blocks.grow(short.block_table, len(short))
+    assert runner.inputs([ok, short], [1, 1]).graph
 
 
 def test_chunked_argmax_is_argmax_ties_and_tails_included():
