@@ -102,6 +102,16 @@ class StepInputs:
         return self.graph, x.width, x.sets, x.anchor_width
 
 
+def _decode_slots(seqs: list[Sequence], at: list[int], bs: int) -> list[int]:
+    """The cache slot of each sequence's new token `at[i]`; EngineError if its table lacks that block."""
+    try:
+        return [s.block_table[i // bs] * bs + i % bs for s, i in zip(seqs, at)]
+    except IndexError:
+        s = next(s for s, i in zip(seqs, at) if i // bs >= len(s.block_table))
+        raise EngineError(f"sequence {s.seq_id} has no cache block for token {s.num_cached} "
+                          f"({len(s.block_table)} blocks of {bs}): grow its table before the step") from None
+
+
 def _fill_tables(rows: np.ndarray, seqs: list[Sequence]) -> np.ndarray:
     """Each sequence's block table into its row of `rows` (blocks past the row's width hold nothing yet)."""
     width = rows.shape[1]
@@ -168,9 +178,9 @@ class ModelRunner:
         and its block tables to its context bucket (graph_bucket)."""
         bs = self.config.block_size
         n = len(seqs)
-        at = np.fromiter((s.num_cached for s in seqs), np.int64, n)  # each sequence's first new token
-        decode = counts.count(1) == n and at.min() > 0
-        need = cdiv(int(at.max()) + 1, bs) if decode else max(cdiv(s.num_cached + c, bs) for s, c in zip(seqs, counts))
+        at = [s.num_cached for s in seqs]  # each sequence's first new token
+        decode = counts.count(1) == n and min(at) > 0
+        need = cdiv(max(at) + 1, bs) if decode else max(cdiv(i + c, bs) for i, c in zip(at, counts))
         keys = sorted({s.anchor_key for s in seqs if s.anchor_key is not None})
         sets = [self.anchor_pool.sets[k] for k in keys]
         anchor_need = max((len(x.blocks) for x in sets), default=0)
@@ -193,16 +203,11 @@ class ModelRunner:
             tables[:n] = self._table_rows(seqs, width)
         else:
             _fill_tables(tables, seqs)
-        if decode:  # one token each: array arithmetic, the slots from the tables just filled
-            short = at // bs >= np.fromiter((len(s.block_table) for s in seqs), np.int64, n)
-            if short.any():  # its row would read as block 0 (the padding target): never write there
-                s = seqs[int(short.argmax())]
-                raise EngineError(f"sequence {s.seq_id} has no cache block for token {s.num_cached} "
-                                  f"({len(s.block_table)} blocks of {bs}): grow its table before the step")
-            ids[:n] = [s.token_at(i) for s, i in zip(seqs, at.tolist())]
-            pos[:n] = np.fromiter((s.anchor_len for s in seqs), np.int64, n) + at
-            slots[:n] = tables[np.arange(n), at // bs].astype(np.int64) * bs + at % bs
-            lens[:n] = at + 1
+        if decode:  # one token each: no per-token loop
+            ids[:n] = [s.token_at(i) for s, i in zip(seqs, at)]
+            pos[:n] = [s.anchor_len + i for s, i in zip(seqs, at)]
+            slots[:n] = _decode_slots(seqs, at, bs)
+            lens[:n] = [i + 1 for i in at]
         else:
             t = 0
             for s, c in zip(seqs, counts):
@@ -211,7 +216,7 @@ class ModelRunner:
                 pos[t : t + c] = range(s.anchor_len + start, s.anchor_len + start + c)
                 slots[t : t + c] = [s.block_table[i // bs] * bs + i % bs for i in range(start, start + c)]
                 t += c
-            lens[:n] = at + counts
+            lens[:n] = [i + c for i, c in zip(at, counts)]
         lens[n:] = 1
         cu[1 : n + 1] = list(itertools.accumulate(counts))
         cu[n + 1 :] = range(cu[n] + 1, cu[n] + 1 + pad)
