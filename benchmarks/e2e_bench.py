@@ -19,6 +19,8 @@ written out in engine_bench.py.
 4. nano-vllm's throughput protocol: 256 requests, input and output lengths uniform in 100..1024
    (seed 0), all submitted at once, Qwen3-0.6B shapes: output tokens/s, p50/p99 time to first
    token and inter-token latency.
+Beside them: the profile section (kernels per decode step) and the timeline section (each decode
+step's host phases and the device's busy and idle time, --traces DIR keeps the profiler's traces).
     python benchmarks/e2e_bench.py [--smoke] [--out FILE]
 """
 
@@ -415,6 +417,8 @@ def timeline_section(runner, sched, p, rng, cs, steps: int = 24, keep: str | Non
             seqs = requests(rng, b, p["prompt"], steps, runner.args.vocab_size, anchor)
             with profile(activities=activities) as prof:
                 serve(runner, sched, seqs, marks=True)
+            if keep:
+                os.makedirs(keep, exist_ok=True)
             with tempfile.TemporaryDirectory() as tmp:
                 path = os.path.join(keep or tmp, f"timeline_b{b}_{label}.json")
                 prof.export_chrome_trace(path)

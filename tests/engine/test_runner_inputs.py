@@ -142,7 +142,8 @@ def test_a_graph_steps_block_tables_follow_every_change_of_the_tables(tiny_model
 
 
 def test_a_decode_step_without_a_block_for_its_token_is_refused(tiny_model, make_runner, engine_ops):
-    """A table one block short would read as block 0, the padding target: the step is refused instead."""
+    """A decode step whose table lacks the block for its new token is refused by name, whether it would
+    run eagerly or in a graph (whose kept table rows hold 0, the padding target, past a table's end)."""
     lm, _ = tiny_model("llama")
     runner = make_runner(lm)  # 4-token blocks
     ok, short = engine_ops.new_seq(list(range(10, 17))), engine_ops.new_seq(list(range(10, 18)))
