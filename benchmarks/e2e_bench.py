@@ -371,11 +371,13 @@ GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
 def step_timeline(trace: dict) -> list[dict]:
     """Each decode step of a profiled serve() (a Chrome trace with its phase marks), in us: the
     host's time in each phase, and the device's busy and idle time between the step's first mark and
-    its last (busy: the union of the kernels, copies and memsets running in that window)."""
+    its last (busy: the union of the kernels, copies and memsets running in that window), and the
+    host's time in cudaGraphLaunch (0 on the CPU)."""
     events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
     marks = sorted((e for e in events if e.get("cat") == "user_annotation" and e["name"] in PHASES + ("forward:prefill",)),
                    key=lambda e: e["ts"])
     gpu = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in GPU_WORK)
+    launches = [(e["ts"], e["dur"]) for e in events if e.get("cat") == "cuda_runtime" and e["name"] == "cudaGraphLaunch"]
     steps, current = [], []
     for e in marks:
         if e["name"] == "schedule" and current:
@@ -397,7 +399,8 @@ def step_timeline(trace: dict) -> list[dict]:
                 edge = b
         row = {name: e["dur"] for name, e in zip(names, step)}
         first = next((a for a, b in gpu if a >= lo), hi)
-        row.update(wall=hi - lo, gpu_busy=busy, gpu_idle=hi - lo - busy, host_lead=min(first, hi) - lo)
+        row.update(wall=hi - lo, gpu_busy=busy, gpu_idle=hi - lo - busy, host_lead=min(first, hi) - lo,
+                   graph_launch=sum(d for t, d in launches if lo <= t < hi))  # host time in cudaGraphLaunch
         out.append(row)
     return out
 
@@ -431,7 +434,8 @@ def timeline_section(runner, sched, p, rng, cs, steps: int = 24, keep: str | Non
             out[name] = {"batch": b, "decode_steps": len(rows), "median_us": med}
             log(f"  B={b:>4} {label:8}: step {med['wall']:7.0f} us = device busy {med['gpu_busy']:7.0f} + idle "
                 f"{med['gpu_idle']:6.0f} (first kernel after {med['host_lead']:5.0f}); host: schedule "
-                f"{med['schedule']:5.0f}, forward {med['forward:decode']:5.0f}, sample {med['sample']:6.0f}, "
+                f"{med['schedule']:5.0f}, forward {med['forward:decode']:5.0f} (graph launch {med['graph_launch']:4.0f}), "
+                f"sample {med['sample']:6.0f}, "
                 f"append {med['append']:5.0f}")
     return out
 

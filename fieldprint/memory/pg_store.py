@@ -291,11 +291,13 @@ class PostgresStateStore(StateStore):
         # writer in another process may have stored the same content, tainted, since. Lock each digest
         # (sorted, so two writers never wait on each other crosswise) and re-read under the lock.
         digests = sorted({s.digest for s in states})
-        # Each lock statement also bounds the transaction's idle time (idle_bound): the sequencing of the
-        # leaves happens inside it, and a stopped engine would hold these locks that long at most.
-        bound = self._pg.idle_bound(self._pg.log_wait_idle_s)
-        for digest in digests:
-            db.execute(f"SELECT pg_advisory_xact_lock(hashtextextended(%s, 1)), {bound}", (f"fieldprint:digest:{digest}",))
+        # The first lock statement also bounds the transaction's idle time (idle_bound; it holds for the
+        # rest of the transaction): the sequencing of the leaves happens inside it, and a stopped engine
+        # would hold these locks that long at most.
+        bound = f", {self._pg.idle_bound(self._pg.log_wait_idle_s)}"
+        for i, digest in enumerate(digests):
+            db.execute(f"SELECT pg_advisory_xact_lock(hashtextextended(%s, 1)){bound if i == 0 else ''}",
+                       (f"fieldprint:digest:{digest}",))
         for state in states:
             missing = self._taint(db, state.digest) - state.label.taint
             if missing:
