@@ -1417,6 +1417,8 @@ def section_splits(quick: bool) -> None:
              (8, 8192, "int8", l8), (64, 8192, "bf16", l8), (64, 8192, "int8", l8)]
     if DEV != "cuda":
         specs = [(1, 256, None, (8, 2, 64)), (2, 128, "int8", (8, 2, 64))]
+    if BATCHES:  # --batches: only these batch sizes
+        specs = [x for x in specs if x[0] in BATCHES]
     out = []
     for bsz, ctx, kind, (hq, hkv, d) in specs[:3] if quick else specs:
         if time_left() < 30:
@@ -1440,6 +1442,7 @@ def section_splits(quick: bool) -> None:
             variants.update({f"sharing tile {t}": {"seq_tile": t} for t in (tile // 2, tile * 2) if 1 <= t <= 32})
             if kind == "int8":
                 variants["anchor items uncapped"] = {"max_registers": None}
+            variants.update({f"merge {m}": {"merge": m} for m in ("fused", "apart")})
         o = torch.empty_like(q)
         want = paged_attention_decode(q, k, v, bt, lens, *a, check=False)
         row = {"B": bsz, "ctx": ctx, "anchors": kind, "hq": hq, "hkv": hkv, "d": d, "sms": sms,
@@ -1520,7 +1523,7 @@ def main() -> None:
     ap.add_argument("--only", default="check,decode,shared,modes,prefill,naive64k")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "attention_bench.json"))
-    ap.add_argument("--batches", default="", help="decode batch sizes, e.g. 1,8 (default 1,8,64)")
+    ap.add_argument("--batches", default="", help="decode and splits sections: only these batch sizes, e.g. 1,8 (decode default 1,8,64)")
     ap.add_argument("--budget", type=float, default=0.0,
                     help="seconds for the whole run (flashinfer section: shapes past it are skipped and recorded); 0 = none")
     ap.add_argument("--keep-going", action="store_true", help="a section that fails is recorded and the next one runs")

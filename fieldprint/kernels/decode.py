@@ -267,6 +267,7 @@ def _anchor_item(
     M_CTX: tl.constexpr, M_ANC: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
     BSA: tl.constexpr, S_CTX: tl.constexpr, S_ANC: tl.constexpr, INT8: tl.constexpr,
     MODE_GAMMA: tl.constexpr, GAMMA_PER_HEAD: tl.constexpr, S_PAD: tl.constexpr,
+    MERGE_APART: tl.constexpr,
 ):
     """Anchor work item: (run of up to TILE_SEQ sequences sharing one anchor set, KV head, split).
 
@@ -310,18 +311,19 @@ def _anchor_item(
             h, H_KV, scale_log2, r, D, BLOCK_N, BSA, False, INT8, False)
         idx = (seq_r * (H_KV * GQA) + h * GQA + gi) * (S_CTX + S_ANC) + S_CTX + split
         _store_partial(pm_ptr, pl_ptr, pacc_ptr, idx, rvalid, m_i, l_i, acc, D)
-        # Every thread's partial stores must be ordered before the counter bump (release).
-        tl.debug_barrier()
-        old = tl.atomic_add(cnt_ptr + seq_j * H_KV + h, 1, mask=jvalid, sem="acq_rel", scope="gpu")
-        need = jvalid & (old == S_CTX + S_ANC - 1)
-        for jj in range(TILE_SEQ):
-            pick = jv == jj
-            if tl.sum(tl.where(pick & need, 1, 0), 0) > 0:
-                bj = tl.sum(tl.where(pick, seq_j, 0), 0)
-                _merge_and_store(bj, h, H_KV, seqset_ptr, alen_ptr, pm_ptr, pl_ptr, pacc_ptr, out_ptr,
-                                 so_b, so_h, gamma_ptr, gamma_val, S_CTX, S_ANC, GQA, GQA_PAD, D,
-                                 MODE_GAMMA, GAMMA_PER_HEAD, S_PAD)
-                tl.atomic_xchg(cnt_ptr + bj * H_KV + h, 0)
+        if not MERGE_APART:
+            # Every thread's partial stores must be ordered before the counter bump (release).
+            tl.debug_barrier()
+            old = tl.atomic_add(cnt_ptr + seq_j * H_KV + h, 1, mask=jvalid, sem="acq_rel", scope="gpu")
+            need = jvalid & (old == S_CTX + S_ANC - 1)
+            for jj in range(TILE_SEQ):
+                pick = jv == jj
+                if tl.sum(tl.where(pick & need, 1, 0), 0) > 0:
+                    bj = tl.sum(tl.where(pick, seq_j, 0), 0)
+                    _merge_and_store(bj, h, H_KV, seqset_ptr, alen_ptr, pm_ptr, pl_ptr, pacc_ptr, out_ptr,
+                                     so_b, so_h, gamma_ptr, gamma_val, S_CTX, S_ANC, GQA, GQA_PAD, D,
+                                     MODE_GAMMA, GAMMA_PER_HEAD, S_PAD)
+                    tl.atomic_xchg(cnt_ptr + bj * H_KV + h, 0)
 
 
 @triton.jit
@@ -335,6 +337,7 @@ def _context_item(
     M_CTX: tl.constexpr, M_ANC: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
     BSA: tl.constexpr, S_CTX: tl.constexpr, S_ANC: tl.constexpr, INT8: tl.constexpr,
     MODE_GAMMA: tl.constexpr, GAMMA_PER_HEAD: tl.constexpr, S_PAD: tl.constexpr,
+    MERGE_APART: tl.constexpr,
 ):
     """Context work item: (sequence, KV head, context split) over the sequence's own pages."""
     d = tl.arange(0, D)
@@ -357,16 +360,17 @@ def _context_item(
         scale_log2, r, D, BLOCK_N, BS, False, False, False)
     idx = (b * (H_KV * GQA) + h * GQA + r) * (S_CTX + S_ANC) + split
     _store_partial(pm_ptr, pl_ptr, pacc_ptr, idx, rmask, m_i, l_i, acc, D)
-    target = S_CTX
-    if S_ANC > 0:
-        target = tl.where(tl.load(seqset_ptr + b) >= 0, S_CTX + S_ANC, S_CTX)
-    tl.debug_barrier()
-    old = tl.atomic_add(cnt_ptr + b * H_KV + h, 1, sem="acq_rel", scope="gpu")
-    if old == target - 1:
-        _merge_and_store(b, h, H_KV, seqset_ptr, alen_ptr, pm_ptr, pl_ptr, pacc_ptr, out_ptr, so_b, so_h,
-                         gamma_ptr, gamma_val, S_CTX, S_ANC, GQA, GQA_PAD, D, MODE_GAMMA,
-                         GAMMA_PER_HEAD, S_PAD)
-        tl.atomic_xchg(cnt_ptr + b * H_KV + h, 0)
+    if not MERGE_APART:
+        target = S_CTX
+        if S_ANC > 0:
+            target = tl.where(tl.load(seqset_ptr + b) >= 0, S_CTX + S_ANC, S_CTX)
+        tl.debug_barrier()
+        old = tl.atomic_add(cnt_ptr + b * H_KV + h, 1, sem="acq_rel", scope="gpu")
+        if old == target - 1:
+            _merge_and_store(b, h, H_KV, seqset_ptr, alen_ptr, pm_ptr, pl_ptr, pacc_ptr, out_ptr, so_b, so_h,
+                             gamma_ptr, gamma_val, S_CTX, S_ANC, GQA, GQA_PAD, D, MODE_GAMMA,
+                             GAMMA_PER_HEAD, S_PAD)
+            tl.atomic_xchg(cnt_ptr + b * H_KV + h, 0)
 
 
 @triton.jit
@@ -380,6 +384,7 @@ def _decode_kernel(
     M_CTX: tl.constexpr, M_ANC: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
     BSA: tl.constexpr, S_CTX: tl.constexpr, S_ANC: tl.constexpr, INT8: tl.constexpr,
     MODE_GAMMA: tl.constexpr, GAMMA_PER_HEAD: tl.constexpr, S_PAD: tl.constexpr,
+    MERGE_APART: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if S_ANC > 0:
@@ -389,18 +394,37 @@ def _decode_kernel(
                          pacc_ptr, cnt_ptr, out_ptr, B, H_KV, max_blocks, max_ablocks, chunk, achunk,
                          n_anchor_items, scale_log2, sq_b, sq_h, so_b, so_h, D, GQA, GQA_PAD, TILE_SEQ,
                          M_CTX, M_ANC, BLOCK_N, BS, BSA, S_CTX, S_ANC, INT8, MODE_GAMMA, GAMMA_PER_HEAD,
-                         S_PAD)
+                         S_PAD, MERGE_APART)
         else:
             _context_item(pid - n_anchor_items, q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, ak_ptr, av_ptr, abt_ptr, alen_ptr,
                          seqset_ptr, order_ptr, start_ptr, ks_ptr, ve_ptr, gamma_ptr, gamma_val, pm_ptr, pl_ptr,
                          pacc_ptr, cnt_ptr, out_ptr, B, H_KV, max_blocks, max_ablocks, chunk, achunk,
                          n_anchor_items, scale_log2, sq_b, sq_h, so_b, so_h, D, GQA, GQA_PAD, TILE_SEQ,
                          M_CTX, M_ANC, BLOCK_N, BS, BSA, S_CTX, S_ANC, INT8, MODE_GAMMA, GAMMA_PER_HEAD,
-                         S_PAD)
+                         S_PAD, MERGE_APART)
     else:
         _context_item(pid, q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, ak_ptr, av_ptr, abt_ptr, alen_ptr,
                          seqset_ptr, order_ptr, start_ptr, ks_ptr, ve_ptr, gamma_ptr, gamma_val, pm_ptr, pl_ptr,
                          pacc_ptr, cnt_ptr, out_ptr, B, H_KV, max_blocks, max_ablocks, chunk, achunk,
                          n_anchor_items, scale_log2, sq_b, sq_h, so_b, so_h, D, GQA, GQA_PAD, TILE_SEQ,
                          M_CTX, M_ANC, BLOCK_N, BS, BSA, S_CTX, S_ANC, INT8, MODE_GAMMA, GAMMA_PER_HEAD,
-                         S_PAD)
+                         S_PAD, MERGE_APART)
+
+
+@triton.jit
+def _merge_kernel(
+    seqset_ptr, alen_ptr, pm_ptr, pl_ptr, pacc_ptr, gamma_ptr, gamma_val, out_ptr, H_KV, so_b, so_h,
+    S_CTX: tl.constexpr, S_ANC: tl.constexpr, GQA: tl.constexpr, GQA_PAD: tl.constexpr, D: tl.constexpr,
+    MODE_GAMMA: tl.constexpr, GAMMA_PER_HEAD: tl.constexpr, S_PAD: tl.constexpr,
+):
+    """The merge as a launch of its own (MERGE_APART): one program per (sequence, KV head).
+
+    Fused, a sharing tile's last anchor item merges its sequences one after another, and that chain
+    of L2 round trips is the longest path of a launch at large batches (docs/attention-notes.md,
+    v16); apart, every (sequence, head) merges in parallel after the decode launch has written
+    all its partials (the same stream orders the two).
+    """
+    pid = tl.program_id(0)
+    _merge_and_store(pid // H_KV, pid % H_KV, H_KV, seqset_ptr, alen_ptr, pm_ptr, pl_ptr, pacc_ptr, out_ptr,
+                     so_b, so_h, gamma_ptr, gamma_val, S_CTX, S_ANC, GQA, GQA_PAD, D, MODE_GAMMA,
+                     GAMMA_PER_HEAD, S_PAD)

@@ -25,7 +25,7 @@ import triton
 
 from fieldprint.dqp_profile import EXP_MAX, EXP_MIN
 from fieldprint.errors import KernelInputError
-from fieldprint.kernels.decode import _decode_kernel
+from fieldprint.kernels.decode import _decode_kernel, _merge_kernel
 from fieldprint.kernels.launch import PreparedLaunch
 from fieldprint.kernels.prefill import _prefill_kernel
 
@@ -375,8 +375,9 @@ class DecodePlan:
     so a call costs a few shape comparisons and the launch itself, not Triton's argument binding.
     """
 
-    def __init__(self, launch: PreparedLaunch, q: torch.Tensor, pool_shape, anchor_layout) -> None:
-        self.launch = launch
+    def __init__(self, launch: PreparedLaunch, q: torch.Tensor, pool_shape, anchor_layout,
+                 merge: PreparedLaunch | None = None) -> None:
+        self.launch, self.merge = launch, merge  # merge: the merge's own launch (merge="apart")
         self.shape, self.dtype, self.device, self.q_stride = tuple(q.shape), q.dtype, q.device, q.stride()
         self.pool_shape, self.anchor_layout = pool_shape, anchor_layout
 
@@ -408,6 +409,8 @@ class DecodePlan:
             self.launch.launch(q, k_cache, v_cache, anchors.k, anchors.v, anchors.k_scale, anchors.v_exp, out)
         else:
             self.launch.launch(q, k_cache, v_cache, anchors.k, anchors.v, q, q, out)
+        if self.merge is not None:
+            self.merge.launch(out)
         return out
 
 
@@ -431,6 +434,7 @@ def plan_decode(
     num_stages: int = 2,
     max_registers: int | None = -1,
     min_chunk: int | None = None,
+    merge: str | None = None,
     workspace: DecodeWorkspace | None = None,
 ) -> DecodePlan:
     """Check and prepare a decode launch for q's shape over these tables, lengths and anchors.
@@ -453,6 +457,8 @@ def plan_decode(
     block_n = 64 if on_gpu else 16
     sms = _num_sms(q.device)
     max_ctx = block_tables.shape[1] * bs
+    if merge not in (None, "fused", "apart"):
+        raise _bad(f"merge must be 'fused', 'apart' or None (the heuristic), got {merge!r}")
     if min_chunk is None:
         min_chunk = block_n if not on_gpu else 4 * block_n if anchors is not None else _short_chunk(
             max_ctx, bsz * hkv, sms, block_n)
@@ -478,11 +484,17 @@ def plan_decode(
             s_anc, achunk = _splits(max_alen, n_tiles * hkv, sms, block_n, block_n, anchor_splits)
         n_anchor_items = n_tiles * hkv * s_anc
     s_tot = s_ctx + s_anc
+    if merge is None:
+        # Fused, a sharing tile's last anchor item merges its sequences one after another; from B=32
+        # that chain costs more than a second launch (H200: B=128 2k int8 anchors 79.4 -> 76.6 us, bf16
+        # 87.9 -> 81.8), at B=8 it does not (8k context: 85.2 fused, 88.5 apart; docs/attention-notes.md v16).
+        merge = "apart" if tile > 1 and bsz > 8 else "fused"
     dev = q.device
     if workspace is not None and workspace.device != dev:
         raise _bad(f"the workspace is on {workspace.device} but q is on {dev}")
     pm, pl, pacc, cnt = (workspace or _default_workspace(dev)).take(bsz * hq * s_tot, d, bsz * hkv)
     gptr, gval, g_per_head = _gamma_args(gamma, q)
+    gamma_arg = gptr if gptr is not None else pm
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
     int8 = a is not None and a.k.dtype == torch.int8
     if a is not None:
@@ -502,7 +514,7 @@ def plan_decode(
     args = [
         None, None, None, block_tables.contiguous(), context_lens,  # q, k_cache, v_cache: per layer
         None, None, abt, alen, aset, order, start, None, None,  # anchor k, v, k_scale, v_exp: per layer
-        gptr if gptr is not None else pm, gval, pm, pl, pacc, cnt, None,  # out: per layer
+        gamma_arg, gval, pm, pl, pacc, cnt, None,  # out: per layer
         bsz, hkv, block_tables.shape[1], abt.shape[1], chunk, achunk, n_anchor_items,
         scale * _LOG2E, q.stride(0), q.stride(1), q.stride(0), q.stride(1),  # out's strides are q's
     ]
@@ -511,10 +523,17 @@ def plan_decode(
         M_ANC=max(16, tile * gqa_pad), BLOCK_N=block_n, BS=bs, BSA=bsa, S_CTX=s_ctx, S_ANC=s_anc,
         INT8=int8, MODE_GAMMA=mode == "gamma", GAMMA_PER_HEAD=g_per_head,
         S_PAD=triton.next_power_of_2(max(s_ctx, s_anc)),
+        MERGE_APART=merge == "apart",
     )
     grid = (n_anchor_items + bsz * hkv * s_ctx,)
     launch = PreparedLaunch(_decode_kernel, grid, args, constexprs, options, _PER_LAYER, dev)
-    return DecodePlan(launch, q, k_cache.shape, None if a is None else a.layout)
+    merge_launch = None
+    if merge == "apart":
+        names = ("S_CTX", "S_ANC", "GQA", "GQA_PAD", "D", "MODE_GAMMA", "GAMMA_PER_HEAD", "S_PAD")
+        merge_launch = PreparedLaunch(_merge_kernel, (bsz * hkv,), [aset, alen, pm, pl, pacc, gamma_arg, gval, None, hkv,
+                                                                    q.stride(0), q.stride(1)],
+                                      {n: constexprs[n] for n in names}, {"num_warps": 4}, (7,), dev)
+    return DecodePlan(launch, q, k_cache.shape, None if a is None else a.layout, merge_launch)
 
 
 def paged_attention_decode(

@@ -225,17 +225,19 @@ def test_decode_splits_and_sharing_tiles_agree():
     q = torch.randn(5, 8, 64, generator=gen)
     ref = reference_paged(q, None, k, v, bt, cl, *a, mode="gamma", gamma=0.3)
     for splits, asplits, tile in [(1, 1, 1), (3, 2, 2), (8, 5, 4), (None, None, 8)]:
-        out = torch.full_like(q, float("nan"))
-        decode(q, k, v, bt, cl, *a, mode="gamma", gamma=0.3, out=out,
-                               num_splits=splits, anchor_splits=asplits, seq_tile=tile)
-        assert _relerr(out, ref) < 2e-5, (splits, asplits, tile)
+        for merge in ("fused", "apart"):  # the last item to finish merges, or a launch of its own
+            out = torch.full_like(q, float("nan"))
+            decode(q, k, v, bt, cl, *a, mode="gamma", gamma=0.3, out=out,
+                   num_splits=splits, anchor_splits=asplits, seq_tile=tile, merge=merge)
+            assert _relerr(out, ref) < 2e-5, (splits, asplits, tile, merge)
     # A long run of one set is cut into several sharing tiles (and a last, shorter one).
     a = _anchors([70, 20], [0, 0, 0, 1, 0], 16, 2, 64, torch.float32, gen)
     ref = reference_paged(q, None, k, v, bt, cl, *a)
     for tile in (1, 2, 4):
-        out = torch.full_like(q, float("nan"))
-        decode(q, k, v, bt, cl, *a, out=out, seq_tile=tile, anchor_splits=2)
-        assert _relerr(out, ref) < 2e-5, tile
+        for merge in ("fused", "apart"):
+            out = torch.full_like(q, float("nan"))
+            decode(q, k, v, bt, cl, *a, out=out, seq_tile=tile, anchor_splits=2, merge=merge)
+            assert _relerr(out, ref) < 2e-5, (tile, merge)
 
 
 def test_concat_equals_sdpa_on_concatenated_kv():
@@ -351,6 +353,7 @@ def _base(gen=None):
     (lambda a: a.update(min_chunk=24), "min_chunk must be a multiple"),
     (lambda a: a.update(min_chunk="64"), "min_chunk must be a multiple"),
     (lambda a: a.update(min_chunk=True), "min_chunk must be a multiple"),
+    (lambda a: a.update(merge="late"), "merge must be"),
 ])
 def test_decode_rejects_bad_inputs(mutate, needle):
     q, k, v, bt, cl = _base()
