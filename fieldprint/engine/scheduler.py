@@ -96,6 +96,11 @@ class Scheduler:
         seq.preemptions += 1
         self.waiting.appendleft(seq)
 
+    def hold(self, seq: Sequence) -> None:
+        """Take a running sequence out of the next steps (its token in flight is its last); it keeps its
+        blocks until finish()."""
+        self.running.remove(seq)
+
     def finish(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
