@@ -555,7 +555,9 @@ def paged_attention_decode(
     dtype as q, last dim contiguous); workspace: the caller's scratch memory (default: one per GPU
     stream); num_splits, anchor_splits and seq_tile override the split-KV and anchor-sharing
     heuristics (seq_tile=1: no sharing); num_warps/num_stages/max_registers (per-thread register
-    cap, None = none, -1 = heuristic) override the launch configuration. A caller that runs the
+    cap, None = none, -1 = heuristic) override the launch configuration; merge ("fused": the last
+    item to finish merges, "apart": a second launch merges; None: apart where sequences share tiles
+    at B > 8) says where the partials are merged. A caller that runs the
     same step over many layers plans once (plan_decode) and calls DecodePlan.run per layer.
     """
     q = q if q.dim() != 3 or q.stride(-1) == 1 else q.contiguous()

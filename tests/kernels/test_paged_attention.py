@@ -147,11 +147,12 @@ def test_decode_matches_oracle(case):
     a = _anchors(anc[0], anc[1], bs, hkv, d, dtype, gen, int8=anc[2]) if anc else (None, None)
     gamma = torch.rand(hq, generator=gen) if g == "head" else g
     q = torch.randn(len(lens), hq, d, generator=gen).to(dtype)
-    out = torch.full_like(q, float("nan"))
-    decode(q, k, v, bt, cl, *a, mode=mode, gamma=gamma, out=out)
     ref = reference_paged(q, None, k, v, bt, cl, *a, mode=mode, gamma=gamma)
-    err = _relerr(out, ref)
-    assert err < TOL[dtype], f"relative error {err:.3g} >= {TOL[dtype]} for {dtype} (seed {seed}: _seed(case))"
+    for merge in ("fused", "apart"):
+        out = torch.full_like(q, float("nan"))
+        decode(q, k, v, bt, cl, *a, mode=mode, gamma=gamma, out=out, merge=merge)
+        err = _relerr(out, ref)
+        assert err < TOL[dtype], f"{merge}: relative error {err:.3g} >= {TOL[dtype]} for {dtype} (seed {seed}: _seed(case))"
 
 
 PREFILL_CASES = [
@@ -466,6 +467,10 @@ def test_a_callers_workspace_is_reused_grown_and_gives_the_same_results():
         want = decode(q, k, v, bt, cl, *anchors)
         assert torch.equal(decode(q, k, v, bt, cl, *anchors, workspace=ws), want)
         assert torch.equal(decode(q, k, v, bt, cl, *anchors, workspace=ws), want)  # counters were left at zero
+        # The merge as a launch of its own, between fused ones in the same workspace: it leaves the
+        # counters alone, and the fused launch after it finds them at zero.
+        assert torch.equal(decode(q, k, v, bt, cl, *anchors, workspace=ws, merge="apart"), want)
+        assert torch.equal(decode(q, k, v, bt, cl, *anchors, workspace=ws, merge="fused"), want)
     assert ws._m.numel() >= 4 * 8 * 2 and not ws._cnt.any()
     with pytest.raises(KernelInputError, match="workspace is on"):
         paged_attention_decode(*(t.to(DEVICE) for t in (q, k, v, bt, cl)), workspace=DecodeWorkspace("meta"))
