@@ -96,6 +96,13 @@ class Scheduler:
         seq.preemptions += 1
         self.waiting.appendleft(seq)
 
+    def decode_fits(self, extra: int = 1) -> bool:
+        """Whether every running sequence could take `extra` more tokens than it has without a preemption."""
+        bs, need = self.blocks.block_size, 0
+        for seq in self.running:
+            need += max(0, -(-(len(seq) + extra) // bs) - len(seq.block_table))
+        return need <= self.blocks.num_free
+
     def hold(self, seq: Sequence) -> None:
         """Take a running sequence out of the next steps (its token in flight is its last); it keeps its
         blocks until finish()."""

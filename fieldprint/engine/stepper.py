@@ -10,8 +10,10 @@ that goes on holds token 0 as a placeholder, so that lengths, positions, slots a
 count it, and the step's input id for it is copied on the device from the draw (runner.Feed). A
 sequence whose token in flight is its last by length leaves the running set first; one that stops
 on a token has run one step more, whose token is dropped and whose K/V its finish does not count
-(num_cached goes back). Placeholders never outlive step(). Tensor-parallel ranks take their inputs
-from the host, so there the engine steps in order (overlap off).
+(num_cached goes back). Placeholders never outlive step(). When the next decode step might have to
+preempt (too few free blocks), the step before is read first: a preempted sequence gives its blocks
+away, and if its token in flight ended it, its K/V would be gone. Tensor-parallel ranks take their
+inputs from the host, so there the engine steps in order (overlap off).
 """
 
 from __future__ import annotations
@@ -67,6 +69,13 @@ class Stepper:
     def step(self) -> list[Sequence]:
         """Queue the next step, then read the one before (overlap) or this one; return who finished."""
         prev, self.queued, self.launched = self.queued, None, None
+        done = []
+        if prev is not None and not self.scheduler.decode_fits():
+            # The next decode step may preempt, and a preempted sequence gives its blocks away: if its
+            # token in flight then ended it, its K/V would be gone. Read first, as steps in order do.
+            with self.marks("append"):
+                done = self._read(prev, {})
+            prev = None
         pending = self._placeholders(prev) if prev is not None else {}
         try:
             nxt = self._launch(prev, pending)
@@ -76,7 +85,7 @@ class Stepper:
             self._read(prev, {})
             raise
         with self.marks("append"):
-            done = self._read(prev, pending)
+            done += self._read(prev, pending)
             if nxt is not None and (not self.overlap or all(s.is_finished for s in nxt.seqs)):
                 done += self._read(nxt, {})  # nothing left to overlap with: read it now
             else:
