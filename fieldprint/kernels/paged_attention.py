@@ -366,7 +366,8 @@ _PER_LAYER = (0, 1, 2, 5, 6, 12, 13, 20)
 
 
 class DecodePlan:
-    """One decode launch prepared once: checks, split sizes, the anchor plan and the argument list.
+    """One decode launch (and with merge="apart" the merge's) prepared once: checks, split sizes, the
+    anchor plan and the argument lists.
 
     plan_decode() does all that depends on the step (the batch's block tables and lengths, the
     anchor routing, the pools' shapes); run() swaps in the tensors that change per layer (q, the
@@ -485,9 +486,10 @@ def plan_decode(
         n_anchor_items = n_tiles * hkv * s_anc
     s_tot = s_ctx + s_anc
     if merge is None:
-        # Fused, a sharing tile's last anchor item merges its sequences one after another; from B=32
-        # that chain costs more than a second launch (H200: B=128 2k int8 anchors 79.4 -> 76.6 us, bf16
-        # 87.9 -> 81.8), at B=8 it does not (8k context: 85.2 fused, 88.5 apart; docs/attention-notes.md v16).
+        # Fused, a sharing tile's last anchor item merges its sequences one after another; at B=32 and
+        # 128 that chain cost more than a second launch (H200: B=128 2k int8 anchors 79.4 -> 76.6 us, bf16
+        # 87.9 -> 81.8), at B=8 it did not (8k context: 85.2 fused, 88.5 apart; docs/attention-notes.md
+        # v16). B=9-31 were not measured.
         merge = "apart" if tile > 1 and bsz > 8 else "fused"
     dev = q.device
     if workspace is not None and workspace.device != dev:
