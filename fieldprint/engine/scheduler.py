@@ -107,10 +107,12 @@ class Scheduler:
             need += max(0, -(-(len(seq) + extra) // bs) - len(seq.block_table))
         return need <= self.blocks.num_free
 
-    def hold(self, seq: Sequence) -> None:
-        """Take a running sequence out of the next steps (its token in flight is its last); it keeps its
-        blocks until finish()."""
-        self.running.remove(seq)
+    def hold(self, seqs: list[Sequence]) -> None:
+        """Take running sequences out of the next steps (their tokens in flight are their last); they keep
+        their blocks until finish(). One pass: a whole batch may end at the same step."""
+        if seqs:
+            held = set(map(id, seqs))
+            self.running = deque(s for s in self.running if id(s) not in held)
 
     def finish(self, seq: Sequence) -> None:
         if seq in self.running:

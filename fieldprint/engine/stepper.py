@@ -100,16 +100,17 @@ class Stepper:
     def _placeholders(self, prev: Queued) -> dict[Sequence, int]:
         """Before prev's tokens are read: a placeholder for each sequence that goes on (-> its row in
         prev's draw); a sequence whose token is its last by length is held out of the next step."""
-        out = {}
+        out, last = {}, []
         limit = self.runner.config.max_model_len
         for row, s in enumerate(prev.seqs):
             if s.status is not Status.RUNNING:
                 continue
             if len(s.output_ids) + 1 >= s.params.max_tokens or len(s) + 1 >= limit:
-                self.scheduler.hold(s)
+                last.append(s)
                 continue
             s.output_ids.append(0)
             out[s] = row
+        self.scheduler.hold(last)
         return out
 
     def _launch(self, prev: Queued | None, pending: dict[Sequence, int]) -> Queued | None:
