@@ -102,13 +102,13 @@ class StepInputs:
         return self.graph, x.width, x.sets, x.anchor_width
 
 
-def _decode_slots(seqs: list[Sequence], at: list[int], bs: int) -> list[int]:
-    """The cache slot of each sequence's new token `at[i]`; EngineError if its table lacks that block."""
+def _cache_slots(seqs: list[Sequence], at: list[int], bs: int) -> list[int]:
+    """The cache slot of token `at[i]` of sequence `seqs[i]`; EngineError if its table lacks that block."""
     try:
         return [s.block_table[i // bs] * bs + i % bs for s, i in zip(seqs, at)]
     except IndexError:
-        s = next(s for s, i in zip(seqs, at) if i // bs >= len(s.block_table))
-        raise EngineError(f"sequence {s.seq_id} has no cache block for token {s.num_cached} "
+        s, i = next((s, i) for s, i in zip(seqs, at) if i // bs >= len(s.block_table))
+        raise EngineError(f"sequence {s.seq_id} has no cache block for token {i} "
                           f"({len(s.block_table)} blocks of {bs}): grow its table before the step") from None
 
 
@@ -226,7 +226,7 @@ class ModelRunner:
         if decode:  # one token each: no per-token loop
             ids[:n] = [s.token_at(i) for s, i in zip(seqs, at)]
             pos[:n] = [s.anchor_len + i for s, i in zip(seqs, at)]
-            slots[:n] = _decode_slots(seqs, at, bs)
+            slots[:n] = _cache_slots(seqs, at, bs)
             lens[:n] = [i + 1 for i in at]
         else:
             t = 0
@@ -234,7 +234,7 @@ class ModelRunner:
                 start = s.num_cached
                 ids[t : t + c] = s.tokens[start : start + c]
                 pos[t : t + c] = range(s.anchor_len + start, s.anchor_len + start + c)
-                slots[t : t + c] = [s.block_table[i // bs] * bs + i % bs for i in range(start, start + c)]
+                slots[t : t + c] = _cache_slots([s] * c, list(range(start, start + c)), bs)
                 t += c
             lens[:n] = [i + c for i, c in zip(at, counts)]
         lens[n:] = 1

@@ -141,9 +141,10 @@ def test_a_graph_steps_block_tables_follow_every_change_of_the_tables(tiny_model
     assert_rows(seqs[:2])
 
 
-def test_a_decode_step_without_a_block_for_its_token_is_refused(tiny_model, make_runner, engine_ops):
+def test_a_step_without_a_block_for_its_token_is_refused(tiny_model, make_runner, engine_ops):
     """A decode step whose table lacks the block for its new token is refused by name, whether it would
-    run eagerly or in a graph (whose kept table rows hold 0, the padding target, past a table's end)."""
+    run eagerly or in a graph (whose kept table rows hold 0, the padding target, past a table's end);
+    so is a prefill step whose table lacks one for any of its tokens."""
     lm, _ = tiny_model("llama")
     runner = make_runner(lm)  # 4-token blocks
     ok, short = engine_ops.new_seq(list(range(10, 17))), engine_ops.new_seq(list(range(10, 18)))
@@ -157,6 +158,11 @@ def test_a_decode_step_without_a_block_for_its_token_is_refused(tiny_model, make
             runner.inputs([ok, short], [1, 1])
     runner.blocks.grow(short.block_table, len(short))
     assert runner.inputs([ok, short], [1, 1]).graph
+    # A prefill step the same: a 9-token prompt over two blocks (8 tokens) is refused at token 8.
+    fresh = engine_ops.new_seq(list(range(20, 29)))
+    runner.blocks.grow(fresh.block_table, 8)
+    with pytest.raises(EngineError, match=f"sequence {fresh.seq_id} has no cache block for token 8"):
+        runner.inputs([fresh], [9])
 
 
 def test_chunked_argmax_is_argmax_ties_and_tails_included():
