@@ -295,7 +295,8 @@ class ModelRunner:
             slot[1].synchronize()
         n = packed.numel()
         if slot[0] is None or slot[0].numel() < n:
-            slot[0] = torch.empty(max(n, 1 << 16), dtype=torch.uint8, pin_memory=True)
+            with torch.inference_mode(False):  # a buffer made in forward() is also filled outside it (prepare)
+                slot[0] = torch.empty(max(n, 1 << 16), dtype=torch.uint8, pin_memory=True)
         src = slot[0][:n]
         src.copy_(packed)
         out = src.to(self.device, non_blocking=True) if dst is None else dst.copy_(src, non_blocking=True)

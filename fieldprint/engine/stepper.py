@@ -139,8 +139,9 @@ class Stepper:
             host, event = tokens, None
             if tokens.is_cuda:
                 if not self._pinned or self._pinned[0].numel() < len(drew):
-                    self._pinned = [torch.empty(max(self.max_rows, len(drew)), dtype=torch.int64, pin_memory=True)
-                                    for _ in range(2)]
+                    with torch.inference_mode(False):  # filled later whether or not a caller is in inference mode
+                        self._pinned = [torch.empty(max(self.max_rows, len(drew)), dtype=torch.int64, pin_memory=True)
+                                        for _ in range(2)]
                 self._pinned.reverse()  # not the buffer of the step still unread (there is at most one)
                 host = self._pinned[0][: len(drew)]
                 host.copy_(tokens, non_blocking=True)
