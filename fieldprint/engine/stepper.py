@@ -169,7 +169,10 @@ class Stepper:
                 s.finish_reason = reason
                 # A step queued after this one may have cached this token: its K/V is not the output's.
                 s.num_cached = min(s.num_cached, cached)
-                self.on_finish(s)
-                self.scheduler.finish(s)
                 done.append(s)
+        # Every token of the step is out before any finish's work: a K/V commit may wait on the
+        # committer's queue (back-pressure), and the other sequences' tokens must not wait with it.
+        for s in done:
+            self.on_finish(s)
+            self.scheduler.finish(s)
         return done

@@ -142,3 +142,28 @@ def test_sequences_finished_while_a_step_is_queued_are_dropped_from_it(tiny_mode
         stepper.step()
     assert seqs[0].output_ids == kept and len(seqs[1].output_ids) == 20
     assert runner.blocks.num_free == runner.blocks.num_blocks - 1
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_every_token_of_a_step_is_out_before_any_finish_work(tiny_model, make_runner, overlap):
+    """A finish's work (a K/V commit may block on the committer's queue) runs after every token of
+    its step is appended: the sequences that go on, and the others ending there, do not wait on it."""
+    lm, _ = tiny_model("llama")
+    runner = make_runner(lm)
+    sched = Scheduler(runner.blocks, max_num_seqs=8, max_num_batched_tokens=256)
+    ends = (5, 5, 5, 9)
+    seqs = [Sequence(p, SamplingParams(max_tokens=n, ignore_eos=True))
+            for p, n in zip(_requests(lm.args.vocab_size, 4, seed=6), ends)]
+    seen = []
+
+    def on_finish(s: Sequence) -> None:
+        seen.append([len(q.output_ids) for q in seqs])
+
+    stepper = Stepper(runner, sched, lambda s, t: "length" if len(s.output_ids) >= s.params.max_tokens else None,
+                      on_finish, overlap=overlap)
+    for s in seqs:
+        sched.add(s)
+    while not stepper.idle:
+        stepper.step()
+    # the three ending at 5 tokens: each finish sees all three done and the fourth at 5 tokens
+    assert seen[:3] == [[5, 5, 5, 5]] * 3 and seen[3] == [5, 5, 5, 9], seen
