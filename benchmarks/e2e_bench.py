@@ -1,8 +1,8 @@
 """Generation end to end: anchors vs none, vs HF generate, the bandwidth floor, nano-vllm's protocol.
 
-Drives ModelRunner + Scheduler with token ids, step by step as Engine.step does (the Engine class
-itself needs a tokenizer and a memory; random weights have neither). Random bf16 weights, configs
-written out in engine_bench.py.
+Drives ModelRunner + Scheduler with token ids through the engine's step loop (stepper.py; the Engine
+class itself needs a tokenizer and a memory; random weights have neither). Random bf16 weights,
+configs written out in engine_bench.py.
 
 1. Llama-3.2-1B: B requests of 512 random prompt tokens and 128 new tokens each, B = 1/8/32/128,
    without anchors and with one 2k-token int8 anchor set shared by the batch; each finished
@@ -19,7 +19,9 @@ written out in engine_bench.py.
 4. nano-vllm's throughput protocol: 256 requests, input and output lengths uniform in 100..1024
    (seed 0), all submitted at once, Qwen3-0.6B shapes: output tokens/s, p50/p99 time to first
    token and inter-token latency.
-Beside them: the profile section (kernels per decode step) and the timeline section (each decode
+Beside them: the overlap section (each step queued before the step before is read, the engine's
+default, against steps one after the other, with anchors, interleaved pairs), the profile section
+(kernels per decode step) and the timeline section (each decode
 step's host phases and the device's busy and idle time, --traces DIR keeps the profiler's traces).
     python benchmarks/e2e_bench.py [--smoke] [--out FILE]
 """
@@ -27,7 +29,6 @@ step's host phases and the device's busy and idle time, --traces DIR keeps the p
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -63,6 +64,7 @@ from fieldprint.engine.kv_cache import cdiv
 from fieldprint.engine.runner import ModelRunner, RunnerConfig
 from fieldprint.engine.scheduler import Scheduler
 from fieldprint.engine.sequence import SamplingParams, Sequence
+from fieldprint.engine.stepper import Stepper
 
 FULL = {"model": "llama-3.2-1b", "batches": (1, 8, 32, 128), "hf_batches": (1, 8, 32), "prompt": 512, "new": 128,
         "anchors": 2048, "anchor_states": 8, "repeats": 5, "hf_repeats": 3, "protocol_model": "qwen3-0.6b",
@@ -79,46 +81,44 @@ def ms(xs: list[float], q: float) -> float | None:
 
 
 def serve(runner: ModelRunner, sched: Scheduler, seqs: list[Sequence], committer=None, session: str = "bench",
-          marks: bool = False) -> dict:
+          marks: bool = False, overlap: bool = True) -> dict:
     """Submit every sequence at once and step until all finish; per-token times and step times.
 
-    The loop is Engine.step's: schedule, forward, count cached tokens, sample the sequences whose
-    prompt is in, append, finish at max_tokens (commit the K/V, free the blocks, unpin the set).
-    marks: name each step's phases for a profiler's timeline (timeline_section).
+    The loop is the engine's (fieldprint/engine/stepper.py): each step queued before the step
+    before's tokens are read (overlap; off: one after the other), finish at max_tokens (commit the
+    K/V, unpin the set, free the blocks). A token's time is when the host reads it. marks: name each
+    step's phases for a profiler's timeline (timeline_section).
     """
-    mark = torch.profiler.record_function if marks else (lambda _name: contextlib.nullcontext())
     t0 = time.perf_counter()
     for s in seqs:
         sched.add(s)
         if s.anchor_key:
             runner.anchor_pool.pin(s.anchor_key)
     times: dict[int, list[float]] = {s.seq_id: [] for s in seqs}
+
+    def finish_reason(s: Sequence, tok: int) -> str | None:
+        times[s.seq_id].append(time.perf_counter())
+        return "length" if len(s.output_ids) >= s.params.max_tokens else None
+
+    def on_finish(s: Sequence) -> None:
+        if committer is not None:
+            commit_sequence(committer, runner, s.block_table, s.num_cached, session=session, state_type="session_kv")
+        if s.anchor_key:
+            runner.anchor_pool.unpin(s.anchor_key)
+
+    stepper = Stepper(runner, sched, finish_reason, on_finish, overlap=overlap, max_rows=max(256, len(seqs)),
+                      marks=torch.profiler.record_function if marks else None)
     decode_steps: list[tuple[int, float]] = []
     steps = 0
-    while not sched.idle:
+    while not stepper.idle:
         start = time.perf_counter()
-        with mark("schedule"):
-            batch, counts = sched.schedule()
-        if not batch:
+        done = stepper.step()
+        launched = stepper.launched
+        if launched is None and not done and stepper.queued is None and not sched.idle:
             raise SystemExit("the scheduler returned an empty step with requests pending")
-        decode = all(n == 1 and s.num_cached > 0 for s, n in zip(batch, counts))
-        with mark("forward:decode" if decode else "forward:prefill"):
-            logits = runner.forward(batch, counts)
-        ready = []
-        for i, (s, n) in enumerate(zip(batch, counts)):
-            s.num_cached += n
-            if s.num_cached == len(s):
-                ready.append(i)
-        with mark("sample"):
-            # a decode step samples every row: no gather of [B, vocab] logits (65 MB at B=128 with 128k tokens)
-            rows = logits if len(ready) == len(batch) else logits[ready]
-            tokens = runner.sample([batch[i] for i in ready], rows) if ready else []
-        now = time.perf_counter()  # sample() read the tokens back: the step is done on the device
         steps += 1
-        if decode:
-            decode_steps.append((len(batch), now - start))
-        with mark("append"):
-            append(runner, sched, batch, ready, tokens, times, now, committer, session)
+        if launched is not None and launched.decode:
+            decode_steps.append((len(launched.seqs), time.perf_counter() - start))
     last = max(t[-1] for t in times.values())
     if committer is not None:
         committer.flush(session)
@@ -130,23 +130,6 @@ def serve(runner: ModelRunner, sched: Scheduler, seqs: list[Sequence], committer
             "commit_after_s": done - last, "tok_s_commit_done": outputs / (done - t0),
             "ttft_s": ttft, "itl_s": itl, "decode_steps": decode_steps,
             "preemptions": sum(s.preemptions for s in seqs)}
-
-
-def append(runner, sched, batch, ready, tokens, times, now, committer, session) -> None:
-    """serve's step end: append each sampled token, finish at max_tokens (commit the K/V, free the
-    blocks, unpin the anchor set)."""
-    for i, tok in zip(ready, tokens):
-        s = batch[i]
-        s.output_ids.append(tok)
-        times[s.seq_id].append(now)
-        if len(s.output_ids) >= s.params.max_tokens:
-            s.finish_reason = "length"
-            if committer is not None:
-                commit_sequence(committer, runner, s.block_table, s.num_cached, session=session,
-                                state_type="session_kv")
-            sched.finish(s)
-            if s.anchor_key:
-                runner.anchor_pool.unpin(s.anchor_key)
 
 
 SAMPLED = {"temperature": 0.8, "top_p": 0.95, "top_k": 50}
@@ -177,6 +160,29 @@ def sampling_section(runner, sched, p, rng) -> dict:
                        "pair_ratios": ratios, "sampled_vs_greedy": statistics.median(ratios)}
         log(f"  B={b:>4}: greedy {out[str(b)]['greedy_tok_s']:>9.0f} tok/s  sampled {out[str(b)]['sampled_tok_s']:>9.0f}"
             f"  ratio {out[str(b)]['sampled_vs_greedy']:.3f} ({SAMPLED})")
+    return out
+
+
+def overlap_section(runner, sched, p, rng, cs) -> dict:
+    """Each step queued before the step before is read (the engine's default) against steps one after
+    the other, with the anchor set, as interleaved pairs after an untimed one: tokens/s and the
+    decode step's p50."""
+    out, vocab = {}, runner.args.vocab_size
+    for b in p["batches"]:
+        runs = {"in_order": [], "overlap": []}
+        for r in range(p["repeats"] + 1):
+            for label in ("in_order", "overlap") if r % 2 == 0 else ("overlap", "in_order"):
+                run = summarize(serve(runner, sched, requests(rng, b, p["prompt"], p["new"], vocab, cs),
+                                      overlap=label == "overlap"))
+                if r:  # the first pair is untimed
+                    runs[label].append(run)
+        row = {label: median_run(rs) for label, rs in runs.items()}
+        row["pair_ratios"] = [o["tok_s"] / i["tok_s"] for o, i in zip(runs["overlap"], runs["in_order"])]
+        row["overlap_vs_in_order"] = statistics.median(row["pair_ratios"])
+        out[str(b)] = row
+        log(f"  B={b:>4}: in order {row['in_order']['tok_s']:>9.0f} tok/s (step {row['in_order']['decode_step_ms_p50']:.3f} ms)"
+            f"  overlapped {row['overlap']['tok_s']:>9.0f} (step {row['overlap']['decode_step_ms_p50']:.3f} ms)"
+            f"  ratio {row['overlap_vs_in_order']:.3f}")
     return out
 
 
@@ -510,7 +516,7 @@ def main() -> None:
     ap.add_argument("--bandwidth", type=float, default=4.27e12, help="B/s for the decode floor (default 4.27e12)")
     ap.add_argument("--model", default=None, help="model of sections 1-3 (default llama-3.2-1b; e.g. llama-3-8b)")
     ap.add_argument("--skip", default="",
-                    help="comma-separated sections to skip: anchors, sampling, profile, timeline, hf, protocol")
+                    help="comma-separated sections to skip: anchors, overlap, sampling, profile, timeline, hf, protocol")
     ap.add_argument("--traces", default=None, help="a folder to keep the timeline section's profiler traces in")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "e2e_bench.json"))
     args = ap.parse_args()
@@ -548,6 +554,10 @@ def main() -> None:
                 f"{'off' if args.no_commit else 'on'}")
             if "anchors" not in skip:
                 res["anchors"] = anchors_section(runner, sched, bench, cs, p, rng, not args.no_commit)
+                save()
+            if "overlap" not in skip:
+                log(f"{p['model']}: steps queued before the step before is read vs one after the other")
+                res["overlap"] = overlap_section(runner, sched, p, rng, cs)
                 save()
             if "sampling" not in skip:
                 log(f"{p['model']}: sampled generation vs greedy")

@@ -4,7 +4,8 @@ Random-weight Llama-family models (SmolLM2-135M's shape: 9 query / 3 KV heads; a
 with q/k norms) in bf16 on the GPU: our forward through the fused kernels vs HF transformers (SDPA)
 on the same weights (max |dlogit|, top-1 agreement over a prompt); greedy decode through CUDA graphs
 vs eager steps vs HF greedy generate (token agreement); the torch path over the same paged cache vs
-the kernels; anchors (bf16 and int8) through the kernels vs the torch path. Prints a table and writes
+the kernels; anchors (bf16 and int8) through the kernels vs the torch path; the stepper with steps
+overlapped vs in order (check_overlap). Prints a table and writes
 benchmarks/results/check_engine.json.
 """
 
@@ -95,9 +96,10 @@ def main() -> None:
                                  min_new_tokens=64)[0, 64:].tolist()
         agree = lambda a, b: next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))  # noqa: E731
         graph_anchors = check_graph_anchors(runner, lm)
+        overlap = check_overlap(runner, lm)
         anchor_check = check_anchors(runner, lm)  # kernels vs the torch path, bf16 and int8 anchors, one layer
         r = {"max_dlogit_vs_hf": dl, "top1_vs_hf": top1, "graph_eq_eager_tokens": agree(outs["graph"], outs["eager"]),
-             "graph_vs_hf_first_divergence": agree(outs["graph"], hf_out), **graph_anchors, **anchor_check}
+             "graph_vs_hf_first_divergence": agree(outs["graph"], hf_out), **graph_anchors, **anchor_check, **overlap}
         results[name] = r
         rows.append((name, r))
         del hf, runner, lm
@@ -108,6 +110,41 @@ def main() -> None:
         json.dump(results, f, indent=2)
     for name, r in rows:
         print(name, json.dumps(r))
+
+
+def check_overlap(runner, lm) -> dict:
+    """The stepper with each step queued before the step before is read vs steps in order, through the
+    CUDA graphs: 12 sequences (chunked prompts, a stop on a token, max_tokens). Exact: each finished
+    sequence's cached count (its last token has no K/V). Reported: how many sequences drew the same
+    tokens (the batches differ by the rows of sequences that stopped a step earlier, which a GPU may
+    round otherwise) and the earliest divergence."""
+    from fieldprint.engine.scheduler import Scheduler
+    from fieldprint.engine.stepper import Stepper
+
+    runner.use_graphs = runner.device.type == "cuda"
+    g = torch.Generator().manual_seed(2)
+    lens = (5, 40, 300, 17, 129, 64, 3, 250, 90, 33, 200, 11)
+    prompts = [torch.randint(0, lm.args.vocab_size, (n,), generator=g).tolist() for n in lens]
+    runs = {}
+    for overlap in (False, True):
+        sched = Scheduler(runner.blocks, max_num_seqs=64, max_num_batched_tokens=256)
+        seqs = [Sequence(list(p), SamplingParams(max_tokens=8 + 5 * i, ignore_eos=True)) for i, p in enumerate(prompts)]
+        cached = {}
+
+        def reason(s, tok):
+            return "stop" if tok % 13 == 0 else "length" if len(s.output_ids) >= s.params.max_tokens else None
+
+        stepper = Stepper(runner, sched, reason, lambda s, c=cached: c.__setitem__(s.seq_id, s.num_cached), overlap=overlap)
+        for s in seqs:
+            sched.add(s)
+        while not stepper.idle:
+            stepper.step()
+        assert all(cached[s.seq_id] == len(s) - 1 for s in seqs), [(cached[s.seq_id], len(s)) for s in seqs]
+        runs[overlap] = [(s.output_ids, s.finish_reason) for s in seqs]
+    first = [next((i for i, (x, y) in enumerate(zip(a[0], b[0])) if x != y), min(len(a[0]), len(b[0])))
+             for a, b in zip(runs[True], runs[False]) if a != b]
+    return {"overlap_same_tokens": sum(a == b for a, b in zip(runs[True], runs[False])), "overlap_sequences": len(lens),
+            "overlap_first_divergence": min(first, default=None), "overlap_stops": sum(r == "stop" for _, r in runs[True])}
 
 
 def check_graph_anchors(runner, lm, new: int = 48) -> dict:

@@ -50,6 +50,9 @@ def engine(engine_json: str, e2e_json: str) -> None:
         ok = row["anchors_vs_none"] >= g.get("anchors_vs_none", 0)
         print(f"e2e B={b:>3}: {row['none']['tok_s']:>8.0f} tok/s, anchors/none {row['anchors_vs_none']:.3f} "
               f"(goal >= {g.get('anchors_vs_none')}: {'met' if ok else 'NOT met'})")
+    for b, row in e2e.get("overlap", {}).items():
+        print(f"e2e B={b:>3}: overlapped steps / in order {row['overlap_vs_in_order']:.3f} "
+              f"(decode step p50 {row['in_order']['decode_step_ms_p50']:.3f} -> {row['overlap']['decode_step_ms_p50']:.3f} ms)")
     for b, row in e2e.get("hf", {}).items():
         ok = row["ours_vs_hf"] >= g.get("vs_hf", 0)
         print(f"e2e B={b:>3}: x{row['ours_vs_hf']:.2f} vs HF generate ({row['hf_tok_s']:.0f} tok/s) "

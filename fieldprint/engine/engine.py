@@ -34,6 +34,7 @@ from fieldprint.engine.receipt import build_receipt, generation_entry
 from fieldprint.engine.runner import ModelRunner, RunnerConfig
 from fieldprint.engine.scheduler import Scheduler
 from fieldprint.engine.sequence import SamplingParams, Sequence
+from fieldprint.engine.stepper import Stepper
 from fieldprint.engine.tp import TensorParallel
 from fieldprint.errors import EngineError, FieldprintError
 
@@ -49,6 +50,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 8192
     anchor_k: int = 4  # states a query retrieves before the gate decides
     commit_session_kv: bool = True
+    overlap: bool = True  # queue each step before reading the step before's tokens (stepper.py)
 
 
 @dataclass(slots=True)
@@ -121,6 +123,8 @@ class Engine:
         self._special = frozenset(tok.all_special_ids)  # read once: the tokenizer rebuilds the list per call
         self._sessions_of: dict[int, str] = {}  # running sequence -> its session (for the K/V commit)
         self._kv_tickets: dict[int, object] = {}
+        self.stepper = Stepper(self.runner, self.scheduler, self._finish_reason, self._finished,
+                               overlap=self.config.overlap, max_rows=self.config.max_num_seqs)
 
     # -- the request path --------------------------------------------------------------------
     def _messages(self, prompt) -> list[dict]:
@@ -221,32 +225,14 @@ class Engine:
                     self.runner.anchor_pool.unpin(r.seq.anchor_key)
 
     def step(self) -> list[Sequence]:
-        """Run one scheduler step; return the sequences that finished in it."""
-        seqs, counts = self.scheduler.schedule()
-        if not seqs:
-            return []
-        logits = self.runner.forward(seqs, counts)
-        ready = []
-        for i, (s, n) in enumerate(zip(seqs, counts)):
-            s.num_cached += n
-            if s.num_cached == len(s):
-                ready.append(i)
-        # a decode step samples every row: no gather of [B, vocab] logits (65 MB at B=128 with 128k tokens)
-        rows = logits if len(ready) == len(seqs) else logits[ready]
-        tokens = self.runner.sample([seqs[i] for i in ready], rows) if ready else []
-        done = []
-        for i, tok in zip(ready, tokens):
-            s = seqs[i]
-            s.output_ids.append(tok)
-            reason = self._finish_reason(s, tok)
-            if reason:
-                s.finish_reason = reason
-                self._commit_kv(s)
-                self.scheduler.finish(s)
-                if s.anchor_key:
-                    self.runner.anchor_pool.unpin(s.anchor_key)
-                done.append(s)
-        return done
+        """Run one scheduler step; return the sequences that finished (fieldprint/engine/stepper.py)."""
+        return self.stepper.step()
+
+    def _finished(self, s: Sequence) -> None:
+        """A sequence is done: queue its session K/V commit, unpin its anchor set."""
+        self._commit_kv(s)
+        if s.anchor_key:
+            self.runner.anchor_pool.unpin(s.anchor_key)
 
     def _finish_reason(self, s: Sequence, tok: int) -> str | None:
         p = s.params

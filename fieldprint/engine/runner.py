@@ -26,7 +26,7 @@ from fieldprint.engine.kv_cache import (
 )
 from fieldprint.engine.loader import LoadedModel
 from fieldprint.engine.model import fuse_elementwise, tp_group
-from fieldprint.engine.sampling import next_tokens
+from fieldprint.engine.sampling import next_token_ids
 from fieldprint.engine.sequence import Sequence
 from fieldprint.errors import EngineError
 from fieldprint.kernels.paged_attention import AnchorRouting, DecodeWorkspace
@@ -121,6 +121,25 @@ def _fill_tables(rows: np.ndarray, seqs: list[Sequence]) -> np.ndarray:
     return rows
 
 
+@dataclass(frozen=True, slots=True)
+class Feed:
+    """Input ids a decode step takes from the device: tokens[src[i]] goes to row rows[i]."""
+
+    tokens: torch.Tensor  # int64, on the device: the step before's draw
+    rows: list[int]
+    src: list[int]
+
+    def write(self, ids: torch.Tensor) -> None:
+        """Over the host's placeholders in the step's device ids; queued on the stream, nothing waits."""
+        n = len(self.rows)
+        if self.rows == self.src == list(range(n)):  # the batch goes on unchanged: one contiguous copy
+            ids[:n].copy_(self.tokens[:n])
+        else:
+            dev = ids.device
+            ids[torch.tensor(self.rows).to(dev, non_blocking=True)] = \
+                self.tokens[torch.tensor(self.src).to(dev, non_blocking=True)]
+
+
 @dataclass(slots=True)
 class RunnerConfig:
     """What the runner allocates: pool sizes, block size, anchor dtype, graph capture."""
@@ -167,6 +186,7 @@ class ModelRunner:
         self._logits: torch.Tensor | None = None  # the captured graphs' shared output
         self.use_graphs = config.cuda_graphs and self.device.type == "cuda"
         self._rows = None  # the last captured decode step's block tables (_table_rows)
+        self._staging: list[list] = [[None, None], [None, None]]  # pinned input buffers (_upload)
         self.tp = None  # the tensor-parallel leader (fieldprint/engine/tp.py) on rank 0 of a group, else None
         if self.device.type == "cuda" and config.fuse_elementwise:
             fuse_elementwise()
@@ -261,24 +281,50 @@ class ModelRunner:
                                           AnchorRouting(atable, alens, which), workspace=self.workspace)
 
     def _device(self, x: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionContext]:
-        return self._context(x.layout, x.packed.to(self.device, non_blocking=True), x.is_prefill, x.max_seqlen_q)
+        return self._context(x.layout, self._upload(x.packed), x.is_prefill, x.max_seqlen_q)
+
+    def _upload(self, packed: torch.Tensor, dst: torch.Tensor | None = None) -> torch.Tensor:
+        """A step's packed inputs on the device (into dst, if given), through one of two pinned buffers
+        used in turn: a copy from pageable memory may wait for the stream, and a step queued behind
+        the one before (stepper.py) must not. A buffer is refilled once its last copy has left."""
+        if self.device.type != "cuda":
+            return packed.to(self.device) if dst is None else dst.copy_(packed)
+        self._staging.reverse()
+        slot = self._staging[0]  # [pinned buffer or None, the event after its last copy or None]
+        if slot[1] is not None:
+            slot[1].synchronize()
+        n = packed.numel()
+        if slot[0] is None or slot[0].numel() < n:
+            with torch.inference_mode(False):  # a buffer made in forward() is also filled outside it (prepare)
+                slot[0] = torch.empty(max(n, 1 << 16), dtype=torch.uint8, pin_memory=True)
+        src = slot[0][:n]
+        src.copy_(packed)
+        out = src.to(self.device, non_blocking=True) if dst is None else dst.copy_(src, non_blocking=True)
+        slot[1] = torch.cuda.Event()
+        slot[1].record()
+        return out
 
     # -- running -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, seqs: list[Sequence], counts: list[int]) -> torch.Tensor:
+    def forward(self, seqs: list[Sequence], counts: list[int], feed: Feed | None = None) -> torch.Tensor:
         """Run one step; return fp32 logits [B, vocab] at each sequence's last new token (valid until
-        the next step: captured graphs share one output buffer)."""
+        the next step: captured graphs share one output buffer). feed: input ids that are still on the
+        device (the step before's draw, not yet read back), written over the host's at those rows."""
         x = self.inputs(seqs, counts)
         if self.tp is not None:
+            if feed is not None:
+                raise EngineError("a tensor-parallel step takes its input ids from the host: no feed")
             self.tp.run(x)  # every other rank runs the same step
-        return self.run(x)
+        return self.run(x, feed)
 
     @torch.inference_mode()
-    def run(self, x: StepInputs) -> torch.Tensor:
+    def run(self, x: StepInputs, feed: Feed | None = None) -> torch.Tensor:
         """Run a step's inputs: a captured graph's replay, or the model eagerly."""
         if x.graph:
-            return self._replay(x)
+            return self._replay(x, feed)
         ids, pos, ctx = self._device(x)
+        if feed is not None:
+            feed.write(ids)
         hidden = self.model(ids, pos, ctx)
         if x.is_prefill:
             hidden = hidden[(ctx.cu_seqlens_q[1:] - 1).long()]
@@ -305,18 +351,24 @@ class ModelRunner:
             self.model.logits(self.model(ids, pos, ctx), out=self._logits[:b])
         return graph, packed
 
-    def _replay(self, x: StepInputs) -> torch.Tensor:
+    def _replay(self, x: StepInputs, feed: Feed | None = None) -> torch.Tensor:
         key = x.graph_key
         if key not in self.graphs:
             if self._graph_pool is None:  # one memory pool for every bucket's graph
                 self._graph_pool = torch.cuda.graph_pool_handle()
             self.graphs[key] = self._capture(x.layout)
         graph, packed = self.graphs[key]
-        packed.copy_(x.packed, non_blocking=True)
+        self._upload(x.packed, packed)
+        if feed is not None:
+            feed.write(x.layout.views(packed)[0])
         graph.replay()
         return self._logits[: x.rows]
 
     # -- sampling ----------------------------------------------------------------------------
     def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        """Next token of each sequence (fieldprint/engine/sampling.py)."""
-        return next_tokens(seqs, logits)
+        """Next token of each sequence (fieldprint/engine/sampling.py), read back to the host."""
+        return self.draw(seqs, logits).tolist()
+
+    def draw(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """Next token of each sequence, left on the device (int64 [len(seqs)])."""
+        return next_token_ids(seqs, logits)

@@ -104,20 +104,26 @@ float32: a draw resolves about 6e-8 of the kept mass). Both
 
 
 def next_tokens(seqs: list, logits: torch.Tensor) -> list[int]:
-    """Next token of each sequence (one logits row each): greedy rows by argmax, the others drawn.
+    """Next token of each sequence (one logits row each), read back to the host."""
+    return next_token_ids(seqs, logits).tolist()
+
+
+def next_token_ids(seqs: list, logits: torch.Tensor) -> torch.Tensor:
+    """Next token of each sequence (one logits row each) on logits' device, int64: greedy rows by
+    argmax, the others drawn. Nothing waits for the device.
 
     An unseeded request draws its seed once, at its first sampled token (torch.seed() would reseed the
     caller's global generator)."""
     rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if not rows:
-        return argmax_rows(logits).tolist()
+        return argmax_rows(logits)
     for i in rows:
         s = seqs[i]
         if s.sample_seed is None:
             s.sample_seed = s.params.seed if s.params.seed is not None else secrets.randbits(63)
     u = uniforms([seqs[i].sample_seed for i in rows], [len(seqs[i].output_ids) for i in rows])
     if len(rows) == len(seqs):
-        return sample_rows(logits, [s.params for s in seqs], u).tolist()
+        return sample_rows(logits, [s.params for s in seqs], u)
     out = argmax_rows(logits)
     out[torch.tensor(rows).to(out.device, non_blocking=True)] = sample_rows(logits[rows], [seqs[i].params for i in rows], u)
-    return out.tolist()
+    return out

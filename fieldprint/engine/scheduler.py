@@ -96,6 +96,24 @@ class Scheduler:
         seq.preemptions += 1
         self.waiting.appendleft(seq)
 
+    def decode_fits(self, extra: int = 1) -> bool:
+        """Whether every running sequence could take `extra` more tokens than it has without a preemption."""
+        # A running sequence's blocks hold all its tokens but at most the last drawn one, so it needs at
+        # most extra + 1 blocks more: with that many free per sequence, no count is needed (most steps).
+        if self.blocks.num_free >= (extra + 1) * len(self.running):
+            return True
+        bs, need = self.blocks.block_size, 0
+        for seq in self.running:
+            need += max(0, -(-(len(seq) + extra) // bs) - len(seq.block_table))
+        return need <= self.blocks.num_free
+
+    def hold(self, seqs: list[Sequence]) -> None:
+        """Take running sequences out of the next steps (their tokens in flight are their last); they keep
+        their blocks until finish(). One pass: a whole batch may end at the same step."""
+        if seqs:
+            held = set(map(id, seqs))
+            self.running = deque(s for s in self.running if id(s) not in held)
+
     def finish(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)

@@ -9,6 +9,7 @@ set pinned) and must still serve the next request.
 from __future__ import annotations
 
 import base64
+import contextlib
 from types import SimpleNamespace
 
 import pytest
@@ -215,6 +216,58 @@ def test_preempted_sequences_are_recomputed_to_the_same_outputs(world):
     alone = [eng.generate(q, p)[0] for q in prompts]
     assert [o.token_ids for o in together] == [o.token_ids for o in alone]
     assert all(len(o.token_ids) == 4 for o in together)
+    _assert_clean(eng)
+
+
+@contextlib.contextmanager
+def _step_by_step(engine: Engine):
+    """The engine reads each step's tokens before it queues the next (EngineConfig.overlap off)."""
+    engine.stepper.drain()  # a step an abandoned stream left queued: its sequences are finished
+    engine.stepper.overlap = False
+    try:
+        yield
+    finally:
+        engine.stepper.overlap = True
+
+
+def test_overlapped_steps_give_the_outputs_of_steps_one_by_one(world):
+    """Queuing a step before the step before is read changes no output: in one batch, sequences that
+    stop on the end token, on a stop string and at max_tokens; seeded sampled ones; a stream."""
+    eng = world.engine
+    prompts = ["Hi.", PROMPT, "Count from one to twenty in words, separated by commas.",
+               "Write one short sentence about the sea, mentioning waves, salt and the colour blue."]
+    cases = [SamplingParams(max_tokens=24, stop=["five"]),
+             SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, top_k=40, seed=3)]
+    for p in cases:
+        overlapped = eng.generate(prompts, p)
+        with _step_by_step(eng):
+            stepwise = eng.generate(prompts, p)
+        assert [(o.token_ids, o.text, o.finish_reason) for o in overlapped] == \
+            [(o.token_ids, o.text, o.finish_reason) for o in stepwise]
+        _assert_clean(eng)
+    reasons = {(o.finish_reason, "five" in o.text) for o in eng.generate(prompts, cases[0])}
+    assert {"stop", "length"} <= {r for r, _ in reasons}, reasons  # the batch really ends in several ways
+    streamed = list(eng.stream(prompts[2], cases[0]))
+    with _step_by_step(eng):
+        assert [str(x) if isinstance(x, str) else x.token_ids for x in eng.stream(prompts[2], cases[0])] == \
+            [str(x) if isinstance(x, str) else x.token_ids for x in streamed]
+    _assert_clean(eng)
+
+
+def test_overlapped_steps_commit_the_session_kv_of_steps_one_by_one(world):
+    """A turn's K/V commit covers its tokens only, though the step after its last one was queued."""
+    eng, log = world.engine, world.engine.log
+    eng.new_session("overlap-a")
+    eng.new_session("overlap-b")
+    p = SamplingParams(max_tokens=60)
+    overlapped = eng.generate("Reply with just the word yes.", p, session="overlap-a")[0]
+    with _step_by_step(eng):
+        stepwise = eng.generate("Reply with just the word yes.", p, session="overlap-b")[0]
+    assert overlapped.token_ids == stepwise.token_ids and overlapped.finish_reason == "stop"
+    # it stopped on the end token, so the step after its last one ran: its K/V must not be committed
+    kv = [decode_entry(log.entry(eng.memory.kv_commit(eng.memory.session(name).turns[0])))
+          for name in ("overlap-a", "overlap-b")]
+    assert kv[0]["type"] == "session_kv" and kv[0]["digest"] == kv[1]["digest"]
     _assert_clean(eng)
 
 

@@ -161,3 +161,17 @@ def test_token_at_is_the_joined_token_list():
     s = Sequence([5, 6, 7], SamplingParams())
     s.output_ids += [8, 9]
     assert [s.token_at(i) for i in range(len(s))] == s.tokens == [5, 6, 7, 8, 9]
+
+
+def test_decode_fits_counts_the_blocks_the_next_tokens_need():
+    blocks = BlockManager(num_blocks=6, block_size=4)  # 5 usable
+    sched = Scheduler(blocks, max_num_seqs=8, max_num_batched_tokens=64)
+    a, b = _seq(8, 9), _seq(6, 9)
+    for s in (a, b):
+        sched.add(s)
+    _step(sched)  # both prefilled (2 blocks each) and one token each: 9 and 7 tokens
+    assert blocks.num_free == 1 and (len(a), len(b)) == (9, 7)
+    assert sched.decode_fits(1)  # a's 10th token needs a third block, b's 8th fits its second
+    assert not sched.decode_fits(2)  # then b's 9th needs one too: two blocks, one free
+    sched.finish(b)
+    assert sched.decode_fits(2)
