@@ -51,6 +51,18 @@ class EngineConfig:
     anchor_k: int = 4  # states a query retrieves before the gate decides
     commit_session_kv: bool = True
     overlap: bool = True  # queue each step before reading the step before's tokens (stepper.py)
+    # Codes of session K/V commits that may wait for their digests while the step loop goes on, each
+    # counted at max_model_len tokens, at least 4 commits: a burst of finishes up to that many no longer
+    # holds the loop until the digests catch up (with 4 queued, 128 sequences of Llama-3.2-1B ending at
+    # once held it 0.62 s on the H200; docs/engine.md).
+    commit_queue_bytes: int = 1 << 30
+
+
+def commit_queue_len(args, max_model_len: int, budget: int) -> int:
+    """How many session K/V commits a committer queues: `budget` bytes over the codes of one sequence of
+    max_model_len tokens of the model `args` describes (every layer's K and V rows, and V's per-row
+    exponent), at least 4."""
+    return max(4, budget // (args.num_layers * 2 * args.num_kv_heads * (args.head_dim + 1) * max_model_len))
 
 
 @dataclass(slots=True)
@@ -89,6 +101,8 @@ class Engine:
         self.config = config or EngineConfig()
         if not is_int(tp_size) or tp_size < 1:
             raise EngineError(f"tp_size must be a positive int, got {tp_size!r}")
+        if not is_int(self.config.commit_queue_bytes) or self.config.commit_queue_bytes < 0:
+            raise EngineError(f"commit_queue_bytes must be a non-negative int, got {self.config.commit_queue_bytes!r}")
         self.tp = self.committer = None
         self.memory = memory or Memory.open(data_dir, database=database)
         self.log = self.memory.log
@@ -104,7 +118,9 @@ class Engine:
             int8 = self.config.runner.anchor_dtype == "int8"
             self.profile = load_or_calibrate_profile(data_dir, self.lm.model_id,
                                                      lambda: calibrate_profile(self.runner, "model"), PROFILE_RECIPE)
-            self.committer = Committer(self.log, self.profile, keep_receipts=False)  # results come through tickets
+            self.committer = Committer(self.log, self.profile, keep_receipts=False,  # results come through tickets
+                                       max_pending=commit_queue_len(self.lm.args, self.config.runner.max_model_len,
+                                                                    self.config.commit_queue_bytes))
             self.compiler = AnchorCompiler(self.runner, self.log, self.committer, self.profile if int8 else None,
                                            os.path.join(data_dir, "anchor-sets"))
         except BaseException:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -269,6 +270,39 @@ def test_overlapped_steps_commit_the_session_kv_of_steps_one_by_one(world):
           for name in ("overlap-a", "overlap-b")]
     assert kv[0]["type"] == "session_kv" and kv[0]["digest"] == kv[1]["digest"]
     _assert_clean(eng)
+
+
+def test_session_turns_ending_together_do_not_wait_for_their_digests(world, monkeypatch):
+    """The committer queues commit_queue_bytes of session K/V (here 89 turns of this model at 1024
+    tokens; it was 4), so turns that end while the digests lag do not hold the engine: each commit
+    is held back until all eight turns are out, and none waits out the 60 s it is held at most."""
+    eng = world.engine
+    a = eng.lm.args
+    assert eng.committer._queue.maxsize == (1 << 30) // (a.num_layers * 2 * a.num_kv_heads * (a.head_dim + 1) * 1024)
+    released, waited_out = threading.Event(), []
+    commit = eng.committer._commit
+
+    def lagging(job):  # the digests fall behind: the real commit, once the turns are out
+        waited_out.append(not released.wait(60))
+        commit(job)
+
+    monkeypatch.setattr(eng.committer, "_commit", lagging)
+    names = [f"burst-{i}" for i in range(8)]
+    for name in names:
+        eng.new_session(name)
+        eng.generate("Say hi.", SamplingParams(max_tokens=2), session=name)
+    released.set()
+    eng.committer.flush()
+    assert waited_out and not any(waited_out), waited_out
+    assert all(eng.memory.kv_commit(eng.memory.session(n).turns[0]) is not None for n in names)
+    _assert_clean(eng)
+
+
+def test_a_bad_commit_queue_size_is_refused_before_anything_is_written(tmp_path):
+    for bad in (-1, 1.5, True, "1"):
+        with pytest.raises(EngineError, match="commit_queue_bytes must be a non-negative int"):
+            Engine("smollm2", data_dir=str(tmp_path / "data"), config=EngineConfig(commit_queue_bytes=bad))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_batch_with_anchored_and_plain_prompts(world):
