@@ -45,6 +45,17 @@ def _serve(runner, prompts, overlap: bool, max_batched: int = 64, limit: int | N
     return [(s.output_ids, s.finish_reason, cached[s.seq_id]) for s in seqs], sum(s.preemptions for s in seqs)
 
 
+def _at_max_tokens(runner, prompts, max_tokens, on_finish=lambda s: None, **kw):
+    """(scheduler, sequences, stepper): each prompt queued to end at its max_tokens."""
+    sched = Scheduler(runner.blocks, max_num_seqs=8, max_num_batched_tokens=256)
+    seqs = [Sequence(p, SamplingParams(max_tokens=n, ignore_eos=True)) for p, n in zip(prompts, max_tokens)]
+    stepper = Stepper(runner, sched, lambda s, t: "length" if len(s.output_ids) >= s.params.max_tokens else None,
+                      on_finish, **kw)
+    for s in seqs:
+        sched.add(s)
+    return sched, seqs, stepper
+
+
 @pytest.mark.parametrize("case", ["chunked", "preempted", "stopped in flight", "sampled"])
 def test_overlapped_steps_give_what_steps_in_order_give(tiny_model, make_runner, case):
     lm, _ = tiny_model("llama")
@@ -98,11 +109,7 @@ def test_a_sequence_whose_last_token_is_in_flight_runs_no_step_after_it(tiny_mod
 def test_a_failing_step_leaves_no_placeholder_and_the_next_one_goes_on(tiny_model, make_runner, monkeypatch):
     lm, _ = tiny_model("llama")
     runner = make_runner(lm)
-    sched = Scheduler(runner.blocks, max_num_seqs=8, max_num_batched_tokens=64)
-    seqs = [Sequence(p, SamplingParams(max_tokens=12, ignore_eos=True)) for p in _requests(lm.args.vocab_size, 3, seed=4)]
-    stepper = Stepper(runner, sched, lambda s, t: "length" if len(s.output_ids) >= 12 else None, lambda s: None)
-    for s in seqs:
-        sched.add(s)
+    _, seqs, stepper = _at_max_tokens(runner, _requests(lm.args.vocab_size, 3, seed=4), [12] * 3)
     for _ in range(3):
         stepper.step()
     before = [list(s.output_ids) for s in seqs]
@@ -128,11 +135,7 @@ def test_sequences_finished_while_a_step_is_queued_are_dropped_from_it(tiny_mode
     reading that step skips it, and its blocks are free."""
     lm, _ = tiny_model("llama")
     runner = make_runner(lm)
-    sched = Scheduler(runner.blocks, max_num_seqs=8, max_num_batched_tokens=64)
-    seqs = [Sequence(p, SamplingParams(max_tokens=20, ignore_eos=True)) for p in _requests(lm.args.vocab_size, 2, seed=5)]
-    stepper = Stepper(runner, sched, lambda s, t: "length" if len(s.output_ids) >= 20 else None, lambda s: None)
-    for s in seqs:
-        sched.add(s)
+    sched, seqs, stepper = _at_max_tokens(runner, _requests(lm.args.vocab_size, 2, seed=5), [20] * 2)
     for _ in range(3):
         stepper.step()
     assert stepper.queued is not None and seqs[0] in stepper.queued.seqs
@@ -150,19 +153,9 @@ def test_every_token_of_a_step_is_out_before_any_finish_work(tiny_model, make_ru
     its step is appended: the sequences that go on, and the others ending there, do not wait on it."""
     lm, _ = tiny_model("llama")
     runner = make_runner(lm)
-    sched = Scheduler(runner.blocks, max_num_seqs=8, max_num_batched_tokens=256)
-    ends = (5, 5, 5, 9)
-    seqs = [Sequence(p, SamplingParams(max_tokens=n, ignore_eos=True))
-            for p, n in zip(_requests(lm.args.vocab_size, 4, seed=6), ends)]
     seen = []
-
-    def on_finish(s: Sequence) -> None:
-        seen.append([len(q.output_ids) for q in seqs])
-
-    stepper = Stepper(runner, sched, lambda s, t: "length" if len(s.output_ids) >= s.params.max_tokens else None,
-                      on_finish, overlap=overlap)
-    for s in seqs:
-        sched.add(s)
+    _, seqs, stepper = _at_max_tokens(runner, _requests(lm.args.vocab_size, 4, seed=6), (5, 5, 5, 9),
+                                      lambda s: seen.append([len(q.output_ids) for q in seqs]), overlap=overlap)
     while not stepper.idle:
         stepper.step()
     # the three ending at 5 tokens: each finish sees all three done and the fourth at 5 tokens
