@@ -112,6 +112,8 @@ def _serve(path: str, data_dir: str, tp_size: int, anchor_dtype: str, session: s
             verify_receipt(out.receipt, engine.memory.log_key)
         anchor = outs[0].receipt["anchors"]
         assert engine.runner.tp_size == tp_size and engine.runner.cache.k.shape[3] == 2 // tp_size
+        # the other ranks take each step's input ids from the host: split, the engine steps in order
+        assert engine.stepper.overlap is (tp_size == 1)
         blocks = engine.runner.blocks
         assert blocks.num_free == blocks.num_blocks - 1  # every block back, on rank 0 as on the mirror
         return {"tokens": [o.token_ids for o in outs] + [turn.token_ids], "anchor_tokens": anchor["set"]["manifest"]["tokens"],
