@@ -96,15 +96,16 @@ class Scheduler:
         seq.preemptions += 1
         self.waiting.appendleft(seq)
 
-    def decode_fits(self, extra: int = 1) -> bool:
-        """Whether every running sequence could take `extra` more tokens than it has without a preemption."""
+    def decode_fits(self) -> bool:
+        """Whether every running sequence could take one more token than it has without a preemption
+        (the stepper's placeholder for a token in flight, then the next step's own)."""
         # A running sequence's blocks hold all its tokens but at most the last drawn one, so it needs at
-        # most extra + 1 blocks more: with that many free per sequence, no count is needed (most steps).
-        if self.blocks.num_free >= (extra + 1) * len(self.running):
+        # most two blocks more: with that many free per sequence, no count is needed (most steps).
+        if self.blocks.num_free >= 2 * len(self.running):
             return True
         bs, need = self.blocks.block_size, 0
         for seq in self.running:
-            need += max(0, -(-(len(seq) + extra) // bs) - len(seq.block_table))
+            need += max(0, -(-(len(seq) + 1) // bs) - len(seq.block_table))
         return need <= self.blocks.num_free
 
     def hold(self, seqs: list[Sequence]) -> None:

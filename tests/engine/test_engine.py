@@ -277,8 +277,8 @@ def test_session_turns_ending_together_do_not_wait_for_their_digests(world, monk
     tokens; it was 4), so turns that end while the digests lag do not hold the engine: each commit
     is held back until all eight turns are out, and none waits out the 60 s it is held at most."""
     eng = world.engine
-    a = eng.lm.args
-    assert eng.committer._queue.maxsize == (1 << 30) // (a.num_layers * 2 * a.num_kv_heads * (a.head_dim + 1) * 1024)
+    # 1 GiB over 30 layers x K and V x 3 heads x (64 + 1) bytes x 1024 tokens (11,980,800 bytes a turn)
+    assert eng.committer._queue.maxsize == 89
     released, waited_out = threading.Event(), []
     commit = eng.committer._commit
 

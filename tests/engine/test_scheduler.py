@@ -166,12 +166,14 @@ def test_token_at_is_the_joined_token_list():
 def test_decode_fits_counts_the_blocks_the_next_tokens_need():
     blocks = BlockManager(num_blocks=6, block_size=4)  # 5 usable
     sched = Scheduler(blocks, max_num_seqs=8, max_num_batched_tokens=64)
-    a, b = _seq(8, 9), _seq(6, 9)
+    a, b, c = _seq(8, 9), _seq(7, 9), _seq(6, 9)
     for s in (a, b):
         sched.add(s)
-    _step(sched)  # both prefilled (2 blocks each) and one token each: 9 and 7 tokens
-    assert blocks.num_free == 1 and (len(a), len(b)) == (9, 7)
-    assert sched.decode_fits(1)  # a's 10th token needs a third block, b's 8th fits its second
-    assert not sched.decode_fits(2)  # then b's 9th needs one too: two blocks, one free
+    _step(sched)  # both prefilled (2 blocks each) and one token each: 9 and 8 tokens
+    assert blocks.num_free == 1 and (len(a), len(b)) == (9, 8)
+    assert not sched.decode_fits()  # a's 10th and b's 9th token need a third block each: one is free
     sched.finish(b)
-    assert sched.decode_fits(2)
+    sched.add(c)
+    _step(sched)  # c prefilled into b's blocks, one token drawn: 7 tokens
+    assert blocks.num_free == 1 and (len(a), len(c)) == (9, 7)
+    assert sched.decode_fits()  # a needs the free block, c's 8th token fits its second
