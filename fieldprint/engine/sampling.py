@@ -5,10 +5,11 @@ cumulative kept probability exceeds u times the kept mass. u is splitmix64's out
 request's seed, n the index of the token in its output: a pure function of (seed, n), computed for the
 whole batch at once. So, given the same logits (a batch may round them otherwise than a lone
 sequence), a seeded request draws the same tokens alone or in any batch, after a preemption too, and
-the batch needs no per-row generator: the whole draw is a few batched tensor operations. (The
-sampler before drew each row from its own torch.Generator, one multinomial call per sampled sequence
-and step; with a full-vocabulary sort for top-p, Llama-3.2-1B's sampled decode ran at
-0.22-0.57 of greedy's tokens per second on the H200, results/e2e_bench_tiles.json.)
+the batch needs no per-row generator: the whole draw is a few batched operations (on CUDA, three small
+kernels: fieldprint/kernels/sample.py). (The sampler before drew each row from its own
+torch.Generator, one multinomial call per sampled sequence and step; with a full-vocabulary sort for
+top-p, Llama-3.2-1B's sampled decode ran at 0.22-0.57 of greedy's tokens per second on the H200,
+results/e2e_bench_tiles.json; the batched torch operations reached 0.76-0.85, the kernels 0.94-0.96.)
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ import secrets
 import numpy as np
 import torch
 
+from fieldprint.kernels.sample import draw
+
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # splitmix64's increment
 _MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 # The smallest temperature used: a smaller one (down to 5e-324 passes validation) would be 0 in float32.
 _TINY = float(np.finfo(np.float32).tiny)
+_LOG2E = 1.4426950408889634  # the weights are powers of two: 2^((x - max) * log2(e) / temperature)
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
@@ -56,51 +60,57 @@ def uniforms(seeds: list[int], counters: list[int]) -> np.ndarray:
     return (splitmix64(seeds, counters) >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
-def sample_rows(logits: torch.Tensor, params: list, u: np.ndarray) -> torch.Tensor:
+def sample_rows(logits: torch.Tensor, params: list, u: np.ndarray, fused: bool | None = None) -> torch.Tensor:
     """One token per row of logits [R, V] (temperature > 0), each row with its own temperature, top-k,
     top-p and draw u[row] in [0, 1).
 
     A row keeps the tokens at least as likely as its k-th most likely, then those at least as likely as
     the last of the smallest (most likely first) prefix whose mass reaches top_p; ties at either edge
-    are all kept. It draws from what it kept, renormalized, by an inverse CDF in token-id order (in
-float32: a draw resolves about 6e-8 of the kept mass). Both
+    are all kept: both limits are a threshold on the logit. It draws from what it kept, renormalized, by
+    an inverse CDF in token-id order (in float32: a draw resolves about 6e-8 of the kept mass). Both
     the kept set and that order depend on the row's values alone, never on how the batch's other rows
     are limited, so a row draws the same token in any batch. Only sorted values are needed: of the
     largest max(k) logits when every row has a top-k, else (a top-p on a row without one) of the whole
-    vocabulary; with no limit on any row, nothing is sorted.
+    vocabulary; with no limit on any row, nothing is sorted. fused (default: on CUDA): the passes over
+    the vocabulary as kernels (fieldprint/kernels/sample.py), else the torch operations below.
     """
     dev, v = logits.device, logits.shape[1]
     ks = [min(p.top_k, v) for p in params]
     limit_p = any(p.top_p < 1 for p in params)
-    # One copy to the device: temperature, top-k (0: none), top-p (inf: none, since a cumulative sum may
-    # pass 1.0 by a rounding) and the draw, per row.
-    host = np.array([[max(p.temperature, _TINY) for p in params], ks,
+    # One copy to the device: log2(e) / temperature, top-k (0: none), top-p (inf: none, since a
+    # cumulative sum may pass 1.0 by a rounding) and the draw, per row. Not blocking: a blocking copy
+    # waits for the stream, i.e. for the step's forward pass, before the host may queue the draw's
+    # kernels behind it (reading the tokens is the step's one sync).
+    host = np.array([[_LOG2E / max(p.temperature, _TINY) for p in params], ks,
                      [p.top_p if p.top_p < 1 else np.inf for p in params], u], dtype=np.float64)
-    # Not blocking: a blocking copy waits for the stream, i.e. for the step's forward pass, before the
-    # host may queue the draw's kernels behind it (reading the tokens is the step's one sync).
-    temp, k, top_p, draw = torch.from_numpy(host).to(dev, non_blocking=True).to(torch.float32)
-    # Shifted so that each row's largest is 0: a tiny temperature then sends the others to -inf, never
-    # the largest to inf (inf - inf would make every probability NaN).
+    limits = torch.from_numpy(host).to(dev, non_blocking=True)
     x = logits.float()
-    x = (x - x.amax(-1, keepdim=True)) / temp[:, None]
     vals = None
     if any(ks) or limit_p:
         vals = torch.topk(x, max(ks), dim=-1).values if all(ks) else torch.sort(x, dim=-1, descending=True).values
+    if logits.is_cuda if fused is None else fused:
+        return draw(x, limits, vals, limit_p)
+    scale, k, top_p, u = limits.to(torch.float32)
+    top = x.amax(-1, keepdim=True)  # the row's largest logit, always kept
+    thr = torch.full((x.shape[0],), float("-inf"), device=dev)
     if any(ks):
-        kth = vals.gather(1, (k.clamp(min=1) - 1).long()[:, None])
-        x = x.masked_fill((k[:, None] > 0) & (x < kth), float("-inf"))
-        vals = vals.masked_fill((k[:, None] > 0) & (vals < kth), float("-inf"))
-    lse = torch.logsumexp(x, -1, keepdim=True)
-    probs = torch.exp(x - lse)
+        thr = torch.where(k > 0, vals.gather(1, (k.clamp(min=1) - 1).long()[:, None]).squeeze(1), thr)
     if limit_p:
-        ps = torch.exp(vals - lse)  # the kept probabilities, most likely first (the same values as probs')
-        kept = ((torch.cumsum(ps, -1) - ps) <= top_p[:, None]).sum(-1, keepdim=True)  # >= 1: the first always
-        probs = probs.masked_fill(probs < ps.gather(1, kept - 1), 0)
-    cdf = torch.cumsum(probs, -1)  # non-decreasing, as searchsorted needs
+        # The kept probabilities, most likely first, unnormalized: 2^((x - top) * scale).
+        total = _weights(x, x >= thr[:, None], scale, top).sum(-1, keepdim=True)
+        ps = _weights(vals, vals >= thr[:, None], scale, top)
+        kept = ((torch.cumsum(ps, -1) - ps) <= top_p[:, None] * total).sum(-1, keepdim=True)  # >= 1
+        thr = torch.maximum(thr, vals.gather(1, kept - 1).squeeze(1))
+    cdf = torch.cumsum(_weights(x, x >= thr[:, None], scale, top), -1)  # non-decreasing, as searchsorted needs
     total = cdf[:, -1:]
-    j = torch.searchsorted(cdf, draw[:, None] * total, right=True)
+    j = torch.searchsorted(cdf, u[:, None] * total, right=True)
     # u * total can round up to the total itself: then the last token with any mass.
     return torch.minimum(j, (cdf < total).sum(-1, keepdim=True)).squeeze(1)
+
+
+def _weights(x: torch.Tensor, kept: torch.Tensor, scale: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """Each kept token's unnormalized probability 2^((x - top) * scale), 0 for the others."""
+    return torch.exp2((x - top) * scale[:, None]).masked_fill(~kept, 0)
 
 
 def next_tokens(seqs: list, logits: torch.Tensor) -> list[int]:

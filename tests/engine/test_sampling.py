@@ -9,6 +9,7 @@ import torch
 
 from fieldprint.engine.sampling import next_tokens, sample_rows, splitmix64, uniforms
 from fieldprint.engine.sequence import SamplingParams, Sequence
+from fieldprint.kernels.sample import CHUNK, draw
 
 PARAMS = [SamplingParams(temperature=0.8), SamplingParams(temperature=1.3, top_k=5),
           SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(temperature=1.0, top_k=40, top_p=0.5),
@@ -116,3 +117,80 @@ def test_a_vanishing_temperature_samples_the_most_likely_token(t):
         assert sample_rows(logits, [p] * 3, uniforms([1, 2, 3], [0, 0, 0])).tolist() == logits.argmax(-1).tolist()
     hot = sample_rows(logits.repeat(200, 1), [SamplingParams(temperature=1e30)] * 600, uniforms(list(range(600)), [0] * 600))
     assert len(set(hot.tolist())) > 300  # and a huge one is uniform: most of 600 draws over 1000 tokens differ
+
+
+# The kernels (the GPU's path; Triton's interpreter here) against the torch path the tests above hold
+# to the semantics. The interpreter takes milliseconds per program: a few hundred rows in all.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _both(logits: torch.Tensor, params: list, u: np.ndarray) -> list[int]:
+    logits = logits.to(DEVICE)
+    fused = sample_rows(logits, params, u, fused=True).tolist()
+    assert fused == sample_rows(logits, params, u, fused=False).tolist()
+    return fused
+
+
+def _oracle(row: torch.Tensor, p: SamplingParams, u: float) -> int:
+    """The token sample_rows must draw for one row, the kept set and the inverse CDF in float64."""
+    x = row.double()
+    scale = 1.4426950408889634 / p.temperature
+    w = torch.exp2((x - x.max()) * scale)
+    vals = x.sort(descending=True).values
+    thr = vals[min(p.top_k, len(x)) - 1] if p.top_k else float("-inf")
+    if p.top_p < 1:
+        ps = torch.exp2((vals - x.max()) * scale) * (vals >= thr)
+        kept = int(((torch.cumsum(ps, 0) - ps) <= p.top_p * float(w[x >= thr].sum())).sum())
+        thr = max(thr, float(vals[kept - 1]))
+    cdf = torch.cumsum(w * (x >= thr), 0)
+    return int((cdf <= u * cdf[-1]).sum())
+
+
+def test_the_kernels_draw_what_the_torch_path_and_a_float64_oracle_draw():
+    """A vocabulary of three and a half kernel chunks, logits rounded through bf16 (ties, as an LM
+    head's are), every kind of limit, alone and in a batch: the same tokens from the kernels, the
+    torch path and the oracle."""
+    g = torch.Generator().manual_seed(5)
+    v = 3 * CHUNK + CHUNK // 2
+    params = PARAMS + [SamplingParams(temperature=0.9, top_k=50, top_p=0.95), SamplingParams(temperature=0.6, top_k=3)]
+    for step in range(6):
+        logits = (torch.randn(len(params), v, generator=g) * 4).to(torch.bfloat16).float()
+        u = uniforms([7 * step + i for i in range(len(params))], [step] * len(params))
+        got = _both(logits, params, u)
+        assert got == [_oracle(row, p, float(ui)) for row, p, ui in zip(logits, params, u)]
+        if step < 2:
+            alone = [sample_rows(logits[i : i + 1].to(DEVICE), [p], u[i : i + 1], fused=True) for i, p in enumerate(params)]
+            assert got == [int(t[0]) for t in alone]
+        top_k_only = [p for p in params if p.top_k]  # every row limited by top-k: a topk, not a sort
+        rows = [i for i, p in enumerate(params) if p.top_k]
+        assert _both(logits[rows], top_k_only, u[rows]) == [got[i] for i in rows]
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's (x - max) / 1e-30: -inf, as meant
+def test_the_kernels_at_the_edges():
+    """u at both ends with tokens of no mass; vanishing and huge temperatures; a row of -inf but one."""
+    logits = torch.tensor([[0.0, -200.0, 5.0, -200.0]]).repeat(2, 1)
+    for p in (SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_k=3)):
+        assert set(_both(logits, [p, p], np.array([0.0, 1 - 2.0**-53]))) <= {0, 2}
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 1000, generator=g) * 5
+    for t in (1e-30, 5e-324):
+        for p in (SamplingParams(temperature=t), SamplingParams(temperature=t, top_k=5), SamplingParams(temperature=t, top_p=0.5)):
+            assert _both(logits, [p] * 3, uniforms([1, 2, 3], [0, 0, 0])) == logits.argmax(-1).tolist()
+    hot = _both(logits.repeat(10, 1), [SamplingParams(temperature=1e30)] * 30, uniforms(list(range(30)), [0] * 30))
+    assert len(set(hot)) > 25
+    lone = torch.full((2, 5000), float("-inf"))
+    lone[0, 4321], lone[1, 17] = 1.0, -3.0
+    assert _both(lone, [SamplingParams(temperature=0.7, top_p=0.9)] * 2, uniforms([1, 2], [0, 0])) == [4321, 17]
+
+
+def test_the_kernels_refuse_what_they_cannot_read():
+    limits = torch.zeros(4, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float32 logits"):
+        draw(torch.zeros(2, 8, dtype=torch.bfloat16), limits, None, False)
+    with pytest.raises(ValueError, match="float32 logits"):
+        draw(torch.zeros(8), limits, None, False)
+    with pytest.raises(ValueError, match=r"float64 \[4, 2\]"):
+        draw(torch.zeros(2, 8), limits.float(), None, False)
+    with pytest.raises(ValueError, match=r"float64 \[4, 2\]"):
+        draw(torch.zeros(2, 8), limits[:3], None, False)
