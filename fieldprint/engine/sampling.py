@@ -99,8 +99,8 @@ def sample_rows(logits: torch.Tensor, params: list, u: np.ndarray, fused: bool |
         # The kept probabilities, most likely first, unnormalized: 2^((x - top) * scale).
         total = _weights(x, x >= thr[:, None], scale, top).sum(-1, keepdim=True)
         ps = _weights(vals, vals >= thr[:, None], scale, top)
-        kept = ((torch.cumsum(ps, -1) - ps) <= top_p[:, None] * total).sum(-1, keepdim=True)  # >= 1
-        thr = torch.maximum(thr, vals.gather(1, kept - 1).squeeze(1))
+        kept = ((torch.cumsum(ps, -1) - ps) <= top_p[:, None] * total).sum(-1, keepdim=True)  # >= 1 (but NaN)
+        thr = torch.maximum(thr, vals.gather(1, kept.clamp(min=1) - 1).squeeze(1))
     cdf = torch.cumsum(_weights(x, x >= thr[:, None], scale, top), -1)  # non-decreasing, as searchsorted needs
     total = cdf[:, -1:]
     j = torch.searchsorted(cdf, u[:, None] * total, right=True)

@@ -97,7 +97,8 @@ def _top_p_kernel(lim_ptr, vals_ptr, thr_ptr, m_ptr, s_ptr, R, K, stride_v, n_ch
         run = acc + tl.cumsum(p, 0)
         kept += tl.sum(((run - p <= limit) & (j < K)).to(tl.int64), 0)  # >= 1: nothing comes before the first
         acc = tl.max(run, 0)  # the running total (a cumsum of non-negative terms: its largest)
-    tl.store(thr_ptr + row, tl.maximum(thr, tl.load(base + kept - 1)))
+    # kept >= 1 but where NaN logits made the total NaN: then the first value, never the one before the row.
+    tl.store(thr_ptr + row, tl.maximum(thr, tl.load(base + tl.maximum(kept, 1) - 1)))
 
 
 @triton.jit
@@ -125,8 +126,9 @@ def _pick_kernel(x_ptr, lim_ptr, thr_ptr, m_ptr, s_ptr, out_ptr, V, stride_x, R,
         found = tl.where((found < 0) & (first < V), first, found)
         last = tl.maximum(last, tl.max(tl.where(p > 0, idx, -1), 0))
         acc = tl.max(run, 0)
-    # Where rounding leaves the target past the chunk's own mass: its last token with mass.
-    tl.store(out_ptr + row, tl.where(found >= 0, found, last))
+    # Where rounding leaves the target past the chunk's own mass: its last token with mass. A row of NaN
+    # logits has none: token 0, as the torch path draws, never an index outside the vocabulary.
+    tl.store(out_ptr + row, tl.where(found >= 0, found, tl.maximum(last, 0)))
 
 
 @functools.lru_cache(maxsize=256)

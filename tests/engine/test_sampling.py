@@ -194,3 +194,21 @@ def test_the_kernels_refuse_what_they_cannot_read():
         draw(torch.zeros(2, 8), limits.float(), None, False)
     with pytest.raises(ValueError, match=r"float64 \[4, 2\]"):
         draw(torch.zeros(2, 8), limits[:3], None, False)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's NaN arithmetic, which the test feeds it
+def test_nan_or_inf_logits_still_draw_a_token_of_the_vocabulary():
+    """A model that emits NaN or inf logits is broken, but the draw must not index outside the
+    vocabulary (on the GPU the next step's embedding lookup would fault): both paths stay in range."""
+    logits = torch.randn(4, 3 * CHUNK)
+    logits[0, 5] = float("nan")
+    logits[1] = float("nan")
+    logits[2, 7] = float("inf")
+    logits[3, :] = float("-inf")
+    logits[3, 9] = float("nan")
+    for p in (SamplingParams(temperature=0.8), SamplingParams(temperature=0.8, top_k=20, top_p=0.9),
+              SamplingParams(temperature=0.8, top_p=0.9)):
+        u = uniforms([1, 2, 3, 4], [0, 0, 0, 0])
+        for fused in (False, True):
+            got = sample_rows(logits.to(DEVICE), [p] * 4, u, fused=fused).tolist()
+            assert all(0 <= t < logits.shape[1] for t in got), (p, fused, got)
