@@ -21,8 +21,9 @@ configs written out in engine_bench.py.
    token and inter-token latency.
 Beside them: the overlap section (each step queued before the step before is read, the engine's
 default, against steps one after the other, with anchors, interleaved pairs), the profile section
-(kernels per decode step) and the timeline section (each decode
-step's host phases and the device's busy and idle time, --traces DIR keeps the profiler's traces).
+(kernels per decode step) and the timeline section (each decode step's host phases and the device's
+busy and idle time; each prefill's host launch time against the device time of what it launched;
+--traces DIR keeps the profiler's traces).
     python benchmarks/e2e_bench.py [--smoke] [--out FILE]
 """
 
@@ -411,6 +412,29 @@ def step_timeline(trace: dict) -> list[dict]:
     return out
 
 
+def prefill_timeline(trace: dict) -> list[dict]:
+    """Each prefill forward of a profiled serve(), in us: the host's time launching it (the
+    forward:prefill mark), its launches, and the device's time on the kernels those launches queued
+    (busy: their durations summed; span: first start to last end; after: how long the device still ran
+    once the host had finished launching). busy close to the host's time means the launches, not the
+    GPU, set the prefill's pace."""
+    events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
+    marks = [e for e in events if e.get("cat") == "user_annotation" and e["name"] == "forward:prefill"]
+    launches = [e for e in events if e.get("cat") == "cuda_runtime" and "Launch" in e["name"]]
+    work = {e["args"]["correlation"]: e for e in events
+            if e.get("cat") in GPU_WORK and "correlation" in e.get("args", {})}
+    out = []
+    for m in marks:
+        lo, hi = m["ts"], m["ts"] + m["dur"]
+        mine = [e for e in launches if lo <= e["ts"] < hi]
+        kernels = [work[c] for c in (e.get("args", {}).get("correlation") for e in mine) if c in work]
+        end = max((k["ts"] + k["dur"] for k in kernels), default=hi)
+        out.append({"host_us": m["dur"], "launches": len(mine), "device_busy_us": sum(k["dur"] for k in kernels),
+                    "device_span_us": end - min((k["ts"] for k in kernels), default=end),
+                    "device_after_us": max(0.0, end - hi)})
+    return out
+
+
 def timeline_section(runner, sched, p, rng, cs, steps: int = 24, keep: str | None = None) -> dict:
     """Where a decode step's wall time goes, at batch 1 and at the largest batch, without and with the
     anchor set: serve() under torch.profiler (host and device activity), each step split into the host's
@@ -432,17 +456,21 @@ def timeline_section(runner, sched, p, rng, cs, steps: int = 24, keep: str | Non
                 path = os.path.join(keep or tmp, f"timeline_b{b}_{label}.json")
                 prof.export_chrome_trace(path)
                 with open(path) as f:
-                    rows = step_timeline(json.load(f))
+                    trace = json.load(f)
+                rows, prefills = step_timeline(trace), prefill_timeline(trace)
             if not rows:
                 raise SystemExit(f"timeline: no decode step found in the trace of B={b} {label}")
             med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
             name = f"b{b}_{label}"
-            out[name] = {"batch": b, "decode_steps": len(rows), "median_us": med}
+            out[name] = {"batch": b, "decode_steps": len(rows), "median_us": med, "prefill": prefills}
             log(f"  B={b:>4} {label:8}: step {med['wall']:7.0f} us = device busy {med['gpu_busy']:7.0f} + idle "
                 f"{med['gpu_idle']:6.0f} (first kernel after {med['host_lead']:5.0f}); host: schedule "
                 f"{med['schedule']:5.0f}, forward {med['forward:decode']:5.0f} (graph launch {med['graph_launch']:4.0f}), "
                 f"sample {med['sample']:6.0f}, "
                 f"append {med['append']:5.0f}")
+            for i, pf in enumerate(prefills):
+                log(f"    prefill {i}: host {pf['host_us']:7.0f} us, {pf['launches']} launches; device busy "
+                    f"{pf['device_busy_us']:7.0f}, span {pf['device_span_us']:7.0f}, after the host {pf['device_after_us']:6.0f}")
     return out
 
 
