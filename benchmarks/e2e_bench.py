@@ -420,7 +420,9 @@ def prefill_timeline(trace: dict) -> list[dict]:
     GPU, set the prefill's pace."""
     events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
     marks = [e for e in events if e.get("cat") == "user_annotation" and e["name"] == "forward:prefill"]
-    launches = [e for e in events if e.get("cat") == "cuda_runtime" and "Launch" in e["name"]]
+    # Runtime and driver API launches: cuBLAS and Triton kernels come through the driver's cuLaunchKernel(Ex)
+    # (a first version counted the runtime's alone, 22 of a prefill's launches; e2e_bench_prefill_timeline.json).
+    launches = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver") and "Launch" in e["name"]]
     work = {e["args"]["correlation"]: e for e in events
             if e.get("cat") in GPU_WORK and "correlation" in e.get("args", {})}
     out = []
