@@ -56,6 +56,10 @@ class EngineConfig:
     # holds the loop until the digests catch up (with 4 queued, 128 sequences of Llama-3.2-1B ending at
     # once held it 0.62 s on the H200; docs/engine.md).
     commit_queue_bytes: int = 1 << 30
+    # A session's next turn takes back the K/V its last turn computed, as far as its prompt starts with
+    # the same tokens under the same anchor set, in whole blocks (kv_cache.BlockManager.keep): its
+    # history is not computed again. Kept blocks count as free and go first when the pool runs short.
+    reuse_session_kv: bool = True
 
 
 def commit_queue_len(args, max_model_len: int, budget: int) -> int:
@@ -75,6 +79,7 @@ class Output:
     receipt: dict
     anchors: list[str]  # state ids that conditioned it, in order
     decisions: list[dict]  # the gate's decision for every candidate state
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the session's last turn (EngineConfig.reuse_session_kv)
 
 
 @dataclass(slots=True)
@@ -85,6 +90,7 @@ class _Request:
     anchor_states: list
     decisions: list[dict]
     session: str | None
+    cached_tokens: int = 0
 
 
 class Engine:
@@ -224,12 +230,33 @@ class Engine:
                         self.scheduler.finish(r.seq)
                         raise
                 admitted.append(r)
+                if r.session is not None and self.config.reuse_session_kv:
+                    r.cached_tokens = self._reuse_kv(r.seq, r.session)  # after admission: a refusal frees them with the rest
         except BaseException:
             self._abandon(admitted)
             raise
         for r in reqs:
             if r.session is not None:
                 self._sessions_of[r.seq.seq_id] = r.session
+
+    def _reuse_kv(self, seq: Sequence, session: str) -> int:
+        """Give a session's new turn the blocks its last turn kept, as far as their tokens start its
+        prompt (whole blocks, the same anchor set; at least one prompt token is left to compute, for the
+        logits of the first new token); the rest are freed. Returns the tokens taken."""
+        blocks = self.runner.blocks
+        entry = blocks.take(session)
+        if entry is None:
+            return 0
+        table, (anchor_key, tokens) = entry
+        n = 0
+        if anchor_key == seq.anchor_key:
+            limit = min(len(tokens), len(seq.prompt_ids) - 1)
+            same = next((i for i in range(limit) if tokens[i] != seq.prompt_ids[i]), limit)
+            n = same // blocks.block_size
+        seq.block_table.extend(table[:n])
+        seq.num_cached = n * blocks.block_size
+        blocks.release(table[n:])
+        return seq.num_cached
 
     def _abandon(self, reqs: list[_Request]) -> None:
         """Take admitted, unfinished requests out of the scheduler and unpin their anchor sets."""
@@ -245,8 +272,14 @@ class Engine:
         return self.stepper.step()
 
     def _finished(self, s: Sequence) -> None:
-        """A sequence is done: queue its session K/V commit, unpin its anchor set."""
+        """A sequence is done: queue its session K/V commit, keep its whole blocks for the session's next
+        turn, unpin its anchor set."""
+        session = self._sessions_of.get(s.seq_id)
         self._commit_kv(s)
+        if session is not None and self.config.reuse_session_kv:
+            bs = self.runner.blocks.block_size
+            n = min(s.num_cached // bs, len(s.block_table))
+            self.runner.blocks.keep(session, s.block_table, n, (s.anchor_key, s.tokens[: n * bs]))
         if s.anchor_key:
             self.runner.anchor_pool.unpin(s.anchor_key)
 
@@ -276,7 +309,8 @@ class Engine:
         if r.session is not None:
             ticket = self._kv_tickets.pop(s.seq_id, None)
             self.memory.record_turn(r.session, r.prompt_text, text, receipt, ticket.future if ticket else None)
-        return Output(text, list(s.output_ids), s.finish_reason, receipt, [st.state_id for st in r.anchor_states], r.decisions)
+        return Output(text, list(s.output_ids), s.finish_reason, receipt, [st.state_id for st in r.anchor_states], r.decisions,
+                      r.cached_tokens)
 
     def _commit_kv(self, s: Sequence) -> None:
         """Queue a finished session turn's K/V for an asynchronous commit, read from its blocks."""
@@ -349,7 +383,9 @@ class Engine:
     def rollback(self, session: str, turns: int = 1) -> dict:
         """Return `session` to before its last `turns` turns (to a committed turn); logged as a rollback entry."""
         self.committer.flush(session)
-        return self.memory.rollback(session, turns)
+        out = self.memory.rollback(session, turns)
+        self.runner.blocks.drop(session)  # its kept K/V belongs to the turns just withdrawn
+        return out
 
     def close(self) -> None:
         errors = []

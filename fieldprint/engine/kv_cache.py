@@ -3,7 +3,8 @@
 Two pools of fixed-size blocks (the block size is also DQP's digest block):
 
 - sequence blocks [L, N, block_size, H_kv, D] in the model's dtype, handed out by `BlockManager`
-  (a free list; block 0 is kept back as the write target of a captured batch's padding slots);
+  (a free list; block 0 is kept back as the write target of a captured batch's padding slots; a
+  session's finished turn may leave its blocks kept for its next turn, reclaimed when space runs out);
 - anchor blocks [L, M, block_size, H_kv, D] in the cache dtype or int8 DQP codes (with V's per-row
   exponents [L, M, block_size, H_kv] beside them), handed out by
   `AnchorPool` to compiled anchor sets. A set is pinned while any running sequence reads it
@@ -56,7 +57,12 @@ def blocks_for_memory(args: ModelArgs, block_size: int, dtype: torch.dtype, frac
 
 
 class BlockManager:
-    """Hands out sequence blocks from a free list; a sequence owns its blocks until freed."""
+    """Hands out sequence blocks from a free list; a sequence owns its blocks until freed.
+
+    Blocks may also be kept under a key with their contents (a session's last turn, for its next turn
+    to take back: `keep`, `take`): they count as free, and when the free list runs out the entry kept
+    longest ago is dropped and its blocks handed out (least recently kept first).
+    """
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         if num_blocks < 2:
@@ -67,24 +73,30 @@ class BlockManager:
         # Tables only grow at their end between releases: a reader that saw this count unchanged
         # (the runner's block-table rows) needs to look only at each table's new entries.
         self.releases = 0
+        self.kept: OrderedDict[object, tuple[list[int], object]] = OrderedDict()  # key -> (blocks, what they hold)
+        self._num_kept = 0
 
     @property
     def num_free(self) -> int:
-        return len(self.free)
+        """Blocks a table can gain: the free list and every kept block."""
+        return len(self.free) + self._num_kept
 
     def blocks_needed(self, table: list[int], num_tokens: int) -> int:
         """Blocks a table must gain to hold `num_tokens` tokens."""
         return max(0, cdiv(num_tokens, self.block_size) - len(table))
 
     def can_grow(self, table: list[int], num_tokens: int) -> bool:
-        return self.blocks_needed(table, num_tokens) <= len(self.free)
+        return self.blocks_needed(table, num_tokens) <= self.num_free
 
     def grow(self, table: list[int], num_tokens: int) -> None:
-        """Append blocks to `table` (in place) until it holds `num_tokens` tokens; EngineError if out."""
+        """Append blocks to `table` (in place) until it holds `num_tokens` tokens; EngineError if out.
+        Kept entries are dropped, oldest first, while the free list is short."""
         need = self.blocks_needed(table, num_tokens)
-        if need > len(self.free):
-            raise EngineError(f"the KV cache is full: {need} more block(s) needed, {len(self.free)} free "
+        if need > self.num_free:
+            raise EngineError(f"the KV cache is full: {need} more block(s) needed, {self.num_free} free "
                               f"of {self.num_blocks - 1}; shorten the request or give the cache more memory")
+        while need > len(self.free):
+            self.drop(next(iter(self.kept)))
         for _ in range(need):
             table.append(self.free.pop())
 
@@ -93,6 +105,31 @@ class BlockManager:
         self.free.extend(reversed(table))
         table.clear()
         self.releases += 1
+
+    def keep(self, key: object, table: list[int], count: int, contents: object) -> None:
+        """Move the first `count` blocks of `table` (which keeps the rest) under `key`, with what they
+        hold; an entry kept under the same key before is dropped."""
+        self.drop(key)
+        count = min(count, len(table))
+        if count <= 0:
+            return
+        self.kept[key] = (table[:count], contents)
+        self._num_kept += count
+        del table[:count]
+        self.releases += 1
+
+    def take(self, key: object) -> tuple[list[int], object] | None:
+        """The blocks kept under `key` and what they hold, now the caller's (None if none are kept)."""
+        entry = self.kept.pop(key, None)
+        if entry is not None:
+            self._num_kept -= len(entry[0])
+        return entry
+
+    def drop(self, key: object) -> None:
+        """Free the blocks kept under `key`, if any."""
+        entry = self.take(key)
+        if entry is not None:
+            self.release(entry[0])
 
 
 def read_anchor_states(cache, blocks: list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:

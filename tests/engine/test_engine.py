@@ -18,6 +18,7 @@ import torch
 
 from fieldprint.engine.anchors import split_prompt
 from fieldprint.engine.engine import Engine, EngineConfig, Output
+from fieldprint.engine.receipt import verify_receipt
 from fieldprint.engine.runner import RunnerConfig
 from fieldprint.engine.sequence import SamplingParams
 from fieldprint.errors import EngineError
@@ -363,6 +364,50 @@ def test_session_turns_become_states_and_rollback_drops_the_last(world):
     # the next turn of alice follows the kept turn only
     third = eng.generate("And my horse?", SHORT, session="alice")[0]
     assert len(third.receipt["prompt"]["token_ids"]) < len(second.receipt["prompt"]["token_ids"]) + 5
+    _assert_clean(eng)
+
+
+def test_a_session_turn_takes_back_the_kv_of_its_history(world, monkeypatch):
+    """A turn's prompt starts with the session's last turn (its prompt and answer): it takes their K/V
+    back in whole blocks instead of computing them again, and answers as a session that computes
+    everything does; a rollback drops what was kept, and so does a turn under another anchor set."""
+    eng = world.engine
+    p = SamplingParams(max_tokens=8)
+    outs, computed = {}, {}
+    forward = eng.runner.forward
+
+    def counting(seqs, counts, feed=None):  # what the model computes, passed through
+        computed[name] += sum(counts)
+        return forward(seqs, counts, feed)
+
+    monkeypatch.setattr(eng.runner, "forward", counting)
+    for name, reuse in (("dana", True), ("erin", False)):
+        eng.config.reuse_session_kv = reuse
+        computed[name] = 0
+        try:
+            eng.new_session(name)
+            outs[name] = [eng.generate(text, p, session=name)[0] for text in
+                          ("My dog is called Rex and my cat is called Tom.", "What is my dog called?", "And my cat?")]
+        finally:
+            eng.config.reuse_session_kv = True
+        _assert_clean(eng)  # kept blocks count as free
+    monkeypatch.undo()
+    assert computed["erin"] - computed["dana"] == sum(o.cached_tokens for o in outs["dana"]) > 0
+    for a, b in zip(outs["dana"], outs["erin"]):
+        assert a.receipt["prompt"]["token_ids"] == b.receipt["prompt"]["token_ids"] and a.token_ids == b.token_ids
+    assert [o.cached_tokens for o in outs["erin"]] == [0, 0, 0] and outs["dana"][0].cached_tokens == 0
+    for prev, out in zip(outs["dana"], outs["dana"][1:]):
+        n = len(out.receipt["prompt"]["token_ids"])
+        assert out.cached_tokens % 16 == 0 and len(prev.receipt["prompt"]["token_ids"]) - 16 < out.cached_tokens < n
+    eng.bind(outs["dana"][2].receipt)
+    verify_receipt(outs["dana"][2].receipt, eng.memory.log_key)
+    assert "dana" in eng.runner.blocks.kept
+    eng.rollback("dana")
+    assert "dana" not in eng.runner.blocks.kept  # the withdrawn turn's K/V goes with it
+    again = eng.generate("And my cat?", p, session="dana")[0]
+    assert again.cached_tokens == 0
+    anchored = eng.generate("Who am I?", p, session="dana", anchors=[world.name.state_id])[0]
+    assert anchored.cached_tokens == 0  # the kept K/V was computed without this anchor set
     _assert_clean(eng)
 
 

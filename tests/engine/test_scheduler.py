@@ -177,3 +177,26 @@ def test_decode_fits_counts_the_blocks_the_next_tokens_need():
     _step(sched)  # c prefilled into b's blocks, one token drawn: 7 tokens
     assert blocks.num_free == 1 and (len(a), len(c)) == (9, 7)
     assert sched.decode_fits()  # a needs the free block, c's 8th token fits its second
+
+
+def test_kept_blocks_count_as_free_and_go_oldest_first_when_the_free_list_runs_out():
+    blocks = BlockManager(9, 4)  # 8 blocks to hand out
+    a, b, c = [], [], []
+    blocks.grow(a, 12)
+    blocks.grow(b, 12)
+    first, second = list(a[:2]), list(b[:3])
+    blocks.keep("a", a, 2, "a's tokens")  # a keeps its last block; two go under "a"
+    blocks.keep("b", b, 5, "b's tokens")  # more than b has: all three
+    assert len(a) == 1 and b == [] and blocks.num_free == 2 + 5 and len(blocks.free) == 2
+    assert blocks.can_grow(c, 7 * 4) and not blocks.can_grow(c, 7 * 4 + 1)
+    blocks.grow(c, 3 * 4)  # two from the free list, then "a" (kept first) is dropped for the third
+    assert "a" not in blocks.kept and set(c) & set(first) and blocks.take("b") == (second, "b's tokens")
+    assert blocks.take("b") is None and blocks.num_free == 1
+    blocks.release(second)
+    blocks.keep("c", c, 3, None)
+    blocks.keep("c", [], 0, None)  # a new entry under a key frees the old one, kept or not
+    blocks.drop("nobody")
+    blocks.release(a)
+    assert blocks.kept == {} and blocks.num_free == 8 and len(set(blocks.free)) == 8
+    with pytest.raises(EngineError, match="the KV cache is full"):
+        blocks.grow([], 9 * 4)
