@@ -23,6 +23,7 @@ from fieldprint.config import (
     VERIFIER_KEY_FILE,
 )
 from fieldprint.errors import (
+    EngineError,
     EntryError,
     FieldprintError,
     LogError,
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help=f"the log, memory and anchor sets (default {DEFAULT_DATA_DIR})")
     gen.add_argument("--model", default="smollm2", help="an HF safetensors folder, a .gguf file, or smollm2 (default)")
     gen.add_argument("--anchors", metavar="QUERY", help="retrieve anchor candidates from memory with this query")
-    gen.add_argument("--session", help="a session name (created if new in this process)")
+    gen.add_argument("--session", help="a session name: created at its first turn, its history carried into later ones")
     gen.add_argument("--max-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int)
@@ -96,8 +97,12 @@ def run_generate_command(args: argparse.Namespace) -> int:
 
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
     with Engine(args.model, data_dir=args.data_dir, database=args.database, tp_size=args.tp_size) as engine:
-        if args.session:
-            engine.new_session(args.session)
+        if args.session and engine.memory.sessions.get(args.session) is None:  # a later turn goes on in it
+            try:
+                engine.new_session(args.session)
+            except EngineError:
+                if engine.memory.sessions.get(args.session) is None:  # not made by another process meanwhile
+                    raise
         out = engine.generate(args.prompt, params, session=args.session, anchors=args.anchors)[0]
         receipt = engine.bind(out.receipt)
     path = args.receipt or os.path.join(args.data_dir, "receipts", time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}.json")

@@ -41,3 +41,22 @@ def test_demo_answers_from_verified_memory_and_its_receipt_verifies_offline(tmp_
     assert main(["demo", "--data-dir", str(tmp_path)]) == 0
     assert "append-only since the last run" in capsys.readouterr().out
     assert os.path.isdir(tmp_path / "anchor-sets")
+
+
+def test_generate_goes_on_in_a_session_across_commands(tmp_path, capsys):
+    """`fieldprint generate --session S` twice on one data folder (two runs of the command): the first
+    creates the session, the second is its next turn, whose prompt carries the first (it was refused
+    as 'already exists'); an invalid name is still refused."""
+    data = str(tmp_path / "data")
+    common = ["--data-dir", data, "--max-tokens", "4", "--json", "--session", "pets"]
+    assert main(["generate", "My dog is called Rex.", *common]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main(["generate", "What is my dog called?", *common]) == 0
+    second = json.loads(capsys.readouterr().out)
+    prompts = []
+    for out in (first, second):
+        with open(out["receipt"]) as f:
+            prompts.append(json.load(f)["prompt"]["token_ids"])
+    assert len(prompts[1]) > len(prompts[0]) + 5
+    assert main(["generate", "Hi.", "--data-dir", data, "--max-tokens", "2", "--session", "no spaces"]) == 1
+    assert "session" in capsys.readouterr().err
