@@ -40,7 +40,7 @@ from fieldprint.canon import canonical_json, tag_digest
 from fieldprint.dqp_profile import DQPProfile
 from fieldprint.engine.anchors import AnchorCompiler, anchor_text, prefill_kv, split_prompt
 from fieldprint.engine.commit import Committer
-from fieldprint.engine.engine import EngineConfig, commit_queue_len
+from fieldprint.engine.engine import EngineConfig
 from fieldprint.engine.kv_cache import cdiv
 from fieldprint.engine.loader import LoadedModel, build_model, tokenizer_digest
 from fieldprint.engine.model import ModelArgs
@@ -232,8 +232,8 @@ class AnchorBench:
                                             k_granularity="channel", v_granularity="token", block_size=BLOCK)
         del k, v, samples
         # queued as the engine queues them (a batch's session K/V commits ending at once)
-        self.committer = Committer(self.log, self.profile, max_pending=commit_queue_len(
-            a, runner.config.max_model_len, EngineConfig().commit_queue_bytes))
+        self.committer = Committer(self.log, self.profile, max_pending=None,
+                                   max_pending_bytes=EngineConfig().commit_queue_bytes)
         int8 = runner.cache.anchor_k.dtype == torch.int8
         self.compiler = AnchorCompiler(runner, self.log, self.committer, self.profile if int8 else None, None)
 

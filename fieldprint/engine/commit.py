@@ -4,7 +4,8 @@ On a GPU, submit() only enqueues work: the quantizer runs on a side CUDA stream 
 that orders it behind the forward pass's writes), its codes are copied non-blocking into pinned
 host memory, and a background thread waits for that copy, digests the codes with BLAKE3 and
 adds a StateEntry to the transparency log. The forward thread never synchronizes; it can only
-block on back-pressure, when `max_pending` commits are already queued. On a CPU the same
+block on back-pressure, when `max_pending` commits, or `max_pending_bytes` of their codes, are
+already queued. On a CPU the same
 background thread quantizes with the reference path. Every failure is kept and raised to the
 caller by flush() as a CommitError: nothing fails silently, and a state that fails (NaN/Inf,
 log refusal) is never half-committed. Receipts and failures are kept per session, so a caller
@@ -117,6 +118,7 @@ class _Job:
     host_bad: torch.Tensor | None = None
     copied: object = None  # torch.cuda.Event recorded after the copies
     quantized: threading.Event | None = None
+    nbytes: int = 0  # its codes' size, counted against max_pending_bytes while it is queued or committing
 
 
 def default_digest_workers() -> int:
@@ -156,6 +158,14 @@ def _check_meta(session: object, state_type: object, parents: object, taint: obj
     return parents, taint
 
 
+def _codes_bytes(x: torch.Tensor | _Paged) -> int:
+    """The DQP codes a queued stack holds: a byte per value and one more per row (V's per-row exponent)."""
+    if isinstance(x, _Paged):
+        layers, _, _, heads, dim = x.pool.shape
+        return layers * x.length * heads * (dim + 1)
+    return x.numel() // x.shape[-1] * (x.shape[-1] + 1)
+
+
 def _sort_key(key: StateKey) -> tuple[int, int]:
     return key[0], KINDS.index(key[1]) if key[1] in KINDS else len(KINDS)
 
@@ -168,7 +178,8 @@ class Committer:
         log: object,
         profile: DQPProfile,
         *,
-        max_pending: int = 4,
+        max_pending: int | None = 4,
+        max_pending_bytes: int | None = None,
         keep_receipts: bool = True,
         digest_threads: int = 1,
         block_digests: bool = True,
@@ -176,8 +187,10 @@ class Committer:
         digest_workers: int | None = None,
         digest_timeout: float = 60.0,
     ) -> None:
-        if max_pending < 1:
-            raise CommitError(f"max_pending must be >= 1, got {max_pending}")
+        if max_pending is not None and (not is_int(max_pending) or max_pending < 1):
+            raise CommitError(f"max_pending must be None or an int >= 1, got {max_pending!r}")
+        if max_pending_bytes is not None and (not is_int(max_pending_bytes) or max_pending_bytes < 0):
+            raise CommitError(f"max_pending_bytes must be None or a non-negative int, got {max_pending_bytes!r}")
         if digest_workers is None:
             digest_workers = default_digest_workers()
         if digest_workers < 1 or digest_threads < 1:
@@ -186,7 +199,11 @@ class Committer:
             raise CommitError(f"digest_timeout must be a positive number of seconds, got {digest_timeout!r}")
         self.log = log
         self.profile = profile
-        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_pending)
+        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_pending or 0)  # 0: no count limit
+        # The codes of the queued and the committing jobs, in bytes; one job is always let in, however large.
+        self._max_bytes = max_pending_bytes
+        self._room = threading.Condition()
+        self._pending_bytes = 0
         # Held to check closed and enqueue, and to set closed (as the transparency log does): a job is
         # either queued before close() stops the worker, and then committed or failed, or refused.
         self._state_lock = threading.Lock()
@@ -293,7 +310,8 @@ class Committer:
             raise CommitError(f"all states of one submit must live on one device, got {sorted(map(str, devices))}")
         (dev,) = devices
         job = _Job(session, state_type, parents, taint, time.time_ns() if time_ns is None else time_ns,
-                   state_id, [keys for keys, _ in groups], [DTYPE_NAMES[x.dtype] for x in sources], Future())
+                   state_id, [keys for keys, _ in groups], [DTYPE_NAMES[x.dtype] for x in sources], Future(),
+                   nbytes=sum(_codes_bytes(x) for _, x in groups))
         ticket = CommitTicket(job.future)
         if dev.type == "cuda":
             self._launch_gpu(job, groups, dev, ticket)
@@ -302,26 +320,46 @@ class Committer:
             job.ticket = ticket
             job.quantized = threading.Event()
             ticket._event = job.quantized
-        full = CommitError(f"committer still has {self._queue.maxsize} commits queued after {timeout}s; "
-                           "flush() or raise max_pending")
+        full = CommitError(f"committer still full after {timeout}s (max_pending {self._queue.maxsize or None}, "
+                           f"max_pending_bytes {self._max_bytes}); flush() or raise them")
         deadline = None if timeout is None else time.monotonic() + timeout
+        left = lambda: None if deadline is None else max(0.0, deadline - time.monotonic())  # noqa: E731
         # Blocking on a full queue under the state lock is safe: the worker drains the queue without it.
         if not self._state_lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
             raise full
         try:
             if self._closed:
                 raise CommitError("committer is closed; open a new one")
+            if not self._reserve(job.nbytes, left()):
+                job.future.set_exception(CommitError("not queued: committer was full"))
+                raise full
             with self._lock:
                 self._outstanding[job.future] = session
             job.future.add_done_callback(self._forget)
             try:
-                self._queue.put(job, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+                self._queue.put(job, timeout=left())
             except queue.Full:
+                self._free(job.nbytes)
                 job.future.set_exception(CommitError("not queued: committer was full"))
                 raise full from None
         finally:
             self._state_lock.release()
         return ticket
+
+    def _reserve(self, nbytes: int, timeout: float | None) -> bool:
+        """Count a job's codes against max_pending_bytes, waiting for room (False: none came in time)."""
+        with self._room:
+            fits = lambda: self._max_bytes is None or not self._pending_bytes or (  # noqa: E731
+                self._pending_bytes + nbytes <= self._max_bytes)
+            if not self._room.wait_for(fits, timeout):
+                return False
+            self._pending_bytes += nbytes
+            return True
+
+    def _free(self, nbytes: int) -> None:
+        with self._room:
+            self._pending_bytes -= nbytes
+            self._room.notify_all()
 
     def _forget(self, f: Future) -> None:
         with self._lock:
@@ -386,6 +424,8 @@ class Committer:
             except BaseException as e:  # kept and raised on flush: never silent
                 self._fail(job, e)
             finally:
+                if job is not None:
+                    self._free(job.nbytes)
                 self._queue.task_done()
 
     def _fail(self, job: _Job, e: BaseException) -> None:

@@ -51,22 +51,15 @@ class EngineConfig:
     anchor_k: int = 4  # states a query retrieves before the gate decides
     commit_session_kv: bool = True
     overlap: bool = True  # queue each step before reading the step before's tokens (stepper.py)
-    # Codes of session K/V commits that may wait for their digests while the step loop goes on, each
-    # counted at max_model_len tokens, at least 4 commits: a burst of finishes up to that many no longer
-    # holds the loop until the digests catch up (with 4 queued, 128 sequences of Llama-3.2-1B ending at
-    # once held it 0.62 s on the H200; docs/engine.md).
+    # Bytes of codes of the session K/V commits that may wait for their digests while the step loop goes
+    # on (one commit goes in whatever its size): a burst of finishes that fits no longer holds the loop
+    # until the digests catch up (with 4 commits queued, 128 sequences of Llama-3.2-1B ending at once
+    # held it 0.62 s on the H200; docs/engine.md).
     commit_queue_bytes: int = 1 << 30
     # A session's next turn takes back the K/V its last turn computed, as far as its prompt starts with
     # the same tokens under the same anchor set, in whole blocks (kv_cache.BlockManager.keep): its
     # history is not computed again. Kept blocks count as free and go first when the pool runs short.
     reuse_session_kv: bool = True
-
-
-def commit_queue_len(args, max_model_len: int, budget: int) -> int:
-    """How many session K/V commits a committer queues: `budget` bytes over the codes of one sequence of
-    max_model_len tokens of the model `args` describes (every layer's K and V rows, and V's per-row
-    exponent), at least 4."""
-    return max(4, budget // (args.num_layers * 2 * args.num_kv_heads * (args.head_dim + 1) * max_model_len))
 
 
 @dataclass(slots=True)
@@ -125,8 +118,7 @@ class Engine:
             self.profile = load_or_calibrate_profile(data_dir, self.lm.model_id,
                                                      lambda: calibrate_profile(self.runner, "model"), PROFILE_RECIPE)
             self.committer = Committer(self.log, self.profile, keep_receipts=False,  # results come through tickets
-                                       max_pending=commit_queue_len(self.lm.args, self.config.runner.max_model_len,
-                                                                    self.config.commit_queue_bytes))
+                                       max_pending=None, max_pending_bytes=self.config.commit_queue_bytes)
             self.compiler = AnchorCompiler(self.runner, self.log, self.committer, self.profile if int8 else None,
                                            os.path.join(data_dir, "anchor-sets"))
         except BaseException:

@@ -583,3 +583,33 @@ def test_without_kept_receipts_results_come_through_tickets_and_failures_still_r
     c.submit_stack(k, bad_v, session="long")
     with pytest.raises(CommitError, match="layer 0 V of session 'long'"):
         c.flush("long")
+
+
+def test_a_byte_budget_holds_back_what_does_not_fit_and_always_lets_one_in(profile, log, committers, monkeypatch):
+    """max_pending_bytes counts the codes of queued and committing stacks: a commit larger than the
+    whole budget still goes in alone, the next waits until it is done (or its timeout says so), and
+    nothing refused is logged or reported."""
+    k, v = _stack(17)
+    one = 2 * L * T * H * (D + 1)  # a stack's codes: a byte per value and one per row, K and V
+    c = committers(log, profile, max_pending=None, max_pending_bytes=one // 2)
+    release = threading.Event()
+    commit = c._commit
+    monkeypatch.setattr(c, "_commit", lambda job: (release.wait(30), commit(job)))
+    first = c.submit_stack(k, v, session="first")
+    with pytest.raises(CommitError, match=r"still full after 0.2s .*max_pending_bytes 2142"):
+        c.submit_stack(k, v, session="refused", timeout=0.2)
+    later = []
+    t = threading.Thread(target=lambda: later.append(c.submit_stack(v, k, session="later")))
+    t.start()
+    t.join(0.3)
+    assert t.is_alive()  # waiting for room, not refused
+    release.set()
+    t.join(30)
+    receipts = c.flush()
+    assert sorted(r.session for r in receipts) == ["first", "later"] and log.size == 2
+    assert first.future.result().index == 0 and later[0].future.result().index == 1
+    for bad in (-1, 1.5, True):
+        with pytest.raises(CommitError, match="max_pending_bytes must be None or a non-negative int"):
+            Committer(log, profile, max_pending_bytes=bad)
+    with pytest.raises(CommitError, match="max_pending must be None or an int >= 1"):
+        Committer(log, profile, max_pending=0)

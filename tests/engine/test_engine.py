@@ -274,12 +274,11 @@ def test_overlapped_steps_commit_the_session_kv_of_steps_one_by_one(world):
 
 
 def test_session_turns_ending_together_do_not_wait_for_their_digests(world, monkeypatch):
-    """The committer queues commit_queue_bytes of session K/V (here 89 turns of this model at 1024
-    tokens; it was 4), so turns that end while the digests lag do not hold the engine: each commit
-    is held back until all eight turns are out, and none waits out the 60 s it is held at most."""
+    """The committer queues commit_queue_bytes of session K/V codes, however many commits that is (it
+    was 4), so turns that end while the digests lag do not hold the engine: each commit is held back
+    until all eight turns are out, and none waits out the 60 s it is held at most."""
     eng = world.engine
-    # 1 GiB over 30 layers x K and V x 3 heads x (64 + 1) bytes x 1024 tokens (11,980,800 bytes a turn)
-    assert eng.committer._queue.maxsize == 89
+    assert eng.committer._queue.maxsize == 0 and eng.committer._max_bytes == 1 << 30  # bytes, not a count
     released, waited_out = threading.Event(), []
     commit = eng.committer._commit
 
