@@ -410,6 +410,24 @@ def test_a_session_turn_takes_back_the_kv_of_its_history(world, monkeypatch):
     _assert_clean(eng)
 
 
+def test_kept_session_kv_gives_way_when_the_pool_runs_short(world):
+    """A request that needs the whole pool takes the blocks kept for sessions' next turns (the most
+    recently kept last) rather than being refused; the session's next turn then computes its history."""
+    eng = world.engine
+    blocks = eng.runner.blocks
+    eng.new_session("fay")
+    eng.generate("My dog is called Rex.", SHORT, session="fay")
+    assert "fay" in blocks.kept
+    usable = (blocks.num_blocks - 1) * blocks.block_size
+    words = 1
+    while len(split_prompt(eng.lm.tokenizer, None, [{"role": "user", "content": "apple " * words}])[1]) < usable - 8:
+        words += 8
+    out = eng.generate("apple " * words, SamplingParams(max_tokens=2))[0]
+    assert out.finish_reason in ("stop", "length") and blocks.kept == {}
+    assert eng.generate("What is my dog called?", SHORT, session="fay")[0].cached_tokens == 0
+    _assert_clean(eng)
+
+
 def test_rollback_refusals(world):
     eng = world.engine
     with pytest.raises(EngineError, match="does not exist"):
