@@ -90,7 +90,7 @@ def sample_rows(logits: torch.Tensor, params: list, u: np.ndarray, fused: bool |
         vals = torch.topk(x, max(ks), dim=-1).values if all(ks) else torch.sort(x, dim=-1, descending=True).values
     if logits.is_cuda if fused is None else fused:
         return draw(x, limits, vals, limit_p)
-    scale, k, top_p, u = limits.to(torch.float32)
+    scale, k, top_p, draws = limits.to(torch.float32)
     top = x.amax(-1, keepdim=True)  # the row's largest logit, always kept
     thr = torch.full((x.shape[0],), float("-inf"), device=dev)
     if any(ks):
@@ -103,7 +103,7 @@ def sample_rows(logits: torch.Tensor, params: list, u: np.ndarray, fused: bool |
         thr = torch.maximum(thr, vals.gather(1, kept.clamp(min=1) - 1).squeeze(1))
     cdf = torch.cumsum(_weights(x, x >= thr[:, None], scale, top), -1)  # non-decreasing, as searchsorted needs
     total = cdf[:, -1:]
-    j = torch.searchsorted(cdf, u[:, None] * total, right=True)
+    j = torch.searchsorted(cdf, draws[:, None] * total, right=True)
     # u * total can round up to the total itself: then the last token with any mass.
     return torch.minimum(j, (cdf < total).sum(-1, keepdim=True)).squeeze(1)
 
