@@ -134,9 +134,11 @@ def test_log_failure_surfaces_on_flush(profile, log, committers):
     c.close()
 
 
-def test_back_pressure_loses_nothing_under_concurrent_submitters(profile, log, committers):
+@pytest.mark.parametrize("limit", [{"max_pending": 1}, {"max_pending": None, "max_pending_bytes": 2 * L * T * H * (D + 1)}],
+                         ids=["one queued commit", "one commit's bytes"])
+def test_back_pressure_loses_nothing_under_concurrent_submitters(profile, log, committers, limit):
     k, v = _stack(5)
-    c = committers(log, profile, max_pending=1)  # every submit beyond one queued commit blocks
+    c = committers(log, profile, **limit)  # every submit beyond one queued (or committing) commit blocks
     errors = []
 
     def worker(i: int) -> None:
