@@ -102,6 +102,8 @@ class Engine:
             raise EngineError(f"tp_size must be a positive int, got {tp_size!r}")
         if not is_int(self.config.commit_queue_bytes) or self.config.commit_queue_bytes < 0:
             raise EngineError(f"commit_queue_bytes must be a non-negative int, got {self.config.commit_queue_bytes!r}")
+        if not isinstance(self.config.reuse_session_kv, bool):
+            raise EngineError(f"reuse_session_kv must be True or False, got {self.config.reuse_session_kv!r}")
         self.tp = self.committer = None
         self.memory = memory or Memory.open(data_dir, database=database)
         self.log = self.memory.log

@@ -298,10 +298,12 @@ def test_session_turns_ending_together_do_not_wait_for_their_digests(world, monk
     _assert_clean(eng)
 
 
-def test_a_bad_commit_queue_size_is_refused_before_anything_is_written(tmp_path):
+def test_bad_engine_settings_are_refused_before_anything_is_written(tmp_path):
     for bad in (-1, 1.5, True, "1"):
         with pytest.raises(EngineError, match="commit_queue_bytes must be a non-negative int"):
             Engine("smollm2", data_dir=str(tmp_path / "data"), config=EngineConfig(commit_queue_bytes=bad))
+    with pytest.raises(EngineError, match="reuse_session_kv must be True or False, got 'yes'"):
+        Engine("smollm2", data_dir=str(tmp_path / "data"), config=EngineConfig(reuse_session_kv="yes"))
     assert list(tmp_path.iterdir()) == []
 
 
