@@ -272,7 +272,7 @@ class Engine:
         self._commit_kv(s)
         if session is not None and self.config.reuse_session_kv:
             bs = self.runner.blocks.block_size
-            n = min(s.num_cached // bs, len(s.block_table))
+            n = s.num_cached // bs  # whole blocks of computed K/V (the table holds every cached token)
             self.runner.blocks.keep(session, s.block_table, n, (s.anchor_key, s.tokens[: n * bs]))
         if s.anchor_key:
             self.runner.anchor_pool.unpin(s.anchor_key)

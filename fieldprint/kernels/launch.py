@@ -135,3 +135,21 @@ class PreparedLaunch:
                 self.constexprs[n] for n in list(self.fn.arg_names)[len(self.args):]]
             self._compiled = compiled
             self.why_not_direct = ""
+
+
+@functools.lru_cache(maxsize=256)
+def _prepared(fn, grid: tuple, args: tuple, slots: tuple, constexprs: tuple, device: torch.device) -> PreparedLaunch:
+    return PreparedLaunch(fn, grid, list(args), dict(constexprs), {}, slots, device)
+
+
+def launch_prepared(fn, grid: tuple, args: list, **constexprs) -> None:
+    """fn[grid](*args, **constexprs) for a kernel launched with changing tensors but few shapes (the
+    sampler's): on CUDA through a PreparedLaunch made once per (grid, plain arguments, constexprs) and
+    kept (the last 256), every tensor argument a per-call slot; elsewhere Triton's own call."""
+    dev = args[0].device
+    if dev.type != "cuda":
+        fn[grid](*args, **constexprs)
+        return
+    slots = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+    plain = tuple(None if i in slots else a for i, a in enumerate(args))
+    _prepared(fn, grid, plain, slots, tuple(constexprs.items()), dev).launch(*(args[i] for i in slots))

@@ -28,13 +28,11 @@ than the sampler's whole device time at small batches.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from fieldprint.kernels.launch import PreparedLaunch
+from fieldprint.kernels.launch import launch_prepared
 
 CHUNK = 4096  # tokens per program of the mass pass: 32 programs per row of a 128k vocabulary
 _BLOCK = 1024
@@ -131,22 +129,6 @@ def _pick_kernel(x_ptr, lim_ptr, thr_ptr, m_ptr, s_ptr, out_ptr, V, stride_x, R,
     tl.store(out_ptr + row, tl.where(found >= 0, found, tl.maximum(last, 0)))
 
 
-@functools.lru_cache(maxsize=256)
-def _prepared(fn, grid: tuple, args: tuple, slots: tuple, constexprs: tuple, device: torch.device) -> PreparedLaunch:
-    return PreparedLaunch(fn, grid, list(args), dict(constexprs), {}, slots, device)
-
-
-def _launch(fn, grid: tuple, args: list, **constexprs) -> None:
-    """fn[grid](*args, **constexprs); on CUDA through a launch prepared once per grid and plain arguments."""
-    dev = args[0].device
-    if dev.type != "cuda":
-        fn[grid](*args, **constexprs)
-        return
-    slots = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
-    plain = tuple(None if i in slots else a for i, a in enumerate(args))
-    _prepared(fn, grid, plain, slots, tuple(constexprs.items()), dev).launch(*(args[i] for i in slots))
-
-
 def draw(x: torch.Tensor, limits: torch.Tensor, vals: torch.Tensor | None, top_p: bool) -> torch.Tensor:
     """One token per row of float32 logits x [R, V] (int64 [R]).
 
@@ -170,13 +152,13 @@ def draw(x: torch.Tensor, limits: torch.Tensor, vals: torch.Tensor | None, top_p
     m = torch.empty((r, n), dtype=torch.float32, device=x.device)  # two allocations: each 16-byte aligned
     s = torch.empty((r, n), dtype=torch.float32, device=x.device)
     sv = vals if vals is not None else x  # no top-k anywhere: every row's k is 0 and nothing is read from it
-    _launch(_mass_kernel, (r, n), [x, limits, sv, thr, m, s, v, x.stride(0), r, sv.stride(0), n],
+    launch_prepared(_mass_kernel, (r, n), [x, limits, sv, thr, m, s, v, x.stride(0), r, sv.stride(0), n],
             CHUNK=CHUNK, BLOCK=_BLOCK, FROM_TOP_K=True)
     if top_p:
-        _launch(_top_p_kernel, (r,), [limits, vals, thr, m, s, r, vals.shape[1], vals.stride(0), n],
+        launch_prepared(_top_p_kernel, (r,), [limits, vals, thr, m, s, r, vals.shape[1], vals.stride(0), n],
                 BLOCK=_BLOCK, CHUNKS=chunks)
-        _launch(_mass_kernel, (r, n), [x, limits, sv, thr, m, s, v, x.stride(0), r, sv.stride(0), n],
+        launch_prepared(_mass_kernel, (r, n), [x, limits, sv, thr, m, s, v, x.stride(0), r, sv.stride(0), n],
                 CHUNK=CHUNK, BLOCK=_BLOCK, FROM_TOP_K=False)
-    _launch(_pick_kernel, (r,), [x, limits, thr, m, s, out, v, x.stride(0), r, n],
+    launch_prepared(_pick_kernel, (r,), [x, limits, thr, m, s, out, v, x.stride(0), r, n],
             CHUNK=CHUNK, BLOCK=_BLOCK, CHUNKS=chunks)
     return out

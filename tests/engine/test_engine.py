@@ -412,6 +412,22 @@ def test_a_session_turn_takes_back_the_kv_of_its_history(world, monkeypatch):
     _assert_clean(eng)
 
 
+def test_a_session_turn_broken_off_mid_stream_leaves_nothing_and_the_next_turn_goes_on(world):
+    """The turn that took the session's kept blocks is abandoned: its blocks, the taken ones too, go
+    back to the pool; the next turn computes its history and is served."""
+    eng = world.engine
+    eng.new_session("gus")
+    eng.generate("My dog is called Rex.", SHORT, session="gus")
+    it = eng.stream("What is my dog called?", SamplingParams(max_tokens=20), session="gus")
+    next(it)
+    assert "gus" not in eng.runner.blocks.kept  # taken by the running turn
+    it.close()
+    _assert_clean(eng)
+    out = eng.generate("What is my dog called?", SHORT, session="gus")[0]
+    assert out.cached_tokens == 0 and out.token_ids
+    _assert_clean(eng)
+
+
 def test_kept_session_kv_gives_way_when_the_pool_runs_short(world):
     """A request that needs the whole pool takes the blocks kept for sessions' next turns (the most
     recently kept last) rather than being refused; the session's next turn then computes its history."""
