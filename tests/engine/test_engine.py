@@ -19,6 +19,7 @@ import torch
 from fieldprint.engine.anchors import split_prompt
 from fieldprint.engine.engine import Engine, EngineConfig, Output
 from fieldprint.engine.receipt import verify_receipt
+from fieldprint.engine.replay import replay_receipt
 from fieldprint.engine.runner import RunnerConfig
 from fieldprint.engine.sequence import SamplingParams
 from fieldprint.errors import EngineError
@@ -402,6 +403,9 @@ def test_a_session_turn_takes_back_the_kv_of_its_history(world, monkeypatch):
         assert out.cached_tokens % 16 == 0 and len(prev.receipt["prompt"]["token_ids"]) - 16 < out.cached_tokens < n
     eng.bind(outs["dana"][2].receipt)
     verify_receipt(outs["dana"][2].receipt, eng.memory.log_key)
+    # the replay runs the whole prompt as one prefill; here, on the CPU, it draws the same tokens
+    report = replay_receipt(outs["dana"][2].receipt, "smollm2")
+    assert report.output_equal, report.summary()
     assert "dana" in eng.runner.blocks.kept
     eng.rollback("dana")
     assert "dana" not in eng.runner.blocks.kept  # the withdrawn turn's K/V goes with it
